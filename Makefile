@@ -1,0 +1,30 @@
+# Two commands on a fresh machine with Python 3.11: `make run` and `make test`.
+# Both create/refresh .venv only when pyproject.toml or constraints.txt changed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+NPROC  ?= 4
+CONFIG ?= configs/tp2_pcp2_dcp4.yaml
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the CPU wheel; nothing later may replace it (constraints.txt).
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m cptoolkit.parallel_state --tp 2 --pcp 2 --dcp 4 --num-heads 8 --num-kv-heads 2
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py --quick
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Context-parallel attention: DualChunkSwap ring prefill, DCP sharded-KV decode, LSE merge."""
