@@ -1,0 +1,89 @@
+"""Counted collectives: the only place cptoolkit's attention layers talk to other ranks.
+
+Each wrapper runs one ``torch.distributed`` collective on an explicit group and, when given a
+``CommStats``, records one call and the bytes this rank sent, under the collective's name. Tests
+assert these counts (e.g. DCP decode ``a2a`` = 2 collectives per layer and step, ``ag_rs`` = 3) and
+benchmarks report them.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+@dataclass
+class CommStats:
+    """Per-rank tally: ``calls[name]`` collectives issued and ``bytes_sent[name]`` bytes sent."""
+
+    calls: Counter = field(default_factory=Counter)
+    bytes_sent: Counter = field(default_factory=Counter)
+
+    def record(self, name: str, tensor: torch.Tensor) -> None:
+        self.calls[name] += 1
+        self.bytes_sent[name] += tensor.numel() * tensor.element_size()
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_sent.values())
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes_sent.clear()
+
+
+def _record(stats: CommStats | None, name: str, tensor: torch.Tensor) -> None:
+    if stats is not None:
+        stats.record(name, tensor)
+
+
+def all_gather(tensor: torch.Tensor, group: ProcessGroup, stats: CommStats | None = None) -> torch.Tensor:
+    """Gather ``tensor`` from every member of ``group``: returns ``[group_size, *tensor.shape]``."""
+    size = dist.get_world_size(group)
+    out = torch.empty((size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+    _record(stats, "all_gather", tensor)
+    dist.all_gather_single(out, tensor.contiguous(), group=group)
+    return out
+
+
+def reduce_scatter(stacked: torch.Tensor, group: ProcessGroup, stats: CommStats | None = None) -> torch.Tensor:
+    """Sum ``stacked [group_size, ...]`` over the group; member ``i`` receives entry ``i``."""
+    out = torch.empty(stacked.shape[1:], dtype=stacked.dtype, device=stacked.device)
+    _record(stats, "reduce_scatter", stacked)
+    dist.reduce_scatter_single(out, stacked.contiguous(), group=group)
+    return out
+
+
+def all_to_all(stacked: torch.Tensor, group: ProcessGroup, stats: CommStats | None = None) -> torch.Tensor:
+    """Send entry ``i`` of ``stacked [group_size, ...]`` to member ``i``; returns what each member sent
+    to this rank, stacked in member order."""
+    out = torch.empty_like(stacked)
+    _record(stats, "all_to_all", stacked)
+    dist.all_to_all_single(out, stacked.contiguous(), group=group)
+    return out
+
+
+def all_reduce(tensor: torch.Tensor, group: ProcessGroup, op=dist.ReduceOp.SUM,
+               stats: CommStats | None = None) -> torch.Tensor:
+    """In-place all-reduce of ``tensor`` over ``group``; returns it."""
+    _record(stats, "all_reduce", tensor)
+    dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def send_recv(send: torch.Tensor, dst: int, src: int, group: ProcessGroup,
+              stats: CommStats | None = None) -> tuple[torch.Tensor, list[dist.Work]]:
+    """Start a non-blocking send of ``send`` to global rank ``dst`` and receive of a like-shaped
+    tensor from global rank ``src``; returns ``(recv_buffer, works)`` — wait on ``works`` before use."""
+    recv = torch.empty_like(send)
+    _record(stats, "send_recv", send)
+    ops = [dist.P2POp(dist.isend, send.contiguous(), dst, group=group),
+           dist.P2POp(dist.irecv, recv, src, group=group)]
+    return recv, dist.batch_isend_irecv(ops)
