@@ -1,0 +1,287 @@
+"""Paged KV cache holding one DCP rank's shard of every request's keys and values.
+
+Decode context parallelism shards each request's sequence over the ``dcp_size`` members of a DCP
+group: token position ``t`` belongs to shard ``(t // interleave) % dcp_size``, and the member whose
+shard index is ``dcp_rank`` stores exactly those positions, in position order. Inside a shard,
+position ``t`` lives at slot ``(t // (interleave·dcp_size))·interleave + t % interleave``, so a
+shard's slots are dense and a decode step's new token always lands at slot ``shard_len``.
+
+Storage is one tensor ``[num_layers, 2 (k, v), num_blocks, num_kv_heads, block_size, head_dim]``.
+A request gets a block table (a list of block ids shared by all layers) when it is admitted, large
+enough for its shard's share of ``max_total_len``: admission either reserves everything the request
+will ever need on this rank or raises ``KVCacheFull``, so decoding never runs out of blocks midway
+and nothing is ever truncated. Each layer keeps its own stored-token count per request, because the
+layers of one decode step append one after another.
+
+``view(layer, request_ids)`` returns the ``LayerCacheView`` that DCP decode attention uses for one
+layer and one batch: ``append`` stores the new token of the requests this shard owns and ignores the
+rest; ``read`` gathers the batch's shard into contiguous right-padded tensors. No collective runs
+here: every DCP member calls the same methods with the same arguments and keeps its own shard.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+import torch
+
+
+class KVCacheFull(RuntimeError):
+    """A request cannot be admitted: this rank has too few free blocks for its shard."""
+
+
+def shard_of_positions(positions: torch.Tensor, dcp_size: int, interleave: int) -> torch.Tensor:
+    """Shard index that stores each position: ``(t // interleave) % dcp_size``; same shape as input."""
+    return (positions // interleave) % dcp_size
+
+
+def shard_slots(positions: torch.Tensor, dcp_size: int, interleave: int) -> torch.Tensor:
+    """Slot of each position inside its own shard (dense, in position order); same shape as input."""
+    return (positions // (interleave * dcp_size)) * interleave + positions % interleave
+
+
+def shard_token_count(seq_len: int, shard: int, dcp_size: int, interleave: int) -> int:
+    """How many of the positions ``0 .. seq_len-1`` belong to ``shard``."""
+    cycle = interleave * dcp_size
+    partial = min(max(seq_len % cycle - shard * interleave, 0), interleave)
+    return (seq_len // cycle) * interleave + partial
+
+
+def _blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def _require(condition: bool, field: str, value, rule: str) -> None:
+    if not condition:
+        raise ValueError(f"{field} = {value!r} is invalid: {rule}")
+
+
+@dataclass
+class _RequestState:
+    """One admitted request: its reserved blocks and, per layer, how many shard tokens it stores."""
+
+    max_total_len: int
+    block_ids: torch.Tensor   # [num_reserved_blocks] int64
+    shard_lens: torch.Tensor  # [num_layers] int64
+
+
+class PagedKVCache:
+    """One DCP member's paged shard of the KV cache of every layer and every running request.
+
+    ``num_kv_heads`` is the number of KV heads this rank stores (the KV heads of its DCP group's
+    query heads); ``num_blocks`` blocks of ``block_size`` tokens are allocated up front for each of
+    ``num_layers`` layers, for both K and V.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
+                 dcp_rank: int, dcp_size: int, interleave: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        for field, value in [("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                             ("block_size", block_size), ("num_blocks", num_blocks), ("dcp_size", dcp_size),
+                             ("interleave", interleave)]:
+            _require(isinstance(value, int) and value >= 1, field, value, "it must be an integer >= 1")
+        _require(isinstance(dcp_rank, int) and 0 <= dcp_rank < dcp_size, "dcp_rank", dcp_rank,
+                 f"it must be an integer in [0, dcp_size) = [0, {dcp_size})")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.dcp_rank, self.dcp_size, self.interleave = dcp_rank, dcp_size, interleave
+        self.dtype, self.device = dtype, torch.device(device)
+        self.storage = torch.zeros(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
+                                   dtype=dtype, device=self.device)
+        self._free_block_ids: list[int] = list(range(num_blocks))
+        self._requests: dict[Hashable, _RequestState] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_block_ids)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block id across all layers, K and V."""
+        return self.storage[:, :, 0].numel() * self.storage.element_size()
+
+    @property
+    def bytes_per_rank(self) -> int:
+        """Bytes of KV storage allocated on this rank."""
+        return self.num_blocks * self.bytes_per_block
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the blocks currently reserved by admitted requests."""
+        return (self.num_blocks - self.num_free_blocks) * self.bytes_per_block
+
+    def shard_capacity(self, max_total_len: int) -> int:
+        """Tokens this rank must store for a request whose sequence reaches ``max_total_len``."""
+        return shard_token_count(max_total_len, self.dcp_rank, self.dcp_size, self.interleave)
+
+    def add_request(self, request_id: Hashable, max_total_len: int) -> None:
+        """Reserve the blocks for this rank's share of a ``max_total_len``-token request.
+
+        Raises ``KVCacheFull`` (nothing reserved) when too few blocks are free, so the engine can
+        queue or reject the request; every DCP member must admit or refuse the same requests.
+        """
+        if request_id in self._requests:
+            raise ValueError(f"request_id = {request_id!r} is already in the KV cache: free it first")
+        _require(isinstance(max_total_len, int) and max_total_len >= 1, "max_total_len", max_total_len,
+                 "it must be an integer >= 1 (prompt length + max_new_tokens)")
+        shard_tokens = self.shard_capacity(max_total_len)
+        blocks_needed = _blocks_for(shard_tokens, self.block_size)
+        if blocks_needed > self.num_free_blocks:
+            raise KVCacheFull(
+                f"KV cache full on DCP rank {self.dcp_rank}: request {request_id!r} needs {blocks_needed} "
+                f"blocks for its {shard_tokens} shard tokens (max_total_len = {max_total_len}), but only "
+                f"{self.num_free_blocks} of {self.num_blocks} blocks are free; queue it until a request "
+                f"finishes, or raise num_blocks")
+        reserved = self._free_block_ids[:blocks_needed]
+        del self._free_block_ids[:blocks_needed]
+        self._requests[request_id] = _RequestState(
+            max_total_len=max_total_len,
+            block_ids=torch.tensor(reserved, dtype=torch.int64, device=self.device),
+            shard_lens=torch.zeros(self.num_layers, dtype=torch.int64, device=self.device))
+
+    def free_request(self, request_id: Hashable) -> None:
+        """Return a finished request's blocks to the free list."""
+        state = self._state(request_id)
+        self._free_block_ids.extend(state.block_ids.tolist())
+        del self._requests[request_id]
+
+    def shard_len(self, layer: int, request_id: Hashable) -> int:
+        """Tokens of ``request_id`` stored on this rank for ``layer``."""
+        return int(self._state(request_id).shard_lens[layer])
+
+    def fill_prefill(self, layer: int, request_id: Hashable, k: torch.Tensor, v: torch.Tensor,
+                     positions: torch.Tensor) -> None:
+        """Store the prompt K/V ``[num_kv_heads, n, head_dim]`` at ``positions [n]`` that this shard owns.
+
+        Positions of other shards are ignored, so callers may pass the whole prompt or only part of
+        it; the owned positions must continue this rank's stored sequence without gaps or repeats
+        (several calls may fill a prompt chunk by chunk, in order).
+        """
+        self._check_kv(k, v, positions, "fill_prefill", (self.num_kv_heads, positions.numel(), self.head_dim))
+        state = self._state(request_id)
+        owned = shard_of_positions(positions, self.dcp_size, self.interleave) == self.dcp_rank
+        slots = shard_slots(positions[owned], self.dcp_size, self.interleave)
+        start = int(state.shard_lens[layer])
+        expected = torch.arange(start, start + slots.numel(), device=slots.device)
+        if not torch.equal(slots.sort().values, expected):
+            raise ValueError(
+                f"fill_prefill: the positions of shard {self.dcp_rank} given for request {request_id!r} must "
+                f"continue its stored sequence at shard slot {start} without gaps or repeats; got slots "
+                f"{slots.tolist()}: pass every position of the prompt once, in order of chunks")
+        self._check_within_reservation(request_id, state, positions[owned])
+        self._write(layer, state.block_ids, slots, k[:, owned].transpose(0, 1), v[:, owned].transpose(0, 1))
+        state.shard_lens[layer] = start + slots.numel()
+
+    def view(self, layer: int, request_ids: Sequence[Hashable]) -> "LayerCacheView":
+        """The cache of ``layer`` for one decode batch (``request_ids`` in batch order)."""
+        _require(0 <= layer < self.num_layers, "layer", layer, f"it must be in [0, {self.num_layers})")
+        return LayerCacheView(self, layer, list(request_ids))
+
+    def _state(self, request_id: Hashable) -> _RequestState:
+        if request_id not in self._requests:
+            raise KeyError(f"request {request_id!r} is not in the KV cache of DCP rank {self.dcp_rank}: "
+                           f"call add_request first")
+        return self._requests[request_id]
+
+    def _check_kv(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, caller: str,
+                  expected_shape: tuple[int, ...]) -> None:
+        if positions.dim() != 1 or positions.dtype != torch.int64:
+            raise ValueError(f"{caller}: positions must be a 1-D int64 tensor; "
+                             f"got shape {list(positions.shape)}, dtype {positions.dtype}")
+        if tuple(k.shape) != expected_shape or k.shape != v.shape:
+            raise ValueError(f"{caller}: k and v must both have shape {list(expected_shape)}; "
+                             f"got k {list(k.shape)}, v {list(v.shape)}")
+
+    def _check_within_reservation(self, request_id: Hashable, state: _RequestState,
+                                  owned_positions: torch.Tensor) -> None:
+        if owned_positions.numel() and int(owned_positions.max()) >= state.max_total_len:
+            raise ValueError(f"request {request_id!r}: position {int(owned_positions.max())} is beyond its "
+                             f"max_total_len = {state.max_total_len} given to add_request")
+
+    def _write(self, layer: int, block_ids: torch.Tensor, slots: torch.Tensor, k_tokens: torch.Tensor,
+               v_tokens: torch.Tensor) -> None:
+        """Write ``k_tokens``/``v_tokens [n, num_kv_heads, head_dim]`` at shard ``slots [n]`` of one request."""
+        blocks = block_ids[slots // self.block_size]
+        offsets = slots % self.block_size
+        self.storage[layer, 0, blocks, :, offsets] = k_tokens.to(self.dtype)
+        self.storage[layer, 1, blocks, :, offsets] = v_tokens.to(self.dtype)
+
+
+class LayerCacheView:
+    """One layer's shard cache for one decode batch: the cache protocol of DCP decode attention.
+
+    The batch's block tables are padded to ``[b, max_reserved_blocks]`` once, at construction;
+    padding entries point at block 0 and are never read unmasked.
+    """
+
+    def __init__(self, cache: PagedKVCache, layer: int, request_ids: list[Hashable]):
+        self.cache, self.layer, self.request_ids = cache, layer, request_ids
+        self._states = [cache._state(request_id) for request_id in request_ids]
+        max_blocks = max((state.block_ids.numel() for state in self._states), default=0)
+        self._block_table = torch.zeros(len(request_ids), max_blocks, dtype=torch.int64, device=cache.device)
+        for row, state in enumerate(self._states):
+            self._block_table[row, :state.block_ids.numel()] = state.block_ids
+        self._max_total_lens = torch.tensor([state.max_total_len for state in self._states], dtype=torch.int64,
+                                            device=cache.device)
+
+    def shard_lens(self) -> torch.Tensor:
+        """``[b]`` int64: tokens of each request of the batch stored on this rank for this layer."""
+        return torch.stack([state.shard_lens[self.layer] for state in self._states]) if self._states \
+            else torch.zeros(0, dtype=torch.int64, device=self.cache.device)
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store each request's new token ``k_new, v_new [b, num_kv_heads, 1, head_dim]`` at ``positions [b]``
+        if this shard owns that position; tokens of other shards are ignored.
+
+        An owned position must be the request's next shard slot (no decode step skipped or repeated).
+        """
+        cache = self.cache
+        batch = len(self.request_ids)
+        cache._check_kv(k_new, v_new, positions, "append", (batch, cache.num_kv_heads, 1, cache.head_dim))
+        _require(positions.numel() == batch, "append positions.shape[0]", positions.numel(),
+                 f"it must equal the batch size {batch}")
+        owned = shard_of_positions(positions, cache.dcp_size, cache.interleave) == cache.dcp_rank
+        slots = shard_slots(positions, cache.dcp_size, cache.interleave)
+        lens = self.shard_lens()
+        self._check_next_slot(owned & (slots != lens), lens, slots, positions)
+        self._check_next_slot(owned & (positions >= self._max_total_lens), lens, slots, positions)
+        rows = torch.nonzero(owned).flatten()
+        blocks = self._block_table[rows, slots[rows] // cache.block_size]
+        offsets = slots[rows] % cache.block_size
+        cache.storage[self.layer, 0, blocks, :, offsets] = k_new[rows, :, 0].to(cache.dtype)
+        cache.storage[self.layer, 1, blocks, :, offsets] = v_new[rows, :, 0].to(cache.dtype)
+        for row in rows.tolist():
+            self._states[row].shard_lens[self.layer] += 1
+
+    def _check_next_slot(self, bad: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor,
+                         positions: torch.Tensor) -> None:
+        """Raise for the first request flagged in ``bad [b]``: its owned position is not its next slot
+        (a decode step skipped or repeated) or lies beyond its reservation."""
+        if not bool(bad.any()):
+            return
+        row = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"append: request {self.request_ids[row]!r} stores {int(lens[row])} tokens on shard "
+            f"{self.cache.dcp_rank} of layer {self.layer} (max_total_len = {int(self._max_total_lens[row])}), "
+            f"so its next owned position must map to slot {int(lens[row])} and be < max_total_len; "
+            f"got position {int(positions[row])}, slot {int(slots[row])}")
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's stored tokens of every request of the batch, in position order.
+
+        Returns ``(k_shard, v_shard, shard_lens)``: ``k_shard, v_shard [b, num_kv_heads, s_max, head_dim]``
+        right-padded with zeros to ``s_max = max(shard_lens)`` (``s_max`` may be 0), and
+        ``shard_lens [b]`` int64. The tensors are fresh copies gathered from the blocks.
+        """
+        cache = self.cache
+        lens = self.shard_lens()
+        batch = len(self.request_ids)
+        s_max = int(lens.max()) if batch else 0
+        num_blocks = _blocks_for(s_max, cache.block_size)
+        # [2, b, num_blocks, hkv, block_size, d] -> [2, b, hkv, num_blocks * block_size, d]
+        gathered = cache.storage[self.layer][:, self._block_table[:, :num_blocks]]
+        kv = gathered.permute(0, 1, 3, 2, 4, 5).reshape(
+            2, batch, cache.num_kv_heads, num_blocks * cache.block_size, cache.head_dim)[:, :, :, :s_max]
+        valid = torch.arange(s_max, device=cache.device) < lens.to(cache.device)[:, None]
+        kv = kv.masked_fill(~valid[None, :, None, :, None], 0)
+        return kv[0], kv[1], lens

@@ -1,0 +1,195 @@
+"""The paged DCP-sharded KV cache: shards merged back by position are exactly the full K/V.
+
+DCP members are simulated in one process: one cache per shard index, each fed the same calls.
+"""
+import pytest
+import torch
+
+from cptoolkit.inference.kv_cache import (KVCacheFull, PagedKVCache, shard_of_positions, shard_slots,
+                                          shard_token_count)
+
+HKV, HEAD_DIM, BLOCK_SIZE, NUM_LAYERS = 2, 8, 4, 2
+
+
+def _caches(dcp_size, interleave, num_blocks=32, block_size=BLOCK_SIZE):
+    return [PagedKVCache(NUM_LAYERS, HKV, HEAD_DIM, block_size, num_blocks, dcp_rank, dcp_size, interleave,
+                         torch.float64) for dcp_rank in range(dcp_size)]
+
+
+def _merge_shards(caches, layer, request_ids, total_lens):
+    """Read every shard of a batch and put each token back at its position: ``[b, 2, hkv, s, d]`` per request."""
+    merged = [torch.full((2, HKV, n, HEAD_DIM), float("nan"), dtype=torch.float64) for n in total_lens]
+    for cache in caches:
+        k_shard, v_shard, shard_lens = cache.view(layer, request_ids).read()
+        for row, total_len in enumerate(total_lens):
+            positions = torch.arange(total_len)
+            owned = positions[shard_of_positions(positions, cache.dcp_size, cache.interleave) == cache.dcp_rank]
+            expected_len = shard_token_count(total_len, cache.dcp_rank, cache.dcp_size, cache.interleave)
+            assert int(shard_lens[row]) == expected_len == owned.numel(), (cache.dcp_rank, row)
+            assert torch.all(k_shard[row, :, expected_len:] == 0) and torch.all(v_shard[row, :, expected_len:] == 0)
+            merged[row][0][:, owned] = k_shard[row, :, :expected_len]
+            merged[row][1][:, owned] = v_shard[row, :, :expected_len]
+    return merged
+
+
+def _assert_exact(merged, reference, what):
+    for row, (got, want) in enumerate(zip(merged, reference)):
+        diff = (got - want).abs()
+        assert torch.equal(got, want), (f"{what}, request {row}: max abs diff {diff.max().item()}, "
+                                        f"mean {diff.mean().item()}")
+
+
+@pytest.mark.parametrize("dcp_size,interleave", [(1, 1), (2, 1), (4, 1), (2, 4), (4, 4), (3, 2)])
+def test_prefill_then_decode_reconstructs_the_full_kv(dcp_size, interleave):
+    gen = torch.Generator().manual_seed(dcp_size * 10 + interleave)
+    prompt_lens, num_decode_steps = [13, 5, 22], 9
+    total_lens = [n + num_decode_steps for n in prompt_lens]
+    request_ids = ["a", "b", "c"]
+    full = [torch.randn(NUM_LAYERS, 2, HKV, n, HEAD_DIM, generator=gen, dtype=torch.float64) for n in total_lens]
+    caches = _caches(dcp_size, interleave)
+    for cache in caches:
+        for request_id, total_len in zip(request_ids, total_lens):
+            cache.add_request(request_id, total_len)
+        for layer in range(NUM_LAYERS):
+            for request_id, kv, n in zip(request_ids, full, prompt_lens):
+                cache.fill_prefill(layer, request_id, kv[layer, 0, :, :n], kv[layer, 1, :, :n], torch.arange(n))
+    for step in range(num_decode_steps):
+        positions = torch.tensor([n + step for n in prompt_lens])
+        for layer in range(NUM_LAYERS):
+            k_new = torch.stack([kv[layer, 0, :, p:p + 1] for kv, p in zip(full, positions.tolist())])
+            v_new = torch.stack([kv[layer, 1, :, p:p + 1] for kv, p in zip(full, positions.tolist())])
+            for cache in caches:
+                cache.view(layer, request_ids).append(k_new, v_new, positions)
+        if step == 3:
+            seen = (positions + 1).tolist()
+            _assert_exact(_merge_shards(caches, 0, request_ids, seen),
+                          [kv[0, :, :, :n] for kv, n in zip(full, seen)], f"layer 0 after decode step {step}")
+    for layer in range(NUM_LAYERS):
+        _assert_exact(_merge_shards(caches, layer, request_ids, total_lens), [kv[layer] for kv in full],
+                      f"layer {layer}, dcp_size {dcp_size}, interleave {interleave}")
+
+
+def test_views_read_any_batch_order_and_subset():
+    caches = _caches(2, 1)
+    lens = {"x": 7, "y": 12}
+    full = {r: torch.randn(2, HKV, n, HEAD_DIM, dtype=torch.float64) for r, n in lens.items()}
+    for cache in caches:
+        for r, n in lens.items():
+            cache.add_request(r, n)
+            cache.fill_prefill(1, r, full[r][0], full[r][1], torch.arange(n))
+    _assert_exact(_merge_shards(caches, 1, ["y", "x"], [12, 7]), [full["y"], full["x"]], "batch order y, x")
+    _assert_exact(_merge_shards(caches, 1, ["x"], [7]), [full["x"]], "batch of x alone")
+    _assert_exact(_merge_shards(caches, 0, ["x"], [0]), [full["x"][:, :, :0]], "untouched layer 0")
+
+
+def test_fill_prefill_accepts_own_positions_only_and_in_chunks():
+    n = 18
+    kv = torch.randn(2, HKV, n, HEAD_DIM, dtype=torch.float64)
+    reference = _caches(4, 2)
+    own_positions, chunked = _caches(4, 2), _caches(4, 2)
+    for ref, own, chunks in zip(reference, own_positions, chunked):
+        for cache in (ref, own, chunks):
+            cache.add_request(0, n)
+        ref.fill_prefill(0, 0, kv[0], kv[1], torch.arange(n))
+        mine = torch.nonzero(shard_of_positions(torch.arange(n), 4, 2) == own.dcp_rank).flatten()
+        own.fill_prefill(0, 0, kv[0][:, mine.flip(0)], kv[1][:, mine.flip(0)], mine.flip(0))
+        for start, end in [(0, 5), (5, 11), (11, n)]:
+            chunks.fill_prefill(0, 0, kv[0][:, start:end], kv[1][:, start:end], torch.arange(start, end))
+    for caches, what in [(reference, "all positions"), (own_positions, "own positions, reversed"),
+                         (chunked, "three chunks")]:
+        _assert_exact(_merge_shards(caches, 0, [0], [n]), [kv], what)
+
+
+def test_out_of_order_writes_are_rejected():
+    cache = _caches(2, 1)[1]
+    cache.add_request("r", 16)
+    kv = torch.randn(2, HKV, 16, HEAD_DIM, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"must continue its stored sequence at shard slot 0 .*got slots \[1, 2\]"):
+        cache.fill_prefill(0, "r", kv[0][:, 3:7], kv[1][:, 3:7], torch.arange(3, 7))
+    cache.fill_prefill(0, "r", kv[0][:, :4], kv[1][:, :4], torch.arange(4))
+    view = cache.view(0, ["r"])
+    k_new = torch.randn(1, HKV, 1, HEAD_DIM)
+    with pytest.raises(ValueError, match=r"next owned position must map to slot 2 .*got position 7, slot 3"):
+        view.append(k_new, k_new, torch.tensor([7]))
+    view.append(k_new, k_new, torch.tensor([4]))  # owned by shard 0: ignored here
+    assert cache.shard_len(0, "r") == 2
+    with pytest.raises(ValueError, match=r"max_total_len = 16\), so .* got position 17"):
+        view.append(k_new, k_new, torch.tensor([17]))
+    with pytest.raises(ValueError, match=r"append: k and v must both have shape \[1, 2, 1, 8\]"):
+        view.append(k_new[:, :1], k_new[:, :1], torch.tensor([5]))
+
+
+def test_freeing_returns_blocks_and_reused_blocks_hold_new_data():
+    cache = _caches(2, 1, num_blocks=6)[0]
+    assert cache.num_free_blocks == 6 and cache.used_bytes == 0
+    cache.add_request("old", 20)  # 10 shard tokens -> 3 blocks of 4
+    assert cache.num_free_blocks == 3 and cache.used_bytes == 3 * cache.bytes_per_block
+    old = torch.ones(HKV, 20, HEAD_DIM)
+    cache.fill_prefill(0, "old", old, old, torch.arange(20))
+    cache.free_request("old")
+    assert cache.num_free_blocks == 6 and cache.used_bytes == 0
+    cache.add_request("new", 24)  # 12 shard tokens -> 3 blocks, taken from the free list
+    new = torch.randn(HKV, 5, HEAD_DIM, dtype=torch.float64)
+    cache.fill_prefill(0, "new", new, new, torch.arange(5))
+    k_shard, _, lens = cache.view(0, ["new"]).read()
+    assert lens.tolist() == [3] and torch.equal(k_shard[0], new[:, [0, 2, 4]])
+    with pytest.raises(KeyError, match="request 'old' is not in the KV cache of DCP rank 0"):
+        cache.free_request("old")
+
+
+def test_over_capacity_raises_kv_cache_full_and_reserves_nothing():
+    cache = _caches(4, 1, num_blocks=5)[1]
+    cache.add_request("first", 64)  # 16 shard tokens -> 4 blocks
+    with pytest.raises(KVCacheFull, match=r"KV cache full on DCP rank 1: request 'second' needs 2 blocks for its "
+                                          r"5 shard tokens \(max_total_len = 20\), but only 1 of 5 blocks are free"):
+        cache.add_request("second", 20)
+    assert cache.num_free_blocks == 1
+    cache.add_request("third", 13)  # shard 1 owns positions 1, 5, 9 -> 1 block
+    assert cache.num_free_blocks == 0
+
+
+def test_dcp4_stores_a_quarter_of_the_bytes_for_the_same_max_tokens():
+    max_tokens, interleave = 64, 4
+    sizes = {}
+    for dcp_size in (1, 4):
+        blocks = -(-max(shard_token_count(max_tokens, s, dcp_size, interleave) for s in range(dcp_size))
+                   // BLOCK_SIZE)
+        for cache in _caches(dcp_size, interleave, num_blocks=blocks):
+            cache.add_request("fits exactly", max_tokens)
+            assert cache.num_free_blocks == 0
+        sizes[dcp_size] = _caches(dcp_size, interleave, num_blocks=blocks)[0].bytes_per_rank
+        with pytest.raises(KVCacheFull):
+            _caches(dcp_size, interleave, num_blocks=blocks - 1)[0].add_request("too big", max_tokens)
+    assert sizes[1] == 4 * sizes[4] == NUM_LAYERS * 2 * 16 * HKV * BLOCK_SIZE * HEAD_DIM * 8
+
+
+def test_shard_helpers_agree_with_enumeration():
+    for dcp_size, interleave in [(1, 1), (2, 1), (4, 1), (2, 4), (4, 4), (3, 2)]:
+        for seq_len in range(0, 40):
+            positions = torch.arange(seq_len)
+            owners = shard_of_positions(positions, dcp_size, interleave)
+            for shard in range(dcp_size):
+                mine = positions[owners == shard]
+                assert shard_token_count(seq_len, shard, dcp_size, interleave) == mine.numel()
+                assert shard_slots(mine, dcp_size, interleave).tolist() == list(range(mine.numel()))
+
+
+@pytest.mark.parametrize("field,kwargs,rule", [
+    ("num_blocks", dict(num_blocks=0), "integer >= 1"),
+    ("interleave", dict(interleave=0), "integer >= 1"),
+    ("dcp_rank", dict(dcp_rank=4), r"integer in \[0, dcp_size\) = \[0, 4\)"),
+])
+def test_constructor_validation(field, kwargs, rule):
+    args = dict(num_layers=1, num_kv_heads=HKV, head_dim=HEAD_DIM, block_size=BLOCK_SIZE, num_blocks=4,
+                dcp_rank=0, dcp_size=4, interleave=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match=rf"{field} = .* is invalid: it must be an {rule}"):
+        PagedKVCache(**{**args, **kwargs})
+
+
+def test_add_request_validation():
+    cache = _caches(1, 1)[0]
+    cache.add_request("r", 8)
+    with pytest.raises(ValueError, match="request_id = 'r' is already in the KV cache: free it first"):
+        cache.add_request("r", 8)
+    with pytest.raises(ValueError, match=r"max_total_len = 0 is invalid: it must be an integer >= 1"):
+        cache.add_request("s", 0)
