@@ -1,0 +1,285 @@
+"""Who holds what: the pure TP x PCP x DCP (x DP) rank layout and its printed table.
+
+Nothing here touches ``torch.distributed``: the layout can be built, printed and tested on its own,
+and ``parallel_state`` turns its rank lists into process groups.
+
+Rules (spec/DESIGN.md):
+- Global rank = ``(dp_rank * pcp + pcp_rank) * tp + tp_rank``: TP varies fastest, then PCP, DP outermost.
+- TP rank ``t`` owns query heads ``[t*H/TP, (t+1)*H/TP)``. KV heads: with ``KV >= TP`` it owns
+  ``[t*KV/TP, (t+1)*KV/TP)``; with ``KV < TP`` it uses head ``t // (TP/KV)`` (replicated on ``TP/KV``
+  neighbouring TP ranks).
+- PCP shards the prompt: a rank's prefill shard is its PCP rank.
+- DCP shards the KV cache along the sequence: ``DCP = k * PCP`` with ``k | TP``. A DCP group spans ``k``
+  neighbouring TP positions x all PCP ranks of one DP replica, members ordered TP-major, PCP-minor
+  (TP=2, PCP=2, DCP=4 -> ``[0, 2, 1, 3]``); a rank's KV shard is its position in that list. Each member
+  stores its shard of the cache for every KV head its group's query heads use (``dcp_kv_heads``).
+- ``DCP = 1`` is accepted only with ``PCP = 1`` (then ``k = 1``: no decode sharding). With ``PCP > 1`` it is
+  rejected: it is not of the form ``k * PCP``, and an unsharded decode cache would need every PCP rank to
+  gather the whole prompt's KV, which no decode path here does.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+
+BANNER = "=" * 80
+
+LEGEND = "\n".join([
+    BANNER,
+    "LEGEND",
+    BANNER,
+    "  q0-3   = query heads 0 through 3",
+    "  k0     = KV head 0",
+    "  s0     = KV shard 0 (decode sequence shard)",
+    "  p0     = prefill sequence shard 0",
+    "  [0, 2] = ranks in group",
+])
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What one global rank holds. ``dcp_rank == kv_shard``; ``prefill_shard == pcp_rank``."""
+
+    rank: int
+    dp_rank: int
+    pcp_rank: int
+    tp_rank: int
+    dcp_rank: int
+    kv_shard: int
+    prefill_shard: int
+    q_heads: range
+    kv_heads: tuple[int, ...]
+    dcp_kv_heads: tuple[int, ...]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The rank layout of ``dp x pcp x tp`` ranks with decode context parallel size ``dcp``.
+
+    Construction validates every rule and raises ``ValueError`` naming the field, its value and the rule.
+    Group lists (``tp_groups`` ...) hold global ranks; a DCP group lists its members in KV-shard order.
+    """
+
+    tp: int
+    pcp: int
+    dcp: int
+    num_heads: int
+    num_kv_heads: int
+    dp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pcp", "dcp", "num_heads", "num_kv_heads", "dp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        self._check_dcp()
+        self._check_heads()
+
+    def _check_dcp(self) -> None:
+        k, remainder = divmod(self.dcp, self.pcp)
+        if remainder or k == 0 or self.tp % k:
+            valid = ", ".join(str(d * self.pcp) for d in _divisors(self.tp))
+            raise ValueError(f"dcp ({self.dcp}) must be k*pcp with k dividing tp (tp={self.tp}, pcp={self.pcp}): "
+                             f"valid dcp values are {valid}")
+
+    def _check_heads(self) -> None:
+        heads, kv_heads, tp = self.num_heads, self.num_kv_heads, self.tp
+        if heads % tp:
+            raise ValueError(f"num_heads ({heads}) must be a multiple of tp ({tp}): "
+                             "each TP rank owns num_heads/tp query heads")
+        if heads % kv_heads:
+            raise ValueError(f"num_heads ({heads}) must be a multiple of num_kv_heads ({kv_heads}): "
+                             "each KV head serves an equal group of query heads")
+        if kv_heads % tp and tp % kv_heads:
+            raise ValueError(f"num_kv_heads ({kv_heads}) and tp ({tp}) must divide one another: either each TP "
+                             "rank owns num_kv_heads/tp KV heads or each KV head is replicated on tp/num_kv_heads "
+                             "TP ranks")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pcp * self.tp
+
+    @property
+    def dcp_tp_positions(self) -> int:
+        """``k``: how many neighbouring TP positions one DCP group spans (``dcp / pcp``)."""
+        return self.dcp // self.pcp
+
+    def global_rank(self, dp_rank: int, pcp_rank: int, tp_rank: int) -> int:
+        return (dp_rank * self.pcp + pcp_rank) * self.tp + tp_rank
+
+    def q_heads_of(self, tp_rank: int) -> range:
+        per_rank = self.num_heads // self.tp
+        return range(tp_rank * per_rank, (tp_rank + 1) * per_rank)
+
+    def kv_heads_of(self, tp_rank: int) -> tuple[int, ...]:
+        """KV heads TP rank ``tp_rank`` computes in its own K/V projection."""
+        if self.num_kv_heads >= self.tp:
+            per_rank = self.num_kv_heads // self.tp
+            return tuple(range(tp_rank * per_rank, (tp_rank + 1) * per_rank))
+        return (tp_rank // (self.tp // self.num_kv_heads),)
+
+    def dcp_kv_heads_of(self, tp_rank: int) -> tuple[int, ...]:
+        """Distinct KV heads used by the ``k`` TP positions of ``tp_rank``'s DCP group (cached by each member)."""
+        k = self.dcp_tp_positions
+        first = tp_rank // k * k
+        return tuple(sorted({head for t in range(first, first + k) for head in self.kv_heads_of(t)}))
+
+    def rank_info(self, rank: int) -> RankInfo:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank ({rank}) must be in [0, world_size={self.world_size})")
+        tp_rank = rank % self.tp
+        pcp_rank = rank // self.tp % self.pcp
+        kv_shard = tp_rank % self.dcp_tp_positions * self.pcp + pcp_rank
+        return RankInfo(rank=rank, dp_rank=rank // (self.tp * self.pcp), pcp_rank=pcp_rank, tp_rank=tp_rank,
+                        dcp_rank=kv_shard, kv_shard=kv_shard, prefill_shard=pcp_rank,
+                        q_heads=self.q_heads_of(tp_rank), kv_heads=self.kv_heads_of(tp_rank),
+                        dcp_kv_heads=self.dcp_kv_heads_of(tp_rank))
+
+    @cached_property
+    def tp_groups(self) -> list[list[int]]:
+        """One per (dp_rank, pcp_rank): ranks of equal dp and pcp rank, in TP order."""
+        return [[self.global_rank(d, p, t) for t in range(self.tp)] for d in range(self.dp) for p in range(self.pcp)]
+
+    @cached_property
+    def pcp_groups(self) -> list[list[int]]:
+        """One per (dp_rank, tp_rank): ranks of equal dp and tp rank, in PCP order."""
+        return [[self.global_rank(d, p, t) for p in range(self.pcp)] for d in range(self.dp) for t in range(self.tp)]
+
+    @cached_property
+    def dcp_groups(self) -> list[list[int]]:
+        """One per (dp_rank, block of k TP positions): members TP-major, PCP-minor (index = KV shard)."""
+        k = self.dcp_tp_positions
+        return [[self.global_rank(d, p, t) for t in range(first, first + k) for p in range(self.pcp)]
+                for d in range(self.dp) for first in range(0, self.tp, k)]
+
+    @cached_property
+    def dp_groups(self) -> list[list[int]]:
+        """One per (pcp_rank, tp_rank): the replicas of one model shard, in DP order."""
+        return [[self.global_rank(d, p, t) for d in range(self.dp)] for p in range(self.pcp) for t in range(self.tp)]
+
+    @cached_property
+    def dp_pcp_groups(self) -> list[list[int]]:
+        """One per tp_rank: every rank holding the same weights (DP replicas x PCP shards) - gradient reduction."""
+        return [[self.global_rank(d, p, t) for d in range(self.dp) for p in range(self.pcp)] for t in range(self.tp)]
+
+    def kv_replication(self) -> dict[tuple[int, int], int]:
+        """``(kv_head, kv_shard) -> number of ranks of one DP replica storing that cache slice``."""
+        holders: Counter = Counter()
+        for rank in range(self.tp * self.pcp):
+            info = self.rank_info(rank)
+            holders.update((head, info.kv_shard) for head in info.dcp_kv_heads)
+        return dict(holders)
+
+
+def _span(prefix: str, heads) -> str:
+    heads = list(heads)
+    return f"{prefix}{heads[0]}" if len(heads) == 1 else f"{prefix}{heads[0]}-{heads[-1]}"
+
+
+def _cell(info: RankInfo) -> str:
+    return f"{info.rank}: {_span('q', info.q_heads)}/{_span('k', info.kv_heads)}/s{info.kv_shard}/p{info.prefill_shard}"
+
+
+def _member(info: RankInfo) -> str:
+    return f"{info.rank}: {_span('q', info.q_heads)}/{_span('k', info.kv_heads)}, s{info.kv_shard}, p{info.prefill_shard}"
+
+
+def _title(layout: ParallelLayout) -> str:
+    sizes = f"TP={layout.tp}, PCP={layout.pcp}, DCP={layout.dcp}"
+    if layout.dp > 1:
+        sizes = f"DP={layout.dp}, {sizes}"
+    query = f"{layout.num_heads} query head" + ("s" if layout.num_heads > 1 else "")
+    kv = "1 KV head - MQA" if layout.num_kv_heads == 1 else f"{layout.num_kv_heads} KV heads"
+    return f"{sizes}  ({query}, {kv})"
+
+
+def _grid(layout: ParallelLayout) -> list[str]:
+    """The rank table: one row per (dp, pcp) rank, one column per TP rank.
+
+    Cells are ``" " + text`` left-justified to the longest text + 3. The header follows the golden tables:
+    ``tp0`` starts at its column's left edge, every later label 3 characters into its column.
+    """
+    rows = [(f"pcp{p}" if layout.dp == 1 else f"dp{d} pcp{p}", [layout.global_rank(d, p, t) for t in range(layout.tp)])
+            for d in range(layout.dp) for p in range(layout.pcp)]
+    label_width = max(len(label) for label, _ in rows)
+    cell_width = max(len(_cell(layout.rank_info(r))) for r in range(layout.world_size)) + 3
+    header = " " * (label_width + 2)
+    for t in range(layout.tp):
+        header = header.ljust(label_width + 2 + t * (cell_width + 1) + (3 if t else 0)) + f"tp{t}"
+    border = " " * (label_width + 1) + "+" + "+".join(["-" * cell_width] * layout.tp) + "+"
+    lines = ["Rank Layout (query heads / KV head / KV shard / prefill shard):", header, border]
+    for label, ranks in rows:
+        cells = "|".join((" " + _cell(layout.rank_info(r))).ljust(cell_width) for r in ranks)
+        lines += [f"{label.ljust(label_width)} |{cells}|", border]
+    return lines
+
+
+def _times(extra_copies: int) -> str:
+    return {1: "once", 2: "twice"}.get(extra_copies, f"{extra_copies} times")
+
+
+def _join_and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def replication_note(layout: ParallelLayout) -> str | None:
+    """The NOTE line when some (KV head, KV shard) cache slice is stored by more than one rank of a replica."""
+    by_copies: dict[int, list[str]] = {}
+    for (head, shard), holders in sorted(layout.kv_replication().items()):
+        if holders > 1:
+            by_copies.setdefault(holders - 1, []).append(f"(k{head}, s{shard})")
+    if not by_copies:
+        return None
+    clauses = [f"{_join_and(pairs)} {'are each' if len(pairs) > 1 else 'is'} replicated {_times(copies)}"
+               for copies, pairs in sorted(by_copies.items())]
+    if layout.tp * layout.pcp // layout.dcp > layout.num_kv_heads:
+        reason = "since num_gpus = TP * PCP and num_gpus / DCP > num_kv_heads"
+    else:
+        reason = "since TP ranks in different DCP groups use the same KV head"
+    return f"NOTE: {'; '.join(clauses)} ({reason})"
+
+
+def _group_sections(layout: ParallelLayout) -> list[tuple[str, str, list[list[int]]]]:
+    sections = [("PCP Groups (shard sequence during prefill):", "PCP", layout.pcp_groups),
+                ("TP Groups (shard heads):", "TP", layout.tp_groups),
+                ("DCP Groups (shard KV during decode):", "DCP", layout.dcp_groups)]
+    if layout.dp > 1:
+        sections.append(("DP Groups (replicate the model):", "DP", layout.dp_groups))
+    return sections
+
+
+def _group_lines(layout: ParallelLayout) -> list[str]:
+    """``  NAMEi: [ranks]  member | member``; labels padded to the longest label of all sections,
+    rank lists and members to the longest of their section, so columns line up."""
+    sections = _group_sections(layout)
+    label_width = max(len(f"{name}{len(groups) - 1}:") for _, name, groups in sections)
+    lines: list[str] = []
+    for heading, name, groups in sections:
+        lists = [str(group) for group in groups]
+        members = [[_member(layout.rank_info(r)) for r in group] for group in groups]
+        list_width = max(map(len, lists))
+        member_width = max(len(m) for group in members for m in group)
+        lines += ["", heading]
+        for i, (ranks, descs) in enumerate(zip(lists, members)):
+            body = " | ".join(m.ljust(member_width) for m in descs).rstrip()
+            lines.append(f"  {f'{name}{i}:'.ljust(label_width)} {ranks.ljust(list_width)}  {body}")
+    return lines
+
+
+def render_layout(layout: ParallelLayout) -> str:
+    """The layout's section of the golden tables: banner, title, rank grid, NOTE (if any), group lists.
+
+    With ``dp > 1`` the title starts with ``DP=n``, grid rows are labelled ``dpD pcpP`` and a DP Groups section
+    follows the DCP groups. No trailing newline.
+    """
+    lines = [BANNER, _title(layout), BANNER, "", *_grid(layout)]
+    note = replication_note(layout)
+    if note:
+        lines += ["", note]
+    lines += _group_lines(layout)
+    return "\n".join(lines)

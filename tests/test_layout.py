@@ -1,0 +1,155 @@
+"""The pure rank layout: golden tables byte for byte, invariants over every valid layout, validation errors."""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cptoolkit.layout import BANNER, LEGEND, ParallelLayout, render_layout
+
+GOLDEN = Path(__file__).parents[2] / "shared/spec/layout_tables.txt"
+GOLDEN_CONFIGS = [(2, 2, 2, 8, 2), (2, 2, 2, 8, 1), (2, 2, 4, 8, 2), (2, 2, 4, 8, 1)]
+
+
+def _strip(text: str) -> list[str]:
+    return [line.rstrip() for line in text.strip("\n").split("\n")]
+
+
+def golden_sections() -> tuple[str, list[str]]:
+    """The LEGEND block and the four configuration sections, each from its banner to its last line."""
+    text = GOLDEN.read_text()
+    legend, rest = text.split("\n\n", 1)
+    starts = [i for i in range(len(rest)) if rest.startswith(f"{BANNER}\nTP=", i)]
+    sections = [rest[a:b].rstrip() for a, b in zip(starts, starts[1:] + [len(rest)])]
+    return legend, sections
+
+
+def test_legend_matches_golden():
+    legend, _ = golden_sections()
+    assert _strip(LEGEND) == _strip(legend)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_golden_section_byte_for_byte(index):
+    _, sections = golden_sections()
+    assert len(sections) == 4
+    rendered = render_layout(ParallelLayout(*GOLDEN_CONFIGS[index]))
+    assert _strip(rendered) == _strip(sections[index]), f"\n{rendered}\n--- expected ---\n{sections[index]}"
+
+
+def test_dcp4_keeps_rank_order_tp_major():
+    layout = ParallelLayout(tp=2, pcp=2, dcp=4, num_heads=8, num_kv_heads=2)
+    assert layout.dcp_groups == [[0, 2, 1, 3]]
+    assert [layout.rank_info(r).kv_shard for r in range(4)] == [0, 2, 1, 3]
+    assert layout.rank_info(1).kv_heads == (1,) and layout.rank_info(1).dcp_kv_heads == (0, 1)
+
+
+def test_replication_note_counts_copies():
+    note = render_layout(ParallelLayout(tp=4, pcp=2, dcp=2, num_heads=8, num_kv_heads=1))
+    assert "NOTE: (k0, s0) and (k0, s1) are each replicated 3 times (since num_gpus" in note
+    single = render_layout(ParallelLayout(tp=2, pcp=1, dcp=1, num_heads=4, num_kv_heads=1))
+    assert "NOTE: (k0, s0) is replicated once (since" in single
+    assert "NOTE" not in render_layout(ParallelLayout(tp=4, pcp=1, dcp=4, num_heads=8, num_kv_heads=1))
+    overlap = render_layout(ParallelLayout(tp=6, pcp=1, dcp=3, num_heads=6, num_kv_heads=3))
+    assert "(k1, s0), (k1, s1) and (k1, s2) are each replicated once (since TP ranks in different DCP groups" in overlap
+
+
+def test_dp_rows_and_dp_groups():
+    layout = ParallelLayout(tp=2, pcp=2, dcp=2, num_heads=4, num_kv_heads=2, dp=2)
+    text = render_layout(layout)
+    assert text.split("\n")[1] == "DP=2, TP=2, PCP=2, DCP=2  (4 query heads, 2 KV heads)"
+    assert "dp1 pcp1 | 6: q0-1/k0/s1/p1  | 7: q2-3/k1/s1/p1  |" in text
+    assert "  DP3:  [3, 7]  3: q2-3/k1, s1, p1 | 7: q2-3/k1, s1, p1" in text
+    assert layout.dp_pcp_groups == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+def _valid_layouts():
+    for tp, pcp, dp in itertools.product((1, 2, 4, 8), (1, 2, 4, 8), (1, 2)):
+        if dp * tp * pcp > 64:
+            continue
+        for k, heads in itertools.product((1, 2, 4, 8), (8, 16, 24)):
+            for kv in (1, 2, 3, 4, 8, 12, 16, 24):
+                try:
+                    yield ParallelLayout(tp, pcp, k * pcp, heads, kv, dp=dp)
+                except ValueError:
+                    continue
+
+
+def _check_partition(layout, groups, size, kind):
+    assert all(len(g) == size for g in groups), f"{layout}: {kind} group sizes"
+    counts = Counter(r for g in groups for r in g)
+    assert sorted(counts) == list(range(layout.world_size)) and set(counts.values()) == {1}, f"{layout}: {kind}"
+
+
+def _check_heads(layout):
+    kv_group = layout.num_heads // layout.num_kv_heads
+    for tp_group in layout.tp_groups:
+        infos = [layout.rank_info(r) for r in tp_group]
+        assert [h for i in infos for h in i.q_heads] == list(range(layout.num_heads)), f"{layout}: q heads"
+        for info in infos:
+            needed = {q // kv_group for q in info.q_heads}
+            assert needed <= set(info.kv_heads) <= set(info.dcp_kv_heads), f"{layout}: rank {info.rank} kv heads"
+        assert {h for i in infos for h in i.kv_heads} == set(range(layout.num_kv_heads)), f"{layout}: kv heads"
+
+
+def _check_shards(layout):
+    for group in layout.pcp_groups:
+        assert [layout.rank_info(r).prefill_shard for r in group] == list(range(layout.pcp)), f"{layout}: prefill"
+    for group in layout.dcp_groups:
+        infos = [layout.rank_info(r) for r in group]
+        assert [i.kv_shard for i in infos] == list(range(layout.dcp)), f"{layout}: kv shards of {group}"
+        assert [i.dcp_rank for i in infos] == list(range(layout.dcp)), f"{layout}: dcp ranks of {group}"
+        assert len({i.dcp_kv_heads for i in infos}) == 1, f"{layout}: group {group} caches different heads"
+        assert {i.tp_rank for i in infos} == set(range(infos[0].tp_rank, infos[0].tp_rank + layout.dcp_tp_positions))
+    for rank in range(layout.world_size):
+        info = layout.rank_info(rank)
+        assert layout.global_rank(info.dp_rank, info.pcp_rank, info.tp_rank) == rank, f"{layout}: rank {rank}"
+
+
+def _check_render(layout):
+    lines = render_layout(layout).split("\n")
+    first = lines.index("Rank Layout (query heads / KV head / KV shard / prefill shard):")
+    header, grid = lines[first + 1], lines[first + 2:first + 3 + 2 * layout.dp * layout.pcp]
+    widths = {len(line) for line in grid}
+    assert len(widths) == 1 and len(header) <= widths.pop(), f"{layout}: ragged grid\n" + "\n".join(grid)
+    replicated = max(layout.kv_replication().values()) > 1
+    assert any(line.startswith("NOTE: ") for line in lines) == replicated, f"{layout}: NOTE vs replication"
+
+
+def test_every_valid_layout_keeps_invariants():
+    layouts = list(_valid_layouts())
+    assert len(layouts) > 500
+    for layout in layouts:
+        _check_partition(layout, layout.tp_groups, layout.tp, "tp")
+        _check_partition(layout, layout.pcp_groups, layout.pcp, "pcp")
+        _check_partition(layout, layout.dcp_groups, layout.dcp, "dcp")
+        _check_partition(layout, layout.dp_groups, layout.dp, "dp")
+        _check_partition(layout, layout.dp_pcp_groups, layout.dp * layout.pcp, "dp_pcp")
+        _check_heads(layout)
+        _check_shards(layout)
+        _check_render(layout)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tp=0), r"tp \(0\) must be a positive integer"),
+    (dict(num_kv_heads=-1), r"num_kv_heads \(-1\) must be a positive integer"),
+    (dict(dp=1.5), r"dp \(1.5\) must be a positive integer"),
+    (dict(dcp=3), r"dcp \(3\) must be k\*pcp with k dividing tp \(tp=2, pcp=2\): valid dcp values are 2, 4$"),
+    (dict(dcp=1), r"dcp \(1\) must be k\*pcp .*valid dcp values are 2, 4"),
+    (dict(dcp=8), r"dcp \(8\) must be k\*pcp .*valid dcp values are 2, 4"),
+    (dict(num_heads=7), r"num_heads \(7\) must be a multiple of tp \(2\)"),
+    (dict(num_heads=6, num_kv_heads=4), r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"),
+    (dict(tp=4, dcp=2, num_heads=24, num_kv_heads=6),
+     r"num_kv_heads \(6\) and tp \(4\) must divide one another"),
+])
+def test_invalid_layout_names_field_and_rule(kwargs, message):
+    args = dict(tp=2, pcp=2, dcp=2, num_heads=8, num_kv_heads=2) | kwargs
+    with pytest.raises(ValueError, match=message):
+        ParallelLayout(**args)
+
+
+def test_rank_out_of_range():
+    with pytest.raises(ValueError, match=r"rank \(4\) must be in \[0, world_size=4\)"):
+        ParallelLayout(tp=2, pcp=2, dcp=2, num_heads=8, num_kv_heads=2).rank_info(4)
