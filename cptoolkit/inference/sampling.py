@@ -1,0 +1,115 @@
+"""Next-token sampling: greedy, temperature, top-k and top-p, reproducible per request.
+
+Every rank of a TP x PCP x DCP job runs the same decode step and must pick the same token, or the
+ranks' KV caches diverge. Two ways to guarantee it:
+- feed ``sample`` identical logits on every rank (e.g. after the TP all-gather of the vocabulary
+  shards) with identically seeded generators: sampling is then a deterministic function of
+  ``(logits, params, generator state)`` and every rank draws the same tokens; or
+- sample on one rank and send the result to the others with ``broadcast_tokens``.
+
+Each request owns one ``torch.Generator`` (``make_generator(seed, request_index)``), created when the
+request is admitted and advanced only by that request's own draws, so a request's tokens do not
+depend on which other requests share its batch.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+def _reject(field: str, value, rule: str) -> None:
+    raise ValueError(f"SamplingParams.{field} = {value!r} is invalid: {rule}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens.
+
+    ``temperature`` 0 means greedy (argmax, ties to the lowest token id); ``top_k`` 0 and ``top_p`` 1
+    switch those filters off. ``stop_token_ids`` / ``stop_strings`` end the request early; lists are
+    stored as tuples.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    max_new_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature >= 0:
+            _reject("temperature", self.temperature, "it must be a number >= 0 (0 = greedy)")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            _reject("top_k", self.top_k, "it must be an integer >= 0 (0 = no top-k filter)")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            _reject("top_p", self.top_p, "it must be a number in (0, 1] (1 = no nucleus filter)")
+        if not _is_int(self.seed) or self.seed < 0:
+            _reject("seed", self.seed, "it must be an integer >= 0")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            _reject("max_new_tokens", self.max_new_tokens, "it must be an integer >= 1")
+        if not all(_is_int(token_id) and token_id >= 0 for token_id in self.stop_token_ids):
+            _reject("stop_token_ids", self.stop_token_ids, "it must be a sequence of integers >= 0")
+        if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            _reject("stop_strings", self.stop_strings, "it must be a sequence of non-empty strings")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def make_generator(seed: int, request_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from ``(seed, request_index)``: the same pair gives the same stream on every rank,
+    and distinct requests with one seed get unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}:{request_index}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+           ) -> torch.Tensor:
+    """Pick one token per row of ``logits [b, vocab]``; returns ``[b]`` int64 on ``logits.device``.
+
+    Row ``i`` uses ``params[i]`` and draws from ``generators[i]`` (one draw per non-greedy row; greedy
+    rows leave their generator untouched). Temperature scales the logits, then top-k keeps the
+    ``top_k`` most likely tokens, then top-p keeps the smallest most-likely set whose probability is
+    >= ``top_p`` (at least one token); equal probabilities are ranked by lower token id.
+    """
+    if logits.dim() != 2 or len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
+        raise ValueError(f"sample expects logits [b, vocab] with b params and b generators; got logits "
+                         f"{list(logits.shape)}, {len(params)} params, {len(generators)} generators")
+    return torch.stack([_sample_row(row, row_params, generator)
+                        for row, row_params, generator in zip(logits, params, generators)])
+
+
+def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """One token id (0-dim int64) from ``logits [vocab]``."""
+    if params.temperature == 0:
+        return torch.argmax(logits)
+    sorted_logits, sorted_ids = torch.sort(logits.float(), descending=True, stable=True)
+    if params.top_k:
+        sorted_logits, sorted_ids = sorted_logits[:params.top_k], sorted_ids[:params.top_k]
+    probs = torch.softmax(sorted_logits / params.temperature, dim=-1)
+    if params.top_p < 1:
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        probs = probs[mass_before < params.top_p]
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return sorted_ids[choice[0]]
+
+
+def broadcast_tokens(tokens: torch.Tensor, group: ProcessGroup | None, src: int) -> torch.Tensor:
+    """Overwrite ``tokens [b]`` on every member of ``group`` with global rank ``src``'s; returns it.
+
+    One broadcast on ``group`` (``None`` = the default group). Use it when ranks might see different
+    logits, so that every rank appends the same tokens to its KV cache.
+    """
+    dist.broadcast(tokens, src=src, group=group)
+    return tokens

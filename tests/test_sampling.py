@@ -1,0 +1,111 @@
+"""Sampling: greedy is argmax, filters reduce to greedy at their limits, draws are reproducible and
+follow the filtered softmax, and every rank ends up with the same tokens."""
+import pytest
+import torch
+
+from cptoolkit.inference.sampling import SamplingParams, broadcast_tokens, make_generator, sample
+from tests.multiproc import run_ranks
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _draw(logits_row, params, num_draws, seed=0):
+    """``num_draws`` successive draws of one request (one generator) from a fixed ``logits_row [vocab]``."""
+    generator = make_generator(seed, request_index=0)
+    return sample(logits_row.expand(num_draws, -1), [params] * num_draws, [generator] * num_draws)
+
+
+def _frequencies(tokens, vocab):
+    return torch.bincount(tokens, minlength=vocab).double() / tokens.numel()
+
+
+def test_greedy_is_argmax_with_ties_to_the_lowest_id():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    logits[5, [7, 3, 40]] = 100.0
+    generators = [make_generator(0, i) for i in range(6)]
+    tokens = sample(logits, [GREEDY] * 6, generators)
+    assert tokens.dtype == torch.int64
+    assert tokens[:5].tolist() == logits[:5].argmax(-1).tolist() and tokens[5].item() == 3
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.3, top_k=1),
+                                    SamplingParams(temperature=2.0, top_p=1e-6),
+                                    SamplingParams(temperature=0.7, top_k=5, top_p=1e-3)])
+def test_filters_at_their_limit_are_greedy(params):
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(1))
+    logits[7, [9, 2]] = 50.0
+    tokens = sample(logits, [params] * 8, [make_generator(3, i) for i in range(8)])
+    greedy = sample(logits, [GREEDY] * 8, [make_generator(3, i) for i in range(8)])
+    assert tokens.tolist() == greedy.tolist() and tokens[7].item() == 2
+
+
+def test_same_seed_same_tokens_different_seeds_differ_on_a_flat_distribution():
+    flat = torch.zeros(1000)
+    params = SamplingParams(temperature=1.0)
+    first, again = _draw(flat, params, 64, seed=11), _draw(flat, params, 64, seed=11)
+    other_seed = _draw(flat, params, 64, seed=12)
+    assert torch.equal(first, again)
+    assert (first != other_seed).sum() > 50, f"only {(first != other_seed).sum()} of 64 draws differ"
+    request_a = sample(flat.expand(2, -1), [params] * 2, [make_generator(11, 0), make_generator(11, 1)])
+    assert request_a[0] != request_a[1], "requests 0 and 1 with one seed must get different streams"
+
+
+@pytest.mark.parametrize("params,kept", [
+    (SamplingParams(temperature=0.7), [0, 1, 2, 3, 4]),
+    (SamplingParams(temperature=1.5, top_k=3), [0, 1, 2]),
+    (SamplingParams(temperature=1.0, top_p=0.75), [0, 1]),
+])
+def test_empirical_frequencies_match_the_filtered_softmax(params, kept):
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.12, 0.05, 0.03], dtype=torch.float64))
+    num_draws = 20000
+    expected = torch.zeros(5, dtype=torch.float64)
+    expected[kept] = torch.softmax(logits[kept] / params.temperature, -1)
+    observed = _frequencies(_draw(logits.float(), params, num_draws, seed=5), 5)
+    diff = (observed - expected).abs()
+    # 4 standard deviations of a frequency over 20000 draws is at most 0.0142
+    assert diff.max() < 0.0142, f"observed {observed.tolist()} vs {expected.tolist()}: max abs diff {diff.max()}, " \
+                                f"mean {diff.mean()}"
+    assert observed[[i for i in range(5) if i not in kept]].sum() == 0
+
+
+def _same_tokens_on_every_rank(rank, world_size):
+    import torch.distributed as dist
+    logits = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(temperature=0.9, top_k=10, top_p=0.9, seed=7)] * 4
+    generators = [make_generator(7, i) for i in range(4)]
+    sampled = torch.stack([sample(logits, params, generators) for _ in range(3)])
+    different = torch.full((4,), rank, dtype=torch.int64)
+    received = broadcast_tokens(different, dist.group.WORLD, src=1)
+    return sampled, received
+
+
+def test_two_ranks_sample_the_same_tokens_and_broadcast_from_src():
+    results = run_ranks(2, _same_tokens_on_every_rank, timeout_s=60)
+    (sampled_0, received_0), (sampled_1, received_1) = results
+    assert torch.equal(sampled_0, sampled_1), f"rank 0 {sampled_0.tolist()} vs rank 1 {sampled_1.tolist()}"
+    assert received_0.tolist() == received_1.tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-0.1), r"SamplingParams.temperature = -0.1 is invalid: it must be a number >= 0"),
+    (dict(top_k=-1), r"SamplingParams.top_k = -1 is invalid: it must be an integer >= 0"),
+    (dict(top_k=2.5), r"SamplingParams.top_k = 2.5 is invalid"),
+    (dict(top_p=0.0), r"SamplingParams.top_p = 0.0 is invalid: it must be a number in \(0, 1\]"),
+    (dict(top_p=1.5), r"SamplingParams.top_p = 1.5 is invalid"),
+    (dict(seed=-3), r"SamplingParams.seed = -3 is invalid: it must be an integer >= 0"),
+    (dict(max_new_tokens=0), r"SamplingParams.max_new_tokens = 0 is invalid: it must be an integer >= 1"),
+    (dict(stop_token_ids=[2, -1]), r"SamplingParams.stop_token_ids = \[2, -1\] is invalid"),
+    (dict(stop_strings="###"), r"SamplingParams.stop_strings = '###' is invalid: it must be a sequence of "
+                               r"non-empty strings"),
+    (dict(stop_strings=["ok", ""]), r"SamplingParams.stop_strings = \['ok', ''\] is invalid"),
+])
+def test_validation_names_field_value_and_rule(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_lists_are_stored_as_tuples_and_sample_checks_batch_sizes():
+    params = SamplingParams(stop_token_ids=[2, 3], stop_strings=["\n\n"])
+    assert params.stop_token_ids == (2, 3) and params.stop_strings == ("\n\n",)
+    with pytest.raises(ValueError, match=r"logits \[2, 5\], 1 params, 2 generators"):
+        sample(torch.zeros(2, 5), [params], [make_generator(0, 0), make_generator(0, 1)])
