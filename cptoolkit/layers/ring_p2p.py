@@ -1,0 +1,126 @@
+"""Ring (P2P) prefill attention for DualChunkSwap shards, forward and backward.
+
+Each PCP rank holds q, k, v for chunks ``r`` and ``2P-1-r`` (``[b, h, 2c, d]``). K/V travel around
+the PCP group: at step ``i`` rank ``r`` holds the K/V of rank ``src = (r - i) mod P``, sends it on to
+``r + 1`` and receives the next block from ``r - 1`` while it computes (send/recv overlapped with
+attention). Only the causally needed part of each step is computed:
+
+- ``src == r`` (step 0): the local ``2c`` tokens attend each other causally; the local order
+  (chunk r, then the later chunk 2P-1-r) is already causal order.
+- ``src < r``: every local query sees chunk ``src`` (the first half of the received K/V) in full
+  and none of chunk ``2P-1-src``, which lies after both local chunks.
+- ``src > r``: chunk ``r`` sees nothing; chunk ``2P-1-r`` sees both received chunks in full.
+
+Partials are merged by their log-sum-exp (``lse_merge.merge_two``). Per rank and layer the forward
+issues ``P-1`` ``send_recv`` calls on the PCP group. The backward replays the ring: K/V circulate
+again (``P-1`` calls), and each block's dK/dV accumulator follows its K/V one step behind, collecting
+every rank's contribution, and takes one more step home to its owner (``P`` calls).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from cptoolkit.layers.block_attention import attention_backward, attention_forward
+from cptoolkit.layers.comm import CommStats, send_recv
+from cptoolkit.layers.lse_merge import merge_two
+
+
+def _ring_neighbours(pcp_group: ProcessGroup) -> tuple[int, int, int, int]:
+    """``(pcp_rank, pcp_size, next_global_rank, prev_global_rank)`` of this rank's ring."""
+    pcp_rank, pcp_size = dist.get_rank(pcp_group), dist.get_world_size(pcp_group)
+    next_rank = dist.get_global_rank(pcp_group, (pcp_rank + 1) % pcp_size)
+    prev_rank = dist.get_global_rank(pcp_group, (pcp_rank - 1) % pcp_size)
+    return pcp_rank, pcp_size, next_rank, prev_rank
+
+
+def _step_block(pcp_rank: int, src: int, chunk_len: int) -> tuple[slice, slice, bool]:
+    """Which local query rows and which received key rows a step computes, and whether causally."""
+    if src == pcp_rank:
+        return slice(None), slice(None), True
+    if src < pcp_rank:
+        return slice(None), slice(0, chunk_len), False
+    return slice(chunk_len, None), slice(None), False
+
+
+def _wait(works: list[dist.Work]) -> None:
+    for work in works:
+        work.wait()
+
+
+def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: ProcessGroup, scale: float,
+                 stats: CommStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out [b, hq, 2c, d] in q's dtype, lse [b, hq, 2c] float32)`` over the whole prefix."""
+    pcp_rank, pcp_size, next_rank, prev_rank = _ring_neighbours(pcp_group)
+    chunk_len = q.shape[2] // 2
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
+    kv = torch.stack([k, v])
+    for step in range(pcp_size):
+        if step + 1 < pcp_size:
+            next_kv, works = send_recv(kv, next_rank, prev_rank, pcp_group, stats)
+        rows, keys, causal = _step_block(pcp_rank, (pcp_rank - step) % pcp_size, chunk_len)
+        block_out, block_lse = attention_forward(q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
+                                                 causal=causal, scale=scale)
+        out[:, :, rows], lse[:, :, rows] = merge_two(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+        if step + 1 < pcp_size:
+            _wait(works)
+            kv = next_kv
+    return out.to(q.dtype), lse
+
+
+def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, pcp_group: ProcessGroup, scale: float, stats: CommStats | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of the local shards, shaped like ``q, k, v``.
+
+    ``out``/``lse`` are the forward's final (merged) values, so block gradients sum exactly.
+    Gradients accumulate in float32 and travel the ring in float32.
+    """
+    pcp_rank, pcp_size, next_rank, prev_rank = _ring_neighbours(pcp_group)
+    chunk_len = q.shape[2] // 2
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kv = torch.stack([k, v])
+    for step in range(pcp_size):
+        if step + 1 < pcp_size:
+            next_kv, kv_works = send_recv(kv, next_rank, prev_rank, pcp_group, stats)
+        rows, keys, causal = _step_block(pcp_rank, (pcp_rank - step) % pcp_size, chunk_len)
+        block_dq, block_dk, block_dv = attention_backward(
+            dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], out[:, :, rows],
+            lse[:, :, rows], causal=causal, scale=scale)
+        dq[:, :, rows] += block_dq
+        if step == 0:
+            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+        else:
+            # The accumulator of block src arrives from rank r-1, which held block src last step.
+            _wait(dkv_works)
+            dkv = dkv_in
+        dkv[0][:, :, keys] += block_dk
+        dkv[1][:, :, keys] += block_dv
+        if pcp_size > 1:
+            dkv_in, dkv_works = send_recv(dkv, next_rank, prev_rank, pcp_group, stats)
+        if step + 1 < pcp_size:
+            _wait(kv_works)
+            kv = next_kv
+    if pcp_size > 1:
+        _wait(dkv_works)
+        dkv = dkv_in
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class RingP2PAttention(torch.autograd.Function):
+    """Differentiable ring attention: ``apply(q, k, v, pcp_group, scale, stats) -> out``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pcp_group, scale, stats):
+        out, lse = ring_forward(q, k, v, pcp_group, scale, stats)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.pcp_group, ctx.scale, ctx.stats = pcp_group, scale, stats
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.pcp_group, ctx.scale, ctx.stats)
+        return dq, dk, dv, None, None, None
