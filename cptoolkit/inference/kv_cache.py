@@ -169,7 +169,8 @@ class PagedKVCache:
                 f"continue its stored sequence at shard slot {start} without gaps or repeats; got slots "
                 f"{slots.tolist()}: pass every position of the prompt once, in order of chunks")
         self._check_within_reservation(request_id, state, positions[owned])
-        self._write(layer, state.block_ids, slots, k[:, owned].transpose(0, 1), v[:, owned].transpose(0, 1))
+        self._write(layer, state.block_ids[slots // self.block_size], slots % self.block_size,
+                    k[:, owned].transpose(0, 1), v[:, owned].transpose(0, 1))
         state.shard_lens[layer] = start + slots.numel()
 
     def view(self, layer: int, request_ids: Sequence[Hashable]) -> "LayerCacheView":
@@ -198,11 +199,10 @@ class PagedKVCache:
             raise ValueError(f"request {request_id!r}: position {int(owned_positions.max())} is beyond its "
                              f"max_total_len = {state.max_total_len} given to add_request")
 
-    def _write(self, layer: int, block_ids: torch.Tensor, slots: torch.Tensor, k_tokens: torch.Tensor,
+    def _write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k_tokens: torch.Tensor,
                v_tokens: torch.Tensor) -> None:
-        """Write ``k_tokens``/``v_tokens [n, num_kv_heads, head_dim]`` at shard ``slots [n]`` of one request."""
-        blocks = block_ids[slots // self.block_size]
-        offsets = slots % self.block_size
+        """Write token ``i`` of ``k_tokens``/``v_tokens [n, num_kv_heads, head_dim]`` at offset ``offsets[i]``
+        of block ``blocks[i]``."""
         self.storage[layer, 0, blocks, :, offsets] = k_tokens.to(self.dtype)
         self.storage[layer, 1, blocks, :, offsets] = v_tokens.to(self.dtype)
 
@@ -246,10 +246,8 @@ class LayerCacheView:
         self._check_next_slot(owned & (slots != lens), lens, slots, positions)
         self._check_next_slot(owned & (positions >= self._max_total_lens), lens, slots, positions)
         rows = torch.nonzero(owned).flatten()
-        blocks = self._block_table[rows, slots[rows] // cache.block_size]
-        offsets = slots[rows] % cache.block_size
-        cache.storage[self.layer, 0, blocks, :, offsets] = k_new[rows, :, 0].to(cache.dtype)
-        cache.storage[self.layer, 1, blocks, :, offsets] = v_new[rows, :, 0].to(cache.dtype)
+        cache._write(self.layer, self._block_table[rows, slots[rows] // cache.block_size],
+                     slots[rows] % cache.block_size, k_new[rows, :, 0], v_new[rows, :, 0])
         for row in rows.tolist():
             self._states[row].shard_lens[self.layer] += 1
 
