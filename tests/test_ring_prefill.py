@@ -132,6 +132,10 @@ def _invalid_inputs_rank(rank, world_size):
         (dict(q=q[:, :, :5], k=kv[:, :, :5], v=kv[:, :, :5], pcp_group=group), r"local sequence length \(5\) must be even"),
         (dict(q=q[:, :3], k=kv, v=kv, pcp_group=group), r"query heads \(3\) must be a multiple of KV heads \(2\)"),
     ]
+    other_rank_only = dist.new_group([1])
+    if rank == 0:
+        cases.append((dict(q=q, k=kv, v=kv, pcp_group=other_rank_only),
+                      r"this rank \(global 0\) is not a member of pcp_group"))
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             ring_prefill_attention(**{"scale": 1.0, **kwargs})
@@ -139,4 +143,4 @@ def _invalid_inputs_rank(rank, world_size):
 
 
 def test_invalid_inputs_name_the_rule():
-    assert run_ranks(1, _invalid_inputs_rank) == [7]
+    assert run_ranks(2, _invalid_inputs_rank) == [8, 7]

@@ -14,6 +14,7 @@ All collectives run on ``pcp_group`` and are counted in ``stats`` when given.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.allgather_prefill import AllGatherPrefillAttention
@@ -29,6 +30,9 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: Proc
     if pcp_group is None:
         raise ValueError("pcp_group (None) must be the PCP process group: torch.distributed would read None "
                          "as the whole world; pass the group from parallel_state")
+    if dist.get_rank(pcp_group) < 0:
+        raise ValueError(f"this rank (global {dist.get_rank()}) is not a member of pcp_group; every rank "
+                         f"must pass the PCP group it belongs to")
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"q must be [b, hq, 2c, d] and k, v [b, hkv, 2c, d] of equal shape; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
