@@ -1,0 +1,168 @@
+"""Real gloo process groups equal the pure layout's rank lists; megatron-core accepts the pg_collection."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cptoolkit import parallel_state as ps
+from cptoolkit.layout import LEGEND, ParallelLayout, render_layout
+from tests.multiproc import run_ranks
+
+CONFIGS_4 = [  # (tp, pcp, dcp, num_heads, num_kv_heads, dp)
+    (2, 2, 2, 8, 2, 1), (2, 2, 4, 8, 1, 1), (4, 1, 1, 8, 2, 1), (4, 1, 4, 8, 8, 1), (1, 4, 4, 4, 2, 1),
+    (1, 2, 2, 4, 4, 2), (2, 1, 2, 4, 1, 2),
+]
+CONFIGS_8 = [
+    (2, 4, 4, 8, 2, 1), (2, 4, 8, 8, 2, 1), (4, 2, 2, 8, 1, 1), (4, 2, 4, 8, 2, 1), (4, 2, 8, 8, 4, 1),
+    (8, 1, 8, 16, 2, 1), (1, 8, 8, 4, 1, 1), (2, 2, 2, 4, 2, 2), (2, 2, 4, 4, 1, 2),
+]
+
+
+def _members(group) -> list[int]:
+    """Global ranks of ``group`` in group-rank order, learned by an all-gather inside the group."""
+    mine = torch.tensor([dist.get_rank()])
+    gathered = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    return [int(t) for t in gathered]
+
+
+def _group_of(rank: int, groups: list[list[int]]) -> list[int]:
+    return next(g for g in groups if rank in g)
+
+
+def _check_config(rank: int, config) -> list[str]:
+    """Initialize ``config``, compare every group with the layout, destroy. Returns mismatch descriptions."""
+    tp, pcp, dcp, heads, kv_heads, dp = config
+    groups = ps.initialize_model_parallel(tp, pcp, dcp, heads, kv_heads, dp=dp)
+    layout = groups.layout
+    expected = {"tp": layout.tp_groups, "pcp": layout.pcp_groups, "dcp": layout.dcp_groups, "dp": layout.dp_groups,
+                "dp_pcp": layout.dp_pcp_groups, "self": [[r] for r in range(layout.world_size)]}
+    errors = [f"{config} rank {rank} {kind}: got {_members(getattr(groups, f'{kind}_group'))}, "
+              f"expected {_group_of(rank, lists)}"
+              for kind, lists in expected.items()
+              if _members(getattr(groups, f"{kind}_group")) != _group_of(rank, lists)]
+    facade = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+              ps.get_prefill_context_parallel_rank(), ps.get_prefill_context_parallel_world_size(),
+              ps.get_decode_context_parallel_rank(), ps.get_decode_context_parallel_world_size())
+    group_view = tuple(dist.get_rank(g) if i % 2 == 0 else dist.get_world_size(g)
+                       for i, g in enumerate([ps.get_tensor_model_parallel_group()] * 2
+                                             + [ps.get_prefill_context_parallel_group()] * 2
+                                             + [ps.get_decode_context_parallel_group()] * 2))
+    info = layout.rank_info(rank)
+    wanted = (info.tp_rank, tp, info.pcp_rank, pcp, info.kv_shard, dcp)
+    if facade != wanted or group_view != wanted or groups.dcp_tp_positions != dcp // pcp:
+        errors.append(f"{config} rank {rank}: facade {facade}, group ranks {group_view}, expected {wanted}")
+    ps.destroy_model_parallel()
+    if ps.model_parallel_is_initialized():
+        errors.append(f"{config} rank {rank}: still initialized after destroy")
+    return errors
+
+
+def _wrong_world_size(rank: int) -> tuple[str, float]:
+    start = time.monotonic()
+    try:
+        ps.initialize_model_parallel(2, 2, 2, 8, 2, dp=3)
+    except ValueError as error:
+        return str(error), time.monotonic() - start
+    return "no error", time.monotonic() - start
+
+
+def _all_configs(rank: int, world_size: int, configs) -> dict:
+    errors = [e for config in configs for e in _check_config(rank, config)]
+    return {"errors": errors, "wrong_world": _wrong_world_size(rank), "initialized": ps.model_parallel_is_initialized()}
+
+
+@pytest.mark.parametrize("world_size, configs", [(4, CONFIGS_4), (8, CONFIGS_8)])
+def test_groups_match_layout(world_size, configs):
+    assert all(ParallelLayout(*c[:5], dp=c[5]).world_size == world_size for c in configs)
+    results = run_ranks(world_size, _all_configs, configs, timeout_s=180)
+    for rank, result in enumerate(results):
+        assert not result["errors"], "\n".join(result["errors"])
+        message, seconds = result["wrong_world"]
+        assert message == f"world size {world_size} != dp*pcp*tp = 3*2*2 = 12: launch 12 ranks or change dp, pcp or tp", \
+            f"rank {rank}: {message}"
+        assert seconds < 5, f"rank {rank}: validation took {seconds:.1f} s"
+        assert not result["initialized"], f"rank {rank}: a failed initialize left groups behind"
+
+
+def _check_gpt_model_builds(config, pg_collection) -> None:
+    """megatron's GPTModel accepts the collection (every group it reads is present) and shards over its TP group."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=32, max_sequence_length=16,
+                     pg_collection=pg_collection)
+    assert model.embedding.word_embeddings.num_embeddings_per_partition == 16
+    assert model.decoder.layers[0].self_attention.linear_qkv.tp_group is pg_collection.tp
+    assert model.cp_group.size() == 1
+
+
+def _megatron_column_parallel(rank: int, world_size: int) -> tuple[float, float]:
+    """A megatron ColumnParallelLinear on the pg_collection's TP group equals the unsharded linear: this rank's
+    output columns forward, and the input gradient (all-reduced over the TP group by megatron) backward."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    groups = ps.initialize_model_parallel(tp=2, pcp=1, dcp=1, num_heads=4, num_kv_heads=2)
+    pg_collection = groups.megatron_pg_collection()
+    assert pg_collection.cp.size() == 1 and pg_collection.pp.size() == 1 and pg_collection.tp.size() == 2
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=4, use_cpu_initialization=True,
+                               tensor_model_parallel_size=2, params_dtype=torch.float32)
+    torch.manual_seed(0)  # the CPU init draws the full weight on every rank, then keeps this rank's rows
+    layer = ColumnParallelLinear(8, 12, config=config, init_method=torch.nn.init.normal_, bias=False,
+                                 gather_output=False, keep_master_weight_for_test=True, tp_group=pg_collection.tp)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(5, 3, 8, generator=generator, requires_grad=True)
+    upstream = torch.randn(5, 3, 12, generator=generator)
+    rows = slice(6 * groups.tp_rank, 6 * (groups.tp_rank + 1))
+    output, _ = layer(inputs)
+    (output * upstream[..., rows]).sum().backward()
+    reference_in = inputs.detach().double().requires_grad_()
+    reference = reference_in @ layer.master_weight.double().T
+    (reference * upstream.double()).sum().backward()
+    _check_gpt_model_builds(config, pg_collection)
+    ps.destroy_model_parallel()
+    return (float((output.double() - reference[..., rows]).abs().max()),
+            float((inputs.grad.double() - reference_in.grad).abs().max()))
+
+
+def test_megatron_pg_collection_drives_column_parallel_linear():
+    errors = run_ranks(2, _megatron_column_parallel, timeout_s=120)
+    for rank, (forward_error, backward_error) in enumerate(errors):
+        assert forward_error < 1e-5 and backward_error < 1e-5, \
+            f"rank {rank}: max abs difference forward {forward_error:.2e}, input grad {backward_error:.2e}"
+
+
+def test_validate_world_size_message():
+    layout = ParallelLayout(tp=2, pcp=2, dcp=2, num_heads=8, num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"^world size 6 != dp\*pcp\*tp = 1\*2\*2 = 4: launch 4 ranks"):
+        ps.validate_world_size(layout, 6)
+
+
+def test_facade_before_initialize_raises():
+    with pytest.raises(RuntimeError, match="not initialized: call initialize_model_parallel"):
+        ps.get_tensor_model_parallel_group()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cptoolkit.parallel_state", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_prints_legend_and_table():
+    result = _cli("--tp", "2", "--pcp", "2", "--dcp", "4", "--num-heads", "8", "--num-kv-heads", "1", "--legend")
+    assert result.returncode == 0, result.stderr
+    expected = f"{LEGEND}\n\n{render_layout(ParallelLayout(2, 2, 4, 8, 1))}\n"
+    assert result.stdout == expected
+
+
+def test_cli_invalid_args_one_line_exit_2():
+    result = _cli("--tp", "2", "--pcp", "2", "--dcp", "3", "--num-heads", "8", "--num-kv-heads", "2")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "dcp (3) must be k*pcp with k dividing tp (tp=2, pcp=2): valid dcp values are 2, 4" in result.stderr
