@@ -107,9 +107,10 @@ def _check(results):
         forward, backward = _expected_calls(result["comm"], result["pcp_size"])
         assert result["forward_calls"] == forward, f"{where}: forward collectives {result['forward_calls']}"
         assert result["backward_calls"] == backward, f"{where}: backward collectives {result['backward_calls']}"
-        if result["comm"] == "p2p":
-            # Each step ships this rank's own K/V, at its own (unrepeated) KV head count.
-            assert result["forward_bytes"] == (result["pcp_size"] - 1) * result["kv_local_bytes"], where
+        # K/V travel at their own (unrepeated) KV head count: p2p ships one local K/V block per step,
+        # all_gather contributes the local K/V once.
+        steps = result["pcp_size"] - 1 if result["comm"] == "p2p" else 1
+        assert result["forward_bytes"] == steps * result["kv_local_bytes"], f"{where}: {result['forward_bytes']} B"
 
 
 @pytest.mark.parametrize("comm", ["p2p"])
