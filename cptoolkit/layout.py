@@ -61,7 +61,8 @@ def _divisors(n: int) -> list[int]:
 class ParallelLayout:
     """The rank layout of ``dp x pcp x tp`` ranks with decode context parallel size ``dcp``.
 
-    Construction validates every rule and raises ``ValueError`` naming the field, its value and the rule.
+    Construction validates every rule and raises ``ValueError`` naming the field, its value and the rule
+    (``dcp`` must be ``k * pcp`` with ``k | tp``; so ``dcp = 1`` only with ``pcp = 1``, see the module docstring).
     Group lists (``tp_groups`` ...) hold global ranks; a DCP group lists its members in KV-shard order.
     """
 
@@ -84,8 +85,9 @@ class ParallelLayout:
         k, remainder = divmod(self.dcp, self.pcp)
         if remainder or k == 0 or self.tp % k:
             valid = ", ".join(str(d * self.pcp) for d in _divisors(self.tp))
+            unsharded = " (dcp=1, no decode sharding, needs pcp=1)" if self.dcp == 1 else ""
             raise ValueError(f"dcp ({self.dcp}) must be k*pcp with k dividing tp (tp={self.tp}, pcp={self.pcp}): "
-                             f"valid dcp values are {valid}")
+                             f"valid dcp values are {valid}{unsharded}")
 
     def _check_heads(self) -> None:
         heads, kv_heads, tp = self.num_heads, self.num_kv_heads, self.tp
@@ -194,7 +196,9 @@ def _title(layout: ParallelLayout) -> str:
     if layout.dp > 1:
         sizes = f"DP={layout.dp}, {sizes}"
     query = f"{layout.num_heads} query head" + ("s" if layout.num_heads > 1 else "")
-    kv = "1 KV head - MQA" if layout.num_kv_heads == 1 else f"{layout.num_kv_heads} KV heads"
+    kv = f"{layout.num_kv_heads} KV head" + ("s" if layout.num_kv_heads > 1 else "")
+    if layout.num_kv_heads == 1 < layout.num_heads:  # one KV head for all query heads; with one query head it is MHA
+        kv += " - MQA"
     return f"{sizes}  ({query}, {kv})"
 
 
@@ -208,9 +212,10 @@ def _grid(layout: ParallelLayout) -> list[str]:
             for d in range(layout.dp) for p in range(layout.pcp)]
     label_width = max(len(label) for label, _ in rows)
     cell_width = max(len(_cell(layout.rank_info(r))) for r in range(layout.world_size)) + 3
-    header = " " * (label_width + 2)
+    header = ""
     for t in range(layout.tp):
-        header = header.ljust(label_width + 2 + t * (cell_width + 1) + (3 if t else 0)) + f"tp{t}"
+        column_start = label_width + 2 + t * (cell_width + 1)
+        header = header.ljust(column_start + (3 if t else 0)) + f"tp{t}"
     border = " " * (label_width + 1) + "+" + "+".join(["-" * cell_width] * layout.tp) + "+"
     lines = ["Rank Layout (query heads / KV head / KV shard / prefill shard):", header, border]
     for label, ranks in rows:

@@ -5,6 +5,11 @@ and returns them as a frozen ``ParallelGroups``; code that can should take that 
 module-level getters (``get_tensor_model_parallel_group`` ...) read one current ``ParallelGroups`` for code
 written against Megatron's global-state style.
 
+megatron-core's own global ``parallel_state`` is deliberately left uninitialized: its ``GPTModel``,
+``TransformerBlock`` and TP layers take every group from ``ParallelGroups.megatron_pg_collection()`` (a
+``GPTModel`` builds, and a ``ColumnParallelLinear`` runs forward and backward on gloo, with no global state -
+tests/test_parallel_state.py), and a second copy of the groups in megatron's globals could only drift.
+
 CLI: ``python -m cptoolkit.parallel_state --tp 2 --pcp 2 --dcp 4 --num-heads 8 --num-kv-heads 2 [--dp N]
 [--legend]`` prints the layout's table (``render_layout``); invalid arguments print one line on stderr and
 exit with status 2.

@@ -56,6 +56,11 @@ def test_replication_note_counts_copies():
     assert "(k1, s0), (k1, s1) and (k1, s2) are each replicated once (since TP ranks in different DCP groups" in overlap
 
 
+def test_title_names_mqa_only_for_shared_kv_head():
+    assert render_layout(ParallelLayout(1, 1, 1, 1, 1)).split("\n")[1] == "TP=1, PCP=1, DCP=1  (1 query head, 1 KV head)"
+    assert render_layout(ParallelLayout(1, 1, 1, 2, 1)).split("\n")[1].endswith("(2 query heads, 1 KV head - MQA)")
+
+
 def test_dp_rows_and_dp_groups():
     layout = ParallelLayout(tp=2, pcp=2, dcp=2, num_heads=4, num_kv_heads=2, dp=2)
     text = render_layout(layout)
@@ -102,6 +107,10 @@ def _check_shards(layout):
         assert [i.kv_shard for i in infos] == list(range(layout.dcp)), f"{layout}: kv shards of {group}"
         assert [i.dcp_rank for i in infos] == list(range(layout.dcp)), f"{layout}: dcp ranks of {group}"
         assert len({i.dcp_kv_heads for i in infos}) == 1, f"{layout}: group {group} caches different heads"
+        if layout.dcp_tp_positions == 1:
+            assert all(i.dcp_kv_heads == i.kv_heads for i in infos), f"{layout}: k=1 caches its own heads"
+        if layout.dcp_tp_positions == layout.tp:
+            assert infos[0].dcp_kv_heads == tuple(range(layout.num_kv_heads)), f"{layout}: k=tp caches all heads"
         assert {i.tp_rank for i in infos} == set(range(infos[0].tp_rank, infos[0].tp_rank + layout.dcp_tp_positions))
     for rank in range(layout.world_size):
         info = layout.rank_info(rank)
@@ -137,7 +146,7 @@ def test_every_valid_layout_keeps_invariants():
     (dict(num_kv_heads=-1), r"num_kv_heads \(-1\) must be a positive integer"),
     (dict(dp=1.5), r"dp \(1.5\) must be a positive integer"),
     (dict(dcp=3), r"dcp \(3\) must be k\*pcp with k dividing tp \(tp=2, pcp=2\): valid dcp values are 2, 4$"),
-    (dict(dcp=1), r"dcp \(1\) must be k\*pcp .*valid dcp values are 2, 4"),
+    (dict(dcp=1), r"dcp \(1\) must be k\*pcp .*valid dcp values are 2, 4 \(dcp=1, no decode sharding, needs pcp=1\)$"),
     (dict(dcp=8), r"dcp \(8\) must be k\*pcp .*valid dcp values are 2, 4"),
     (dict(num_heads=7), r"num_heads \(7\) must be a multiple of tp \(2\)"),
     (dict(num_heads=6, num_kv_heads=4), r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"),

@@ -72,9 +72,21 @@ def _wrong_world_size(rank: int) -> tuple[str, float]:
     return "no error", time.monotonic() - start
 
 
+def _initialize_twice(rank: int, world_size: int) -> str:
+    ps.initialize_model_parallel(world_size, 1, 1, world_size, 1)
+    try:
+        ps.initialize_model_parallel(world_size, 1, 1, world_size, 1)
+    except RuntimeError as error:
+        return str(error)
+    finally:
+        ps.destroy_model_parallel()
+    return "no error"
+
+
 def _all_configs(rank: int, world_size: int, configs) -> dict:
     errors = [e for config in configs for e in _check_config(rank, config)]
-    return {"errors": errors, "wrong_world": _wrong_world_size(rank), "initialized": ps.model_parallel_is_initialized()}
+    return {"errors": errors, "wrong_world": _wrong_world_size(rank), "twice": _initialize_twice(rank, world_size),
+            "initialized": ps.model_parallel_is_initialized()}
 
 
 @pytest.mark.parametrize("world_size, configs", [(4, CONFIGS_4), (8, CONFIGS_8)])
@@ -87,6 +99,7 @@ def test_groups_match_layout(world_size, configs):
         assert message == f"world size {world_size} != dp*pcp*tp = 3*2*2 = 12: launch 12 ranks or change dp, pcp or tp", \
             f"rank {rank}: {message}"
         assert seconds < 5, f"rank {rank}: validation took {seconds:.1f} s"
+        assert result["twice"] == "model parallel groups are already initialized: call destroy_model_parallel() first"
         assert not result["initialized"], f"rank {rank}: a failed initialize left groups behind"
 
 
@@ -142,6 +155,11 @@ def test_validate_world_size_message():
     layout = ParallelLayout(tp=2, pcp=2, dcp=2, num_heads=8, num_kv_heads=2)
     with pytest.raises(ValueError, match=r"^world size 6 != dp\*pcp\*tp = 1\*2\*2 = 4: launch 4 ranks"):
         ps.validate_world_size(layout, 6)
+
+
+def test_initialize_needs_torch_distributed():
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized: call torch.distributed.init_process"):
+        ps.initialize_model_parallel(1, 1, 1, 4, 1)
 
 
 def test_facade_before_initialize_raises():
