@@ -1,0 +1,280 @@
+"""Run configuration: dataclasses loaded from YAML and validated once, at the edge.
+
+A config file has the sections ``parallel``, ``model``, ``runtime`` and one of ``inference`` or
+``train``. Unknown keys, wrong types and broken rules are errors that name the file, the field, the
+value and the rule (``ConfigError``, a ``ValueError``). Nothing deeper re-checks or "fixes" a config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid config: the message names the file, the field, the value and the rule."""
+
+
+def _require(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} = {value!r}: {rule}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel layout: TP shards heads, PCP shards prefill tokens, DCP shards the decode KV cache."""
+
+    tp: int = 1
+    pcp: int = 1
+    dcp: int = 1
+    dp: int = 1
+    prefill_comm: Literal["p2p", "all_gather"] = "p2p"
+    decode_comm: Literal["a2a", "ag_rs"] = "a2a"
+    kv_interleave: int = 1
+
+    def __post_init__(self):
+        for name in ("tp", "pcp", "dcp", "dp", "kv_interleave"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pcp * self.tp
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Either a built-in GPT shape with seeded random weights, or ``checkpoint`` (a Hugging Face
+    Llama/GPT-2 directory or a cptoolkit checkpoint) whose own config.json gives the shape."""
+
+    arch: Literal["llama", "gpt2"] = "llama"
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 8
+    num_kv_heads: int = 2
+    ffn_hidden_size: int = 256
+    vocab_size: int = 320
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    seed: int = 1234
+    checkpoint: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads",
+                     "ffn_hidden_size", "vocab_size", "max_seq_len"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size", self.hidden_size,
+                 f"must be a multiple of num_attention_heads ({self.num_attention_heads})")
+        _require(self.num_attention_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
+                 f"must divide num_attention_heads ({self.num_attention_heads})")
+        _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+        _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Requests and sampling for ``launch/infer.py``: ``prompts`` or ``prompt_file`` (one per line)."""
+
+    prompts: list[str] = field(default_factory=list)
+    prompt_file: Optional[str] = None
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 4
+    stop_strings: list[str] = field(default_factory=list)
+    kv_block_size: int = 16
+
+    def __post_init__(self):
+        _require(bool(self.prompts) != (self.prompt_file is not None), "prompts", self.prompts,
+                 "give exactly one of prompts (a list) or prompt_file (a path)")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        _require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = off)")
+        _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _require(self.kv_block_size >= 1, "kv_block_size", self.kv_block_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training for ``launch/train.py`` on a corpus file (or the generated default corpus)."""
+
+    steps: int = 20
+    seq_len: int = 64
+    micro_batch_size: int = 2
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 2
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    corpus: Optional[str] = None
+    save_dir: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("steps", "seq_len", "micro_batch_size"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _require(self.lr > 0, "lr", self.lr, "must be > 0")
+        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        _require(0 <= self.warmup_steps < self.steps, "warmup_steps", self.warmup_steps,
+                 f"must be in [0, steps={self.steps})")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and in what precision the math runs. ``device: auto`` picks CUDA when available."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    collective_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        _require(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s,
+                 "must be > 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    parallel: ParallelConfig
+    model: ModelConfig
+    runtime: RuntimeConfig
+    inference: Optional[InferenceConfig] = None
+    train: Optional[TrainConfig] = None
+    source: str = "<dict>"
+
+
+_SECTIONS = {"parallel": ParallelConfig, "model": ModelConfig, "runtime": RuntimeConfig,
+             "inference": InferenceConfig, "train": TrainConfig}
+
+
+def _is_float_text(value: Any) -> bool:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; accept such text for float fields."""
+    try:
+        return isinstance(value, str) and float(value) == float(value)
+    except ValueError:
+        return False
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) or _is_float_text(value)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(annotation)[0])}"
+    return "null" if annotation is type(None) else f"a {annotation.__name__}"
+
+
+def _build_section(cls: type, raw: Any, section: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{section}: must be a mapping of fields, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{section}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    for key, value in raw.items():
+        if not _type_ok(value, hints[key]):
+            raise ValueError(f"{section}.{key} = {value!r}: must be {_describe(hints[key])}")
+    try:
+        values = {k: float(v) if hints[k] is float else v for k, v in raw.items()}
+        return cls(**values)
+    except ValueError as err:
+        raise ValueError(f"{section}.{err}") from None
+
+
+def _checkpoint_shape(model: ModelConfig, base_dir: Path) -> ModelConfig:
+    """Replace the shape fields by those of the checkpoint's config.json (HF or cptoolkit)."""
+    path = Path(model.checkpoint)
+    path = path if path.is_absolute() else base_dir / path
+    config_json = path / "config.json"
+    if not config_json.is_file():
+        raise ValueError(f"model.checkpoint = {model.checkpoint!r}: no config.json in {path}")
+    from cptoolkit.models.gpt import GPTShape
+
+    shape = GPTShape.from_hf_config(json.loads(config_json.read_text()))
+    shape_fields = {f.name for f in dataclasses.fields(ModelConfig)} & {f.name for f in dataclasses.fields(shape)}
+    return dataclasses.replace(model, checkpoint=str(path),
+                               **{name: getattr(shape, name) for name in shape_fields})
+
+
+def _check_layout(cfg: Config) -> None:
+    from cptoolkit.parallel_state import ParallelLayout
+
+    p, m = cfg.parallel, cfg.model
+    ParallelLayout(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
+                   num_kv_heads=m.num_kv_heads)
+    _require(m.vocab_size % p.tp == 0, "model.vocab_size", m.vocab_size,
+             f"must be a multiple of parallel.tp ({p.tp}) for the vocab-parallel embedding")
+    if cfg.train is not None:
+        _require(cfg.train.seq_len % (2 * p.pcp) == 0, "train.seq_len", cfg.train.seq_len,
+                 f"must be a multiple of 2*parallel.pcp ({2 * p.pcp}) for DualChunkSwap")
+        _require(cfg.train.seq_len <= m.max_seq_len, "train.seq_len", cfg.train.seq_len,
+                 f"must be <= model.max_seq_len ({m.max_seq_len})")
+
+
+def config_from_dict(raw: Any, source: str = "<dict>", base_dir: Path = Path(".")) -> Config:
+    """Build and validate a Config from parsed YAML; errors are ConfigError naming ``source``."""
+    try:
+        if not isinstance(raw, dict):
+            raise ValueError(f"top level must be a mapping with sections {', '.join(_SECTIONS)}")
+        unknown = sorted(set(raw) - set(_SECTIONS))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown section (known: {', '.join(_SECTIONS)})")
+        if ("inference" in raw) == ("train" in raw):
+            raise ValueError("exactly one of the sections 'inference' or 'train' is required")
+        sections = {name: _build_section(cls, raw[name], name)
+                    for name, cls in _SECTIONS.items() if name in raw or name in ("parallel", "model", "runtime")}
+        if sections["model"].checkpoint is not None:
+            sections["model"] = _checkpoint_shape(sections["model"], base_dir)
+        cfg = Config(**sections, source=source)
+        _check_layout(cfg)
+        return cfg
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file. Relative paths inside it resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: malformed YAML: {where}{getattr(err, 'problem', err)}") from None
+    return config_from_dict(raw, source=str(path), base_dir=path.parent)

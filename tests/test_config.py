@@ -1,0 +1,84 @@
+"""YAML configs: every shipped file loads; every bad input names the file, the field, the value, the rule."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cptoolkit.config import ConfigError, config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+MINIMAL = {"parallel": {"tp": 2, "pcp": 2, "dcp": 4}, "model": {}, "runtime": {},
+           "inference": {"prompts": ["hi"]}}
+
+
+def _with(section: str, **fields) -> dict:
+    raw = json.loads(json.dumps(MINIMAL))
+    raw.setdefault(section, {}).update(fields)
+    return raw
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.source == str(path)
+    assert cfg.parallel.world_size >= 1
+
+
+def test_reference_config_values():
+    cfg = load_config(REPO / "configs/tp2_pcp2_dcp4.yaml")
+    assert (cfg.parallel.tp, cfg.parallel.pcp, cfg.parallel.dcp) == (2, 2, 4)
+    assert (cfg.model.num_attention_heads, cfg.model.num_kv_heads) == (8, 2)
+    assert cfg.inference.temperature == 0.0 and cfg.train is None
+
+
+@pytest.mark.parametrize("raw, message", [
+    (_with("parallel", dcp=3), r"<t>: .*dcp.*3"),
+    (_with("parallel", tp=0), r"<t>: parallel.tp = 0: must be >= 1"),
+    (_with("parallel", prefill_comm="ring"), r"parallel.prefill_comm = 'ring': must be one of 'p2p', 'all_gather'"),
+    (_with("parallel", tpp=2), r"parallel.tpp: unknown field \(known: .*tp"),
+    (_with("parallel", tp="2"), r"parallel.tp = '2': must be a int"),
+    ({**_with("model", num_attention_heads=6, hidden_size=96), "parallel": {"tp": 4}}, r"<t>: .*heads.*6"),
+    (_with("model", num_kv_heads=3), r"model.num_kv_heads = 3: must divide num_attention_heads \(8\)"),
+    (_with("model", vocab_size=321), r"model.vocab_size = 321: must be a multiple of parallel.tp \(2\)"),
+    (_with("inference", top_p=0.0), r"inference.top_p = 0.0: must be in \(0, 1\]"),
+    (_with("inference", prompts=[]), r"inference.prompts = \[\]: give exactly one of prompts"),
+    ({**MINIMAL, "extra": {}}, r"extra: unknown section"),
+    ({k: v for k, v in MINIMAL.items() if k != "inference"}, r"exactly one of the sections 'inference' or 'train'"),
+    ("just text", r"top level must be a mapping"),
+])
+def test_invalid_configs_name_the_rule(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw, source="<t>")
+
+
+def test_train_seq_len_must_fit_dual_chunk_swap():
+    raw = {k: v for k, v in MINIMAL.items() if k != "inference"} | {"train": {"seq_len": 30}}
+    with pytest.raises(ConfigError, match=r"train.seq_len = 30: must be a multiple of 2\*parallel.pcp \(4\)"):
+        config_from_dict(raw, source="<t>")
+
+
+def test_float_fields_accept_yaml_exponent_text(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("parallel: {}\nmodel: {norm_eps: 1e-6}\nruntime: {}\ninference: {prompts: [a]}\n")
+    assert load_config(path).model.norm_eps == 1e-6
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("parallel:\n  tp: [2\nmodel: {}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: malformed YAML: line \d+, column \d+"):
+        load_config(path)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config("nope.yaml")
+
+
+def test_checkpoint_without_config_json(tmp_path):
+    raw = _with("model", checkpoint=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"model.checkpoint = .*: no config.json in"):
+        config_from_dict(raw, source="<t>")
