@@ -234,8 +234,13 @@ def _check_layout(cfg: Config) -> None:
     from cptoolkit.parallel_state import ParallelLayout
 
     p, m = cfg.parallel, cfg.model
-    ParallelLayout(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
-                   num_kv_heads=m.num_kv_heads)
+    try:
+        ParallelLayout(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
+                       num_kv_heads=m.num_kv_heads)
+    except ValueError as err:
+        raise ValueError(f"parallel (tp={p.tp}, pcp={p.pcp}, dcp={p.dcp}, dp={p.dp}) with model "
+                         f"(num_attention_heads={m.num_attention_heads}, num_kv_heads={m.num_kv_heads}): "
+                         f"{err}") from None
     _require(m.vocab_size % p.tp == 0, "model.vocab_size", m.vocab_size,
              f"must be a multiple of parallel.tp ({p.tp}) for the vocab-parallel embedding")
     if cfg.train is not None:
