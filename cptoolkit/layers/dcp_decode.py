@@ -1,0 +1,361 @@
+"""Decode attention over a KV cache sharded along the sequence (decode context parallel, DCP).
+
+Layout (DESIGN.md "Decode: sharded KV"). A DCP group spans ``k`` neighbouring TP positions x all
+``pcp_size`` PCP ranks, ``dcp_size = k * pcp_size``. Members are numbered TP-major, PCP-minor: member
+``s`` (its KV shard index, ``dcp_rank``) sits at TP position ``s // pcp_size`` of the group and PCP
+rank ``s % pcp_size``. Token position ``t`` is stored by member ``(t // interleave) % dcp_size``.
+
+The group's rank order must be this KV-shard order (group rank = ``s``, as ``parallel_state`` builds
+it with ``sort_ranks=False``), so the entries of every collective come in KV-shard order.
+
+Heads. The group's query heads are its ``k`` TP positions' heads in TP order
+(``hq_group = k * hq_local``). Its KV heads are the distinct KV heads those positions use: with
+``KV >= TP`` every position owns its own (``hkv_group = k * hkv_local``); with ``KV < TP`` a KV head
+is shared by ``r = TP // KV`` neighbouring positions, so only positions ``0, r, 2r, ... < k`` bring a
+new one (``hkv_group = max(1, k // r)``). Either way group query head ``i`` reads group KV head
+``i // (hq_group // hkv_group)``, the uniform GQA mapping the block kernel expects.
+
+One decode step of one layer (``dcp_decode_attention``), every collective on the DCP group:
+1. ``gather_new_qkv``: the group's q and the new token's K/V (``k > 1``: one all-gather).
+2. ``kv_cache.append``: only the owner of the new position stores it.
+3. ``attend_shard``: attention of the group's heads over this member's shard -> ``(out, lse)``.
+4. ``combine_partials``: the exact output of this rank's own heads.
+
+Collectives per layer and step (bytes depend on batch, heads, head_dim and group size, never on
+the context length)::
+
+    k     ag_rs                                              a2a
+    1     2: all_gather(lse) + all_reduce(out)               1: all_gather(out|lse)
+    > 1   3: all_gather(q|k|v) + all_gather(lse)             2: all_gather(q|k|v)
+             + reduce_scatter(out)                              + all_to_all(out|lse)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from cptoolkit.layers.block_attention import attention_forward
+from cptoolkit.layers.comm import CommStats, all_gather, all_reduce, all_to_all, reduce_scatter
+from cptoolkit.layers.lse_merge import merge_many
+
+DecodeComm = Literal["ag_rs", "a2a"]
+DECODE_COMMS = ("ag_rs", "a2a")
+
+
+def shard_of_position(position, dcp_size: int, interleave: int):
+    """KV shard index that stores token ``position`` (an int or an int64 tensor of positions)."""
+    return (position // interleave) % dcp_size
+
+
+def slot_of_position(position, dcp_size: int, interleave: int):
+    """Index of token ``position`` inside its own shard (an int or an int64 tensor)."""
+    return (position // (interleave * dcp_size)) * interleave + position % interleave
+
+
+def shard_length(seq_len: int, shard: int, dcp_size: int, interleave: int) -> int:
+    """Number of the first ``seq_len`` tokens that shard ``shard`` stores."""
+    full_turns, rest = divmod(seq_len, interleave * dcp_size)
+    return full_turns * interleave + min(max(rest - shard * interleave, 0), interleave)
+
+
+def positions_in_shard(seq_len: int, shard: int, dcp_size: int, interleave: int) -> torch.Tensor:
+    """Token positions (int64, ascending) among the first ``seq_len`` that shard ``shard`` stores;
+    entry ``j`` is the token in slot ``j``."""
+    positions = torch.arange(seq_len, dtype=torch.int64)
+    return positions[shard_of_position(positions, dcp_size, interleave) == shard]
+
+
+def _require_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """One rank's view of its DCP group.
+
+    ``group``: the DCP process group (used only by collectives; may be ``None`` for pure cache
+    bookkeeping). ``dcp_rank``: this member's KV shard index (TP-major, PCP-minor).
+    ``tp_positions``: ``k``, the neighbouring TP positions the group spans, ``k | TP``.
+    ``interleave``: consecutive tokens a shard takes per turn. ``kv_head_replication``: TP positions
+    that share one KV head, ``TP // KV`` when ``KV < TP`` else 1.
+    """
+
+    group: ProcessGroup | None
+    dcp_rank: int
+    dcp_size: int
+    tp_positions: int
+    pcp_size: int
+    interleave: int = 1
+    kv_head_replication: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp_positions", "pcp_size", "interleave", "kv_head_replication"):
+            _require_positive(name, getattr(self, name))
+        if self.dcp_size != self.tp_positions * self.pcp_size:
+            raise ValueError(f"dcp_size ({self.dcp_size}) must equal tp_positions ({self.tp_positions}) x "
+                             f"pcp_size ({self.pcp_size}) = {self.tp_positions * self.pcp_size}: a DCP group "
+                             "spans k neighbouring TP positions x all PCP ranks")
+        if not 0 <= self.dcp_rank < self.dcp_size:
+            raise ValueError(f"dcp_rank ({self.dcp_rank}) must lie in [0, dcp_size={self.dcp_size})")
+        k, r = self.tp_positions, self.kv_head_replication
+        if k % r and r % k:
+            raise ValueError(f"kv_head_replication ({r}) and tp_positions ({k}) must divide one another, "
+                             "so that the group's query heads map uniformly onto its distinct KV heads")
+
+    @classmethod
+    def from_group(cls, group: ProcessGroup, tp_positions: int, pcp_size: int, interleave: int = 1,
+                   kv_head_replication: int = 1) -> DecodeGroup:
+        """Describe this rank's membership of ``group``: ``k`` neighbouring TP positions x all
+        ``pcp_size`` PCP ranks, in KV-shard order (global rank ``pcp_rank * TP + tp_rank``)."""
+        _require_positive("tp_positions", tp_positions)
+        _require_positive("pcp_size", pcp_size)
+        size = dist.get_world_size(group)
+        if size != tp_positions * pcp_size:
+            raise ValueError(f"the DCP group has {size} members but tp_positions ({tp_positions}) x pcp_size "
+                             f"({pcp_size}) = {tp_positions * pcp_size}; build it from k neighbouring TP "
+                             "positions x all PCP ranks")
+        _check_shard_order(dist.get_process_group_ranks(group), tp_positions, pcp_size)
+        return cls(group, dist.get_rank(group), size, tp_positions, pcp_size, interleave, kv_head_replication)
+
+    @property
+    def tp_position(self) -> int:
+        """This member's TP position inside the group, in ``[0, k)``."""
+        return self.dcp_rank // self.pcp_size
+
+    @property
+    def kv_source_tp_positions(self) -> tuple[int, ...]:
+        """Group TP positions whose KV heads, concatenated in this order, are the group's KV heads."""
+        return tuple(range(0, self.tp_positions, self.kv_head_replication))
+
+
+def _check_shard_order(global_ranks: list[int], tp_positions: int, pcp_size: int) -> None:
+    """``global_ranks`` (in group-rank order) must list TP positions ``first .. first+k-1`` TP-major,
+    PCP-minor: ascending, they form ``pcp_size`` rows of ``k`` consecutive ranks."""
+    ascending = sorted(global_ranks)
+    rows = [ascending[i:i + tp_positions] for i in range(0, len(ascending), tp_positions)]
+    neighbours = all(row == list(range(row[0], row[0] + tp_positions)) for row in rows)
+    shard_order = [ascending[(s % pcp_size) * tp_positions + s // pcp_size] for s in range(len(ascending))]
+    if not neighbours or global_ranks != shard_order:
+        raise ValueError(f"DCP group ranks {global_ranks} must be {tp_positions} neighbouring TP positions x "
+                         f"{pcp_size} PCP ranks in KV-shard order (TP-major, PCP-minor, e.g. TP=2, PCP=2 -> "
+                         "[0, 2, 1, 3]); create it with dist.new_group(ranks, sort_ranks=False)")
+
+
+class ShardedKVCache(Protocol):
+    """This member's KV shard for a batch of requests, as ``dcp_decode_attention`` uses it."""
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store ``k_new``/``v_new [b, hkv_group, 1, d]`` of requests whose ``positions [b]`` (int64)
+        belong to this shard; ignore the others."""
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(k_shard, v_shard [b, hkv_group, s_max, d], shard_lens [b] int64)``."""
+
+
+class ContiguousShardCache:
+    """This member's KV shard stored contiguously: ``k``, ``v [b, hkv_group, capacity, d]``.
+
+    ``capacity`` is shard 0's share of ``max_seq_len`` (no shard holds more). ``seq_lens [b]``
+    counts each request's tokens in the whole group: every member sees every append and checks every
+    position, so a bad position fails on all members alike. ``shard_lens [b]`` counts those held here.
+    """
+
+    def __init__(self, max_seq_len: int, batch_size: int, num_kv_heads: int, head_dim: int,
+                 dg: DecodeGroup, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        for name, value in (("max_seq_len", max_seq_len), ("batch_size", batch_size),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            _require_positive(name, value)
+        self.max_seq_len, self.dg = max_seq_len, dg
+        capacity = shard_length(max_seq_len, 0, dg.dcp_size, dg.interleave)
+        self.k = torch.zeros(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.seq_lens = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.shard_lens = torch.zeros_like(self.seq_lens)
+
+    def write_prefix(self, k_full: torch.Tensor, v_full: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """Replace the contents with this shard's tokens of an unsharded history.
+
+        ``k_full``, ``v_full [b, hkv_group, s, d]`` hold every position; request ``i`` keeps its first
+        ``seq_lens[i]`` (``<= s``, ``<= max_seq_len``).
+        """
+        batch, heads, _, head_dim = self.k.shape
+        if k_full.shape != v_full.shape or k_full.shape[:2] != (batch, heads) or k_full.shape[3] != head_dim:
+            raise ValueError(f"write_prefix expects k_full, v_full [{batch}, {heads}, s, {head_dim}]; "
+                             f"got {tuple(k_full.shape)} and {tuple(v_full.shape)}")
+        if seq_lens.shape != (batch,) or int(seq_lens.max()) > min(k_full.shape[2], self.max_seq_len):
+            raise ValueError(f"seq_lens must be [{batch}] with entries <= min(s={k_full.shape[2]}, "
+                             f"max_seq_len={self.max_seq_len}); got {seq_lens.tolist()}")
+        dg = self.dg
+        for request, seq_len in enumerate(seq_lens.tolist()):
+            positions = positions_in_shard(seq_len, dg.dcp_rank, dg.dcp_size, dg.interleave)
+            self.k[request, :, :len(positions)] = k_full[request][:, positions]
+            self.v[request, :, :len(positions)] = v_full[request][:, positions]
+            self.shard_lens[request] = len(positions)
+        self.seq_lens.copy_(seq_lens)
+
+    def _check_append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
+        batch, heads, _, head_dim = self.k.shape
+        if k_new.shape != (batch, heads, 1, head_dim) or v_new.shape != k_new.shape:
+            raise ValueError(f"append expects k_new, v_new [{batch}, {heads}, 1, {head_dim}]; "
+                             f"got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+        if positions.shape != (batch,) or positions.dtype != torch.int64:
+            raise ValueError(f"positions must be int64 [{batch}]; got {positions.dtype} {tuple(positions.shape)}")
+        too_long = (positions >= self.max_seq_len).nonzero()
+        if len(too_long):
+            request = int(too_long[0])
+            raise ValueError(f"sequence too long for the cache: position {int(positions[request])} >= "
+                             f"max_seq_len {self.max_seq_len} (request {request}); allocate the cache with "
+                             "a larger max_seq_len or stop generating before it")
+        out_of_order = (positions != self.seq_lens).nonzero()
+        if len(out_of_order):
+            request = int(out_of_order[0])
+            raise ValueError(f"append out of order: request {request} is at position "
+                             f"{int(positions[request])} but the cache holds {int(self.seq_lens[request])} "
+                             "of its tokens; each append must continue every request's sequence")
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
+        """See ``ShardedKVCache.append``; ``positions`` must equal ``seq_lens`` (no gaps)."""
+        self._check_append(k_new, v_new, positions)
+        dg = self.dg
+        rows = (shard_of_position(positions, dg.dcp_size, dg.interleave) == dg.dcp_rank).nonzero().squeeze(1)
+        slots = slot_of_position(positions[rows], dg.dcp_size, dg.interleave)
+        self.k[rows, :, slots] = k_new[:, :, 0][rows]
+        self.v[rows, :, slots] = v_new[:, :, 0][rows]
+        self.shard_lens[rows] = slots + 1
+        self.seq_lens += 1
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """See ``ShardedKVCache.read``: views up to the longest request's shard length."""
+        s_max = int(self.shard_lens.max())
+        return self.k[:, :, :s_max], self.v[:, :, :s_max], self.shard_lens
+
+
+def _check_new_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or q.shape[2] != 1 or k.shape != v.shape or k.dim() != 4 or k.shape[2] != 1:
+        raise ValueError(f"decode expects one new token: q [b, hq, 1, d], k and v [b, hkv, 1, d]; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k/v must agree on batch and head_dim; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def gather_new_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dg: DecodeGroup,
+                   stats: CommStats | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The group's query heads and the new token's group KV heads.
+
+    ``q [b, hq_local, 1, d]``, ``k``/``v [b, hkv_local, 1, d]`` (this rank's TP heads) ->
+    ``(q [b, k*hq_local, 1, d], k, v [b, hkv_group, 1, d])``. ``k = 1``: returned as is. ``k > 1``:
+    one all-gather of packed ``q|k|v`` on the DCP group; the PCP copies are identical (decode is not
+    sequence-sharded), so members ``0, pcp_size, 2*pcp_size, ...`` (PCP rank 0) supply one copy per
+    TP position.
+    """
+    _check_new_token(q, k, v)
+    if dg.tp_positions == 1:
+        return q, k, v
+    hq_local, hkv_local = q.shape[1], k.shape[1]
+    per_tp = all_gather(torch.cat([q, k, v], dim=1), dg.group, stats)[::dg.pcp_size]
+    kv_sources = per_tp[list(dg.kv_source_tp_positions)]
+
+    def heads(stacked: torch.Tensor, start: int, count: int) -> torch.Tensor:
+        return stacked[:, :, start:start + count].movedim(0, 1).flatten(1, 2)
+
+    return (heads(per_tp, 0, hq_local), heads(kv_sources, hq_local, hkv_local),
+            heads(kv_sources, hq_local + hkv_local, hkv_local))
+
+
+def attend_shard(q_group: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor,
+                 shard_lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the new token over this member's shard: a partial result to merge.
+
+    ``q_group [b, hq_group, 1, d]``, ``k_shard``/``v_shard [b, hkv_group, s_max, d]`` of which request
+    ``i`` uses the first ``shard_lens[i]`` slots. Returns ``(out [b, hq_group, 1, d], lse [b, hq_group, 1]
+    float32)``; a request with an empty shard gets ``out = 0``, ``lse = -inf``. Requests of equal
+    shard length share one kernel call (the CPU kernel takes no padding mask).
+    """
+    batch, _, s_max, _ = k_shard.shape
+    if shard_lens.shape != (batch,) or int(shard_lens.max()) > s_max:
+        raise ValueError(f"shard_lens must be [{batch}] with entries <= s_max {s_max}; got {shard_lens.tolist()}")
+    out = torch.zeros_like(q_group)
+    lse = torch.full(q_group.shape[:3], float("-inf"), dtype=torch.float32, device=q_group.device)
+    for length in shard_lens.unique().tolist():
+        if length == 0:
+            continue
+        rows = (shard_lens == length).nonzero().squeeze(1)
+        index = slice(None) if len(rows) == batch else rows
+        out[index], lse[index] = attention_forward(q_group[index], k_shard[index, :, :length],
+                                                   v_shard[index, :, :length], causal=False, scale=scale)
+    return out, lse
+
+
+def _slices_by_member(x: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
+    """``x [b, k*hq_local, ...]`` -> ``[dcp_size, b, hq_local, ...]`` whose entry ``s`` is the head
+    slice of member ``s``'s TP position ``s // pcp_size``."""
+    return x.unflatten(1, (dg.tp_positions, -1)).movedim(1, 0).repeat_interleave(dg.pcp_size, dim=0)
+
+
+def _merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
+    if outs.is_cuda:
+        from cptoolkit.layers.lse_merge_triton import merge_many_triton
+        return merge_many_triton(outs, lses)[0]
+    return merge_many(outs, lses)[0]
+
+
+def _combine_ag_rs(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: CommStats | None) -> torch.Tensor:
+    lse_total = torch.logsumexp(all_gather(lse, dg.group, stats), dim=0)
+    # A row empty on every shard (a padding slot) has lse = lse_total = -inf: weight 0, not NaN.
+    weight = torch.nan_to_num(torch.exp(lse - lse_total), nan=0.0)
+    rescaled = out.float() * weight.unsqueeze(-1)
+    if dg.tp_positions == 1:
+        return all_reduce(rescaled, dg.group, stats=stats).to(out.dtype)
+    return reduce_scatter(_slices_by_member(rescaled, dg), dg.group, stats).to(out.dtype)
+
+
+def _combine_a2a(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: CommStats | None) -> torch.Tensor:
+    packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)
+    if dg.tp_positions == 1:
+        received = all_gather(packed, dg.group, stats)
+    else:
+        received = all_to_all(_slices_by_member(packed, dg), dg.group, stats)
+    return _merge_partials(received[..., :-1], received[..., -1]).to(out.dtype)
+
+
+def _check_comm(comm: str) -> None:
+    if comm not in DECODE_COMMS:
+        raise ValueError(f"comm must be one of {DECODE_COMMS}, got {comm!r}")
+
+
+def combine_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm: DecodeComm,
+                     stats: CommStats | None = None) -> torch.Tensor:
+    """Exact attention output of this rank's own heads from every member's partial.
+
+    ``out [b, hq_group, 1, d]``, ``lse [b, hq_group, 1]`` (this member's shard) ->
+    ``[b, hq_local, 1, d]``, ``hq_local = hq_group // k``. On the DCP group:
+    ``ag_rs``: all-gather the LSEs, rescale locally by ``e^{lse - LSE}``, then sum the outputs with an
+    all-reduce (``k = 1``) or a reduce-scatter that hands each member its TP position's head slice.
+    ``a2a``: send packed ``(out, lse)`` head slices straight to their owners (an all-gather when
+    ``k = 1``, where every member owns every head) and merge locally (Triton kernel on CUDA).
+    """
+    _check_comm(comm)
+    combine = _combine_ag_rs if comm == "ag_rs" else _combine_a2a
+    return combine(out, lse, dg, stats)
+
+
+def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: ShardedKVCache,
+                         positions: torch.Tensor, dg: DecodeGroup, comm: DecodeComm, scale: float,
+                         stats: CommStats | None = None) -> torch.Tensor:
+    """One decode step of one attention layer with the KV cache sharded over the DCP group.
+
+    ``q [b, hq_local, 1, d]``, ``k``/``v [b, hkv_local, 1, d]``: this rank's heads of the new token at
+    ``positions [b]`` (int64). Appends the token to ``kv_cache`` (its owner stores it), attends over
+    every shard and returns ``[b, hq_local, 1, d]``, equal to attention over the whole history.
+    Collective counts per call: see the module docstring.
+    """
+    _check_comm(comm)  # before the first collective, so a bad value fails every rank alike
+    q_group, k_new, v_new = gather_new_qkv(q, k, v, dg, stats)
+    kv_cache.append(k_new, v_new, positions)
+    out, lse = attend_shard(q_group, *kv_cache.read(), scale)
+    return combine_partials(out, lse, dg, comm, stats)
