@@ -1,0 +1,1 @@
+"""Models assembled from megatron-core modules with cptoolkit's context-parallel attention."""
