@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -96,8 +96,23 @@ class GPTShape:
         raise ValueError(f"config.json model_type={model_type!r} is not supported; "
                          "rule: 'llama' or 'gpt2'")
 
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def to_hf_config(self) -> dict:
+        """A Hugging Face ``config.json`` dict that ``from_hf_config`` reads back as this shape."""
+        if self.arch == "gpt2":
+            return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                    "n_layer": self.num_layers, "n_embd": self.hidden_size,
+                    "n_head": self.num_attention_heads, "n_inner": self.ffn_hidden_size,
+                    "vocab_size": self.vocab_size, "n_positions": self.max_seq_len,
+                    "layer_norm_epsilon": self.norm_eps, "activation_function": "gelu_new",
+                    "tie_word_embeddings": self.tie_embeddings}
+        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
+                "num_attention_heads": self.num_attention_heads,
+                "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "intermediate_size": self.ffn_hidden_size, "vocab_size": self.vocab_size,
+                "max_position_embeddings": self.max_seq_len, "hidden_act": "silu",
+                "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+                "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings}
 
 
 def _llama_shape(config: dict) -> GPTShape:
@@ -241,15 +256,15 @@ def _param_kind(name: str) -> str:
     return "replicated"
 
 
-def _qkv_parts(fused: torch.Tensor, num_groups: int, num_heads: int, head_dim: int):
+def split_qkv(fused: torch.Tensor, num_groups: int, num_heads: int, head_dim: int):
     """Split megatron's fused QKV (rows per query group: its q heads, then k, then v) into
     ``q [num_heads, head_dim, ...]`` and ``k, v [num_groups, head_dim, ...]``."""
     grouped = fused.reshape(num_groups, num_heads // num_groups + 2, head_dim, *fused.shape[1:])
     return grouped[:, :-2].reshape(num_heads, head_dim, *fused.shape[1:]), grouped[:, -2], grouped[:, -1]
 
 
-def _qkv_fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Inverse of ``_qkv_parts`` for ``num_groups`` query groups; ``num_groups`` may exceed the
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Inverse of ``split_qkv`` for ``num_groups`` query groups; ``num_groups`` may exceed the
     number of KV heads, then each KV head is repeated for its ``num_groups / num_kv`` groups."""
     kv_index = torch.arange(num_groups) * k.shape[0] // num_groups
     grouped_q = q.reshape(num_groups, q.shape[0] // num_groups, *q.shape[1:])
@@ -261,9 +276,9 @@ def _shard(kind: str, full: torch.Tensor, shape: GPTShape, tp_rank: int, tp_size
            ) -> torch.Tensor:
     """This TP rank's slice of the full tensor ``full``."""
     if kind == "qkv":
-        parts = _qkv_parts(full, shape.num_kv_heads, shape.num_attention_heads, shape.head_dim)
+        parts = split_qkv(full, shape.num_kv_heads, shape.num_attention_heads, shape.head_dim)
         megatron_groups = max(shape.num_kv_heads, tp_size)
-        return _qkv_fuse(*parts, megatron_groups).chunk(tp_size)[tp_rank]
+        return fuse_qkv(*parts, megatron_groups).chunk(tp_size)[tp_rank]
     if kind == "vocab":
         padding = padded_vocab_size(shape, tp_size) - shape.vocab_size
         return F.pad(full, (0, 0, 0, padding)).chunk(tp_size)[tp_rank]
@@ -282,10 +297,10 @@ def _unshard(kind: str, stacked: torch.Tensor, shape: GPTShape) -> torch.Tensor:
     tp_size = stacked.shape[0]
     if kind == "qkv":
         megatron_groups = max(shape.num_kv_heads, tp_size)
-        q, k, v = _qkv_parts(torch.cat(list(stacked)), megatron_groups,
+        q, k, v = split_qkv(torch.cat(list(stacked)), megatron_groups,
                              shape.num_attention_heads, shape.head_dim)
         replicas = megatron_groups // shape.num_kv_heads
-        return _qkv_fuse(q, k[::replicas], v[::replicas], shape.num_kv_heads)
+        return fuse_qkv(q, k[::replicas], v[::replicas], shape.num_kv_heads)
     if kind == "vocab":
         return torch.cat(list(stacked))[:shape.vocab_size]
     if kind == "fc1" and shape.arch == "llama":
