@@ -4,7 +4,8 @@ Decode context parallelism shards each request's sequence over the ``dcp_size`` 
 group: token position ``t`` belongs to shard ``(t // interleave) % dcp_size``, and the member whose
 shard index is ``dcp_rank`` stores exactly those positions, in position order. Inside a shard,
 position ``t`` lives at slot ``(t // (interleave·dcp_size))·interleave + t % interleave``, so a
-shard's slots are dense and a decode step's new token always lands at slot ``shard_len``.
+shard's slots are dense and a decode step's new token always lands at slot ``shard_len``. These
+rules are ``cptoolkit.layers.dcp_decode``'s ``shard_of_position`` / ``slot_of_position``, used here.
 
 Storage is one tensor ``[num_layers, 2 (k, v), num_blocks, num_kv_heads, block_size, head_dim]``.
 A request gets a block table (a list of block ids shared by all layers) when it is admitted, large
@@ -25,26 +26,16 @@ from typing import Hashable, Sequence
 
 import torch
 
+# The one definition of the DCP token layout, shared with decode attention; shard_token_count is
+# the count of a shard's tokens among the first seq_len positions.
+from cptoolkit.layers.dcp_decode import shard_length as shard_token_count
+from cptoolkit.layers.dcp_decode import shard_of_position, slot_of_position
+
+__all__ = ["KVCacheFull", "LayerCacheView", "PagedKVCache", "shard_token_count"]
+
 
 class KVCacheFull(RuntimeError):
     """A request cannot be admitted: this rank has too few free blocks for its shard."""
-
-
-def shard_of_positions(positions: torch.Tensor, dcp_size: int, interleave: int) -> torch.Tensor:
-    """Shard index that stores each position: ``(t // interleave) % dcp_size``; same shape as input."""
-    return (positions // interleave) % dcp_size
-
-
-def shard_slots(positions: torch.Tensor, dcp_size: int, interleave: int) -> torch.Tensor:
-    """Slot of each position inside its own shard (dense, in position order); same shape as input."""
-    return (positions // (interleave * dcp_size)) * interleave + positions % interleave
-
-
-def shard_token_count(seq_len: int, shard: int, dcp_size: int, interleave: int) -> int:
-    """How many of the positions ``0 .. seq_len-1`` belong to ``shard``."""
-    cycle = interleave * dcp_size
-    partial = min(max(seq_len % cycle - shard * interleave, 0), interleave)
-    return (seq_len // cycle) * interleave + partial
 
 
 def _blocks_for(num_tokens: int, block_size: int) -> int:
@@ -159,8 +150,8 @@ class PagedKVCache:
         """
         self._check_kv(k, v, positions, "fill_prefill", (self.num_kv_heads, positions.numel(), self.head_dim))
         state = self._state(request_id)
-        owned = shard_of_positions(positions, self.dcp_size, self.interleave) == self.dcp_rank
-        slots = shard_slots(positions[owned], self.dcp_size, self.interleave)
+        owned = shard_of_position(positions, self.dcp_size, self.interleave) == self.dcp_rank
+        slots = slot_of_position(positions[owned], self.dcp_size, self.interleave)
         start = int(state.shard_lens[layer])
         expected = torch.arange(start, start + slots.numel(), device=slots.device)
         if not torch.equal(slots.sort().values, expected):
@@ -240,8 +231,8 @@ class LayerCacheView:
         cache._check_kv(k_new, v_new, positions, "append", (batch, cache.num_kv_heads, 1, cache.head_dim))
         _require(positions.numel() == batch, "append positions.shape[0]", positions.numel(),
                  f"it must equal the batch size {batch}")
-        owned = shard_of_positions(positions, cache.dcp_size, cache.interleave) == cache.dcp_rank
-        slots = shard_slots(positions, cache.dcp_size, cache.interleave)
+        owned = shard_of_position(positions, cache.dcp_size, cache.interleave) == cache.dcp_rank
+        slots = slot_of_position(positions, cache.dcp_size, cache.interleave)
         lens = self.shard_lens()
         self._check_next_slot(owned & (slots != lens), lens, slots, positions)
         self._check_next_slot(owned & (positions >= self._max_total_lens), lens, slots, positions)
