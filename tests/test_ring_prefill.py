@@ -113,7 +113,7 @@ def _check(results):
         assert result["forward_bytes"] == steps * result["kv_local_bytes"], f"{where}: {result['forward_bytes']} B"
 
 
-@pytest.mark.parametrize("comm", ["p2p"])
+@pytest.mark.parametrize("comm", ["p2p", "all_gather"])
 @pytest.mark.parametrize("world_size, pcp_sizes", [(1, (1,)), (2, (2,)), (4, (4, 2)), (8, (8,))])
 def test_ring_prefill_matches_unsharded_float64_attention(comm, world_size, pcp_sizes):
     results = run_ranks(world_size, _all_cases_rank, comm, pcp_sizes, timeout_s=240)

@@ -47,18 +47,19 @@ def _record(stats: CommStats | None, name: str, tensor: torch.Tensor) -> None:
 def all_gather(tensor: torch.Tensor, group: ProcessGroup, stats: CommStats | None = None) -> torch.Tensor:
     """Gather ``tensor`` from every member of ``group``: returns ``[group_size, *tensor.shape]``."""
     size = dist.get_world_size(group)
-    out = torch.empty((size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+    # Flat buffers: gloo wants the output as a dim-0 concatenation of the inputs.
+    out = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
     _record(stats, "all_gather", tensor)
-    dist.all_gather_single(out, tensor.contiguous(), group=group)
-    return out
+    dist.all_gather_single(out, tensor.contiguous().view(-1), group=group)
+    return out.view(size, *tensor.shape)
 
 
 def reduce_scatter(stacked: torch.Tensor, group: ProcessGroup, stats: CommStats | None = None) -> torch.Tensor:
     """Sum ``stacked [group_size, ...]`` over the group; member ``i`` receives entry ``i``."""
-    out = torch.empty(stacked.shape[1:], dtype=stacked.dtype, device=stacked.device)
+    out = torch.empty(stacked[0].numel(), dtype=stacked.dtype, device=stacked.device)
     _record(stats, "reduce_scatter", stacked)
-    dist.reduce_scatter_single(out, stacked.contiguous(), group=group)
-    return out
+    dist.reduce_scatter_single(out, stacked.contiguous().view(-1), group=group)
+    return out.view(stacked.shape[1:])
 
 
 def all_to_all(stacked: torch.Tensor, group: ProcessGroup, stats: CommStats | None = None) -> torch.Tensor:

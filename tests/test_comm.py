@@ -1,0 +1,36 @@
+"""Counted collectives: results in member order for any tensor rank, counts and bytes recorded."""
+import torch
+
+from cptoolkit.layers.comm import CommStats, all_gather, all_reduce, all_to_all, reduce_scatter, send_recv
+from tests.multiproc import run_ranks
+
+
+def _exercise_collectives(rank, world_size):
+    import torch.distributed as dist
+
+    stats = CommStats()
+    group = dist.group.WORLD
+    x = torch.full((2, 3, 1), float(rank))
+    gathered = all_gather(x, group, stats)
+    assert gathered.shape == (world_size, 2, 3, 1)
+    assert [gathered[i].unique().item() for i in range(world_size)] == list(range(world_size))
+    stacked = torch.stack([torch.full((2, 2), float(rank * 10 + dst)) for dst in range(world_size)])
+    reduced = reduce_scatter(stacked, group, stats)
+    assert torch.equal(reduced, torch.full((2, 2), float(sum(r * 10 + rank for r in range(world_size)))))
+    exchanged = all_to_all(stacked, group, stats)
+    assert [exchanged[src].unique().item() for src in range(world_size)] == \
+        [float(src * 10 + rank) for src in range(world_size)]
+    total = all_reduce(torch.tensor([1.0]), group, stats=stats)
+    assert total.item() == world_size
+    received, works = send_recv(torch.tensor([float(rank)]), (rank + 1) % world_size,
+                                (rank - 1) % world_size, group, stats)
+    for work in works:
+        work.wait()
+    assert received.item() == (rank - 1) % world_size
+    return dict(stats.calls), stats.total_bytes
+
+
+def test_collectives_on_three_ranks():
+    for calls, total_bytes in run_ranks(3, _exercise_collectives):
+        assert calls == {"all_gather": 1, "reduce_scatter": 1, "all_to_all": 1, "all_reduce": 1, "send_recv": 1}
+        assert total_bytes == 4 * (6 + 12 + 12 + 1 + 1)
