@@ -1,12 +1,17 @@
-"""DCP decode: shard layout, decode group, shard cache and per-shard attention, without processes."""
+"""DCP decode equals decode without DCP: sharded-KV attention against float64 attention over the
+whole history, on every layout TP x PCP x DCP up to 8 ranks, both combine backends."""
 import itertools
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.dcp_decode import (
-    ContiguousShardCache, DecodeGroup, attend_shard, combine_partials,
+    ContiguousShardCache, DecodeGroup, attend_shard, combine_partials, dcp_decode_attention, gather_new_qkv,
     positions_in_shard, shard_length, shard_of_position, slot_of_position)
+from cptoolkit.layout import ParallelLayout
+from tests.multiproc import run_ranks
 
 NUM_HEADS, HEAD_DIM, MAX_SEQ_LEN, DECODE_STEPS = 8, 8, 16, 3
 # Request 0 starts empty, so at the first steps most members hold none of its tokens; 1 and 3 have
@@ -115,7 +120,157 @@ def test_attend_shard_masks_padding_and_empty_shards():
         attend_shard(q, k, v, torch.tensor([8, 0, 0]), scale=0.3)
 
 
+def test_new_token_shapes_are_checked():
+    dg = DecodeGroup(None, dcp_rank=0, dcp_size=2, tp_positions=1, pcp_size=2)
+    q, kv = torch.zeros(2, 4, 1, 8), torch.zeros(2, 2, 1, 8)
+    with pytest.raises(ValueError, match=r"decode expects one new token: q \[b, hq, 1, d\].*got q \(2, 4, 3, 8\)"):
+        gather_new_qkv(torch.zeros(2, 4, 3, 8), kv, kv, dg)
+    with pytest.raises(ValueError, match=r"q and k/v must agree on batch and head_dim"):
+        gather_new_qkv(q, kv[..., :4], kv[..., :4], dg)
+    q_group, k_group, v_group = gather_new_qkv(q, kv, kv + 1, dg)
+    assert q_group is q and k_group is kv and torch.equal(v_group, kv + 1)
+
+
 def test_unknown_comm_is_rejected_before_any_collective():
     dg = DecodeGroup(None, dcp_rank=0, dcp_size=2, tp_positions=1, pcp_size=2)
     with pytest.raises(ValueError, match=r"comm must be one of \('ag_rs', 'a2a'\), got 'ring'"):
         combine_partials(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1), dg, "ring")
+
+
+# ---------------------------------------------------------------- multi-rank decode
+
+
+def _dcp_groups(tp_size, pcp_size, dcp_size):
+    """Create every DCP group of the layout in KV-shard order (collective: all ranks, same order), as
+    parallel_state does; return this rank's."""
+    mine = None
+    for ranks in ParallelLayout(tp_size, pcp_size, dcp_size, NUM_HEADS, 1).dcp_groups:
+        group = dist.new_group(ranks, sort_ranks=False)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine
+
+
+def _expected_comm(dg, comm, batch, hq_local, hkv_local):
+    """(calls, bytes sent) per layer and step; nothing depends on the context length."""
+    f32, k = 4, dg.tp_positions
+    if k == 1:
+        if comm == "a2a":
+            return {"all_gather": 1}, {"all_gather": batch * hq_local * (HEAD_DIM + 1) * f32}
+        return ({"all_gather": 1, "all_reduce": 1},
+                {"all_gather": batch * hq_local * f32, "all_reduce": batch * hq_local * HEAD_DIM * f32})
+    gather_qkv = batch * (hq_local + 2 * hkv_local) * HEAD_DIM * f32
+    if comm == "a2a":
+        return ({"all_gather": 1, "all_to_all": 1},
+                {"all_gather": gather_qkv, "all_to_all": dg.dcp_size * batch * hq_local * (HEAD_DIM + 1) * f32})
+    return ({"all_gather": 2, "reduce_scatter": 1},
+            {"all_gather": gather_qkv + batch * k * hq_local * f32,
+             "reduce_scatter": dg.dcp_size * batch * hq_local * HEAD_DIM * f32})
+
+
+def _decode_and_compare(rank, layout, dg, num_kv_heads, comm, seed):
+    tp_size, pcp_size, dcp_size = layout
+    tp = rank % tp_size
+    heads = ParallelLayout(tp_size, pcp_size, dcp_size, NUM_HEADS, num_kv_heads)
+    batch, total = len(PREFIX_LENS), MAX_SEQ_LEN
+    gen = torch.Generator().manual_seed(seed)
+    q_steps = torch.randn(DECODE_STEPS, batch, NUM_HEADS, 1, HEAD_DIM, generator=gen)
+    k_all = torch.randn(batch, num_kv_heads, total, HEAD_DIM, generator=gen)
+    v_all = torch.randn(batch, num_kv_heads, total, HEAD_DIM, generator=gen)
+    hq_local = NUM_HEADS // tp_size
+    q_heads = slice(tp * hq_local, (tp + 1) * hq_local)
+    kv_heads, group_kv_heads = list(heads.kv_heads_of(tp)), list(heads.dcp_kv_heads_of(tp))
+    cache = ContiguousShardCache(MAX_SEQ_LEN, batch, len(group_kv_heads), HEAD_DIM, dg)
+    cache.write_prefix(k_all[:, group_kv_heads], v_all[:, group_kv_heads], PREFIX_LENS)
+    scale = HEAD_DIM ** -0.5
+    rows = torch.arange(batch)
+    worst = 0.0
+    for step in range(DECODE_STEPS):
+        positions = PREFIX_LENS + step
+        k_new, v_new = k_all[rows, :, positions].unsqueeze(2), v_all[rows, :, positions].unsqueeze(2)
+        stats = CommStats()
+        out = dcp_decode_attention(q_steps[step][:, q_heads], k_new[:, kv_heads], v_new[:, kv_heads], cache,
+                                   positions, dg, comm, scale, stats)
+        where = f"rank {rank} layout TPxPCPxDCP={layout} kv_heads={num_kv_heads} I={dg.interleave} {comm} step {step}"
+        for request in range(batch):
+            length = int(positions[request]) + 1
+            want = _reference(q_steps[step, request], k_all[request, :, :length], v_all[request, :, :length],
+                              scale)[q_heads]
+            diff = (out[request].double() - want).abs()
+            assert diff.max() <= 1e-5, f"{where} request {request}: max {diff.max():.2e}, mean {diff.mean():.2e}"
+            worst = max(worst, float(diff.max()))
+        calls, bytes_sent = _expected_comm(dg, comm, batch, hq_local, len(kv_heads))
+        assert dict(stats.calls) == calls, f"{where}: collectives {dict(stats.calls)} != {calls}"
+        assert dict(stats.bytes_sent) == bytes_sent, f"{where}: bytes {dict(stats.bytes_sent)} != {bytes_sent}"
+    return worst
+
+
+def _check_layouts(rank, world_size, layouts):
+    """Returns ``(cases checked, worst max abs error)`` of this rank."""
+    cases, worst = 0, 0.0
+    for layout_index, layout in enumerate(layouts):
+        tp_size, pcp_size, dcp_size = layout
+        group = _dcp_groups(*layout)
+        k = dcp_size // pcp_size
+        kv_shard = ParallelLayout(tp_size, pcp_size, dcp_size, NUM_HEADS, 1).rank_info(rank).kv_shard
+        for case, (num_kv_heads, interleave, comm) in enumerate(
+                itertools.product(KV_HEADS_BY_TP[tp_size], (1, 2), ("ag_rs", "a2a"))):
+            replication = max(1, tp_size // num_kv_heads)
+            dg = DecodeGroup.from_group(group, k, pcp_size, interleave, replication)
+            assert dg.dcp_rank == kv_shard, f"rank {rank} {layout}: shard {dg.dcp_rank} != {kv_shard}"
+            error = _decode_and_compare(rank, layout, dg, num_kv_heads, comm, seed=100 * layout_index + case)
+            cases, worst = cases + 1, max(worst, error)
+    return cases, worst
+
+
+def _check_golden_shards_and_bad_input(rank, world_size):
+    """TP=2, PCP=2, DCP=4 (layout_tables.txt): ranks 0, 2, 1, 3 hold shards 0, 1, 2, 3."""
+    group = _dcp_groups(2, 2, 4)
+    dg = DecodeGroup.from_group(group, tp_positions=2, pcp_size=2)
+    assert dg.dcp_rank == {0: 0, 2: 1, 1: 2, 3: 3}[rank]
+    with pytest.raises(ValueError, match=r"the DCP group has 4 members but tp_positions \(1\) x pcp_size \(2\) = 2"):
+        DecodeGroup.from_group(group, tp_positions=1, pcp_size=2)
+    pcp_group = _dcp_groups(2, 2, 2)
+    with pytest.raises(ValueError, match=r"DCP group ranks \[\d, \d\] must be 2 neighbouring TP positions x 1"):
+        DecodeGroup.from_group(pcp_group, tp_positions=2, pcp_size=1)
+    sorted_group = dist.new_group([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"ranks \[0, 1, 2, 3\] must be .* in KV-shard order .*sort_ranks=False"):
+        DecodeGroup.from_group(sorted_group, tp_positions=2, pcp_size=2)
+    history = torch.zeros(1, 2, MAX_SEQ_LEN, HEAD_DIM)
+    cache = ContiguousShardCache(MAX_SEQ_LEN, 1, 2, HEAD_DIM, dg)
+    cache.write_prefix(history, history, torch.tensor([MAX_SEQ_LEN]))
+    # Each TP position's one KV head (GQA, 8 query heads, 2 KV heads) carries its TP rank as value.
+    q, kv = torch.ones(1, 4, 1, HEAD_DIM), torch.full((1, 1, 1, HEAD_DIM), float(rank % 2))
+    with pytest.raises(ValueError, match="sequence too long for the cache: position 16 >= max_seq_len 16"):
+        dcp_decode_attention(q, kv, kv, cache, torch.tensor([MAX_SEQ_LEN]), dg, "a2a", 0.3)
+    # Every member raised at the same point, so the group is still in step for the next collective.
+    fresh = ContiguousShardCache(MAX_SEQ_LEN, 1, 2, HEAD_DIM, dg)
+    out = dcp_decode_attention(q, kv, kv, fresh, torch.tensor([0]), dg, "a2a", 0.3)
+    assert torch.equal(out, kv.expand_as(out)), f"rank {rank}: one-token attention must return its own V"
+    # A batch row that is empty on every shard (e.g. a padding slot) combines to 0, never NaN.
+    for comm in ("ag_rs", "a2a"):
+        empty = combine_partials(torch.zeros(1, 8, 1, HEAD_DIM), torch.full((1, 8, 1), float("-inf")), dg, comm)
+        assert empty.shape == (1, 4, 1, HEAD_DIM) and empty.eq(0).all(), f"rank {rank} {comm}: {empty}"
+
+
+def _run_layouts(world_size, layouts, **kwargs):
+    """Every rank checks every (KV heads, interleave, comm) case of every layout."""
+    cases = sum(len(KV_HEADS_BY_TP[tp]) * 2 * 2 for tp, _, _ in layouts)
+    for rank, (checked, worst) in enumerate(run_ranks(world_size, _check_layouts, layouts, **kwargs)):
+        assert checked == cases and worst <= 1e-5, f"rank {rank}: {checked} of {cases} cases, worst {worst:.2e}"
+
+
+def test_dcp_decode_matches_unsharded_attention_on_2_ranks():
+    _run_layouts(2, [(1, 2, 2), (2, 1, 2)])
+
+
+def test_dcp_decode_matches_unsharded_attention_on_4_ranks():
+    _run_layouts(4, [(2, 2, 2), (2, 2, 4), (1, 4, 4), (4, 1, 2), (4, 1, 4)])
+
+
+def test_dcp_decode_matches_unsharded_attention_on_8_ranks():
+    _run_layouts(8, [(2, 4, 8), (2, 4, 4)], timeout_s=240)
+
+
+def test_golden_shard_order_and_too_long_sequence_fails_on_every_rank_without_hanging():
+    run_ranks(4, _check_golden_shards_and_bad_input)
