@@ -9,14 +9,15 @@ A sweep file lists runs, or a grid over fields of one base config (paths relativ
         name: baseline                      #   optional, default: the config's file stem
         nproc: 1                            #   optional, default: dp*pcp*tp of the config
         overrides: {inference.max_new_tokens: 4}   # optional "section.field: value" changes
+        reference: baseline                 #   optional, the run to compare with (default: the first)
     base: tp2_pcp2_dcp2.yaml                # ... or a grid: every combination of the listed values
     grid: {parallel.decode_comm: [a2a, ag_rs], parallel.prefill_comm: [p2p, all_gather]}
     overrides: {inference.max_new_tokens: 8}       # optional, applied to every run (before its own)
 
 Each run's config (overrides applied, relative paths made absolute) is written to ``DIR/<name>/config.yaml``
 and launched with ``torchrun`` on ``launch/infer.py`` (an ``inference`` section) or ``launch/train.py``
-(a ``train`` section); its log and JSON output land beside it. The first run is the reference: each run's
-difference from it is the number of generated tokens that differ (inference) or the max abs loss
+(a ``train`` section); its log and JSON output land beside it. Each run is compared with its reference
+(the first run unless it names another, e.g. an MQA run with an MQA baseline); the difference is the number of generated tokens that differ (inference) or the max abs loss
 difference (train). A run that fails is reported in the table with its status and first error line,
 and the others still run. Writes ``DIR/sweep.csv`` and ``DIR/sweep.png``. Exit status: 0 when every run
 succeeded, 1 when one failed, 2 for a malformed sweep file (one line naming the file and field).
@@ -47,10 +48,10 @@ from cptoolkit.config import Config, config_from_dict  # noqa: E402
 
 SCRIPTS = {"inference": REPO_ROOT / "launch" / "infer.py", "train": REPO_ROOT / "launch" / "train.py"}
 PATH_FIELDS = (("model", "checkpoint"), ("inference", "prompt_file"), ("train", "corpus"), ("train", "save_dir"))
-RUN_KEYS = {"config", "name", "nproc", "overrides"}
+RUN_KEYS = {"config", "name", "nproc", "overrides", "reference"}
 TOP_KEYS = {"runs", "base", "grid", "overrides"}
 CSV_FIELDS = ("name", "status", "nproc", "layout", "decode_tokens_per_s", "prefill_time_s", "kv_bytes_per_rank",
-              "collectives_per_decode_step", "final_loss", "diff_vs_reference", "error")
+              "collectives_per_decode_step", "final_loss", "reference", "diff_vs_reference", "error")
 
 
 class SweepError(ValueError):
@@ -65,6 +66,7 @@ class SweepRun:
     config_path: Path
     overrides: dict[str, Any] = field(default_factory=dict)
     nproc: int | None = None
+    reference: str | None = None
 
 
 def _fail(path: Path, where: str, rule: str) -> SweepError:
@@ -110,7 +112,7 @@ def _listed_runs(path: Path, raw: Any, shared: dict[str, Any]) -> list[SweepRun]
         if nproc is not None and (not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1):
             raise _fail(path, f"{where}.nproc", f"{nproc!r} must be a positive integer")
         own = _overrides(path, f"{where}.overrides", entry.get("overrides"))
-        runs.append(SweepRun(name, config_path, {**shared, **own}, nproc))
+        runs.append(SweepRun(name, config_path, {**shared, **own}, nproc, entry.get("reference")))
     return runs
 
 
@@ -153,6 +155,10 @@ def load_sweep(path: str | Path) -> list[SweepRun]:
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
         raise _fail(path, "runs", f"run name {duplicate!r} is used twice; give each run a distinct 'name'")
+    for index, run in enumerate(runs):
+        if run.reference is not None and run.reference not in names:
+            raise _fail(path, f"runs[{index}].reference", f"{run.reference!r} is not the name of a run in this sweep "
+                        f"(names: {', '.join(names)})")
     return runs
 
 
@@ -273,14 +279,16 @@ def difference(row: dict[str, Any], reference: dict[str, Any]) -> float | int | 
 
 def run_sweep(runs: list[SweepRun], out_dir: Path, timeout_s: float = 600.0, echo=print) -> list[dict[str, Any]]:
     """Execute every run in order (a failure does not stop the others); returns the rows with
-    ``diff_vs_reference`` against the first run."""
+    ``reference`` and ``diff_vs_reference`` against each run's reference run (default: the first)."""
     rows = []
     for index, run in enumerate(runs):
         echo(f"[{index + 1}/{len(runs)}] {run.name} ...")
         rows.append(execute(run, out_dir, timeout_s))
         echo(f"    {rows[-1]['status']}" + (f": {rows[-1]['error']}" if rows[-1]["error"] else ""))
-    for row in rows:
-        row["diff_vs_reference"] = difference(row, rows[0])
+    by_name = {row["name"]: row for row in rows}
+    for run, row in zip(runs, rows):
+        row["reference"] = run.reference or rows[0]["name"]
+        row["diff_vs_reference"] = difference(row, by_name[row["reference"]])
     return rows
 
 
@@ -296,11 +304,11 @@ def _cell(row: dict[str, Any], name: str) -> str:
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
-    """One markdown table of every run; the first run is the reference."""
+    """One markdown table of every run, each compared with its reference run."""
     headers = ["run", "status", "nproc", "layout", "decode tok/s", "prefill", "KV bytes/rank", "collectives/step",
-               "final loss", "diff vs ref", "error"]
+               "final loss", "reference", "diff vs ref", "error"]
     fields = ["name", "status", "nproc", "layout", "decode_tokens_per_s", "prefill_time_s", "kv_bytes_per_rank",
-              "collectives_per_decode_step", "final_loss", "diff_vs_reference", "error"]
+              "collectives_per_decode_step", "final_loss", "reference", "diff_vs_reference", "error"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cell(row, name).replace("|", "/") for name in fields) + " |" for row in rows]
     return "\n".join(lines)
@@ -314,24 +322,27 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Decode tokens/s and prefill time per successful inference run; loss curves of train runs."""
+    """Bars of decode tokens/s and prefill time per successful inference run; loss curves of train runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    inference = [row for row in rows if row["status"] == "ok" and row["kind"] == "inference"]
-    train = [row for row in rows if row["status"] == "ok" and row["kind"] == "train"]
+    ok = [row for row in rows if row["status"] == "ok"]
+    inference = [row for row in ok if row["kind"] == "inference"]
+    train = [row for row in ok if row["kind"] == "train"]
     panels = [("decode tokens/s", "decode_tokens_per_s", 1.0), ("prefill time (ms)", "prefill_time_s", 1e3)]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(15, 4.5))
-    for ax, (title, name, factor) in zip(axes, panels):
-        ax.barh([row["name"] for row in inference], [row[name] * factor for row in inference])
+    panels = (panels if inference else []) + ([("training loss", "losses", None)] if train else [])
+    panels = panels or [("no successful runs", None, None)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 4.5), squeeze=False)
+    for ax, (title, name, factor) in zip(axes[0], panels):
         ax.set_title(title)
-    for row in train:
-        axes[-1].plot(row["losses"], label=row["name"])
-    axes[-1].set_title("training loss" if train else "no train runs")
-    if train:
-        axes[-1].legend()
+        if factor is not None:
+            ax.barh([row["name"] for row in inference], [row[name] * factor for row in inference])
+        elif name == "losses":
+            for row in train:
+                ax.plot(row["losses"], label=row["name"])
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

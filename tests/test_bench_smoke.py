@@ -1,0 +1,113 @@
+"""Benchmarks at tiny sizes: JSON schema, exact work counts and collective counts (no timing assertions),
+and the bench-only contiguous-split ring against float64 attention."""
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import torch
+import torch.distributed as dist
+
+from bench import balance, decode, prefill_scaling, run_all
+from bench.common import machine_info, summarize, write_json
+from tests.multiproc import run_ranks
+
+STAT_KEYS = {"median_s", "min_s", "max_s", "reps"}
+
+
+def test_balance_counts_are_exact():
+    seq_len = 64
+    for row in balance.work_counts((2, 4, 8), seq_len):
+        pcp_size, per_rank = row["pcp_size"], row["per_rank_pairs"]
+        assert len(per_rank) == pcp_size and sum(per_rank) == seq_len * (seq_len + 1) // 2
+        if row["split"] == "dual_chunk_swap":
+            assert row["max_over_mean"] == 1.0 and row["max_over_min"] == 1.0, row
+            continue
+        local_len = seq_len // pcp_size  # the last rank: L full rows of (P-1)L keys plus an L x L triangle
+        last_rank_pairs = (pcp_size - 1) * local_len * local_len + local_len * (local_len + 1) // 2
+        first_rank_pairs = local_len * (local_len + 1) // 2
+        mean = Fraction(seq_len * (seq_len + 1), 2 * pcp_size)
+        assert per_rank[-1] == last_rank_pairs and per_rank[0] == first_rank_pairs, row
+        assert row["max_over_mean"] == float(last_rank_pairs / mean), row
+        assert row["max_over_min"] == last_rank_pairs / first_rank_pairs, row
+        assert abs(row["max_over_mean"] - (2 * pcp_size - 1) / pcp_size) < 2 * pcp_size / seq_len
+
+
+def _contiguous_ring_rank(rank, world_size, seq_len, heads, head_dim):
+    generator = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, heads, seq_len, head_dim, generator=generator) for _ in range(3))
+    scale = 1.0 / math.sqrt(head_dim)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1), float("-inf"))
+    reference = torch.softmax(scores, dim=-1) @ v.double()
+    local_len = seq_len // world_size
+    rows = slice(rank * local_len, (rank + 1) * local_len)
+    out = prefill_scaling.contiguous_ring_attention(q[:, :, rows].contiguous(), k[:, :, rows].contiguous(),
+                                                    v[:, :, rows].contiguous(), dist.group.WORLD, scale)
+    diff = (out.double() - reference[:, :, rows]).abs()
+    assert diff.max() < 1e-5, f"rank {rank}: max abs diff {diff.max():.2e}, mean {diff.mean():.2e}"
+    return float(diff.max())
+
+
+def test_contiguous_ring_matches_float64_attention():
+    assert len(run_ranks(3, _contiguous_ring_rank, 24, 2, 8, timeout_s=60)) == 3
+
+
+def test_prefill_scaling_schema_and_correctness(tmp_path):
+    payload = prefill_scaling.run([32, 64], reps=2, num_heads=2, head_dim=8)
+    assert payload["config"]["variants"] == list(prefill_scaling.VARIANTS)
+    assert [entry["seq_len"] for entry in payload["results"]] == [32, 64]
+    for entry in payload["results"]:
+        assert set(entry["variants"]) == set(prefill_scaling.VARIANTS)
+        for variant, stats in entry["variants"].items():
+            assert STAT_KEYS <= set(stats) and stats["reps"] == 2 and len(stats["per_rank_median_s"]) == 2
+            assert stats["min_s"] <= stats["median_s"] <= stats["max_s"]
+            if variant == "pcp1":
+                assert stats["speedup_vs_pcp1"] == 1.0 and stats["max_abs_diff_rank0"] is None
+            else:
+                assert stats["max_abs_diff_rank0"] < 1e-5, (entry["seq_len"], variant, stats)
+    path = write_json("prefill_scaling", payload, machine_info(), results_dir=tmp_path)
+    document = json.loads(path.read_text())
+    assert document["benchmark"] == "prefill_scaling" and document["results"] == payload["results"]
+    assert {"cpu_count", "loadavg_1m", "torch"} <= set(document["machine_before"])
+    assert "| 64 | pcp2_contiguous |" in prefill_scaling.table(payload)
+
+
+def test_balance_measured_schema_and_summary(tmp_path):
+    rows = balance.measured_times(seq_len=32, reps=1, num_heads=2, head_dim=8)
+    assert [row["split"] for row in rows] == ["dual_chunk_swap", "contiguous"]
+    for row in rows:
+        assert len(row["per_rank_median_s"]) == 2 and row["max_over_mean"] >= 1.0
+    payload = {"config": {"count_seq_len": 64}, "exact_counts": balance.work_counts(seq_len=64), "measured": rows}
+    write_json("balance", payload, machine_info(), results_dir=tmp_path)
+    outcomes = [{"name": "balance", "status": "ok", "seconds": 1.0, "error": ""},
+                {"name": "gpu", "status": "skipped", "seconds": 0.0, "error": "no GPU on this machine"}]
+    summary = run_all.summary(outcomes, quick=True, results_dir=tmp_path)
+    assert "- gpu: skipped in 0 s (no GPU on this machine)" in summary and "## balance" in summary
+    assert "| 8 | contiguous |" in summary and "## gpu" not in summary
+
+
+def test_decode_collectives_and_kv_bytes_do_not_grow_with_context():
+    context_lens, num_kv_heads, head_dim = [16, 48], 2, 8
+    payload = decode.run(context_lens, steps=2, rounds=1, num_heads=4, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    expected_calls = {("dcp1", None): {}, ("tp1_pcp2_dcp2", "a2a"): {"all_gather": 1},
+                      ("tp1_pcp2_dcp2", "ag_rs"): {"all_gather": 1, "all_reduce": 1},
+                      ("tp2_pcp1_dcp2", "a2a"): {"all_gather": 1, "all_to_all": 1},
+                      ("tp2_pcp1_dcp2", "ag_rs"): {"all_gather": 2, "reduce_scatter": 1}}
+    rows = payload["results"]
+    assert len(rows) == len(context_lens) * len(decode.LAYOUTS)
+    for row in rows:
+        assert STAT_KEYS <= set(row) and row["reps"] == 2
+        assert row["calls_per_step"] == expected_calls[row["layout"], row["comm"]], row
+        assert row["collectives_per_step"] == sum(row["calls_per_step"].values())
+        tokens_per_rank = row["context_len"] // row["dcp"]
+        assert row["kv_bytes_per_rank"] == 2 * tokens_per_rank * num_kv_heads * head_dim * 4, row
+    for layout in decode.LAYOUTS:
+        sent = {row["bytes_sent_per_step_rank0"] for row in rows if row["label"] == layout.label}
+        assert len(sent) == 1, f"{layout.label}: bytes per step change with the context: {sent}"
+    assert "| 48 | tp2_pcp1_dcp2 | ag_rs |" in decode.table(payload)
+
+
+def test_summarize_reports_median_and_spread():
+    assert summarize([3.0, 1.0, 2.0]) == {"median_s": 2.0, "min_s": 1.0, "max_s": 3.0, "reps": 3}
