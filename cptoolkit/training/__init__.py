@@ -1,0 +1,1 @@
+"""Training with prefill context parallelism: data (corpus, batches, DualChunkSwap slicing) and the trainer."""
