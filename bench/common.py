@@ -52,7 +52,7 @@ def launch(world_size: int, fn: Callable[..., Any], *args, timeout_s: float = 18
 def machine_info() -> dict[str, Any]:
     """Host facts that qualify every timing: cores, torch version, current load average."""
     return {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "threads_per_rank": 1, "loadavg_1m": round(os.getloadavg()[0], 2),
+            "loadavg_1m": round(os.getloadavg()[0], 2),
             "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 

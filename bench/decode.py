@@ -142,7 +142,7 @@ def run(context_lens: list[int], steps: int, rounds: int = 2, num_heads: int = 8
         baseline = next(r for r in rows if r["context_len"] == row["context_len"] and r["comm"] is None)
         row["speedup_vs_dcp1"] = baseline["median_s"] / row["median_s"]
     return {"config": {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "batch": 1,
-                       "dtype": "float32", "steps_per_round": steps, "rounds": rounds,
+                       "dtype": "float32", "threads_per_rank": 1, "steps_per_round": steps, "rounds": rounds,
                        "layouts": [layout.label for layout in LAYOUTS]},
             "results": rows}
 

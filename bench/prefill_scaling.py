@@ -142,7 +142,7 @@ def run(seq_lens: list[int], reps: int, num_heads: int = 8, head_dim: int = 64,
             for stats in entry["variants"].values():
                 stats["speedup_vs_pcp1"] = baseline / stats["median_s"]
         rows.append(entry)
-    return {"config": {"num_heads": num_heads, "head_dim": head_dim, "batch": 1, "dtype": "float32",
+    return {"config": {"num_heads": num_heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "threads_per_rank": 1,
                        "pcp_size": PCP_SIZE, "reps": reps, "variants": list(variants)},
             "results": rows}
 

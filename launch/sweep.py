@@ -51,7 +51,7 @@ PATH_FIELDS = (("model", "checkpoint"), ("inference", "prompt_file"), ("train", 
 RUN_KEYS = {"config", "name", "nproc", "overrides", "reference"}
 TOP_KEYS = {"runs", "base", "grid", "overrides"}
 CSV_FIELDS = ("name", "status", "nproc", "layout", "decode_tokens_per_s", "prefill_time_s", "kv_bytes_per_rank",
-              "collectives_per_decode_step", "final_loss", "reference", "diff_vs_reference", "error")
+              "collectives_per_decode_step", "train_tokens_per_s", "final_loss", "reference", "diff_vs_reference", "error")
 
 
 class SweepError(ValueError):
@@ -214,10 +214,13 @@ def _launch(command: list[str], log_path: Path, timeout_s: float) -> int | None:
 
 
 def _layout_label(cfg: Config) -> str:
+    """E.g. ``tp2_pcp2_dcp4 kv2 p2p/a2a`` (inference) or ``tp2_pcp2 kv2 p2p`` (training: no decode)."""
     p = cfg.parallel
-    label = f"tp{p.tp}_pcp{p.pcp}_dcp{p.dcp}" + (f"_dp{p.dp}" if p.dp > 1 else "")
+    dp = f"_dp{p.dp}" if p.dp > 1 else ""
     kv = "mqa" if cfg.model.num_kv_heads == 1 else f"kv{cfg.model.num_kv_heads}"
-    return f"{label} {kv} {p.prefill_comm}/{p.decode_comm}"
+    if cfg.train is not None:
+        return f"tp{p.tp}_pcp{p.pcp}{dp} {kv} {p.prefill_comm}"
+    return f"tp{p.tp}_pcp{p.pcp}_dcp{p.dcp}{dp} {kv} {p.prefill_comm}/{p.decode_comm}"
 
 
 def execute(run: SweepRun, out_dir: Path, timeout_s: float) -> dict[str, Any]:
@@ -248,14 +251,14 @@ def execute(run: SweepRun, out_dir: Path, timeout_s: float) -> dict[str, Any]:
     return {**row, "status": "ok", "error": "", **_result_fields(kind, json.loads(output.read_text()))}
 
 
-def _losses(result: Any) -> list[float]:
-    return [float(x) for x in (result["losses"] if isinstance(result, dict) else result)]
-
-
-def _result_fields(kind: str, result: Any) -> dict[str, Any]:
+def _result_fields(kind: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The compared fields of a run's JSON output: ``launch/train.py``'s per-step ``steps`` or
+    ``launch/infer.py``'s ``requests`` and ``metrics``."""
     if kind == "train":
-        losses = _losses(result)
-        return {"losses": losses, "final_loss": losses[-1] if losses else None}
+        losses = [float(step["loss"]) for step in result["steps"]]
+        tokens_per_s = sorted(float(step["tokens_per_s"]) for step in result["steps"])
+        return {"losses": losses, "final_loss": losses[-1] if losses else None,
+                "train_tokens_per_s": tokens_per_s[len(tokens_per_s) // 2] if tokens_per_s else None}
     metrics = result["metrics"]
     return {"token_ids": [request["token_ids"] for request in result["requests"]],
             **{name: metrics[name] for name in ("decode_tokens_per_s", "prefill_time_s", "kv_bytes_per_rank",
@@ -306,9 +309,9 @@ def _cell(row: dict[str, Any], name: str) -> str:
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     """One markdown table of every run, each compared with its reference run."""
     headers = ["run", "status", "nproc", "layout", "decode tok/s", "prefill", "KV bytes/rank", "collectives/step",
-               "final loss", "reference", "diff vs ref", "error"]
+               "train tok/s (median)", "final loss", "reference", "diff vs ref", "error"]
     fields = ["name", "status", "nproc", "layout", "decode_tokens_per_s", "prefill_time_s", "kv_bytes_per_rank",
-              "collectives_per_decode_step", "final_loss", "reference", "diff_vs_reference", "error"]
+              "collectives_per_decode_step", "train_tokens_per_s", "final_loss", "reference", "diff_vs_reference", "error"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cell(row, name).replace("|", "/") for name in fields) + " |" for row in rows]
     return "\n".join(lines)
@@ -341,7 +344,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.barh([row["name"] for row in inference], [row[name] * factor for row in inference])
         elif name == "losses":
             for row in train:
-                ax.plot(row["losses"], label=row["name"])
+                ax.plot(range(1, len(row["losses"]) + 1), row["losses"], label=row["name"])
+            ax.set_xlabel("step")
             ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

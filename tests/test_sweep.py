@@ -110,6 +110,16 @@ def test_difference_counts_differing_tokens_and_max_loss_gap():
     assert difference(train_ref, ref) is None
 
 
+def test_result_fields_read_train_steps_and_inference_metrics():
+    steps = [{"loss": 3.0, "tokens_per_s": 10.0}, {"loss": 2.0, "tokens_per_s": 30.0}, {"loss": 1.5, "tokens_per_s": 20.0}]
+    assert sweep._result_fields("train", {"steps": steps}) == {"losses": [3.0, 2.0, 1.5], "final_loss": 1.5,
+                                                                "train_tokens_per_s": 20.0}
+    metrics = {"decode_tokens_per_s": 50.0, "prefill_time_s": 0.1, "kv_bytes_per_rank": 4096,
+               "collectives_per_decode_step": 4.0, "prompt_tokens": 7}
+    fields = sweep._result_fields("inference", {"requests": [{"token_ids": [5, 6]}], "metrics": metrics})
+    assert fields == {"token_ids": [[5, 6]], **{k: v for k, v in metrics.items() if k != "prompt_tokens"}}
+
+
 def test_each_run_is_compared_with_its_named_reference(monkeypatch, tmp_path):
     tokens = {"gqa": [[1, 2]], "gqa_tp2": [[1, 3]], "mqa": [[7, 8]], "mqa_tp2": [[7, 8]]}
     runs = [SweepRun(name, Path(BASELINE), reference="mqa" if name == "mqa_tp2" else None) for name in tokens]
