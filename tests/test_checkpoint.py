@@ -28,13 +28,13 @@ def _llama(num_kv_heads: int, tie: bool):
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
                                       num_hidden_layers=2, num_attention_heads=8,
                                       num_key_value_heads=num_kv_heads, max_position_embeddings=64,
-                                      rope_theta=1000.0, tie_word_embeddings=tie)
+                                      rope_theta=1000.0, tie_word_embeddings=tie, initializer_range=0.2)
     return transformers.LlamaForCausalLM(config)
 
 
 def _gpt2():
     config = transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
+                                     bos_token_id=0, eos_token_id=0, initializer_range=0.2)
     return transformers.GPT2LMHeadModel(config)
 
 

@@ -11,7 +11,9 @@ Three pieces:
   ``gather_full_state_dict`` reassembles it, so random init from a seed, HF checkpoints and
   cptoolkit's own checkpoints give the same model for every TP size. When ``num_kv_heads < TP``
   each KV head is replicated on ``TP / num_kv_heads`` neighbouring ranks (the megatron model is built
-  with ``num_query_groups = TP``), which keeps megatron's per-rank QKV split free of collectives.
+  with ``num_query_groups = TP``), which keeps megatron's per-rank QKV split free of collectives;
+  the replicas are separate parameters, so training with ``num_kv_heads < TP`` would let them drift
+  apart (the trainer rejects that layout).
 - ``gpt_forward``: embedding -> decoder -> final norm -> output layer for arbitrary position ids
   (DualChunkSwap shards hold non-contiguous positions, decode steps of different requests sit at
   different positions), so RoPE is computed here from the model's ``inv_freq`` rather than by
@@ -223,13 +225,14 @@ def new_gpt_model(shape: GPTShape, tp_group: ProcessGroup, runtime: AttentionRun
     _check_tp(shape, tp_size)
     pg_collection = ProcessGroupCollection(tp=tp_group, cp=_self_group(dist.get_rank()), pp=None,
                                            embd=None)
-    return CPGPTModel(
+    model = CPGPTModel(
         shape, config=megatron_config(shape, tp_size, dtype),
         transformer_layer_spec=get_gpt_layer_spec(runtime, shape.arch),
         vocab_size=padded_vocab_size(shape, tp_size), max_sequence_length=shape.max_seq_len,
         share_embeddings_and_output_weights=shape.tie_embeddings,
         position_embedding_type="rope" if shape.arch == "llama" else "learned_absolute",
         rotary_base=shape.rope_theta, pg_collection=pg_collection)
+    return model.to(dtype)  # megatron's torch norms are created in float32 whatever params_dtype says
 
 
 def build_gpt_model(shape: GPTShape, tp_group: ProcessGroup, runtime: AttentionRuntime,
@@ -391,8 +394,8 @@ def rotary_freqs(model: CPGPTModel, position_ids: torch.Tensor) -> torch.Tensor:
 
 class _TPCrossEntropy(torch.autograd.Function):
     """megatron's vocab-parallel cross entropy (its ``VocabParallelCrossEntropy`` steps) with the
-    TP group passed explicitly: ``logits [s, b, v_local]`` float32, ``target [s, b]`` ->
-    ``loss [s, b]``; three all-reduces over ``tp_group``."""
+    TP group passed explicitly: ``logits [s, b, v_local]``, ``target [s, b]`` -> ``loss [s, b]``
+    in float32; three all-reduces over ``tp_group``."""
 
     @staticmethod
     def forward(ctx, logits, target, tp_group):
@@ -443,7 +446,7 @@ def gpt_forward(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.
     ``runtime`` must be the one the model was built with; its ``mode`` decides prefill (the tokens
     attend causally to each other; with PCP > 1 they are this rank's DualChunkSwap shard) or decode
     (``s == 1``: each token attends to its sequence's cache). Returns ``logits [b, s, vocab_size]``
-    (float32, gathered over TP) or, with ``labels [b, s]``, the per-token cross-entropy ``[b, s]``
+    (float32, or float64 for a float64 model; gathered over TP) or, with ``labels [b, s]``, the per-token cross-entropy ``[b, s]``
     computed on vocab-parallel logits.
     """
     if runtime.mode == "decode" and input_ids.shape[1] != 1:
@@ -456,7 +459,8 @@ def gpt_forward(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.
     logits, _ = model.output_layer(hidden, weight=output_weight)  # [s, b, vocab_padded / TP]
     tp_group = _tp_group(model)
     vocab_size = model.shape.vocab_size
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if labels is not None:
-        logits = _mask_vocab_padding(logits.float(), vocab_size, tp_group.rank())
+        logits = _mask_vocab_padding(logits, vocab_size, tp_group.rank())
         return _TPCrossEntropy.apply(logits, labels.t().contiguous(), tp_group).t()
-    return _gather_vocab(logits, tp_group).transpose(0, 1)[..., :vocab_size].float()
+    return _gather_vocab(logits, tp_group).transpose(0, 1)[..., :vocab_size]
