@@ -81,7 +81,8 @@ def _train(cfg, documents, save_dir: str | None = None) -> dict:
         result = {"grads": _full_gradients(trainer.model),
                   "local_tokens": [trainer.batch(step).num_loss_tokens for step in range(STEPS)]}
         history += [trainer.step() for _ in range(STEPS - 1)]
-        result.update(losses=[h.loss for h in history], grad_norms=[h.grad_norm for h in history])
+        result.update(losses=[h.loss for h in history], grad_norms=[h.grad_norm for h in history],
+                      comm_calls=dict(trainer.runtime.stats.calls))
         if save_dir is not None:
             save_checkpoint(trainer.model, save_dir, ByteTokenizer())
             result["eval_loss"] = compute_gradients(trainer.model, trainer.runtime, trainer.batch(EVAL_STEP),
@@ -158,6 +159,7 @@ def test_cp_training_matches_single_rank_training(runs, layout):
             assert diff.max() <= GRAD_RTOL * np.abs(ref_grad).max(), (
                 f"{layout} rank {rank} step-1 gradient of {name}: max abs diff {diff.max():.3e}, mean "
                 f"{diff.mean():.3e}, reference max {np.abs(ref_grad).max():.3e}")
+        assert run["comm_calls"]["all_reduce"] == 3 * STEPS, f"{layout} rank {rank}: {run['comm_calls']}"
     assert want["losses"][-1] < 0.8 * want["losses"][0], f"training did not learn: {want['losses']}"
     assert want["grad_norms"][0] > 1.0, "step 1 must exercise gradient clipping (grad_clip = 1.0)"
 

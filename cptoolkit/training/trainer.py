@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
@@ -156,7 +156,9 @@ class Trainer:
     """Model, optimizer and data of one rank; ``step()`` runs one optimizer step of the global batch.
 
     ``documents`` are the tokenized corpus (every rank holds all of it and draws the same global batch
-    per step); this rank trains the windows of its DP rank, sharded for its PCP rank.
+    per step); this rank trains the windows of its DP rank, sharded for its PCP rank. ``runtime.stats``
+    counts the attention layers' collectives and the trainer's three all-reduces per step (megatron's
+    TP layers and the vocab-parallel cross entropy call ``torch.distributed`` directly, uncounted).
     """
 
     cfg: Config
@@ -166,11 +168,11 @@ class Trainer:
     documents: list[torch.Tensor]
     pad_id: int
     device: torch.device
-    stats: CommStats
+    optimizer: torch.optim.AdamW = field(init=False)
+    steps_done: int = field(init=False, default=0)
 
     def __post_init__(self):
         self.optimizer = build_optimizer(self.model, self.cfg.train)
-        self.steps_done = 0
 
     def batch(self, step: int) -> TrainBatch:
         """This rank's share of the global batch of 0-based ``step``."""
@@ -184,8 +186,9 @@ class Trainer:
     def step(self) -> StepMetrics:
         start = time.perf_counter()
         step, train = self.steps_done, self.cfg.train
-        loss, num_tokens = compute_gradients(self.model, self.runtime, self.batch(step), self.groups, self.stats)
-        norm = clip_gradients(self.model, train.grad_clip, self.groups.tp_group, self.stats)
+        stats = self.runtime.stats
+        loss, num_tokens = compute_gradients(self.model, self.runtime, self.batch(step), self.groups, stats)
+        norm = clip_gradients(self.model, train.grad_clip, self.groups.tp_group, stats)
         lr = lr_at_step(step, train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -248,4 +251,4 @@ def build_trainer(cfg: Config, groups: ParallelGroups, documents: list[torch.Ten
     else:
         model = load_model_checkpoint(cfg.model.checkpoint, groups.tp_group, runtime, dtype=dtype)
     return Trainer(cfg=cfg, groups=groups, model=model.to(device).train(), runtime=runtime,
-                   documents=documents, pad_id=pad_id, device=device, stats=runtime.stats)
+                   documents=documents, pad_id=pad_id, device=device)
