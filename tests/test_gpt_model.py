@@ -116,6 +116,10 @@ def _pcp_dcp_checks(shape: GPTShape, solo: dist.ProcessGroup, prefill_comm: str,
         positions = positions + 1
     checks["decode steps"] = len(decode_diffs)
     checks["decode worst"] = max(decode_diffs)
+    try:
+        gpt_forward(model, tokens[:, :2], _positions(2, 2), runtime)
+    except ValueError as error:
+        checks["two tokens in decode"] = str(error)
     return checks
 
 
@@ -150,6 +154,8 @@ def test_pcp2_prefill_then_dcp2_decode_equals_the_single_rank_model(rank_results
     for rank, results in enumerate(rank_results):
         r = results[case]
         assert r["decode steps"] == TOTAL_LEN - max(PROMPT_LENS)
+        assert r["two tokens in decode"] == ("decode takes one token per sequence; got input_ids of shape "
+                                             "(2, 2) (rule: s == 1)")
         for key in ("prefill row 0", "prefill row 1", "decode worst"):
             max_diff, mean_diff = r[key]
             assert max_diff < 1e-4, f"rank {rank} {case} {key}: max {max_diff:.3g}, mean {mean_diff:.3g}"
