@@ -36,11 +36,12 @@ def run(sweep_file: Path = SWEEP_FILE, max_new_tokens: int | None = None, timeou
         runs = [dataclasses.replace(r, overrides={**r.overrides, "inference.max_new_tokens": max_new_tokens})
                 for r in runs]
     with tempfile.TemporaryDirectory(prefix="cptoolkit_e2e_") as out_dir:
-        rows = sweep.run_sweep(runs, Path(out_dir), timeout_s)
+        rows = sweep.run_sweep(runs, Path(out_dir), timeout_s, threads_per_rank=1)
     cpu_count = os.cpu_count()
     results = [{**{name: row.get(name) for name in ROW_FIELDS},
                 "oversubscribed": isinstance(row.get("nproc"), int) and row["nproc"] > cpu_count} for row in rows]
     return {"config": {"sweep": str(sweep_file.relative_to(SWEEP_FILE.parents[1])), "cpu_count": cpu_count,
+                       "threads_per_rank": 1,
                        "max_new_tokens_override": max_new_tokens},
             "results": results}
 

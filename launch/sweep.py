@@ -1,6 +1,6 @@
 """Run several configs with torchrun and compare them in one table.
 
-    python launch/sweep.py --sweep configs/sweep_layouts.yaml [--out DIR] [--timeout-s 600]
+    python launch/sweep.py --sweep configs/sweep_layouts.yaml [--out DIR] [--timeout-s 600] [--threads-per-rank 1]
 
 A sweep file lists runs, or a grid over fields of one base config (paths relative to the sweep file)::
 
@@ -15,7 +15,9 @@ A sweep file lists runs, or a grid over fields of one base config (paths relativ
     overrides: {inference.max_new_tokens: 8}       # optional, applied to every run (before its own)
 
 Each run's config (overrides applied, relative paths made absolute) is written to ``DIR/<name>/config.yaml``
-and launched with ``torchrun`` on ``launch/infer.py`` (an ``inference`` section) or ``launch/train.py``
+and launched with ``torchrun`` (``OMP_NUM_THREADS`` = ``--threads-per-rank``, default 1, for every run:
+torchrun itself sets 1 only for several processes, and a 1-rank run with a thread per core contends with
+everything else on the machine) on ``launch/infer.py`` (an ``inference`` section) or ``launch/train.py``
 (a ``train`` section); its log and JSON output land beside it. Each run is compared with its reference
 (the first run unless it names another, e.g. an MQA run with an MQA baseline); the difference is the number of generated tokens that differ (inference) or the max abs loss
 difference (train). A run that fails is reported in the table with its status and first error line,
@@ -200,11 +202,13 @@ def first_error_line(log: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def _launch(command: list[str], log_path: Path, timeout_s: float) -> int | None:
-    """Run ``command`` in its own session, output to ``log_path``; the exit code, or None on timeout
-    (the whole process group is killed)."""
+def _launch(command: list[str], log_path: Path, timeout_s: float, threads_per_rank: int) -> int | None:
+    """Run ``command`` in its own session with ``OMP_NUM_THREADS=threads_per_rank``, output to ``log_path``;
+    the exit code, or None on timeout (the whole process group is killed)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank)}
     with log_path.open("w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                                start_new_session=True)
         try:
             return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -223,7 +227,7 @@ def _layout_label(cfg: Config) -> str:
     return f"tp{p.tp}_pcp{p.pcp}_dcp{p.dcp}{dp} {kv} {p.prefill_comm}/{p.decode_comm}"
 
 
-def execute(run: SweepRun, out_dir: Path, timeout_s: float) -> dict[str, Any]:
+def execute(run: SweepRun, out_dir: Path, timeout_s: float, threads_per_rank: int = 1) -> dict[str, Any]:
     """Validate, write and launch one run; returns its row (``status``: ok, invalid, failed or timeout)."""
     run_dir = out_dir / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +247,7 @@ def execute(run: SweepRun, out_dir: Path, timeout_s: float) -> dict[str, Any]:
                "127.0.0.1", "--master-port", str(_free_port()), str(SCRIPTS[kind]), "--config", str(config_file),
                "--output", str(output)]
     row.update(kind=kind, nproc=nproc, layout=_layout_label(cfg), log=str(log_path))
-    code = _launch(command, log_path, timeout_s)
+    code = _launch(command, log_path, timeout_s, threads_per_rank)
     if code is None:
         return {**row, "status": "timeout", "error": f"no result within {timeout_s:.0f} s; see {log_path}"}
     if code != 0 or not output.is_file():
@@ -280,13 +284,14 @@ def difference(row: dict[str, Any], reference: dict[str, Any]) -> float | int | 
     return mismatches
 
 
-def run_sweep(runs: list[SweepRun], out_dir: Path, timeout_s: float = 600.0, echo=print) -> list[dict[str, Any]]:
+def run_sweep(runs: list[SweepRun], out_dir: Path, timeout_s: float = 600.0, threads_per_rank: int = 1,
+              echo=print) -> list[dict[str, Any]]:
     """Execute every run in order (a failure does not stop the others); returns the rows with
     ``reference`` and ``diff_vs_reference`` against each run's reference run (default: the first)."""
     rows = []
     for index, run in enumerate(runs):
         echo(f"[{index + 1}/{len(runs)}] {run.name} ...")
-        rows.append(execute(run, out_dir, timeout_s))
+        rows.append(execute(run, out_dir, timeout_s, threads_per_rank))
         echo(f"    {rows[-1]['status']}" + (f": {rows[-1]['error']}" if rows[-1]["error"] else ""))
     by_name = {row["name"]: row for row in rows}
     for run, row in zip(runs, rows):
@@ -357,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", required=True, help="sweep YAML (runs, or base + grid)")
     parser.add_argument("--out", help="output folder (default: sweep_results/<sweep file stem>)")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per-run time limit (default 600)")
+    parser.add_argument("--threads-per-rank", type=int, default=1, help="OMP_NUM_THREADS of every rank (default 1)")
     args = parser.parse_args(argv)
     try:
         runs = load_sweep(args.sweep)
@@ -365,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = Path(args.out or f"sweep_results/{Path(args.sweep).stem}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = run_sweep(runs, out_dir, args.timeout_s)
+    if args.threads_per_rank < 1:
+        parser.error(f"--threads-per-rank ({args.threads_per_rank}) must be >= 1")
+    rows = run_sweep(runs, out_dir, args.timeout_s, args.threads_per_rank)
     print(comparison_table(rows))
     write_csv(rows, out_dir / "sweep.csv")
     plot(rows, out_dir / "sweep.png")

@@ -123,7 +123,7 @@ def test_result_fields_read_train_steps_and_inference_metrics():
 def test_each_run_is_compared_with_its_named_reference(monkeypatch, tmp_path):
     tokens = {"gqa": [[1, 2]], "gqa_tp2": [[1, 3]], "mqa": [[7, 8]], "mqa_tp2": [[7, 8]]}
     runs = [SweepRun(name, Path(BASELINE), reference="mqa" if name == "mqa_tp2" else None) for name in tokens]
-    monkeypatch.setattr(sweep, "execute", lambda run, out_dir, timeout_s: {
+    monkeypatch.setattr(sweep, "execute", lambda run, out_dir, timeout_s, threads_per_rank: {
         "name": run.name, "status": "ok", "kind": "inference", "error": "", "token_ids": tokens[run.name]})
     rows = sweep.run_sweep(runs, tmp_path, echo=lambda line: None)
     assert [(row["reference"], row["diff_vs_reference"]) for row in rows] == [
