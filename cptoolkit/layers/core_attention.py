@@ -29,6 +29,8 @@ from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.block_attention import attention_forward
 from cptoolkit.layers.comm import CommStats
+from cptoolkit.layers.dcp_decode import DecodeGroup, ShardedKVCache, dcp_decode_attention
+from cptoolkit.layers.ring_prefill import ring_prefill_attention
 
 ATTENTION_MODES = ("prefill", "decode")
 LAYER_NORMS = {"llama": "RMSNorm", "gpt2": "LayerNorm"}
@@ -45,19 +47,20 @@ class AttentionRuntime:
     - ``prefill_comm``: ``"p2p"`` (ring) or ``"all_gather"``; ``decode_comm``: the DCP backend name.
     - ``mode``: ``"prefill"`` (causal attention over the given tokens) or ``"decode"`` (one new token
       per sequence attends to its cache).
-    - ``kv_caches``: ``{layer_number: cache}`` read and appended by decode (the cache protocol of
-      ``dcp_decode``); ``decode_positions [b]`` (int64): the positions of the tokens of the current
-      decode step, set by the engine with the caches; ``on_prefill_kv(layer_number, k [b, hkv, s_local, d], v)`` is called with every
-      prefill layer's post-RoPE K/V so the engine can fill those caches.
+    - ``kv_caches``: ``{layer_number: cache}`` read and appended by decode (``dcp_decode``'s
+      ``ShardedKVCache`` protocol); ``decode_positions [b]`` (int64): positions of the current
+      decode step's tokens. The engine sets both before each decode step.
+    - ``on_prefill_kv(layer_number, k [b, hkv, s_local, d], v)``: called with every prefill layer's
+      post-RoPE K/V (this rank's shard) so the engine can fill its caches.
     - ``stats``: counts every collective the attention layers issue.
     """
 
     pcp_group: Optional[ProcessGroup] = None
-    decode_group: Any = None
+    decode_group: Optional[DecodeGroup] = None
     prefill_comm: str = "p2p"
     decode_comm: str = "a2a"
     mode: str = "prefill"
-    kv_caches: dict[int, Any] = field(default_factory=dict)
+    kv_caches: dict[int, ShardedKVCache] = field(default_factory=dict)
     decode_positions: Optional[torch.Tensor] = None
     on_prefill_kv: Optional[PrefillKVHook] = None
     stats: CommStats = field(default_factory=CommStats)
@@ -117,14 +120,12 @@ class CPCoreAttention(MegatronModule):
         if runtime.pcp_size == 1:
             out, _ = attention_forward(q, k, v, causal=True, scale=self.softmax_scale)
             return out
-        from cptoolkit.layers.ring_prefill import ring_prefill_attention
         return ring_prefill_attention(q, k, v, pcp_group=runtime.pcp_group, comm=runtime.prefill_comm,
                                       scale=self.softmax_scale, stats=runtime.stats)
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One new token per sequence: ``q [b, hq, 1, d]``, ``k``/``v [b, hkv, 1, d]`` are appended
         to this layer's cache by its shard owner and attended over the DCP group."""
-        from cptoolkit.layers.dcp_decode import dcp_decode_attention
         runtime = self.runtime
         return dcp_decode_attention(q, k, v, runtime.kv_caches[self.layer_number],
                                     runtime.decode_positions, runtime.decode_group,
