@@ -97,7 +97,7 @@ def _config_path(path: Path, where: str, raw: Any) -> Path:
 
 def _listed_runs(path: Path, raw: Any, shared: dict[str, Any]) -> list[SweepRun]:
     if not isinstance(raw, list) or not raw:
-        raise _fail(path, "runs", "must be a non-empty list of {config, name?, nproc?, overrides?}")
+        raise _fail(path, "runs", "must be a non-empty list of {config, name?, nproc?, overrides?, reference?}")
     runs = []
     for index, entry in enumerate(raw):
         where = f"runs[{index}]"
