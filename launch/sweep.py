@@ -347,6 +347,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(title)
         if factor is not None:
             ax.barh([row["name"] for row in inference], [row[name] * factor for row in inference])
+            ax.invert_yaxis()  # runs top to bottom in sweep order, as in the table
         elif name == "losses":
             for row in train:
                 ax.plot(range(1, len(row["losses"]) + 1), row["losses"], label=row["name"])
