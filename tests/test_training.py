@@ -4,7 +4,8 @@ One single-rank reference run and one 4-rank run (several layouts in turn, group
 train the same tiny models on the same data with the same seeds. Per-step losses must agree to 1e-4
 relative for 20 steps, and the clipped gradients after the first step parameter by parameter (TP shards
 gathered to full tensors). A checkpoint saved at TP=2 x PCP=2 must give the same loss at TP=1 x PCP=4.
-A torchrun smoke test runs launch/train.py on 2 ranks; a bad config exits before any process group.
+Both prefill comms (ring and all-gather) are covered. A torchrun smoke test runs launch/train.py on 2 ranks
+(TP=1 x PCP=2) and launch/infer.py from its checkpoint at TP=2; a bad config exits before any process group.
 """
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ LOSS_RTOL = 1e-4
 GRAD_RTOL = 1e-4  # of the parameter's largest reference gradient entry; measured ~6e-7
 
 
-def _config(model: dict, tp: int = 1, pcp: int = 1, dp: int = 1):
+def _config(model: dict, tp: int = 1, pcp: int = 1, dp: int = 1, prefill_comm: str = "p2p"):
     from cptoolkit.config import config_from_dict
 
     return config_from_dict({
-        "parallel": dict(tp=tp, pcp=pcp, dcp=pcp, dp=dp),
+        "parallel": dict(tp=tp, pcp=pcp, dcp=pcp, dp=dp, prefill_comm=prefill_comm),
         "model": model, "runtime": {"device": "cpu"},
         "train": dict(steps=STEPS, seq_len=32, micro_batch_size=GLOBAL_BATCH // dp, lr=3e-3, min_lr=3e-4,
                       warmup_steps=2, grad_clip=1.0, seed=3)}, source="<test>")
@@ -120,7 +121,7 @@ def _parallel_runs(rank, world_size, checkpoint_dir: str):
     results = {
         "llama tp2 pcp2": _train(_config(LLAMA, tp=2, pcp=2), documents, save_dir=checkpoint_dir),
         "llama tp1 pcp4": _train(_config(LLAMA, pcp=4), documents),
-        "llama dp2 pcp2": _train(_config(LLAMA, pcp=2, dp=2), documents),
+        "llama dp2 pcp2 all_gather": _train(_config(LLAMA, pcp=2, dp=2, prefill_comm="all_gather"), documents),
         "gpt2 tp2 pcp2": _train(_config(GPT2, tp=2, pcp=2), documents),
     }
     reload_cfg = config_from_dict({"parallel": dict(tp=1, pcp=4, dcp=4), "model": {"checkpoint": checkpoint_dir},
@@ -146,7 +147,8 @@ def _assert_close_rel(got: list[float], want: list[float], rtol: float, what: st
         f"want {want[worst]:.6f}), mean {np.mean(rel):.2e}")
 
 
-@pytest.mark.parametrize("layout", ["llama tp2 pcp2", "llama tp1 pcp4", "llama dp2 pcp2", "gpt2 tp2 pcp2"])
+@pytest.mark.parametrize("layout", ["llama tp2 pcp2", "llama tp1 pcp4", "llama dp2 pcp2 all_gather",
+                                    "gpt2 tp2 pcp2"])
 def test_cp_training_matches_single_rank_training(runs, layout):
     reference, parallel = runs
     want = reference[layout.split()[0]]
@@ -159,6 +161,7 @@ def test_cp_training_matches_single_rank_training(runs, layout):
             assert diff.max() <= GRAD_RTOL * np.abs(ref_grad).max(), (
                 f"{layout} rank {rank} step-1 gradient of {name}: max abs diff {diff.max():.3e}, mean "
                 f"{diff.mean():.3e}, reference max {np.abs(ref_grad).max():.3e}")
+        # Attention (ring or all-gather) issues no all-reduce: these are the trainer's 3 per step.
         assert run["comm_calls"]["all_reduce"] == 3 * STEPS, f"{layout} rank {rank}: {run['comm_calls']}"
     assert want["losses"][-1] < 0.8 * want["losses"][0], f"training did not learn: {want['losses']}"
     assert want["grad_norms"][0] > 1.0, "step 1 must exercise gradient clipping (grad_clip = 1.0)"
@@ -168,7 +171,7 @@ def test_ranks_hold_different_token_counts(runs):
     """Padding of variable-length sequences gives ranks unequal real-token counts, so the loss parity above
     holds only with the global-token normalization (a mean of per-rank means would differ)."""
     _, parallel = runs
-    for layout in ("llama tp1 pcp4", "llama dp2 pcp2"):
+    for layout in ("llama tp1 pcp4", "llama dp2 pcp2 all_gather"):
         per_step = list(zip(*(result[layout]["local_tokens"] for result in parallel)))
         assert any(len(set(counts)) > 1 for counts in per_step), f"{layout}: equal rank token counts {per_step}"
 
@@ -186,21 +189,31 @@ def _write_config(path: Path, parallel: dict, train: dict) -> Path:
     return path
 
 
-def test_torchrun_smoke_two_ranks(tmp_path):
+def _torchrun(script: str, config: Path, output: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(free_port()), script, "--config", str(config), "--output", str(output)],
+        cwd=REPO, capture_output=True, text=True, timeout=180)
+
+
+def test_torchrun_smoke_two_ranks_then_infer_from_the_checkpoint_at_another_layout(tmp_path):
     config = _write_config(tmp_path / "train.yaml", dict(tp=1, pcp=2, dcp=2),
                            dict(steps=3, seq_len=32, micro_batch_size=2, warmup_steps=1, save_dir="ckpt"))
-    output = tmp_path / "losses.json"
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(free_port()), "launch/train.py", "--config", str(config), "--output", str(output)],
-        cwd=REPO, capture_output=True, text=True, timeout=180)
+    proc = _torchrun("launch/train.py", config, tmp_path / "losses.json")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[rank 0] step 3/3 | loss" in proc.stdout and "tokens/s" in proc.stdout, proc.stdout[-2000:]
-    steps = json.loads(output.read_text())["steps"]
+    steps = json.loads((tmp_path / "losses.json").read_text())["steps"]
     assert [s["step"] for s in steps] == [1, 2, 3]
     for s in steps:
         assert np.isfinite([s["loss"], s["lr"], s["grad_norm"], s["tokens_per_s"]]).all() and s["num_tokens"] > 0
-    assert (tmp_path / "ckpt" / "model.safetensors").is_file() and (tmp_path / "ckpt" / "config.json").is_file()
+
+    (tmp_path / "infer.yaml").write_text(json.dumps({
+        "parallel": dict(tp=2, pcp=1, dcp=1), "model": {"checkpoint": "ckpt"}, "runtime": {"device": "cpu"},
+        "inference": {"prompts": ["12 plus 30 is"], "max_new_tokens": 4}}))
+    proc = _torchrun("launch/infer.py", tmp_path / "infer.yaml", tmp_path / "infer.json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (request,) = json.loads((tmp_path / "infer.json").read_text())["requests"]
+    assert request["error"] is None and request["token_ids"], request
 
 
 def test_bad_train_config_exits_before_any_process_group(tmp_path):
