@@ -1,0 +1,80 @@
+"""Config → model, tokenizer, KV cache and engine for one rank (the stages after the groups exist)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from cptoolkit.config import Config
+from cptoolkit.inference.checkpoint import load_model_checkpoint
+from cptoolkit.inference.engine import Engine
+from cptoolkit.inference.kv_cache import PagedKVCache, shard_token_count
+from cptoolkit.inference.sampling import SamplingParams
+from cptoolkit.inference.tokenizer import ByteTokenizer, load_tokenizer
+from cptoolkit.layers.core_attention import AttentionRuntime
+from cptoolkit.layers.dcp_decode import DecodeGroup
+from cptoolkit.models.gpt import GPTShape, build_gpt_model
+from cptoolkit.parallel_state import ParallelGroups
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def model_shape(cfg: Config) -> GPTShape:
+    """The model's shape from ``cfg.model`` (already filled from a checkpoint's config.json)."""
+    names = {f.name for f in dataclasses.fields(GPTShape)}
+    return GPTShape(**{name: getattr(cfg.model, name) for name in names})
+
+
+def attention_runtime(cfg: Config, groups: ParallelGroups) -> AttentionRuntime:
+    """The attention state every layer shares: PCP group for prefill, DCP group for decode."""
+    layout = groups.layout
+    kv_head_replication = max(layout.tp // layout.num_kv_heads, 1)
+    decode_group = DecodeGroup.from_group(groups.dcp_group, groups.dcp_tp_positions, groups.pcp_size,
+                                          cfg.parallel.kv_interleave, kv_head_replication)
+    return AttentionRuntime(pcp_group=groups.pcp_group, decode_group=decode_group,
+                            prefill_comm=cfg.parallel.prefill_comm, decode_comm=cfg.parallel.decode_comm)
+
+
+def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch.device) -> PagedKVCache:
+    """This rank's KV shard, sized for ``batch_size`` requests of ``max_seq_len`` tokens each."""
+    block_size, interleave = cfg.inference.kv_block_size, cfg.parallel.kv_interleave
+    fullest_shard_tokens = shard_token_count(shape.max_seq_len, 0, groups.dcp_size, interleave)
+    num_blocks = cfg.inference.batch_size * -(-fullest_shard_tokens // block_size)
+    return PagedKVCache(num_layers=shape.num_layers, num_kv_heads=len(groups.rank_info.dcp_kv_heads),
+                        head_dim=shape.head_dim, block_size=block_size, num_blocks=num_blocks,
+                        dcp_rank=groups.dcp_rank, dcp_size=groups.dcp_size, interleave=interleave,
+                        dtype=DTYPES[cfg.runtime.dtype], device=device)
+
+
+def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device) -> Engine:
+    """Model (checkpoint or seeded built-in), tokenizer, runtime and cache → ``Engine``."""
+    shape = model_shape(cfg)
+    runtime = attention_runtime(cfg, groups)
+    dtype = DTYPES[cfg.runtime.dtype]
+    if cfg.model.checkpoint is None:
+        model = build_gpt_model(shape, groups.tp_group, runtime, dtype=dtype, seed=cfg.model.seed)
+        tokenizer = ByteTokenizer()
+    else:
+        model = load_model_checkpoint(cfg.model.checkpoint, groups.tp_group, runtime, dtype=dtype)
+        tokenizer = load_tokenizer(cfg.model.checkpoint)
+    model = model.to(device).eval()
+    return Engine(model, runtime, groups, kv_cache(cfg, groups, shape, device), tokenizer,
+                  max_batch_size=cfg.inference.batch_size)
+
+
+def read_prompts(cfg: Config) -> list[str]:
+    """``inference.prompts``, or the non-empty lines of ``inference.prompt_file`` (relative to the config)."""
+    if cfg.inference.prompt_file is None:
+        return list(cfg.inference.prompts)
+    path = Path(cfg.inference.prompt_file)
+    path = path if path.is_absolute() else Path(cfg.source).parent / path
+    if not path.is_file():
+        raise ValueError(f"{cfg.source}: inference.prompt_file = {cfg.inference.prompt_file!r}: no such file")
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def sampling_params(cfg: Config) -> SamplingParams:
+    inf = cfg.inference
+    return SamplingParams(temperature=inf.temperature, top_k=inf.top_k, top_p=inf.top_p, seed=inf.seed,
+                          max_new_tokens=inf.max_new_tokens, stop_strings=tuple(inf.stop_strings))

@@ -1,0 +1,319 @@
+"""Generation engine: PCP-sharded prefill, DCP-sharded decode, continuous batching, sampling.
+
+Every rank of the TP x PCP x DCP job runs the same engine loop on the same requests, in lock step:
+- **Admission**: waiting requests join the running batch (up to ``max_batch_size``) when the KV cache
+  can hold their whole life (prompt + ``max_new_tokens``). The decision uses the worst-case shard's
+  block count, so it is the same on every rank without a collective.
+- **Prefill** of the newly admitted requests, together: each prompt is padded and split by
+  DualChunkSwap over the PCP group; the attention layers hand each layer's K/V to
+  ``_fill_cache_from_prefill``, which gathers it over the DCP group (one all-gather per layer) and
+  keeps this rank's KV shard. The last prompt token's logits (held by one PCP rank) are summed over
+  the PCP group and the first new token is sampled.
+- **Decode**: one token for every running request per step, attention over the DCP-sharded cache.
+- Sampled tokens are broadcast from global rank 0 so every rank appends the same token even if the
+  ranks' float rounding differed.
+
+Requests end on ``max_new_tokens``, on EOS, or on a stop string. Invalid requests (empty, too long
+for the model) end at once with an error, and the others carry on.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from cptoolkit.inference.kv_cache import PagedKVCache, shard_token_count
+from cptoolkit.inference.sampling import SamplingParams, broadcast_tokens, make_generator, sample
+from cptoolkit.layers.comm import CommStats, all_gather, all_reduce
+from cptoolkit.layers.core_attention import AttentionRuntime
+from cptoolkit.layers.dual_chunk_swap import partition_batch, unshard_sequence
+from cptoolkit.models.gpt import CPGPTModel, gpt_forward
+from cptoolkit.parallel_state import ParallelGroups
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: str | None
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    generator: torch.Generator
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One streamed step of one request: the new token (``None`` for a rejected request), the text it
+    added, and ``finish_reason`` once the request ended (``length``, ``eos``, ``stop`` or ``error``)."""
+
+    request_index: int
+    token_id: Optional[int]
+    text_delta: str
+    finish_reason: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_index: int
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    error: Optional[str] = None
+
+
+@dataclass
+class EngineMetrics:
+    """Wall times and counts of one engine's lifetime (every rank measures its own)."""
+
+    prefill_time_s: float = 0.0
+    decode_time_s: float = 0.0
+    prompt_tokens: int = 0
+    prefill_tokens_generated: int = 0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_collectives: int = 0
+    decode_bytes_sent: int = 0
+
+    def summary(self, kv_bytes_per_rank: int, num_layers: int) -> dict:
+        steps = max(self.decode_steps, 1)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.prefill_tokens_generated + self.decode_tokens,
+            "prefill_time_s": self.prefill_time_s,
+            "decode_time_s": self.decode_time_s,
+            "decode_steps": self.decode_steps,
+            "decode_tokens_per_s": self.decode_tokens / self.decode_time_s if self.decode_time_s else 0.0,
+            "kv_bytes_per_rank": kv_bytes_per_rank,
+            "collectives_per_decode_step": self.decode_collectives / steps,
+            "attention_collectives_per_layer_step": self.decode_collectives / steps / num_layers,
+            "attention_bytes_per_decode_step": self.decode_bytes_sent / steps,
+        }
+
+
+class Engine:
+    """Batched generation with a megatron-core GPT model built on cptoolkit attention.
+
+    ``model`` must have been built with ``runtime`` (the ``AttentionRuntime`` its attention layers
+    share); ``groups`` are this rank's process groups; ``cache`` is this rank's KV shard;
+    ``tokenizer`` has ``encode(str) -> list[int]``, ``decode(list[int]) -> str`` and ``eos_token_id``.
+    """
+
+    def __init__(self, model: CPGPTModel, runtime: AttentionRuntime, groups: ParallelGroups,
+                 cache: PagedKVCache, tokenizer, max_batch_size: int):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size = {max_batch_size}: must be >= 1")
+        self.model, self.runtime, self.groups = model, runtime, groups
+        self.cache, self.tokenizer, self.max_batch_size = cache, tokenizer, max_batch_size
+        self.shape = model.shape
+        self.metrics = EngineMetrics()
+        self._reserved_blocks = 0
+        self._prefill_ids: list[int] = []
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts: Sequence[str | list[int]], sampling: SamplingParams | Sequence[SamplingParams],
+                 on_event: Optional[Callable[[TokenEvent], None]] = None) -> list[GenerationResult]:
+        """Generate for every prompt (text or token ids); results in prompt order. ``on_event`` sees
+        every ``TokenEvent`` as it happens (progress display)."""
+        requests = self._make_requests(prompts, sampling)
+        for event in self._run(requests):
+            if on_event is not None:
+                on_event(event)
+        return [self._result(request) for request in requests]
+
+    def stream(self, prompts: Sequence[str | list[int]], sampling: SamplingParams | Sequence[SamplingParams]
+               ) -> Iterator[TokenEvent]:
+        """Like ``generate``, yielding a ``TokenEvent`` per request and step as tokens arrive."""
+        yield from self._run(self._make_requests(prompts, sampling))
+
+    # ------------------------------------------------------------------ requests
+    def _make_requests(self, prompts, sampling) -> list[_Request]:
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling: got {len(params)} SamplingParams for {len(prompts)} prompts")
+        requests = []
+        for index, (prompt, request_params) in enumerate(zip(prompts, params)):
+            text = prompt if isinstance(prompt, str) else None
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            requests.append(_Request(index, text, ids, request_params,
+                                     make_generator(request_params.seed, index)))
+        return requests
+
+    def _request_error(self, request: _Request) -> Optional[str]:
+        if not request.prompt_ids:
+            return "empty prompt: a request needs at least one prompt token"
+        needed = len(request.prompt_ids) + request.sampling.max_new_tokens
+        if needed > self.shape.max_seq_len:
+            return (f"prompt of {len(request.prompt_ids)} tokens + max_new_tokens "
+                    f"{request.sampling.max_new_tokens} = {needed} exceeds the model's max_seq_len "
+                    f"{self.shape.max_seq_len}")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.shape.vocab_size]
+        if bad:
+            return f"prompt token id {bad[0]} is outside the vocabulary [0, {self.shape.vocab_size})"
+        if self._blocks_needed(needed) > self.cache.num_blocks:
+            return (f"needs {self._blocks_needed(needed)} KV blocks per rank for {needed} tokens but the "
+                    f"cache has {self.cache.num_blocks}; raise the KV cache size")
+        return None
+
+    def _blocks_needed(self, total_len: int) -> int:
+        """Blocks of the fullest shard (shard 0) for ``total_len`` tokens: the same on every rank."""
+        shard0 = shard_token_count(total_len, 0, self.cache.dcp_size, self.cache.interleave)
+        return -(-shard0 // self.cache.block_size)
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self, requests: list[_Request]) -> Iterator[TokenEvent]:
+        waiting: deque[_Request] = deque()
+        for request in requests:
+            request.error = self._request_error(request)
+            if request.error:
+                request.finish_reason = "error"
+                yield TokenEvent(request.index, None, "", "error")
+            else:
+                waiting.append(request)
+        running: list[_Request] = []
+        while waiting or running:
+            admitted = self._admit(waiting, running)
+            if admitted:
+                yield from self._prefill(admitted)
+                running.extend(admitted)
+            decoding = [r for r in running if r.finish_reason is None]
+            if decoding and not admitted:
+                yield from self._decode_step(decoding)
+            for request in [r for r in running if r.finish_reason is not None]:
+                self._release(request)
+                running.remove(request)
+
+    def _admit(self, waiting: deque, running: list) -> list[_Request]:
+        admitted = []
+        while waiting and len(running) + len(admitted) < self.max_batch_size:
+            request = waiting[0]
+            blocks = self._blocks_needed(len(request.prompt_ids) + request.sampling.max_new_tokens)
+            if self._reserved_blocks + blocks > self.cache.num_blocks:
+                break  # queued until a running request frees its blocks
+            waiting.popleft()
+            self.cache.add_request(request.index, len(request.prompt_ids) + request.sampling.max_new_tokens)
+            self._reserved_blocks += blocks
+            admitted.append(request)
+        return admitted
+
+    def _release(self, request: _Request) -> None:
+        self.cache.free_request(request.index)
+        self._reserved_blocks -= self._blocks_needed(len(request.prompt_ids) + request.sampling.max_new_tokens)
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, requests: list[_Request]) -> Iterator[TokenEvent]:
+        groups = self.groups
+        start = time.perf_counter()
+        batch = partition_batch([r.prompt_ids for r in requests], groups.pcp_rank, groups.pcp_size, pad_id=0)
+        self._prefill_ids = [r.index for r in requests]
+        self._prefill_lens = batch.seq_lens
+        self.runtime.mode = "prefill"
+        self.runtime.on_prefill_kv = self._fill_cache_from_prefill
+        try:
+            with torch.no_grad():
+                logits = gpt_forward(self.model, batch.input_ids.to(self._device),
+                                     batch.position_ids.to(self._device), self.runtime)
+        finally:
+            self.runtime.on_prefill_kv = None
+        last_logits = torch.zeros(len(requests), logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        for row, (owner, local_index) in enumerate(batch.last_token_owners()):
+            if owner == groups.pcp_rank:
+                last_logits[row] = logits[row, local_index]
+        if groups.pcp_size > 1:  # exactly one PCP rank holds each row; the others add zeros
+            all_reduce(last_logits, groups.pcp_group)
+        tokens = self._sample(last_logits, requests)
+        self.metrics.prefill_time_s += time.perf_counter() - start
+        self.metrics.prompt_tokens += sum(batch.seq_lens)
+        self.metrics.prefill_tokens_generated += len(requests)
+        yield from self._append_tokens(requests, tokens)
+
+    def _fill_cache_from_prefill(self, layer_number: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep this rank's KV shard of the prefill K/V of ``layer_number``.
+
+        ``k``/``v [b, hkv_local, 2c, d]`` are this rank's DualChunkSwap shard of its own KV heads.
+        One all-gather over the DCP group brings every member's shard; the members at each of the
+        group's KV-source TP positions give, in PCP order, that position's heads for all tokens.
+        """
+        dg = self.runtime.decode_group
+        packed = torch.stack([k, v])  # [2, b, hkv_local, 2c, d]
+        gathered = all_gather(packed, self.groups.dcp_group) if dg.dcp_size > 1 else packed.unsqueeze(0)
+        pcp = self.groups.pcp_size
+        kv_per_position = [
+            unshard_sequence(gathered[tp_position * pcp:(tp_position + 1) * pcp], pcp, seq_dim=3)
+            for tp_position in dg.kv_source_tp_positions]
+        kv_full = torch.cat(kv_per_position, dim=2)  # [2, b, hkv_group, seq_len_padded, d]
+        for row, (request_id, seq_len) in enumerate(zip(self._prefill_ids, self._prefill_lens)):
+            positions = torch.arange(seq_len, device=k.device)
+            self.cache.fill_prefill(layer_number - 1, request_id, kv_full[0, row, :, :seq_len],
+                                    kv_full[1, row, :, :seq_len], positions)
+
+    # ------------------------------------------------------------------ decode
+    def _decode_step(self, requests: list[_Request]) -> Iterator[TokenEvent]:
+        start = time.perf_counter()
+        stats_before = (self.runtime.stats.total_calls, self.runtime.stats.total_bytes)
+        input_ids = torch.tensor([[r.output_ids[-1]] for r in requests], device=self._device)
+        positions = torch.tensor([[r.total_len - 1] for r in requests], device=self._device)
+        ids = [r.index for r in requests]
+        self.runtime.mode = "decode"
+        self.runtime.decode_positions = positions[:, 0]
+        self.runtime.kv_caches = {layer + 1: self.cache.view(layer, ids) for layer in range(self.shape.num_layers)}
+        with torch.no_grad():
+            logits = gpt_forward(self.model, input_ids, positions, self.runtime)[:, -1]
+        self.metrics.decode_collectives += self.runtime.stats.total_calls - stats_before[0]
+        self.metrics.decode_bytes_sent += self.runtime.stats.total_bytes - stats_before[1]
+        tokens = self._sample(logits, requests)
+        self.metrics.decode_time_s += time.perf_counter() - start
+        self.metrics.decode_steps += 1
+        self.metrics.decode_tokens += len(requests)
+        yield from self._append_tokens(requests, tokens)
+
+    # ------------------------------------------------------------------ sampling and stopping
+    def _sample(self, logits: torch.Tensor, requests: list[_Request]) -> torch.Tensor:
+        tokens = sample(logits, [r.sampling for r in requests], [r.generator for r in requests])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            tokens = broadcast_tokens(tokens.contiguous(), None, src=0)
+        return tokens
+
+    def _append_tokens(self, requests: list[_Request], tokens: torch.Tensor) -> Iterator[TokenEvent]:
+        for request, token in zip(requests, tokens.tolist()):
+            request.output_ids.append(token)
+            previous_text = request.text
+            request.text = self.tokenizer.decode(request.output_ids)
+            request.finish_reason = self._finish_reason(request, token)
+            if request.finish_reason == "stop":
+                request.text = _cut_at_stop(request.text, request.sampling.stop_strings)
+            yield TokenEvent(request.index, token, request.text[len(previous_text):], request.finish_reason)
+
+    def _finish_reason(self, request: _Request, token: int) -> Optional[str]:
+        if token == self.tokenizer.eos_token_id or token in request.sampling.stop_token_ids:
+            return "eos"
+        if any(stop in request.text for stop in request.sampling.stop_strings):
+            return "stop"
+        if len(request.output_ids) >= request.sampling.max_new_tokens:
+            return "length"
+        return None
+
+    def _result(self, request: _Request) -> GenerationResult:
+        return GenerationResult(request.index, request.prompt, request.prompt_ids, request.output_ids,
+                                request.text, request.finish_reason, request.error)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.cache.device
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    cut = min((text.index(s) for s in stop_strings if s in text), default=len(text))
+    return text[:cut]

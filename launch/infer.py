@@ -1,0 +1,86 @@
+"""Generate text with a TP x PCP x DCP layout.
+
+    torchrun --nproc-per-node N launch/infer.py --config configs/tp2_pcp2_dcp4.yaml [--output result.json]
+
+arguments → YAML → config → groups → engine → report. Rank 0 prints the layout, progress, every
+request's text and a metrics table; ``--output`` writes the same as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cptoolkit.config import load_config  # noqa: E402
+from cptoolkit.distributed import env_rank, init_distributed, run_main  # noqa: E402
+from cptoolkit.inference.builder import build_engine, read_prompts, sampling_params  # noqa: E402
+from cptoolkit.parallel_state import initialize_model_parallel, render_layout  # noqa: E402
+
+LOG = logging.getLogger("cptoolkit")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config with an 'inference' section")
+    parser.add_argument("--output", help="write prompts, token ids, texts and metrics as JSON here")
+    return parser.parse_args(argv)
+
+
+def metrics_table(metrics: dict) -> str:
+    rows = [("prompt tokens", f"{metrics['prompt_tokens']}"),
+            ("generated tokens", f"{metrics['generated_tokens']}"),
+            ("prefill time", f"{metrics['prefill_time_s'] * 1e3:.1f} ms"),
+            ("decode tokens/s", f"{metrics['decode_tokens_per_s']:.1f}"),
+            ("KV bytes per rank", f"{metrics['kv_bytes_per_rank']:,}"),
+            ("collectives per decode step", f"{metrics['collectives_per_decode_step']:.1f} "
+                                            f"({metrics['attention_collectives_per_layer_step']:.1f} per layer)")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def main() -> int:
+    args = parse_args()
+    cfg = load_config(args.config)
+    if cfg.inference is None:
+        raise ValueError(f"{cfg.source}: launch/infer.py needs an 'inference' section (this is a train config)")
+    prompts = read_prompts(cfg)
+    device = init_distributed(cfg.runtime, cfg.parallel.world_size, cfg.source)
+    p, m = cfg.parallel, cfg.model
+    groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp,
+                                       num_heads=m.num_attention_heads, num_kv_heads=m.num_kv_heads)
+    LOG.info("%s\n", render_layout(groups.layout))
+    engine = build_engine(cfg, groups, device)
+    LOG.info("model: %s, %d layers, hidden %d; KV cache %s bytes per rank; %d requests",
+             m.arch, m.num_layers, m.hidden_size, f"{engine.cache.bytes_per_rank:,}", len(prompts))
+    finished = []
+
+    def show_progress(event):
+        if event.finish_reason is not None:
+            finished.append(event.request_index)
+            LOG.info("request %d finished (%s) [%d/%d]", event.request_index, event.finish_reason,
+                     len(finished), len(prompts))
+
+    results = engine.generate(prompts, sampling_params(cfg), on_event=show_progress)
+    for result in results:
+        shown = f"error: {result.error}" if result.error else repr(result.text)
+        LOG.info("--- request %d: %r\n    -> %s", result.request_index, result.prompt, shown)
+    metrics = engine.metrics.summary(engine.cache.bytes_per_rank, m.num_layers)
+    LOG.info("\n%s", metrics_table(metrics))
+    if args.output and env_rank() == 0:
+        Path(args.output).write_text(json.dumps({
+            "config": {"source": cfg.source, **dataclasses.asdict(cfg)},
+            "layout": render_layout(groups.layout),
+            "requests": [{"prompt": r.prompt, "prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids,
+                          "text": r.text, "finish_reason": r.finish_reason, "error": r.error} for r in results],
+            "metrics": metrics}, indent=2))
+        LOG.info("wrote %s", args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
