@@ -101,6 +101,12 @@ class ParallelLayout:
             raise ValueError(f"num_kv_heads ({kv_heads}) and tp ({tp}) must divide one another: either each TP "
                              "rank owns num_kv_heads/tp KV heads or each KV head is replicated on tp/num_kv_heads "
                              "TP ranks")
+        k = self.dcp // self.pcp
+        replication = tp // kv_heads if kv_heads < tp else 1
+        if k % replication and replication % k:
+            raise ValueError(f"dcp/pcp ({k}) and tp/num_kv_heads ({replication}) must divide one another "
+                             f"(tp={tp}, num_kv_heads={kv_heads}, dcp={self.dcp}, pcp={self.pcp}): a DCP group's "
+                             "query heads must map evenly onto the distinct KV heads it caches")
 
     @property
     def world_size(self) -> int:
@@ -233,7 +239,11 @@ def _join_and(items: list[str]) -> str:
 
 
 def replication_note(layout: ParallelLayout) -> str | None:
-    """The NOTE line when some (KV head, KV shard) cache slice is stored by more than one rank of a replica."""
+    """The NOTE line when some (KV head, KV shard) cache slice is stored by more than one rank of a replica.
+
+    With the layout's rules (k = dcp/pcp and tp/num_kv_heads divide one another) a replica stores
+    ``(tp/k) * max(1, k*num_kv_heads/tp)`` copies of ``num_kv_heads`` heads per shard, so replication
+    happens exactly when ``tp*pcp/dcp > num_kv_heads``: the reason the note gives."""
     by_copies: dict[int, list[str]] = {}
     for (head, shard), holders in sorted(layout.kv_replication().items()):
         if holders > 1:
@@ -242,11 +252,7 @@ def replication_note(layout: ParallelLayout) -> str | None:
         return None
     clauses = [f"{_join_and(pairs)} {'are each' if len(pairs) > 1 else 'is'} replicated {_times(copies)}"
                for copies, pairs in sorted(by_copies.items())]
-    if layout.tp * layout.pcp // layout.dcp > layout.num_kv_heads:
-        reason = "since num_gpus = TP * PCP and num_gpus / DCP > num_kv_heads"
-    else:
-        reason = "since TP ranks in different DCP groups use the same KV head"
-    return f"NOTE: {'; '.join(clauses)} ({reason})"
+    return f"NOTE: {'; '.join(clauses)} (since num_gpus = TP * PCP and num_gpus / DCP > num_kv_heads)"
 
 
 def _group_sections(layout: ParallelLayout) -> list[tuple[str, str, list[list[int]]]]:

@@ -52,8 +52,8 @@ def test_replication_note_counts_copies():
     single = render_layout(ParallelLayout(tp=2, pcp=1, dcp=1, num_heads=4, num_kv_heads=1))
     assert "NOTE: (k0, s0) is replicated once (since" in single
     assert "NOTE" not in render_layout(ParallelLayout(tp=4, pcp=1, dcp=4, num_heads=8, num_kv_heads=1))
-    overlap = render_layout(ParallelLayout(tp=6, pcp=1, dcp=3, num_heads=6, num_kv_heads=3))
-    assert "(k1, s0), (k1, s1) and (k1, s2) are each replicated once (since TP ranks in different DCP groups" in overlap
+    across_groups = render_layout(ParallelLayout(tp=4, pcp=1, dcp=2, num_heads=8, num_kv_heads=1))
+    assert "NOTE: (k0, s0) and (k0, s1) are each replicated once (since num_gpus" in across_groups
 
 
 def test_title_names_mqa_only_for_shared_kv_head():
@@ -152,6 +152,8 @@ def test_every_valid_layout_keeps_invariants():
     (dict(num_heads=6, num_kv_heads=4), r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"),
     (dict(tp=4, dcp=2, num_heads=24, num_kv_heads=6),
      r"num_kv_heads \(6\) and tp \(4\) must divide one another"),
+    (dict(tp=6, pcp=1, dcp=3, num_heads=6, num_kv_heads=3),
+     r"dcp/pcp \(3\) and tp/num_kv_heads \(2\) must divide one another .*map evenly"),
 ])
 def test_invalid_layout_names_field_and_rule(kwargs, message):
     args = dict(tp=2, pcp=2, dcp=2, num_heads=8, num_kv_heads=2) | kwargs
