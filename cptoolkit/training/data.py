@@ -167,12 +167,12 @@ def get_batch_on_this_pcp_rank(packed: PackedBatch, pcp_rank: int, pcp_size: int
 
     Inputs, labels and loss mask go through the same ``partition_batch`` split, so position ``j`` of
     each output tensor refers to the same token. ``pad_id`` fills padded inputs and labels (any valid
-    vocabulary id: padded positions never train).
+    vocabulary id: padded positions never train, their loss mask is filled with False).
     """
     def shard(values: torch.Tensor, fill: int):
         return partition_batch(values, pcp_rank, pcp_size, pad_id=fill, cu_seqlens=packed.cu_seqlens)
 
     inputs = shard(packed.tokens, pad_id)
     return TrainBatch(input_ids=inputs.input_ids, labels=shard(packed.labels, pad_id).input_ids,
-                      loss_mask=shard(packed.loss_mask.long(), 0).input_ids.bool() & inputs.valid,
+                      loss_mask=shard(packed.loss_mask.long(), 0).input_ids.bool(),
                       position_ids=inputs.position_ids)

@@ -131,7 +131,7 @@ def compute_gradients(model: CPGPTModel, runtime: AttentionRuntime, batch: Train
     loss_sum, num_tokens = all_reduce_loss_and_tokens(local_loss_sum.detach(), batch.num_loss_tokens,
                                                       groups.dp_pcp_group, stats)
     if num_tokens == 0:
-        raise ValueError("the global batch has no real target token: every sequence needs at least 2 tokens")
+        raise ValueError("the global batch has no target token with loss_mask set: nothing to train on")
     all_reduce_gradients(model, groups.dp_pcp_group, stats)
     for param in model.parameters():
         param.grad.div_(num_tokens)
