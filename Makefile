@@ -7,6 +7,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 NPROC  ?= 4
 CONFIG ?= configs/tp2_pcp2_dcp4.yaml
+PORT   ?= 29500
 
 .PHONY: run test bench clean
 
@@ -18,7 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m cptoolkit.parallel_state --tp 2 --pcp 2 --dcp 4 --num-heads 8 --num-kv-heads 2
+	$(VENV)/bin/torchrun --nproc-per-node $(NPROC) --master-addr 127.0.0.1 --master-port $(PORT) \
+		launch/infer.py --config $(CONFIG) --output out/result.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from typing import Callable
 
 import torch
@@ -29,9 +30,13 @@ def env_world_size() -> int:
 
 
 def setup_logging(rank: int) -> None:
-    """Rank 0 logs at INFO, other ranks only warnings and errors; every line says its rank."""
+    """Rank 0 logs at INFO, other ranks only warnings and errors; every line says its rank.
+
+    megatron-core warns at import that TransformerEngine/Apex are missing and about CUDA-only
+    tuning; on a CPU run those say nothing actionable, so they are silenced."""
     logging.basicConfig(stream=sys.stdout, format=f"[rank {rank}] %(message)s",
                         level=logging.INFO if rank == 0 else logging.WARNING, force=True)
+    warnings.filterwarnings("ignore", module=r"megatron\.")
 
 
 def select_device(runtime: RuntimeConfig) -> torch.device:

@@ -57,9 +57,12 @@ def main() -> int:
     engine = build_engine(cfg, groups, device)
     LOG.info("model: %s, %d layers, hidden %d; KV cache %s bytes per rank; %d requests",
              m.arch, m.num_layers, m.hidden_size, f"{engine.cache.bytes_per_rank:,}", len(prompts))
-    finished = []
+    finished, generated = [], [0]
 
     def show_progress(event):
+        generated[0] += event.token_id is not None
+        if event.token_id is not None and generated[0] % 16 == 0:
+            LOG.info("generated %d tokens, %d/%d requests finished", generated[0], len(finished), len(prompts))
         if event.finish_reason is not None:
             finished.append(event.request_index)
             LOG.info("request %d finished (%s) [%d/%d]", event.request_index, event.finish_reason,
@@ -72,6 +75,7 @@ def main() -> int:
     metrics = engine.metrics.summary(engine.cache.bytes_per_rank, m.num_layers)
     LOG.info("\n%s", metrics_table(metrics))
     if args.output and env_rank() == 0:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps({
             "config": {"source": cfg.source, **dataclasses.asdict(cfg)},
             "layout": render_layout(groups.layout),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -41,7 +42,9 @@ def _rank_main(rank, world_size, port, collective_timeout_s, fn, args, kwargs, r
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=collective_timeout_s))
         value = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, "ok", value))
+        # Pickled here, not by the queue's feeder thread: a tensor would otherwise travel as a
+        # shared-memory handle that dies with this process before the parent opens it.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent, with its traceback
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -84,7 +87,7 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args, timeout_s: float =
                 continue
             if status == "error":
                 raise RankFailed(f"rank {rank} of {world_size} failed:\n{value}")
-            values[rank] = value
+            values[rank] = pickle.loads(value)
     finally:
         for proc in procs:
             proc.join(timeout=5 if len(values) == world_size else 0)
