@@ -3,11 +3,12 @@ optimizer groups, and the training config rules (all without process groups)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from cptoolkit.config import ConfigError, TrainConfig, config_from_dict
+from cptoolkit.config import ConfigError, TrainConfig, config_from_dict, load_config
 from cptoolkit.inference.tokenizer import ByteTokenizer
 from cptoolkit.layers.dual_chunk_swap import unshard_sequence
 from cptoolkit.training.data import (PackedBatch, corpus_documents, generate_corpus, get_batch_on_this_pcp_rank,
@@ -159,3 +160,10 @@ def test_an_inference_config_is_not_a_train_config():
                            source="infer.yaml")
     with pytest.raises(ConfigError, match=r"infer.yaml: launch/train.py needs a 'train' section"):
         validate_train_config(cfg, ByteTokenizer.vocab_size)
+
+
+@pytest.mark.parametrize("name", ["train_tp1_pcp1", "train_tp2_pcp2", "train_tp1_pcp4"])
+def test_shipped_train_configs_are_valid(name):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    validate_train_config(cfg, ByteTokenizer.vocab_size)
+    assert cfg.parallel.world_size == cfg.parallel.tp * cfg.parallel.pcp and cfg.train.save_dir.endswith(name)
