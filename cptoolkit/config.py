@@ -241,9 +241,12 @@ def _check_layout(cfg: Config) -> None:
         raise ValueError(f"parallel (tp={p.tp}, pcp={p.pcp}, dcp={p.dcp}, dp={p.dp}) with model "
                          f"(num_attention_heads={m.num_attention_heads}, num_kv_heads={m.num_kv_heads}): "
                          f"{err}") from None
-    _require(m.vocab_size % p.tp == 0, "model.vocab_size", m.vocab_size,
-             f"must be a multiple of parallel.tp ({p.tp}) for the vocab-parallel embedding")
+    _require(m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
+             f"must be a multiple of parallel.tp ({p.tp}) for the column-parallel MLP")
     if cfg.train is not None:
+        _require(m.num_kv_heads % p.tp == 0, "model.num_kv_heads", m.num_kv_heads,
+                 f"must be a multiple of parallel.tp ({p.tp}) for training: KV heads replicated over TP "
+                 "ranks are separate parameters and would drift apart")
         _require(cfg.train.seq_len % (2 * p.pcp) == 0, "train.seq_len", cfg.train.seq_len,
                  f"must be a multiple of 2*parallel.pcp ({2 * p.pcp}) for DualChunkSwap")
         _require(cfg.train.seq_len <= m.max_seq_len, "train.seq_len", cfg.train.seq_len,
@@ -260,8 +263,10 @@ def config_from_dict(raw: Any, source: str = "<dict>", base_dir: Path = Path("."
             raise ValueError(f"{unknown[0]}: unknown section (known: {', '.join(_SECTIONS)})")
         if ("inference" in raw) == ("train" in raw):
             raise ValueError("exactly one of the sections 'inference' or 'train' is required")
-        sections = {name: _build_section(cls, raw[name], name)
-                    for name, cls in _SECTIONS.items() if name in raw or name in ("parallel", "model", "runtime")}
+        missing = [name for name in ("parallel", "model", "runtime") if name not in raw]
+        if missing:
+            raise ValueError(f"{missing[0]}: section missing (write '{missing[0]}: {{}}' for all defaults)")
+        sections = {name: _build_section(cls, raw[name], name) for name, cls in _SECTIONS.items() if name in raw}
         if sections["model"].checkpoint is not None:
             sections["model"] = _checkpoint_shape(sections["model"], base_dir)
         cfg = Config(**sections, source=source)

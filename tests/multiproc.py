@@ -18,7 +18,8 @@ import traceback
 from typing import Any, Callable
 
 _CONTEXT = mp.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["torch", "torch.distributed"])
+# megatron-core costs seconds of CPU to import: once in the forkserver instead of once per rank.
+_CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "megatron.core.models.gpt.gpt_model"])
 
 
 class RankFailed(RuntimeError):

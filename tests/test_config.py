@@ -9,7 +9,7 @@ import pytest
 from cptoolkit.config import ConfigError, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("sweep_"))
 MINIMAL = {"parallel": {"tp": 2, "pcp": 2, "dcp": 4}, "model": {}, "runtime": {},
            "inference": {"prompts": ["hi"]}}
 
@@ -42,12 +42,13 @@ def test_reference_config_values():
     (_with("parallel", tp="2"), r"parallel.tp = '2': must be a int"),
     ({**_with("model", num_attention_heads=6, hidden_size=96), "parallel": {"tp": 4}}, r"<t>: .*heads.*6"),
     (_with("model", num_kv_heads=3), r"model.num_kv_heads = 3: must divide num_attention_heads \(8\)"),
-    (_with("model", vocab_size=321), r"model.vocab_size = 321: must be a multiple of parallel.tp \(2\)"),
     (_with("inference", top_p=0.0), r"inference.top_p = 0.0: must be in \(0, 1\]"),
     (_with("inference", prompts=[]), r"inference.prompts = \[\]: give exactly one of prompts"),
     ({**MINIMAL, "extra": {}}, r"extra: unknown section"),
     ({k: v for k, v in MINIMAL.items() if k != "inference"}, r"exactly one of the sections 'inference' or 'train'"),
     ("just text", r"top level must be a mapping"),
+    ({k: v for k, v in MINIMAL.items() if k != "model"}, r"<t>: model: section missing"),
+    (_with("model", ffn_hidden_size=97), r"model.ffn_hidden_size = 97: must be a multiple of parallel.tp \(2\)"),
 ])
 def test_invalid_configs_name_the_rule(raw, message):
     with pytest.raises(ConfigError, match=message):
@@ -57,6 +58,14 @@ def test_invalid_configs_name_the_rule(raw, message):
 def test_train_seq_len_must_fit_dual_chunk_swap():
     raw = {k: v for k, v in MINIMAL.items() if k != "inference"} | {"train": {"seq_len": 30}}
     with pytest.raises(ConfigError, match=r"train.seq_len = 30: must be a multiple of 2\*parallel.pcp \(4\)"):
+        config_from_dict(raw, source="<t>")
+
+
+def test_training_needs_kv_heads_split_over_tp():
+    raw = {k: v for k, v in MINIMAL.items() if k != "inference"} | {"train": {"seq_len": 32}}
+    raw["model"] = {"num_kv_heads": 1}
+    with pytest.raises(ConfigError, match=r"model.num_kv_heads = 1: must be a multiple of parallel.tp \(2\) "
+                                          r"for training"):
         config_from_dict(raw, source="<t>")
 
 
