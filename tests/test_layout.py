@@ -9,7 +9,9 @@ import pytest
 
 from cptoolkit.layout import BANNER, LEGEND, ParallelLayout, render_layout
 
-GOLDEN = Path(__file__).parents[2] / "shared/spec/layout_tables.txt"
+# A copy of shared/spec/layout_tables.txt, so a clone without shared/ beside it still checks the tables.
+GOLDEN = Path(__file__).parent / "golden/layout_tables.txt"
+SHARED_GOLDEN = Path(__file__).parents[2] / "shared/spec/layout_tables.txt"
 GOLDEN_CONFIGS = [(2, 2, 2, 8, 2), (2, 2, 2, 8, 1), (2, 2, 4, 8, 2), (2, 2, 4, 8, 1)]
 
 
@@ -54,6 +56,11 @@ def test_replication_note_counts_copies():
     assert "NOTE" not in render_layout(ParallelLayout(tp=4, pcp=1, dcp=4, num_heads=8, num_kv_heads=1))
     across_groups = render_layout(ParallelLayout(tp=4, pcp=1, dcp=2, num_heads=8, num_kv_heads=1))
     assert "NOTE: (k0, s0) and (k0, s1) are each replicated once (since num_gpus" in across_groups
+
+
+@pytest.mark.skipif(not SHARED_GOLDEN.is_file(), reason="no shared/ beside this checkout")
+def test_golden_copy_equals_the_shared_spec():
+    assert GOLDEN.read_text() == SHARED_GOLDEN.read_text()
 
 
 def test_title_names_mqa_only_for_shared_kv_head():
