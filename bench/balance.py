@@ -21,7 +21,8 @@ if __package__ in (None, ""):  # run as `python bench/balance.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import prefill_scaling
-from bench.common import format_table, machine_info, new_figure, save_figure, write_json
+from bench.common import (RESULTS_DIR, add_results_dir_argument, format_table, machine_info, new_figure,
+                          save_figure, write_json)
 from cptoolkit.layers.dual_chunk_swap import SPLITS, causal_work
 
 PCP_SIZES = (2, 4, 8)
@@ -74,7 +75,7 @@ def tables(payload: dict) -> str:
             f"Measured per-rank ring attention time, 2 ranks:\n{measured}")
 
 
-def plot(payload: dict) -> Path:
+def plot(payload: dict, results_dir: Path = RESULTS_DIR) -> Path:
     fig, ax = new_figure(f"Causal work per PCP rank, PCP={max(PCP_SIZES)}", "PCP rank",
                          "causal (query, key) pairs / mean")
     for offset, split in ((-0.2, "dual_chunk_swap"), (0.2, "contiguous")):
@@ -83,17 +84,18 @@ def plot(payload: dict) -> Path:
         ax.bar([rank + offset for rank in range(row["pcp_size"])], [n / mean for n in row["per_rank_pairs"]],
                width=0.4, label=split)
     ax.legend()
-    return save_figure(fig, "balance")
+    return save_figure(fig, "balance", results_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="measure at 8192 tokens, 3 repetitions")
+    add_results_dir_argument(parser)
     args = parser.parse_args(argv)
     before = machine_info()
     payload = run(8192 if args.quick else 16384, 3 if args.quick else 5)
     print(tables(payload))
-    print(f"wrote {write_json('balance', payload, before)} and {plot(payload)}")
+    print(f"wrote {write_json('balance', payload, before, args.results_dir)} and {plot(payload, args.results_dir)}")
     return 0
 
 

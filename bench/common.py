@@ -56,6 +56,12 @@ def machine_info() -> dict[str, Any]:
             "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def add_results_dir_argument(parser) -> None:
+    """``--results-dir DIR`` (default ``bench/results``): where JSON and PNG files go."""
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                        help="folder for the JSON and PNG results (default bench/results)")
+
+
 def write_json(name: str, payload: dict[str, Any], machine_before: dict[str, Any],
                results_dir: Path = RESULTS_DIR) -> Path:
     """Write ``payload`` plus the machine state before and after the run to ``results_dir/name.json``."""

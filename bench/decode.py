@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as `python bench/decode.py`: make the repos
 import torch
 import torch.distributed as dist
 
-from bench.common import (format_table, launch, machine_info, new_figure, save_figure, slowest_rank_per_rep,
-                          summarize, time_call, write_json)
+from bench.common import (RESULTS_DIR, add_results_dir_argument, format_table, launch, machine_info, new_figure,
+                          save_figure, slowest_rank_per_rep, summarize, time_call, write_json)
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.dcp_decode import ContiguousShardCache, DecodeGroup, attend_shard, dcp_decode_attention
 
@@ -156,7 +156,7 @@ def table(payload: dict) -> str:
                          "KV MiB/rank", "collectives/step", "calls", "bytes sent/step (rank 0)"], rows)
 
 
-def plot(payload: dict) -> Path:
+def plot(payload: dict, results_dir: Path = RESULTS_DIR) -> Path:
     fig, ax = new_figure("Decode attention step (1 layer, batch 1)", "context length (tokens)",
                          "median step latency (ms)")
     for label in payload["config"]["layouts"]:
@@ -165,7 +165,7 @@ def plot(payload: dict) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.legend()
-    return save_figure(fig, "decode")
+    return save_figure(fig, "decode", results_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"contexts {QUICK_CONTEXT_LENS}, 10 steps per round")
     parser.add_argument("--context-lens", type=int, nargs="+", help=f"default {FULL_CONTEXT_LENS}")
     parser.add_argument("--steps", type=int, help="timed steps per layout and round (default 10 quick, 20 full)")
+    add_results_dir_argument(parser)
     args = parser.parse_args(argv)
     before = machine_info()
     payload = run(list(args.context_lens or (QUICK_CONTEXT_LENS if args.quick else FULL_CONTEXT_LENS)),
                   args.steps or (10 if args.quick else 20))
     print(table(payload))
-    print(f"wrote {write_json('decode', payload, before)} and {plot(payload)}")
+    print(f"wrote {write_json('decode', payload, before, args.results_dir)} and {plot(payload, args.results_dir)}")
     return 0
 
 

@@ -3,8 +3,9 @@
 Runs the sweep ``configs/sweep_layouts.yaml`` (1-rank baseline first, then TP=2 x PCP=2 with DCP=2 and
 DCP=4, GQA and MQA) through ``launch/sweep.py`` and reports per layout: prefill time, decode tokens/s,
 KV bytes per rank, collectives per decode step, and how many generated tokens differ from the
-baseline of the same model (GQA or MQA). Runs with more ranks than cores oversubscribe them (4 ranks on the 2-core machine), so
-their timings measure contention as much as the algorithm: the table marks them.
+baseline of the same model (GQA or MQA). One thread per rank. Runs with more ranks than cores
+oversubscribe them (4 ranks on the 2-core machine), so their timings measure contention as much as
+the algorithm: the table marks them.
 
     python bench/end_to_end.py [--quick]
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/end_to_end.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS_DIR, format_table, machine_info, write_json
+from bench.common import RESULTS_DIR, add_results_dir_argument, format_table, machine_info, write_json
 from launch import sweep
 
 SWEEP_FILE = Path(__file__).resolve().parents[1] / "configs" / "sweep_layouts.yaml"
@@ -50,16 +51,20 @@ def table(payload: dict) -> str:
     def ms(value):
         return "-" if value is None else value * 1e3
 
+    def shown(value):
+        return "-" if value is None else value
+
     rows = [[r["name"] + (" (oversubscribed)" if r["oversubscribed"] else ""), r["status"], r["nproc"], r["layout"],
-             ms(r["prefill_time_s"]), r["decode_tokens_per_s"] or "-", r["kv_bytes_per_rank"] or "-",
-             r["collectives_per_decode_step"] or "-", r["reference"], "-" if r["diff_vs_reference"] is None else r["diff_vs_reference"],
-             r["error"] or ""] for r in payload["results"]]
+             ms(r["prefill_time_s"]), shown(r["decode_tokens_per_s"]), shown(r["kv_bytes_per_rank"]),
+             shown(r["collectives_per_decode_step"]), r["reference"], shown(r["diff_vs_reference"]), r["error"] or ""]
+            for r in payload["results"]]
     return format_table(["run", "status", "ranks", "layout", "prefill ms", "decode tok/s", "KV bytes/rank",
                          "collectives/step", "reference", "tokens differing from reference", "error"], rows)
 
 
-def plot(payload: dict) -> Path:
-    path = RESULTS_DIR / "end_to_end.png"
+def plot(payload: dict, results_dir: Path = RESULTS_DIR) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / "end_to_end.png"
     rows = [{**r, "kind": "inference"} for r in payload["results"]]
     sweep.plot(rows, path)
     return path
@@ -68,11 +73,12 @@ def plot(payload: dict) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="generate 8 tokens per request instead of 16")
+    add_results_dir_argument(parser)
     args = parser.parse_args(argv)
     before = machine_info()
     payload = run(max_new_tokens=8 if args.quick else None)
     print(table(payload))
-    print(f"wrote {write_json('end_to_end', payload, before)} and {plot(payload)}")
+    print(f"wrote {write_json('end_to_end', payload, before, args.results_dir)} and {plot(payload, args.results_dir)}")
     return 0 if all(r["status"] == "ok" for r in payload["results"]) else 1
 
 

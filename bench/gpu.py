@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as `python bench/gpu.py`: make the reposito
 
 import torch
 
-from bench.common import format_table, machine_info, summarize, write_json
+from bench.common import add_results_dir_argument, format_table, machine_info, summarize, write_json
 from cptoolkit.layers.block_attention import attention_forward
 from cptoolkit.layers.lse_merge import merge_many
 
@@ -83,6 +83,7 @@ def tables(payload: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_SEQ_LENS}, 5 repetitions")
+    add_results_dir_argument(parser)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no GPU: torch.cuda.is_available() is False; nothing measured, nothing written")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                "attention": attention_rows(QUICK_SEQ_LENS if args.quick else FULL_SEQ_LENS, reps),
                "merge": merge_rows(reps)}
     print(tables(payload))
-    print(f"wrote {write_json('gpu', payload, before)}")
+    print(f"wrote {write_json('gpu', payload, before, args.results_dir)}")
     return 0
 
 

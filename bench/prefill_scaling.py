@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as `python bench/prefill_scaling.py`: make 
 import torch
 import torch.distributed as dist
 
-from bench.common import (format_table, launch, machine_info, new_figure, save_figure, slowest_rank_per_rep,
-                          summarize, time_call, write_json)
+from bench.common import (RESULTS_DIR, add_results_dir_argument, format_table, launch, machine_info, new_figure,
+                          save_figure, slowest_rank_per_rep, summarize, time_call, write_json)
 from cptoolkit.layers.block_attention import attention_forward
 from cptoolkit.layers.comm import send_recv
 from cptoolkit.layers.dual_chunk_swap import shard_positions, shard_sequence
@@ -144,8 +144,8 @@ def run(seq_lens: list[int], reps: int, num_heads: int = 8, head_dim: int = 64,
                 stats["speedup_vs_pcp1"] = baseline["median_s"] / stats["median_s"]
                 stats["best_speedup_vs_pcp1"] = baseline["min_s"] / stats["min_s"]
         rows.append(entry)
-    return {"config": {"num_heads": num_heads, "head_dim": head_dim, "batch": 1, "dtype": "float32", "threads_per_rank": 1,
-                       "pcp_size": PCP_SIZE, "reps": reps, "variants": list(variants)},
+    return {"config": {"num_heads": num_heads, "head_dim": head_dim, "batch": 1, "dtype": "float32",
+                       "threads_per_rank": 1, "pcp_size": PCP_SIZE, "reps": reps, "variants": list(variants)},
             "results": rows}
 
 
@@ -161,7 +161,7 @@ def table(payload: dict) -> str:
                          "per-rank median s", "max abs diff (rank 0)"], rows)
 
 
-def plot(payload: dict) -> Path:
+def plot(payload: dict, results_dir: Path = RESULTS_DIR) -> Path:
     fig, ax = new_figure("Causal prefill attention: speedup over PCP=1 (1 core)", "sequence length (tokens)",
                          "speedup (median pcp1 / median variant)")
     seq_lens = [entry["seq_len"] for entry in payload["results"]]
@@ -173,7 +173,7 @@ def plot(payload: dict) -> Path:
     ax.axhline(2.0, color="grey", linestyle=":", label="ideal (2 cores)")
     ax.set_xscale("log", base=2)
     ax.legend()
-    return save_figure(fig, "prefill_scaling")
+    return save_figure(fig, "prefill_scaling", results_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_SEQ_LENS}, 3 repetitions")
     parser.add_argument("--seq-lens", type=int, nargs="+", help=f"default {FULL_SEQ_LENS}")
     parser.add_argument("--reps", type=int, help="repetitions per variant (default 3 quick, 5 full)")
+    add_results_dir_argument(parser)
     args = parser.parse_args(argv)
     seq_lens = args.seq_lens or (QUICK_SEQ_LENS if args.quick else FULL_SEQ_LENS)
     if any(n % (2 * PCP_SIZE) for n in seq_lens):
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     before = machine_info()
     payload = run(list(seq_lens), args.reps or (3 if args.quick else 5))
     print(table(payload))
-    print(f"wrote {write_json('prefill_scaling', payload, before)} and {plot(payload)}")
+    json_path = write_json("prefill_scaling", payload, before, args.results_dir)
+    print(f"wrote {json_path} and {plot(payload, args.results_dir)}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Run every benchmark, refresh ``bench/results/*.json`` and PNGs, and write ``bench/results/SUMMARY.md``.
 
-    python bench/run_all.py [--quick] [--only prefill_scaling decode ...]
+    python bench/run_all.py [--quick] [--only prefill_scaling decode ...] [--results-dir DIR]
 
 ``--quick`` (fewer lengths and repetitions, about 4 minutes on the 2-core machine) is what ``make bench``
 runs. A benchmark that fails is reported and the others still run; the summary holds the tables of
@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as `python bench/run_all.py`: make the repo
 import torch
 
 from bench import balance, decode, end_to_end, gpu, prefill_scaling
-from bench.common import RESULTS_DIR
+from bench.common import RESULTS_DIR, add_results_dir_argument
 
 BENCHMARKS = {"prefill_scaling": (prefill_scaling.main, prefill_scaling.table),
               "balance": (balance.main, balance.tables),
@@ -30,7 +30,7 @@ BENCHMARKS = {"prefill_scaling": (prefill_scaling.main, prefill_scaling.table),
               "gpu": (gpu.main, gpu.tables)}
 
 
-def run_benchmark(name: str, quick: bool) -> dict:
+def run_benchmark(name: str, quick: bool, results_dir: Path) -> dict:
     """Run one benchmark's ``main``; returns ``{"name", "status", "seconds", "error"}``."""
     main, _ = BENCHMARKS[name]
     print(f"\n=== {name} ===", flush=True)
@@ -38,7 +38,7 @@ def run_benchmark(name: str, quick: bool) -> dict:
         return {"name": name, "status": "skipped", "seconds": 0.0, "error": "no GPU on this machine"}
     start = time.perf_counter()
     try:
-        code, error = main(["--quick"] if quick else []), ""
+        code, error = main(["--quick"] * quick + ["--results-dir", str(results_dir)]), ""
     except Exception:  # noqa: BLE001 - one broken benchmark must not stop the others; its traceback is shown
         traceback.print_exc()
         code, error = 1, traceback.format_exc().strip().splitlines()[-1]
@@ -70,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer lengths and repetitions (about 4 minutes)")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks")
+    add_results_dir_argument(parser)
     args = parser.parse_args(argv)
-    outcomes = [run_benchmark(name, args.quick) for name in (args.only or BENCHMARKS)]
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "SUMMARY.md").write_text(summary(outcomes, args.quick))
-    print(f"\nwrote {RESULTS_DIR / 'SUMMARY.md'}")
+    outcomes = [run_benchmark(name, args.quick, args.results_dir) for name in (args.only or BENCHMARKS)]
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "SUMMARY.md").write_text(summary(outcomes, args.quick, args.results_dir))
+    print(f"\nwrote {args.results_dir / 'SUMMARY.md'}")
     for outcome in outcomes:
         print(f"  {outcome['name']}: {outcome['status']} in {outcome['seconds']:.0f} s {outcome['error']}")
     return 0 if all(outcome["status"] != "failed" for outcome in outcomes) else 1

@@ -19,10 +19,11 @@ and launched with ``torchrun`` (``OMP_NUM_THREADS`` = ``--threads-per-rank``, de
 torchrun itself sets 1 only for several processes, and a 1-rank run with a thread per core contends with
 everything else on the machine) on ``launch/infer.py`` (an ``inference`` section) or ``launch/train.py``
 (a ``train`` section); its log and JSON output land beside it. Each run is compared with its reference
-(the first run unless it names another, e.g. an MQA run with an MQA baseline); the difference is the number of generated tokens that differ (inference) or the max abs loss
-difference (train). A run that fails is reported in the table with its status and first error line,
-and the others still run. Writes ``DIR/sweep.csv`` and ``DIR/sweep.png``. Exit status: 0 when every run
-succeeded, 1 when one failed, 2 for a malformed sweep file (one line naming the file and field).
+(the first run unless it names another, e.g. an MQA run with an MQA baseline); the difference is the
+number of generated tokens that differ (inference) or the max abs loss difference (train). A run that
+fails is reported in the table with its status and first error line, and the others still run. Writes
+``DIR/sweep.csv`` and ``DIR/sweep.png``. Exit status: 0 when every run succeeded, 1 when one failed, 2 for
+a malformed sweep file (one line naming the file and field).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ PATH_FIELDS = (("model", "checkpoint"), ("inference", "prompt_file"), ("train", 
 RUN_KEYS = {"config", "name", "nproc", "overrides", "reference"}
 TOP_KEYS = {"runs", "base", "grid", "overrides"}
 CSV_FIELDS = ("name", "status", "nproc", "layout", "decode_tokens_per_s", "prefill_time_s", "kv_bytes_per_rank",
-              "collectives_per_decode_step", "train_tokens_per_s", "final_loss", "reference", "diff_vs_reference", "error")
+              "collectives_per_decode_step", "train_tokens_per_s", "final_loss", "reference", "diff_vs_reference",
+              "error")
 
 
 class SweepError(ValueError):
@@ -315,10 +317,8 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     """One markdown table of every run, each compared with its reference run."""
     headers = ["run", "status", "nproc", "layout", "decode tok/s", "prefill", "KV bytes/rank", "collectives/step",
                "train tok/s (median)", "final loss", "reference", "diff vs ref", "error"]
-    fields = ["name", "status", "nproc", "layout", "decode_tokens_per_s", "prefill_time_s", "kv_bytes_per_rank",
-              "collectives_per_decode_step", "train_tokens_per_s", "final_loss", "reference", "diff_vs_reference", "error"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_cell(row, name).replace("|", "/") for name in fields) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(row, name).replace("|", "/") for name in CSV_FIELDS) + " |" for row in rows]
     return "\n".join(lines)
 
 

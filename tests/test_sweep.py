@@ -37,7 +37,8 @@ def _write(tmp_path: Path, content) -> Path:
     ({"runs": [{"config": BASELINE, "overrides": {"max_new_tokens": 2}}]},
      r"runs\[0\]\.overrides\.max_new_tokens: keys must be 'section\.field'"),
     ({"runs": [{"config": BASELINE}, {"config": BASELINE}]}, r"run name 'tp1_pcp1_dcp1' is used twice"),
-    ({"base": BASELINE, "grid": {"parallel.decode_comm": "a2a"}}, r"grid\.parallel\.decode_comm: must be a non-empty list"),
+    ({"base": BASELINE, "grid": {"parallel.decode_comm": "a2a"}},
+     r"grid\.parallel\.decode_comm: must be a non-empty list"),
     ({"base": BASELINE, "grid": {}}, r"grid: must be a non-empty mapping"),
     ({"runs": [{"config": BASELINE, "reference": "nope"}]},
      r"runs\[0\]\.reference: 'nope' is not the name of a run in this sweep \(names: tp1_pcp1_dcp1\)"),
@@ -111,7 +112,8 @@ def test_difference_counts_differing_tokens_and_max_loss_gap():
 
 
 def test_result_fields_read_train_steps_and_inference_metrics():
-    steps = [{"loss": 3.0, "tokens_per_s": 10.0}, {"loss": 2.0, "tokens_per_s": 30.0}, {"loss": 1.5, "tokens_per_s": 20.0}]
+    steps = [{"loss": 3.0, "tokens_per_s": 10.0}, {"loss": 2.0, "tokens_per_s": 30.0},
+             {"loss": 1.5, "tokens_per_s": 20.0}]
     assert sweep._result_fields("train", {"steps": steps}) == {"losses": [3.0, 2.0, 1.5], "final_loss": 1.5,
                                                                 "train_tokens_per_s": 20.0}
     metrics = {"decode_tokens_per_s": 50.0, "prefill_time_s": 0.1, "kv_bytes_per_rank": 4096,
