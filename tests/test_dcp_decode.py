@@ -274,3 +274,13 @@ def test_dcp_decode_matches_unsharded_attention_on_8_ranks():
 
 def test_golden_shard_order_and_too_long_sequence_fails_on_every_rank_without_hanging():
     run_ranks(4, _check_golden_shards_and_bad_input)
+
+
+def test_unsharded_decode_issues_no_collective():
+    """DCP = 1: the one shard's partial is already exact, so combining it talks to nobody."""
+    dg = DecodeGroup(group=None, dcp_rank=0, dcp_size=1, tp_positions=1, pcp_size=1)
+    stats = CommStats()
+    out = torch.randn(2, 4, 1, 8)
+    for comm in ("a2a", "ag_rs"):
+        assert combine_partials(out, torch.zeros(2, 4, 1), dg, comm, stats) is out
+    assert stats.total_calls == 0

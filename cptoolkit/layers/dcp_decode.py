@@ -25,6 +25,7 @@ Collectives per layer and step (bytes depend on batch, heads, head_dim and group
 the context length)::
 
     k     ag_rs                                              a2a
+    DCP=1 0                                                  0
     1     2: all_gather(lse) + all_reduce(out)               1: all_gather(out|lse)
     > 1   3: all_gather(q|k|v) + all_gather(lse)             2: all_gather(q|k|v)
              + reduce_scatter(out)                              + all_to_all(out|lse)
@@ -340,6 +341,8 @@ def combine_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm
     ``k = 1``, where every member owns every head) and merge locally (Triton kernel on CUDA).
     """
     _check_comm(comm)
+    if dg.dcp_size == 1:  # the only shard holds the whole history: its partial is exact
+        return out
     combine = _combine_ag_rs if comm == "ag_rs" else _combine_a2a
     return combine(out, lse, dg, stats)
 
