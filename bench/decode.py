@@ -82,9 +82,12 @@ class _LayoutRun:
         k = self.cache.k
         return 2 * int(self.cache.shard_lens.max()) * k.shape[1] * k.shape[3] * k.element_size()
 
-    def step(self) -> None:
-        q = torch.randn(1, self.hq_local, 1, self.head_dim)
-        k_new, v_new = (torch.randn(1, self.hkv_local, 1, self.head_dim) for _ in range(2))
+    def new_token(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's ``q [1, hq_local, 1, d]``, ``k``, ``v [1, hkv_local, 1, d]`` of a random new token."""
+        return (torch.randn(1, self.hq_local, 1, self.head_dim),
+                *(torch.randn(1, self.hkv_local, 1, self.head_dim) for _ in range(2)))
+
+    def step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         positions = self.cache.seq_lens.clone()
         if self.layout.comm is None:
             self.cache.append(k_new, v_new, positions)
@@ -95,8 +98,9 @@ class _LayoutRun:
 
 
 def _timed_step(run: _LayoutRun) -> float:
+    token = run.new_token()
     dist.barrier()
-    return time_call(run.step)[0] if run.active else 0.0
+    return time_call(lambda: run.step(*token))[0] if run.active else 0.0
 
 
 def measure_rank(rank: int, world_size: int, context_lens: list[int], steps: int, rounds: int, num_heads: int,
@@ -119,7 +123,7 @@ def measure_rank(rank: int, world_size: int, context_lens: list[int], steps: int
             for run in runs:
                 entry[run.layout.label]["step_times_s"] += [_timed_step(run) for _ in range(steps)]
         results[context_len] = entry
-        del runs
+        del runs  # free this length's caches before the next length allocates its own
     return results
 
 
