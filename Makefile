@@ -9,7 +9,7 @@ NPROC  ?= 4
 CONFIG ?= configs/tp2_pcp2_dcp4.yaml
 PORT   ?= 29500
 
-.PHONY: run test bench clean
+.PHONY: run test bench demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VENV)/bin/torchrun --nproc-per-node 4 --master-addr 127.0.0.1 --master-port $(PORT) \
+		launch/train.py --config configs/demo_train.yaml --output out/demo_losses.json
+	$(VENV)/bin/torchrun --nproc-per-node 4 --master-addr 127.0.0.1 --master-port $(PORT) \
+		launch/infer.py --config configs/demo_infer.yaml --output out/demo_result.json
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py --quick

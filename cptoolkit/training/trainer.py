@@ -198,14 +198,18 @@ class Trainer:
                            tokens_per_s=num_tokens / (time.perf_counter() - start))
 
     def run(self) -> list[StepMetrics]:
-        """All ``train.steps`` steps; logs a progress line per step (INFO: rank 0 under ``run_main``)."""
+        """All ``train.steps`` steps; logs a progress line about 20 times per run, and for the first
+        and last step (INFO: rank 0 under ``run_main``)."""
         history = []
-        for _ in range(self.cfg.train.steps):
+        steps = self.cfg.train.steps
+        log_every = max(1, steps // 20)
+        for _ in range(steps):
             metrics = self.step()
             history.append(metrics)
-            LOG.info("step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %d tokens | %.0f tokens/s",
-                     metrics.step, self.cfg.train.steps, metrics.loss, metrics.lr, metrics.grad_norm,
-                     metrics.num_tokens, metrics.tokens_per_s)
+            if metrics.step % log_every == 0 or metrics.step in (1, steps):
+                LOG.info("step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %d tokens | %.0f tokens/s",
+                         metrics.step, steps, metrics.loss, metrics.lr, metrics.grad_norm,
+                         metrics.num_tokens, metrics.tokens_per_s)
         return history
 
 
