@@ -276,15 +276,21 @@ def config_from_dict(raw: Any, source: str = "<dict>", base_dir: Path = Path("."
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML config file. Relative paths inside it resolve against its folder."""
+def read_yaml(path: str | Path, kind: str = "config") -> Any:
+    """Parse a YAML file; a missing file or a syntax error is a ConfigError naming the file (and the
+    line and column of the error)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {kind} file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(f"{path}: malformed YAML: {where}{getattr(err, 'problem', err)}") from None
-    return config_from_dict(raw, source=str(path), base_dir=path.parent)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file. Relative paths inside it resolve against its folder."""
+    path = Path(path)
+    return config_from_dict(read_yaml(path), source=str(path), base_dir=path.parent)

@@ -47,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as `python launch/sweep.py`: make cptoolkit importable from the checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from cptoolkit.config import Config, config_from_dict  # noqa: E402
+from cptoolkit.config import Config, ConfigError, config_from_dict, read_yaml  # noqa: E402
 
 SCRIPTS = {"inference": REPO_ROOT / "launch" / "infer.py", "train": REPO_ROOT / "launch" / "train.py"}
 PATH_FIELDS = (("model", "checkpoint"), ("inference", "prompt_file"), ("train", "corpus"), ("train", "save_dir"))
@@ -139,12 +139,10 @@ def _grid_runs(path: Path, base: Any, grid: Any, shared: dict[str, Any]) -> list
 def load_sweep(path: str | Path) -> list[SweepRun]:
     """Parse and check a sweep file; raises SweepError naming the file and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"{path}: sweep file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SweepError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
+        raw = read_yaml(path, kind="sweep")
+    except ConfigError as err:
+        raise SweepError(str(err)) from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: top level must be a mapping with 'runs', or 'base' and 'grid'")
     unknown = sorted(set(raw) - TOP_KEYS)
@@ -169,7 +167,7 @@ def load_sweep(path: str | Path) -> list[SweepRun]:
 def derived_config(run: SweepRun) -> dict[str, Any]:
     """The run's config as a dict: the file's YAML with the overrides set and relative paths made absolute
     (so the copy written elsewhere still finds them)."""
-    raw = yaml.safe_load(run.config_path.read_text())
+    raw = read_yaml(run.config_path)
     if not isinstance(raw, dict):
         return raw  # config_from_dict reports it
     for key, value in run.overrides.items():
@@ -238,7 +236,7 @@ def execute(run: SweepRun, out_dir: Path, timeout_s: float, threads_per_rank: in
     try:
         raw = derived_config(run)
         cfg = config_from_dict(raw, source=f"{run.config_path} (run {run.name})", base_dir=run.config_path.parent)
-    except (ValueError, yaml.YAMLError) as err:
+    except ValueError as err:
         return {**row, "status": "invalid", "error": str(err).splitlines()[0]}
     kind = "inference" if cfg.inference is not None else "train"
     nproc = run.nproc or cfg.parallel.world_size
