@@ -18,6 +18,7 @@ for the model) end at once with an error, and the others carry on.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -120,7 +121,6 @@ class Engine:
         self.shape = model.shape
         self.metrics = EngineMetrics()
         self._reserved_blocks = 0
-        self._prefill_ids: list[int] = []
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: Sequence[str | list[int]], sampling: SamplingParams | Sequence[SamplingParams],
@@ -217,10 +217,9 @@ class Engine:
         groups = self.groups
         start = time.perf_counter()
         batch = partition_batch([r.prompt_ids for r in requests], groups.pcp_rank, groups.pcp_size, pad_id=0)
-        self._prefill_ids = [r.index for r in requests]
-        self._prefill_lens = batch.seq_lens
         self.runtime.mode = "prefill"
-        self.runtime.on_prefill_kv = self._fill_cache_from_prefill
+        self.runtime.on_prefill_kv = functools.partial(
+            self._fill_cache_from_prefill, [r.index for r in requests], batch.seq_lens)
         try:
             with torch.no_grad():
                 logits = gpt_forward(self.model, batch.input_ids.to(self._device),
@@ -239,8 +238,9 @@ class Engine:
         self.metrics.prefill_tokens_generated += len(requests)
         yield from self._append_tokens(requests, tokens)
 
-    def _fill_cache_from_prefill(self, layer_number: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep this rank's KV shard of the prefill K/V of ``layer_number``.
+    def _fill_cache_from_prefill(self, request_ids: list[int], seq_lens: Sequence[int], layer_number: int,
+                                 k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep this rank's KV shard of the prefill K/V of ``layer_number`` for the batch's requests.
 
         ``k``/``v [b, hkv_local, 2c, d]`` are this rank's DualChunkSwap shard of its own KV heads.
         One all-gather over the DCP group brings every member's shard; the members at each of the
@@ -254,7 +254,7 @@ class Engine:
             unshard_sequence(gathered[tp_position * pcp:(tp_position + 1) * pcp], pcp, seq_dim=3)
             for tp_position in dg.kv_source_tp_positions]
         kv_full = torch.cat(kv_per_position, dim=2)  # [2, b, hkv_group, seq_len_padded, d]
-        for row, (request_id, seq_len) in enumerate(zip(self._prefill_ids, self._prefill_lens)):
+        for row, (request_id, seq_len) in enumerate(zip(request_ids, seq_lens)):
             positions = torch.arange(seq_len, device=k.device)
             self.cache.fill_prefill(layer_number - 1, request_id, kv_full[0, row, :, :seq_len],
                                     kv_full[1, row, :, :seq_len], positions)
