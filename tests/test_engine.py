@@ -91,8 +91,6 @@ def test_four_rank_layouts_generate_the_single_rank_tokens(reference):
 
 
 def test_eight_rank_layouts_generate_the_single_rank_tokens(reference):
-    if reference[0] == 1:
-        pytest.skip("MQA is covered on 4 ranks; 8 ranks run GQA only to keep the suite short")
     _check_layouts(reference, run_ranks(8, _layouts_rank, LAYOUTS_8, reference[0], timeout_s=300))
 
 
