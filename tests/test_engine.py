@@ -168,3 +168,58 @@ def test_llama_checkpoint_generates_what_transformers_generates(llama_checkpoint
     directory, prompts, expected = llama_checkpoint
     for rank, tokens in enumerate(run_ranks(world_size, _checkpoint_rank, directory, prompts, timeout_s=300)):
         assert tokens == expected, f"rank {rank}: {tokens} != transformers {expected}"
+
+
+
+def _stop_conditions_rank(rank, world_size):
+    import dataclasses
+
+    cfg = _config()
+    groups = initialize_model_parallel(tp=1, pcp=1, dcp=1, num_heads=8, num_kv_heads=2)
+    try:
+        engine = build_engine(cfg, groups, torch.device("cpu"))
+
+        def one(**params):
+            return engine.generate(["stop here"], SamplingParams(temperature=0.0, max_new_tokens=12, **params))[0]
+
+        free = one()
+        by_id = one(stop_token_ids=(free.token_ids[5],))
+        stop_string = free.text[-4:-2]
+        by_string = one(stop_strings=(stop_string,))
+        stop_events = list(engine.stream(["stop here"], SamplingParams(temperature=0.0, max_new_tokens=12,
+                                                                       stop_strings=(stop_string,))))
+        events = list(engine.stream(["stop here", "b"], SamplingParams(temperature=0.0, max_new_tokens=12)))
+        bf16_cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, dtype="bfloat16"))
+        bf16 = build_engine(bf16_cfg, groups, torch.device("cpu")).generate(
+            ["stop here"], SamplingParams(temperature=0.0, max_new_tokens=4))[0]
+        return free, by_id, stop_string, by_string, stop_events, events, bf16
+    finally:
+        destroy_model_parallel()
+
+
+def test_stop_conditions_streaming_and_bfloat16():
+    free, by_id, stop_string, by_string, stop_events, events, bf16 = run_ranks(1, _stop_conditions_rank)[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    first_stop = free.token_ids.index(free.token_ids[5])
+    assert by_id.finish_reason == "eos" and by_id.token_ids == free.token_ids[:first_stop + 1]
+    assert by_string.finish_reason == "stop" and by_string.text == free.text[:free.text.index(stop_string)]
+    assert "".join(e.text_delta for e in stop_events) == by_string.text  # nothing past the cut was streamed
+    streamed = [e for e in events if e.request_index == 0]
+    assert [e.token_id for e in streamed] == free.token_ids
+    assert "".join(e.text_delta for e in streamed) == free.text
+    assert [e.finish_reason for e in streamed] == [None] * 11 + ["length"]
+    assert {e.request_index for e in events} == {0, 1}
+    assert bf16.finish_reason == "length" and len(bf16.token_ids) == 4
+
+
+def test_streamed_text_holds_back_an_incomplete_utf8_character():
+    from cptoolkit.inference.engine import _Request, _stream_delta
+    from cptoolkit.inference.tokenizer import ByteTokenizer
+
+    tokenizer, request = ByteTokenizer(), _Request(0, "p", [1], SamplingParams(), torch.Generator())
+    pieces = []
+    for byte in "aé€".encode():  # 1 + 2 + 3 bytes
+        request.output_ids.append(byte)
+        request.text = tokenizer.decode(request.output_ids)
+        pieces.append(_stream_delta(request))
+    assert pieces == ["a", "", "é", "", "", "€"]

@@ -45,6 +45,7 @@ class _Request:
     generator: torch.Generator
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
+    streamed_chars: int = 0
     finish_reason: Optional[str] = None
     error: Optional[str] = None
 
@@ -289,12 +290,11 @@ class Engine:
     def _append_tokens(self, requests: list[_Request], tokens: torch.Tensor) -> Iterator[TokenEvent]:
         for request, token in zip(requests, tokens.tolist()):
             request.output_ids.append(token)
-            previous_text = request.text
             request.text = self.tokenizer.decode(request.output_ids)
             request.finish_reason = self._finish_reason(request, token)
             if request.finish_reason == "stop":
                 request.text = _cut_at_stop(request.text, request.sampling.stop_strings)
-            yield TokenEvent(request.index, token, request.text[len(previous_text):], request.finish_reason)
+            yield TokenEvent(request.index, token, _stream_delta(request), request.finish_reason)
 
     def _finish_reason(self, request: _Request, token: int) -> Optional[str]:
         if token == self.tokenizer.eos_token_id or token in request.sampling.stop_token_ids:
@@ -312,6 +312,21 @@ class Engine:
     @property
     def _device(self) -> torch.device:
         return self.cache.device
+
+
+def _stream_delta(request: _Request) -> str:
+    """The text to stream after this token. Until the request ends, two tails are held back: a
+    trailing U+FFFD (a multi-byte character whose last bytes may still come) and the last
+    ``len(longest stop string) - 1`` characters (the start of a stop string that would be cut), so
+    the streamed pieces always add up to the final text."""
+    stable = request.text
+    if request.finish_reason is None:
+        hold = max((len(stop) for stop in request.sampling.stop_strings), default=1) - 1
+        stable = stable.rstrip("\ufffd")
+        stable = stable[:max(len(stable) - hold, 0)]
+    delta = stable[request.streamed_chars:]
+    request.streamed_chars = max(request.streamed_chars, len(stable))
+    return delta
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
