@@ -54,8 +54,10 @@ def _tp_checks(shape: GPTShape, solo: dist.ProcessGroup) -> dict:
         loss.sum().backward()
     want_loss = F.cross_entropy(logits["tp1"].double().flatten(0, 1), labels.flatten(), reduction="none")
     full = {name: gather_full_state_dict(m) for name, m in models.items()}
-    norm = "decoder.final_layernorm.weight"
+    picked = torch.tensor([TOTAL_LEN - 2, 3])  # one token per sequence: logits of those rows only
+    picked_logits = gpt_forward(models["tp2"], inputs, positions, AttentionRuntime(), logits_index=picked)
     return {
+        "tp2 logits_index vs full logits": _diff(picked_logits[:, 0], logits["tp2"][torch.arange(2), picked]),
         "logits shape": tuple(logits["tp2"].shape),
         "tp2 vs tp1 logits": _diff(logits["tp2"], logits["tp1"]),
         "tp1 loss vs float64 cross entropy": _diff(losses["tp1"].flatten(), want_loss),
@@ -144,7 +146,7 @@ def test_same_seed_gives_the_same_model_logits_loss_and_grads_at_tp1_and_tp2(ran
         assert r["logits shape"] == (2, TOTAL_LEN - 1, shape.vocab_size)
         assert r["tp2 vs tp1 full weights"] == 0.0, f"rank {rank}: {r}"
         for key in ("tp2 vs tp1 logits", "tp1 loss vs float64 cross entropy", "tp2 vs tp1 loss",
-                    "tp2 vs tp1 final norm grad"):
+                    "tp2 vs tp1 final norm grad", "tp2 logits_index vs full logits"):
             max_diff, mean_diff = r[key]
             assert max_diff < 1e-4, f"rank {rank} {arch} {key}: max {max_diff:.3g}, mean {mean_diff:.3g}"
 

@@ -221,18 +221,18 @@ class Engine:
         self.runtime.mode = "prefill"
         self.runtime.on_prefill_kv = functools.partial(
             self._fill_cache_from_prefill, [r.index for r in requests], batch.seq_lens)
+        owners = batch.last_token_owners()  # (pcp_rank, local index) of each prompt's last token
         try:
             with torch.no_grad():
-                logits = gpt_forward(self.model, batch.input_ids.to(self._device),
-                                     batch.position_ids.to(self._device), self.runtime)
+                last_logits = gpt_forward(self.model, batch.input_ids.to(self._device),
+                                          batch.position_ids.to(self._device), self.runtime,
+                                          logits_index=torch.tensor([i for _, i in owners], device=self._device))
         finally:
             self.runtime.on_prefill_kv = None
-        last_logits = torch.zeros(len(requests), logits.shape[-1], dtype=logits.dtype, device=logits.device)
-        for row, (owner, local_index) in enumerate(batch.last_token_owners()):
-            if owner == groups.pcp_rank:
-                last_logits[row] = logits[row, local_index]
-        if groups.pcp_size > 1:  # exactly one PCP rank holds each row; the others add zeros
-            all_reduce(last_logits, groups.pcp_group)
+        last_logits = last_logits[:, 0]
+        if groups.pcp_size > 1:  # exactly one PCP rank holds each row; the others contribute zeros
+            not_mine = torch.tensor([owner != groups.pcp_rank for owner, _ in owners], device=self._device)
+            all_reduce(last_logits.masked_fill_(not_mine.unsqueeze(1), 0.0), groups.pcp_group)
         tokens = self._sample(last_logits, requests)
         self.metrics.prefill_time_s += time.perf_counter() - start
         self.metrics.prompt_tokens += sum(batch.seq_lens)

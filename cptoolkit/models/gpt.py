@@ -440,14 +440,17 @@ def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> 
 
 
 def gpt_forward(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                runtime: AttentionRuntime, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                runtime: AttentionRuntime, labels: Optional[torch.Tensor] = None,
+                logits_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the model on ``input_ids [b, s]`` at ``position_ids [b, s]`` (any positions).
 
     ``runtime`` must be the one the model was built with; its ``mode`` decides prefill (the tokens
     attend causally to each other; with PCP > 1 they are this rank's DualChunkSwap shard) or decode
     (``s == 1``: each token attends to its sequence's cache). Returns ``logits [b, s, vocab_size]``
-    (float32, or float64 for a float64 model; gathered over TP) or, with ``labels [b, s]``, the per-token cross-entropy ``[b, s]``
-    computed on vocab-parallel logits.
+    (float32, or float64 for a float64 model; gathered over TP) or, with ``labels [b, s]``, the
+    per-token cross-entropy ``[b, s]`` computed on vocab-parallel logits. ``logits_index [b]`` (local
+    token index per sequence) computes the logits of those tokens only, ``[b, 1, vocab_size]``: a
+    prompt's last token during prefill, without materializing ``s x vocab`` logits.
     """
     if runtime.mode == "decode" and input_ids.shape[1] != 1:
         raise ValueError(f"decode takes one token per sequence; got input_ids of shape "
@@ -455,6 +458,8 @@ def gpt_forward(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.
     hidden = model.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
     rotary = rotary_freqs(model, position_ids) if model.position_embedding_type == "rope" else None
     hidden = model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
+    if logits_index is not None:  # hidden [s, b, h] -> [1, b, h]: row logits_index[i] of sequence i
+        hidden = hidden.gather(0, logits_index.view(1, -1, 1).expand(1, -1, hidden.shape[-1]))
     output_weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
     logits, _ = model.output_layer(hidden, weight=output_weight)  # [s, b, vocab_padded / TP]
     tp_group = _tp_group(model)
