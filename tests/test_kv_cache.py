@@ -116,6 +116,8 @@ def test_out_of_order_writes_are_rejected():
     assert cache.shard_len(0, "r") == 2
     with pytest.raises(ValueError, match=r"max_total_len = 16\), so .* got position 17"):
         view.append(k_new, k_new, torch.tensor([17]))
+    with pytest.raises(ValueError, match=r"max_total_len = 16\), so .* got position 16"):
+        view.append(k_new, k_new, torch.tensor([16]))  # shard 0's position: too long on every rank
     with pytest.raises(ValueError, match=r"append: k and v must both have shape \[1, 2, 1, 8\]"):
         view.append(k_new[:, :1], k_new[:, :1], torch.tensor([5]))
 

@@ -225,6 +225,9 @@ class LayerCacheView:
         if this shard owns that position; tokens of other shards are ignored.
 
         An owned position must be the request's next shard slot (no decode step skipped or repeated).
+        Every position must be below its request's ``max_total_len`` on every rank, owned or not, so
+        a sequence too long for the cache fails on all DCP members alike instead of leaving the
+        others waiting in the next collective.
         """
         cache = self.cache
         batch = len(self.request_ids)
@@ -235,7 +238,7 @@ class LayerCacheView:
         slots = slot_of_position(positions, cache.dcp_size, cache.interleave)
         lens = self.shard_lens()
         self._check_next_slot(owned & (slots != lens), lens, slots, positions)
-        self._check_next_slot(owned & (positions >= self._max_total_lens), lens, slots, positions)
+        self._check_next_slot(positions >= self._max_total_lens, lens, slots, positions)
         rows = torch.nonzero(owned).flatten()
         cache._write(self.layer, self._block_table[rows, slots[rows] // cache.block_size],
                      slots[rows] % cache.block_size, k_new[rows, :, 0], v_new[rows, :, 0])
