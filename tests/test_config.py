@@ -1,7 +1,5 @@
 """YAML configs: every shipped file loads; every bad input names the file, the field, the value, the rule."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from cptoolkit.inference.kv_cache import PagedKVCache, shard_token_count
 from cptoolkit.inference.sampling import SamplingParams, broadcast_tokens, make_generator, sample
-from cptoolkit.layers.comm import CommStats, all_gather, all_reduce
+from cptoolkit.layers.comm import all_gather, all_reduce
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import partition_batch, unshard_sequence
 from cptoolkit.models.gpt import CPGPTModel, gpt_forward
