@@ -6,8 +6,8 @@ Every rank of the TP x PCP x DCP job runs the same engine loop on the same reque
   block count, so it is the same on every rank without a collective.
 - **Prefill** of the newly admitted requests, together: each prompt is padded and split by
   DualChunkSwap over the PCP group; the attention layers hand each layer's K/V to
-  ``_fill_cache_from_prefill``, which gathers it over the DCP group (one all-gather per layer) and
-  keeps this rank's KV shard. The last prompt token's logits (held by one PCP rank) are summed over
+  ``_fill_cache_from_prefill``, which routes each token to its KV-shard owner over the DCP group
+  (one all-to-all per layer, ``prefill_kv``). The last prompt token's logits (held by one PCP rank) are summed over
   the PCP group and the first new token is sampled.
 - **Decode**: one token for every running request per step, attention over the DCP-sharded cache.
 - Sampled tokens are broadcast from global rank 0 so every rank appends the same token even if the
@@ -29,9 +29,10 @@ import torch.distributed as dist
 
 from cptoolkit.inference.kv_cache import PagedKVCache, shard_token_count
 from cptoolkit.inference.sampling import SamplingParams, broadcast_tokens, make_generator, sample
-from cptoolkit.layers.comm import all_gather, all_reduce
+from cptoolkit.inference.prefill_kv import route_prefill_kv
+from cptoolkit.layers.comm import all_reduce
 from cptoolkit.layers.core_attention import AttentionRuntime
-from cptoolkit.layers.dual_chunk_swap import partition_batch, unshard_sequence
+from cptoolkit.layers.dual_chunk_swap import partition_batch
 from cptoolkit.models.gpt import CPGPTModel, gpt_forward
 from cptoolkit.parallel_state import ParallelGroups
 
@@ -220,7 +221,7 @@ class Engine:
         batch = partition_batch([r.prompt_ids for r in requests], groups.pcp_rank, groups.pcp_size, pad_id=0)
         self.runtime.mode = "prefill"
         self.runtime.on_prefill_kv = functools.partial(
-            self._fill_cache_from_prefill, [r.index for r in requests], batch.seq_lens)
+            self._fill_cache_from_prefill, [r.index for r in requests], batch.seq_lens, batch.seq_len_padded)
         owners = batch.last_token_owners()  # (pcp_rank, local index) of each prompt's last token
         try:
             with torch.no_grad():
@@ -239,26 +240,19 @@ class Engine:
         self.metrics.prefill_tokens_generated += len(requests)
         yield from self._append_tokens(requests, tokens)
 
-    def _fill_cache_from_prefill(self, request_ids: list[int], seq_lens: Sequence[int], layer_number: int,
-                                 k: torch.Tensor, v: torch.Tensor) -> None:
+    def _fill_cache_from_prefill(self, request_ids: list[int], seq_lens: Sequence[int], seq_len_padded: int,
+                                 layer_number: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep this rank's KV shard of the prefill K/V of ``layer_number`` for the batch's requests.
 
-        ``k``/``v [b, hkv_local, 2c, d]`` are this rank's DualChunkSwap shard of its own KV heads.
-        One all-gather over the DCP group brings every member's shard; the members at each of the
-        group's KV-source TP positions give, in PCP order, that position's heads for all tokens.
+        ``k``/``v [b, hkv_local, 2c, d]`` are this rank's DualChunkSwap shard of its own KV heads;
+        one all-to-all on the DCP group brings each member the tokens it stores (``prefill_kv``).
         """
-        dg = self.runtime.decode_group
-        packed = torch.stack([k, v])  # [2, b, hkv_local, 2c, d]
-        gathered = all_gather(packed, self.groups.dcp_group) if dg.dcp_size > 1 else packed.unsqueeze(0)
-        pcp = self.groups.pcp_size
-        kv_per_position = [
-            unshard_sequence(gathered[tp_position * pcp:(tp_position + 1) * pcp], pcp, seq_dim=3)
-            for tp_position in dg.kv_source_tp_positions]
-        kv_full = torch.cat(kv_per_position, dim=2)  # [2, b, hkv_group, seq_len_padded, d]
+        k_shard, v_shard, positions = route_prefill_kv(k, v, seq_len_padded, self.groups.pcp_rank,
+                                                       self.runtime.decode_group)
         for row, (request_id, seq_len) in enumerate(zip(request_ids, seq_lens)):
-            positions = torch.arange(seq_len, device=k.device)
-            self.cache.fill_prefill(layer_number - 1, request_id, kv_full[0, row, :, :seq_len],
-                                    kv_full[1, row, :, :seq_len], positions)
+            real = positions < seq_len  # padding tokens are never cached
+            self.cache.fill_prefill(layer_number - 1, request_id, k_shard[row][:, real], v_shard[row][:, real],
+                                    positions[real].to(k.device))
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self, requests: list[_Request]) -> Iterator[TokenEvent]:
