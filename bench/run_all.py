@@ -20,13 +20,14 @@ if __package__ in (None, ""):  # run as `python bench/run_all.py`: make the repo
 
 import torch
 
-from bench import balance, decode, end_to_end, gpu, prefill_scaling
+from bench import balance, decode, end_to_end, gpu, long_prompt, prefill_scaling
 from bench.common import RESULTS_DIR, add_results_dir_argument
 
 BENCHMARKS = {"prefill_scaling": (prefill_scaling.main, prefill_scaling.table),
               "balance": (balance.main, balance.tables),
               "decode": (decode.main, decode.table),
               "end_to_end": (end_to_end.main, end_to_end.table),
+              "long_prompt": (long_prompt.main, long_prompt.table),
               "gpu": (gpu.main, gpu.tables)}
 
 

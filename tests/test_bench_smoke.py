@@ -9,7 +9,7 @@ from fractions import Fraction
 import torch
 import torch.distributed as dist
 
-from bench import balance, decode, prefill_scaling, run_all
+from bench import balance, decode, long_prompt, prefill_scaling, run_all
 from bench.common import machine_info, summarize, write_json
 from tests.multiproc import run_ranks
 
@@ -112,3 +112,12 @@ def test_decode_collectives_and_kv_bytes_do_not_grow_with_context():
 
 def test_summarize_reports_median_and_spread():
     assert summarize([3.0, 1.0, 2.0]) == {"median_s": 2.0, "min_s": 1.0, "max_s": 3.0, "reps": 3}
+
+
+def test_long_prompt_schema_and_same_tokens(tmp_path):
+    tiny = {**long_prompt.MODEL, "num_layers": 1, "hidden_size": 64, "ffn_hidden_size": 128, "max_seq_len": 128}
+    payload = long_prompt.run((33,), reps=1, model=tiny)
+    (row,) = payload["rows"]
+    assert row["same_tokens"] and len(row["one_rank"]["tokens"]) == long_prompt.NEW_TOKENS
+    assert row["pcp2_dcp2"]["kv_bytes_per_rank"] * 2 == row["one_rank"]["kv_bytes_per_rank"]
+    assert row["prefill_speedup"] > 0 and "| 33 |" in long_prompt.table(payload)
