@@ -11,7 +11,9 @@ used only for square diagonal blocks. ``lse`` is ``[b, hq, sq]`` float32.
 Backends, chosen by the tensors' device:
 - CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward`` (torch's own kernels).
 - CUDA: torch's CUDA flash-attention kernel (``aten._scaled_dot_product_flash_attention``), with
-  K/V heads expanded for GQA and their gradients summed back (not exercised by CI: no GPU there).
+  K/V heads expanded for GQA and their gradients summed back. That kernel takes float16/bfloat16
+  only (use ``runtime.dtype: bfloat16`` on a GPU). Never run yet: no GPU was available to this
+  project, and CI has none.
 """
 from __future__ import annotations
 
