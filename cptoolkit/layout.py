@@ -101,8 +101,7 @@ class ParallelLayout:
             raise ValueError(f"num_kv_heads ({kv_heads}) and tp ({tp}) must divide one another: either each TP "
                              "rank owns num_kv_heads/tp KV heads or each KV head is replicated on tp/num_kv_heads "
                              "TP ranks")
-        k = self.dcp // self.pcp
-        replication = tp // kv_heads if kv_heads < tp else 1
+        k, replication = self.dcp_tp_positions, self.kv_head_replication
         if k % replication and replication % k:
             raise ValueError(f"dcp/pcp ({k}) and tp/num_kv_heads ({replication}) must divide one another "
                              f"(tp={tp}, num_kv_heads={kv_heads}, dcp={self.dcp}, pcp={self.pcp}): a DCP group's "
@@ -117,6 +116,11 @@ class ParallelLayout:
         """``k``: how many neighbouring TP positions one DCP group spans (``dcp / pcp``)."""
         return self.dcp // self.pcp
 
+    @property
+    def kv_head_replication(self) -> int:
+        """Neighbouring TP ranks that share one KV head: ``tp / num_kv_heads`` when ``num_kv_heads < tp``, else 1."""
+        return max(self.tp // self.num_kv_heads, 1)
+
     def global_rank(self, dp_rank: int, pcp_rank: int, tp_rank: int) -> int:
         return (dp_rank * self.pcp + pcp_rank) * self.tp + tp_rank
 
@@ -129,7 +133,7 @@ class ParallelLayout:
         if self.num_kv_heads >= self.tp:
             per_rank = self.num_kv_heads // self.tp
             return tuple(range(tp_rank * per_rank, (tp_rank + 1) * per_rank))
-        return (tp_rank // (self.tp // self.num_kv_heads),)
+        return (tp_rank // self.kv_head_replication,)
 
     def dcp_kv_heads_of(self, tp_rank: int) -> tuple[int, ...]:
         """Distinct KV heads used by the ``k`` TP positions of ``tp_rank``'s DCP group (cached by each member)."""

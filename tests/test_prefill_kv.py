@@ -20,8 +20,7 @@ def _route_rank(rank, world_size):
         groups = initialize_model_parallel(tp=tp, pcp=pcp, dcp=dcp, num_heads=8, num_kv_heads=kv_heads)
         try:
             layout, info = groups.layout, groups.rank_info
-            dg = DecodeGroup.from_group(groups.dcp_group, groups.dcp_tp_positions, pcp, interleave,
-                                        max(tp // kv_heads, 1))
+            dg = DecodeGroup.from_parallel_groups(groups, interleave)
             seq_len_padded, batch, head_dim = 24, 2, 4
             full = torch.Generator().manual_seed(5)
             full_kv = torch.randn(2, batch, kv_heads, seq_len_padded, head_dim, generator=full)

@@ -28,10 +28,7 @@ def model_shape(cfg: Config) -> GPTShape:
 
 def attention_runtime(cfg: Config, groups: ParallelGroups) -> AttentionRuntime:
     """The attention state every layer shares: PCP group for prefill, DCP group for decode."""
-    layout = groups.layout
-    kv_head_replication = max(layout.tp // layout.num_kv_heads, 1)
-    decode_group = DecodeGroup.from_group(groups.dcp_group, groups.dcp_tp_positions, groups.pcp_size,
-                                          cfg.parallel.kv_interleave, kv_head_replication)
+    decode_group = DecodeGroup.from_parallel_groups(groups, cfg.parallel.kv_interleave)
     return AttentionRuntime(pcp_group=groups.pcp_group, decode_group=decode_group,
                             prefill_comm=cfg.parallel.prefill_comm, decode_comm=cfg.parallel.decode_comm)
 

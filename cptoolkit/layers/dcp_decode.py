@@ -123,6 +123,13 @@ class DecodeGroup:
         _check_shard_order(dist.get_process_group_ranks(group), tp_positions, pcp_size)
         return cls(group, dist.get_rank(group), size, tp_positions, pcp_size, interleave, kv_head_replication)
 
+    @classmethod
+    def from_parallel_groups(cls, groups, interleave: int = 1) -> DecodeGroup:
+        """This rank's decode group from ``cptoolkit.parallel_state.ParallelGroups``: its DCP group,
+        ``k``, PCP size and KV-head replication all come from the layout."""
+        return cls.from_group(groups.dcp_group, groups.dcp_tp_positions, groups.pcp_size, interleave,
+                              groups.layout.kv_head_replication)
+
     @property
     def tp_position(self) -> int:
         """This member's TP position inside the group, in ``[0, k)``."""
