@@ -34,3 +34,13 @@ def test_collectives_on_three_ranks():
     for calls, total_bytes in run_ranks(3, _exercise_collectives):
         assert calls == {"all_gather": 1, "reduce_scatter": 1, "all_to_all": 1, "all_reduce": 1, "send_recv": 1}
         assert total_bytes == 4 * (6 + 12 + 12 + 1 + 1)
+
+
+def test_layer_tally_counts_into_its_parent():
+    model_stats = CommStats()
+    layer_one, layer_two = CommStats(parent=model_stats), CommStats(parent=model_stats)
+    layer_one.record("all_gather", torch.zeros(4))
+    layer_two.record("all_to_all", torch.zeros(2, dtype=torch.float64))
+    layer_two.record("all_to_all", torch.zeros(2, dtype=torch.float64))
+    assert dict(layer_one.calls) == {"all_gather": 1} and dict(layer_two.calls) == {"all_to_all": 2}
+    assert dict(model_stats.calls) == {"all_gather": 1, "all_to_all": 2} and model_stats.total_bytes == 16 + 32

@@ -80,10 +80,11 @@ def _check_layouts(reference, per_rank):
             kv_heads_stored = min(num_kv_heads, max(num_kv_heads * (dcp // pcp) // tp, 1))
             assert metrics["kv_bytes_per_rank"] * dcp * num_kv_heads == \
                 want_metrics["kv_bytes_per_rank"] * kv_heads_stored, (rank, layout)
-            per_layer = metrics["attention_collectives_per_layer_step"]
+            by_layer = metrics["collectives_per_decode_step_by_layer"]
             k = dcp // pcp
             expected = {("a2a", True): 1, ("ag_rs", True): 2, ("a2a", False): 2, ("ag_rs", False): 3}
-            assert per_layer == expected[(decode_comm, k == 1)], (rank, layout, per_layer)
+            assert by_layer == {1: expected[(decode_comm, k == 1)], 2: expected[(decode_comm, k == 1)]}, \
+                (rank, layout, by_layer)
 
 
 def test_four_rank_layouts_generate_the_single_rank_tokens(reference):

@@ -89,6 +89,7 @@ class EngineMetrics:
     decode_tokens: int = 0
     decode_collectives: int = 0
     decode_bytes_sent: int = 0
+    decode_collectives_by_layer: dict[int, int] = field(default_factory=dict)
 
     def summary(self, kv_bytes_per_rank: int, num_layers: int) -> dict:
         steps = max(self.decode_steps, 1)
@@ -102,6 +103,8 @@ class EngineMetrics:
             "kv_bytes_per_rank": kv_bytes_per_rank,
             "collectives_per_decode_step": self.decode_collectives / steps,
             "attention_collectives_per_layer_step": self.decode_collectives / steps / num_layers,
+            "collectives_per_decode_step_by_layer": {layer: calls / steps for layer, calls
+                                                     in sorted(self.decode_collectives_by_layer.items())},
             "attention_bytes_per_decode_step": self.decode_bytes_sent / steps,
         }
 
@@ -258,6 +261,7 @@ class Engine:
     def _decode_step(self, requests: list[_Request]) -> Iterator[TokenEvent]:
         start = time.perf_counter()
         stats_before = (self.runtime.stats.total_calls, self.runtime.stats.total_bytes)
+        layer_calls_before = {layer: stats.total_calls for layer, stats in self.runtime.per_layer_stats.items()}
         input_ids = torch.tensor([[r.output_ids[-1]] for r in requests], device=self._device)
         positions = torch.tensor([[r.total_len - 1] for r in requests], device=self._device)
         ids = [r.index for r in requests]
@@ -268,6 +272,9 @@ class Engine:
             logits = gpt_forward(self.model, input_ids, positions, self.runtime)[:, -1]
         self.metrics.decode_collectives += self.runtime.stats.total_calls - stats_before[0]
         self.metrics.decode_bytes_sent += self.runtime.stats.total_bytes - stats_before[1]
+        for layer, layer_stats in self.runtime.per_layer_stats.items():
+            by_layer = self.metrics.decode_collectives_by_layer
+            by_layer[layer] = by_layer.get(layer, 0) + layer_stats.total_calls - layer_calls_before.get(layer, 0)
         tokens = self._sample(logits, requests)
         self.metrics.decode_time_s += time.perf_counter() - start
         self.metrics.decode_steps += 1

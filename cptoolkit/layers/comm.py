@@ -17,14 +17,19 @@ from torch.distributed import ProcessGroup
 
 @dataclass
 class CommStats:
-    """Per-rank tally: ``calls[name]`` collectives issued and ``bytes_sent[name]`` bytes sent."""
+    """Per-rank tally: ``calls[name]`` collectives issued and ``bytes_sent[name]`` bytes sent.
+
+    A tally with a ``parent`` (e.g. one attention layer's, under the model's) also counts into it."""
 
     calls: Counter = field(default_factory=Counter)
     bytes_sent: Counter = field(default_factory=Counter)
+    parent: "CommStats | None" = None
 
     def record(self, name: str, tensor: torch.Tensor) -> None:
         self.calls[name] += 1
         self.bytes_sent[name] += tensor.numel() * tensor.element_size()
+        if self.parent is not None:
+            self.parent.record(name, tensor)
 
     @property
     def total_calls(self) -> int:

@@ -52,7 +52,8 @@ class AttentionRuntime:
       decode step's tokens. The engine sets both before each decode step.
     - ``on_prefill_kv(layer_number, k [b, hkv, s_local, d], v)``: called with every prefill layer's
       post-RoPE K/V (this rank's shard) so the engine can fill its caches.
-    - ``stats``: counts every collective the attention layers issue.
+    - ``stats``: counts every collective the attention layers issue; ``layer_stats(n)`` is layer
+      ``n``'s own count (it also counts into ``stats``).
     """
 
     pcp_group: Optional[ProcessGroup] = None
@@ -64,6 +65,13 @@ class AttentionRuntime:
     decode_positions: Optional[torch.Tensor] = None
     on_prefill_kv: Optional[PrefillKVHook] = None
     stats: CommStats = field(default_factory=CommStats)
+    per_layer_stats: dict[int, CommStats] = field(default_factory=dict)
+
+    def layer_stats(self, layer_number: int) -> CommStats:
+        """Layer ``layer_number``'s collective tally (created on first use, counting into ``stats``)."""
+        if layer_number not in self.per_layer_stats:
+            self.per_layer_stats[layer_number] = CommStats(parent=self.stats)
+        return self.per_layer_stats[layer_number]
 
     @property
     def pcp_size(self) -> int:
@@ -121,7 +129,7 @@ class CPCoreAttention(MegatronModule):
             out, _ = attention_forward(q, k, v, causal=True, scale=self.softmax_scale)
             return out
         return ring_prefill_attention(q, k, v, pcp_group=runtime.pcp_group, comm=runtime.prefill_comm,
-                                      scale=self.softmax_scale, stats=runtime.stats)
+                                      scale=self.softmax_scale, stats=runtime.layer_stats(self.layer_number))
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One new token per sequence: ``q [b, hq, 1, d]``, ``k``/``v [b, hkv, 1, d]`` are appended
@@ -129,7 +137,7 @@ class CPCoreAttention(MegatronModule):
         runtime = self.runtime
         return dcp_decode_attention(q, k, v, runtime.kv_caches[self.layer_number],
                                     runtime.decode_positions, runtime.decode_group,
-                                    runtime.decode_comm, self.softmax_scale, runtime.stats)
+                                    runtime.decode_comm, self.softmax_scale, runtime.layer_stats(self.layer_number))
 
 
 def _check_supported(config: TransformerConfig, attn_mask_type: AttnMaskType, attention_type: str,
