@@ -7,8 +7,8 @@ Every rank of the TP x PCP x DCP job runs the same engine loop on the same reque
 - **Prefill** of the newly admitted requests, together: each prompt is padded and split by
   DualChunkSwap over the PCP group; the attention layers hand each layer's K/V to
   ``_fill_cache_from_prefill``, which routes each token to its KV-shard owner over the DCP group
-  (one all-to-all per layer, ``prefill_kv``). The last prompt token's logits (held by one PCP rank) are summed over
-  the PCP group and the first new token is sampled.
+  (one all-to-all per layer, ``prefill_kv``). Only each prompt's last token gets logits; the PCP
+  rank holding it contributes them to a sum over the PCP group, and the first new token is sampled.
 - **Decode**: one token for every running request per step, attention over the DCP-sharded cache.
 - Sampled tokens are broadcast from global rank 0 so every rank appends the same token even if the
   ranks' float rounding differed.
