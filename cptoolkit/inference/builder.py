@@ -14,7 +14,7 @@ from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.inference.tokenizer import ByteTokenizer, load_tokenizer
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dcp_decode import DecodeGroup
-from cptoolkit.models.gpt import GPTShape, build_gpt_model
+from cptoolkit.models.gpt import CPGPTModel, GPTShape, build_gpt_model
 from cptoolkit.parallel_state import ParallelGroups
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -44,19 +44,21 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
                         dtype=DTYPES[cfg.runtime.dtype], device=device)
 
 
-def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device) -> Engine:
-    """Model (checkpoint or seeded built-in), tokenizer, runtime and cache → ``Engine``."""
-    shape = model_shape(cfg)
-    runtime = attention_runtime(cfg, groups)
+def model_from_config(cfg: Config, groups: ParallelGroups, runtime: AttentionRuntime) -> CPGPTModel:
+    """The TP-sharded model of ``cfg.model``: loaded from ``model.checkpoint``, else the built-in shape
+    with seeded random weights (``model.seed``), in ``runtime.dtype``. Shared by inference and training."""
     dtype = DTYPES[cfg.runtime.dtype]
     if cfg.model.checkpoint is None:
-        model = build_gpt_model(shape, groups.tp_group, runtime, dtype=dtype, seed=cfg.model.seed)
-        tokenizer = ByteTokenizer()
-    else:
-        model = load_model_checkpoint(cfg.model.checkpoint, groups.tp_group, runtime, dtype=dtype)
-        tokenizer = load_tokenizer(cfg.model.checkpoint)
-    model = model.to(device).eval()
-    return Engine(model, runtime, groups, kv_cache(cfg, groups, shape, device), tokenizer,
+        return build_gpt_model(model_shape(cfg), groups.tp_group, runtime, dtype=dtype, seed=cfg.model.seed)
+    return load_model_checkpoint(cfg.model.checkpoint, groups.tp_group, runtime, dtype=dtype)
+
+
+def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device) -> Engine:
+    """Model (checkpoint or seeded built-in), tokenizer, runtime and cache → ``Engine``."""
+    runtime = attention_runtime(cfg, groups)
+    model = model_from_config(cfg, groups, runtime).to(device).eval()
+    tokenizer = ByteTokenizer() if cfg.model.checkpoint is None else load_tokenizer(cfg.model.checkpoint)
+    return Engine(model, runtime, groups, kv_cache(cfg, groups, model.shape, device), tokenizer,
                   max_batch_size=cfg.inference.batch_size)
 
 

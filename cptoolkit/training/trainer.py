@@ -29,12 +29,11 @@ from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParal
 from torch.distributed import ProcessGroup
 
 from cptoolkit.config import Config, ConfigError, TrainConfig
-from cptoolkit.inference.builder import DTYPES, model_shape
-from cptoolkit.inference.checkpoint import load_model_checkpoint
+from cptoolkit.inference.builder import model_from_config, model_shape
 from cptoolkit.layers import comm
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.core_attention import AttentionRuntime
-from cptoolkit.models.gpt import CPGPTModel, build_gpt_model, gpt_forward
+from cptoolkit.models.gpt import CPGPTModel, gpt_forward
 from cptoolkit.parallel_state import ParallelGroups
 from cptoolkit.training.data import TrainBatch, get_batch_on_this_pcp_rank, pack_windows, sample_windows
 
@@ -214,28 +213,17 @@ class Trainer:
 
 
 def validate_train_config(cfg: Config, tokenizer_vocab_size: int) -> None:
-    """Training's rules beyond ``load_config``'s, checked before any process group exists: a
-    ``train`` section, a model shape that builds (``GPTShape``), TP sizes training supports and a
-    vocabulary that holds the tokenizer's ids.
+    """Training's rules beyond ``load_config``'s (which already checks seq_len, TP divisibility and the
+    KV heads training needs), checked before any process group exists: a ``train`` section, a model
+    shape that builds (``GPTShape``) and a vocabulary that holds the tokenizer's ids.
 
     Raises ``ConfigError`` naming the config file, the field, its value and the rule.
     """
     if cfg.train is None:
         raise ConfigError(f"{cfg.source}: launch/train.py needs a 'train' section (this is an inference config)")
-    p, m = cfg.parallel, cfg.model
-    rules = (
-        (m.num_kv_heads % p.tp == 0, "model.num_kv_heads", m.num_kv_heads,
-         f"must be a multiple of parallel.tp ({p.tp}) for training: with fewer KV heads than TP ranks a KV head "
-         f"is replicated on several TP ranks and those copies would drift apart; lower parallel.tp or raise "
-         f"model.num_kv_heads"),
-        (m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
-         f"must be a multiple of parallel.tp ({p.tp}): the MLP is split over TP"),
-        (m.vocab_size >= tokenizer_vocab_size, "model.vocab_size", m.vocab_size,
-         f"must be >= the tokenizer's vocabulary ({tokenizer_vocab_size} ids)"),
-    )
-    for ok, name, value, rule in rules:
-        if not ok:
-            raise ConfigError(f"{cfg.source}: {name} = {value!r}: {rule}")
+    if cfg.model.vocab_size < tokenizer_vocab_size:
+        raise ConfigError(f"{cfg.source}: model.vocab_size = {cfg.model.vocab_size!r}: must be >= the "
+                          f"tokenizer's vocabulary ({tokenizer_vocab_size} ids)")
     try:
         model_shape(cfg)
     except ValueError as err:
@@ -249,10 +237,6 @@ def build_trainer(cfg: Config, groups: ParallelGroups, documents: list[torch.Ten
     rank's data."""
     runtime = AttentionRuntime(pcp_group=groups.pcp_group, prefill_comm=cfg.parallel.prefill_comm,
                                mode="prefill", stats=CommStats())
-    dtype = DTYPES[cfg.runtime.dtype]
-    if cfg.model.checkpoint is None:
-        model = build_gpt_model(model_shape(cfg), groups.tp_group, runtime, dtype=dtype, seed=cfg.model.seed)
-    else:
-        model = load_model_checkpoint(cfg.model.checkpoint, groups.tp_group, runtime, dtype=dtype)
+    model = model_from_config(cfg, groups, runtime)
     return Trainer(cfg=cfg, groups=groups, model=model.to(device).train(), runtime=runtime,
                    documents=documents, pad_id=pad_id, device=device)
