@@ -1,4 +1,5 @@
-"""DualChunkSwap partitioning: pure tests, no process is launched."""
+"""DualChunkSwap partitioning: pure tests, no process is launched; megatron-core's own
+``get_batch_on_this_cp_rank`` is the independent reference for the shards."""
 from __future__ import annotations
 
 import pytest
@@ -90,6 +91,35 @@ def test_dual_chunk_swap_balances_causal_work(pcp_size):
         # The shortfall from 2P-1 is the diagonal block's missing upper half: (2P-2)/(2c+1).
         assert 2 * pcp_size - 1 - ratio == pytest.approx((2 * pcp_size - 2) / (2 * c + 1), abs=1e-12)
     assert sum(dual) == seq_len_padded * (seq_len_padded + 1) // 2
+
+
+@pytest.mark.parametrize("pcp_size", (2, 4, 8))
+def test_shards_equal_megatron_get_batch_on_this_cp_rank(pcp_size, monkeypatch):
+    """Independent reference: megatron-core's own ``get_batch_on_this_cp_rank`` slices the same shards.
+
+    Called without a ``cp_group`` it reads the CP size and rank from ``parallel_state``'s getters, which
+    need initialized process groups; they are monkeypatched to return ``(pcp_size, pcp_rank)`` so that
+    megatron's pure slicing runs in this process."""
+    from megatron.core import parallel_state, utils
+
+    seq_len_padded = 2 * pcp_size * 3
+    gen = torch.Generator().manual_seed(pcp_size)
+    full = {"tokens": torch.randint(1000, (2, seq_len_padded), generator=gen),  # [b, s]
+            "position_ids": torch.arange(seq_len_padded).expand(2, -1),  # [b, s]
+            "hidden": torch.randn(2, seq_len_padded, 5, generator=gen),  # [b, s, h]
+            "attention_mask": torch.rand(2, 1, seq_len_padded, seq_len_padded, generator=gen) < 0.5}  # [b,1,s,s]
+    monkeypatch.setattr(parallel_state, "get_context_parallel_world_size", lambda: pcp_size)
+    for pcp_rank in range(pcp_size):
+        monkeypatch.setattr(parallel_state, "get_context_parallel_rank", lambda rank=pcp_rank: rank)
+        megatron = utils.get_batch_on_this_cp_rank(dict(full))
+        for key, value in full.items():
+            seq_dim = 2 if key == "attention_mask" else 1  # megatron shards the mask's query rows only
+            ours = shard_sequence(value, pcp_rank, pcp_size, seq_dim=seq_dim)
+            assert torch.equal(ours, megatron[key]), f"pcp_size={pcp_size} pcp_rank={pcp_rank}: {key} differs"
+        batch = partition_batch(full["tokens"].tolist(), pcp_rank, pcp_size, pad_id=-1)
+        assert torch.equal(batch.input_ids, megatron["tokens"]), f"pcp_rank={pcp_rank}: partition_batch tokens"
+        assert torch.equal(batch.position_ids, megatron["position_ids"]), f"pcp_rank={pcp_rank}: positions"
+        assert torch.equal(shard_positions(seq_len_padded, pcp_rank, pcp_size), megatron["position_ids"][0])
 
 
 def _check_batch(batches, sequences, pad_id):

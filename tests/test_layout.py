@@ -124,14 +124,44 @@ def _check_shards(layout):
         assert layout.global_rank(info.dp_rank, info.pcp_rank, info.tp_rank) == rank, f"{layout}: rank {rank}"
 
 
+def _holders_from_query_heads(layout) -> Counter:
+    """``(kv_head, kv_shard) -> ranks of one DP replica storing it``, from the rules alone: the rank at
+    (pcp_rank p, tp_rank t) stores KV shard ``(t mod k) * pcp + p`` of every KV head read by the query
+    heads of its DCP group's k TP positions (query head q reads KV head ``q // (num_heads / num_kv_heads)``)."""
+    k = layout.dcp // layout.pcp
+    q_per_tp_rank, q_per_kv_head = layout.num_heads // layout.tp, layout.num_heads // layout.num_kv_heads
+    holders: Counter = Counter()
+    for pcp_rank, tp_rank in itertools.product(range(layout.pcp), range(layout.tp)):
+        first = tp_rank // k * k
+        kv_heads = {q // q_per_kv_head for q in range(first * q_per_tp_rank, (first + k) * q_per_tp_rank)}
+        kv_shard = tp_rank % k * layout.pcp + pcp_rank
+        holders.update((head, kv_shard) for head in kv_heads)
+    return holders
+
+
+def _check_replication_note(layout, lines):
+    """The NOTE appears exactly when some (KV head, KV shard) slice has several holders, for the reason it
+    states (num_gpus / DCP > num_kv_heads), and names every replicated slice with its extra copies."""
+    holders = _holders_from_query_heads(layout)
+    assert layout.kv_replication() == dict(holders), f"{layout}: kv_replication"
+    copies = max(holders.values())
+    assert (copies > 1) == (layout.tp * layout.pcp > layout.dcp * layout.num_kv_heads), f"{layout}: {holders}"
+    notes = [line for line in lines if line.startswith("NOTE: ")]
+    assert len(notes) == (copies > 1), f"{layout}: {len(notes)} NOTE lines but {copies} holders per slice"
+    if notes:
+        assert set(holders.values()) == {copies}, f"{layout}: uneven replication {holders}"
+        extra = {1: "once", 2: "twice"}.get(copies - 1, f"{copies - 1} times")
+        assert f"replicated {extra} (since" in notes[0], f"{layout}: {notes[0]}"
+        assert all(f"(k{head}, s{shard})" in notes[0] for head, shard in holders), f"{layout}: {notes[0]}"
+
+
 def _check_render(layout):
     lines = render_layout(layout).split("\n")
     first = lines.index("Rank Layout (query heads / KV head / KV shard / prefill shard):")
     header, grid = lines[first + 1], lines[first + 2:first + 3 + 2 * layout.dp * layout.pcp]
     widths = {len(line) for line in grid}
     assert len(widths) == 1 and len(header) <= widths.pop(), f"{layout}: ragged grid\n" + "\n".join(grid)
-    replicated = max(layout.kv_replication().values()) > 1
-    assert any(line.startswith("NOTE: ") for line in lines) == replicated, f"{layout}: NOTE vs replication"
+    _check_replication_note(layout, lines)
 
 
 def test_every_valid_layout_keeps_invariants():

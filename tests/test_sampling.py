@@ -1,12 +1,20 @@
 """Sampling: greedy is argmax, filters reduce to greedy at their limits, draws are reproducible and
-follow the filtered softmax, and every rank ends up with the same tokens."""
+follow the filtered softmax, draws run on the generator's device, and every rank ends up with the same
+tokens."""
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from cptoolkit.inference.sampling import SamplingParams, broadcast_tokens, make_generator, sample
 from tests.multiproc import run_ranks
 
 GREEDY = SamplingParams(temperature=0.0)
+
+
+def _first_max(logits):
+    """Reference greedy choice per row of ``logits [b, vocab]``, in plain Python (not ``torch.argmax``):
+    the largest value, ties to the lowest token id."""
+    return [row.index(max(row)) for row in logits.tolist()]
 
 
 def _draw(logits_row, params, num_draws, seed=0):
@@ -21,11 +29,12 @@ def _frequencies(tokens, vocab):
 
 def test_greedy_is_argmax_with_ties_to_the_lowest_id():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    logits[4, [45, 12]] = 100.0
     logits[5, [7, 3, 40]] = 100.0
     generators = [make_generator(0, i) for i in range(6)]
     tokens = sample(logits, [GREEDY] * 6, generators)
     assert tokens.dtype == torch.int64
-    assert tokens[:5].tolist() == logits[:5].argmax(-1).tolist() and tokens[5].item() == 3
+    assert tokens.tolist() == _first_max(logits) and tokens[4:].tolist() == [12, 3]
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.3, top_k=1),
@@ -35,8 +44,7 @@ def test_filters_at_their_limit_are_greedy(params):
     logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(1))
     logits[7, [9, 2]] = 50.0
     tokens = sample(logits, [params] * 8, [make_generator(3, i) for i in range(8)])
-    greedy = sample(logits, [GREEDY] * 8, [make_generator(3, i) for i in range(8)])
-    assert tokens.tolist() == greedy.tolist() and tokens[7].item() == 2
+    assert tokens.tolist() == _first_max(logits) and tokens[7].item() == 2
 
 
 def test_same_seed_same_tokens_different_seeds_differ_on_a_flat_distribution():
@@ -68,23 +76,72 @@ def test_empirical_frequencies_match_the_filtered_softmax(params, kept):
     assert observed[[i for i in range(5) if i not in kept]].sum() == 0
 
 
+RANK_PARAMS = [SamplingParams(temperature=0.9, top_k=10, top_p=0.9, seed=7)] * 4
+
+
+def _three_sampling_steps() -> list[list[int]]:
+    """Three decode steps of 4 requests on fixed logits: ``[3][4]`` token ids."""
+    logits = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    generators = [make_generator(7, i) for i in range(4)]
+    return [sample(logits, RANK_PARAMS, generators).tolist() for _ in range(3)]
+
+
 def _same_tokens_on_every_rank(rank, world_size):
     import torch.distributed as dist
-    logits = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
-    params = [SamplingParams(temperature=0.9, top_k=10, top_p=0.9, seed=7)] * 4
-    generators = [make_generator(7, i) for i in range(4)]
-    sampled = torch.stack([sample(logits, params, generators) for _ in range(3)])
+    # Give each rank different global RNG state: tokens may depend only on the per-request generators.
+    torch.manual_seed(1000 + rank)
+    torch.rand(rank + 1)
+    sampled = _three_sampling_steps()
     different = torch.full((4,), rank, dtype=torch.int64)
     received = broadcast_tokens(different, dist.group.WORLD, src=1)
     # plain lists: a tensor sent back through the result queue needs its (exited) rank process alive
-    return sampled.tolist(), received.tolist()
+    return sampled, received.tolist()
 
 
 def test_two_ranks_sample_the_same_tokens_and_broadcast_from_src():
+    """Ranks with different global RNG states (and this process, a third state) draw the same tokens
+    from identically seeded per-request generators; the draws really vary, so equality is not luck."""
     results = run_ranks(2, _same_tokens_on_every_rank, timeout_s=60)
     (sampled_0, received_0), (sampled_1, received_1) = results
-    assert sampled_0 == sampled_1, f"rank 0 {sampled_0} vs rank 1 {sampled_1}"
+    torch.manual_seed(99)
+    here = _three_sampling_steps()
+    assert sampled_0 == sampled_1 == here, f"rank 0 {sampled_0}, rank 1 {sampled_1}, this process {here}"
+    assert len({token for step in here for token in step}) >= 4, f"draws barely vary: {here}"
     assert received_0 == received_1 == [1, 1, 1, 1]
+
+
+def test_logits_off_the_generators_device_draw_on_the_generators_device(monkeypatch):
+    """The engine's generators live on the CPU; on a GPU the logits do not. CUDA's multinomial rejects a
+    generator on another device, so the draw must run on the generator's device and the token come back
+    to the logits' device. Without a GPU, fake "meta" logits stand in for CUDA ones (FakeTensorMode lets
+    them move to the CPU), and the stand-in multinomial enforces the device rule that the CUDA kernel
+    enforces (the CPU and meta kernels do not check it)."""
+    real_multinomial = torch.multinomial
+    draw_devices = []
+
+    def device_checked_multinomial(probs, num_samples, *, generator):
+        if probs.device != generator.device:
+            raise RuntimeError(f"Expected a '{probs.device.type}' device type for generator but found "
+                               f"'{generator.device.type}'")
+        draw_devices.append(probs.device.type)
+        return real_multinomial(probs, num_samples, generator=generator)
+
+    monkeypatch.setattr(torch, "multinomial", device_checked_multinomial)
+    params = [SamplingParams(temperature=0.8, top_k=5), GREEDY, SamplingParams(temperature=1.2)]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        logits = torch.empty(3, 50, device="meta")
+        tokens = sample(logits, params, [make_generator(0, i) for i in range(3)])
+    assert tokens.device.type == "meta" and tuple(tokens.shape) == (3,) and tokens.dtype == torch.int64
+    assert draw_devices == ["cpu", "cpu"], draw_devices
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_logits_with_cpu_generators_draw_the_cpu_tokens():
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
+    params = [SamplingParams(temperature=0.9, top_k=20, top_p=0.95)] * 4
+    on_cpu = sample(logits, params, [make_generator(5, i) for i in range(4)])
+    on_cuda = sample(logits.cuda(), params, [make_generator(5, i) for i in range(4)])
+    assert on_cuda.device.type == "cuda" and on_cuda.tolist() == on_cpu.tolist()
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -2,6 +2,7 @@
 optimizer groups, and the training config rules (all without process groups)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -148,7 +149,9 @@ def test_training_rules_are_checked_before_any_group(parallel, model, train, mat
 @pytest.mark.parametrize("parallel, train, match", [
     (dict(tp=1, pcp=4, dcp=4), dict(seq_len=36),
      r"train.seq_len = 36: must be a multiple of 2\*parallel.pcp \(8\) for DualChunkSwap"),
-    (dict(tp=3, pcp=1, dcp=1), {}, r"num_attention_heads"),
+    (dict(tp=3, pcp=1, dcp=1), {},
+     r"train.yaml: parallel \(tp=3, pcp=1, dcp=1, dp=1\) with model \(num_attention_heads=4, num_kv_heads=2\): "
+     r"num_heads \(4\) must be a multiple of tp \(3\): each TP rank owns num_heads/tp query heads$"),
 ])
 def test_seq_len_and_heads_that_do_not_divide_are_rejected_by_the_config(parallel, train, match):
     with pytest.raises(ConfigError, match=match):
@@ -162,8 +165,18 @@ def test_an_inference_config_is_not_a_train_config():
         validate_train_config(cfg, ByteTokenizer.vocab_size)
 
 
-@pytest.mark.parametrize("name", ["train_tp1_pcp1", "train_tp2_pcp2", "train_tp1_pcp4"])
-def test_shipped_train_configs_are_valid(name):
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
-    validate_train_config(cfg, ByteTokenizer.vocab_size)
-    assert cfg.parallel.world_size == cfg.parallel.tp * cfg.parallel.pcp and cfg.train.save_dir.endswith(name)
+def test_shipped_train_configs_differ_only_in_layout_and_save_dir():
+    """The three train_*.yaml configs train one model on one data stream (their losses agree to float
+    rounding): each passes the training rules, has the layout its name says, and shares everything else."""
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    configs = {(tp, pcp): load_config(folder / f"train_tp{tp}_pcp{pcp}.yaml")
+               for tp, pcp in ((1, 1), (2, 2), (1, 4))}
+    for (tp, pcp), cfg in configs.items():
+        validate_train_config(cfg, ByteTokenizer.vocab_size)
+        assert (cfg.parallel.tp, cfg.parallel.pcp, cfg.parallel.dp) == (tp, pcp, 1), cfg.parallel
+        assert Path(cfg.train.save_dir).name == f"train_tp{tp}_pcp{pcp}", cfg.train.save_dir
+    first, *others = configs.values()
+    for cfg in others:
+        assert cfg.model == first.model and cfg.runtime == first.runtime, (cfg.source, first.source)
+        assert dataclasses.replace(cfg.train, save_dir=None) == dataclasses.replace(first.train, save_dir=None), (
+            f"{cfg.source} and {first.source} train differently: {cfg.train} vs {first.train}")

@@ -1,9 +1,10 @@
 """Training with prefill context parallelism equals single-rank training.
 
 One single-rank reference run and one 4-rank run (several layouts in turn, groups rebuilt between them)
-train the same tiny models on the same data with the same seeds. Per-step losses must agree to 1e-4
-relative for 20 steps, and the clipped gradients after the first step parameter by parameter (TP shards
-gathered to full tensors). A checkpoint saved at TP=2 x PCP=2 must give the same loss at TP=1 x PCP=4.
+train the same tiny models on the same data with the same seeds. Per-step losses must agree to 2e-7
+relative (float32 rounding: its epsilon is 1.19e-7) for 20 steps, and the clipped gradients after the
+first step parameter by parameter (TP shards gathered to full tensors). A checkpoint saved at
+TP=2 x PCP=2 must give the same loss at TP=1 x PCP=4.
 Both prefill comms (ring and all-gather) are covered. A torchrun smoke test runs launch/train.py on 2 ranks
 (TP=1 x PCP=2) and launch/infer.py from its checkpoint at TP=2; a bad config exits before any process group.
 """
@@ -28,8 +29,13 @@ EVAL_STEP = 1000  # a batch no training step saw
 LLAMA = dict(arch="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
              ffn_hidden_size=128, vocab_size=260, max_seq_len=64, seed=7)
 GPT2 = dict(LLAMA, arch="gpt2", num_kv_heads=4, tie_embeddings=True)
-LOSS_RTOL = 1e-4
-GRAD_RTOL = 1e-4  # of the parameter's largest reference gradient entry; measured ~6e-7
+# Measured (CPU, gloo, float32): losses 1.35e-7 relative at worst over the 4 layouts and 20 steps, the
+# step-1 gradient norm 1.8e-8, gradients 7.5e-7 of the parameter's largest entry, the reloaded
+# checkpoint's loss 9.9e-8. Float32's epsilon is 1.19e-7: the losses differ by about one rounding.
+LOSS_RTOL = 2e-7
+GRAD_NORM_RTOL = 1e-7
+GRAD_RTOL = 2e-6  # of the parameter's largest reference gradient entry
+CHECKPOINT_RTOL = 2e-7
 
 
 def _config(model: dict, tp: int = 1, pcp: int = 1, dp: int = 1, prefill_comm: str = "p2p"):
@@ -155,7 +161,8 @@ def test_cp_training_matches_single_rank_training(runs, layout):
     for rank, result in enumerate(parallel):
         run = result[layout]
         _assert_close_rel(run["losses"], want["losses"], LOSS_RTOL, f"{layout} rank {rank} losses")
-        _assert_close_rel(run["grad_norms"][:1], want["grad_norms"][:1], 1e-5, f"{layout} rank {rank} grad norm")
+        _assert_close_rel(run["grad_norms"][:1], want["grad_norms"][:1], GRAD_NORM_RTOL,
+                          f"{layout} rank {rank} grad norm")
         for name, ref_grad in want["grads"].items():
             diff = np.abs(run["grads"][name] - ref_grad)
             assert diff.max() <= GRAD_RTOL * np.abs(ref_grad).max(), (
@@ -180,7 +187,9 @@ def test_checkpoint_saved_at_tp2_pcp2_loads_at_tp1_pcp4(runs):
     _, parallel = runs
     for rank, result in enumerate(parallel):
         saved, reloaded = result["llama tp2 pcp2"]["eval_loss"], result["checkpoint at tp1 pcp4"]
-        assert abs(reloaded - saved) <= 1e-5 * saved, f"rank {rank}: eval loss {reloaded} after reload, {saved} before"
+        assert abs(reloaded - saved) <= CHECKPOINT_RTOL * saved, (
+            f"rank {rank}: eval loss {reloaded} after reload, {saved} before "
+            f"(relative {abs(reloaded - saved) / saved:.2e})")
 
 
 def _write_config(path: Path, parallel: dict, train: dict) -> Path:

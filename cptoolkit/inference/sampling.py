@@ -79,9 +79,11 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     """Pick one token per row of ``logits [b, vocab]``; returns ``[b]`` int64 on ``logits.device``.
 
     Row ``i`` uses ``params[i]`` and draws from ``generators[i]`` (one draw per non-greedy row; greedy
-    rows leave their generator untouched). Temperature scales the logits, then top-k keeps the
-    ``top_k`` most likely tokens, then top-p keeps the smallest most-likely set whose probability is
-    >= ``top_p`` (at least one token); equal probabilities are ranked by lower token id.
+    rows leave their generator untouched) on the generator's own device, which may differ from
+    ``logits.device`` (with CPU generators and CUDA logits the draw runs on the CPU).
+    Temperature scales the logits, then top-k keeps the ``top_k`` most likely tokens, then top-p keeps
+    the smallest most-likely set whose probability is >= ``top_p`` (at least one token); equal
+    probabilities are ranked by lower token id.
     """
     if logits.dim() != 2 or len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
         raise ValueError(f"sample expects logits [b, vocab] with b params and b generators; got logits "
@@ -101,8 +103,10 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if params.top_p < 1:
         mass_before = torch.cumsum(probs, dim=-1) - probs
         probs = probs[mass_before < params.top_p]
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return sorted_ids[choice[0]]
+    # torch.multinomial needs its input on the generator's device (CUDA rejects a CPU generator with
+    # CUDA probs): draw there, then pick the token id on the logits' device.
+    choice = torch.multinomial(probs.to(generator.device), 1, generator=generator)
+    return sorted_ids[choice.to(sorted_ids.device)][0]
 
 
 def broadcast_tokens(tokens: torch.Tensor, group: ProcessGroup | None, src: int) -> torch.Tensor:

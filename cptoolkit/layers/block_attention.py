@@ -50,9 +50,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
     Passing the merged output and LSE rather than the block's own makes the per-block gradients
     sum exactly to the gradient of the full attention. Returns ``(dq, dk, dv)`` shaped like
-    ``q, k, v``.
+    ``q, k, v``. ``lse`` may be a strided view (the ring backward passes ``lse[:, :, rows]``).
     """
     _check(q, k, v)
+    # The CUDA flash backward indexes lse as a dense [b, hq, sq] array; a row slice of one is not.
+    lse = lse.contiguous()
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, scale=scale)
