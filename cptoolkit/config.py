@@ -7,7 +7,6 @@ value and the rule (``ConfigError``, a ``ValueError``). Nothing deeper re-checks
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,7 +79,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Requests and sampling for ``launch/infer.py``: ``prompts`` or ``prompt_file`` (one per line)."""
+    """Requests and sampling for ``launch/infer.py``: ``prompts`` or ``prompt_file`` (one per line).
+
+    ``max_seq_len`` caps prompt + generated tokens per request (default and upper bound: the model's
+    ``max_seq_len``, e.g. a checkpoint's ``max_position_embeddings``). ``kv_cache_bytes`` is the KV
+    cache budget per rank; by default the cache holds ``batch_size`` requests of ``max_seq_len`` tokens.
+    Requests wait for free blocks, so a smaller budget queues requests instead of failing them."""
 
     prompts: list[str] = field(default_factory=list)
     prompt_file: Optional[str] = None
@@ -92,6 +96,8 @@ class InferenceConfig:
     batch_size: int = 4
     stop_strings: list[str] = field(default_factory=list)
     kv_block_size: int = 16
+    max_seq_len: Optional[int] = None
+    kv_cache_bytes: Optional[int] = None
 
     def __post_init__(self):
         _require(bool(self.prompts) != (self.prompt_file is not None), "prompts", self.prompts,
@@ -102,6 +108,10 @@ class InferenceConfig:
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         _require(self.kv_block_size >= 1, "kv_block_size", self.kv_block_size, "must be >= 1")
+        _require(self.max_seq_len is None or self.max_seq_len >= 1, "max_seq_len", self.max_seq_len,
+                 "must be >= 1 (null = the model's max_seq_len)")
+        _require(self.kv_cache_bytes is None or self.kv_cache_bytes >= 1, "kv_cache_bytes", self.kv_cache_bytes,
+                 "must be >= 1 (null = room for batch_size requests of max_seq_len tokens)")
 
 
 @dataclass(frozen=True)
@@ -184,15 +194,23 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
-def _describe(annotation: Any) -> str:
+_TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+               bool: ("true or false", "booleans"), str: ("a string", "strings")}
+
+
+def _describe(annotation: Any, plural: bool = False) -> str:
+    """A field type as an error message says it: ``an integer``, ``a string or null``, ``a list of strings``."""
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+        return " or ".join(_describe(a, plural) for a in typing.get_args(annotation))
     if origin is list:
-        return f"a list of {_describe(typing.get_args(annotation)[0])}"
-    return "null" if annotation is type(None) else f"a {annotation.__name__}"
+        return f"a list of {_describe(typing.get_args(annotation)[0], plural=True)}"
+    if annotation is type(None):
+        return "null"
+    singular, plural_name = _TYPE_NAMES.get(annotation, (f"a {annotation.__name__}", f"{annotation.__name__}s"))
+    return plural_name if plural else singular
 
 
 def _build_section(cls: type, raw: Any, section: str):
@@ -219,12 +237,13 @@ def _checkpoint_shape(model: ModelConfig, base_dir: Path) -> ModelConfig:
     """Replace the shape fields by those of the checkpoint's config.json (HF or cptoolkit)."""
     path = Path(model.checkpoint)
     path = path if path.is_absolute() else base_dir / path
-    config_json = path / "config.json"
-    if not config_json.is_file():
-        raise ValueError(f"model.checkpoint = {model.checkpoint!r}: no config.json in {path}")
-    from cptoolkit.models.gpt import GPTShape
+    if not (path / "config.json").is_file():
+        missing = "" if path.is_dir() else " (no such directory)"
+        raise ValueError(f"model.checkpoint = {model.checkpoint!r}: no config.json in {path}{missing}; "
+                         "point it at a directory written by save_pretrained or save_checkpoint")
+    from cptoolkit.inference.checkpoint import hf_shape, read_config
 
-    shape = GPTShape.from_hf_config(json.loads(config_json.read_text()))
+    shape = hf_shape(read_config(path), path)  # a ConfigError naming config.json itself
     shape_fields = {f.name for f in dataclasses.fields(ModelConfig)} & {f.name for f in dataclasses.fields(shape)}
     return dataclasses.replace(model, checkpoint=str(path),
                                **{name: getattr(shape, name) for name in shape_fields})
@@ -243,6 +262,9 @@ def _check_layout(cfg: Config) -> None:
                          f"{err}") from None
     _require(m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
              f"must be a multiple of parallel.tp ({p.tp}) for the column-parallel MLP")
+    if cfg.inference is not None and cfg.inference.max_seq_len is not None:
+        _require(cfg.inference.max_seq_len <= m.max_seq_len, "inference.max_seq_len", cfg.inference.max_seq_len,
+                 f"must be <= model.max_seq_len ({m.max_seq_len})")
     if cfg.train is not None:
         _require(m.num_kv_heads % p.tp == 0, "model.num_kv_heads", m.num_kv_heads,
                  f"must be a multiple of parallel.tp ({p.tp}) for training: KV heads replicated over TP "
@@ -251,6 +273,14 @@ def _check_layout(cfg: Config) -> None:
                  f"must be a multiple of 2*parallel.pcp ({2 * p.pcp}) for DualChunkSwap")
         _require(cfg.train.seq_len <= m.max_seq_len, "train.seq_len", cfg.train.seq_len,
                  f"must be <= model.max_seq_len ({m.max_seq_len})")
+
+
+def _training_dcp_default(raw: dict) -> dict:
+    """Training has no decode step: its ``parallel.dcp`` defaults to ``pcp`` (the layout's smallest DCP)."""
+    parallel = raw.get("parallel")
+    if "train" not in raw or not isinstance(parallel, dict) or "dcp" in parallel:
+        return raw
+    return {**raw, "parallel": {**parallel, "dcp": parallel.get("pcp", 1)}}
 
 
 def config_from_dict(raw: Any, source: str = "<dict>", base_dir: Path = Path(".")) -> Config:
@@ -266,12 +296,15 @@ def config_from_dict(raw: Any, source: str = "<dict>", base_dir: Path = Path("."
         missing = [name for name in ("parallel", "model", "runtime") if name not in raw]
         if missing:
             raise ValueError(f"{missing[0]}: section missing (write '{missing[0]}: {{}}' for all defaults)")
+        raw = _training_dcp_default(raw)
         sections = {name: _build_section(cls, raw[name], name) for name, cls in _SECTIONS.items() if name in raw}
         if sections["model"].checkpoint is not None:
             sections["model"] = _checkpoint_shape(sections["model"], base_dir)
         cfg = Config(**sections, source=source)
         _check_layout(cfg)
         return cfg
+    except ConfigError:
+        raise  # names its own file (a checkpoint's config.json), not the YAML
     except ValueError as err:
         raise ConfigError(f"{source}: {err}") from None
 
@@ -294,3 +327,26 @@ def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file. Relative paths inside it resolve against its folder."""
     path = Path(path)
     return config_from_dict(read_yaml(path), source=str(path), base_dir=path.parent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cptoolkit.config CONFIG [--world-size]``: validate a config (one line on error, exit
+    2); with ``--world-size`` print the process count it needs (``make run`` uses it for torchrun)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m cptoolkit.config", description=main.__doc__)
+    parser.add_argument("config")
+    parser.add_argument("--world-size", action="store_true", help="print dp*pcp*tp only")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(cfg.parallel.world_size if args.world_size else f"{cfg.source}: valid, {cfg.parallel.world_size} ranks")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cptoolkit.config import ConfigError, config_from_dict, load_config
 
@@ -21,10 +22,16 @@ def _with(section: str, **fields) -> dict:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_shipped_configs_load(path):
+def test_shipped_configs_load_every_field_as_written(path):
+    raw = yaml.safe_load(path.read_text())
     cfg = load_config(path)
     assert cfg.source == str(path)
-    assert cfg.parallel.world_size >= 1
+    for section, fields in raw.items():
+        for name, value in fields.items():
+            loaded = getattr(getattr(cfg, section), name)
+            assert loaded == value, f"{path.name}: {section}.{name} = {value!r} in the file, {loaded!r} loaded"
+    sizes = {name: raw["parallel"].get(name, 1) for name in ("dp", "pcp", "tp")}
+    assert cfg.parallel.world_size == sizes["dp"] * sizes["pcp"] * sizes["tp"], (path.name, sizes)
 
 
 def test_reference_config_values():
@@ -35,12 +42,16 @@ def test_reference_config_values():
 
 
 @pytest.mark.parametrize("raw, message", [
-    (_with("parallel", dcp=3), r"<t>: .*dcp.*3"),
+    (_with("parallel", dcp=3), r"<t>: parallel \(tp=2, pcp=2, dcp=3, dp=1\) with model \(num_attention_heads=8, "
+                               r"num_kv_heads=2\): dcp \(3\) must be k\*pcp with k dividing tp \(tp=2, pcp=2\): "
+                               r"valid dcp values are 2, 4$"),
     (_with("parallel", tp=0), r"<t>: parallel.tp = 0: must be >= 1"),
     (_with("parallel", prefill_comm="ring"), r"parallel.prefill_comm = 'ring': must be one of 'p2p', 'all_gather'"),
     (_with("parallel", tpp=2), r"parallel.tpp: unknown field \(known: .*tp"),
-    (_with("parallel", tp="2"), r"parallel.tp = '2': must be a int"),
-    ({**_with("model", num_attention_heads=6, hidden_size=96), "parallel": {"tp": 4}}, r"<t>: .*heads.*6"),
+    (_with("parallel", tp="2"), r"<t>: parallel.tp = '2': must be an integer$"),
+    ({**_with("model", num_attention_heads=6, hidden_size=96), "parallel": {"tp": 4}},
+     r"<t>: parallel \(tp=4, pcp=1, dcp=1, dp=1\) with model \(num_attention_heads=6, num_kv_heads=2\): "
+     r"num_heads \(6\) must be a multiple of tp \(4\): each TP rank owns num_heads/tp query heads$"),
     (_with("model", num_kv_heads=3), r"model.num_kv_heads = 3: must divide num_attention_heads \(8\)"),
     (_with("inference", top_p=0.0), r"inference.top_p = 0.0: must be in \(0, 1\]"),
     (_with("inference", prompts=[]), r"inference.prompts = \[\]: give exactly one of prompts"),

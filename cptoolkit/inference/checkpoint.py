@@ -10,132 +10,268 @@ slice, so any checkpoint loads at any TP size.
 - cptoolkit: ``save_checkpoint`` writes the full state dict in one ``model.safetensors`` plus a
   ``config.json`` that is a Hugging Face config of the same shape with ``"cptoolkit_format": 1``, so
   the shape is read the same way for both formats.
+
+A checkpoint is user input: every problem with its files (missing, corrupt, malformed JSON, a
+missing key or tensor, a tensor of the wrong shape) is a ``ConfigError`` whose one line names the
+file, what is wrong and how to fix it. Tensor names and shapes are checked against the shape in
+``config.json`` before any tensor is converted.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed import ProcessGroup
 
+from cptoolkit.config import ConfigError
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.models.gpt import (CPGPTModel, GPTShape, fuse_qkv, gather_full_state_dict,
                                   load_full_state_dict, new_gpt_model)
 
 CPTOOLKIT_FORMAT = 1
+CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+RESAVE = "save the checkpoint again (save_pretrained or cptoolkit's save_checkpoint)"
 
 StateDict = dict[str, torch.Tensor]
+Shapes = dict[str, tuple[int, ...]]
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; malformed JSON names the line and column."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: malformed JSON: line {err.lineno}, column {err.colno}: {err.msg}; "
+                          f"fix the file or {RESAVE}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text, so not JSON (the file is corrupt); {RESAVE}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, got a {type(value).__name__}; {RESAVE}")
+    return value
 
 
 def read_config(checkpoint_dir: str | Path) -> dict:
-    path = Path(checkpoint_dir) / "config.json"
+    """The checkpoint's ``config.json`` as a dict."""
+    path = Path(checkpoint_dir) / CONFIG_FILE
     if not path.is_file():
-        raise ValueError(f"checkpoint directory {str(checkpoint_dir)!r} has no config.json")
-    return json.loads(path.read_text())
+        raise ConfigError(f"{path}: not found; a checkpoint directory holds the model's {CONFIG_FILE} "
+                          f"next to its weights; {RESAVE}")
+    return read_json_object(path)
+
+
+def hf_shape(config: dict, checkpoint_dir: str | Path) -> GPTShape:
+    """``GPTShape.from_hf_config(config)``; its errors name the checkpoint's ``config.json``."""
+    try:
+        return GPTShape.from_hf_config(config)
+    except ValueError as err:
+        raise ConfigError(f"{Path(checkpoint_dir) / CONFIG_FILE}: {err}") from None
+
+
+def _weights_file(directory: Path) -> Path:
+    """``model.safetensors``, or the index of a sharded checkpoint: the file errors name."""
+    for name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE):
+        if (directory / name).is_file():
+            return directory / name
+    raise ConfigError(f"{directory}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}; save the weights with "
+                      "save_pretrained (safetensors: .bin and .pt weights are not read)")
+
+
+def _load_safetensors(path: Path) -> StateDict:
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise ConfigError(f"{path}: not a readable safetensors file ({err}): it is truncated or corrupt; "
+                          "copy it again or re-save the checkpoint") from None
+
+
+def _shard_files(index: Path) -> list[Path]:
+    """The shard files a ``model.safetensors.index.json`` names, each checked to exist."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ConfigError(f"{index}: no \"weight_map\" object of tensor name -> shard file; {RESAVE}")
+    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise ConfigError(f"{index}: names shard {shard.name!r}, which is not in {index.parent}; "
+                              "copy every shard the index lists next to it")
+    return shards
 
 
 def read_weights(checkpoint_dir: str | Path) -> StateDict:
     """All tensors of ``model.safetensors``, or of every shard named by its index file."""
-    directory = Path(checkpoint_dir)
-    if (directory / WEIGHTS_FILE).is_file():
-        return load_file(directory / WEIGHTS_FILE)
-    if (directory / WEIGHTS_INDEX_FILE).is_file():
-        shard_files = sorted(set(json.loads((directory / WEIGHTS_INDEX_FILE).read_text())["weight_map"].values()))
-        return {name: tensor for shard in shard_files for name, tensor in load_file(directory / shard).items()}
-    raise ValueError(f"checkpoint directory {str(directory)!r} has neither {WEIGHTS_FILE} nor "
-                     f"{WEIGHTS_INDEX_FILE}")
+    path = _weights_file(Path(checkpoint_dir))
+    if path.name == WEIGHTS_FILE:
+        return _load_safetensors(path)
+    return {name: tensor for shard in _shard_files(path) for name, tensor in _load_safetensors(shard).items()}
 
 
-def _taker(weights: StateDict, checkpoint_dir: str | Path) -> Callable[[str], torch.Tensor]:
-    def take(name: str) -> torch.Tensor:
+def _checked(weights: StateDict, expected: Shapes, source: Path, shape: GPTShape) -> StateDict:
+    """The tensors named in ``expected``, each checked to exist with its expected shape."""
+    model = (f"{CONFIG_FILE}'s model ({shape.arch}, {shape.num_layers} layers, hidden {shape.hidden_size}, "
+             f"vocab {shape.vocab_size})")
+    fix = f"the weights and {CONFIG_FILE} must come from the same model"
+    for name, want in expected.items():
         if name not in weights:
-            raise ValueError(f"checkpoint {str(checkpoint_dir)!r} lacks tensor {name!r}")
-        return weights[name]
-    return take
+            raise ConfigError(f"{source}: no tensor {name!r}, which {model} needs; {fix}")
+        if tuple(weights[name].shape) != want:
+            raise ConfigError(f"{source}: tensor {name!r} has shape {tuple(weights[name].shape)}, but {model} "
+                              f"needs {want}; {fix}")
+    return {name: weights[name] for name in expected}
 
 
-def llama_to_full(weights: StateDict, shape: GPTShape, checkpoint_dir: str | Path = "") -> StateDict:
-    """``LlamaForCausalLM`` tensors -> the full state dict (fused QKV per KV group, fc1 = [gate; up])."""
-    take = _taker(weights, checkpoint_dir)
-    heads, kv_heads, head_dim = shape.num_attention_heads, shape.num_kv_heads, shape.head_dim
-    full = {"embedding.word_embeddings.weight": take("model.embed_tokens.weight"),
-            "decoder.final_layernorm.weight": take("model.norm.weight")}
+# ----------------------------------------------------------------------------- Hugging Face formats
+
+def llama_tensor_shapes(shape: GPTShape) -> Shapes:
+    """Every tensor a ``LlamaForCausalLM`` checkpoint of ``shape`` holds, with its shape."""
+    hidden, ffn, vocab = shape.hidden_size, shape.ffn_hidden_size, shape.vocab_size
+    q_rows, kv_rows = shape.num_attention_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     if not shape.tie_embeddings:
-        full["output_layer.weight"] = take("lm_head.weight")
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for layer in range(shape.num_layers):
+        hf = f"model.layers.{layer}."
+        shapes.update({
+            hf + "input_layernorm.weight": (hidden,),
+            hf + "self_attn.q_proj.weight": (q_rows, hidden),
+            hf + "self_attn.k_proj.weight": (kv_rows, hidden),
+            hf + "self_attn.v_proj.weight": (kv_rows, hidden),
+            hf + "self_attn.o_proj.weight": (hidden, q_rows),
+            hf + "post_attention_layernorm.weight": (hidden,),
+            hf + "mlp.gate_proj.weight": (ffn, hidden),
+            hf + "mlp.up_proj.weight": (ffn, hidden),
+            hf + "mlp.down_proj.weight": (hidden, ffn),
+        })
+    return shapes
+
+
+def llama_to_full(weights: StateDict, shape: GPTShape) -> StateDict:
+    """``LlamaForCausalLM`` tensors -> the full state dict (fused QKV per KV group, fc1 = [gate; up])."""
+    heads, kv_heads, head_dim = shape.num_attention_heads, shape.num_kv_heads, shape.head_dim
+    full = {"embedding.word_embeddings.weight": weights["model.embed_tokens.weight"],
+            "decoder.final_layernorm.weight": weights["model.norm.weight"]}
+    if not shape.tie_embeddings:
+        full["output_layer.weight"] = weights["lm_head.weight"]
     for layer in range(shape.num_layers):
         hf, mc = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-        q = take(hf + "self_attn.q_proj.weight").reshape(heads, head_dim, -1)
-        k = take(hf + "self_attn.k_proj.weight").reshape(kv_heads, head_dim, -1)
-        v = take(hf + "self_attn.v_proj.weight").reshape(kv_heads, head_dim, -1)
+        q = weights[hf + "self_attn.q_proj.weight"].reshape(heads, head_dim, -1)
+        k = weights[hf + "self_attn.k_proj.weight"].reshape(kv_heads, head_dim, -1)
+        v = weights[hf + "self_attn.v_proj.weight"].reshape(kv_heads, head_dim, -1)
         full.update({
-            mc + "input_layernorm.weight": take(hf + "input_layernorm.weight"),
+            mc + "input_layernorm.weight": weights[hf + "input_layernorm.weight"],
             mc + "self_attention.linear_qkv.weight": fuse_qkv(q, k, v, kv_heads),
-            mc + "self_attention.linear_proj.weight": take(hf + "self_attn.o_proj.weight"),
-            mc + "pre_mlp_layernorm.weight": take(hf + "post_attention_layernorm.weight"),
-            mc + "mlp.linear_fc1.weight": torch.cat([take(hf + "mlp.gate_proj.weight"),
-                                                     take(hf + "mlp.up_proj.weight")]),
-            mc + "mlp.linear_fc2.weight": take(hf + "mlp.down_proj.weight"),
+            mc + "self_attention.linear_proj.weight": weights[hf + "self_attn.o_proj.weight"],
+            mc + "pre_mlp_layernorm.weight": weights[hf + "post_attention_layernorm.weight"],
+            mc + "mlp.linear_fc1.weight": torch.cat([weights[hf + "mlp.gate_proj.weight"],
+                                                     weights[hf + "mlp.up_proj.weight"]]),
+            mc + "mlp.linear_fc2.weight": weights[hf + "mlp.down_proj.weight"],
         })
     return full
 
 
-def gpt2_to_full(weights: StateDict, shape: GPTShape, checkpoint_dir: str | Path = "") -> StateDict:
-    """``GPT2LMHeadModel`` tensors (with or without the ``transformer.`` prefix) -> the full state
-    dict. Conv1D weights are ``[in, out]``; ``c_attn`` holds ``[q | k | v]`` over all heads."""
-    prefix = "transformer." if "transformer.wte.weight" in weights else ""
-    take = _taker(weights, checkpoint_dir)
+def _gpt2_prefix(names) -> str:
+    """``GPT2LMHeadModel`` saves ``transformer.h.0...``; a bare ``GPT2Model`` saves ``h.0...``."""
+    return "transformer." if any(name.startswith("transformer.") for name in names) else ""
+
+
+def gpt2_tensor_shapes(shape: GPTShape, prefix: str) -> Shapes:
+    """Every tensor a GPT-2 checkpoint of ``shape`` holds, with its shape (Conv1D: ``[in, out]``)."""
+    hidden, ffn, vocab = shape.hidden_size, shape.ffn_hidden_size, shape.vocab_size
+    shapes = {prefix + "wte.weight": (vocab, hidden), prefix + "wpe.weight": (shape.max_seq_len, hidden),
+              prefix + "ln_f.weight": (hidden,), prefix + "ln_f.bias": (hidden,)}
+    if not shape.tie_embeddings:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for layer in range(shape.num_layers):
+        hf = f"{prefix}h.{layer}."
+        shapes.update({
+            hf + "ln_1.weight": (hidden,), hf + "ln_1.bias": (hidden,),
+            hf + "attn.c_attn.weight": (hidden, 3 * hidden), hf + "attn.c_attn.bias": (3 * hidden,),
+            hf + "attn.c_proj.weight": (hidden, hidden), hf + "attn.c_proj.bias": (hidden,),
+            hf + "ln_2.weight": (hidden,), hf + "ln_2.bias": (hidden,),
+            hf + "mlp.c_fc.weight": (hidden, ffn), hf + "mlp.c_fc.bias": (ffn,),
+            hf + "mlp.c_proj.weight": (ffn, hidden), hf + "mlp.c_proj.bias": (hidden,),
+        })
+    return shapes
+
+
+def gpt2_to_full(weights: StateDict, shape: GPTShape) -> StateDict:
+    """GPT-2 tensors (with or without the ``transformer.`` prefix) -> the full state dict.
+    Conv1D weights are ``[in, out]``; ``c_attn`` holds ``[q | k | v]`` over all heads."""
+    prefix = _gpt2_prefix(weights)
     heads, head_dim = shape.num_attention_heads, shape.head_dim
 
     def qkv(tensor: torch.Tensor) -> torch.Tensor:  # [3·hidden, ...] -> megatron's per-head groups
         q, k, v = tensor.reshape(3, heads, head_dim, *tensor.shape[1:])
         return fuse_qkv(q, k, v, heads)
 
-    full = {"embedding.word_embeddings.weight": take(prefix + "wte.weight"),
-            "embedding.position_embeddings.weight": take(prefix + "wpe.weight"),
-            "decoder.final_layernorm.weight": take(prefix + "ln_f.weight"),
-            "decoder.final_layernorm.bias": take(prefix + "ln_f.bias")}
+    full = {"embedding.word_embeddings.weight": weights[prefix + "wte.weight"],
+            "embedding.position_embeddings.weight": weights[prefix + "wpe.weight"],
+            "decoder.final_layernorm.weight": weights[prefix + "ln_f.weight"],
+            "decoder.final_layernorm.bias": weights[prefix + "ln_f.bias"]}
     if not shape.tie_embeddings:
-        full["output_layer.weight"] = take("lm_head.weight")
+        full["output_layer.weight"] = weights["lm_head.weight"]
     for layer in range(shape.num_layers):
         hf, mc = f"{prefix}h.{layer}.", f"decoder.layers.{layer}."
         full.update({
-            mc + "input_layernorm.weight": take(hf + "ln_1.weight"),
-            mc + "input_layernorm.bias": take(hf + "ln_1.bias"),
-            mc + "self_attention.linear_qkv.weight": qkv(take(hf + "attn.c_attn.weight").t()),
-            mc + "self_attention.linear_qkv.bias": qkv(take(hf + "attn.c_attn.bias")),
-            mc + "self_attention.linear_proj.weight": take(hf + "attn.c_proj.weight").t(),
-            mc + "self_attention.linear_proj.bias": take(hf + "attn.c_proj.bias"),
-            mc + "pre_mlp_layernorm.weight": take(hf + "ln_2.weight"),
-            mc + "pre_mlp_layernorm.bias": take(hf + "ln_2.bias"),
-            mc + "mlp.linear_fc1.weight": take(hf + "mlp.c_fc.weight").t(),
-            mc + "mlp.linear_fc1.bias": take(hf + "mlp.c_fc.bias"),
-            mc + "mlp.linear_fc2.weight": take(hf + "mlp.c_proj.weight").t(),
-            mc + "mlp.linear_fc2.bias": take(hf + "mlp.c_proj.bias"),
+            mc + "input_layernorm.weight": weights[hf + "ln_1.weight"],
+            mc + "input_layernorm.bias": weights[hf + "ln_1.bias"],
+            mc + "self_attention.linear_qkv.weight": qkv(weights[hf + "attn.c_attn.weight"].t()),
+            mc + "self_attention.linear_qkv.bias": qkv(weights[hf + "attn.c_attn.bias"]),
+            mc + "self_attention.linear_proj.weight": weights[hf + "attn.c_proj.weight"].t(),
+            mc + "self_attention.linear_proj.bias": weights[hf + "attn.c_proj.bias"],
+            mc + "pre_mlp_layernorm.weight": weights[hf + "ln_2.weight"],
+            mc + "pre_mlp_layernorm.bias": weights[hf + "ln_2.bias"],
+            mc + "mlp.linear_fc1.weight": weights[hf + "mlp.c_fc.weight"].t(),
+            mc + "mlp.linear_fc1.bias": weights[hf + "mlp.c_fc.bias"],
+            mc + "mlp.linear_fc2.weight": weights[hf + "mlp.c_proj.weight"].t(),
+            mc + "mlp.linear_fc2.bias": weights[hf + "mlp.c_proj.bias"],
         })
     return full
+
+
+def hf_tensor_shapes(shape: GPTShape, names) -> Shapes:
+    """The tensors a Hugging Face checkpoint of ``shape`` must hold (``names``: those it holds,
+    which tell a GPT-2 checkpoint's prefix)."""
+    if shape.arch == "llama":
+        return llama_tensor_shapes(shape)
+    return gpt2_tensor_shapes(shape, _gpt2_prefix(names))
 
 
 HF_CONVERTERS = {"llama": llama_to_full, "gpt2": gpt2_to_full}
 
 
+def full_tensor_shapes(shape: GPTShape) -> Shapes:
+    """The full state dict's tensor shapes (a cptoolkit checkpoint's tensors), found by running the
+    HF converter on shape-only ``meta`` tensors, so the converter stays the one place that knows
+    how the two layouts relate."""
+    hf = {name: torch.empty(size, device="meta") for name, size in hf_tensor_shapes(shape, []).items()}
+    return {name: tuple(tensor.shape) for name, tensor in HF_CONVERTERS[shape.arch](hf, shape).items()}
+
+
+# ----------------------------------------------------------------------------- loading and saving
+
 def load_model_checkpoint(checkpoint_dir: str | Path, tp_group: ProcessGroup,
                           runtime: AttentionRuntime, dtype: torch.dtype = torch.float32
                           ) -> CPGPTModel:
     """Build the model of a Hugging Face or cptoolkit checkpoint directory, sharded over
-    ``tp_group`` (every rank reads the file and keeps its own TP slice)."""
-    config = read_config(checkpoint_dir)
-    shape = GPTShape.from_hf_config(config)
-    weights = read_weights(checkpoint_dir)
+    ``tp_group`` (every rank reads the files and keeps its own TP slice). Raises ``ConfigError``
+    for a problem with the files, before building the model."""
+    directory = Path(checkpoint_dir)
+    config = read_config(directory)
+    shape = hf_shape(config, directory)
+    weights, source = read_weights(directory), _weights_file(directory)
     if config.get("cptoolkit_format") == CPTOOLKIT_FORMAT:
-        full = weights
+        full = _checked(weights, full_tensor_shapes(shape), source, shape)
     else:
-        full = HF_CONVERTERS[shape.arch](weights, shape, checkpoint_dir)
+        hf_weights = _checked(weights, hf_tensor_shapes(shape, weights), source, shape)
+        full = HF_CONVERTERS[shape.arch](hf_weights, shape)
     model = new_gpt_model(shape, tp_group, runtime, dtype)
     load_full_state_dict(model, full)
     return model

@@ -4,14 +4,18 @@ Both expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``eos_token_i
 ``vocab_size`` and ``save(directory)``; the engine and the training data pipeline use only these.
 A checkpoint directory names its tokenizer: Hugging Face tokenizer files, or
 ``"cptoolkit_tokenizer": "byte"`` in its ``config.json`` (written by ``ByteTokenizer.save``).
+Missing or broken tokenizer files are a ``ConfigError`` naming the directory.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from cptoolkit.config import ConfigError
+
 BYTE_TOKENIZER = "byte"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class ByteTokenizer:
@@ -47,8 +51,9 @@ class HFTokenizer:
 
     def __init__(self, tokenizer):
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id; rule: "
-                             "generation needs one to stop (set eos_token in the tokenizer config)")
+            source = tokenizer.name_or_path or f"tokenizer {type(tokenizer).__name__}"
+            raise ConfigError(f"{source}: the tokenizer has no eos_token; set \"eos_token\" in "
+                              "tokenizer_config.json (generation stops on it)")
         self._tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_token_id
         self.vocab_size = len(tokenizer)
@@ -67,14 +72,25 @@ def load_tokenizer(checkpoint_dir: str | Path) -> ByteTokenizer | HFTokenizer:
     """The tokenizer of ``checkpoint_dir``: ``ByteTokenizer`` if its ``config.json`` says so, else
     its Hugging Face tokenizer files, read locally through ``transformers.AutoTokenizer`` (never
     from the hub)."""
+    # Imported here: checkpoint.py pulls in megatron, which the byte tokenizer's users need not load.
+    from cptoolkit.inference.checkpoint import read_config, read_json_object
+
     directory = Path(checkpoint_dir)
-    config_path = directory / "config.json"
-    if config_path.is_file() and json.loads(config_path.read_text()).get("cptoolkit_tokenizer") == BYTE_TOKENIZER:
+    config = read_config(directory) if (directory / "config.json").is_file() else {}
+    if config.get("cptoolkit_tokenizer") == BYTE_TOKENIZER:
         return ByteTokenizer()
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the "
+                          "tokenizer with save_pretrained next to the weights")
+    for name in TOKENIZER_JSON_FILES:  # transformers' own error would not say which file is broken
+        if (directory / name).is_file():
+            read_json_object(directory / name)
     from transformers import AutoTokenizer
 
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"checkpoint directory {str(directory)!r} has no tokenizer files "
-                         "(tokenizer.json, tokenizer.model or vocab.json); save the tokenizer with "
-                         "save_pretrained next to the weights")
-    return HFTokenizer(AutoTokenizer.from_pretrained(directory, local_files_only=True))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - transformers and tokenizers raise many types for a bad file
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{directory}: transformers cannot load the tokenizer files ({type(err).__name__}: "
+                          f"{first_line}); save the tokenizer again with save_pretrained") from None
+    return HFTokenizer(tokenizer)

@@ -38,6 +38,8 @@ from torch.distributed import ProcessGroup
 from cptoolkit.layers.core_attention import AttentionRuntime, get_gpt_layer_spec
 
 ARCHS = ("llama", "gpt2")
+HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM",), "gpt2": ("GPT2LMHeadModel", "GPT2Model")}
+_SUPPORTED_HF = "'llama' or 'gpt2' (architectures LlamaForCausalLM, GPT2LMHeadModel, GPT2Model)"
 INIT_STD = 0.02
 
 
@@ -89,14 +91,18 @@ class GPTShape:
 
     @classmethod
     def from_hf_config(cls, config: dict) -> "GPTShape":
-        """Read a Hugging Face ``config.json`` dict of a ``llama`` or ``gpt2`` model."""
-        model_type = config.get("model_type")
-        if model_type == "llama":
-            return _llama_shape(config)
-        if model_type == "gpt2":
-            return _gpt2_shape(config)
-        raise ValueError(f"config.json model_type={model_type!r} is not supported; "
-                         "rule: 'llama' or 'gpt2'")
+        """Read a Hugging Face ``config.json`` dict of a ``LlamaForCausalLM`` or ``GPT2LMHeadModel``.
+        Errors name the key and the rule but not the file: the caller knows which file it read."""
+        if "model_type" not in config:
+            raise ValueError(f"missing required key 'model_type'; rule: {_SUPPORTED_HF}")
+        model_type = config["model_type"]
+        if model_type not in ARCHS:
+            raise ValueError(f"model_type={model_type!r} is not supported; rule: {_SUPPORTED_HF}")
+        unsupported = [a for a in config.get("architectures") or [] if a not in HF_ARCHITECTURES[model_type]]
+        if unsupported:
+            raise ValueError(f"architectures={unsupported!r} is not supported for model_type {model_type!r}; "
+                             f"rule: {' or '.join(HF_ARCHITECTURES[model_type])}")
+        return _llama_shape(config) if model_type == "llama" else _gpt2_shape(config)
 
     def to_hf_config(self) -> dict:
         """A Hugging Face ``config.json`` dict that ``from_hf_config`` reads back as this shape."""
@@ -117,41 +123,57 @@ class GPTShape:
                 "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings}
 
 
+def _positive(config: dict, key: str, number: type = int, default=None):
+    """``config[key]``, a positive int (or, with ``number=float``, any positive number). A missing or
+    null key gives ``default``, or is an error when there is none."""
+    value = config.get(key)
+    if value is None:
+        if default is None:
+            raise ValueError(f"missing required key {key!r}; add it with the value from the model's "
+                             "original config.json")
+        return default
+    allowed = (int, float) if number is float else int
+    if not isinstance(value, allowed) or isinstance(value, bool) or not value > 0:
+        kind = "number" if number is float else "integer"
+        raise ValueError(f"{key}={value!r}; rule: must be a positive {kind}")
+    return number(value)
+
+
 def _llama_shape(config: dict) -> GPTShape:
     rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)}
-    if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
-        raise ValueError(f"config.json rope parameters {rope}: only unscaled RoPE "
-                         "(rope_type 'default') is supported")
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
+        raise ValueError(f"rope parameters {rope}: only unscaled RoPE (rope_type 'default') is supported")
     for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if config.get(key, supported) != supported:
-            raise ValueError(f"config.json {key}={config[key]!r}; rule: must be {supported!r}")
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    if head_dim * heads != config["hidden_size"]:
-        raise ValueError(f"config.json head_dim={head_dim}; rule: must equal hidden_size / "
-                         f"num_attention_heads = {config['hidden_size'] / heads}")
-    return GPTShape(arch="llama", num_layers=config["num_hidden_layers"],
-                    hidden_size=config["hidden_size"], num_attention_heads=heads,
-                    num_kv_heads=config.get("num_key_value_heads") or heads,
-                    ffn_hidden_size=config["intermediate_size"], vocab_size=config["vocab_size"],
-                    max_seq_len=config["max_position_embeddings"],
-                    rope_theta=float(rope["rope_theta"]), norm_eps=config["rms_norm_eps"],
+            raise ValueError(f"{key}={config[key]!r}; rule: must be {supported!r}")
+    hidden, heads = _positive(config, "hidden_size"), _positive(config, "num_attention_heads")
+    head_dim = _positive(config, "head_dim", default=hidden // heads)
+    if head_dim * heads != hidden:
+        raise ValueError(f"head_dim={head_dim}; rule: must equal hidden_size / num_attention_heads = "
+                         f"{hidden / heads}")
+    return GPTShape(arch="llama", num_layers=_positive(config, "num_hidden_layers"), hidden_size=hidden,
+                    num_attention_heads=heads,
+                    num_kv_heads=_positive(config, "num_key_value_heads", default=heads),
+                    ffn_hidden_size=_positive(config, "intermediate_size"),
+                    vocab_size=_positive(config, "vocab_size"),
+                    max_seq_len=_positive(config, "max_position_embeddings"),
+                    rope_theta=_positive(rope, "rope_theta", float, default=10000.0),
+                    norm_eps=_positive(config, "rms_norm_eps", float),
                     tie_embeddings=bool(config.get("tie_word_embeddings", False)))
 
 
 def _gpt2_shape(config: dict) -> GPTShape:
     if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"config.json activation_function={config['activation_function']!r}; "
+        raise ValueError(f"activation_function={config['activation_function']!r}; "
                          "rule: must be the tanh GELU ('gelu_new')")
     if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn"):
-        raise ValueError("config.json scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
-                         "must be false")
-    hidden = config["n_embd"]
-    return GPTShape(arch="gpt2", num_layers=config["n_layer"], hidden_size=hidden,
-                    num_attention_heads=config["n_head"], num_kv_heads=config["n_head"],
-                    ffn_hidden_size=config.get("n_inner") or 4 * hidden,
-                    vocab_size=config["vocab_size"], max_seq_len=config["n_positions"],
-                    norm_eps=config["layer_norm_epsilon"],
+        raise ValueError("scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn must be false")
+    hidden, heads = _positive(config, "n_embd"), _positive(config, "n_head")
+    return GPTShape(arch="gpt2", num_layers=_positive(config, "n_layer"), hidden_size=hidden,
+                    num_attention_heads=heads, num_kv_heads=heads,
+                    ffn_hidden_size=_positive(config, "n_inner", default=4 * hidden),
+                    vocab_size=_positive(config, "vocab_size"), max_seq_len=_positive(config, "n_positions"),
+                    norm_eps=_positive(config, "layer_norm_epsilon", float),
                     tie_embeddings=bool(config.get("tie_word_embeddings", True)))
 
 
