@@ -8,9 +8,13 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
+import socket
 import sys
+import time
 import traceback
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,6 +23,8 @@ import torch.distributed as dist
 from cptoolkit.config import ConfigError, RuntimeConfig
 
 LOG = logging.getLogger("cptoolkit")
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_CONFIG_ERROR_GRACE_S = 5.0
 
 
 def env_rank() -> int:
@@ -29,14 +35,17 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup_logging(rank: int) -> None:
+def setup_logging(rank: int, verbose: bool = False) -> None:
     """Rank 0 logs at INFO, other ranks only warnings and errors; every line says its rank.
 
-    megatron-core warns at import that TransformerEngine/Apex are missing and about CUDA-only
-    tuning; on a CPU run those say nothing actionable, so they are silenced."""
+    Unless ``verbose``, third-party warnings are silenced: megatron-core warns at import that
+    TransformerEngine/Apex are missing and about CUDA-only tuning, which says nothing actionable on a
+    CPU run. Call this before anything imports megatron, or the warnings are already out."""
     logging.basicConfig(stream=sys.stdout, format=f"[rank {rank}] %(message)s",
-                        level=logging.INFO if rank == 0 else logging.WARNING, force=True)
-    warnings.filterwarnings("ignore", module=r"megatron\.")
+                        level=logging.INFO if rank == 0 or verbose else logging.WARNING, force=True)
+    if not verbose:
+        warnings.filterwarnings("ignore", module=r"(megatron|torch|transformers|triton)(\.|$)")
+        logging.getLogger("megatron").setLevel(logging.WARNING)  # its import-time notes about TE/FSDP
 
 
 def select_device(runtime: RuntimeConfig) -> torch.device:
@@ -50,9 +59,15 @@ def select_device(runtime: RuntimeConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def collective_timeout(runtime: RuntimeConfig) -> datetime.timedelta:
+    """The bound on every collective: pass it to the default group *and* to every ``new_group``."""
+    return datetime.timedelta(seconds=runtime.collective_timeout_s)
+
+
 def init_distributed(runtime: RuntimeConfig, expected_world_size: int, config_source: str) -> torch.device:
     """Check the launched world size against the config, then join the default process group
-    (NCCL on CUDA, gloo on CPU) with the config's collective timeout."""
+    (NCCL on CUDA, gloo on CPU) with the config's collective timeout, and learn the local peers'
+    process ids (so a failing rank can end a frozen peer; see ``run_main``)."""
     world_size = env_world_size()
     if world_size != expected_world_size:
         raise ConfigError(f"{config_source}: the config needs dp*pcp*tp = {expected_world_size} processes but "
@@ -62,27 +77,80 @@ def init_distributed(runtime: RuntimeConfig, expected_world_size: int, config_so
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env_rank(),
-                                world_size=world_size,
-                                timeout=datetime.timedelta(seconds=runtime.collective_timeout_s))
+                                world_size=world_size, timeout=collective_timeout(runtime))
+    _remember_local_peers()
     return device
 
 
-def run_main(main: Callable[[], int | None]) -> None:
-    """Run a launcher's main and exit: 0 on success, 2 on a config/input error (one line, no
-    traceback), 1 on any other failure (traceback). Exiting at once lets torchrun tear the other
-    ranks down instead of leaving them blocked in a collective."""
-    setup_logging(env_rank())
+_LOCAL_PEER_PIDS: list[int] = []
+
+
+def _remember_local_peers() -> None:
+    """Collective: every rank shares (host, pid); keep the pids of the other ranks on this host."""
+    if dist.get_world_size() == 1:
+        return
+    me = (socket.gethostname(), os.getpid())
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)
+    _LOCAL_PEER_PIDS[:] = [pid for host, pid in everyone if host == me[0] and pid != me[1]]
+
+
+def _end_local_peers() -> None:
+    """SIGKILL this host's other ranks. A frozen rank (stopped, or stuck outside any collective)
+    ignores the SIGTERM torchrun sends first, and torchrun waits 30 s before its SIGKILL; a rank
+    that fails ends the job now instead."""
+    for pid in _LOCAL_PEER_PIDS:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _short_path(filename: str) -> str:
+    path = Path(filename)
+    return str(path.relative_to(_REPO_ROOT)) if path.is_relative_to(_REPO_ROOT) else filename
+
+
+def _describe_failure(error: BaseException) -> str:
+    """One line for the log. A collective timeout names the ``torch.distributed`` operation and the
+    cptoolkit line that issued it (e.g. ``all_gather_single from cptoolkit/layers/comm.py:58``)."""
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    frames = traceback.extract_tb(error.__traceback__)
+    in_torch_dist = [i for i, f in enumerate(frames) if "torch/distributed" in f.filename.replace("\\", "/")]
+    if not in_torch_dist or "timed out" not in first_line.lower():
+        return f"{type(error).__name__}: {first_line}"
+    ops = [frames[i].name for i in in_torch_dist if frames[i].name not in ("wrapper", "_wrapper")]
+    caller = frames[in_torch_dist[0] - 1] if in_torch_dist[0] > 0 else None
+    where = f" from {_short_path(caller.filename)}:{caller.lineno}" if caller else ""
+    return (f"collective {ops[0] if ops else '?'}{where} timed out (runtime.collective_timeout_s; a peer "
+            f"rank is stuck or gone): {first_line}")
+
+
+def run_main(main: Callable[[], int | None], verbose: bool = False) -> None:
+    """Run a launcher's main and exit: 0 on success; 2 on a ``ConfigError`` (bad config, checkpoint
+    or input: one line from rank 0; another rank reports its own only if rank 0 has not ended the job
+    within ``_CONFIG_ERROR_GRACE_S``); 1 on any other
+    failure (this rank's traceback, and its local peers are ended so no frozen rank keeps the job
+    alive). ``main`` may return a non-zero code itself (e.g. requests that failed)."""
+    rank = env_rank()
+    setup_logging(rank, verbose)
     code = 0
     try:
         code = main() or 0
-    except ValueError as err:
+    except ConfigError as err:
+        if rank != 0 and not verbose:
+            # Usually every rank hits the same config error: rank 0 reports it and its exit makes
+            # torchrun end this rank during the wait. Still alive after it, this rank's error is its own.
+            time.sleep(_CONFIG_ERROR_GRACE_S)
         LOG.error("error: %s", err)
         code = 2
-    except Exception:  # noqa: BLE001 - any failure must end this rank non-zero, with its traceback
-        LOG.error("failed:\n%s", traceback.format_exc())
+    except Exception as err:  # noqa: BLE001 - any failure must end this rank non-zero, with its traceback
+        LOG.error("failed: %s\n%s", _describe_failure(err), traceback.format_exc())
         code = 1
     finally:
         if dist.is_initialized() and code == 0:
             dist.destroy_process_group()
     sys.stdout.flush()
+    if code == 1:
+        _end_local_peers()
     os._exit(code) if code else sys.exit(0)

@@ -175,6 +175,12 @@ class ParallelLayout:
         return [[self.global_rank(d, p, t) for d in range(self.dp)] for p in range(self.pcp) for t in range(self.tp)]
 
     @cached_property
+    def replica_groups(self) -> list[list[int]]:
+        """One per dp_rank: every rank of one model replica (TP x PCP), in global-rank order."""
+        size = self.tp * self.pcp
+        return [list(range(d * size, (d + 1) * size)) for d in range(self.dp)]
+
+    @cached_property
     def dp_pcp_groups(self) -> list[list[int]]:
         """One per tp_rank: every rank holding the same weights (DP replicas x PCP shards) - gradient reduction."""
         return [[self.global_rank(d, p, t) for d in range(self.dp) for p in range(self.pcp)] for t in range(self.tp)]

@@ -17,6 +17,7 @@ exit with status 2.
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ class ParallelGroups:
     dcp_group: ProcessGroup
     dp_group: ProcessGroup
     dp_pcp_group: ProcessGroup
+    replica_group: ProcessGroup
     self_group: ProcessGroup
 
     @property
@@ -72,6 +74,19 @@ class ParallelGroups:
     @property
     def tp_size(self) -> int:
         return self.layout.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank_info.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp
+
+    @property
+    def replica_first_rank(self) -> int:
+        """Global rank of this replica's (pcp 0, tp 0) rank: the one that samples for the replica."""
+        return self.layout.global_rank(self.dp_rank, 0, 0)
 
     @property
     def pcp_rank(self) -> int:
@@ -113,7 +128,8 @@ class ParallelGroups:
 _GROUPS: ParallelGroups | None = None
 
 
-def _new_groups(rank_lists: list[list[int]], rank: int, backend: str | None) -> ProcessGroup:
+def _new_groups(rank_lists: list[list[int]], rank: int, backend: str | None,
+                timeout: datetime.timedelta | None) -> ProcessGroup:
     """Create one group per rank list (every rank must call this with the same lists); return this rank's.
 
     ``sort_ranks=False`` keeps each list's order as the group-rank order: torch would otherwise sort it, and a
@@ -121,19 +137,22 @@ def _new_groups(rank_lists: list[list[int]], rank: int, backend: str | None) -> 
     """
     mine = None
     for ranks in rank_lists:
-        group = dist.new_group(ranks=ranks, backend=backend, sort_ranks=False)
+        group = dist.new_group(ranks=ranks, backend=backend, timeout=timeout, sort_ranks=False)
         if rank in ranks:
             mine = group
     return mine
 
 
 def initialize_model_parallel(tp: int, pcp: int, dcp: int, num_heads: int, num_kv_heads: int, dp: int = 1,
-                              backend: str | None = None) -> ParallelGroups:
+                              backend: str | None = None, timeout: datetime.timedelta | None = None
+                              ) -> ParallelGroups:
     """Build the layout's groups on every rank and make them the current groups of the facade.
 
     Collective over the default group: every rank must call it with the same arguments. Invalid sizes or a
     world size other than ``dp * pcp * tp`` raise the same ValueError on every rank before any group is
     created, so nothing hangs. ``backend`` is passed to ``new_group`` (None: the default group's backend).
+    ``timeout`` bounds every collective on the new groups (None: torch's default of 30 minutes, *not* the
+    default group's timeout, so a launcher must pass its collective timeout here too).
     """
     global _GROUPS
     if not dist.is_initialized():
@@ -145,12 +164,13 @@ def initialize_model_parallel(tp: int, pcp: int, dcp: int, num_heads: int, num_k
     rank = dist.get_rank()
     _GROUPS = ParallelGroups(
         layout=layout, rank_info=layout.rank_info(rank),
-        tp_group=_new_groups(layout.tp_groups, rank, backend),
-        pcp_group=_new_groups(layout.pcp_groups, rank, backend),
-        dcp_group=_new_groups(layout.dcp_groups, rank, backend),
-        dp_group=_new_groups(layout.dp_groups, rank, backend),
-        dp_pcp_group=_new_groups(layout.dp_pcp_groups, rank, backend),
-        self_group=_new_groups([[r] for r in range(layout.world_size)], rank, backend),
+        tp_group=_new_groups(layout.tp_groups, rank, backend, timeout),
+        pcp_group=_new_groups(layout.pcp_groups, rank, backend, timeout),
+        dcp_group=_new_groups(layout.dcp_groups, rank, backend, timeout),
+        dp_group=_new_groups(layout.dp_groups, rank, backend, timeout),
+        dp_pcp_group=_new_groups(layout.dp_pcp_groups, rank, backend, timeout),
+        replica_group=_new_groups(layout.replica_groups, rank, backend, timeout),
+        self_group=_new_groups([[r] for r in range(layout.world_size)], rank, backend, timeout),
     )
     return _GROUPS
 
@@ -162,7 +182,7 @@ def destroy_model_parallel() -> None:
         return
     groups, _GROUPS = _GROUPS, None
     for group in (groups.tp_group, groups.pcp_group, groups.dcp_group, groups.dp_group, groups.dp_pcp_group,
-                  groups.self_group):
+                  groups.replica_group, groups.self_group):
         dist.destroy_process_group(group)
 
 

@@ -4,6 +4,10 @@
 
 arguments → YAML → config → groups → engine → report. Rank 0 prints the layout, progress, every
 request's text and a metrics table; ``--output`` writes the same as JSON.
+
+Exit status: 0 when every request finished; 3 when any request failed (each failure is in the text
+and the JSON, and the others still ran); 2 for a bad config, checkpoint or prompt file (one line);
+1 for anything else (a traceback, and the whole job ends).
 """
 from __future__ import annotations
 
@@ -16,10 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cptoolkit.config import load_config  # noqa: E402
-from cptoolkit.distributed import env_rank, init_distributed, run_main  # noqa: E402
-from cptoolkit.inference.builder import build_engine, read_prompts, sampling_params  # noqa: E402
-from cptoolkit.parallel_state import initialize_model_parallel, render_layout  # noqa: E402
+from cptoolkit.config import ConfigError, load_config  # noqa: E402
+from cptoolkit.distributed import collective_timeout, env_rank, init_distributed, run_main  # noqa: E402
 
 LOG = logging.getLogger("cptoolkit")
 
@@ -28,7 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config with an 'inference' section")
     parser.add_argument("--output", help="write prompts, token ids, texts and metrics as JSON here")
+    parser.add_argument("--verbose", action="store_true", help="every rank logs; third-party warnings shown")
     return parser.parse_args(argv)
+
+REQUESTS_FAILED = 3
 
 
 def metrics_table(metrics: dict) -> str:
@@ -36,23 +41,26 @@ def metrics_table(metrics: dict) -> str:
             ("generated tokens", f"{metrics['generated_tokens']}"),
             ("prefill time", f"{metrics['prefill_time_s'] * 1e3:.1f} ms"),
             ("decode tokens/s", f"{metrics['decode_tokens_per_s']:.1f}"),
-            ("KV bytes per rank", f"{metrics['kv_bytes_per_rank']:,}"),
+            ("KV cache per rank", f"{metrics['kv_bytes_per_rank']:,} bytes ({metrics['kv_blocks_per_rank']} "
+                                  f"blocks of {metrics['kv_block_tokens']} tokens)"),
             ("collectives per decode step", f"{metrics['collectives_per_decode_step']:.1f} "
                                             f"({metrics['attention_collectives_per_layer_step']:.1f} per layer)")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
-def main() -> int:
-    args = parse_args()
-    cfg = load_config(args.config)
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)  # before megatron is imported: a bad config fails in a second
     if cfg.inference is None:
-        raise ValueError(f"{cfg.source}: launch/infer.py needs an 'inference' section (this is a train config)")
+        raise ConfigError(f"{cfg.source}: launch/infer.py needs an 'inference' section (this is a train config)")
+    from cptoolkit.inference.builder import build_engine, read_prompts, sampling_params
+    from cptoolkit.parallel_state import initialize_model_parallel, render_layout
+
     prompts = read_prompts(cfg)
     device = init_distributed(cfg.runtime, cfg.parallel.world_size, cfg.source)
     p, m = cfg.parallel, cfg.model
-    groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp,
-                                       num_heads=m.num_attention_heads, num_kv_heads=m.num_kv_heads)
+    groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
+                                       num_kv_heads=m.num_kv_heads, timeout=collective_timeout(cfg.runtime))
     LOG.info("%s\n", render_layout(groups.layout))
     engine = build_engine(cfg, groups, device)
     LOG.info("model: %s, %d layers, hidden %d; KV cache %s bytes per rank; %d requests",
@@ -72,7 +80,8 @@ def main() -> int:
     for result in results:
         shown = f"error: {result.error}" if result.error else repr(result.text)
         LOG.info("--- request %d: %r\n    -> %s", result.request_index, result.prompt, shown)
-    metrics = engine.metrics.summary(engine.cache.bytes_per_rank, m.num_layers)
+    metrics = {**engine.metrics.summary(engine.cache.bytes_per_rank, m.num_layers),
+               "kv_blocks_per_rank": engine.cache.num_blocks, "kv_block_tokens": engine.cache.block_size}
     LOG.info("\n%s", metrics_table(metrics))
     if args.output and env_rank() == 0:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +92,13 @@ def main() -> int:
                           "text": r.text, "finish_reason": r.finish_reason, "error": r.error} for r in results],
             "metrics": metrics}, indent=2))
         LOG.info("wrote %s", args.output)
-    return 0
+    failed = [r.request_index for r in results if r.error]
+    if failed and env_rank() == 0:
+        LOG.error("%d of %d requests failed (requests %s); exit status %d", len(failed), len(results),
+                  ", ".join(map(str, failed)), REQUESTS_FAILED)
+    return REQUESTS_FAILED if failed else 0
 
 
 if __name__ == "__main__":
-    run_main(main)
+    arguments = parse_args()
+    run_main(lambda: main(arguments), verbose=arguments.verbose)

@@ -19,12 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cptoolkit.config import load_config  # noqa: E402
-from cptoolkit.distributed import env_rank, init_distributed, run_main  # noqa: E402
-from cptoolkit.inference.checkpoint import save_checkpoint  # noqa: E402
-from cptoolkit.inference.tokenizer import ByteTokenizer, load_tokenizer  # noqa: E402
-from cptoolkit.parallel_state import initialize_model_parallel, render_layout  # noqa: E402
-from cptoolkit.training.data import corpus_documents, tokenize_documents  # noqa: E402
-from cptoolkit.training.trainer import build_trainer, validate_train_config  # noqa: E402
+from cptoolkit.distributed import collective_timeout, env_rank, init_distributed, run_main  # noqa: E402
 
 LOG = logging.getLogger("cptoolkit")
 
@@ -33,20 +28,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config with a 'train' section")
     parser.add_argument("--output", help="write per-step loss, lr, grad norm and tokens/s as JSON here")
+    parser.add_argument("--verbose", action="store_true", help="every rank logs; third-party warnings shown")
     return parser.parse_args(argv)
 
 
-def main() -> int:
-    args = parse_args()
-    cfg = load_config(args.config)
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)  # before megatron is imported: a bad config fails in a second
+    from cptoolkit.inference.checkpoint import save_checkpoint
+    from cptoolkit.inference.tokenizer import ByteTokenizer, load_tokenizer
+    from cptoolkit.parallel_state import initialize_model_parallel, render_layout
+    from cptoolkit.training.data import corpus_documents, tokenize_documents
+    from cptoolkit.training.trainer import build_trainer, validate_train_config
+
     config_dir = Path(cfg.source).parent
     tokenizer = load_tokenizer(cfg.model.checkpoint) if cfg.model.checkpoint else ByteTokenizer()
     validate_train_config(cfg, tokenizer.vocab_size)
     documents = tokenize_documents(corpus_documents(cfg.train, config_dir), tokenizer)
     device = init_distributed(cfg.runtime, cfg.parallel.world_size, cfg.source)
     p, m, train = cfg.parallel, cfg.model, cfg.train
-    groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp,
-                                       num_heads=m.num_attention_heads, num_kv_heads=m.num_kv_heads)
+    groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
+                                       num_kv_heads=m.num_kv_heads, timeout=collective_timeout(cfg.runtime))
     LOG.info("%s\n", render_layout(groups.layout))
     # Padding is masked out of the loss, so any valid id pads; EOS exists in every tokenizer.
     trainer = build_trainer(cfg, groups, documents, tokenizer.eos_token_id, device)
@@ -67,4 +68,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    arguments = parse_args()
+    run_main(lambda: main(arguments), verbose=arguments.verbose)

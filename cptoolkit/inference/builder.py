@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from cptoolkit.config import Config
+from cptoolkit.config import Config, ConfigError
 from cptoolkit.inference.checkpoint import load_model_checkpoint
 from cptoolkit.inference.engine import Engine
 from cptoolkit.inference.kv_cache import PagedKVCache, shard_token_count
@@ -33,15 +33,58 @@ def attention_runtime(cfg: Config, groups: ParallelGroups) -> AttentionRuntime:
                             prefill_comm=cfg.parallel.prefill_comm, decode_comm=cfg.parallel.decode_comm)
 
 
+def max_seq_len(cfg: Config) -> int:
+    """Longest request (prompt + generated tokens): ``inference.max_seq_len``, else the model's."""
+    return cfg.inference.max_seq_len or cfg.model.max_seq_len
+
+
 def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch.device) -> PagedKVCache:
-    """This rank's KV shard, sized for ``batch_size`` requests of ``max_seq_len`` tokens each."""
+    """This rank's KV shard: ``inference.kv_cache_bytes`` of blocks when set, else enough blocks for
+    ``batch_size`` requests of ``max_seq_len`` tokens each. Checked against the device's free memory
+    before allocating, so a cache too large for the machine is one ``ConfigError`` line."""
     block_size, interleave = cfg.inference.kv_block_size, cfg.parallel.kv_interleave
-    fullest_shard_tokens = shard_token_count(shape.max_seq_len, 0, groups.dcp_size, interleave)
-    num_blocks = cfg.inference.batch_size * -(-fullest_shard_tokens // block_size)
-    return PagedKVCache(num_layers=shape.num_layers, num_kv_heads=len(groups.rank_info.dcp_kv_heads),
+    num_kv_heads = len(groups.rank_info.dcp_kv_heads)
+    dtype = DTYPES[cfg.runtime.dtype]
+    bytes_per_block = (shape.num_layers * 2 * num_kv_heads * block_size * shape.head_dim
+                       * torch.empty(0, dtype=dtype).element_size())
+    if cfg.inference.kv_cache_bytes is not None:
+        num_blocks = cfg.inference.kv_cache_bytes // bytes_per_block
+        if num_blocks < 1:
+            raise ConfigError(f"{cfg.source}: inference.kv_cache_bytes = {cfg.inference.kv_cache_bytes}: smaller "
+                              f"than one KV block ({bytes_per_block:,} bytes per rank for {block_size} tokens of "
+                              f"{shape.num_layers} layers); raise it or lower inference.kv_block_size")
+    else:
+        fullest_shard_tokens = shard_token_count(max_seq_len(cfg), 0, groups.dcp_size, interleave)
+        num_blocks = cfg.inference.batch_size * -(-fullest_shard_tokens // block_size)
+    _check_fits(cfg, num_blocks * bytes_per_block, device)
+    return PagedKVCache(num_layers=shape.num_layers, num_kv_heads=num_kv_heads,
                         head_dim=shape.head_dim, block_size=block_size, num_blocks=num_blocks,
                         dcp_rank=groups.dcp_rank, dcp_size=groups.dcp_size, interleave=interleave,
-                        dtype=DTYPES[cfg.runtime.dtype], device=device)
+                        dtype=dtype, device=device)
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device``: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+
+
+def _check_fits(cfg: Config, cache_bytes: int, device: torch.device) -> None:
+    """Refuse a KV cache larger than what the device has free (a CPU allocation that large would be
+    killed by the OOM killer, not fail cleanly)."""
+    free = _free_memory_bytes(device)
+    if cache_bytes > free:
+        sizing = (f"inference.kv_cache_bytes = {cfg.inference.kv_cache_bytes}"
+                  if cfg.inference.kv_cache_bytes is not None else
+                  f"inference.batch_size ({cfg.inference.batch_size}) x max_seq_len ({max_seq_len(cfg)})")
+        raise ConfigError(f"{cfg.source}: the KV cache needs {cache_bytes:,} bytes per rank but {device} has "
+                          f"{free:,} bytes free; it is sized by {sizing}: set inference.kv_cache_bytes, or "
+                          f"lower inference.max_seq_len or inference.batch_size")
 
 
 def model_from_config(cfg: Config, groups: ParallelGroups, runtime: AttentionRuntime) -> CPGPTModel:
@@ -59,7 +102,7 @@ def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device) -> E
     model = model_from_config(cfg, groups, runtime).to(device).eval()
     tokenizer = ByteTokenizer() if cfg.model.checkpoint is None else load_tokenizer(cfg.model.checkpoint)
     return Engine(model, runtime, groups, kv_cache(cfg, groups, model.shape, device), tokenizer,
-                  max_batch_size=cfg.inference.batch_size)
+                  max_batch_size=cfg.inference.batch_size, max_seq_len=max_seq_len(cfg))
 
 
 def read_prompts(cfg: Config) -> list[str]:
@@ -69,7 +112,7 @@ def read_prompts(cfg: Config) -> list[str]:
     path = Path(cfg.inference.prompt_file)
     path = path if path.is_absolute() else Path(cfg.source).parent / path
     if not path.is_file():
-        raise ValueError(f"{cfg.source}: inference.prompt_file = {cfg.inference.prompt_file!r}: no such file")
+        raise ConfigError(f"{cfg.source}: inference.prompt_file = {cfg.inference.prompt_file!r}: no such file")
     return [line for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cptoolkit.config import TrainConfig
+from cptoolkit.config import ConfigError, TrainConfig
 from cptoolkit.layers.dual_chunk_swap import partition_batch
 
 _SUBJECTS = ("the cat", "a dog", "the old man", "my sister", "the robot", "a small bird", "the teacher",
@@ -65,11 +65,11 @@ def generate_corpus(num_documents: int = 2000, seed: int = 0) -> list[str]:
 def read_corpus(path: Path) -> list[str]:
     """The non-empty lines of a UTF-8 text file, one document each."""
     if not path.is_file():
-        raise ValueError(f"train.corpus = {str(path)!r}: no such file; give a UTF-8 text file with one "
+        raise ConfigError(f"train.corpus = {str(path)!r}: no such file; give a UTF-8 text file with one "
                          f"document per line, or leave train.corpus unset for the generated corpus")
     documents = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not documents:
-        raise ValueError(f"train.corpus = {str(path)!r}: the file has no non-empty line (one document per line)")
+        raise ConfigError(f"train.corpus = {str(path)!r}: the file has no non-empty line (one document per line)")
     return documents
 
 
