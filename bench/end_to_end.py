@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as `python bench/end_to_end.py`: make the r
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS_DIR, add_results_dir_argument, format_table, machine_info, write_json
-from launch import sweep
+from cptoolkit import sweep
 
 SWEEP_FILE = Path(__file__).resolve().parents[1] / "configs" / "sweep_layouts.yaml"
 ROW_FIELDS = ("name", "status", "nproc", "layout", "prefill_time_s", "decode_tokens_per_s", "kv_bytes_per_rank",

@@ -1,4 +1,4 @@
-"""launch/sweep.py: sweep-file validation, grid expansion, derived configs, comparison, and one real sweep."""
+"""cptoolkit.sweep (launch/sweep.py): sweep-file validation, grid expansion, derived configs, comparison, and one real sweep."""
 from __future__ import annotations
 
 import csv
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import sweep
-from launch.sweep import SweepError, SweepRun, derived_config, difference, first_error_line, load_sweep
+from cptoolkit import sweep
+from cptoolkit.sweep import SweepError, SweepRun, derived_config, difference, first_error_line, load_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASELINE = str(CONFIGS / "tp1_pcp1_dcp1.yaml")
