@@ -2,7 +2,8 @@
 
 One spawn per world size runs every case: both comms, MHA / GQA / MQA, a batch of mixed lengths that
 are not multiples of 2*PCP (padded at the end; only real tokens are compared with the per-sequence
-unpadded reference, and padding must receive zero gradient).
+unpadded reference, and padding must receive zero gradient). The ring backward hands the flash kernel a
+dense LSE even when a step computes only some of the local query rows.
 """
 from __future__ import annotations
 
@@ -121,11 +122,45 @@ def test_ring_prefill_matches_unsharded_float64_attention(comm, world_size, pcp_
     assert len(results[0]) == len(HEADS) * len(pcp_sizes)
 
 
+CPU_FLASH_BACKWARD = "_scaled_dot_product_flash_attention_for_cpu_backward"
+
+
+def _kernel_lse_layouts_rank(rank, world_size):
+    """One p2p ring forward + backward with the CPU flash backward wrapped to record, per call, whether
+    its lse is contiguous and how many query rows it has."""
+    real_kernel = getattr(torch.ops.aten, CPU_FLASH_BACKWARD)
+    calls = []
+
+    def recording_kernel(dout, q, k, v, out, lse, *args, **kwargs):
+        calls.append((lse.is_contiguous(), lse.shape[2]))
+        return real_kernel(dout, q, k, v, out, lse, *args, **kwargs)
+
+    setattr(torch.ops.aten, CPU_FLASH_BACKWARD, recording_kernel)
+    try:
+        gen = torch.Generator().manual_seed(rank)
+        q, k, v = (torch.randn(2, 4, 8, HEAD_DIM, generator=gen).requires_grad_() for _ in range(3))
+        out = ring_prefill_attention(q, k, v, pcp_group=dist.group.WORLD, scale=HEAD_DIM ** -0.5, comm="p2p")
+        out.sum().backward()
+    finally:
+        setattr(torch.ops.aten, CPU_FLASH_BACKWARD, real_kernel)
+    return calls
+
+
+def test_ring_backward_hands_the_flash_kernel_a_contiguous_lse():
+    """Half the ring's steps compute only some local query rows, so the ring passes ``lse[:, :, rows]``,
+    a strided view, to the block backward; the CUDA flash backward indexes lse as a dense array
+    (the CPU kernel, which runs here, copes with strides, so its inputs are recorded instead)."""
+    calls = run_ranks(2, _kernel_lse_layouts_rank, timeout_s=60)
+    # Rank 0's second step (K/V of rank 1, src > rank) computes only its later chunk: 4 of 8 rows.
+    expected = [[(True, 8), (True, 4)], [(True, 8), (True, 8)]]
+    assert calls == expected, f"(lse contiguous, query rows) of each kernel call, per rank: {calls}"
+
+
 def _invalid_inputs_rank(rank, world_size):
     group = dist.group.WORLD
     q, kv = torch.zeros(1, 4, 6, 8), torch.zeros(1, 2, 6, 8)
     cases = [
-        (dict(q=q, k=kv, v=kv, pcp_group=group, comm="ring"), r"comm \('ring'\) must be one of \['all_gather', 'p2p'\]"),
+        (dict(q=q, k=kv, v=kv, pcp_group=group, comm="ring"), r"comm \('ring'\) must be one of \['a2a', 'a2a\+p2p', 'all_gather', 'p2p'\]"),
         (dict(q=q, k=kv, v=kv, pcp_group=None), r"pcp_group \(None\) must be the PCP process group"),
         (dict(q=q[0], k=kv, v=kv, pcp_group=group), r"q must be \[b, hq, 2c, d\] and k, v \[b, hkv, 2c, d\]"),
         (dict(q=q, k=kv, v=kv[:, :1], pcp_group=group), r"k, v \[b, hkv, 2c, d\] of equal shape"),

@@ -2,14 +2,20 @@
 
 Every PCP rank passes its local shard (chunk ``r`` then chunk ``2P-1-r`` of the padded sequence,
 see ``dual_chunk_swap``) and gets the attention output of exactly those tokens over the whole
-causal prefix, as unsharded attention would give them. Two algorithms, one file each:
+causal prefix, as unsharded attention would give them. Four algorithms, one file each:
 
 - ``comm="p2p"`` (``ring_p2p``): K/V blocks travel around the ring, send/recv overlapped with compute;
   ``P-1`` ``send_recv`` calls forward, ``2P-1`` backward.
 - ``comm="all_gather"`` (``allgather_prefill``): one ``all_gather`` of K/V forward, one
   ``reduce_scatter`` of dK/dV backward.
+- ``comm="a2a"`` (``ulysses_a2a``, Ulysses): one ``all_to_all`` trades the sequence shard for a head
+  shard, causal attention over the whole sequence, one ``all_to_all`` back; 2 forward, 2 backward.
+  Query heads must be a multiple of P; KV heads are replicated as needed.
+- ``comm="a2a+p2p"`` (``hierarchical_prefill``): PCP = a x p, a2a inside ``hcp_groups.a2a_group``
+  (a consecutive PCP ranks), ring over ``hcp_groups.ring_group``; 2 ``all_to_all`` + ``p-1``
+  ``send_recv`` forward, 2 + ``2p-1`` backward. Query heads must be a multiple of a.
 
-All collectives run on ``pcp_group`` and are counted in ``stats`` when given.
+All collectives run on ``pcp_group`` (or its sub-groups) and are counted in ``stats`` when given.
 """
 from __future__ import annotations
 
@@ -19,12 +25,16 @@ from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.allgather_prefill import AllGatherPrefillAttention
 from cptoolkit.layers.comm import CommStats
+from cptoolkit.layers.hierarchical_prefill import HierarchicalGroups, HierarchicalPrefillAttention, check_groups
 from cptoolkit.layers.ring_p2p import RingP2PAttention
+from cptoolkit.layers.ulysses_a2a import UlyssesAttention, check_heads
 
-PREFILL_COMMS = {"p2p": RingP2PAttention, "all_gather": AllGatherPrefillAttention}
+PREFILL_COMMS = {"p2p": RingP2PAttention, "all_gather": AllGatherPrefillAttention, "a2a": UlyssesAttention,
+                 "a2a+p2p": HierarchicalPrefillAttention}
 
 
-def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: ProcessGroup | None, comm: str) -> None:
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: ProcessGroup | None, comm: str,
+              hcp_groups: HierarchicalGroups | None) -> None:
     if comm not in PREFILL_COMMS:
         raise ValueError(f"comm ({comm!r}) must be one of {sorted(PREFILL_COMMS)}")
     if pcp_group is None:
@@ -45,15 +55,24 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: Proc
                          f"shard is two equal chunks; pad with dual_chunk_swap.padded_length()")
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if comm == "a2a":
+        check_heads(hq, dist.get_world_size(pcp_group))
+    if comm == "a2a+p2p":
+        check_groups(hcp_groups, pcp_group)
+        check_heads(hq, hcp_groups.a2a_size)
 
 
 def ring_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pcp_group: ProcessGroup,
-                           scale: float, comm: str = "p2p", stats: CommStats | None = None) -> torch.Tensor:
+                           scale: float, comm: str = "p2p", stats: CommStats | None = None,
+                           hcp_groups: HierarchicalGroups | None = None) -> torch.Tensor:
     """Causal attention of this rank's DualChunkSwap shard over the whole sequence.
 
-    ``q [b, hq, 2c, d]``, ``k``/``v [b, hkv, 2c, d]`` with ``hq % hkv == 0`` (GQA/MQA; K/V are never
-    repeated); returns ``out [b, hq, 2c, d]`` in q's dtype, differentiable in q, k, v. Runs its
-    collectives on ``pcp_group`` (every member must call with the same shapes, ``comm`` and ``scale``).
+    ``q [b, hq, 2c, d]``, ``k``/``v [b, hkv, 2c, d]`` with ``hq % hkv == 0`` (GQA/MQA; the ring and
+    all-gather never repeat K/V, the a2a comms repeat them to ``lcm(hkv, a2a size)`` heads); returns
+    ``out [b, hq, 2c, d]`` in q's dtype, differentiable in q, k, v. Runs its collectives on ``pcp_group``
+    (every member must call with the same shapes, ``comm`` and ``scale``); ``comm="a2a+p2p"`` runs them
+    on ``hcp_groups`` (``hierarchical_prefill.new_hierarchical_groups(pcp_group, a2a_size)``).
     """
-    _validate(q, k, v, pcp_group, comm)
-    return PREFILL_COMMS[comm].apply(q, k, v, pcp_group, scale, stats)
+    _validate(q, k, v, pcp_group, comm, hcp_groups)
+    groups = hcp_groups if comm == "a2a+p2p" else pcp_group
+    return PREFILL_COMMS[comm].apply(q, k, v, groups, scale, stats)

@@ -1,0 +1,130 @@
+"""Ulysses (all-to-all) prefill attention for DualChunkSwap shards, forward and backward.
+
+Every member of a group of ``a`` ranks holds q, k, v of its DualChunkSwap shard (chunks ``r`` and
+``2P-1-r``) for all its local heads, ``[b, h, 2c, d]``. One ``all_to_all`` on the group trades the
+sequence shard for a head shard (``scatter_heads``): member ``i`` receives heads
+``[i·h/a, (i+1)·h/a)`` of every member's two chunks, ``[a, b, h/a, 2c, d]`` in member order, which
+``unshard_sequence`` reorders to the first chunks of members ``0..a-1`` followed by the second chunks
+of members ``a-1..0``. For the whole PCP group (``a = P``, the ``a2a`` comm) that is token order
+(chunks arrive as ``0, 2P-1, 1, 2P-2, …``), so one causal block over the sequence is exact; for an
+inner group of ``a`` consecutive PCP ranks it is the group's DualChunkSwap shard of a ring over
+super-chunks of ``a`` chunks (``hierarchical_prefill``). ``gather_heads`` is the inverse exchange.
+
+KV heads: only query heads constrain the layout (``hq % a == 0``). Each KV head is repeated
+``kv_replicas(hkv, a) = a / gcd(hkv, a)`` times before the exchange (``repeat_interleave``, so query
+head ``i`` still reads the repeats of its own KV head ``i // (hq/hkv)``), which makes the KV head count
+divisible by ``a`` and gives each member exactly the KV heads its query heads read (MQA at ``a = 2``:
+both members get the one KV head). The replicas' gradients are summed back. ``hq % a == 0`` and
+``hq % hkv == 0`` imply ``hq`` is a multiple of ``hkv·kv_replicas``, so GQA grouping survives.
+
+Per layer the ``a2a`` comm issues 2 ``all_to_all`` calls on the PCP group forward (q|k|v packed, out)
+and 2 backward (dout, dq|dk|dv packed), each moving this rank's whole local share.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from cptoolkit.layers.block_attention import attention_backward, attention_forward
+from cptoolkit.layers.comm import CommStats, all_to_all
+from cptoolkit.layers.dual_chunk_swap import shard_sequence, unshard_sequence
+
+_SEQ_DIM = 2  # [b, h, s, d]
+
+
+def kv_replicas(num_kv_heads: int, a2a_size: int) -> int:
+    """How many times each KV head is repeated so that ``a2a_size`` members each get whole KV heads."""
+    return a2a_size // math.gcd(num_kv_heads, a2a_size)
+
+
+def check_heads(num_q_heads: int, a2a_size: int) -> None:
+    """The one head rule of an all-to-all of ``a2a_size`` members."""
+    if num_q_heads % a2a_size:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of the a2a group size ({a2a_size}): "
+                         f"each member attends num_q_heads / {a2a_size} whole heads over the group's tokens "
+                         f"(KV heads need no such rule: each is replicated {a2a_size} / gcd(kv_heads, {a2a_size}) "
+                         f"times); pick a PCP (or a2a) size that divides the query heads")
+
+
+def scatter_heads(tensors: list[torch.Tensor], group: ProcessGroup, stats: CommStats | None) -> list[torch.Tensor]:
+    """One ``all_to_all`` on ``group`` (``a`` members) for all ``tensors`` together.
+
+    Each ``[b, h, 2c, d]`` (this member's shard, ``h % a == 0``) becomes ``[b, h/a, a·2c, d]``: this
+    member's head slice of the union of the members' shards, in ``unshard_sequence`` order.
+    """
+    a = dist.get_world_size(group)
+    if a == 1:
+        return list(tensors)
+    send = torch.cat([t.unflatten(1, (a, -1)).movedim(1, 0).reshape(a, -1) for t in tensors], dim=1)
+    received = all_to_all(send, group, stats)  # [a, n], row j from member j
+    outs, offset = [], 0
+    for t in tensors:
+        b, h, s, d = t.shape
+        piece = received[:, offset:offset + t.numel() // a].reshape(a, b, h // a, s, d)
+        outs.append(unshard_sequence(piece, a, _SEQ_DIM))
+        offset += t.numel() // a
+    return outs
+
+
+def gather_heads(tensors: list[torch.Tensor], group: ProcessGroup, stats: CommStats | None) -> list[torch.Tensor]:
+    """Inverse of :func:`scatter_heads`, one ``all_to_all`` on ``group``: each ``[b, h, a·2c, d]``
+    becomes ``[b, a·h, 2c, d]``, every member's head slice of this member's own shard."""
+    a = dist.get_world_size(group)
+    if a == 1:
+        return list(tensors)
+    send = torch.cat([torch.stack([shard_sequence(t, member, a, _SEQ_DIM) for member in range(a)]).reshape(a, -1)
+                      for t in tensors], dim=1)
+    received = all_to_all(send, group, stats)  # [a, n], row j = head slice j
+    outs, offset = [], 0
+    for t in tensors:
+        b, h, s, d = t.shape
+        piece = received[:, offset:offset + t.numel() // a].reshape(a, b, h, s // a, d)
+        outs.append(piece.movedim(0, 1).reshape(b, a * h, s // a, d))
+        offset += t.numel() // a
+    return outs
+
+
+def scatter_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: ProcessGroup, stats: CommStats | None
+                ) -> list[torch.Tensor]:
+    """q, k, v shards → this member's heads over the group's tokens, KV heads replicated (one ``all_to_all``)."""
+    replicas = kv_replicas(k.shape[1], dist.get_world_size(group))
+    return scatter_heads([q, k.repeat_interleave(replicas, 1), v.repeat_interleave(replicas, 1)], group, stats)
+
+
+def gather_grads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, num_kv_heads: int, group: ProcessGroup,
+                 stats: CommStats | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Transpose of :func:`scatter_qkv` (one ``all_to_all``): gradients of the local shards, each KV
+    head's replicas summed."""
+    dq, dk, dv = gather_heads([dq, dk, dv], group, stats)
+    replicas = kv_replicas(num_kv_heads, dist.get_world_size(group))
+    return dq, dk.unflatten(1, (num_kv_heads, replicas)).sum(2), dv.unflatten(1, (num_kv_heads, replicas)).sum(2)
+
+
+class UlyssesAttention(torch.autograd.Function):
+    """Differentiable Ulysses attention: ``apply(q, k, v, pcp_group, scale, stats) -> out [b, hq, 2c, d]``.
+
+    ``q [b, hq, 2c, d]``, ``k``/``v [b, hkv, 2c, d]``: this rank's DualChunkSwap shard; ``hq`` must be a
+    multiple of the PCP size (``check_heads``). Saves the exchanged ``[b, hq/P, S, d]`` tensors for the
+    backward (as much memory as the local shards, plus the KV replicas).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, pcp_group, scale, stats):
+        q_seq, k_seq, v_seq = scatter_qkv(q, k, v, pcp_group, stats)
+        out_seq, lse_seq = attention_forward(q_seq, k_seq, v_seq, causal=True, scale=scale)
+        (out,) = gather_heads([out_seq], pcp_group, stats)
+        ctx.save_for_backward(q_seq, k_seq, v_seq, out_seq, lse_seq)
+        ctx.pcp_group, ctx.scale, ctx.stats, ctx.num_kv_heads = pcp_group, scale, stats, k.shape[1]
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q_seq, k_seq, v_seq, out_seq, lse_seq = ctx.saved_tensors
+        (dout_seq,) = scatter_heads([dout], ctx.pcp_group, ctx.stats)
+        dq_seq, dk_seq, dv_seq = attention_backward(dout_seq, q_seq, k_seq, v_seq, out_seq, lse_seq,
+                                                    causal=True, scale=ctx.scale)
+        dq, dk, dv = gather_grads(dq_seq, dk_seq, dv_seq, ctx.num_kv_heads, ctx.pcp_group, ctx.stats)
+        return dq, dk, dv, None, None, None
