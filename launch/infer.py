@@ -89,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
             "config": {"source": cfg.source, **dataclasses.asdict(cfg)},
             "layout": render_layout(groups.layout),
             "requests": [{"prompt": r.prompt, "prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids,
-                          "text": r.text, "finish_reason": r.finish_reason, "error": r.error} for r in results],
+                          "text": r.text, "finish_reason": r.finish_reason, "error": r.error,
+                          "metrics": r.metrics.to_dict()} for r in results],
             "metrics": metrics}, indent=2))
         LOG.info("wrote %s", args.output)
     failed = [r.request_index for r in results if r.error]

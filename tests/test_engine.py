@@ -268,15 +268,15 @@ def test_bfloat16_generation_follows_float32():
 
 
 def test_streamed_text_holds_back_an_incomplete_utf8_character():
-    from cptoolkit.inference.engine import _Request, _stream_delta
+    from cptoolkit.inference.request import Request, stream_delta
     from cptoolkit.inference.tokenizer import ByteTokenizer
 
-    tokenizer, request = ByteTokenizer(), _Request(0, 0, "p", [1], SamplingParams(), torch.Generator())
+    tokenizer, request = ByteTokenizer(), Request(0, 0, "p", [1], SamplingParams(), torch.Generator())
     pieces = []
     for byte in "aé€".encode():  # 1 + 2 + 3 bytes
         request.output_ids.append(byte)
         request.text = tokenizer.decode(request.output_ids)
-        pieces.append(_stream_delta(request))
+        pieces.append(stream_delta(request))
     assert pieces == ["a", "", "é", "", "", "€"]
 
 
@@ -307,7 +307,7 @@ def _lifetime_rank(rank, world_size):
         for event in engine.stream(PROMPTS[:2], greedy):
             events.append(event)
             if event.request_index == 0 and sum(e.request_index == 0 for e in events) == 2:
-                engine.cancel(0)
+                engine.cancel(event.request_id)
         return (free_blocks, after_close, after_break, engine.cache.num_free_blocks,
                 [r.token_ids for r in alone], [r.token_ids for r in again], events)
     finally:
@@ -384,3 +384,37 @@ def _padded_vocab_rank(rank, world_size):
 def test_ids_the_tokenizer_cannot_decode_are_never_sampled():
     tokens = run_ranks(1, _padded_vocab_rank)[0]
     assert all(0 <= t < 258 for row in tokens for t in row), tokens
+
+
+def _online_rank(rank, world_size):
+    """A request added while two others decode joins at the next step and generates what it would
+    alone; per-request metrics are filled in."""
+    import dataclasses
+
+    cfg = _config(tp=2, pcp=2, dcp=4) if world_size == 4 else _config()
+    cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, batch_size=3))
+    groups = initialize_model_parallel(tp=cfg.parallel.tp, pcp=cfg.parallel.pcp, dcp=cfg.parallel.dcp,
+                                       num_heads=8, num_kv_heads=2)
+    try:
+        engine = build_engine(cfg, groups, torch.device("cpu"))
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+        alone = [r.token_ids for r in engine.generate(PROMPTS[:3], greedy)]
+        first = [engine.add_request(prompt, greedy) for prompt in PROMPTS[:2]]
+        steps = [engine.step(), engine.step()]
+        late = engine.add_request(PROMPTS[2], greedy)
+        while engine.has_unfinished_requests():
+            steps.append(engine.step())
+        results = [engine.result(request_id) for request_id in [*first, late]]
+        late_first_step = next(i for i, events in enumerate(steps) if any(e.request_id == late for e in events))
+        return [r.token_ids for r in results], alone, late_first_step, [r.metrics for r in results]
+    finally:
+        destroy_model_parallel()
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_requests_added_while_others_decode(world_size):
+    for rank, (tokens, alone, late_first_step, metrics) in enumerate(run_ranks(world_size, _online_rank)):
+        assert tokens == alone, rank
+        assert late_first_step == 2, "the late request is prefilled at the step after it was added"
+        for request_metrics in metrics:
+            assert request_metrics.time_to_first_token_s > 0 and len(request_metrics.inter_token_gaps_s) == 5

@@ -36,6 +36,7 @@ def test_reference_job_runs_to_the_end_and_writes_json(tmp_path):
     result = json.loads(output.read_text())
     assert set(result) == {"config", "layout", "requests", "metrics"}
     assert len(result["requests"]) == 3 and all(len(r["token_ids"]) == 4 for r in result["requests"])
+    assert all(r["metrics"]["time_to_first_token_s"] > 0 for r in result["requests"])
     assert result["metrics"]["attention_collectives_per_layer_step"] == 2.0  # a2a with k = TP
 
 

@@ -1,25 +1,31 @@
 """Generation engine: PCP-sharded prefill, DCP-sharded decode, continuous batching, sampling.
 
-Every rank of one model replica (TP x PCP ranks) runs the same engine loop on the same requests, in
-lock step; with ``dp > 1`` each replica takes every ``dp``-th request (request ``i`` goes to replica
-``i % dp``) and ``generate`` gathers the results of all replicas, in request order.
+Online API: ``add_request`` queues a request at any time, ``step`` runs one engine iteration and
+returns its ``TokenEvent``s, ``cancel`` ends a request, ``result`` hands back a finished one.
+``generate`` and ``stream`` are built on them. Every rank of one model replica (TP x PCP ranks)
+must make the same calls in the same order: the engine runs in lock step, with no collective to
+agree on what to do next. With ``dp > 1`` each replica serves its own requests; ``generate`` gives
+replica ``i % dp`` request ``i`` and gathers every result, in order.
+
+One iteration (``step``):
+- **Cancellations** requested since the last step end their requests and free their blocks.
 - **Admission**: waiting requests join the running batch (up to ``max_batch_size``) when the KV cache
   has free blocks for their whole life (prompt + ``max_new_tokens``); otherwise they wait until a
   running request finishes. The decision uses the worst-case shard's block count, so it is the same
-  on every rank without a collective.
+  on every rank.
 - **Prefill** of the newly admitted requests, together: each prompt is padded and split by
   DualChunkSwap over the PCP group; the attention layers hand each layer's K/V to
   ``_fill_cache_from_prefill``, which routes each token to its KV-shard owner over the DCP group
   (one all-to-all per layer, ``prefill_kv``). Only each prompt's last token gets logits; the PCP
   rank holding it contributes them to a sum over the PCP group, and the first new token is sampled.
-- **Decode**: one token for every running request per step, attention over the DCP-sharded cache.
-- Sampled tokens are broadcast from the replica's first rank over the replica group, so every rank
-  appends the same token even if the ranks' float rounding differed.
+- Otherwise a **decode** step: one token for every running request, attention over the DCP-sharded
+  cache.
+Sampled tokens are broadcast from the replica's first rank over the replica group, so every rank
+appends the same token even if the ranks' float rounding differed.
 
 Requests end on ``max_new_tokens``, on EOS, on a stop string, or when cancelled. Invalid requests
-(empty, too long for ``max_seq_len``, too large for the whole KV cache) end at once with an error,
-and the others carry on. Every request gets a cache id that is never reused, and a generation that
-ends early (an exception, or a ``stream`` its consumer stops reading) frees its requests' blocks.
+(empty, too long for ``max_seq_len``, too large for the whole KV cache) end at their first step with
+an error, and the others carry on.
 """
 from __future__ import annotations
 
@@ -34,55 +40,17 @@ import torch
 import torch.distributed as dist
 
 from cptoolkit.inference.kv_cache import PagedKVCache, shard_token_count
-from cptoolkit.inference.sampling import SamplingParams, broadcast_tokens, make_generator, sample
 from cptoolkit.inference.prefill_kv import route_prefill_kv
+from cptoolkit.inference.request import (GenerationResult, Request, TokenEvent, cut_at_stop, request_result,
+                                         stream_delta)
+from cptoolkit.inference.sampling import SamplingParams, broadcast_tokens, make_generator, sample
 from cptoolkit.layers.comm import all_reduce
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import partition_batch
 from cptoolkit.models.gpt import CPGPTModel, gpt_forward
 from cptoolkit.parallel_state import ParallelGroups
 
-
-@dataclass
-class _Request:
-    index: int      # position in the caller's list of prompts
-    cache_id: int   # the engine-wide unique key of this request in the KV cache
-    prompt: str | None
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    generator: torch.Generator
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    streamed_chars: int = 0
-    finish_reason: Optional[str] = None
-    error: Optional[str] = None
-
-    @property
-    def total_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One streamed step of one request: the new token (``None`` for a rejected request), the text it
-    added, and ``finish_reason`` once the request ended (``length``, ``eos``, ``stop``, ``cancelled`` or
-    ``error``)."""
-
-    request_index: int
-    token_id: Optional[int]
-    text_delta: str
-    finish_reason: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    request_index: int
-    prompt: Optional[str]
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    error: Optional[str] = None
+Prompt = str | list[int]
 
 
 @dataclass
@@ -143,149 +111,191 @@ class Engine:
         # ids the tokenizer cannot decode are never sampled.
         self.sampled_vocab_size = min(tokenizer.vocab_size, self.shape.vocab_size)
         self.metrics = EngineMetrics()
-        self._reserved_blocks = 0
-        self._cache_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._finished: dict[int, Request] = {}
+        self._rejected: list[Request] = []
         self._cancel_requested: set[int] = set()
+        self._reserved_blocks = 0
 
-    # ------------------------------------------------------------------ public API
-    def generate(self, prompts: Sequence[str | list[int]], sampling: SamplingParams | Sequence[SamplingParams],
+    # ------------------------------------------------------------------ online API
+    def add_request(self, prompt: Prompt, sampling: SamplingParams, index: Optional[int] = None) -> int:
+        """Queue a request (text or token ids); returns its engine-wide id. ``index`` labels its
+        events and result (default: the id) and, with ``sampling.seed``, seeds its sampler, so the
+        same (seed, index) draws the same tokens whatever else runs. An invalid request ends with an
+        error event at the next ``step``."""
+        request_id = next(self._request_ids)
+        index = request_id if index is None else index
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        request = Request(request_id, index, prompt if isinstance(prompt, str) else None, ids, sampling,
+                          make_generator(sampling.seed, index))
+        request.error = self._request_error(request)
+        if request.error:
+            request.finish_reason = "error"
+            self._rejected.append(request)
+        else:
+            self._waiting.append(request)
+        return request_id
+
+    def step(self) -> list[TokenEvent]:
+        """One engine iteration (see the module docstring); the events of every request it touched."""
+        events = [self._finish(request, "error") for request in self._rejected]
+        self._rejected.clear()
+        events += self._apply_cancellations()
+        admitted = self._admit()
+        if admitted:
+            events += self._prefill(admitted)
+        elif self._running:
+            events += self._decode_step(self._running)
+        for request in [r for r in self._running if r.finish_reason is not None]:
+            self._release(request)
+        return events
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._waiting or self._running or self._rejected)
+
+    def cancel(self, request_id: int) -> None:
+        """End request ``request_id`` at the next ``step`` (``finish_reason`` ``cancelled``, its KV
+        blocks freed). Unknown or finished requests are ignored."""
+        self._cancel_requested.add(request_id)
+
+    def result(self, request_id: int) -> GenerationResult:
+        """The result of a finished request (once; it is then forgotten)."""
+        if request_id not in self._finished:
+            raise KeyError(f"request {request_id} has not finished (or its result was already taken)")
+        return request_result(self._finished.pop(request_id))
+
+    # ------------------------------------------------------------------ batch API
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams],
                  on_event: Optional[Callable[[TokenEvent], None]] = None) -> list[GenerationResult]:
-        """Generate for every prompt (text or token ids); results of every request in prompt order
-        (with ``dp > 1`` gathered from all replicas). ``on_event`` sees every ``TokenEvent`` of this
-        rank's replica as it happens (progress display)."""
-        requests = self._make_requests(prompts, sampling)
-        for event in self._run(self._replica_share(requests)):
+        """Generate for every prompt; results of every request in prompt order (with ``dp > 1``
+        gathered from all replicas). ``on_event`` sees every ``TokenEvent`` of this rank's replica as
+        it happens (``request_index`` = the prompt's position)."""
+        ids = self._add_batch(prompts, sampling)
+        for event in self._events_of(ids):
             if on_event is not None:
                 on_event(event)
-        return self._gather_results(requests)
+        return self._gather_results([self.result(request_id) for request_id in ids])
 
-    def stream(self, prompts: Sequence[str | list[int]], sampling: SamplingParams | Sequence[SamplingParams]
+    def stream(self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams]
                ) -> Iterator[TokenEvent]:
-        """Like ``generate``, yielding a ``TokenEvent`` per request and step as tokens arrive (this
-        replica's requests only). Stopping early (``close()``, ``break``) frees every request's KV
-        blocks; every rank of the replica must stop at the same event."""
-        yield from self._run(self._replica_share(self._make_requests(prompts, sampling)))
+        """Like ``generate``, yielding this replica's ``TokenEvent``s as tokens arrive. Stopping early
+        (``close()``, ``break``) cancels the unfinished requests and frees their blocks at once; every
+        rank of the replica must stop at the same event."""
+        ids = self._add_batch(prompts, sampling)
+        yield from self._events_of(ids)
+        for request_id in ids:
+            self.result(request_id)
 
-    def cancel(self, request_index: int) -> None:
-        """End request ``request_index`` of the running ``stream`` before its next step
-        (``finish_reason`` ``cancelled``, its KV blocks freed). Every rank of the replica must cancel
-        the same request after the same event; unknown or finished requests are ignored."""
-        self._cancel_requested.add(request_index)
-
-    # ------------------------------------------------------------------ requests
-    def _make_requests(self, prompts, sampling) -> list[_Request]:
+    def _add_batch(self, prompts: Sequence[Prompt], sampling) -> list[int]:
         params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
         if len(params) != len(prompts):
             raise ValueError(f"sampling: got {len(params)} SamplingParams for {len(prompts)} prompts")
-        requests = []
-        for index, (prompt, request_params) in enumerate(zip(prompts, params)):
-            text = prompt if isinstance(prompt, str) else None
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-            requests.append(_Request(index, next(self._cache_ids), text, ids, request_params,
-                                     make_generator(request_params.seed, index)))
-        return requests
+        dp_rank, dp_size = self.groups.dp_rank, self.groups.dp_size
+        return [self.add_request(prompt, request_params, index)
+                for index, (prompt, request_params) in enumerate(zip(prompts, params))
+                if index % dp_size == dp_rank]
 
-    def _replica_share(self, requests: list[_Request]) -> list[_Request]:
-        return [r for r in requests if r.index % self.groups.dp_size == self.groups.dp_rank]
+    def _events_of(self, request_ids: list[int]) -> Iterator[TokenEvent]:
+        """Step until ``request_ids`` finish, yielding their events; whatever ends the iteration early
+        (an exception, a closed generator) drops them from the engine and frees their blocks."""
+        mine, pending = set(request_ids), set(request_ids)
+        try:
+            while pending:
+                for event in self.step():
+                    if event.request_id in mine:
+                        if event.finish_reason is not None:
+                            pending.discard(event.request_id)
+                        yield event
+        finally:
+            if pending:
+                self._abort(pending)
 
-    def _gather_results(self, requests: list[_Request]) -> list[GenerationResult]:
+    def _abort(self, request_ids: set[int]) -> None:
+        self._waiting = deque(r for r in self._waiting if r.request_id not in request_ids)
+        self._rejected = [r for r in self._rejected if r.request_id not in request_ids]
+        for request in [r for r in self._running if r.request_id in request_ids]:
+            self._release(request)
+        for request_id in request_ids:
+            self._finished.pop(request_id, None)
+
+    def _gather_results(self, mine: list[GenerationResult]) -> list[GenerationResult]:
         """Every request's result in prompt order: this replica's own, plus (``dp > 1``) the other
         replicas' via one ``all_gather_object`` on the DP group."""
-        mine = [self._result(r) for r in self._replica_share(requests)]
         if self.groups.dp_size == 1:
             return mine
         per_replica: list = [None] * self.groups.dp_size
         dist.all_gather_object(per_replica, mine, group=self.groups.dp_group)
         return sorted((result for results in per_replica for result in results), key=lambda r: r.request_index)
 
-    def _request_error(self, request: _Request) -> Optional[str]:
+    # ------------------------------------------------------------------ admission and release
+    def _request_error(self, request: Request) -> Optional[str]:
         if not request.prompt_ids:
             return "empty prompt: a request needs at least one prompt token"
-        needed = len(request.prompt_ids) + request.sampling.max_new_tokens
-        if needed > self.max_seq_len:
+        if request.max_total_len > self.max_seq_len:
             return (f"prompt of {len(request.prompt_ids)} tokens + max_new_tokens "
-                    f"{request.sampling.max_new_tokens} = {needed} exceeds max_seq_len {self.max_seq_len}")
+                    f"{request.sampling.max_new_tokens} = {request.max_total_len} exceeds max_seq_len "
+                    f"{self.max_seq_len}")
         bad = [t for t in request.prompt_ids if not 0 <= t < self.shape.vocab_size]
         if bad:
             return f"prompt token id {bad[0]} is outside the vocabulary [0, {self.shape.vocab_size})"
-        if self._blocks_needed(needed) > self.cache.num_blocks:
-            return (f"needs {self._blocks_needed(needed)} KV blocks per rank for {needed} tokens but the whole "
-                    f"cache has {self.cache.num_blocks} ({self.cache.bytes_per_rank:,} bytes per rank); raise "
-                    f"inference.kv_cache_bytes or lower max_new_tokens")
+        if self._blocks_needed(request) > self.cache.num_blocks:
+            return (f"needs {self._blocks_needed(request)} KV blocks per rank for {request.max_total_len} tokens "
+                    f"but the whole cache has {self.cache.num_blocks} ({self.cache.bytes_per_rank:,} bytes per "
+                    f"rank); raise inference.kv_cache_bytes or lower max_new_tokens")
         return None
 
-    def _blocks_needed(self, total_len: int) -> int:
-        """Blocks of the fullest shard (shard 0) for ``total_len`` tokens: the same on every rank."""
-        shard0 = shard_token_count(total_len, 0, self.cache.dcp_size, self.cache.interleave)
+    def _blocks_needed(self, request: Request) -> int:
+        """Blocks of the fullest shard (shard 0) for the request's whole life: the same on every rank."""
+        shard0 = shard_token_count(request.max_total_len, 0, self.cache.dcp_size, self.cache.interleave)
         return -(-shard0 // self.cache.block_size)
 
-    # ------------------------------------------------------------------ the loop
-    def _run(self, requests: list[_Request]) -> Iterator[TokenEvent]:
-        """The engine loop over ``requests``; whatever ends it (done, an exception, or the consumer
-        closing the generator) frees the KV blocks of every request it admitted."""
-        self._cancel_requested = set()
-        waiting: deque[_Request] = deque()
-        running: list[_Request] = []
-        try:
-            for request in requests:
-                request.error = self._request_error(request)
-                if request.error:
-                    request.finish_reason = "error"
-                    yield TokenEvent(request.index, None, "", "error")
-                else:
-                    waiting.append(request)
-            while waiting or running:
-                yield from self._cancel(waiting, running)
-                admitted = self._admit(waiting, running)
-                if admitted:
-                    yield from self._prefill(admitted)
-                decoding = [r for r in running if r.finish_reason is None]
-                if decoding and not admitted:
-                    yield from self._decode_step(decoding)
-                for request in [r for r in running if r.finish_reason is not None]:
-                    self._release(request)
-                    running.remove(request)
-        finally:
-            for request in running:
-                self._release(request)
-
-    def _cancel(self, waiting: deque, running: list) -> Iterator[TokenEvent]:
-        """End the requests ``cancel`` named since the last step; running ones are released by the loop."""
-        for request in [r for r in [*waiting, *running] if r.index in self._cancel_requested
-                        and r.finish_reason is None]:
-            request.finish_reason = "cancelled"
-            if request in waiting:
-                waiting.remove(request)
-            yield TokenEvent(request.index, None, "", "cancelled")
+    def _apply_cancellations(self) -> list[TokenEvent]:
+        cancelled = [r for r in [*self._waiting, *self._running]
+                     if r.request_id in self._cancel_requested and r.finish_reason is None]
         self._cancel_requested.clear()
+        self._waiting = deque(r for r in self._waiting if r not in cancelled)
+        events = [self._finish(request, "cancelled") for request in cancelled]
+        for request in [r for r in cancelled if r in self._running]:
+            self._release(request)
+        return events
 
-    def _admit(self, waiting: deque, running: list) -> list[_Request]:
-        """Move waiting requests into ``running`` (and the cache) while batch slots and blocks last."""
+    def _finish(self, request: Request, reason: str) -> TokenEvent:
+        """End a request that gets no token this step (rejected or cancelled)."""
+        request.finish_reason = reason
+        self._finished[request.request_id] = request
+        return TokenEvent(request.index, None, "", reason, request.request_id)
+
+    def _admit(self) -> list[Request]:
+        """Move waiting requests into the running batch (and the cache) while slots and blocks last."""
         admitted = []
-        while waiting and len(running) < self.max_batch_size:
-            request = waiting[0]
-            blocks = self._blocks_needed(len(request.prompt_ids) + request.sampling.max_new_tokens)
+        while self._waiting and len(self._running) < self.max_batch_size:
+            request = self._waiting[0]
+            blocks = self._blocks_needed(request)
             if self._reserved_blocks + blocks > self.cache.num_blocks:
                 break  # queued until a running request frees its blocks
-            waiting.popleft()
-            self.cache.add_request(request.cache_id, len(request.prompt_ids) + request.sampling.max_new_tokens)
+            self._waiting.popleft()
+            self.cache.add_request(request.request_id, request.max_total_len)
             self._reserved_blocks += blocks
-            running.append(request)
+            self._running.append(request)
             admitted.append(request)
         return admitted
 
-    def _release(self, request: _Request) -> None:
-        self.cache.free_request(request.cache_id)
-        self._reserved_blocks -= self._blocks_needed(len(request.prompt_ids) + request.sampling.max_new_tokens)
+    def _release(self, request: Request) -> None:
+        self.cache.free_request(request.request_id)
+        self._reserved_blocks -= self._blocks_needed(request)
+        self._running.remove(request)
+        self._finished[request.request_id] = request
 
     # ------------------------------------------------------------------ prefill
-    def _prefill(self, requests: list[_Request]) -> Iterator[TokenEvent]:
+    def _prefill(self, requests: list[Request]) -> list[TokenEvent]:
         groups = self.groups
         start = time.perf_counter()
         batch = partition_batch([r.prompt_ids for r in requests], groups.pcp_rank, groups.pcp_size, pad_id=0)
         self.runtime.mode = "prefill"
         self.runtime.on_prefill_kv = functools.partial(
-            self._fill_cache_from_prefill, [r.cache_id for r in requests], batch.seq_lens, batch.seq_len_padded)
+            self._fill_cache_from_prefill, [r.request_id for r in requests], batch.seq_lens, batch.seq_len_padded)
         # DualChunkSwap pads each prompt by up to 2*PCP-1 tokens whose positions may pass the model's
         # last one; no real token attends to a pad (pads come last, attention is causal) and pads are
         # never cached, so their positions are clamped into the model's range.
@@ -306,7 +316,7 @@ class Engine:
         self.metrics.prefill_time_s += time.perf_counter() - start
         self.metrics.prompt_tokens += sum(batch.seq_lens)
         self.metrics.prefill_tokens_generated += len(requests)
-        yield from self._append_tokens(requests, tokens)
+        return self._append_tokens(requests, tokens)
 
     def _fill_cache_from_prefill(self, request_ids: list[int], seq_lens: Sequence[int], seq_len_padded: int,
                                  layer_number: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -323,13 +333,13 @@ class Engine:
                                     positions[real].to(k.device))
 
     # ------------------------------------------------------------------ decode
-    def _decode_step(self, requests: list[_Request]) -> Iterator[TokenEvent]:
+    def _decode_step(self, requests: list[Request]) -> list[TokenEvent]:
         start = time.perf_counter()
         stats_before = (self.runtime.stats.total_calls, self.runtime.stats.total_bytes)
         layer_calls_before = {layer: stats.total_calls for layer, stats in self.runtime.per_layer_stats.items()}
         input_ids = torch.tensor([[r.output_ids[-1]] for r in requests], device=self._device)
         positions = torch.tensor([[r.total_len - 1] for r in requests], device=self._device)
-        ids = [r.cache_id for r in requests]
+        ids = [r.request_id for r in requests]
         self.runtime.mode = "decode"
         self.runtime.decode_positions = positions[:, 0]
         self.runtime.kv_caches = {layer + 1: self.cache.view(layer, ids) for layer in range(self.shape.num_layers)}
@@ -344,10 +354,10 @@ class Engine:
         self.metrics.decode_time_s += time.perf_counter() - start
         self.metrics.decode_steps += 1
         self.metrics.decode_tokens += len(requests)
-        yield from self._append_tokens(requests, tokens)
+        return self._append_tokens(requests, tokens)
 
     # ------------------------------------------------------------------ sampling and stopping
-    def _sample(self, logits: torch.Tensor, requests: list[_Request]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         tokens = sample(logits[:, :self.sampled_vocab_size], [r.sampling for r in requests],
                         [r.generator for r in requests])
         if dist.is_initialized() and dist.get_world_size(self.groups.replica_group) > 1:
@@ -355,16 +365,20 @@ class Engine:
                                       src=self.groups.replica_first_rank)
         return tokens
 
-    def _append_tokens(self, requests: list[_Request], tokens: torch.Tensor) -> Iterator[TokenEvent]:
+    def _append_tokens(self, requests: list[Request], tokens: torch.Tensor) -> list[TokenEvent]:
+        events, now = [], time.perf_counter()
         for request, token in zip(requests, tokens.tolist()):
             request.output_ids.append(token)
+            request.token_times_s.append(now)
             request.text = self.tokenizer.decode(request.output_ids)
             request.finish_reason = self._finish_reason(request, token)
             if request.finish_reason == "stop":
-                request.text = _cut_at_stop(request.text, request.sampling.stop_strings)
-            yield TokenEvent(request.index, token, _stream_delta(request), request.finish_reason)
+                request.text = cut_at_stop(request.text, request.sampling.stop_strings)
+            events.append(TokenEvent(request.index, token, stream_delta(request), request.finish_reason,
+                                     request.request_id))
+        return events
 
-    def _finish_reason(self, request: _Request, token: int) -> Optional[str]:
+    def _finish_reason(self, request: Request, token: int) -> Optional[str]:
         if token == self.tokenizer.eos_token_id or token in request.sampling.stop_token_ids:
             return "eos"
         if any(stop in request.text for stop in request.sampling.stop_strings):
@@ -373,30 +387,6 @@ class Engine:
             return "length"
         return None
 
-    def _result(self, request: _Request) -> GenerationResult:
-        return GenerationResult(request.index, request.prompt, request.prompt_ids, request.output_ids,
-                                request.text, request.finish_reason, request.error)
-
     @property
     def _device(self) -> torch.device:
         return self.cache.device
-
-
-def _stream_delta(request: _Request) -> str:
-    """The text to stream after this token. Until the request ends, two tails are held back: a
-    trailing U+FFFD (a multi-byte character whose last bytes may still come) and the last
-    ``len(longest stop string) - 1`` characters (the start of a stop string that would be cut), so
-    the streamed pieces always add up to the final text."""
-    stable = request.text
-    if request.finish_reason is None:
-        hold = max((len(stop) for stop in request.sampling.stop_strings), default=1) - 1
-        stable = stable.rstrip("\ufffd")
-        stable = stable[:max(len(stable) - hold, 0)]
-    delta = stable[request.streamed_chars:]
-    request.streamed_chars = max(request.streamed_chars, len(stable))
-    return delta
-
-
-def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    cut = min((text.index(s) for s in stop_strings if s in text), default=len(text))
-    return text[:cut]
