@@ -44,3 +44,18 @@ def test_layer_tally_counts_into_its_parent():
     layer_two.record("all_to_all", torch.zeros(2, dtype=torch.float64))
     assert dict(layer_one.calls) == {"all_gather": 1} and dict(layer_two.calls) == {"all_to_all": 2}
     assert dict(model_stats.calls) == {"all_gather": 1, "all_to_all": 2} and model_stats.total_bytes == 16 + 32
+
+
+def _strided_all_to_all_rank(rank, world_size):
+    import torch.distributed as dist
+
+    base = torch.arange(world_size * 6, dtype=torch.float32).reshape(3, world_size, 2) + 100 * rank
+    stacked = base.transpose(0, 1)  # [world, 3, 2], not contiguous
+    return all_to_all(stacked, dist.group.WORLD).tolist(), stacked.tolist()
+
+
+def test_all_to_all_of_a_strided_tensor_returns_dense_entries():
+    results = run_ranks(2, _strided_all_to_all_rank)
+    for rank, (received, _) in enumerate(results):
+        for source in range(2):
+            assert received[source] == results[source][1][rank], (rank, source)

@@ -69,8 +69,9 @@ def reduce_scatter(stacked: torch.Tensor, group: ProcessGroup, stats: CommStats 
 
 def all_to_all(stacked: torch.Tensor, group: ProcessGroup, stats: CommStats | None = None) -> torch.Tensor:
     """Send entry ``i`` of ``stacked [group_size, ...]`` to member ``i``; returns what each member sent
-    to this rank, stacked in member order."""
-    out = torch.empty_like(stacked)
+    to this rank, stacked in member order (a dense tensor even when ``stacked`` is strided:
+    ``all_to_all_single`` writes its output as if it were flat)."""
+    out = torch.empty(stacked.shape, dtype=stacked.dtype, device=stacked.device)
     _record(stats, "all_to_all", stacked)
     dist.all_to_all_single(out, stacked.contiguous(), group=group)
     return out
