@@ -5,13 +5,16 @@ turn, so background load on the shared machine hits them alike:
 
 - ``pcp1``: unsharded causal attention (``attention_forward``) on rank 0 alone while rank 1 waits at
   a barrier: the single-core baseline.
-- ``pcp2_p2p`` / ``pcp2_all_gather``: ``ring_prefill_attention`` on DualChunkSwap shards.
+- ``pcp2_p2p`` / ``pcp2_all_gather`` / ``pcp2_a2a`` / ``pcp2_a2a+p2p``: ``ring_prefill_attention`` on
+  DualChunkSwap shards. On 2 ranks ``a2a+p2p`` is 2 x 1 (the Ulysses exchange inside one a2a group of 2,
+  a ring of 1): it measures the hierarchical plumbing over ``a2a``.
 - ``pcp2_contiguous``: BENCH-ONLY baseline, not part of cptoolkit: the same P2P ring over a
   contiguous split (rank ``r`` holds tokens ``[r*S/P, (r+1)*S/P)``), to show what the balance buys.
 
 A variant's time per repetition is its slowest rank's; speedup = median(pcp1) / median(variant), and
 min(pcp1) / min(variant) beside it (the least disturbed repetitions, on a shared machine).
-Rank 0 also checks its shard of every variant against the unsharded output (max abs difference).
+Rank 0 also checks its shard of every variant against the unsharded output (max abs difference), and
+counts the collectives and bytes it sends in one untimed call (one layer's forward, ``CommStats``).
 
     python bench/prefill_scaling.py [--quick] [--seq-lens 4096 8192] [--reps 3]
 """
@@ -31,12 +34,14 @@ import torch.distributed as dist
 from bench.common import (RESULTS_DIR, add_results_dir_argument, format_table, launch, machine_info, new_figure,
                           save_figure, slowest_rank_per_rep, summarize, time_call, write_json)
 from cptoolkit.layers.block_attention import attention_forward
-from cptoolkit.layers.comm import send_recv
+from cptoolkit.layers.comm import CommStats, send_recv
 from cptoolkit.layers.dual_chunk_swap import shard_positions, shard_sequence
+from cptoolkit.layers.hierarchical_prefill import new_hierarchical_groups
 from cptoolkit.layers.lse_merge import merge_two
-from cptoolkit.layers.ring_prefill import ring_prefill_attention
+from cptoolkit.layers.ring_prefill import PREFILL_COMMS, ring_prefill_attention
 
-VARIANTS = ("pcp1", "pcp2_p2p", "pcp2_all_gather", "pcp2_contiguous")
+VARIANTS = ("pcp1", "pcp2_p2p", "pcp2_all_gather", "pcp2_a2a", "pcp2_a2a+p2p", "pcp2_contiguous")
+A2A_SIZE = 2  # a2a+p2p on the 2 ranks: one a2a group of 2, a ring of 1
 FULL_SEQ_LENS, QUICK_SEQ_LENS = (4096, 8192, 16384, 32768), (4096, 8192)
 PCP_SIZE = 2
 
@@ -77,8 +82,10 @@ def _local_positions(split: str, seq_len: int, pcp_rank: int) -> torch.Tensor:
     return shard_positions(seq_len, pcp_rank, PCP_SIZE)
 
 
-def _run_variant(variant: str, q, k, v, pcp_rank: int, scale: float) -> tuple[float, torch.Tensor | None]:
-    """``(seconds, local output)`` of one variant on this rank; ``pcp1`` runs on rank 0 only."""
+def _run_variant(variant: str, q, k, v, pcp_rank: int, scale: float, hcp_groups, stats: CommStats | None = None
+                 ) -> tuple[float, torch.Tensor | None]:
+    """``(seconds, local output)`` of one variant on this rank; ``pcp1`` runs on rank 0 only. ``stats``
+    counts the collectives of a cptoolkit variant."""
     group = dist.group.WORLD
     dist.barrier()
     if variant == "pcp1":
@@ -91,35 +98,44 @@ def _run_variant(variant: str, q, k, v, pcp_rank: int, scale: float) -> tuple[fl
         return time_call(lambda: contiguous_ring_attention(*shards, group, scale))
     shards = [shard_sequence(x, pcp_rank, PCP_SIZE, seq_dim=2) for x in (q, k, v)]
     comm = variant.removeprefix("pcp2_")
-    return time_call(lambda: ring_prefill_attention(*shards, pcp_group=group, scale=scale, comm=comm))
+    return time_call(lambda: ring_prefill_attention(*shards, pcp_group=group, scale=scale, comm=comm, stats=stats,
+                                                    hcp_groups=hcp_groups))
 
 
 def measure_rank(rank: int, world_size: int, seq_lens: list[int], num_heads: int, head_dim: int, reps: int,
                  variants: list[str]) -> dict:
-    """Per-rank body: ``{seq_len: {"times_s": {variant: [rep times]}, "max_abs_diff": {variant: float}}}``.
+    """Per-rank body: ``{seq_len: {"times_s": {variant: [rep times]}, "max_abs_diff": {variant: float},
+    "collectives": {variant: {name: {"calls", "bytes"}}}}}``.
 
     ``max_abs_diff`` (rank 0 only, else empty) compares rank 0's local output of each variant with the
-    same rows of the unsharded output.
+    same rows of the unsharded output; ``collectives`` are this rank's in one untimed forward.
     """
     if world_size != PCP_SIZE:
         raise ValueError(f"world_size ({world_size}) must be {PCP_SIZE}: this benchmark compares PCP=1 and PCP=2")
     scale = 1.0 / math.sqrt(head_dim)
+    hcp_groups = new_hierarchical_groups(dist.group.WORLD, A2A_SIZE) if "pcp2_a2a+p2p" in variants else None
     results = {}
     for seq_len in seq_lens:
         generator = torch.Generator().manual_seed(seq_len)
         q, k, v = (torch.randn(1, num_heads, seq_len, head_dim, generator=generator) for _ in range(3))
         times = {variant: [] for variant in variants}
-        reference, max_abs_diff = None, {}
+        reference, max_abs_diff, collectives = None, {}, {}
+        for variant in variants:
+            if variant.removeprefix("pcp2_") in PREFILL_COMMS:
+                stats = CommStats()
+                _run_variant(variant, q, k, v, rank, scale, hcp_groups, stats)
+                collectives[variant] = {name: {"calls": stats.calls[name], "bytes": stats.bytes_sent[name]}
+                                        for name in stats.calls}
         for _ in range(reps):
             for variant in variants:
-                seconds, out = _run_variant(variant, q, k, v, rank, scale)
+                seconds, out = _run_variant(variant, q, k, v, rank, scale, hcp_groups)
                 times[variant].append(seconds)
                 if rank == 0 and variant == "pcp1":
                     reference = out
                 elif rank == 0 and reference is not None:
                     rows = _local_positions(variant.removeprefix("pcp2_"), seq_len, rank)
                     max_abs_diff[variant] = float((out - reference[:, :, rows]).abs().max())
-        results[seq_len] = {"times_s": times, "max_abs_diff": max_abs_diff}
+        results[seq_len] = {"times_s": times, "max_abs_diff": max_abs_diff, "collectives": collectives}
     return results
 
 
@@ -137,7 +153,8 @@ def run(seq_lens: list[int], reps: int, num_heads: int = 8, head_dim: int = 64,
             entry["variants"][variant] = {
                 **summarize(step_times),
                 "per_rank_median_s": [summarize(r["times_s"][variant])["median_s"] for r in by_rank],
-                "max_abs_diff_rank0": by_rank[0]["max_abs_diff"].get(variant)}
+                "max_abs_diff_rank0": by_rank[0]["max_abs_diff"].get(variant),
+                "collectives_per_layer_rank0": by_rank[0]["collectives"].get(variant)}
         if "pcp1" in variants:
             baseline = entry["variants"]["pcp1"]
             for stats in entry["variants"].values():
@@ -156,9 +173,17 @@ def table(payload: dict) -> str:
             rows.append([entry["seq_len"], variant, stats["median_s"], stats["min_s"], stats["max_s"],
                          stats.get("speedup_vs_pcp1", "-"), stats.get("best_speedup_vs_pcp1", "-"),
                          " / ".join(f"{t:.3g}" for t in stats["per_rank_median_s"]),
-                         "-" if stats["max_abs_diff_rank0"] is None else f"{stats['max_abs_diff_rank0']:.1e}"])
+                         "-" if stats["max_abs_diff_rank0"] is None else f"{stats['max_abs_diff_rank0']:.1e}",
+                         _collectives_cell(stats["collectives_per_layer_rank0"])])
     return format_table(["seq_len", "variant", "median s", "min s", "max s", "speedup (medians)", "speedup (mins)",
-                         "per-rank median s", "max abs diff (rank 0)"], rows)
+                         "per-rank median s", "max abs diff (rank 0)", "collectives / layer (rank 0, MiB sent)"],
+                        rows)
+
+
+def _collectives_cell(collectives: dict | None) -> str:
+    if collectives is None:
+        return "-"
+    return ", ".join(f"{c['calls']} {name} ({c['bytes'] / 2 ** 20:.1f})" for name, c in collectives.items())
 
 
 def plot(payload: dict, results_dir: Path = RESULTS_DIR) -> Path:

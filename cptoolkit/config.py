@@ -27,19 +27,33 @@ def _require(ok: bool, name: str, value: Any, rule: str) -> None:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Parallel layout: TP shards heads, PCP shards prefill tokens, DCP shards the decode KV cache."""
+    """Parallel layout: TP shards heads, PCP shards prefill tokens, DCP shards the decode KV cache.
+
+    ``prefill_comm``: ``p2p`` (ring), ``all_gather``, ``a2a`` (Ulysses; query heads per TP rank must be a
+    multiple of ``pcp``) or ``a2a+p2p`` (hierarchical: a2a inside groups of ``hierarchical_a2a_size`` PCP ranks,
+    ring across them; that size is required for it and allowed for nothing else)."""
 
     tp: int = 1
     pcp: int = 1
     dcp: int = 1
     dp: int = 1
-    prefill_comm: Literal["p2p", "all_gather"] = "p2p"
+    prefill_comm: Literal["p2p", "all_gather", "a2a", "a2a+p2p"] = "p2p"
     decode_comm: Literal["a2a", "ag_rs"] = "a2a"
     kv_interleave: int = 1
+    hierarchical_a2a_size: Optional[int] = None
 
     def __post_init__(self):
         for name in ("tp", "pcp", "dcp", "dp", "kv_interleave"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        a = self.hierarchical_a2a_size
+        if self.prefill_comm == "a2a+p2p":
+            _require(a is not None, "hierarchical_a2a_size", a,
+                     f"required with prefill_comm 'a2a+p2p': the a2a group size, a divisor of pcp ({self.pcp})")
+            _require(a >= 1 and self.pcp % a == 0, "hierarchical_a2a_size", a,
+                     f"must divide pcp ({self.pcp}): pcp = a2a group size x ring size")
+        else:
+            _require(a is None, "hierarchical_a2a_size", a,
+                     f"only allowed with prefill_comm 'a2a+p2p' (prefill_comm is {self.prefill_comm!r})")
 
     @property
     def world_size(self) -> int:
@@ -84,7 +98,9 @@ class InferenceConfig:
     ``max_seq_len`` caps prompt + generated tokens per request (default and upper bound: the model's
     ``max_seq_len``, e.g. a checkpoint's ``max_position_embeddings``). ``kv_cache_bytes`` is the KV
     cache budget per rank; by default the cache holds ``batch_size`` requests of ``max_seq_len`` tokens.
-    Requests wait for free blocks, so a smaller budget queues requests instead of failing them."""
+    Requests wait for free blocks, so a smaller budget queues requests instead of failing them.
+    ``prefill_chunk_size`` prefills long prompts chunk by chunk, with decode steps of the running
+    requests in between; ``prefix_caching`` reuses the KV blocks of prompt prefixes seen before."""
 
     prompts: list[str] = field(default_factory=list)
     prompt_file: Optional[str] = None
@@ -98,6 +114,8 @@ class InferenceConfig:
     kv_block_size: int = 16
     max_seq_len: Optional[int] = None
     kv_cache_bytes: Optional[int] = None
+    prefill_chunk_size: Optional[int] = None
+    prefix_caching: bool = False
 
     def __post_init__(self):
         _require(bool(self.prompts) != (self.prompt_file is not None), "prompts", self.prompts,
@@ -112,6 +130,8 @@ class InferenceConfig:
                  "must be >= 1 (null = the model's max_seq_len)")
         _require(self.kv_cache_bytes is None or self.kv_cache_bytes >= 1, "kv_cache_bytes", self.kv_cache_bytes,
                  "must be >= 1 (null = room for batch_size requests of max_seq_len tokens)")
+        _require(self.prefill_chunk_size is None or self.prefill_chunk_size >= 1, "prefill_chunk_size",
+                 self.prefill_chunk_size, "must be >= 1 (null = prefill each prompt whole)")
 
 
 @dataclass(frozen=True)
@@ -241,7 +261,7 @@ def _checkpoint_shape(model: ModelConfig, base_dir: Path) -> ModelConfig:
         missing = "" if path.is_dir() else " (no such directory)"
         raise ValueError(f"model.checkpoint = {model.checkpoint!r}: no config.json in {path}{missing}; "
                          "point it at a directory written by save_pretrained or save_checkpoint")
-    from cptoolkit.inference.checkpoint import hf_shape, read_config
+    from cptoolkit.models.shape import hf_shape, read_config
 
     shape = hf_shape(read_config(path), path)  # a ConfigError naming config.json itself
     shape_fields = {f.name for f in dataclasses.fields(ModelConfig)} & {f.name for f in dataclasses.fields(shape)}
@@ -262,9 +282,30 @@ def _check_layout(cfg: Config) -> None:
                          f"{err}") from None
     _require(m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
              f"must be a multiple of parallel.tp ({p.tp}) for the column-parallel MLP")
+    a2a_size = {"a2a": p.pcp, "a2a+p2p": p.hierarchical_a2a_size}.get(p.prefill_comm)
+    if a2a_size is not None:
+        heads_per_rank = m.num_attention_heads // p.tp
+        size_name = "parallel.pcp" if p.prefill_comm == "a2a" else "parallel.hierarchical_a2a_size"
+        _require(heads_per_rank % a2a_size == 0, "parallel.prefill_comm", p.prefill_comm,
+                 f"needs the query heads per TP rank (model.num_attention_heads / parallel.tp = "
+                 f"{m.num_attention_heads}/{p.tp} = {heads_per_rank}) to be a multiple of {size_name} ({a2a_size}): "
+                 "the all-to-all gives each member whole query heads; use p2p or all_gather, or another size")
     if cfg.inference is not None and cfg.inference.max_seq_len is not None:
         _require(cfg.inference.max_seq_len <= m.max_seq_len, "inference.max_seq_len", cfg.inference.max_seq_len,
                  f"must be <= model.max_seq_len ({m.max_seq_len})")
+    if cfg.inference is not None and cfg.inference.prefill_chunk_size is not None:
+        align = p.kv_interleave * p.dcp
+        _require(cfg.inference.prefill_chunk_size % align == 0, "inference.prefill_chunk_size",
+                 cfg.inference.prefill_chunk_size, f"must be a multiple of parallel.kv_interleave * parallel.dcp "
+                 f"({align}) so that every chunk starts on the same DCP shard")
+    if cfg.inference is not None and (cfg.inference.prefill_chunk_size or cfg.inference.prefix_caching):
+        _require(p.prefill_comm in ("p2p", "all_gather"), "parallel.prefill_comm", p.prefill_comm,
+                 "must be 'p2p' or 'all_gather' with inference.prefill_chunk_size or inference.prefix_caching: a "
+                 "chunk over a cached history merges by log-sum-exp, which the a2a algorithms do not return")
+    if cfg.inference is not None and cfg.inference.prefix_caching:
+        _require(cfg.inference.kv_block_size % p.kv_interleave == 0, "inference.kv_block_size",
+                 cfg.inference.kv_block_size, f"must be a multiple of parallel.kv_interleave ({p.kv_interleave}) "
+                 "for prefix caching (a cached page fills one block on every DCP member)")
     if cfg.train is not None:
         _require(m.num_kv_heads % p.tp == 0, "model.num_kv_heads", m.num_kv_heads,
                  f"must be a multiple of parallel.tp ({p.tp}) for training: KV heads replicated over TP "

@@ -16,6 +16,9 @@ Rules (spec/DESIGN.md):
 - ``DCP = 1`` is accepted only with ``PCP = 1`` (then ``k = 1``: no decode sharding). With ``PCP > 1`` it is
   rejected: it is not of the form ``k * PCP``, and an unsharded decode cache would need every PCP rank to
   gather the whole prompt's KV, which no decode path here does.
+- Hierarchical (``a2a+p2p``) prefill, only when ``hierarchical_a2a_size = a`` is given (``a | PCP``): each PCP
+  group splits into a2a groups of ``a`` consecutive PCP ranks and ``a`` ring groups taking every ``a``-th PCP
+  rank (megatron-core's ``hierarchical_context_parallel_sizes = [a, PCP/a]``).
 """
 from __future__ import annotations
 
@@ -57,6 +60,25 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def check_a2a_size(a2a_size: int, pcp_size: int) -> None:
+    if a2a_size < 1 or pcp_size % a2a_size:
+        raise ValueError(f"a2a_size ({a2a_size}) must be a positive divisor of pcp_size ({pcp_size}): "
+                         f"PCP = a2a_size x ring size (megatron's hierarchical_context_parallel_sizes)")
+
+
+def hierarchical_rank_lists(pcp_rank_lists: list[list[int]], a2a_size: int
+                            ) -> tuple[list[list[int]], list[list[int]]]:
+    """``(a2a groups, ring groups)`` as global-rank lists in group-rank order, for every PCP group
+    (each given in PCP-rank order): a2a groups are ``a2a_size`` consecutive PCP ranks, ring groups
+    take every ``a2a_size``-th PCP rank."""
+    a2a_lists, ring_lists = [], []
+    for pcp_ranks in pcp_rank_lists:
+        check_a2a_size(a2a_size, len(pcp_ranks))
+        a2a_lists += [list(pcp_ranks[g:g + a2a_size]) for g in range(0, len(pcp_ranks), a2a_size)]
+        ring_lists += [list(pcp_ranks[i::a2a_size]) for i in range(a2a_size)]
+    return a2a_lists, ring_lists
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     """The rank layout of ``dp x pcp x tp`` ranks with decode context parallel size ``dcp``.
@@ -64,6 +86,7 @@ class ParallelLayout:
     Construction validates every rule and raises ``ValueError`` naming the field, its value and the rule
     (``dcp`` must be ``k * pcp`` with ``k | tp``; so ``dcp = 1`` only with ``pcp = 1``, see the module docstring).
     Group lists (``tp_groups`` ...) hold global ranks; a DCP group lists its members in KV-shard order.
+    ``hierarchical_a2a_size`` (``None``: no hierarchical prefill) adds ``hcp_a2a_groups``/``hcp_ring_groups``.
     """
 
     tp: int
@@ -72,6 +95,7 @@ class ParallelLayout:
     num_heads: int
     num_kv_heads: int
     dp: int = 1
+    hierarchical_a2a_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("tp", "pcp", "dcp", "num_heads", "num_kv_heads", "dp"):
@@ -80,6 +104,7 @@ class ParallelLayout:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
         self._check_dcp()
         self._check_heads()
+        self._check_hierarchical()
 
     def _check_dcp(self) -> None:
         k, remainder = divmod(self.dcp, self.pcp)
@@ -106,6 +131,18 @@ class ParallelLayout:
             raise ValueError(f"dcp/pcp ({k}) and tp/num_kv_heads ({replication}) must divide one another "
                              f"(tp={tp}, num_kv_heads={kv_heads}, dcp={self.dcp}, pcp={self.pcp}): a DCP group's "
                              "query heads must map evenly onto the distinct KV heads it caches")
+
+    def _check_hierarchical(self) -> None:
+        a = self.hierarchical_a2a_size
+        if a is None:
+            return
+        if isinstance(a, bool) or not isinstance(a, int) or a < 1 or self.pcp % a:
+            raise ValueError(f"hierarchical_a2a_size ({a!r}) must be a positive divisor of pcp ({self.pcp}): "
+                             f"pcp = a2a size x ring size; valid values are "
+                             f"{', '.join(map(str, _divisors(self.pcp)))}")
+        if self.num_heads // self.tp % a:
+            raise ValueError(f"num_heads/tp ({self.num_heads}/{self.tp} = {self.num_heads // self.tp}) must be a "
+                             f"multiple of hierarchical_a2a_size ({a}): each a2a member attends whole query heads")
 
     @property
     def world_size(self) -> int:
@@ -184,6 +221,19 @@ class ParallelLayout:
     def dp_pcp_groups(self) -> list[list[int]]:
         """One per tp_rank: every rank holding the same weights (DP replicas x PCP shards) - gradient reduction."""
         return [[self.global_rank(d, p, t) for d in range(self.dp) for p in range(self.pcp)] for t in range(self.tp)]
+
+    @cached_property
+    def hcp_a2a_groups(self) -> list[list[int]]:
+        """Hierarchical prefill's inner groups: ``hierarchical_a2a_size`` consecutive ranks of each PCP group
+        (empty without hierarchical prefill)."""
+        return [] if self.hierarchical_a2a_size is None else hierarchical_rank_lists(
+            self.pcp_groups, self.hierarchical_a2a_size)[0]
+
+    @cached_property
+    def hcp_ring_groups(self) -> list[list[int]]:
+        """Hierarchical prefill's ring groups: every ``hierarchical_a2a_size``-th rank of each PCP group."""
+        return [] if self.hierarchical_a2a_size is None else hierarchical_rank_lists(
+            self.pcp_groups, self.hierarchical_a2a_size)[1]
 
     def kv_replication(self) -> dict[tuple[int, int], int]:
         """``(kv_head, kv_shard) -> number of ranks of one DP replica storing that cache slice``."""
@@ -271,6 +321,9 @@ def _group_sections(layout: ParallelLayout) -> list[tuple[str, str, list[list[in
                 ("DCP Groups (shard KV during decode):", "DCP", layout.dcp_groups)]
     if layout.dp > 1:
         sections.append(("DP Groups (replicate the model):", "DP", layout.dp_groups))
+    if layout.hierarchical_a2a_size is not None:
+        sections += [("A2A Groups (a2a+p2p prefill: all-to-all of heads inside):", "A2A", layout.hcp_a2a_groups),
+                     ("Ring Groups (a2a+p2p prefill: ring across the a2a groups):", "RING", layout.hcp_ring_groups)]
     return sections
 
 
@@ -296,7 +349,8 @@ def render_layout(layout: ParallelLayout) -> str:
     """The layout's section of the golden tables: banner, title, rank grid, NOTE (if any), group lists.
 
     With ``dp > 1`` the title starts with ``DP=n``, grid rows are labelled ``dpD pcpP`` and a DP Groups section
-    follows the DCP groups. No trailing newline.
+    follows the DCP groups; with ``hierarchical_a2a_size`` set, A2A and Ring Groups sections follow. No trailing
+    newline.
     """
     lines = [BANNER, _title(layout), BANNER, "", *_grid(layout)]
     note = replication_note(layout)

@@ -11,8 +11,8 @@ megatron-core's own global ``parallel_state`` is deliberately left uninitialized
 tests/test_parallel_state.py), and a second copy of the groups in megatron's globals could only drift.
 
 CLI: ``python -m cptoolkit.parallel_state --tp 2 --pcp 2 --dcp 4 --num-heads 8 --num-kv-heads 2 [--dp N]
-[--legend]`` prints the layout's table (``render_layout``); invalid arguments print one line on stderr and
-exit with status 2.
+[--hierarchical-a2a-size A] [--legend]`` prints the layout's table (``render_layout``; the a2a and ring groups
+only with ``--hierarchical-a2a-size``); invalid arguments print one line on stderr and exit with status 2.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from cptoolkit.layers.hierarchical_prefill import HierarchicalGroups
 from cptoolkit.layout import LEGEND, ParallelLayout, RankInfo, render_layout
 
 __all__ = [
@@ -55,6 +56,8 @@ class ParallelGroups:
     - ``dp_pcp_group``: ranks of equal tp rank: every rank holding the same weights (gradient reduction).
     - ``self_group``: this rank alone (megatron-core's pipeline and context-parallel groups, see
       ``megatron_pg_collection``).
+    - ``hcp_groups``: this rank's a2a and ring sub-groups of ``pcp_group`` for ``a2a+p2p`` prefill, only when the
+      layout has a ``hierarchical_a2a_size`` (else ``None``).
     """
 
     layout: ParallelLayout
@@ -66,6 +69,7 @@ class ParallelGroups:
     dp_pcp_group: ProcessGroup
     replica_group: ProcessGroup
     self_group: ProcessGroup
+    hcp_groups: HierarchicalGroups | None = None
 
     @property
     def tp_rank(self) -> int:
@@ -144,24 +148,30 @@ def _new_groups(rank_lists: list[list[int]], rank: int, backend: str | None,
 
 
 def initialize_model_parallel(tp: int, pcp: int, dcp: int, num_heads: int, num_kv_heads: int, dp: int = 1,
-                              backend: str | None = None, timeout: datetime.timedelta | None = None
-                              ) -> ParallelGroups:
+                              backend: str | None = None, timeout: datetime.timedelta | None = None,
+                              hierarchical_a2a_size: int | None = None) -> ParallelGroups:
     """Build the layout's groups on every rank and make them the current groups of the facade.
 
     Collective over the default group: every rank must call it with the same arguments. Invalid sizes or a
     world size other than ``dp * pcp * tp`` raise the same ValueError on every rank before any group is
     created, so nothing hangs. ``backend`` is passed to ``new_group`` (None: the default group's backend).
     ``timeout`` bounds every collective on the new groups (None: torch's default of 30 minutes, *not* the
-    default group's timeout, so a launcher must pass its collective timeout here too).
+    default group's timeout, so a launcher must pass its collective timeout here too). ``hierarchical_a2a_size``
+    (``parallel.hierarchical_a2a_size``, for ``a2a+p2p`` prefill) also builds ``hcp_groups``.
     """
     global _GROUPS
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group first")
     if _GROUPS is not None:
         raise RuntimeError("model parallel groups are already initialized: call destroy_model_parallel() first")
-    layout = ParallelLayout(tp=tp, pcp=pcp, dcp=dcp, num_heads=num_heads, num_kv_heads=num_kv_heads, dp=dp)
+    layout = ParallelLayout(tp=tp, pcp=pcp, dcp=dcp, num_heads=num_heads, num_kv_heads=num_kv_heads, dp=dp,
+                            hierarchical_a2a_size=hierarchical_a2a_size)
     validate_world_size(layout, dist.get_world_size())
     rank = dist.get_rank()
+    hcp_groups = None
+    if hierarchical_a2a_size is not None:
+        hcp_groups = HierarchicalGroups(a2a_group=_new_groups(layout.hcp_a2a_groups, rank, backend, timeout),
+                                        ring_group=_new_groups(layout.hcp_ring_groups, rank, backend, timeout))
     _GROUPS = ParallelGroups(
         layout=layout, rank_info=layout.rank_info(rank),
         tp_group=_new_groups(layout.tp_groups, rank, backend, timeout),
@@ -171,6 +181,7 @@ def initialize_model_parallel(tp: int, pcp: int, dcp: int, num_heads: int, num_k
         dp_pcp_group=_new_groups(layout.dp_pcp_groups, rank, backend, timeout),
         replica_group=_new_groups(layout.replica_groups, rank, backend, timeout),
         self_group=_new_groups([[r] for r in range(layout.world_size)], rank, backend, timeout),
+        hcp_groups=hcp_groups,
     )
     return _GROUPS
 
@@ -181,8 +192,9 @@ def destroy_model_parallel() -> None:
     if _GROUPS is None:
         return
     groups, _GROUPS = _GROUPS, None
+    hcp = () if groups.hcp_groups is None else (groups.hcp_groups.a2a_group, groups.hcp_groups.ring_group)
     for group in (groups.tp_group, groups.pcp_group, groups.dcp_group, groups.dp_group, groups.dp_pcp_group,
-                  groups.replica_group, groups.self_group):
+                  groups.replica_group, groups.self_group, *hcp):
         dist.destroy_process_group(group)
 
 
@@ -245,11 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("--tp", "--pcp", "--dcp", "--num-heads", "--num-kv-heads"):
         parser.add_argument(flag, type=int, required=True)
     parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas (rows labelled dpD pcpP)")
+    parser.add_argument("--hierarchical-a2a-size", type=int, help="a2a+p2p prefill: a2a group size (lists the groups)")
     parser.add_argument("--legend", action="store_true", help="print the LEGEND block first")
     args = parser.parse_args(argv)
     try:
         layout = ParallelLayout(tp=args.tp, pcp=args.pcp, dcp=args.dcp, num_heads=args.num_heads,
-                                num_kv_heads=args.num_kv_heads, dp=args.dp)
+                                num_kv_heads=args.num_kv_heads, dp=args.dp,
+                                hierarchical_a2a_size=args.hierarchical_a2a_size)
     except ValueError as error:
         parser.error(str(error))
     print(f"{LEGEND}\n\n{render_layout(layout)}" if args.legend else render_layout(layout))

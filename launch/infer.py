@@ -60,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
     device = init_distributed(cfg.runtime, cfg.parallel.world_size, cfg.source)
     p, m = cfg.parallel, cfg.model
     groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
-                                       num_kv_heads=m.num_kv_heads, timeout=collective_timeout(cfg.runtime))
+                                       num_kv_heads=m.num_kv_heads, timeout=collective_timeout(cfg.runtime),
+                                       hierarchical_a2a_size=p.hierarchical_a2a_size)
     LOG.info("%s\n", render_layout(groups.layout))
     engine = build_engine(cfg, groups, device)
     LOG.info("model: %s, %d layers, hidden %d; KV cache %s bytes per rank; %d requests",

@@ -34,8 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)  # before megatron is imported: a bad config fails in a second
-    from cptoolkit.inference.checkpoint import save_checkpoint
-    from cptoolkit.inference.tokenizer import ByteTokenizer, load_tokenizer
+    from cptoolkit.models.checkpoint import save_checkpoint
+    from cptoolkit.models.tokenizer import ByteTokenizer, load_tokenizer
     from cptoolkit.parallel_state import initialize_model_parallel, render_layout
     from cptoolkit.training.data import corpus_documents, tokenize_documents
     from cptoolkit.training.trainer import build_trainer, validate_train_config
@@ -47,7 +47,8 @@ def main(args: argparse.Namespace) -> int:
     device = init_distributed(cfg.runtime, cfg.parallel.world_size, cfg.source)
     p, m, train = cfg.parallel, cfg.model, cfg.train
     groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
-                                       num_kv_heads=m.num_kv_heads, timeout=collective_timeout(cfg.runtime))
+                                       num_kv_heads=m.num_kv_heads, timeout=collective_timeout(cfg.runtime),
+                                       hierarchical_a2a_size=p.hierarchical_a2a_size)
     LOG.info("%s\n", render_layout(groups.layout))
     # Padding is masked out of the loss, so any valid id pads; EOS exists in every tokenizer.
     trainer = build_trainer(cfg, groups, documents, tokenizer.eos_token_id, device)

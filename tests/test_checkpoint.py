@@ -27,12 +27,14 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cptoolkit.config import ConfigError, load_config
-from cptoolkit.inference.checkpoint import llama_to_full, load_model_checkpoint, read_weights, save_checkpoint
-from cptoolkit.inference.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import shard_positions
-from cptoolkit.models.gpt import GPTShape, gpt_forward
+from cptoolkit.models.checkpoint import llama_to_full, load_model_checkpoint, read_weights, save_checkpoint
+from cptoolkit.models.gpt import gpt_forward
+from cptoolkit.models.shape import GPTShape
+from cptoolkit.models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from tests.multiproc import free_port, run_ranks
+from tests.test_gpt_model import megatron_groups
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,13 +115,13 @@ def _hf_rank(rank, world_size, cases, native_dir):
     results = {}
     for tp_name, tp_group in (("TP=2", dist.group.WORLD), ("TP=1", solo)):
         for name, (directory, input_ids, logits) in cases.items():
-            model = load_model_checkpoint(directory, tp_group, AttentionRuntime())
+            model = load_model_checkpoint(directory, megatron_groups(tp_group, solo), AttentionRuntime())
             results[tp_name, name] = _compare(model, input_ids, logits)
             if (tp_name, name) == ("TP=2", NATIVE_SOURCE):
                 save_checkpoint(model, native_dir, ByteTokenizer())
     _, input_ids, logits = cases[NATIVE_SOURCE]
     results["TP=1", "cptoolkit checkpoint saved at TP=2"] = _compare(
-        load_model_checkpoint(native_dir, solo, AttentionRuntime()), input_ids, logits)
+        load_model_checkpoint(native_dir, megatron_groups(solo, solo), AttentionRuntime()), input_ids, logits)
     return results
 
 

@@ -102,3 +102,35 @@ def test_checkpoint_without_config_json(tmp_path):
     raw = _with("model", checkpoint=str(tmp_path))
     with pytest.raises(ConfigError, match=r"model.checkpoint = .*: no config.json in"):
         config_from_dict(raw, source="<t>")
+
+
+def test_a2a_prefill_comms_load():
+    cfg = config_from_dict(_with("parallel", prefill_comm="a2a"), source="<t>")
+    assert (cfg.parallel.prefill_comm, cfg.parallel.hierarchical_a2a_size) == ("a2a", None)
+    raw = _with("parallel", tp=1, pcp=4, dcp=4, prefill_comm="a2a+p2p", hierarchical_a2a_size=2)
+    assert config_from_dict(raw, source="<t>").parallel.hierarchical_a2a_size == 2
+
+
+@pytest.mark.parametrize("raw, message", [
+    (_with("parallel", prefill_comm="a2a+p2p"),
+     r"^<t>: parallel.hierarchical_a2a_size = None: required with prefill_comm 'a2a\+p2p': the a2a group size, a "
+     r"divisor of pcp \(2\)$"),
+    (_with("parallel", prefill_comm="a2a+p2p", hierarchical_a2a_size=3),
+     r"^<t>: parallel.hierarchical_a2a_size = 3: must divide pcp \(2\): pcp = a2a group size x ring size$"),
+    (_with("parallel", prefill_comm="a2a+p2p", hierarchical_a2a_size=0),
+     r"^<t>: parallel.hierarchical_a2a_size = 0: must divide pcp \(2\)"),
+    (_with("parallel", hierarchical_a2a_size=2),
+     r"^<t>: parallel.hierarchical_a2a_size = 2: only allowed with prefill_comm 'a2a\+p2p' \(prefill_comm is 'p2p'\)$"),
+    (_with("parallel", prefill_comm="a2a", hierarchical_a2a_size=2), r"only allowed with prefill_comm 'a2a\+p2p'"),
+    ({**_with("parallel", prefill_comm="a2a"), "model": {"num_attention_heads": 6, "hidden_size": 96}},
+     r"^<t>: parallel.prefill_comm = 'a2a': needs the query heads per TP rank \(model.num_attention_heads / "
+     r"parallel.tp = 6/2 = 3\) to be a multiple of parallel.pcp \(2\): the all-to-all gives each member whole query "
+     r"heads; use p2p or all_gather, or another size$"),
+    ({**_with("parallel", tp=1, pcp=4, dcp=4, prefill_comm="a2a+p2p", hierarchical_a2a_size=4),
+      "model": {"num_attention_heads": 6, "hidden_size": 96}},
+     r"^<t>: parallel.prefill_comm = 'a2a\+p2p': needs the query heads per TP rank \(model.num_attention_heads / "
+     r"parallel.tp = 6/1 = 6\) to be a multiple of parallel.hierarchical_a2a_size \(4\)"),
+])
+def test_a2a_prefill_comm_rules_name_field_value_and_rule(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw, source="<t>")

@@ -232,7 +232,6 @@ def _bf16_rank(rank, world_size):
             batch = partition_batch([sequence], groups.pcp_rank, groups.pcp_size, pad_id=0)
             pair = []
             for engine in (fp32, bf16):
-                engine.runtime.mode = "prefill"
                 with torch.no_grad():
                     out = gpt_forward(engine.model, batch.input_ids, batch.position_ids, engine.runtime)
                 pair.append(out.float())
@@ -269,7 +268,7 @@ def test_bfloat16_generation_follows_float32():
 
 def test_streamed_text_holds_back_an_incomplete_utf8_character():
     from cptoolkit.inference.request import Request, stream_delta
-    from cptoolkit.inference.tokenizer import ByteTokenizer
+    from cptoolkit.models.tokenizer import ByteTokenizer
 
     tokenizer, request = ByteTokenizer(), Request(0, 0, "p", [1], SamplingParams(), torch.Generator())
     pieces = []
@@ -418,3 +417,48 @@ def test_requests_added_while_others_decode(world_size):
         assert late_first_step == 2, "the late request is prefilled at the step after it was added"
         for request_metrics in metrics:
             assert request_metrics.time_to_first_token_s > 0 and len(request_metrics.inter_token_gaps_s) == 5
+
+
+# ----------------------------------------------------------------------------- chunked prefill, prefix caching
+SHARED = "A long shared system prompt that many requests start with, "
+CHUNK_PROMPTS = [SHARED + "then question one?", SHARED + "and then a different question two", "short"]
+
+
+def _chunked_rank(rank, world_size, tp, pcp, dcp, interleave):
+    import dataclasses
+
+    base = _config(tp=tp, pcp=pcp, dcp=dcp, kv_interleave=interleave, max_seq_len=160)
+    groups = initialize_model_parallel(tp=tp, pcp=pcp, dcp=dcp, num_heads=8, num_kv_heads=2)
+    try:
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=5)
+        runs = {}
+        for chunk, caching in [(None, False), (4 * interleave * dcp, False), (None, True), (2 * interleave * dcp, True)]:
+            cfg = dataclasses.replace(base, inference=dataclasses.replace(
+                base.inference, prefill_chunk_size=chunk, prefix_caching=caching, kv_block_size=2 * interleave,
+                batch_size=2))
+            engine = build_engine(cfg, groups, torch.device("cpu"))
+            first = engine.generate(CHUNK_PROMPTS[:1], greedy)
+            again = engine.generate(CHUNK_PROMPTS, greedy)  # two reuse the first prompt's pages
+            runs[(chunk, caching)] = ([r.token_ids for r in first + again],
+                                      [r.metrics.cached_prompt_tokens for r in again],
+                                      engine.cache.num_free_blocks == engine.cache.num_blocks)
+        return runs
+    finally:
+        destroy_model_parallel()
+
+
+@pytest.mark.parametrize("world_size, layout", [(1, (1, 1, 1, 1)), (4, (2, 2, 2, 1)), (4, (2, 2, 4, 1)),
+                                                (2, (1, 2, 2, 2))],
+                         ids=["1rank", "tp2_pcp2_dcp2", "tp2_pcp2_dcp4", "pcp2_dcp2_interleave2"])
+def test_chunked_prefill_and_prefix_caching_generate_the_same_tokens(world_size, layout):
+    for rank, runs in enumerate(run_ranks(world_size, _chunked_rank, *layout, timeout_s=300)):
+        want = runs[(None, False)][0]
+        for (chunk, caching), (tokens, cached, all_free) in runs.items():
+            assert tokens == want, f"rank {rank}, chunk {chunk}, prefix caching {caching}"
+            assert all_free, "every block is free (or a reusable cached page) after the requests end"
+            if caching:
+                page = 2 * layout[3] * layout[2]
+                reusable = (len(SHARED) // page) * page
+                assert cached[0] >= reusable and cached[1] >= reusable and cached[2] == 0, (rank, cached)
+            else:
+                assert cached == [0, 0, 0]

@@ -5,15 +5,21 @@ reproduces the single-rank model's logits token for token.
 Every multi-rank check runs inside one 2-rank gloo job; each rank also builds the unsharded
 single-rank model (TP = PCP = DCP = 1, on a one-rank group) as its reference.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
 
-from cptoolkit.layers.core_attention import AttentionRuntime
+from cptoolkit.layers.core_attention import AttentionPhase, AttentionRuntime
 from cptoolkit.layers.dcp_decode import ContiguousShardCache, DecodeGroup
 from cptoolkit.layers.dual_chunk_swap import padded_length, shard_positions, shard_sequence, unshard_sequence
-from cptoolkit.models.gpt import GPTShape, build_gpt_model, gather_full_state_dict, gpt_forward, new_gpt_model
+from cptoolkit.models.build import build_gpt_model, new_gpt_model
+from cptoolkit.models.gpt import gpt_forward
+from cptoolkit.models.shape import GPTShape
+from cptoolkit.models.tp_sharding import gather_full_state_dict
 from tests.multiproc import run_ranks
 
 SEED = 7
@@ -40,10 +46,16 @@ def _diff(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float, float]:
     return float(diff.max()), float(diff.mean()), float(want.detach().abs().max())
 
 
-def _build(shape: GPTShape, tp_group: dist.ProcessGroup, runtime: AttentionRuntime):
+def megatron_groups(tp_group: dist.ProcessGroup, solo: dist.ProcessGroup) -> ProcessGroupCollection:
+    """megatron's groups for a model sharded over ``tp_group``, laid out as
+    ``ParallelGroups.megatron_pg_collection`` lays them out: every other group is this rank alone (``solo``)."""
+    return ProcessGroupCollection(tp=tp_group, cp=solo, pp=solo, embd=solo, pos_embd=solo)
+
+
+def _build(shape: GPTShape, pg_collection: ProcessGroupCollection, runtime: AttentionRuntime):
     """``build_gpt_model`` with every weight matrix scaled by INIT_SCALE (shards scale like the full
     tensors, so every TP size still holds the same model)."""
-    model = build_gpt_model(shape, tp_group, runtime, seed=SEED)
+    model = build_gpt_model(shape, pg_collection, runtime, seed=SEED)
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
@@ -63,7 +75,7 @@ def _tp_checks(shape: GPTShape, solo: dist.ProcessGroup) -> dict:
     """TP = 2 (the world) against TP = 1 (this rank alone), same seed."""
     tokens = _tokens(shape)
     inputs, labels, positions = tokens[:, :-1], tokens[:, 1:], _positions(2, TOTAL_LEN - 1)
-    models = {name: _build(shape, group, runtime)
+    models = {name: _build(shape, megatron_groups(group, solo), runtime)
               for name, group, runtime in (("tp1", solo, AttentionRuntime()),
                                            ("tp2", dist.group.WORLD, AttentionRuntime()))}
     logits = {name: gpt_forward(m, inputs, positions, AttentionRuntime()) for name, m in models.items()}
@@ -107,43 +119,43 @@ def _pcp_dcp_checks(shape: GPTShape, solo: dist.ProcessGroup, prefill_comm: str,
     model on the whole sequences (TP = 1 so PCP = DCP = world)."""
     world, pcp_rank, pcp_size = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
     tokens = _tokens(shape)
-    reference = _build(shape, solo, AttentionRuntime())
+    reference = _build(shape, megatron_groups(solo, solo), AttentionRuntime())
     want = gpt_forward(reference, tokens, _positions(2, TOTAL_LEN), AttentionRuntime())
 
     dg = DecodeGroup.from_group(world, tp_positions=1, pcp_size=pcp_size)
     runtime = AttentionRuntime(pcp_group=world, decode_group=dg, prefill_comm=prefill_comm,
                                decode_comm=decode_comm)
-    model = _build(shape, solo, runtime)
+    model = _build(shape, megatron_groups(solo, solo), runtime)
     seq_lens = torch.tensor(PROMPT_LENS)
     caches = {layer: ContiguousShardCache(shape.max_seq_len, 2, shape.num_kv_heads, shape.head_dim, dg)
               for layer in range(1, shape.num_layers + 1)}
-    runtime.on_prefill_kv = _fill_caches_hook(caches, world, seq_lens)
+    prefill = AttentionPhase(on_prefill_kv=_fill_caches_hook(caches, world, seq_lens))
     seq_len_padded = padded_length(max(PROMPT_LENS), pcp_size)
     prompts = tokens[:, :seq_len_padded].clone()
     prompts[1, PROMPT_LENS[1]:] = 0  # padding at the end never reaches a real token
     local_positions = shard_positions(seq_len_padded, pcp_rank, pcp_size).expand(2, -1)
     with torch.no_grad():
         local_logits = gpt_forward(model, shard_sequence(prompts, pcp_rank, pcp_size, seq_dim=1),
-                                   local_positions, runtime)
+                                   local_positions, runtime, phase=prefill)
     gathered = [torch.empty_like(local_logits) for _ in range(pcp_size)]
     dist.all_gather(gathered, local_logits, group=world)
     prefill_logits = unshard_sequence(torch.stack(gathered), pcp_size, seq_dim=1)
     checks = {f"prefill row {row}": _diff(prefill_logits[row, :n], want[row, :n])
               for row, n in enumerate(PROMPT_LENS)}
 
-    runtime.mode, runtime.kv_caches = "decode", caches
     positions = seq_lens.clone()
     decode_diffs = []
     while int(positions.max()) < TOTAL_LEN:
-        runtime.decode_positions = positions
+        decode = AttentionPhase(mode="decode", kv_caches=caches, decode_positions=positions)
         with torch.no_grad():
-            logits = gpt_forward(model, tokens.gather(1, positions[:, None]), positions[:, None], runtime)
+            logits = gpt_forward(model, tokens.gather(1, positions[:, None]), positions[:, None], runtime,
+                                 phase=decode)
         decode_diffs.append(_diff(logits[:, 0], want[torch.arange(2), positions]))
         positions = positions + 1
     checks["decode steps"] = len(decode_diffs)
     checks["decode worst"] = max(decode_diffs)
     try:
-        gpt_forward(model, tokens[:, :2], _positions(2, 2), runtime)
+        gpt_forward(model, tokens[:, :2], _positions(2, 2), runtime, phase=decode)
     except ValueError as error:
         checks["two tokens in decode"] = str(error)
     return checks
@@ -209,25 +221,21 @@ def test_shape_validation_names_field_value_and_rule():
         GPTShape(**{**fields, "arch": "gpt2"})
 
 
-class _GroupOfSize:
-    """Stands in for a TP group: the TP rules are checked before any collective."""
-
-    def __init__(self, size):
-        self._size = size
-
-    def size(self):
-        return self._size
+def _tp_of_size(size: int) -> SimpleNamespace:
+    """Stands in for a pg_collection with a TP group of ``size`` ranks: the TP rules are checked before
+    any group is used."""
+    return SimpleNamespace(tp=SimpleNamespace(size=lambda: size))
 
 
 def test_tp_rules_are_checked_when_the_model_is_built():
     with pytest.raises(ValueError, match=r"num_attention_heads=8 must be a multiple of TP=3"):
-        new_gpt_model(LLAMA, _GroupOfSize(3), AttentionRuntime())
+        new_gpt_model(LLAMA, _tp_of_size(3), AttentionRuntime())
     with pytest.raises(ValueError, match=r"num_kv_heads=3 must be a multiple or a divisor of TP=4"):
         new_gpt_model(GPTShape(**{**LLAMA.__dict__, "num_attention_heads": 12, "num_kv_heads": 3,
-                                  "hidden_size": 96}), _GroupOfSize(4), AttentionRuntime())
+                                  "hidden_size": 96}), _tp_of_size(4), AttentionRuntime())
     with pytest.raises(ValueError, match=r"ffn_hidden_size=96 must be a multiple of TP=64"):
         new_gpt_model(GPTShape(**{**LLAMA.__dict__, "num_attention_heads": 64, "num_kv_heads": 64,
-                                  "hidden_size": 128}), _GroupOfSize(64), AttentionRuntime())
+                                  "hidden_size": 128}), _tp_of_size(64), AttentionRuntime())
 
 
 def test_hf_config_round_trip_and_unsupported_configs():

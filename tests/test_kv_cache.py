@@ -143,12 +143,37 @@ def test_freeing_returns_blocks_and_reused_blocks_hold_new_data():
 def test_over_capacity_raises_kv_cache_full_and_reserves_nothing():
     cache = _caches(4, 1, num_blocks=5)[1]
     cache.add_request("first", 64)  # 16 shard tokens -> 4 blocks
-    with pytest.raises(KVCacheFull, match=r"KV cache full on DCP rank 1: request 'second' needs 2 blocks for its "
-                                          r"5 shard tokens \(max_total_len = 20\), but only 1 of 5 blocks are free"):
-        cache.add_request("second", 20)
-    assert cache.num_free_blocks == 1
-    cache.add_request("third", 13)  # shard 1 owns positions 1, 5, 9 -> 1 block
+    with pytest.raises(KVCacheFull, match=r"KV cache full on DCP rank 1: request 'second' needs 2 blocks "
+                                          r"\(max_total_len = 20\), 0 of them cached, but only 1 of 5 blocks are free"):
+        cache.add_request("second", 20)  # the fullest shard (0) holds 5 of 20 tokens: 2 blocks on every member
+    assert cache.num_free_blocks == 1 and not cache.can_admit(20) and cache.can_admit(13)
+    cache.add_request("third", 13)  # shard 0 holds positions 0, 4, 8, 12 -> 1 block on every member
     assert cache.num_free_blocks == 0
+
+
+def test_every_member_reserves_the_same_blocks_and_reuses_cached_pages():
+    """Block ids, cache hits and free counts are identical on every DCP member, and a request that reuses
+    a cached page reads the first request's K/V there."""
+    from cptoolkit.inference.block_pool import page_keys
+
+    caches = _caches(2, 2, num_blocks=8)  # block 4 tokens, interleave 2: a page is 8 positions
+    prompt = list(range(100, 120))
+    keys = page_keys(prompt, caches[0].page_tokens, 2)
+    kv = torch.randn(HKV, 20, HEAD_DIM, dtype=torch.float64)
+    for cache in caches:
+        assert cache.add_request("first", 24, keys) == 0
+        cache.fill_prefill(0, "first", kv, kv, torch.arange(20))
+        cache.fill_prefill(1, "first", kv, kv, torch.arange(20))
+        cache.register_pages("first", keys)
+        cache.free_request("first")  # its two pages stay cached
+        assert cache.add_request("second", 30, keys) == 2
+        assert cache.shard_len(0, "second") == cache.shard_len(1, "second") == 8
+    tables = [cache._state("second").block_ids.tolist() for cache in caches]
+    assert tables[0] == tables[1] and [c.num_free_blocks for c in caches] == [4, 4]
+    for cache in caches:
+        k_shard, _, lens = cache.view(1, ["second"]).read()
+        owned = [t for t in range(16) if (t // 2) % 2 == cache.dcp_rank]
+        assert lens.tolist() == [8] and torch.equal(k_shard[0], kv[:, owned])
 
 
 def test_dcp4_stores_a_quarter_of_the_bytes_for_the_same_max_tokens():

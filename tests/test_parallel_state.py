@@ -184,3 +184,93 @@ def test_cli_invalid_args_one_line_exit_2():
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "dcp (3) must be k*pcp with k dividing tp (tp=2, pcp=2): valid dcp values are 2, 4" in result.stderr
+
+
+# ----------------------------------------------------------------------------- hierarchical (a2a+p2p) groups
+def _megatron_hierarchical(ranks: list[int], sizes: list[int]) -> list[list[list[int]]]:
+    """megatron-core's ``create_hierarchical_groups`` rule (einops ``(l s u) -> (l u) s`` per level), in numpy:
+    an independent derivation of the groups megatron builds for ``hierarchical_context_parallel_sizes``."""
+    import numpy as np
+
+    levels = []
+    for level, size in enumerate(sizes):
+        inner, outer = int(np.prod(sizes[:level])), int(np.prod(sizes[level + 1:]))
+        grid = np.array(ranks).reshape(outer, size, inner).transpose(0, 2, 1).reshape(-1, size)
+        levels.append(grid.tolist())
+    return levels
+
+
+@pytest.mark.parametrize("tp, pcp, a2a_size", [(1, 4, 2), (2, 4, 2), (2, 2, 2), (1, 8, 2), (1, 8, 4), (2, 4, 1)])
+def test_hierarchical_rank_lists_are_megatrons_hcp_groups(tp, pcp, a2a_size):
+    layout = ParallelLayout(tp=tp, pcp=pcp, dcp=pcp, num_heads=8, num_kv_heads=2, hierarchical_a2a_size=a2a_size)
+    for pcp_ranks in layout.pcp_groups:
+        a2a_groups, ring_groups = _megatron_hierarchical(pcp_ranks, [a2a_size, pcp // a2a_size])
+        assert [g for g in layout.hcp_a2a_groups if g[0] in pcp_ranks] == a2a_groups
+        assert [g for g in layout.hcp_ring_groups if g[0] in pcp_ranks] == ring_groups
+
+
+def test_layout_prints_hierarchical_groups_only_when_configured():
+    plain = ParallelLayout(tp=2, pcp=4, dcp=4, num_heads=8, num_kv_heads=2)
+    hierarchical = ParallelLayout(tp=2, pcp=4, dcp=4, num_heads=8, num_kv_heads=2, hierarchical_a2a_size=2)
+    assert "A2A" not in render_layout(plain) and plain.hcp_a2a_groups == plain.hcp_ring_groups == []
+    text = render_layout(hierarchical)
+    head, tail = text.split("\n\nA2A Groups (a2a+p2p prefill: all-to-all of heads inside):\n")
+    # The same table and groups as without it (the labels only widen to fit RING0:).
+    assert [line.split() for line in head.splitlines()] == [line.split() for line in render_layout(plain).splitlines()]
+    assert tail.splitlines() == [
+        "  A2A0:  [0, 2]  0: q0-3/k0, s0, p0 | 2: q0-3/k0, s1, p1",
+        "  A2A1:  [4, 6]  4: q0-3/k0, s2, p2 | 6: q0-3/k0, s3, p3",
+        "  A2A2:  [1, 3]  1: q4-7/k1, s0, p0 | 3: q4-7/k1, s1, p1",
+        "  A2A3:  [5, 7]  5: q4-7/k1, s2, p2 | 7: q4-7/k1, s3, p3",
+        "",
+        "Ring Groups (a2a+p2p prefill: ring across the a2a groups):",
+        "  RING0: [0, 4]  0: q0-3/k0, s0, p0 | 4: q0-3/k0, s2, p2",
+        "  RING1: [2, 6]  2: q0-3/k0, s1, p1 | 6: q0-3/k0, s3, p3",
+        "  RING2: [1, 5]  1: q4-7/k1, s0, p0 | 5: q4-7/k1, s2, p2",
+        "  RING3: [3, 7]  3: q4-7/k1, s1, p1 | 7: q4-7/k1, s3, p3"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"hierarchical_a2a_size": 3}, r"^hierarchical_a2a_size \(3\) must be a positive divisor of pcp \(4\): pcp = a2a "
+                                   r"size x ring size; valid values are 1, 2, 4$"),
+    ({"hierarchical_a2a_size": 0}, r"^hierarchical_a2a_size \(0\) must be a positive divisor of pcp \(4\)"),
+    ({"hierarchical_a2a_size": 4, "num_heads": 6}, r"^num_heads/tp \(6/1 = 6\) must be a multiple of "
+                                                   r"hierarchical_a2a_size \(4\): each a2a member attends whole query"),
+])
+def test_invalid_hierarchical_layout_names_the_rule(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelLayout(**{"tp": 1, "pcp": 4, "dcp": 4, "num_heads": 8, "num_kv_heads": 2, **kwargs})
+
+
+def _hierarchical_groups_rank(rank: int, world_size: int) -> list[str]:
+    import datetime
+
+    errors = []
+    for tp, pcp, a2a_size in ((1, 4, 2), (2, 2, 2), (2, 2, 1)):
+        groups = ps.initialize_model_parallel(tp, pcp, pcp, 8, 2, hierarchical_a2a_size=a2a_size,
+                                              timeout=datetime.timedelta(seconds=17))
+        layout = groups.layout
+        for kind, lists in (("a2a", layout.hcp_a2a_groups), ("ring", layout.hcp_ring_groups)):
+            group = getattr(groups.hcp_groups, f"{kind}_group")
+            timeout = group._get_backend(torch.device("cpu")).options._timeout
+            if _members(group) != _group_of(rank, lists) or timeout != datetime.timedelta(seconds=17):
+                errors.append(f"{(tp, pcp, a2a_size)} rank {rank} {kind}: {_members(group)} (timeout {timeout}), "
+                              f"expected {_group_of(rank, lists)} (timeout 17 s)")
+        ps.destroy_model_parallel()
+    if ps.initialize_model_parallel(2, 2, 2, 8, 2).hcp_groups is not None:
+        errors.append(f"rank {rank}: hcp_groups built without hierarchical_a2a_size")
+    ps.destroy_model_parallel()
+    return errors
+
+
+def test_initialize_builds_hierarchical_groups_with_the_collective_timeout():
+    for errors in run_ranks(4, _hierarchical_groups_rank):
+        assert not errors, "\n".join(errors)
+
+
+def test_cli_lists_hierarchical_groups():
+    result = _cli("--tp", "1", "--pcp", "4", "--dcp", "4", "--num-heads", "8", "--num-kv-heads", "2",
+                  "--hierarchical-a2a-size", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == render_layout(ParallelLayout(1, 4, 4, 8, 2, hierarchical_a2a_size=2)) + "\n"
+    assert "  A2A1:  [2, 3]" in result.stdout and "  RING1: [1, 3]" in result.stdout

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cptoolkit.config import ConfigError, TrainConfig, config_from_dict, load_config
-from cptoolkit.inference.tokenizer import ByteTokenizer
+from cptoolkit.models.tokenizer import ByteTokenizer
 from cptoolkit.layers.dual_chunk_swap import unshard_sequence
 from cptoolkit.training.data import (PackedBatch, corpus_documents, generate_corpus, get_batch_on_this_pcp_rank,
                                      pack_windows, read_corpus, sample_windows, tokenize_documents)

@@ -49,7 +49,7 @@ def _config(model: dict, tp: int = 1, pcp: int = 1, dp: int = 1, prefill_comm: s
 
 
 def _documents() -> list[torch.Tensor]:
-    from cptoolkit.inference.tokenizer import ByteTokenizer
+    from cptoolkit.models.tokenizer import ByteTokenizer
     from cptoolkit.training.data import generate_corpus, tokenize_documents
 
     return tokenize_documents(generate_corpus(300, seed=0), ByteTokenizer())
@@ -58,7 +58,7 @@ def _documents() -> list[torch.Tensor]:
 def _full_gradients(model) -> dict[str, np.ndarray]:
     """Every parameter's full (TP-gathered) gradient: ``gather_full_state_dict`` of the model while its
     parameters temporarily hold their gradients (collective over the TP group)."""
-    from cptoolkit.models.gpt import gather_full_state_dict
+    from cptoolkit.models.tp_sharding import gather_full_state_dict
 
     params = list(model.parameters())
     weights = [p.data for p in params]
@@ -74,8 +74,8 @@ def _full_gradients(model) -> dict[str, np.ndarray]:
 def _train(cfg, documents, save_dir: str | None = None) -> dict:
     """Train ``cfg`` on the current world; returns losses, grad norms, per-step local token counts, step-1
     full gradients, and (with ``save_dir``) the trained model's loss on the EVAL_STEP batch after saving it."""
-    from cptoolkit.inference.checkpoint import save_checkpoint
-    from cptoolkit.inference.tokenizer import ByteTokenizer
+    from cptoolkit.models.checkpoint import save_checkpoint
+    from cptoolkit.models.tokenizer import ByteTokenizer
     from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
     from cptoolkit.training.trainer import build_trainer, compute_gradients
 
@@ -101,7 +101,7 @@ def _train(cfg, documents, save_dir: str | None = None) -> dict:
 
 def _checkpoint_eval_loss(cfg, documents) -> float:
     """Loss on the EVAL_STEP batch of the model that ``build_trainer`` loads from ``cfg.model.checkpoint``."""
-    from cptoolkit.inference.tokenizer import ByteTokenizer
+    from cptoolkit.models.tokenizer import ByteTokenizer
     from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
     from cptoolkit.training.trainer import build_trainer, compute_gradients
 

@@ -1,36 +1,32 @@
 """Config → model, tokenizer, KV cache and engine for one rank (the stages after the groups exist)."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
 from cptoolkit.config import Config, ConfigError
-from cptoolkit.inference.checkpoint import load_model_checkpoint
 from cptoolkit.inference.engine import Engine
 from cptoolkit.inference.kv_cache import PagedKVCache, shard_token_count
 from cptoolkit.inference.sampling import SamplingParams
-from cptoolkit.inference.tokenizer import ByteTokenizer, load_tokenizer
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dcp_decode import DecodeGroup
-from cptoolkit.models.gpt import CPGPTModel, GPTShape, build_gpt_model
+from cptoolkit.models.from_config import DTYPES, model_from_config
+from cptoolkit.models.shape import GPTShape
+from cptoolkit.models.tokenizer import ByteTokenizer, load_tokenizer
 from cptoolkit.parallel_state import ParallelGroups
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def model_shape(cfg: Config) -> GPTShape:
-    """The model's shape from ``cfg.model`` (already filled from a checkpoint's config.json)."""
-    names = {f.name for f in dataclasses.fields(GPTShape)}
-    return GPTShape(**{name: getattr(cfg.model, name) for name in names})
 
 
 def attention_runtime(cfg: Config, groups: ParallelGroups) -> AttentionRuntime:
-    """The attention state every layer shares: PCP group for prefill, DCP group for decode."""
-    decode_group = DecodeGroup.from_parallel_groups(groups, cfg.parallel.kv_interleave)
-    return AttentionRuntime(pcp_group=groups.pcp_group, decode_group=decode_group,
-                            prefill_comm=cfg.parallel.prefill_comm, decode_comm=cfg.parallel.decode_comm)
+    """The attention state every layer shares: PCP group (and, for ``a2a+p2p``, its hierarchical sub-groups)
+    for prefill, DCP group for decode."""
+    p = cfg.parallel
+    if p.prefill_comm == "a2a+p2p" and groups.hcp_groups is None:
+        raise ValueError(f"parallel.prefill_comm = 'a2a+p2p' needs the hierarchical groups: build the groups with "
+                         f"initialize_model_parallel(..., hierarchical_a2a_size={p.hierarchical_a2a_size})")
+    decode_group = DecodeGroup.from_parallel_groups(groups, p.kv_interleave)
+    return AttentionRuntime(pcp_group=groups.pcp_group, decode_group=decode_group, prefill_comm=p.prefill_comm,
+                            hcp_groups=groups.hcp_groups, decode_comm=p.decode_comm)
 
 
 def max_seq_len(cfg: Config) -> int:
@@ -87,22 +83,14 @@ def _check_fits(cfg: Config, cache_bytes: int, device: torch.device) -> None:
                           f"lower inference.max_seq_len or inference.batch_size")
 
 
-def model_from_config(cfg: Config, groups: ParallelGroups, runtime: AttentionRuntime) -> CPGPTModel:
-    """The TP-sharded model of ``cfg.model``: loaded from ``model.checkpoint``, else the built-in shape
-    with seeded random weights (``model.seed``), in ``runtime.dtype``. Shared by inference and training."""
-    dtype = DTYPES[cfg.runtime.dtype]
-    if cfg.model.checkpoint is None:
-        return build_gpt_model(model_shape(cfg), groups.tp_group, runtime, dtype=dtype, seed=cfg.model.seed)
-    return load_model_checkpoint(cfg.model.checkpoint, groups.tp_group, runtime, dtype=dtype)
-
-
 def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device) -> Engine:
     """Model (checkpoint or seeded built-in), tokenizer, runtime and cache → ``Engine``."""
     runtime = attention_runtime(cfg, groups)
     model = model_from_config(cfg, groups, runtime).to(device).eval()
     tokenizer = ByteTokenizer() if cfg.model.checkpoint is None else load_tokenizer(cfg.model.checkpoint)
     return Engine(model, runtime, groups, kv_cache(cfg, groups, model.shape, device), tokenizer,
-                  max_batch_size=cfg.inference.batch_size, max_seq_len=max_seq_len(cfg))
+                  max_batch_size=cfg.inference.batch_size, max_seq_len=max_seq_len(cfg),
+                  prefill_chunk_size=cfg.inference.prefill_chunk_size, prefix_caching=cfg.inference.prefix_caching)
 
 
 def read_prompts(cfg: Config) -> list[str]:

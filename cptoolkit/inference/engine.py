@@ -39,13 +39,14 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from cptoolkit.inference.kv_cache import PagedKVCache, shard_token_count
+from cptoolkit.inference.block_pool import PageKey, page_keys
+from cptoolkit.inference.kv_cache import PagedKVCache
 from cptoolkit.inference.prefill_kv import route_prefill_kv
 from cptoolkit.inference.request import (GenerationResult, Request, TokenEvent, cut_at_stop, request_result,
                                          stream_delta)
 from cptoolkit.inference.sampling import SamplingParams, broadcast_tokens, make_generator, sample
 from cptoolkit.layers.comm import all_reduce
-from cptoolkit.layers.core_attention import AttentionRuntime
+from cptoolkit.layers.core_attention import AttentionPhase, AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import partition_batch
 from cptoolkit.models.gpt import CPGPTModel, gpt_forward
 from cptoolkit.parallel_state import ParallelGroups
@@ -93,10 +94,14 @@ class Engine:
     ``tokenizer`` has ``encode(str) -> list[int]``, ``decode(list[int]) -> str``, ``eos_token_id`` and
     ``vocab_size`` (only ids below it, and below the model's ``vocab_size``, are ever sampled).
     ``max_seq_len`` caps prompt + generated tokens per request (at most the model's ``max_seq_len``).
+    ``prefill_chunk_size`` (a multiple of ``interleave * dcp``; None = whole prompts) splits long prompts
+    into chunks with decode steps in between; ``prefix_caching`` reuses cached KV pages of prompt
+    prefixes (``block_pool``).
     """
 
     def __init__(self, model: CPGPTModel, runtime: AttentionRuntime, groups: ParallelGroups,
-                 cache: PagedKVCache, tokenizer, max_batch_size: int, max_seq_len: Optional[int] = None):
+                 cache: PagedKVCache, tokenizer, max_batch_size: int, max_seq_len: Optional[int] = None,
+                 prefill_chunk_size: Optional[int] = None, prefix_caching: bool = False):
         self.shape = model.shape
         max_seq_len = self.shape.max_seq_len if max_seq_len is None else max_seq_len
         if max_batch_size < 1:
@@ -107,6 +112,7 @@ class Engine:
         self.model, self.runtime, self.groups = model, runtime, groups
         self.cache, self.tokenizer, self.max_batch_size = cache, tokenizer, max_batch_size
         self.max_seq_len = max_seq_len
+        self.prefill_chunk_size, self.prefix_caching = prefill_chunk_size, prefix_caching
         # A model's vocabulary may be padded past the tokenizer's (e.g. 320 rows for 258 byte ids):
         # ids the tokenizer cannot decode are never sampled.
         self.sampled_vocab_size = min(tokenizer.vocab_size, self.shape.vocab_size)
@@ -117,7 +123,7 @@ class Engine:
         self._finished: dict[int, Request] = {}
         self._rejected: list[Request] = []
         self._cancel_requested: set[int] = set()
-        self._reserved_blocks = 0
+        self._last_step_decoded = False
 
     # ------------------------------------------------------------------ online API
     def add_request(self, prompt: Prompt, sampling: SamplingParams, index: Optional[int] = None) -> int:
@@ -139,15 +145,22 @@ class Engine:
         return request_id
 
     def step(self) -> list[TokenEvent]:
-        """One engine iteration (see the module docstring); the events of every request it touched."""
+        """One engine iteration (see the module docstring); the events of every request it touched.
+
+        Prefill chunks and decode steps alternate while both have work, so a long prompt delays the
+        running streams by about one chunk at a time."""
         events = [self._finish(request, "error") for request in self._rejected]
         self._rejected.clear()
         events += self._apply_cancellations()
-        admitted = self._admit()
-        if admitted:
-            events += self._prefill(admitted)
-        elif self._running:
-            events += self._decode_step(self._running)
+        self._admit()
+        prefilling = [r for r in self._running if r.num_cached < len(r.prompt_ids)]
+        decoding = [r for r in self._running if r.num_cached == len(r.prompt_ids) and r.finish_reason is None]
+        if prefilling and (self._last_step_decoded or not decoding):
+            events += self._prefill(prefilling)
+            self._last_step_decoded = False
+        elif decoding:
+            events += self._decode_step(decoding)
+            self._last_step_decoded = True
         for request in [r for r in self._running if r.finish_reason is not None]:
             self._release(request)
         return events
@@ -240,16 +253,12 @@ class Engine:
         bad = [t for t in request.prompt_ids if not 0 <= t < self.shape.vocab_size]
         if bad:
             return f"prompt token id {bad[0]} is outside the vocabulary [0, {self.shape.vocab_size})"
-        if self._blocks_needed(request) > self.cache.num_blocks:
-            return (f"needs {self._blocks_needed(request)} KV blocks per rank for {request.max_total_len} tokens "
+        if self.cache.blocks_for(request.max_total_len) > self.cache.num_blocks:
+            return (f"needs {self.cache.blocks_for(request.max_total_len)} KV blocks per rank for "
+                    f"{request.max_total_len} tokens "
                     f"but the whole cache has {self.cache.num_blocks} ({self.cache.bytes_per_rank:,} bytes per "
                     f"rank); raise inference.kv_cache_bytes or lower max_new_tokens")
         return None
-
-    def _blocks_needed(self, request: Request) -> int:
-        """Blocks of the fullest shard (shard 0) for the request's whole life: the same on every rank."""
-        shard0 = shard_token_count(request.max_total_len, 0, self.cache.dcp_size, self.cache.interleave)
-        return -(-shard0 // self.cache.block_size)
 
     def _apply_cancellations(self) -> list[TokenEvent]:
         cancelled = [r for r in [*self._waiting, *self._running]
@@ -267,70 +276,99 @@ class Engine:
         self._finished[request.request_id] = request
         return TokenEvent(request.index, None, "", reason, request.request_id)
 
-    def _admit(self) -> list[Request]:
-        """Move waiting requests into the running batch (and the cache) while slots and blocks last."""
-        admitted = []
+    def _admit(self) -> None:
+        """Move waiting requests into the running batch (and the cache) while slots and blocks last,
+        in arrival order; a request reuses the cached pages of its prompt's prefix."""
         while self._waiting and len(self._running) < self.max_batch_size:
             request = self._waiting[0]
-            blocks = self._blocks_needed(request)
-            if self._reserved_blocks + blocks > self.cache.num_blocks:
+            keys = self._prefix_keys(request, True)
+            if not self.cache.can_admit(request.max_total_len, keys):
                 break  # queued until a running request frees its blocks
             self._waiting.popleft()
-            self.cache.add_request(request.request_id, request.max_total_len)
-            self._reserved_blocks += blocks
+            reused_pages = self.cache.add_request(request.request_id, request.max_total_len, keys)
+            request.num_cached = request.cached_prompt_tokens = reused_pages * self.cache.page_tokens
             self._running.append(request)
-            admitted.append(request)
-        return admitted
 
     def _release(self, request: Request) -> None:
         self.cache.free_request(request.request_id)
-        self._reserved_blocks -= self._blocks_needed(request)
         self._running.remove(request)
         self._finished[request.request_id] = request
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, requests: list[Request]) -> list[TokenEvent]:
+        """Prefill the next chunk of every request in ``requests`` (the rest of its prompt when
+        chunking is off) over the cached history (``Request.num_cached``); requests whose prompt this
+        completes get their first token. Chunks start at multiples of ``interleave * dcp`` (prefix
+        pages and chunk sizes are such multiples), so one DCP routing serves every row."""
         groups = self.groups
         start = time.perf_counter()
-        batch = partition_batch([r.prompt_ids for r in requests], groups.pcp_rank, groups.pcp_size, pad_id=0)
-        self.runtime.mode = "prefill"
-        self.runtime.on_prefill_kv = functools.partial(
-            self._fill_cache_from_prefill, [r.request_id for r in requests], batch.seq_lens, batch.seq_len_padded)
-        # DualChunkSwap pads each prompt by up to 2*PCP-1 tokens whose positions may pass the model's
+        chunk_size = self.prefill_chunk_size or self.max_seq_len
+        history = [r.num_cached for r in requests]
+        chunks = [r.prompt_ids[h:h + chunk_size] for r, h in zip(requests, history)]
+        batch = partition_batch(chunks, groups.pcp_rank, groups.pcp_size, pad_id=0)
+        starts = torch.tensor(history, dtype=torch.int64)
+        # DualChunkSwap pads each chunk by up to 2*PCP-1 tokens whose positions may pass the model's
         # last one; no real token attends to a pad (pads come last, attention is causal) and pads are
         # never cached, so their positions are clamped into the model's range.
-        positions = batch.position_ids.clamp(max=self.shape.max_seq_len - 1)
-        owners = batch.last_token_owners()  # (pcp_rank, local index) of each prompt's last token
-        try:
-            with torch.no_grad():
-                last_logits = gpt_forward(self.model, batch.input_ids.to(self._device),
-                                          positions.to(self._device), self.runtime,
-                                          logits_index=torch.tensor([i for _, i in owners], device=self._device))
-        finally:
-            self.runtime.on_prefill_kv = None
+        positions = (batch.position_ids + starts[:, None]).clamp(max=self.shape.max_seq_len - 1)
+        owners = batch.last_token_owners()  # (pcp_rank, local index) of each chunk's last token
+        ids = [r.request_id for r in requests]
+        phase = AttentionPhase(
+            mode="prefill",
+            history_lens=starts.to(self._device) if any(history) else None,
+            kv_caches=self._cache_views(ids) if any(history) else {},
+            on_prefill_kv=functools.partial(self._fill_cache_from_prefill, ids, batch.seq_lens, history,
+                                            batch.seq_len_padded))
+        with torch.no_grad():
+            last_logits = gpt_forward(self.model, batch.input_ids.to(self._device), positions.to(self._device),
+                                      self.runtime, phase=phase,
+                                      logits_index=torch.tensor([i for _, i in owners], device=self._device))
         last_logits = last_logits[:, 0]
         if groups.pcp_size > 1:  # exactly one PCP rank holds each row; the others contribute zeros
             not_mine = torch.tensor([owner != groups.pcp_rank for owner, _ in owners], device=self._device)
             all_reduce(last_logits.masked_fill_(not_mine.unsqueeze(1), 0.0), groups.pcp_group)
-        tokens = self._sample(last_logits, requests)
+        for request, chunk in zip(requests, chunks):
+            request.num_cached += len(chunk)
+        done = [row for row, r in enumerate(requests) if r.num_cached == len(r.prompt_ids)]
+        for row in done:
+            self._cache_prompt_pages(requests[row])
+        tokens = self._sample(last_logits[done], [requests[row] for row in done]) if done else None
         self.metrics.prefill_time_s += time.perf_counter() - start
         self.metrics.prompt_tokens += sum(batch.seq_lens)
-        self.metrics.prefill_tokens_generated += len(requests)
-        return self._append_tokens(requests, tokens)
+        self.metrics.prefill_tokens_generated += len(done)
+        return self._append_tokens([requests[row] for row in done], tokens) if done else []
 
-    def _fill_cache_from_prefill(self, request_ids: list[int], seq_lens: Sequence[int], seq_len_padded: int,
-                                 layer_number: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _fill_cache_from_prefill(self, request_ids: list[int], chunk_lens: Sequence[int], history: Sequence[int],
+                                 seq_len_padded: int, layer_number: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep this rank's KV shard of the prefill K/V of ``layer_number`` for the batch's requests.
 
-        ``k``/``v [b, hkv_local, 2c, d]`` are this rank's DualChunkSwap shard of its own KV heads;
-        one all-to-all on the DCP group brings each member the tokens it stores (``prefill_kv``).
+        ``k``/``v [b, hkv_local, 2c, d]`` are this rank's DualChunkSwap shard of its own KV heads for
+        chunks starting at ``history[row]``; one all-to-all on the DCP group brings each member the
+        tokens it stores (``prefill_kv``).
         """
         k_shard, v_shard, positions = route_prefill_kv(k, v, seq_len_padded, self.groups.pcp_rank,
                                                        self.runtime.decode_group)
-        for row, (request_id, seq_len) in enumerate(zip(request_ids, seq_lens)):
-            real = positions < seq_len  # padding tokens are never cached
+        for row, (request_id, chunk_len, start) in enumerate(zip(request_ids, chunk_lens, history)):
+            real = positions < chunk_len  # padding tokens are never cached
             self.cache.fill_prefill(layer_number - 1, request_id, k_shard[row][:, real], v_shard[row][:, real],
-                                    positions[real].to(k.device))
+                                    (positions[real] + start).to(k.device))
+
+    def _prefix_keys(self, request: Request, whole_pages_only_before_last: bool) -> list[PageKey]:
+        """Page keys of the prompt: the pages before its last token (what admission may reuse: the
+        last token is always computed, for its logits) or every full page (what a prefill caches)."""
+        if not self.prefix_caching:
+            return []
+        page = self.cache.page_tokens
+        usable = len(request.prompt_ids) - 1 if whole_pages_only_before_last else len(request.prompt_ids)
+        return page_keys(request.prompt_ids, page, usable // page)
+
+    def _cache_prompt_pages(self, request: Request) -> None:
+        if self.prefix_caching:
+            self.cache.register_pages(request.request_id, self._prefix_keys(request, False))
+
+    def _cache_views(self, request_ids: list[int]) -> dict:
+        """``{layer_number: view}``: every layer's cache for this batch (layer numbers are megatron's, 1-based)."""
+        return {layer + 1: self.cache.view(layer, request_ids) for layer in range(self.shape.num_layers)}
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self, requests: list[Request]) -> list[TokenEvent]:
@@ -339,12 +377,10 @@ class Engine:
         layer_calls_before = {layer: stats.total_calls for layer, stats in self.runtime.per_layer_stats.items()}
         input_ids = torch.tensor([[r.output_ids[-1]] for r in requests], device=self._device)
         positions = torch.tensor([[r.total_len - 1] for r in requests], device=self._device)
-        ids = [r.request_id for r in requests]
-        self.runtime.mode = "decode"
-        self.runtime.decode_positions = positions[:, 0]
-        self.runtime.kv_caches = {layer + 1: self.cache.view(layer, ids) for layer in range(self.shape.num_layers)}
+        phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0],
+                               kv_caches=self._cache_views([r.request_id for r in requests]))
         with torch.no_grad():
-            logits = gpt_forward(self.model, input_ids, positions, self.runtime)[:, -1]
+            logits = gpt_forward(self.model, input_ids, positions, self.runtime, phase=phase)[:, -1]
         self.metrics.decode_collectives += self.runtime.stats.total_calls - stats_before[0]
         self.metrics.decode_bytes_sent += self.runtime.stats.total_bytes - stats_before[1]
         for layer, layer_stats in self.runtime.per_layer_stats.items():

@@ -9,10 +9,17 @@ rules are ``cptoolkit.layers.dcp_decode``'s ``shard_of_position`` / ``slot_of_po
 
 Storage is one tensor ``[num_layers, 2 (k, v), num_blocks, num_kv_heads, block_size, head_dim]``.
 A request gets a block table (a list of block ids shared by all layers) when it is admitted, large
-enough for its shard's share of ``max_total_len``: admission either reserves everything the request
-will ever need on this rank or raises ``KVCacheFull``, so decoding never runs out of blocks midway
-and nothing is ever truncated. Each layer keeps its own stored-token count per request, because the
+enough for the *fullest* shard's share of ``max_total_len`` on every member, so every member's
+``BlockPool`` makes the same decisions (``block_pool``): admission either reserves everything the
+request will ever need or raises ``KVCacheFull``, so decoding never runs out of blocks midway and
+nothing is ever truncated. Each layer keeps its own stored-token count per request, because the
 layers of one decode step append one after another.
+
+Prefix caching (``add_request(..., prefix_keys=...)``, ``register_pages``): block ``j`` of a request
+holds this member's share of page ``j`` (positions ``[j, j+1) * page_tokens``, ``page_tokens =
+block_size * dcp_size``; needs ``block_size % interleave == 0``), so a cached page is reused by
+putting its block in the new request's table; the request then starts with ``reused_pages *
+block_size`` tokens stored on every layer.
 
 ``view(layer, request_ids)`` returns the ``LayerCacheView`` that DCP decode attention uses for one
 layer and one batch: ``append`` stores the new token of the requests this shard owns and ignores the
@@ -30,6 +37,7 @@ import torch
 # the count of a shard's tokens among the first seq_len positions.
 from cptoolkit.layers.dcp_decode import shard_length as shard_token_count
 from cptoolkit.layers.dcp_decode import shard_of_position, slot_of_position
+from cptoolkit.inference.block_pool import BlockPool, PageKey
 
 __all__ = ["KVCacheFull", "LayerCacheView", "PagedKVCache", "shard_token_count"]
 
@@ -79,12 +87,18 @@ class PagedKVCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.storage = torch.zeros(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
                                    dtype=dtype, device=self.device)
-        self._free_block_ids: list[int] = list(range(num_blocks))
+        self.pool = BlockPool(num_blocks)
         self._requests: dict[Hashable, _RequestState] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_block_ids)
+        """Blocks a new request can get: free ones plus cached pages nobody holds (evictable)."""
+        return self.pool.num_available
+
+    @property
+    def page_tokens(self) -> int:
+        """Positions per prefix-cache page: one block on every DCP member."""
+        return self.block_size * self.dcp_size
 
     @property
     def bytes_per_block(self) -> int:
@@ -101,12 +115,19 @@ class PagedKVCache:
         """Bytes of the blocks currently reserved by admitted requests."""
         return (self.num_blocks - self.num_free_blocks) * self.bytes_per_block
 
-    def shard_capacity(self, max_total_len: int) -> int:
-        """Tokens this rank must store for a request whose sequence reaches ``max_total_len``."""
-        return shard_token_count(max_total_len, self.dcp_rank, self.dcp_size, self.interleave)
+    def blocks_for(self, max_total_len: int) -> int:
+        """Blocks every member reserves for a ``max_total_len``-token request: the fullest shard's (shard 0)."""
+        return _blocks_for(shard_token_count(max_total_len, 0, self.dcp_size, self.interleave), self.block_size)
 
-    def add_request(self, request_id: Hashable, max_total_len: int) -> None:
-        """Reserve the blocks for this rank's share of a ``max_total_len``-token request.
+    def can_admit(self, max_total_len: int, prefix_keys: Sequence[PageKey] = ()) -> bool:
+        """Whether ``add_request(..., max_total_len, prefix_keys)`` would find its blocks now."""
+        reused = self.pool.match(prefix_keys)[:self.blocks_for(max_total_len)]
+        return self.pool.can_allocate(self.blocks_for(max_total_len) - len(reused), reused)
+
+    def add_request(self, request_id: Hashable, max_total_len: int, prefix_keys: Sequence[PageKey] = ()) -> int:
+        """Reserve the blocks of a ``max_total_len``-token request; returns how many of its first pages
+        came from the prefix cache (``prefix_keys``: ``block_pool.page_keys`` of the pages the caller
+        would reuse; their tokens then count as stored on every layer).
 
         Raises ``KVCacheFull`` (nothing reserved) when too few blocks are free, so the engine can
         queue or reject the request; every DCP member must admit or refuse the same requests.
@@ -115,25 +136,36 @@ class PagedKVCache:
             raise ValueError(f"request_id = {request_id!r} is already in the KV cache: free it first")
         _require(isinstance(max_total_len, int) and max_total_len >= 1, "max_total_len", max_total_len,
                  "it must be an integer >= 1 (prompt length + max_new_tokens)")
-        shard_tokens = self.shard_capacity(max_total_len)
-        blocks_needed = _blocks_for(shard_tokens, self.block_size)
-        if blocks_needed > self.num_free_blocks:
+        if prefix_keys and self.block_size % self.interleave:
+            raise ValueError(f"prefix caching needs block_size ({self.block_size}) to be a multiple of "
+                             f"interleave ({self.interleave}) so that a page fills one block on every member")
+        blocks_needed = self.blocks_for(max_total_len)
+        reused = self.pool.match(prefix_keys)[:blocks_needed]
+        if not self.pool.can_allocate(blocks_needed - len(reused), reused):
             raise KVCacheFull(
                 f"KV cache full on DCP rank {self.dcp_rank}: request {request_id!r} needs {blocks_needed} "
-                f"blocks for its {shard_tokens} shard tokens (max_total_len = {max_total_len}), but only "
+                f"blocks (max_total_len = {max_total_len}), {len(reused)} of them cached, but only "
                 f"{self.num_free_blocks} of {self.num_blocks} blocks are free; queue it until a request "
                 f"finishes, or raise num_blocks")
-        reserved = self._free_block_ids[:blocks_needed]
-        del self._free_block_ids[:blocks_needed]
+        self.pool.acquire(reused)
+        block_ids = reused + self.pool.allocate(blocks_needed - len(reused))
         self._requests[request_id] = _RequestState(
             max_total_len=max_total_len,
-            block_ids=torch.tensor(reserved, dtype=torch.int64, device=self.device),
-            shard_lens=torch.zeros(self.num_layers, dtype=torch.int64, device=self.device))
+            block_ids=torch.tensor(block_ids, dtype=torch.int64, device=self.device),
+            shard_lens=torch.full((self.num_layers,), len(reused) * self.block_size, dtype=torch.int64,
+                                  device=self.device))
+        return len(reused)
+
+    def register_pages(self, request_id: Hashable, keys: Sequence[PageKey]) -> None:
+        """Offer the request's first ``len(keys)`` pages (fully stored on every layer) to the prefix cache."""
+        state = self._state(request_id)
+        for block, key in zip(state.block_ids.tolist(), keys):
+            self.pool.register(block, key)
 
     def free_request(self, request_id: Hashable) -> None:
-        """Return a finished request's blocks to the free list."""
+        """Release a finished request's blocks (cached pages stay reusable until evicted)."""
         state = self._state(request_id)
-        self._free_block_ids.extend(state.block_ids.tolist())
+        self.pool.release(state.block_ids.tolist())
         del self._requests[request_id]
 
     def shard_len(self, layer: int, request_id: Hashable) -> int:

@@ -34,6 +34,8 @@ class Request:
     streamed_chars: int = 0
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+    num_cached: int = 0            # prompt tokens whose K/V is in the cache (prefilled or reused)
+    cached_prompt_tokens: int = 0  # of which served by the prefix cache
     arrival_s: float = field(default_factory=time.perf_counter)
     token_times_s: list[float] = field(default_factory=list)
 
@@ -93,11 +95,11 @@ class GenerationResult:
     metrics: Optional[RequestMetrics] = None
 
 
-def request_result(request: Request, cached_prompt_tokens: int = 0) -> GenerationResult:
+def request_result(request: Request) -> GenerationResult:
     times = request.token_times_s
     metrics = RequestMetrics(time_to_first_token_s=times[0] - request.arrival_s if times else None,
                              inter_token_gaps_s=tuple(b - a for a, b in zip(times, times[1:])),
-                             cached_prompt_tokens=cached_prompt_tokens)
+                             cached_prompt_tokens=request.cached_prompt_tokens)
     return GenerationResult(request.index, request.prompt, request.prompt_ids, request.output_ids, request.text,
                             request.finish_reason, request.error, metrics)
 

@@ -27,6 +27,7 @@ from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.ring_p2p import ring_backward, ring_forward
 from cptoolkit.layers.ulysses_a2a import gather_grads, gather_heads, scatter_heads, scatter_qkv
+from cptoolkit.layout import check_a2a_size, hierarchical_rank_lists  # pure rank math, shared with the layout
 
 
 @dataclass(frozen=True)
@@ -43,25 +44,6 @@ class HierarchicalGroups:
     @property
     def ring_size(self) -> int:
         return dist.get_world_size(self.ring_group)
-
-
-def check_a2a_size(a2a_size: int, pcp_size: int) -> None:
-    if a2a_size < 1 or pcp_size % a2a_size:
-        raise ValueError(f"a2a_size ({a2a_size}) must be a positive divisor of pcp_size ({pcp_size}): "
-                         f"PCP = a2a_size x ring size (megatron's hierarchical_context_parallel_sizes)")
-
-
-def hierarchical_rank_lists(pcp_rank_lists: list[list[int]], a2a_size: int
-                            ) -> tuple[list[list[int]], list[list[int]]]:
-    """``(a2a groups, ring groups)`` as global-rank lists in group-rank order, for every PCP group
-    (each given in PCP-rank order): a2a groups are ``a2a_size`` consecutive PCP ranks, ring groups
-    take every ``a2a_size``-th PCP rank."""
-    a2a_lists, ring_lists = [], []
-    for pcp_ranks in pcp_rank_lists:
-        check_a2a_size(a2a_size, len(pcp_ranks))
-        a2a_lists += [list(pcp_ranks[g:g + a2a_size]) for g in range(0, len(pcp_ranks), a2a_size)]
-        ring_lists += [list(pcp_ranks[i::a2a_size]) for i in range(a2a_size)]
-    return a2a_lists, ring_lists
 
 
 def _pcp_ranks(pcp_group: ProcessGroup) -> list[int]:

@@ -1,8 +1,8 @@
 """Checkpoints in and out of the megatron-core model: Hugging Face Llama / GPT-2, and cptoolkit's own.
 
-Every format is turned into the model's *full state dict* (``cptoolkit.models.gpt``: unsharded
+Every format is turned into the model's *full state dict* (``cptoolkit.models.tp_sharding``: unsharded
 tensors under a TP=1 model's parameter names); ``load_full_state_dict`` then cuts each rank's TP
-slice, so any checkpoint loads at any TP size.
+slice, so any checkpoint loads at any TP size. ``config.json`` is read by ``cptoolkit.models.shape``.
 
 - Hugging Face (``config.json`` + ``model.safetensors`` or a sharded ``model.safetensors.index.json``;
   no hub access): ``LlamaForCausalLM`` (q/k/v/o, gate/up/down, RMSNorm, GQA) and ``GPT2LMHeadModel``
@@ -23,57 +23,26 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core.process_groups_config import ProcessGroupCollection
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.distributed import ProcessGroup
 
 from cptoolkit.config import ConfigError
 from cptoolkit.layers.core_attention import AttentionRuntime
-from cptoolkit.models.gpt import (CPGPTModel, GPTShape, fuse_qkv, gather_full_state_dict,
-                                  load_full_state_dict, new_gpt_model)
+from cptoolkit.models.build import new_gpt_model
+from cptoolkit.models.gpt import CPGPTModel
+from cptoolkit.models.shape import CONFIG_FILE, RESAVE, GPTShape, hf_shape, read_config, read_json_object
+from cptoolkit.models.tp_sharding import fuse_qkv, gather_full_state_dict, load_full_state_dict
 
 CPTOOLKIT_FORMAT = 1
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-RESAVE = "save the checkpoint again (save_pretrained or cptoolkit's save_checkpoint)"
 
 StateDict = dict[str, torch.Tensor]
 Shapes = dict[str, tuple[int, ...]]
 
 
 # ----------------------------------------------------------------------------- reading files
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object; malformed JSON names the line and column."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: malformed JSON: line {err.lineno}, column {err.colno}: {err.msg}; "
-                          f"fix the file or {RESAVE}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text, so not JSON (the file is corrupt); {RESAVE}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: must hold a JSON object, got a {type(value).__name__}; {RESAVE}")
-    return value
-
-
-def read_config(checkpoint_dir: str | Path) -> dict:
-    """The checkpoint's ``config.json`` as a dict."""
-    path = Path(checkpoint_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; a checkpoint directory holds the model's {CONFIG_FILE} "
-                          f"next to its weights; {RESAVE}")
-    return read_json_object(path)
-
-
-def hf_shape(config: dict, checkpoint_dir: str | Path) -> GPTShape:
-    """``GPTShape.from_hf_config(config)``; its errors name the checkpoint's ``config.json``."""
-    try:
-        return GPTShape.from_hf_config(config)
-    except ValueError as err:
-        raise ConfigError(f"{Path(checkpoint_dir) / CONFIG_FILE}: {err}") from None
-
 
 def _weights_file(directory: Path) -> Path:
     """``model.safetensors``, or the index of a sharded checkpoint: the file errors name."""
@@ -257,12 +226,12 @@ def full_tensor_shapes(shape: GPTShape) -> Shapes:
 
 # ----------------------------------------------------------------------------- loading and saving
 
-def load_model_checkpoint(checkpoint_dir: str | Path, tp_group: ProcessGroup,
+def load_model_checkpoint(checkpoint_dir: str | Path, pg_collection: ProcessGroupCollection,
                           runtime: AttentionRuntime, dtype: torch.dtype = torch.float32
                           ) -> CPGPTModel:
-    """Build the model of a Hugging Face or cptoolkit checkpoint directory, sharded over
-    ``tp_group`` (every rank reads the files and keeps its own TP slice). Raises ``ConfigError``
-    for a problem with the files, before building the model."""
+    """Build the model of a Hugging Face or cptoolkit checkpoint directory on ``pg_collection``,
+    sharded over its TP group (every rank reads the files and keeps its own TP slice). Raises
+    ``ConfigError`` for a problem with the files, before building the model."""
     directory = Path(checkpoint_dir)
     config = read_config(directory)
     shape = hf_shape(config, directory)
@@ -272,7 +241,7 @@ def load_model_checkpoint(checkpoint_dir: str | Path, tp_group: ProcessGroup,
     else:
         hf_weights = _checked(weights, hf_tensor_shapes(shape, weights), source, shape)
         full = HF_CONVERTERS[shape.arch](hf_weights, shape)
-    model = new_gpt_model(shape, tp_group, runtime, dtype)
+    model = new_gpt_model(shape, pg_collection, runtime, dtype)
     load_full_state_dict(model, full)
     return model
 
@@ -291,6 +260,6 @@ def save_checkpoint(model: CPGPTModel, checkpoint_dir: str | Path, tokenizer) ->
         directory.mkdir(parents=True, exist_ok=True)
         save_file({name: tensor.contiguous() for name, tensor in full.items()}, directory / WEIGHTS_FILE)
         config = {**model.shape.to_hf_config(), "cptoolkit_format": CPTOOLKIT_FORMAT}
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save(directory)
     dist.barrier()

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from cptoolkit.config import ConfigError
+from cptoolkit.models.shape import read_config, read_json_object
 
 BYTE_TOKENIZER = "byte"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -72,9 +73,6 @@ def load_tokenizer(checkpoint_dir: str | Path) -> ByteTokenizer | HFTokenizer:
     """The tokenizer of ``checkpoint_dir``: ``ByteTokenizer`` if its ``config.json`` says so, else
     its Hugging Face tokenizer files, read locally through ``transformers.AutoTokenizer`` (never
     from the hub)."""
-    # Imported here: checkpoint.py pulls in megatron, which the byte tokenizer's users need not load.
-    from cptoolkit.inference.checkpoint import read_config, read_json_object
-
     directory = Path(checkpoint_dir)
     config = read_config(directory) if (directory / "config.json").is_file() else {}
     if config.get("cptoolkit_tokenizer") == BYTE_TOKENIZER:

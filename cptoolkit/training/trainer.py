@@ -29,10 +29,10 @@ from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParal
 from torch.distributed import ProcessGroup
 
 from cptoolkit.config import Config, ConfigError, TrainConfig
-from cptoolkit.inference.builder import model_from_config, model_shape
 from cptoolkit.layers import comm
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.core_attention import AttentionRuntime
+from cptoolkit.models.from_config import model_from_config, model_shape
 from cptoolkit.models.gpt import CPGPTModel, gpt_forward
 from cptoolkit.parallel_state import ParallelGroups
 from cptoolkit.training.data import TrainBatch, get_batch_on_this_pcp_rank, pack_windows, sample_windows
@@ -236,7 +236,7 @@ def build_trainer(cfg: Config, groups: ParallelGroups, documents: list[torch.Ten
     (weights from ``model.checkpoint``, else seeded random from ``model.seed``); the optimizer; this
     rank's data."""
     runtime = AttentionRuntime(pcp_group=groups.pcp_group, prefill_comm=cfg.parallel.prefill_comm,
-                               mode="prefill", stats=CommStats())
+                               hcp_groups=groups.hcp_groups, stats=CommStats())
     model = model_from_config(cfg, groups, runtime)
     return Trainer(cfg=cfg, groups=groups, model=model.to(device).train(), runtime=runtime,
                    documents=documents, pad_id=pad_id, device=device)

@@ -1,0 +1,88 @@
+"""Construct the TP-sharded model of a ``GPTShape``: megatron-core's config, the uninitialized
+``CPGPTModel`` on a given ``ProcessGroupCollection``, and seeded random weights that are the same
+for every TP size (drawn full on every rank, then sliced by ``cptoolkit.models.tp_sharding``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from cptoolkit.layers.core_attention import AttentionRuntime, get_gpt_layer_spec
+from cptoolkit.models.gpt import CPGPTModel
+from cptoolkit.models.shape import GPTShape, check_tp, padded_vocab_size
+from cptoolkit.models.tp_sharding import NORM, ROW, load_full_state_dict, param_kinds
+
+INIT_STD = 0.02
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def megatron_config(shape: GPTShape, tp_size: int, dtype: torch.dtype) -> TransformerConfig:
+    """The megatron-core config of ``shape`` at TP=``tp_size``: CPU init, no dropout, no fusions."""
+    llama = shape.arch == "llama"
+    return TransformerConfig(
+        num_layers=shape.num_layers, hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=max(shape.num_kv_heads, tp_size), kv_channels=shape.head_dim,
+        ffn_hidden_size=shape.ffn_hidden_size, tensor_model_parallel_size=tp_size,
+        normalization="RMSNorm" if llama else "LayerNorm", layernorm_epsilon=shape.norm_eps,
+        gated_linear_unit=llama, activation_func=F.silu if llama else _gelu_tanh,
+        add_bias_linear=not llama, add_qkv_bias=not llama,
+        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=True, perform_initialization=False,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        cross_entropy_loss_fusion=False)
+
+
+def new_gpt_model(shape: GPTShape, pg_collection: ProcessGroupCollection, runtime: AttentionRuntime,
+                  dtype: torch.dtype = torch.float32) -> CPGPTModel:
+    """An *uninitialized* megatron-core ``GPTModel`` sharded over ``pg_collection.tp``; fill it with
+    ``load_full_state_dict``. ``pg_collection`` is ``ParallelGroups.megatron_pg_collection()`` (its
+    ``cp`` group is this rank alone: cptoolkit's PCP/DCP run inside ``CPCoreAttention``). Every
+    attention layer shares ``runtime``."""
+    tp_size = pg_collection.tp.size()
+    check_tp(shape, tp_size)
+    model = CPGPTModel(
+        shape, config=megatron_config(shape, tp_size, dtype),
+        transformer_layer_spec=get_gpt_layer_spec(runtime, shape.arch),
+        vocab_size=padded_vocab_size(shape, tp_size), max_sequence_length=shape.max_seq_len,
+        share_embeddings_and_output_weights=shape.tie_embeddings,
+        position_embedding_type="rope" if shape.arch == "llama" else "learned_absolute",
+        rotary_base=shape.rope_theta, pg_collection=pg_collection)
+    return model.to(dtype)  # megatron's torch norms are created in float32 whatever params_dtype says
+
+
+def init_full_state_dict(model: CPGPTModel, seed: int) -> dict[str, torch.Tensor]:
+    """Random full weights (float32) for ``model``'s parameters, drawn in name order from one
+    seeded generator: norms 1, biases 0, matrices N(0, 0.02²) (output projections of each layer
+    scaled by ``1/sqrt(2·num_layers)``, as GPT-2 does)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape, tp_size, kinds = model.shape, model.pg_collection.tp.size(), param_kinds(model)
+    full = {}
+    for name, local in sorted(model.named_parameters()):
+        kind = kinds[name]
+        size = kind.full_shape(local.shape, shape, tp_size)
+        if kind is NORM:
+            full[name] = torch.ones(size) if name.endswith("weight") else torch.zeros(size)
+        elif name.endswith("bias"):
+            full[name] = torch.zeros(size)
+        else:
+            std = INIT_STD / math.sqrt(2 * shape.num_layers) if kind is ROW else INIT_STD
+            full[name] = torch.randn(size, generator=generator) * std
+    return full
+
+
+def build_gpt_model(shape: GPTShape, pg_collection: ProcessGroupCollection, runtime: AttentionRuntime,
+                    dtype: torch.dtype = torch.float32, seed: int = 0) -> CPGPTModel:
+    """A randomly initialized model; the same ``seed`` gives the same (unsharded) weights for
+    every TP size, because the full weights are drawn on every rank and then sliced."""
+    model = new_gpt_model(shape, pg_collection, runtime, dtype)
+    load_full_state_dict(model, init_full_state_dict(model, seed))
+    return model

@@ -1,0 +1,248 @@
+"""How the model's parameters are split over tensor parallelism, decided by one table: ``PARAM_KINDS``.
+
+The *full state dict* is the unsharded model: the tensors under the parameter names a TP=1 model
+has (megatron's fused ``linear_qkv`` with ``num_kv_heads`` query groups, ``linear_fc1 = [gate; up]``
+for SwiGLU, the unpadded vocabulary). Seeded init, Hugging Face checkpoints and cptoolkit's own all
+produce it; ``load_full_state_dict`` cuts each rank's TP slice and ``gather_full_state_dict``
+reassembles it, so every TP size holds the same model.
+
+When ``num_kv_heads < TP`` each KV head is replicated on ``TP / num_kv_heads`` neighbouring ranks
+(the megatron model is built with ``num_query_groups = TP``), which keeps megatron's per-rank QKV
+split free of collectives; the replicas are separate parameters, so training with
+``num_kv_heads < TP`` would let them drift apart (the trainer rejects that layout).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.tensor_parallel.layers import RowParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.mlp import MLP
+
+from cptoolkit.models.gpt import CPGPTModel
+from cptoolkit.models.shape import GPTShape, padded_vocab_size
+
+
+def split_qkv(fused: torch.Tensor, num_groups: int, num_heads: int, head_dim: int):
+    """Split megatron's fused QKV (rows per query group: its q heads, then k, then v) into
+    ``q [num_heads, head_dim, ...]`` and ``k, v [num_groups, head_dim, ...]``."""
+    grouped = fused.reshape(num_groups, num_heads // num_groups + 2, head_dim, *fused.shape[1:])
+    return grouped[:, :-2].reshape(num_heads, head_dim, *fused.shape[1:]), grouped[:, -2], grouped[:, -1]
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Inverse of ``split_qkv`` for ``num_groups`` query groups; ``num_groups`` may exceed the
+    number of KV heads, then each KV head is repeated for its ``num_groups / num_kv`` groups."""
+    kv_index = torch.arange(num_groups) * k.shape[0] // num_groups
+    grouped_q = q.reshape(num_groups, q.shape[0] // num_groups, *q.shape[1:])
+    fused = torch.cat([grouped_q, k[kv_index].unsqueeze(1), v[kv_index].unsqueeze(1)], dim=1)
+    return fused.flatten(0, 2)
+
+
+# ----------------------------------------------------------------------------- the kinds
+
+class Kind(Protocol):
+    """How one parameter is split over TP. ``shard``: TP rank ``tp_rank``'s slice of the full tensor;
+    ``unshard``: the full tensor from every TP rank's slice, in TP order; ``full_shape``: the full
+    tensor's shape from one rank's slice shape."""
+
+    name: str
+
+    def shard(self, full: torch.Tensor, shape: GPTShape, tp_rank: int, tp_size: int) -> torch.Tensor: ...
+
+    def unshard(self, slices: list[torch.Tensor], shape: GPTShape) -> torch.Tensor: ...
+
+    def full_shape(self, local: torch.Size, shape: GPTShape, tp_size: int) -> tuple: ...
+
+
+@dataclass(frozen=True)
+class Replicated:
+    """Every TP rank holds the whole tensor."""
+
+    name: str
+
+    def shard(self, full, shape, tp_rank, tp_size):
+        return full
+
+    def unshard(self, slices, shape):
+        return slices[0]
+
+    def full_shape(self, local, shape, tp_size):
+        return tuple(local)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Even split along ``dim``: a column-parallel output (dim 0) or a row-parallel input (dim 1)."""
+
+    name: str
+    dim: int
+
+    def shard(self, full, shape, tp_rank, tp_size):
+        return full.chunk(tp_size, dim=self.dim)[tp_rank]
+
+    def unshard(self, slices, shape):
+        return torch.cat(slices, dim=self.dim)
+
+    def full_shape(self, local, shape, tp_size):
+        size = list(local)
+        size[self.dim] *= tp_size
+        return tuple(size)
+
+
+@dataclass(frozen=True)
+class GatedColumn:
+    """SwiGLU's ``[gate; up]`` rows: each half split over TP on its own, a rank holds ``[its gate; its up]``."""
+
+    name: str
+
+    def shard(self, full, shape, tp_rank, tp_size):
+        gate, up = full.chunk(2)
+        return torch.cat([gate.chunk(tp_size)[tp_rank], up.chunk(tp_size)[tp_rank]])
+
+    def unshard(self, slices, shape):
+        gates, ups = zip(*(local.chunk(2) for local in slices))
+        return torch.cat([*gates, *ups])
+
+    def full_shape(self, local, shape, tp_size):
+        return (local[0] * tp_size, *local[1:])
+
+
+@dataclass(frozen=True)
+class FusedQKV:
+    """megatron's fused QKV rows: whole query groups per rank, the full tensor's ``num_kv_heads``
+    groups regrouped into the model's ``max(num_kv_heads, TP)`` (KV heads replicated when fewer)."""
+
+    name: str
+
+    def shard(self, full, shape, tp_rank, tp_size):
+        parts = split_qkv(full, shape.num_kv_heads, shape.num_attention_heads, shape.head_dim)
+        return fuse_qkv(*parts, max(shape.num_kv_heads, tp_size)).chunk(tp_size)[tp_rank]
+
+    def unshard(self, slices, shape):
+        megatron_groups = max(shape.num_kv_heads, len(slices))
+        q, k, v = split_qkv(torch.cat(slices), megatron_groups, shape.num_attention_heads, shape.head_dim)
+        replicas = megatron_groups // shape.num_kv_heads
+        return fuse_qkv(q, k[::replicas], v[::replicas], shape.num_kv_heads)
+
+    def full_shape(self, local, shape, tp_size):
+        return ((shape.num_attention_heads + 2 * shape.num_kv_heads) * shape.head_dim, *local[1:])
+
+
+@dataclass(frozen=True)
+class VocabRows:
+    """Vocabulary rows (embedding, output layer): padded to a multiple of TP, then split evenly."""
+
+    name: str
+
+    def shard(self, full, shape, tp_rank, tp_size):
+        padding = padded_vocab_size(shape, tp_size) - shape.vocab_size
+        return F.pad(full, (0, 0, 0, padding)).chunk(tp_size)[tp_rank]
+
+    def unshard(self, slices, shape):
+        return torch.cat(slices)[:shape.vocab_size]
+
+    def full_shape(self, local, shape, tp_size):
+        return (shape.vocab_size, *local[1:])
+
+
+REPLICATED = Replicated("replicated")
+NORM = Replicated("norm")  # replicated too; seeded init sets its weight to 1 and its bias to 0
+COLUMN = Split("column", dim=0)
+ROW = Split("row", dim=1)
+GATED_COLUMN = GatedColumn("gated_column")
+FUSED_QKV = FusedQKV("fused_qkv")
+VOCAB = VocabRows("vocab")
+
+
+# ----------------------------------------------------------------------------- the table
+
+def _fc1_kind(mlp: MLP) -> Kind:
+    return GATED_COLUMN if mlp.config.gated_linear_unit else COLUMN
+
+
+# (module type, parameter) -> kind, or a function of the module giving the kind. A parameter is looked
+# up first under the type of the module that owns its module, as "child.parameter": the rows of a
+# ColumnParallelLinear are laid out by what its owner computes with them (fused QKV groups, SwiGLU's
+# [gate; up], the padded vocabulary), as megatron-core's own sharded_state_dict decides. Then under
+# its own module's type. Types match along the MRO. A parameter found in neither (TransformerEngine's
+# fused ``linear_qkv.layer_norm_weight``, say) is an error, never a guess from its name.
+PARAM_KINDS: dict[tuple[type, str], Union[Kind, Callable[[torch.nn.Module], Kind]]] = {
+    (GPTModel, "output_layer.weight"): VOCAB,
+    (SelfAttention, "linear_qkv.weight"): FUSED_QKV,
+    (SelfAttention, "linear_qkv.bias"): FUSED_QKV,
+    (MLP, "linear_fc1.weight"): _fc1_kind,
+    (MLP, "linear_fc1.bias"): _fc1_kind,
+    (RowParallelLinear, "weight"): ROW,
+    (RowParallelLinear, "bias"): REPLICATED,  # added once, after the all-reduce of the partial sums
+    (VocabParallelEmbedding, "weight"): VOCAB,
+    (torch.nn.Embedding, "weight"): REPLICATED,  # GPT-2's learned absolute positions
+    (torch.nn.LayerNorm, "weight"): NORM,
+    (torch.nn.LayerNorm, "bias"): NORM,
+    (torch.nn.RMSNorm, "weight"): NORM,
+}
+
+
+def _table_kind(module: torch.nn.Module, key: str) -> Kind | None:
+    for cls in type(module).__mro__:
+        entry = PARAM_KINDS.get((cls, key))
+        if entry is not None:
+            return entry(module) if callable(entry) else entry
+    return None
+
+
+def param_kinds(model: torch.nn.Module) -> dict[str, Kind]:
+    """The kind of every parameter of ``model``, under its ``named_parameters`` name, from ``PARAM_KINDS``
+    and the module types found by walking ``model.named_modules()``."""
+    modules = dict(model.named_modules())
+    kinds = {}
+    for module_name, module in modules.items():
+        owner_name, _, child_name = module_name.rpartition(".")
+        owner = modules[owner_name] if module_name else None
+        for param_name, _ in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            kind = _table_kind(owner, f"{child_name}.{param_name}") if owner is not None else None
+            kind = kind or _table_kind(module, param_name)
+            if kind is None:
+                owned = f" (the {child_name!r} of a {type(owner).__name__})" if owner is not None else ""
+                raise ValueError(f"{name}: no TP kind for parameter {param_name!r} of a {type(module).__name__}"
+                                 f"{owned}; rule: every (module type, parameter) must be in "
+                                 "cptoolkit.models.tp_sharding.PARAM_KINDS; add an entry for it there")
+            kinds[name] = kind
+    return kinds
+
+
+# ----------------------------------------------------------------------------- full state dict <-> this rank
+
+def load_full_state_dict(model: CPGPTModel, full: dict[str, torch.Tensor]) -> None:
+    """Copy this TP rank's slice of every full tensor into ``model``'s parameters; the names must
+    be exactly the model's parameter names."""
+    params = dict(model.named_parameters())
+    if set(full) != set(params):
+        raise ValueError(f"full state dict does not match the model: missing "
+                         f"{sorted(set(params) - set(full))}, unexpected {sorted(set(full) - set(params))}")
+    tp_group, kinds = model.pg_collection.tp, param_kinds(model)
+    with torch.no_grad():
+        for name, param in params.items():
+            local = kinds[name].shard(full[name], model.shape, tp_group.rank(), tp_group.size())
+            if local.shape != param.shape:
+                raise ValueError(f"{name}: full tensor of shape {tuple(full[name].shape)} gives a TP "
+                                 f"slice of {tuple(local.shape)}, the model expects {tuple(param.shape)}")
+            param.copy_(local)
+
+
+def gather_full_state_dict(model: CPGPTModel) -> dict[str, torch.Tensor]:
+    """The full (unsharded) parameters, assembled on every rank of the model's TP group with one
+    all-gather per parameter over that group."""
+    tp_group, kinds = model.pg_collection.tp, param_kinds(model)
+    full = {}
+    for name, param in model.named_parameters():
+        slices = [torch.empty_like(param) for _ in range(tp_group.size())]
+        dist.all_gather(slices, param.detach().contiguous(), group=tp_group)
+        full[name] = kinds[name].unshard(slices, model.shape)
+    return full
