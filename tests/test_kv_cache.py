@@ -5,8 +5,8 @@ DCP members are simulated in one process: one cache per shard index, each fed th
 import pytest
 import torch
 
-from cptoolkit.inference.kv_cache import KVCacheFull, PagedKVCache, shard_token_count
-from cptoolkit.layers.dcp_decode import shard_of_position, slot_of_position
+from cptoolkit.inference.kv_cache import KVCacheFull, PagedKVCache
+from cptoolkit.layers.dcp_decode import shard_length, shard_of_position, slot_of_position
 from tests.multiproc import run_ranks
 
 HKV, HEAD_DIM, BLOCK_SIZE, NUM_LAYERS = 2, 8, 4, 2
@@ -25,7 +25,7 @@ def _merge_shards(caches, layer, request_ids, total_lens):
         for row, total_len in enumerate(total_lens):
             positions = torch.arange(total_len)
             owned = positions[shard_of_position(positions, cache.dcp_size, cache.interleave) == cache.dcp_rank]
-            expected_len = shard_token_count(total_len, cache.dcp_rank, cache.dcp_size, cache.interleave)
+            expected_len = shard_length(total_len, cache.dcp_rank, cache.dcp_size, cache.interleave)
             assert int(shard_lens[row]) == expected_len == owned.numel(), (cache.dcp_rank, row)
             assert torch.all(k_shard[row, :, expected_len:] == 0) and torch.all(v_shard[row, :, expected_len:] == 0)
             merged[row][0][:, owned] = k_shard[row, :, :expected_len]
@@ -180,7 +180,7 @@ def test_dcp4_stores_a_quarter_of_the_bytes_for_the_same_max_tokens():
     max_tokens, interleave = 64, 4
     sizes = {}
     for dcp_size in (1, 4):
-        blocks = -(-max(shard_token_count(max_tokens, s, dcp_size, interleave) for s in range(dcp_size))
+        blocks = -(-max(shard_length(max_tokens, s, dcp_size, interleave) for s in range(dcp_size))
                    // BLOCK_SIZE)
         for cache in _caches(dcp_size, interleave, num_blocks=blocks):
             cache.add_request("fits exactly", max_tokens)
@@ -198,7 +198,7 @@ def test_shard_helpers_agree_with_enumeration():
             owners = shard_of_position(positions, dcp_size, interleave)
             for shard in range(dcp_size):
                 mine = positions[owners == shard]
-                assert shard_token_count(seq_len, shard, dcp_size, interleave) == mine.numel()
+                assert shard_length(seq_len, shard, dcp_size, interleave) == mine.numel()
                 assert slot_of_position(mine, dcp_size, interleave).tolist() == list(range(mine.numel()))
 
 

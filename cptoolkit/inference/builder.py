@@ -7,7 +7,8 @@ import torch
 
 from cptoolkit.config import Config, ConfigError
 from cptoolkit.inference.engine import Engine
-from cptoolkit.inference.kv_cache import PagedKVCache, shard_token_count
+from cptoolkit.inference.kv_cache import PagedKVCache
+from cptoolkit.layers.dcp_decode import shard_length
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dcp_decode import DecodeGroup
@@ -50,7 +51,7 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
                               f"than one KV block ({bytes_per_block:,} bytes per rank for {block_size} tokens of "
                               f"{shape.num_layers} layers); raise it or lower inference.kv_block_size")
     else:
-        fullest_shard_tokens = shard_token_count(max_seq_len(cfg), 0, groups.dcp_size, interleave)
+        fullest_shard_tokens = shard_length(max_seq_len(cfg), 0, groups.dcp_size, interleave)
         num_blocks = cfg.inference.batch_size * -(-fullest_shard_tokens // block_size)
     _check_fits(cfg, num_blocks * bytes_per_block, device)
     return PagedKVCache(num_layers=shape.num_layers, num_kv_heads=num_kv_heads,

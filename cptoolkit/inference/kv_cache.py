@@ -33,13 +33,11 @@ from typing import Hashable, Sequence
 
 import torch
 
-# The one definition of the DCP token layout, shared with decode attention; shard_token_count is
-# the count of a shard's tokens among the first seq_len positions.
-from cptoolkit.layers.dcp_decode import shard_length as shard_token_count
-from cptoolkit.layers.dcp_decode import shard_of_position, slot_of_position
+# The one definition of the DCP token layout, shared with decode attention (see its glossary).
+from cptoolkit.layers.dcp_decode import shard_length, shard_of_position, slot_of_position
 from cptoolkit.inference.block_pool import BlockPool, PageKey
 
-__all__ = ["KVCacheFull", "LayerCacheView", "PagedKVCache", "shard_token_count"]
+__all__ = ["KVCacheFull", "LayerCacheView", "PagedKVCache"]
 
 
 class KVCacheFull(RuntimeError):
@@ -117,7 +115,7 @@ class PagedKVCache:
 
     def blocks_for(self, max_total_len: int) -> int:
         """Blocks every member reserves for a ``max_total_len``-token request: the fullest shard's (shard 0)."""
-        return _blocks_for(shard_token_count(max_total_len, 0, self.dcp_size, self.interleave), self.block_size)
+        return _blocks_for(shard_length(max_total_len, 0, self.dcp_size, self.interleave), self.block_size)
 
     def can_admit(self, max_total_len: int, prefix_keys: Sequence[PageKey] = ()) -> bool:
         """Whether ``add_request(..., max_total_len, prefix_keys)`` would find its blocks now."""
