@@ -10,7 +10,7 @@ PORT   ?= 29500
 # torchrun sets OMP_NUM_THREADS=1 per rank anyway; setting it here keeps its warning out of the output.
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --master-addr 127.0.0.1 --master-port $(PORT)
 
-.PHONY: run test bench faults demo clean
+.PHONY: run test test-gpu bench faults demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The CUDA tests and the GPU benchmark, on a machine whose .venv already has CUDA torch (and, for the te
+# backend, transformer-engine): nothing CUDA is installed here. Without a GPU every test skips with its reason.
+test-gpu:
+	$(PY) -m pytest -q -rs -m gpu tests/gpu
+	$(PY) bench/gpu.py --quick
 
 demo: $(STAMP)
 	$(TORCHRUN) --nproc-per-node 4 launch/train.py --config configs/demo_train.yaml --output out/demo_losses.json

@@ -63,7 +63,8 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """Either a built-in GPT shape with seeded random weights, or ``checkpoint`` (a Hugging Face
-    Llama/GPT-2 directory or a cptoolkit checkpoint) whose own config.json gives the shape."""
+    Llama / Mistral / Qwen2 / Qwen3 / GPT-2 directory or a cptoolkit checkpoint) whose own config.json
+    gives the shape. ``head_dim``: null means ``hidden_size / num_attention_heads``."""
 
     arch: Literal["llama", "gpt2"] = "llama"
     num_layers: int = 2
@@ -76,6 +77,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    head_dim: Optional[int] = None
     seed: int = 1234
     checkpoint: Optional[str] = None
 
@@ -83,8 +85,12 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads",
                      "ffn_hidden_size", "vocab_size", "max_seq_len"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size", self.hidden_size,
-                 f"must be a multiple of num_attention_heads ({self.num_attention_heads})")
+        _require(self.head_dim is None or self.head_dim >= 1, "head_dim", self.head_dim, "must be >= 1, or null")
+        _require(self.head_dim is None or self.arch == "gpt2" or self.head_dim % 2 == 0, "head_dim", self.head_dim,
+                 "must be even for llama (RoPE rotates pairs of dimensions)")
+        _require(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                 self.hidden_size, f"must be a multiple of num_attention_heads ({self.num_attention_heads}) "
+                 "unless head_dim is given")
         _require(self.num_attention_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
                  f"must divide num_attention_heads ({self.num_attention_heads})")
         _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
@@ -93,7 +99,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Requests and sampling for ``launch/infer.py``: ``prompts`` or ``prompt_file`` (one per line).
+    """Requests and sampling for ``launch/infer.py``: exactly one of ``prompts``, ``prompt_file`` (one per
+    line) or ``messages`` (conversations, each a list of ``{role, content}``, rendered by the checkpoint's
+    chat template with the assistant's turn opened; generation stops on every end-of-turn id it declares).
 
     ``max_seq_len`` caps prompt + generated tokens per request (default and upper bound: the model's
     ``max_seq_len``, e.g. a checkpoint's ``max_position_embeddings``). ``kv_cache_bytes`` is the KV
@@ -104,6 +112,7 @@ class InferenceConfig:
 
     prompts: list[str] = field(default_factory=list)
     prompt_file: Optional[str] = None
+    messages: list = field(default_factory=list)
     max_new_tokens: int = 16
     temperature: float = 0.0
     top_k: int = 0
@@ -118,8 +127,17 @@ class InferenceConfig:
     prefix_caching: bool = False
 
     def __post_init__(self):
-        _require(bool(self.prompts) != (self.prompt_file is not None), "prompts", self.prompts,
-                 "give exactly one of prompts (a list) or prompt_file (a path)")
+        given = [bool(self.prompts), self.prompt_file is not None, bool(self.messages)]
+        _require(sum(given) == 1, "prompts", self.prompts, "give exactly one of prompts (a list), prompt_file "
+                 f"(a path) or messages (a list of conversations); given: prompt_file = {self.prompt_file!r}, "
+                 f"messages = {self.messages!r}")
+        for i, conversation in enumerate(self.messages):
+            _require(isinstance(conversation, list) and bool(conversation), f"messages[{i}]", conversation,
+                     "must be a non-empty list of {role, content} messages (one conversation)")
+            for j, message in enumerate(conversation):
+                _require(isinstance(message, dict) and set(message) == {"role", "content"}
+                         and all(isinstance(v, str) for v in message.values()), f"messages[{i}][{j}]", message,
+                         "must be a mapping of exactly 'role' and 'content', both strings")
         _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
         _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
         _require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = off)")
@@ -163,15 +181,37 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where and in what precision the math runs. ``device: auto`` picks CUDA when available."""
+    """Where and in what precision the math runs. ``device: auto`` picks CUDA when available.
+    ``attention_backend`` computes every attention block (``cptoolkit.layers.block_attention``): ``torch``'s
+    flash kernels, TransformerEngine's fused attention (``te``: CUDA, bfloat16, TE installed), or ``auto``
+    (``te`` on CUDA where TransformerEngine imports, else ``torch``)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     collective_timeout_s: float = 120.0
+    attention_backend: Literal["auto", "torch", "te"] = "auto"
 
     def __post_init__(self):
         _require(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s,
                  "must be > 0")
+        if self.attention_backend == "te":
+            self._check_te_runs_here()
+
+    def _check_te_runs_here(self) -> None:
+        """``te`` needs a CUDA device, bfloat16, TransformerEngine installed and a GPU (found without importing TE)."""
+        import importlib.util
+
+        import torch
+
+        name, value = "attention_backend", self.attention_backend
+        _require(self.device != "cpu", name, value, "runs on CUDA only, and device is 'cpu'; set device: cuda "
+                 "(or auto), or attention_backend: torch")
+        _require(self.dtype == "bfloat16", name, value, f"TransformerEngine's fused attention takes bfloat16, and "
+                 f"dtype is {self.dtype!r}; set dtype: bfloat16, or attention_backend: torch")
+        _require(importlib.util.find_spec("transformer_engine") is not None, name, value, "needs TransformerEngine, "
+                 "and transformer_engine is not installed here; use auto or torch (or install transformer-engine)")
+        _require(torch.cuda.is_available(), name, value, "needs a CUDA GPU, and torch.cuda.is_available() is False "
+                 "here; use auto or torch")
 
 
 @dataclass(frozen=True)
@@ -290,6 +330,10 @@ def _check_layout(cfg: Config) -> None:
                  f"needs the query heads per TP rank (model.num_attention_heads / parallel.tp = "
                  f"{m.num_attention_heads}/{p.tp} = {heads_per_rank}) to be a multiple of {size_name} ({a2a_size}): "
                  "the all-to-all gives each member whole query heads; use p2p or all_gather, or another size")
+    if cfg.inference is not None and cfg.inference.messages:
+        _require(m.checkpoint is not None, "inference.messages", cfg.inference.messages,
+                 "needs model.checkpoint: messages are rendered by the checkpoint's chat template, and the "
+                 "built-in model's byte tokenizer has none; use inference.prompts")
     if cfg.inference is not None and cfg.inference.max_seq_len is not None:
         _require(cfg.inference.max_seq_len <= m.max_seq_len, "inference.max_seq_len", cfg.inference.max_seq_len,
                  f"must be <= model.max_seq_len ({m.max_seq_len})")

@@ -35,6 +35,25 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_nproc_per_node() -> int | None:
+    """torchrun's processes per node (``LOCAL_WORLD_SIZE``), or None outside torchrun."""
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(value) if value else None
+
+
+def check_node_layout(layout, config_source: str) -> None:
+    """Refuse a layout whose TP group would span nodes (TP all-reduces every layer), as a ConfigError."""
+    from cptoolkit.layout import check_nodes
+
+    nproc_per_node = env_nproc_per_node()
+    if nproc_per_node is None:
+        return
+    try:
+        check_nodes(layout, nproc_per_node)
+    except ValueError as err:
+        raise ConfigError(f"{config_source}: {err}") from None
+
+
 def setup_logging(rank: int, verbose: bool = False) -> None:
     """Rank 0 logs at INFO, other ranks only warnings and errors; every line says its rank.
 

@@ -345,16 +345,106 @@ def _group_lines(layout: ParallelLayout) -> list[str]:
     return lines
 
 
-def render_layout(layout: ParallelLayout) -> str:
+def render_layout(layout: ParallelLayout, nproc_per_node: int | None = None) -> str:
     """The layout's section of the golden tables: banner, title, rank grid, NOTE (if any), group lists.
 
     With ``dp > 1`` the title starts with ``DP=n``, grid rows are labelled ``dpD pcpP`` and a DP Groups section
-    follows the DCP groups; with ``hierarchical_a2a_size`` set, A2A and Ring Groups sections follow. No trailing
-    newline.
+    follows the DCP groups; with ``hierarchical_a2a_size`` set, A2A and Ring Groups sections follow. With
+    ``nproc_per_node`` the node sections follow (``node_lines``). No trailing newline.
     """
     lines = [BANNER, _title(layout), BANNER, "", *_grid(layout)]
     note = replication_note(layout)
     if note:
         lines += ["", note]
     lines += _group_lines(layout)
+    if nproc_per_node is not None:
+        lines += node_lines(layout, nproc_per_node)
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- nodes
+# torchrun starts ``nproc_per_node`` processes on every node and numbers them node after node (global rank =
+# node rank x nproc_per_node + local rank), so node boundaries are fixed cuts of the global rank order. TP,
+# varying fastest, fills a node first: its groups stay inside a node exactly when ``tp`` divides
+# ``nproc_per_node``. TP all-reduces twice per layer on every token, so it must; the PCP ring, the DCP group and
+# DP may cross nodes (a few collectives per layer, or none per step for DP).
+
+def node_of(rank: int, nproc_per_node: int) -> int:
+    return rank // nproc_per_node
+
+
+def nodes_of(group: list[int], nproc_per_node: int) -> list[int]:
+    """The nodes a group's ranks run on, ascending."""
+    return sorted({node_of(rank, nproc_per_node) for rank in group})
+
+
+def node_crossings(layout: ParallelLayout, nproc_per_node: int) -> dict[str, tuple[int, int]]:
+    """``{group kind: (its groups that span more than one node, its groups)}`` for every kind the layout prints
+    (``PCP``, ``TP``, ``DCP``, and ``DP``, ``A2A``, ``RING`` when it has them)."""
+    return {name: (sum(len(nodes_of(group, nproc_per_node)) > 1 for group in groups), len(groups))
+            for _, name, groups in _group_sections(layout)}
+
+
+def tp_across_nodes_error(layout: ParallelLayout, nproc_per_node: int) -> str | None:
+    """The rule a TP group that spans nodes breaks, naming the first such group; ``None`` when none does."""
+    for index, group in enumerate(layout.tp_groups):
+        nodes = nodes_of(group, nproc_per_node)
+        if len(nodes) > 1:
+            return (f"tp ({layout.tp}) must divide nproc_per_node ({nproc_per_node}): TP all-reduces every layer, "
+                    f"so a TP group must stay inside a node, but TP{index} {group} spans nodes "
+                    f"{_join_and([str(n) for n in nodes])}; keep tp <= nproc_per_node and a divisor of it")
+    return None
+
+
+def check_nodes(layout: ParallelLayout, nproc_per_node: int) -> None:
+    """Raise ``ValueError`` unless ``nproc_per_node`` is a positive integer that the world size is a multiple
+    of (torchrun starts as many processes on every node) and every TP group stays inside one node."""
+    if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node ({nproc_per_node!r}) must be a positive integer")
+    if layout.world_size % nproc_per_node:
+        raise ValueError(f"world size ({layout.world_size} = dp*pcp*tp) must be a multiple of nproc_per_node "
+                         f"({nproc_per_node}): torchrun starts nproc_per_node processes on every node")
+    error = tp_across_nodes_error(layout, nproc_per_node)
+    if error:
+        raise ValueError(error)
+
+
+def _span_of_ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+
+
+def node_lines(layout: ParallelLayout, nproc_per_node: int) -> list[str]:
+    """The node sections: each node's ranks and rank-grid rows, then, for every group, the nodes it spans.
+
+    A layout whose TP group spans nodes gets a WARNING line naming the rule (``tp_across_nodes_error``);
+    ``check_nodes`` refuses it instead.
+    """
+    rows = {}  # node -> labels of the grid rows (one per (dp, pcp) rank) that lie wholly on it
+    for d in range(layout.dp):
+        for p in range(layout.pcp):
+            row = [layout.global_rank(d, p, t) for t in range(layout.tp)]
+            nodes = nodes_of(row, nproc_per_node)
+            if len(nodes) == 1:
+                rows.setdefault(nodes[0], []).append(f"pcp{p}" if layout.dp == 1 else f"dp{d} pcp{p}")
+    spans = [_span_of_ranks(list(range(first, min(first + nproc_per_node, layout.world_size))))
+             for first in range(0, layout.world_size, nproc_per_node)]
+    node_width, span_width = len(f"node{len(spans) - 1}:"), max(map(len, spans))
+    lines = ["", f"Nodes ({nproc_per_node} processes per node; node of rank r = r // {nproc_per_node}):"]
+    for node, span in enumerate(spans):
+        labels = rows.get(node, [])
+        grid_rows = f"  ({'row' if len(labels) == 1 else 'rows'} {', '.join(labels)})" if labels else ""
+        lines.append(f"  {f'node{node}:'.ljust(node_width)} {span.ljust(span_width)}{grid_rows}".rstrip())
+    sections = _group_sections(layout)
+    label_width = max(len(f"{name}{len(groups) - 1}:") for _, name, groups in sections)
+    list_width = max(len(str(group)) for _, _, groups in sections for group in groups)
+    lines += ["", "Groups and nodes (TP must stay inside a node; the others may cross):"]
+    for _, name, groups in sections:
+        for index, group in enumerate(groups):
+            nodes = nodes_of(group, nproc_per_node)
+            where = (f"inside node{nodes[0]}" if len(nodes) == 1 else
+                     f"crosses nodes {_join_and([str(n) for n in nodes])}")
+            lines.append(f"  {f'{name}{index}:'.ljust(label_width)} {str(group).ljust(list_width)}  {where}")
+    warning = tp_across_nodes_error(layout, nproc_per_node)
+    if warning:
+        lines += ["", f"WARNING: {warning}"]
+    return lines

@@ -11,8 +11,10 @@ megatron-core's own global ``parallel_state`` is deliberately left uninitialized
 tests/test_parallel_state.py), and a second copy of the groups in megatron's globals could only drift.
 
 CLI: ``python -m cptoolkit.parallel_state --tp 2 --pcp 2 --dcp 4 --num-heads 8 --num-kv-heads 2 [--dp N]
-[--hierarchical-a2a-size A] [--legend]`` prints the layout's table (``render_layout``; the a2a and ring groups
-only with ``--hierarchical-a2a-size``); invalid arguments print one line on stderr and exit with status 2.
+[--hierarchical-a2a-size A] [--nproc-per-node N] [--legend]`` prints the layout's table (``render_layout``; the
+a2a and ring groups only with ``--hierarchical-a2a-size``; each node's ranks and the nodes every group spans only
+with ``--nproc-per-node``, which refuses a TP group that spans nodes); invalid arguments print one line on stderr
+and exit with status 2.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.hierarchical_prefill import HierarchicalGroups
-from cptoolkit.layout import LEGEND, ParallelLayout, RankInfo, render_layout
+from cptoolkit.layout import LEGEND, ParallelLayout, RankInfo, check_nodes, render_layout
 
 __all__ = [
     "ParallelLayout", "RankInfo", "ParallelGroups", "LEGEND", "render_layout", "validate_world_size",
@@ -259,14 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas (rows labelled dpD pcpP)")
     parser.add_argument("--hierarchical-a2a-size", type=int, help="a2a+p2p prefill: a2a group size (lists the groups)")
     parser.add_argument("--legend", action="store_true", help="print the LEGEND block first")
+    parser.add_argument("--nproc-per-node", type=int,
+                        help="processes per node (torchrun's): list each node's ranks and the nodes every group "
+                             "spans; refuse a TP group that spans nodes")
     args = parser.parse_args(argv)
     try:
         layout = ParallelLayout(tp=args.tp, pcp=args.pcp, dcp=args.dcp, num_heads=args.num_heads,
                                 num_kv_heads=args.num_kv_heads, dp=args.dp,
                                 hierarchical_a2a_size=args.hierarchical_a2a_size)
+        if args.nproc_per_node is not None:
+            check_nodes(layout, args.nproc_per_node)
     except ValueError as error:
         parser.error(str(error))
-    print(f"{LEGEND}\n\n{render_layout(layout)}" if args.legend else render_layout(layout))
+    table = render_layout(layout, nproc_per_node=args.nproc_per_node)
+    print(f"{LEGEND}\n\n{table}" if args.legend else table)
     return 0
 
 

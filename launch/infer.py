@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cptoolkit.config import ConfigError, load_config  # noqa: E402
-from cptoolkit.distributed import collective_timeout, env_rank, init_distributed, run_main  # noqa: E402
+from cptoolkit.distributed import (check_node_layout, collective_timeout, env_nproc_per_node, env_rank,  # noqa: E402
+                                   init_distributed, run_main)
 
 LOG = logging.getLogger("cptoolkit")
 
@@ -62,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
     groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
                                        num_kv_heads=m.num_kv_heads, timeout=collective_timeout(cfg.runtime),
                                        hierarchical_a2a_size=p.hierarchical_a2a_size)
-    LOG.info("%s\n", render_layout(groups.layout))
+    check_node_layout(groups.layout, cfg.source)
+    LOG.info("%s\n", render_layout(groups.layout, nproc_per_node=env_nproc_per_node()))
     engine = build_engine(cfg, groups, device)
     LOG.info("model: %s, %d layers, hidden %d; KV cache %s bytes per rank; %d requests",
              m.arch, m.num_layers, m.hidden_size, f"{engine.cache.bytes_per_rank:,}", len(prompts))

@@ -261,12 +261,14 @@ CONFIG_JSON_CASES = {
                        r"/config\.json: missing required key 'hidden_size'; add it with the value from the "
                        r"model's original config\.json$"),
     "no model_type": (lambda d: _set_config(d, model_type=None),
-                      r"/config\.json: missing required key 'model_type'; rule: 'llama' or 'gpt2'"),
+                      r"/config\.json: missing required key 'model_type'; rule: one of 'llama', 'mistral'"),
     "hidden_size as text": (lambda d: _set_config(d, hidden_size="64"),
                             r"/config\.json: hidden_size='64'; rule: must be a positive integer$"),
-    "unsupported model_type": (lambda d: _set_config(d, model_type="mistral"),
-                               r"/config\.json: model_type='mistral' is not supported; rule: 'llama' or 'gpt2' "
-                               r"\(architectures LlamaForCausalLM, GPT2LMHeadModel, GPT2Model\)$"),
+    "unsupported model_type": (lambda d: _set_config(d, model_type="gemma"),
+                               r"/config\.json: model_type='gemma' is not supported; rule: one of 'llama', "
+                               r"'mistral', 'qwen2', 'qwen3', 'gpt2' \(architectures LlamaForCausalLM, "
+                               r"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel, "
+                               r"GPT2Model\)$"),
     "unsupported architecture": (lambda d: _set_config(d, architectures=["LlamaForSequenceClassification"]),
                                  r"/config\.json: architectures=\['LlamaForSequenceClassification'\] is not "
                                  r"supported for model_type 'llama'; rule: LlamaForCausalLM$"),

@@ -127,9 +127,9 @@ def _paged_cache(dg, k_all, v_all, history_lens, chunk_len_padded, chunk_lens, h
         cache.add_request(request, history + chunk_len_padded)
         stored = history + chunk if holds_chunk else history
         if stored:
-            cache.fill_prefill(0, request, k_all[request, :, :stored], v_all[request, :, :stored],
+            cache.fill_prefill(1, request, k_all[request, :, :stored], v_all[request, :, :stored],
                                torch.arange(stored))
-    return cache.view(0, range(batch))
+    return cache.view(1, range(batch))
 
 
 def _attend_and_compare(rank, layout, dg, pcp_group, num_kv_heads, decode_comm, prefill_comm, holds_chunk,

@@ -173,10 +173,7 @@ def test_llama_checkpoint_generates_what_transformers_generates(llama_checkpoint
         assert tokens == expected, f"rank {rank}: {tokens} != transformers {expected}"
 
 
-
 def _stop_conditions_rank(rank, world_size):
-    import dataclasses
-
     cfg = _config()
     groups = initialize_model_parallel(tp=1, pcp=1, dcp=1, num_heads=8, num_kv_heads=2)
     try:

@@ -242,13 +242,14 @@ def test_hf_config_round_trip_and_unsupported_configs():
     for shape in (LLAMA, LLAMA_MQA_TIED, GPT2):
         assert GPTShape.from_hf_config(shape.to_hf_config()) == shape
     llama = LLAMA.to_hf_config()
-    with pytest.raises(ValueError, match=r"model_type='mistral' is not supported; rule: 'llama' or 'gpt2'"):
-        GPTShape.from_hf_config({**llama, "model_type": "mistral"})
-    with pytest.raises(ValueError, match=r"only unscaled RoPE \(rope_type 'default'\)"):
+    with pytest.raises(ValueError, match=r"model_type='gemma' is not supported; rule: one of 'llama', 'mistral'"):
+        GPTShape.from_hf_config({**llama, "model_type": "gemma"})
+    with pytest.raises(ValueError, match=r"missing required key 'factor'"):
         GPTShape.from_hf_config({**llama, "rope_parameters": {"rope_theta": 1e4, "rope_type": "llama3"}})
     with pytest.raises(ValueError, match=r"hidden_act='gelu'; rule: must be 'silu'"):
         GPTShape.from_hf_config({**llama, "hidden_act": "gelu"})
-    with pytest.raises(ValueError, match=r"head_dim=16; rule: must equal hidden_size / num_attention_heads = 8.0"):
-        GPTShape.from_hf_config({**llama, "head_dim": 16})
+    with pytest.raises(ValueError, match=r"head_dim=7; rule: must be even for llama \(RoPE rotates pairs"):
+        GPTShape.from_hf_config({**llama, "head_dim": 7})
+    assert GPTShape.from_hf_config({**llama, "head_dim": 16}).head_dim == 16  # Qwen3 style: != hidden / heads
     with pytest.raises(ValueError, match=r"activation_function='relu'; rule: must be the tanh GELU"):
         GPTShape.from_hf_config({**GPT2.to_hf_config(), "activation_function": "relu"})

@@ -21,7 +21,7 @@ def _merge_shards(caches, layer, request_ids, total_lens):
     """Read every shard of a batch and put each token back at its position: ``[b, 2, hkv, s, d]`` per request."""
     merged = [torch.full((2, HKV, n, HEAD_DIM), float("nan"), dtype=torch.float64) for n in total_lens]
     for cache in caches:
-        k_shard, v_shard, shard_lens = cache.view(layer, request_ids).read()
+        k_shard, v_shard, shard_lens = cache.view(layer + 1, request_ids).read()
         for row, total_len in enumerate(total_lens):
             positions = torch.arange(total_len)
             owned = positions[shard_of_position(positions, cache.dcp_size, cache.interleave) == cache.dcp_rank]
@@ -53,14 +53,14 @@ def test_prefill_then_decode_reconstructs_the_full_kv(dcp_size, interleave):
             cache.add_request(request_id, total_len)
         for layer in range(NUM_LAYERS):
             for request_id, kv, n in zip(request_ids, full, prompt_lens):
-                cache.fill_prefill(layer, request_id, kv[layer, 0, :, :n], kv[layer, 1, :, :n], torch.arange(n))
+                cache.fill_prefill(layer + 1, request_id, kv[layer, 0, :, :n], kv[layer, 1, :, :n], torch.arange(n))
     for step in range(num_decode_steps):
         positions = torch.tensor([n + step for n in prompt_lens])
         for layer in range(NUM_LAYERS):
             k_new = torch.stack([kv[layer, 0, :, p:p + 1] for kv, p in zip(full, positions.tolist())])
             v_new = torch.stack([kv[layer, 1, :, p:p + 1] for kv, p in zip(full, positions.tolist())])
             for cache in caches:
-                cache.view(layer, request_ids).append(k_new, v_new, positions)
+                cache.view(layer + 1, request_ids).append(k_new, v_new, positions)
         if step == 3:
             seen = (positions + 1).tolist()
             _assert_exact(_merge_shards(caches, 0, request_ids, seen),
@@ -77,7 +77,7 @@ def test_views_read_any_batch_order_and_subset():
     for cache in caches:
         for r, n in lens.items():
             cache.add_request(r, n)
-            cache.fill_prefill(1, r, full[r][0], full[r][1], torch.arange(n))
+            cache.fill_prefill(2, r, full[r][0], full[r][1], torch.arange(n))
     _assert_exact(_merge_shards(caches, 1, ["y", "x"], [12, 7]), [full["y"], full["x"]], "batch order y, x")
     _assert_exact(_merge_shards(caches, 1, ["x"], [7]), [full["x"]], "batch of x alone")
     _assert_exact(_merge_shards(caches, 0, ["x"], [0]), [full["x"][:, :, :0]], "untouched layer 0")
@@ -91,11 +91,11 @@ def test_fill_prefill_accepts_own_positions_only_and_in_chunks():
     for ref, own, chunks in zip(reference, own_positions, chunked):
         for cache in (ref, own, chunks):
             cache.add_request(0, n)
-        ref.fill_prefill(0, 0, kv[0], kv[1], torch.arange(n))
+        ref.fill_prefill(1, 0, kv[0], kv[1], torch.arange(n))
         mine = torch.nonzero(shard_of_position(torch.arange(n), 4, 2) == own.dcp_rank).flatten()
-        own.fill_prefill(0, 0, kv[0][:, mine.flip(0)], kv[1][:, mine.flip(0)], mine.flip(0))
+        own.fill_prefill(1, 0, kv[0][:, mine.flip(0)], kv[1][:, mine.flip(0)], mine.flip(0))
         for start, end in [(0, 5), (5, 11), (11, n)]:
-            chunks.fill_prefill(0, 0, kv[0][:, start:end], kv[1][:, start:end], torch.arange(start, end))
+            chunks.fill_prefill(1, 0, kv[0][:, start:end], kv[1][:, start:end], torch.arange(start, end))
     for caches, what in [(reference, "all positions"), (own_positions, "own positions, reversed"),
                          (chunked, "three chunks")]:
         _assert_exact(_merge_shards(caches, 0, [0], [n]), [kv], what)
@@ -106,14 +106,14 @@ def test_out_of_order_writes_are_rejected():
     cache.add_request("r", 16)
     kv = torch.randn(2, HKV, 16, HEAD_DIM, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"must continue its stored sequence at shard slot 0 .*got slots \[1, 2\]"):
-        cache.fill_prefill(0, "r", kv[0][:, 3:7], kv[1][:, 3:7], torch.arange(3, 7))
-    cache.fill_prefill(0, "r", kv[0][:, :4], kv[1][:, :4], torch.arange(4))
-    view = cache.view(0, ["r"])
+        cache.fill_prefill(1, "r", kv[0][:, 3:7], kv[1][:, 3:7], torch.arange(3, 7))
+    cache.fill_prefill(1, "r", kv[0][:, :4], kv[1][:, :4], torch.arange(4))
+    view = cache.view(1, ["r"])
     k_new = torch.randn(1, HKV, 1, HEAD_DIM)
     with pytest.raises(ValueError, match=r"next owned position must map to slot 2 .*got position 7, slot 3"):
         view.append(k_new, k_new, torch.tensor([7]))
     view.append(k_new, k_new, torch.tensor([4]))  # owned by shard 0: ignored here
-    assert cache.shard_len(0, "r") == 2
+    assert cache.shard_len(1, "r") == 2
     with pytest.raises(ValueError, match=r"max_total_len = 16\), so .* got position 17"):
         view.append(k_new, k_new, torch.tensor([17]))
     with pytest.raises(ValueError, match=r"max_total_len = 16\), so .* got position 16"):
@@ -128,13 +128,13 @@ def test_freeing_returns_blocks_and_reused_blocks_hold_new_data():
     cache.add_request("old", 20)  # 10 shard tokens -> 3 blocks of 4
     assert cache.num_free_blocks == 3 and cache.used_bytes == 3 * cache.bytes_per_block
     old = torch.ones(HKV, 20, HEAD_DIM)
-    cache.fill_prefill(0, "old", old, old, torch.arange(20))
+    cache.fill_prefill(1, "old", old, old, torch.arange(20))
     cache.free_request("old")
     assert cache.num_free_blocks == 6 and cache.used_bytes == 0
     cache.add_request("new", 24)  # 12 shard tokens -> 3 blocks, taken from the free list
     new = torch.randn(HKV, 5, HEAD_DIM, dtype=torch.float64)
-    cache.fill_prefill(0, "new", new, new, torch.arange(5))
-    k_shard, _, lens = cache.view(0, ["new"]).read()
+    cache.fill_prefill(1, "new", new, new, torch.arange(5))
+    k_shard, _, lens = cache.view(1, ["new"]).read()
     assert lens.tolist() == [3] and torch.equal(k_shard[0], new[:, [0, 2, 4]])
     with pytest.raises(KeyError, match="request 'old' is not in the KV cache of DCP rank 0"):
         cache.free_request("old")
@@ -162,16 +162,16 @@ def test_every_member_reserves_the_same_blocks_and_reuses_cached_pages():
     kv = torch.randn(HKV, 20, HEAD_DIM, dtype=torch.float64)
     for cache in caches:
         assert cache.add_request("first", 24, keys) == 0
-        cache.fill_prefill(0, "first", kv, kv, torch.arange(20))
         cache.fill_prefill(1, "first", kv, kv, torch.arange(20))
+        cache.fill_prefill(2, "first", kv, kv, torch.arange(20))
         cache.register_pages("first", keys)
         cache.free_request("first")  # its two pages stay cached
         assert cache.add_request("second", 30, keys) == 2
-        assert cache.shard_len(0, "second") == cache.shard_len(1, "second") == 8
+        assert cache.shard_len(1, "second") == cache.shard_len(2, "second") == 8
     tables = [cache._state("second").block_ids.tolist() for cache in caches]
     assert tables[0] == tables[1] and [c.num_free_blocks for c in caches] == [4, 4]
     for cache in caches:
-        k_shard, _, lens = cache.view(1, ["second"]).read()
+        k_shard, _, lens = cache.view(2, ["second"]).read()
         owned = [t for t in range(16) if (t // 2) % 2 == cache.dcp_rank]
         assert lens.tolist() == [8] and torch.equal(k_shard[0], kv[:, owned])
 
@@ -239,13 +239,13 @@ def _decode_through_paged_views(rank, world_size, interleave, comm):
     cache = PagedKVCache(1, HKV, HEAD_DIM, BLOCK_SIZE, 16, dg.dcp_rank, world_size, interleave, torch.float64)
     for row, (prompt_len, total_len) in enumerate(zip(prompt_lens, total_lens)):
         cache.add_request(row, total_len)
-        cache.fill_prefill(0, row, k[row, :, :prompt_len], v[row, :, :prompt_len], torch.arange(prompt_len))
+        cache.fill_prefill(1, row, k[row, :, :prompt_len], v[row, :, :prompt_len], torch.arange(prompt_len))
     errors = []
     for step in range(num_steps):
         positions = torch.tensor(prompt_lens) + step
         pick = (torch.arange(3), slice(None), positions)
         out = dcp_decode_attention(q[pick][:, :, None], k[pick][:, :, None], v[pick][:, :, None],
-                                   cache.view(0, [0, 1, 2]), positions, dg, comm, scale)
+                                   cache.view(1, [0, 1, 2]), positions, dg, comm, scale)
         for row, position in enumerate(positions.tolist()):
             keys, values = (x[row, :, :position + 1].repeat_interleave(hq // HKV, 0) for x in (k, v))
             scores = torch.einsum("hd,hkd->hk", q[row, :, position], keys) * scale
@@ -262,3 +262,14 @@ def test_dcp_decode_attention_over_paged_shards_equals_full_attention():
             # the partials are merged in float32 (dcp_decode), hence float32 rounding on float64 inputs
             assert max_error < 2e-6, (f"interleave {interleave}, {comm}: rank {rank} max abs error {max_error}, "
                                       f"mean {mean_error}")
+
+
+def test_layers_are_named_by_megatrons_one_based_layer_number():
+    cache = _caches(1, 1)[0]
+    cache.add_request("r", 8)
+    for bad in (0, NUM_LAYERS + 1):
+        with pytest.raises(ValueError, match=rf"layer_number = {bad!r} is invalid: it must be in \[1, {NUM_LAYERS}\]"):
+            cache.view(bad, ["r"])
+    kv = torch.ones(HKV, 3, HEAD_DIM, dtype=torch.float64)
+    cache.fill_prefill(NUM_LAYERS, "r", kv, kv, torch.arange(3))
+    assert cache.shard_len(NUM_LAYERS, "r") == 3 and cache.shard_len(1, "r") == 0

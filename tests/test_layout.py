@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from cptoolkit.layout import BANNER, LEGEND, ParallelLayout, render_layout
+from cptoolkit.layout import BANNER, LEGEND, ParallelLayout, check_nodes, node_crossings, render_layout
 
 # A copy of shared/spec/layout_tables.txt, so a clone without shared/ beside it still checks the tables.
 GOLDEN = Path(__file__).parent / "golden/layout_tables.txt"
@@ -201,3 +202,55 @@ def test_invalid_layout_names_field_and_rule(kwargs, message):
 def test_rank_out_of_range():
     with pytest.raises(ValueError, match=r"rank \(4\) must be in \[0, world_size=4\)"):
         ParallelLayout(tp=2, pcp=2, dcp=2, num_heads=8, num_kv_heads=2).rank_info(4)
+
+
+# ----------------------------------------------------------------------------- nodes
+def test_node_sections_list_each_nodes_ranks_and_where_every_group_runs():
+    layout = ParallelLayout(tp=2, pcp=2, dcp=4, num_heads=8, num_kv_heads=2)
+    text = render_layout(layout, nproc_per_node=2)
+    assert text.startswith(render_layout(layout) + "\n\n")  # the table itself is unchanged
+    assert text[len(render_layout(layout)) + 1:].split("\n") == [
+        "",
+        "Nodes (2 processes per node; node of rank r = r // 2):",
+        "  node0: ranks 0-1  (row pcp0)",
+        "  node1: ranks 2-3  (row pcp1)",
+        "",
+        "Groups and nodes (TP must stay inside a node; the others may cross):",
+        "  PCP0: [0, 2]        crosses nodes 0 and 1",
+        "  PCP1: [1, 3]        crosses nodes 0 and 1",
+        "  TP0:  [0, 1]        inside node0",
+        "  TP1:  [2, 3]        inside node1",
+        "  DCP0: [0, 2, 1, 3]  crosses nodes 0 and 1"]
+    assert "crosses" not in render_layout(layout, nproc_per_node=4).split("Groups and nodes")[1]
+
+
+def test_a_tp_group_across_nodes_is_refused_and_warned_with_the_rule():
+    layout = ParallelLayout(tp=4, pcp=2, dcp=2, num_heads=8, num_kv_heads=2)
+    rule = (r"^tp \(4\) must divide nproc_per_node \(2\): TP all-reduces every layer, so a TP group must stay inside "
+            r"a node, but TP0 \[0, 1, 2, 3\] spans nodes 0 and 1; keep tp <= nproc_per_node and a divisor of it$")
+    with pytest.raises(ValueError, match=rule):
+        check_nodes(layout, 2)
+    assert re.search(rule[1:], render_layout(layout, nproc_per_node=2).split("\n")[-1])
+    assert render_layout(layout, nproc_per_node=2).split("\n")[-1].startswith("WARNING: tp (4) must divide")
+    with pytest.raises(ValueError, match=r"^world size \(8 = dp\*pcp\*tp\) must be a multiple of nproc_per_node \(3\)"):
+        check_nodes(layout, 3)
+    with pytest.raises(ValueError, match=r"^nproc_per_node \(0\) must be a positive integer$"):
+        check_nodes(layout, 0)
+
+
+def test_node_rules_over_every_valid_layout():
+    """TP stays inside nodes exactly when tp divides nproc_per_node; node_crossings counts, per group kind,
+    the groups whose ranks r have more than one r // nproc_per_node."""
+    for layout in _valid_layouts():
+        for nproc in (n for n in (1, 2, 3, 4, 8, 16) if layout.world_size % n == 0):
+            crossings = node_crossings(layout, nproc)
+            for kind, groups in (("TP", layout.tp_groups), ("PCP", layout.pcp_groups), ("DCP", layout.dcp_groups)):
+                spans = [len({rank // nproc for rank in group}) > 1 for group in groups]
+                assert crossings[kind] == (sum(spans), len(groups)), f"{layout} nproc={nproc} {kind}"
+            tp_inside = nproc % layout.tp == 0
+            assert (crossings["TP"][0] == 0) == tp_inside, f"{layout} nproc={nproc}"
+            if tp_inside:
+                check_nodes(layout, nproc)
+            else:
+                with pytest.raises(ValueError, match=r"must divide nproc_per_node"):
+                    check_nodes(layout, nproc)

@@ -49,6 +49,35 @@ GPT2_KINDS = {
     "decoder.final_layernorm.weight": "norm",
     "decoder.final_layernorm.bias": "norm",
 }
+# Qwen2's q/k/v biases are rows of the fused QKV; Qwen3's q/k norms are one [head_dim] weight for every head.
+QWEN2_KINDS = {**LLAMA_KINDS, "decoder.layers.0.self_attention.linear_qkv.bias": "fused_qkv"}
+QWEN3_KINDS = {**LLAMA_KINDS, "decoder.layers.0.self_attention.q_layernorm.weight": "norm",
+               "decoder.layers.0.self_attention.k_layernorm.weight": "norm"}
+
+
+def _checkpoint_families(rank, world_size):
+    """The kinds of a Qwen2-shaped (q/k/v biases) and a Qwen3-shaped (q/k norms, head_dim 16 != 32 / 4)
+    model, built as a checkpoint's shape is."""
+    from cptoolkit.layers.core_attention import AttentionRuntime
+    from cptoolkit.models.build import new_gpt_model
+    from cptoolkit.models.shape import GPTShape
+    from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
+
+    shapes = {"qwen2": GPTShape(arch="llama", num_kv_heads=2, qkv_bias=True, **MODEL),
+              "qwen3": GPTShape(arch="llama", num_kv_heads=2, qk_norm=True, head_dim=16, **MODEL)}
+    groups = initialize_model_parallel(tp=1, pcp=1, dcp=1, num_heads=4, num_kv_heads=2)
+    try:
+        models = {family: new_gpt_model(shape, groups.megatron_pg_collection(), AttentionRuntime())
+                  for family, shape in shapes.items()}
+        return {family: {name: kind.name for name, kind in param_kinds(model).items()}
+                for family, model in models.items()}
+    finally:
+        destroy_model_parallel()
+
+
+def test_checkpoint_families_new_parameters_have_their_kinds():
+    kinds = run_ranks(1, _checkpoint_families, timeout_s=120)[0]
+    assert kinds == {"qwen2": QWEN2_KINDS, "qwen3": QWEN3_KINDS}
 
 
 def _built_models(rank, world_size):

@@ -274,3 +274,17 @@ def test_cli_lists_hierarchical_groups():
     assert result.returncode == 0, result.stderr
     assert result.stdout == render_layout(ParallelLayout(1, 4, 4, 8, 2, hierarchical_a2a_size=2)) + "\n"
     assert "  A2A1:  [2, 3]" in result.stdout and "  RING1: [1, 3]" in result.stdout
+
+
+# ----------------------------------------------------------------------------- nodes
+def test_cli_marks_nodes_with_nproc_per_node_and_refuses_tp_across_nodes():
+    args = ("--tp", "2", "--pcp", "2", "--dcp", "4", "--num-heads", "8", "--num-kv-heads", "2")
+    result = _cli(*args, "--nproc-per-node", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == render_layout(ParallelLayout(2, 2, 4, 8, 2), nproc_per_node=2) + "\n"
+    assert "  TP1:  [2, 3]        inside node1" in result.stdout
+    refused = _cli(*args, "--nproc-per-node", "1")
+    assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1
+    assert ("error: tp (2) must divide nproc_per_node (1): TP all-reduces every layer, so a TP group must stay "
+            "inside a node, but TP0 [0, 1] spans nodes 0 and 1; keep tp <= nproc_per_node and a divisor of it"
+            in refused.stderr)

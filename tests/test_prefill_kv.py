@@ -19,7 +19,7 @@ def _route_rank(rank, world_size):
     for (tp, pcp, dcp, kv_heads), interleave in itertools.product(LAYOUTS, (1, 3)):
         groups = initialize_model_parallel(tp=tp, pcp=pcp, dcp=dcp, num_heads=8, num_kv_heads=kv_heads)
         try:
-            layout, info = groups.layout, groups.rank_info
+            info = groups.rank_info
             dg = DecodeGroup.from_parallel_groups(groups, interleave)
             seq_len_padded, batch, head_dim = 24, 2, 4
             full = torch.Generator().manual_seed(5)

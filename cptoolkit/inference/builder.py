@@ -20,7 +20,11 @@ from cptoolkit.parallel_state import ParallelGroups
 
 def attention_runtime(cfg: Config, groups: ParallelGroups) -> AttentionRuntime:
     """The attention state every layer shares: PCP group (and, for ``a2a+p2p``, its hierarchical sub-groups)
-    for prefill, DCP group for decode."""
+    for prefill, DCP group for decode. Also selects the block kernels' backend (``runtime.attention_backend``,
+    process-wide in ``block_attention``), before the model is built: ``te`` builds megatron's TE layer spec."""
+    from cptoolkit.layers.block_attention import set_backend
+
+    set_backend(cfg.runtime.attention_backend)
     p = cfg.parallel
     if p.prefill_comm == "a2a+p2p" and groups.hcp_groups is None:
         raise ValueError(f"parallel.prefill_comm = 'a2a+p2p' needs the hierarchical groups: build the groups with "
@@ -94,8 +98,13 @@ def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device) -> E
                   prefill_chunk_size=cfg.inference.prefill_chunk_size, prefix_caching=cfg.inference.prefix_caching)
 
 
-def read_prompts(cfg: Config) -> list[str]:
-    """``inference.prompts``, or the non-empty lines of ``inference.prompt_file`` (relative to the config)."""
+def read_prompts(cfg: Config) -> list[str | list[int]]:
+    """``inference.prompts``; or the non-empty lines of ``inference.prompt_file`` (relative to the config);
+    or each conversation of ``inference.messages`` as the token ids the checkpoint's chat template renders
+    (``render_chat``: the tokenizer's own template, generation prompt added)."""
+    if cfg.inference.messages:
+        tokenizer = load_tokenizer(cfg.model.checkpoint)
+        return [tokenizer.render_chat(conversation) for conversation in cfg.inference.messages]
     if cfg.inference.prompt_file is None:
         return list(cfg.inference.prompts)
     path = Path(cfg.inference.prompt_file)

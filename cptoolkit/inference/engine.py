@@ -350,7 +350,7 @@ class Engine:
                                                        self.runtime.decode_group)
         for row, (request_id, chunk_len, start) in enumerate(zip(request_ids, chunk_lens, history)):
             real = positions < chunk_len  # padding tokens are never cached
-            self.cache.fill_prefill(layer_number - 1, request_id, k_shard[row][:, real], v_shard[row][:, real],
+            self.cache.fill_prefill(layer_number, request_id, k_shard[row][:, real], v_shard[row][:, real],
                                     (positions[real] + start).to(k.device))
 
     def _prefix_keys(self, request: Request, whole_pages_only_before_last: bool) -> list[PageKey]:
@@ -367,8 +367,8 @@ class Engine:
             self.cache.register_pages(request.request_id, self._prefix_keys(request, False))
 
     def _cache_views(self, request_ids: list[int]) -> dict:
-        """``{layer_number: view}``: every layer's cache for this batch (layer numbers are megatron's, 1-based)."""
-        return {layer + 1: self.cache.view(layer, request_ids) for layer in range(self.shape.num_layers)}
+        """``{layer_number: view}``: every layer's cache for this batch."""
+        return {number: self.cache.view(number, request_ids) for number in range(1, self.shape.num_layers + 1)}
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self, requests: list[Request]) -> list[TokenEvent]:
@@ -415,7 +415,7 @@ class Engine:
         return events
 
     def _finish_reason(self, request: Request, token: int) -> Optional[str]:
-        if token == self.tokenizer.eos_token_id or token in request.sampling.stop_token_ids:
+        if token in self.tokenizer.eos_token_ids or token in request.sampling.stop_token_ids:
             return "eos"
         if any(stop in request.text for stop in request.sampling.stop_strings):
             return "stop"

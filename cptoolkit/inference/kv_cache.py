@@ -21,8 +21,9 @@ block_size * dcp_size``; needs ``block_size % interleave == 0``), so a cached pa
 putting its block in the new request's table; the request then starts with ``reused_pages *
 block_size`` tokens stored on every layer.
 
-``view(layer, request_ids)`` returns the ``LayerCacheView`` that DCP decode attention uses for one
-layer and one batch: ``append`` stores the new token of the requests this shard owns and ignores the
+Layers are named by megatron-core's ``layer_number`` (1 .. num_layers), as the attention layers name
+them. ``view(layer_number, request_ids)`` returns the ``LayerCacheView`` that DCP decode attention uses
+for one layer and one batch: ``append`` stores the new token of the requests this shard owns and ignores the
 rest; ``read`` gathers the batch's shard into contiguous right-padded tensors. No collective runs
 here: every DCP member calls the same methods with the same arguments and keeps its own shard.
 """
@@ -166,11 +167,11 @@ class PagedKVCache:
         self.pool.release(state.block_ids.tolist())
         del self._requests[request_id]
 
-    def shard_len(self, layer: int, request_id: Hashable) -> int:
-        """Tokens of ``request_id`` stored on this rank for ``layer``."""
-        return int(self._state(request_id).shard_lens[layer])
+    def shard_len(self, layer_number: int, request_id: Hashable) -> int:
+        """Tokens of ``request_id`` stored on this rank for layer ``layer_number``."""
+        return int(self._state(request_id).shard_lens[self._layer_index(layer_number)])
 
-    def fill_prefill(self, layer: int, request_id: Hashable, k: torch.Tensor, v: torch.Tensor,
+    def fill_prefill(self, layer_number: int, request_id: Hashable, k: torch.Tensor, v: torch.Tensor,
                      positions: torch.Tensor) -> None:
         """Store the prompt K/V ``[num_kv_heads, n, head_dim]`` at ``positions [n]`` that this shard owns.
 
@@ -179,6 +180,7 @@ class PagedKVCache:
         (several calls may fill a prompt chunk by chunk, in order).
         """
         self._check_kv(k, v, positions, "fill_prefill", (self.num_kv_heads, positions.numel(), self.head_dim))
+        layer = self._layer_index(layer_number)
         state = self._state(request_id)
         owned = shard_of_position(positions, self.dcp_size, self.interleave) == self.dcp_rank
         slots = slot_of_position(positions[owned], self.dcp_size, self.interleave)
@@ -194,10 +196,14 @@ class PagedKVCache:
                     k[:, owned].transpose(0, 1), v[:, owned].transpose(0, 1))
         state.shard_lens[layer] = start + slots.numel()
 
-    def view(self, layer: int, request_ids: Sequence[Hashable]) -> "LayerCacheView":
-        """The cache of ``layer`` for one decode batch (``request_ids`` in batch order)."""
-        _require(0 <= layer < self.num_layers, "layer", layer, f"it must be in [0, {self.num_layers})")
-        return LayerCacheView(self, layer, list(request_ids))
+    def view(self, layer_number: int, request_ids: Sequence[Hashable]) -> "LayerCacheView":
+        """The cache of layer ``layer_number`` for one batch (``request_ids`` in batch order)."""
+        return LayerCacheView(self, self._layer_index(layer_number), list(request_ids))
+
+    def _layer_index(self, layer_number: int) -> int:
+        _require(1 <= layer_number <= self.num_layers, "layer_number", layer_number,
+                 f"it must be in [1, {self.num_layers}] (megatron-core numbers layers from 1)")
+        return layer_number - 1
 
     def _state(self, request_id: Hashable) -> _RequestState:
         if request_id not in self._requests:

@@ -38,7 +38,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.distributed import ProcessGroup
 
-from cptoolkit.layers.block_attention import attention_forward
+from cptoolkit.layers.block_attention import attention_forward, current_backend
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.context_attention import context_attention
 from cptoolkit.layers.dcp_decode import DecodeGroup, ShardedKVCache, dcp_decode_attention
@@ -378,15 +378,36 @@ def runtime_from_megatron(config: TransformerConfig, layer_number: int, cp_comm_
     return AttentionRuntime(pcp_group=pcp_group, prefill_comm=comm, hcp_groups=hcp_groups)
 
 
-def get_gpt_layer_spec(runtime: AttentionRuntime, arch: str) -> ModuleSpec:
-    """megatron-core's local GPT layer spec with ``CPCoreAttention`` as its core attention.
+def get_gpt_layer_spec(runtime: AttentionRuntime, arch: str, transformer_engine: Optional[bool] = None
+                       ) -> ModuleSpec:
+    """megatron-core's GPT layer spec with ``CPCoreAttention`` as its core attention.
 
-    ``arch="llama"``: RMSNorm (SwiGLU comes from the config's ``gated_linear_unit``);
-    ``arch="gpt2"``: LayerNorm. Every layer built from the spec shares ``runtime``.
+    ``transformer_engine=False``: megatron's local spec; ``arch="llama"``: RMSNorm (SwiGLU comes from the
+    config's ``gated_linear_unit``), ``arch="gpt2"``: LayerNorm. ``True``: megatron's TransformerEngine spec
+    (``get_gpt_layer_with_transformer_engine_spec``): each input norm fused into the ``linear_qkv`` /
+    ``linear_fc1`` after it (TE's ``LayerNormLinear``, norm type from the config's ``normalization``), TE's
+    row-parallel ``linear_proj``/``linear_fc2``. ``None`` (default): ``True`` exactly when the block kernels'
+    backend is ``te`` (``block_attention.current_backend()``, from ``runtime.attention_backend``); ``auto``
+    keeps the local spec, because the spec decides the parameter names a checkpoint must have.
+    Every layer built from the spec shares ``runtime``.
     """
     if arch not in LAYER_NORMS:
         raise ValueError(f"arch={arch!r} is not supported; rule: one of {sorted(LAYER_NORMS)}")
-    spec = get_gpt_layer_local_spec(normalization=LAYER_NORMS[arch])
+    if transformer_engine is None:
+        transformer_engine = current_backend() == "te"
+    spec = (_transformer_engine_layer_spec() if transformer_engine
+            else get_gpt_layer_local_spec(normalization=LAYER_NORMS[arch]))
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=CPCoreAttention, params={"runtime": runtime})
     return spec
+
+
+def _transformer_engine_layer_spec() -> ModuleSpec:
+    """megatron's dense TransformerEngine GPT layer spec; ImportError where megatron-core found no TE."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if not gpt_layer_specs.HAVE_TE:
+        raise ImportError("get_gpt_layer_spec(transformer_engine=True): megatron-core found no TransformerEngine "
+                          "here (import transformer_engine failed); rule: megatron's TE layer spec needs "
+                          "transformer-engine installed; use the local spec (runtime.attention_backend auto or torch)")
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()

@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from cptoolkit.layers.core_attention import AttentionRuntime, get_gpt_layer_spec
@@ -23,22 +25,36 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def megatron_config(shape: GPTShape, tp_size: int, dtype: torch.dtype) -> TransformerConfig:
-    """The megatron-core config of ``shape`` at TP=``tp_size``: CPU init, no dropout, no fusions."""
+    """The megatron-core config of ``shape`` at TP=``tp_size``: CPU init, no dropout, no fusions.
+    YaRN's ``attention_factor`` multiplies RoPE's cos and sin in transformers, so q and k each; here the
+    softmax scale carries its square instead."""
     llama = shape.arch == "llama"
     return TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size,
         num_attention_heads=shape.num_attention_heads,
         num_query_groups=max(shape.num_kv_heads, tp_size), kv_channels=shape.head_dim,
+        softmax_scale=shape.rope_scaling.attention_factor ** 2 / math.sqrt(shape.head_dim),
         ffn_hidden_size=shape.ffn_hidden_size, tensor_model_parallel_size=tp_size,
         normalization="RMSNorm" if llama else "LayerNorm", layernorm_epsilon=shape.norm_eps,
         gated_linear_unit=llama, activation_func=F.silu if llama else _gelu_tanh,
-        add_bias_linear=not llama, add_qkv_bias=not llama,
+        add_bias_linear=not llama, add_qkv_bias=not llama or shape.qkv_bias, qk_layernorm=shape.qk_norm,
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=True, perform_initialization=False,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         cross_entropy_loss_fusion=False)
+
+
+def layer_spec(shape: GPTShape, runtime: AttentionRuntime) -> ModuleSpec:
+    """cptoolkit's layer spec for ``shape.arch``, with ``qk_norm``: an RMSNorm over ``head_dim`` for the
+    query and the key heads (megatron's ``q_layernorm``/``k_layernorm``, as its local spec with
+    ``qk_layernorm=True`` builds them), applied before RoPE as in Qwen3."""
+    spec = get_gpt_layer_spec(runtime, shape.arch)
+    if shape.qk_norm:
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = WrappedTorchNorm
+    return spec
 
 
 def new_gpt_model(shape: GPTShape, pg_collection: ProcessGroupCollection, runtime: AttentionRuntime,
@@ -51,7 +67,7 @@ def new_gpt_model(shape: GPTShape, pg_collection: ProcessGroupCollection, runtim
     check_tp(shape, tp_size)
     model = CPGPTModel(
         shape, config=megatron_config(shape, tp_size, dtype),
-        transformer_layer_spec=get_gpt_layer_spec(runtime, shape.arch),
+        transformer_layer_spec=layer_spec(shape, runtime),
         vocab_size=padded_vocab_size(shape, tp_size), max_sequence_length=shape.max_seq_len,
         share_embeddings_and_output_weights=shape.tie_embeddings,
         position_embedding_type="rope" if shape.arch == "llama" else "learned_absolute",

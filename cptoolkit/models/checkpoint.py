@@ -5,8 +5,9 @@ tensors under a TP=1 model's parameter names); ``load_full_state_dict`` then cut
 slice, so any checkpoint loads at any TP size. ``config.json`` is read by ``cptoolkit.models.shape``.
 
 - Hugging Face (``config.json`` + ``model.safetensors`` or a sharded ``model.safetensors.index.json``;
-  no hub access): ``LlamaForCausalLM`` (q/k/v/o, gate/up/down, RMSNorm, GQA) and ``GPT2LMHeadModel``
-  (Conv1D weights stored ``[in, out]``, transposed here).
+  no hub access): the Llama family (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
+  ``Qwen3ForCausalLM``: q/k/v/o, gate/up/down, RMSNorm, GQA, Qwen2's q/k/v biases, Qwen3's q/k norms)
+  and ``GPT2LMHeadModel`` (Conv1D weights stored ``[in, out]``, transposed here).
 - cptoolkit: ``save_checkpoint`` writes the full state dict in one ``model.safetensors`` plus a
   ``config.json`` that is a Hugging Face config of the same shape with ``"cptoolkit_format": 1``, so
   the shape is read the same way for both formats.
@@ -99,7 +100,7 @@ def _checked(weights: StateDict, expected: Shapes, source: Path, shape: GPTShape
 # ----------------------------------------------------------------------------- Hugging Face formats
 
 def llama_tensor_shapes(shape: GPTShape) -> Shapes:
-    """Every tensor a ``LlamaForCausalLM`` checkpoint of ``shape`` holds, with its shape."""
+    """Every tensor a Llama-family checkpoint of ``shape`` holds, with its shape."""
     hidden, ffn, vocab = shape.hidden_size, shape.ffn_hidden_size, shape.vocab_size
     q_rows, kv_rows = shape.num_attention_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
@@ -118,24 +119,40 @@ def llama_tensor_shapes(shape: GPTShape) -> Shapes:
             hf + "mlp.up_proj.weight": (ffn, hidden),
             hf + "mlp.down_proj.weight": (hidden, ffn),
         })
+        if shape.qkv_bias:
+            shapes.update({hf + "self_attn.q_proj.bias": (q_rows,), hf + "self_attn.k_proj.bias": (kv_rows,),
+                           hf + "self_attn.v_proj.bias": (kv_rows,)})
+        if shape.qk_norm:
+            shapes.update({hf + "self_attn.q_norm.weight": (shape.head_dim,),
+                           hf + "self_attn.k_norm.weight": (shape.head_dim,)})
     return shapes
 
 
 def llama_to_full(weights: StateDict, shape: GPTShape) -> StateDict:
-    """``LlamaForCausalLM`` tensors -> the full state dict (fused QKV per KV group, fc1 = [gate; up])."""
+    """Llama-family tensors -> the full state dict (fused QKV per KV group, its biases fused alike,
+    fc1 = [gate; up], q/k norms as megatron's ``q_layernorm``/``k_layernorm``)."""
     heads, kv_heads, head_dim = shape.num_attention_heads, shape.num_kv_heads, shape.head_dim
+
+    def qkv(hf: str, suffix: str) -> torch.Tensor:  # q/k/v_proj rows, per head -> megatron's query groups
+        q, k, v = (weights[f"{hf}self_attn.{name}_proj.{suffix}"] for name in "qkv")
+        per_head = (head_dim, *q.shape[1:])
+        return fuse_qkv(q.reshape(heads, *per_head), k.reshape(kv_heads, *per_head),
+                        v.reshape(kv_heads, *per_head), kv_heads)
+
     full = {"embedding.word_embeddings.weight": weights["model.embed_tokens.weight"],
             "decoder.final_layernorm.weight": weights["model.norm.weight"]}
     if not shape.tie_embeddings:
         full["output_layer.weight"] = weights["lm_head.weight"]
     for layer in range(shape.num_layers):
         hf, mc = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-        q = weights[hf + "self_attn.q_proj.weight"].reshape(heads, head_dim, -1)
-        k = weights[hf + "self_attn.k_proj.weight"].reshape(kv_heads, head_dim, -1)
-        v = weights[hf + "self_attn.v_proj.weight"].reshape(kv_heads, head_dim, -1)
+        if shape.qkv_bias:
+            full[mc + "self_attention.linear_qkv.bias"] = qkv(hf, "bias")
+        if shape.qk_norm:
+            full[mc + "self_attention.q_layernorm.weight"] = weights[hf + "self_attn.q_norm.weight"]
+            full[mc + "self_attention.k_layernorm.weight"] = weights[hf + "self_attn.k_norm.weight"]
         full.update({
             mc + "input_layernorm.weight": weights[hf + "input_layernorm.weight"],
-            mc + "self_attention.linear_qkv.weight": fuse_qkv(q, k, v, kv_heads),
+            mc + "self_attention.linear_qkv.weight": qkv(hf, "weight"),
             mc + "self_attention.linear_proj.weight": weights[hf + "self_attn.o_proj.weight"],
             mc + "pre_mlp_layernorm.weight": weights[hf + "post_attention_layernorm.weight"],
             mc + "mlp.linear_fc1.weight": torch.cat([weights[hf + "mlp.gate_proj.weight"],

@@ -17,8 +17,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 
 
 def model_shape(cfg: Config) -> GPTShape:
-    """The model's shape from ``cfg.model`` (already filled from a checkpoint's config.json)."""
-    names = {f.name for f in dataclasses.fields(GPTShape)}
+    """The built-in model's shape from ``cfg.model``: the ``GPTShape`` fields a config can set (the
+    others, q/k/v biases, q/k norms and RoPE scaling, come only from a checkpoint's config.json)."""
+    names = {f.name for f in dataclasses.fields(GPTShape)} & {f.name for f in dataclasses.fields(cfg.model)}
     return GPTShape(**{name: getattr(cfg.model, name) for name in names})
 
 

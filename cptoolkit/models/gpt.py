@@ -2,8 +2,9 @@
 
 ``gpt_forward`` runs embedding -> decoder -> final norm -> output layer for arbitrary position ids
 (DualChunkSwap shards hold non-contiguous positions, decode steps of different requests sit at
-different positions), so RoPE is computed here from the model's ``inv_freq`` rather than by
-megatron's contiguous-position path. It returns full-vocabulary logits or per-token losses.
+different positions), so RoPE is computed here from the model's ``inv_freq`` (``cptoolkit.models.rope``,
+every ``rope_type`` of the shape) rather than by megatron's contiguous-position path. It returns
+full-vocabulary logits or per-token losses.
 Construction is ``cptoolkit.models.build``; the TP split of the weights, ``cptoolkit.models.tp_sharding``.
 """
 from __future__ import annotations
@@ -17,17 +18,21 @@ from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntrop
 from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.core_attention import PREFILL, AttentionPhase, AttentionRuntime
+from cptoolkit.models import rope
 from cptoolkit.models.shape import GPTShape
 
 
 class CPGPTModel(GPTModel):
     """megatron-core's ``GPTModel`` that remembers its ``GPTShape`` (``shape``): the vocabulary is
     padded to a multiple of TP inside megatron, and the loaders and ``gpt_forward`` need the real
-    sizes."""
+    sizes. Its RoPE frequencies are the shape's (megatron's ``RotaryEmbedding`` knows no linear or YaRN
+    scaling), held in megatron's own ``rotary_pos_emb.inv_freq`` so both forward paths use them."""
 
     def __init__(self, shape: GPTShape, **gpt_model_kwargs):
         super().__init__(**gpt_model_kwargs)
         self.shape = shape
+        if self.position_embedding_type == "rope":
+            self.rotary_pos_emb.inv_freq = rope.inv_freq(shape)  # a plain attribute: stays float32 under .to(dtype)
 
 
 def rotary_freqs(model: CPGPTModel, position_ids: torch.Tensor) -> torch.Tensor:

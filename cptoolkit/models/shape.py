@@ -1,30 +1,89 @@
 """The model's architecture, ``GPTShape``, read from and written as a Hugging Face ``config.json``.
 
 Pure Python: no torch, no megatron, so ``cptoolkit.config`` reads a checkpoint's shape while it
-validates a YAML file without loading either.
+validates a YAML file without loading either. The RoPE frequencies of a ``RopeScaling`` are computed
+by ``cptoolkit.models.rope``.
+
+Hugging Face families read here (``model_type``: architectures):
+- ``llama``: LlamaForCausalLM; ``mistral``: MistralForCausalLM (no sliding window);
+  ``qwen2``: Qwen2ForCausalLM (q/k/v biases); ``qwen3``: Qwen3ForCausalLM (per-head q/k RMSNorm).
+  All four are ``arch="llama"``, with RoPE ``rope_type`` default, linear, llama3 or yarn.
+- ``gpt2``: GPT2LMHeadModel, GPT2Model.
+Anything a family can express that cptoolkit would compute differently (a sliding window, dynamic NTK
+RoPE, an output-projection bias, ...) is refused with the key, its value and the rule.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from cptoolkit.config import ConfigError
 
 ARCHS = ("llama", "gpt2")
-HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM",), "gpt2": ("GPT2LMHeadModel", "GPT2Model")}
+HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM",), "mistral": ("MistralForCausalLM",),
+                    "qwen2": ("Qwen2ForCausalLM",), "qwen3": ("Qwen3ForCausalLM",),
+                    "gpt2": ("GPT2LMHeadModel", "GPT2Model")}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 CONFIG_FILE = "config.json"
 RESAVE = "save the checkpoint again (save_pretrained or cptoolkit's save_checkpoint)"
-_SUPPORTED_HF = "'llama' or 'gpt2' (architectures LlamaForCausalLM, GPT2LMHeadModel, GPT2Model)"
+_SUPPORTED_HF = (f"one of {', '.join(repr(t) for t in HF_ARCHITECTURES)} (architectures "
+                 f"{', '.join(a for archs in HF_ARCHITECTURES.values() for a in archs)})")
+_DYNAMIC_REFUSED = ("dynamic NTK scaling recomputes the frequencies from the longest position of each forward "
+                    "pass, so keys already in the KV cache would have been rotated with other frequencies than "
+                    "the queries that read them (transformers' own output depends on how it is batched)")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE's inverse frequencies are scaled: Hugging Face's ``rope_parameters`` without ``rope_theta``.
+
+    ``rope_type``: ``default`` (unscaled), ``linear`` (every frequency / ``factor``), ``llama3`` (low
+    frequencies / ``factor``, high ones kept, a smooth ramp between, set by ``low_freq_factor``,
+    ``high_freq_factor`` and ``original_max_position_embeddings``) or ``yarn`` (a ramp between
+    interpolated and original frequencies over the dimensions set by ``beta_fast``, ``beta_slow`` and
+    ``original_max_position_embeddings``; ``truncate`` rounds its ends). ``attention_factor`` multiplies
+    RoPE's cos and sin (so the attention scores by its square): YaRN's ``mscale``, 1 otherwise. Every
+    variant is a fixed function of the position, so it holds at any position, including beyond
+    ``original_max_position_embeddings``.
+    """
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: Optional[int] = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"RopeScaling.rope_type={self.rope_type!r} is not supported; rule: one of {ROPE_TYPES}")
+        if self.rope_type in ("llama3", "yarn") and self.original_max_position_embeddings is None:
+            raise ValueError(f"RopeScaling.original_max_position_embeddings=None; rule: {self.rope_type} needs it")
+
+    def to_hf(self) -> dict:
+        """This scaling as Hugging Face ``rope_parameters`` keys (``rope_theta`` aside)."""
+        keys = {"default": (), "linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
+                         "attention_factor")}[self.rope_type]
+        return {"rope_type": self.rope_type, **{key: getattr(self, key) for key in keys}}
 
 
 @dataclass(frozen=True)
 class GPTShape:
     """Architecture of a decoder-only transformer.
 
-    ``arch="llama"``: RMSNorm, SwiGLU MLP, RoPE, no biases, GQA allowed.
+    ``arch="llama"``: RMSNorm, SwiGLU MLP, RoPE (scaled by ``rope_scaling``), no biases except q/k/v
+    biases with ``qkv_bias`` (Qwen2), RMSNorm of every query and key head before RoPE with ``qk_norm``
+    (Qwen3), GQA allowed.
     ``arch="gpt2"``: LayerNorm, GELU (tanh) MLP, learned absolute positions, biases, MHA.
+    ``head_dim``: None means ``hidden_size / num_attention_heads``; an explicit one (Qwen3) may differ.
     ``max_seq_len`` bounds position ids (and sizes GPT-2's position table).
     """
 
@@ -39,6 +98,10 @@ class GPTShape:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    head_dim: Optional[int] = None
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -51,37 +114,51 @@ class GPTShape:
         for name in ("rope_theta", "norm_eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"GPTShape.{name}={getattr(self, name)!r}; rule: must be > 0")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"GPTShape.hidden_size={self.hidden_size} must be a multiple of "
-                             f"num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"GPTShape.hidden_size={self.hidden_size} must be a multiple of "
+                                 f"num_attention_heads={self.num_attention_heads} (or give head_dim)")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if not isinstance(self.head_dim, int) or self.head_dim < 1:
+            raise ValueError(f"GPTShape.head_dim={self.head_dim!r}; rule: must be a positive integer")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ValueError(f"GPTShape.head_dim={self.head_dim}; rule: must be even for llama (RoPE rotates "
+                             "pairs of dimensions)")
         if self.num_attention_heads % self.num_kv_heads:
             raise ValueError(f"GPTShape.num_attention_heads={self.num_attention_heads} must be a "
                              f"multiple of num_kv_heads={self.num_kv_heads}")
-        if self.arch == "gpt2" and self.num_kv_heads != self.num_attention_heads:
+        if self.arch == "gpt2":
+            self._check_gpt2()
+
+    def _check_gpt2(self) -> None:
+        if self.num_kv_heads != self.num_attention_heads:
             raise ValueError(f"GPTShape.num_kv_heads={self.num_kv_heads}; rule: gpt2 has one KV head "
                              f"per query head (num_attention_heads={self.num_attention_heads})")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        llama_only = {"head_dim": (self.head_dim, self.hidden_size // self.num_attention_heads),
+                      "qkv_bias": (self.qkv_bias, False), "qk_norm": (self.qk_norm, False),
+                      "rope_scaling": (self.rope_scaling, RopeScaling())}
+        for name, (value, gpt2_value) in llama_only.items():
+            if value != gpt2_value:
+                raise ValueError(f"GPTShape.{name}={value!r}; rule: must be {gpt2_value!r} for gpt2 (llama only)")
 
     @classmethod
     def from_hf_config(cls, config: dict) -> "GPTShape":
-        """Read a Hugging Face ``config.json`` dict of a ``LlamaForCausalLM`` or ``GPT2LMHeadModel``.
+        """Read a Hugging Face ``config.json`` dict of one of the families of ``HF_ARCHITECTURES``.
         Errors name the key and the rule but not the file: the caller knows which file it read."""
         if "model_type" not in config:
             raise ValueError(f"missing required key 'model_type'; rule: {_SUPPORTED_HF}")
         model_type = config["model_type"]
-        if model_type not in ARCHS:
+        if model_type not in HF_ARCHITECTURES:
             raise ValueError(f"model_type={model_type!r} is not supported; rule: {_SUPPORTED_HF}")
         unsupported = [a for a in config.get("architectures") or [] if a not in HF_ARCHITECTURES[model_type]]
         if unsupported:
             raise ValueError(f"architectures={unsupported!r} is not supported for model_type {model_type!r}; "
                              f"rule: {' or '.join(HF_ARCHITECTURES[model_type])}")
-        return _llama_shape(config) if model_type == "llama" else _gpt2_shape(config)
+        return _gpt2_shape(config) if model_type == "gpt2" else _llama_shape(config, model_type)
 
     def to_hf_config(self) -> dict:
-        """A Hugging Face ``config.json`` dict that ``from_hf_config`` reads back as this shape."""
+        """A Hugging Face ``config.json`` dict that ``from_hf_config`` reads back as this shape (q/k/v
+        biases are written as a Qwen2, q/k norms as a Qwen3, anything else as a Llama)."""
         if self.arch == "gpt2":
             return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
                     "n_layer": self.num_layers, "n_embd": self.hidden_size,
@@ -89,13 +166,14 @@ class GPTShape:
                     "vocab_size": self.vocab_size, "n_positions": self.max_seq_len,
                     "layer_norm_epsilon": self.norm_eps, "activation_function": "gelu_new",
                     "tie_word_embeddings": self.tie_embeddings}
-        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        model_type = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
+        return {"model_type": model_type, "architectures": list(HF_ARCHITECTURES[model_type]),
                 "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
                 "num_attention_heads": self.num_attention_heads,
                 "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
                 "intermediate_size": self.ffn_hidden_size, "vocab_size": self.vocab_size,
                 "max_position_embeddings": self.max_seq_len, "hidden_act": "silu",
-                "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+                "rope_parameters": {"rope_theta": self.rope_theta, **self.rope_scaling.to_hf()},
                 "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings}
 
 
@@ -115,27 +193,99 @@ def _positive(config: dict, key: str, number: type = int, default=None):
     return number(value)
 
 
-def _llama_shape(config: dict) -> GPTShape:
-    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)}
-    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
-        raise ValueError(f"rope parameters {rope}: only unscaled RoPE (rope_type 'default') is supported")
-    for key, supported in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+def _rope(config: dict) -> tuple[float, RopeScaling]:
+    """``(rope_theta, RopeScaling)`` from ``rope_parameters`` (transformers 5) or the older
+    ``rope_scaling`` + top-level ``rope_theta`` (which wins when both are set, as in transformers),
+    with transformers' defaults (its ``ROPE_INIT_FUNCTIONS``)."""
+    key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    rope = config.get(key) or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{key}={rope!r}; rule: must be an object of RoPE parameters")
+    theta = _positive(rope, "rope_theta", float, default=_positive(config, "rope_theta", float, default=10000.0))
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor={partial!r}; rule: must be 1.0 (RoPE on the whole head)")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "dynamic":
+        raise ValueError(f"{key}.rope_type='dynamic' is not supported; rule: one of {ROPE_TYPES}: {_DYNAMIC_REFUSED}")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{key}.rope_type={rope_type!r} is not supported; rule: one of {ROPE_TYPES}")
+    if rope_type == "default":
+        return theta, RopeScaling()
+    if rope_type == "linear":
+        return theta, RopeScaling("linear", factor=_positive(rope, "factor", float))
+    max_positions = _positive(config, "max_position_embeddings")
+    # Phi-3 style: a top-level original_max_position_embeddings wins, as in transformers' standardize_rope_params.
+    original = _positive(config, "original_max_position_embeddings",
+                         default=_positive(rope, "original_max_position_embeddings", default=max_positions))
+    if rope_type == "llama3":
+        return theta, RopeScaling("llama3", factor=_positive(rope, "factor", float),
+                                  low_freq_factor=_positive(rope, "low_freq_factor", float),
+                                  high_freq_factor=_positive(rope, "high_freq_factor", float),
+                                  original_max_position_embeddings=original)
+    factor = _positive(rope, "factor", float, default=max_positions / original)
+    return theta, RopeScaling("yarn", factor=factor, original_max_position_embeddings=original,
+                              beta_fast=float(rope.get("beta_fast") or 32),
+                              beta_slow=float(rope.get("beta_slow") or 1),
+                              truncate=bool(rope.get("truncate", True)),
+                              attention_factor=_yarn_attention_factor(rope, factor))
+
+
+def _yarn_attention_factor(rope: dict, factor: float) -> float:
+    """YaRN's cos/sin multiplier, as transformers' ``_compute_yarn_parameters`` infers it."""
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if rope.get("attention_factor") is not None:
+        return _positive(rope, "attention_factor", float)
+    if rope.get("mscale") and rope.get("mscale_all_dim"):
+        return float(mscale(factor, rope["mscale"]) / mscale(factor, rope["mscale_all_dim"]))
+    return mscale(factor)
+
+
+def _check_full_attention(config: dict, model_type: str) -> None:
+    """Refuse a sliding window: cptoolkit's prefill and DCP decode attend to every earlier token."""
+    rule = ("rule: sliding-window attention is not supported (cptoolkit attends to every earlier token, "
+            "so it would compute a different model)")
+    if model_type == "mistral" and config.get("sliding_window") is not None:  # Mistral windows every layer
+        window, max_positions = _positive(config, "sliding_window"), _positive(config, "max_position_embeddings")
+        if window < max_positions:
+            raise ValueError(f"sliding_window={window} is shorter than max_position_embeddings={max_positions}; "
+                             f"{rule}; null, or at least max_position_embeddings, never masks a token")
+    if config.get("use_sliding_window"):
+        raise ValueError(f"use_sliding_window={config['use_sliding_window']!r}; {rule}")
+    windowed = [t for t in config.get("layer_types") or [] if t != "full_attention"]
+    if windowed:
+        raise ValueError(f"layer_types holds {windowed[0]!r}; {rule}; every layer must be 'full_attention'")
+
+
+# Per family, the keys its transformers model reads whose other values cptoolkit would compute differently.
+# attention_bias puts biases on o_proj as well as q/k/v; Qwen2's q/k/v biases come with its model_type.
+_FIXED_KEYS = {"llama": {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
+               "mistral": {"hidden_act": "silu"}, "qwen2": {"hidden_act": "silu"},
+               "qwen3": {"hidden_act": "silu", "attention_bias": False}}
+
+
+def _llama_shape(config: dict, model_type: str) -> GPTShape:
+    """Llama, Mistral, Qwen2 and Qwen3: the Llama block with, per family, q/k/v biases (Qwen2) or
+    per-head q/k RMSNorm (Qwen3)."""
+    for key, supported in _FIXED_KEYS[model_type].items():
         if config.get(key, supported) != supported:
             raise ValueError(f"{key}={config[key]!r}; rule: must be {supported!r}")
-    hidden, heads = _positive(config, "hidden_size"), _positive(config, "num_attention_heads")
-    head_dim = _positive(config, "head_dim", default=hidden // heads)
-    if head_dim * heads != hidden:
-        raise ValueError(f"head_dim={head_dim}; rule: must equal hidden_size / num_attention_heads = "
-                         f"{hidden / heads}")
-    return GPTShape(arch="llama", num_layers=_positive(config, "num_hidden_layers"), hidden_size=hidden,
-                    num_attention_heads=heads,
-                    num_kv_heads=_positive(config, "num_key_value_heads", default=heads),
+    _check_full_attention(config, model_type)
+    theta, rope_scaling = _rope(config)
+    return GPTShape(arch="llama", num_layers=_positive(config, "num_hidden_layers"),
+                    hidden_size=_positive(config, "hidden_size"),
+                    num_attention_heads=_positive(config, "num_attention_heads"),
+                    num_kv_heads=_positive(config, "num_key_value_heads",
+                                           default=_positive(config, "num_attention_heads")),
                     ffn_hidden_size=_positive(config, "intermediate_size"),
                     vocab_size=_positive(config, "vocab_size"),
                     max_seq_len=_positive(config, "max_position_embeddings"),
-                    rope_theta=_positive(rope, "rope_theta", float, default=10000.0),
-                    norm_eps=_positive(config, "rms_norm_eps", float),
-                    tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+                    rope_theta=theta, norm_eps=_positive(config, "rms_norm_eps", float),
+                    tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                    head_dim=None if config.get("head_dim") is None else _positive(config, "head_dim"),
+                    qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", rope_scaling=rope_scaling)
 
 
 def _gpt2_shape(config: dict) -> GPTShape:

@@ -1,8 +1,9 @@
 """Tokenizers: a byte-level one for the built-in model, and a checkpoint's own Hugging Face tokenizer.
 
 Both expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``eos_token_id``,
-``vocab_size`` and ``save(directory)``; the engine and the training data pipeline use only these.
-A checkpoint directory names its tokenizer: Hugging Face tokenizer files, or
+``eos_token_ids`` (every id that ends a generation), ``render_chat(messages) -> list[int]``,
+``vocab_size`` and ``save(directory)``; the engine, the training data pipeline and the chat front
+ends use only these. A checkpoint directory names its tokenizer: Hugging Face tokenizer files, or
 ``"cptoolkit_tokenizer": "byte"`` in its ``config.json`` (written by ``ByteTokenizer.save``).
 Missing or broken tokenizer files are a ``ConfigError`` naming the directory.
 """
@@ -17,6 +18,7 @@ from cptoolkit.models.shape import read_config, read_json_object
 BYTE_TOKENIZER = "byte"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 class ByteTokenizer:
@@ -27,6 +29,7 @@ class ByteTokenizer:
     """
 
     eos_token_id = 256
+    eos_token_ids = (256,)
     pad_token_id = 257
     vocab_size = 258
 
@@ -35,6 +38,11 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        raise ConfigError("the built-in model's byte tokenizer has no chat template, so it cannot render "
+                          "messages; give model.checkpoint a checkpoint whose tokenizer has a chat template, "
+                          "or use inference.prompts")
 
     def save(self, directory: str | Path) -> None:
         """Mark ``directory``'s existing ``config.json`` as using this tokenizer."""
@@ -48,15 +56,18 @@ class HFTokenizer:
     """A ``transformers`` tokenizer loaded from a local directory, behind the same small interface.
 
     ``encode`` adds no special tokens (prompts are continued as written); ``decode`` drops them.
+    ``eos_token_ids``: the tokenizer's eos, then ``extra_eos_ids`` (a checkpoint's
+    ``generation_config.json`` may name several end-of-turn ids, e.g. Llama 3's ``<|eot_id|>``).
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, extra_eos_ids: tuple[int, ...] = ()):
+        self._source = tokenizer.name_or_path or f"tokenizer {type(tokenizer).__name__}"
         if tokenizer.eos_token_id is None:
-            source = tokenizer.name_or_path or f"tokenizer {type(tokenizer).__name__}"
-            raise ConfigError(f"{source}: the tokenizer has no eos_token; set \"eos_token\" in "
+            raise ConfigError(f"{self._source}: the tokenizer has no eos_token; set \"eos_token\" in "
                               "tokenizer_config.json (generation stops on it)")
         self._tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_token_id
+        self.eos_token_ids = tuple(dict.fromkeys((tokenizer.eos_token_id, *extra_eos_ids)))
         self.vocab_size = len(tokenizer)
 
     def encode(self, text: str) -> list[int]:
@@ -64,6 +75,16 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        """One conversation (``[{"role": ..., "content": ...}, ...]``) as the prompt ids the checkpoint's
+        own chat template makes of it, ending with the template's generation prompt (the assistant's turn)."""
+        if not self._tokenizer.chat_template:
+            raise ConfigError(f"{self._source}: the tokenizer has no chat template (no chat_template in "
+                              "tokenizer_config.json, no chat_template.jinja), so it cannot render messages; "
+                              "use inference.prompts")
+        return list(self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False))
 
     def save(self, directory: str | Path) -> None:
         self._tokenizer.save_pretrained(str(directory))
@@ -91,4 +112,17 @@ def load_tokenizer(checkpoint_dir: str | Path) -> ByteTokenizer | HFTokenizer:
         first_line = (str(err).strip().splitlines() or [""])[0]
         raise ConfigError(f"{directory}: transformers cannot load the tokenizer files ({type(err).__name__}: "
                           f"{first_line}); save the tokenizer again with save_pretrained") from None
-    return HFTokenizer(tokenizer)
+    return HFTokenizer(tokenizer, generation_eos_ids(directory))
+
+
+def generation_eos_ids(checkpoint_dir: str | Path) -> tuple[int, ...]:
+    """The ``eos_token_id`` of the checkpoint's ``generation_config.json`` (an id or a list of ids;
+    none when the file or the key is absent)."""
+    path = Path(checkpoint_dir) / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return ()
+    eos = read_json_object(path).get("eos_token_id")
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{path}: eos_token_id={eos!r}; rule: a token id or a list of token ids")
+    return tuple(ids)

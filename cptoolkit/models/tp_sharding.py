@@ -19,6 +19,7 @@ from typing import Callable, Protocol, Union
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.layers import RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.attention import SelfAttention
@@ -170,12 +171,17 @@ def _fc1_kind(mlp: MLP) -> Kind:
 # up first under the type of the module that owns its module, as "child.parameter": the rows of a
 # ColumnParallelLinear are laid out by what its owner computes with them (fused QKV groups, SwiGLU's
 # [gate; up], the padded vocabulary), as megatron-core's own sharded_state_dict decides. Then under
-# its own module's type. Types match along the MRO. A parameter found in neither (TransformerEngine's
-# fused ``linear_qkv.layer_norm_weight``, say) is an error, never a guess from its name.
-PARAM_KINDS: dict[tuple[type, str], Union[Kind, Callable[[torch.nn.Module], Kind]]] = {
+# its own module's type. Types match along the MRO. A parameter found in neither is an error, never a
+# guess from its name. TransformerEngine's modules are keyed by their import path ("module.QualName",
+# matched along the MRO too): megatron's TE wrappers and TE's norms exist only where TE is installed, and
+# the table must load, and be tested, without it.
+_MEGATRON_TE = "megatron.core.extensions.transformer_engine"
+PARAM_KINDS: dict[tuple[Union[type, str], str], Union[Kind, Callable[[torch.nn.Module], Kind]]] = {
     (GPTModel, "output_layer.weight"): VOCAB,
     (SelfAttention, "linear_qkv.weight"): FUSED_QKV,
-    (SelfAttention, "linear_qkv.bias"): FUSED_QKV,
+    (SelfAttention, "linear_qkv.bias"): FUSED_QKV,  # Qwen2's q/k/v biases, GPT-2's: rows like the weight's
+    (SelfAttention, "q_layernorm.weight"): NORM,  # [head_dim], shared by every head, so whole on every rank
+    (SelfAttention, "k_layernorm.weight"): NORM,
     (MLP, "linear_fc1.weight"): _fc1_kind,
     (MLP, "linear_fc1.bias"): _fc1_kind,
     (RowParallelLinear, "weight"): ROW,
@@ -185,12 +191,26 @@ PARAM_KINDS: dict[tuple[type, str], Union[Kind, Callable[[torch.nn.Module], Kind
     (torch.nn.LayerNorm, "weight"): NORM,
     (torch.nn.LayerNorm, "bias"): NORM,
     (torch.nn.RMSNorm, "weight"): NORM,
+    (FusedLayerNorm, "weight"): NORM,  # megatron's local spec takes apex's LayerNorm where apex is installed
+    (FusedLayerNorm, "bias"): NORM,
+    # megatron's TE layer spec: linear_qkv / linear_fc1 carry the norm before them (their weights and
+    # biases are found under SelfAttention / MLP above), linear_proj / linear_fc2 are row-parallel.
+    (f"{_MEGATRON_TE}.TELayerNormColumnParallelLinear", "layer_norm_weight"): NORM,
+    (f"{_MEGATRON_TE}.TELayerNormColumnParallelLinear", "layer_norm_bias"): NORM,
+    (f"{_MEGATRON_TE}.TEColumnParallelLinear", "weight"): COLUMN,
+    (f"{_MEGATRON_TE}.TEColumnParallelLinear", "bias"): COLUMN,
+    (f"{_MEGATRON_TE}.TERowParallelLinear", "weight"): ROW,
+    (f"{_MEGATRON_TE}.TERowParallelLinear", "bias"): REPLICATED,
+    # megatron's TENorm returns these; with TE installed it is every model's final_layernorm, whatever the spec.
+    ("transformer_engine.pytorch.module.layernorm.LayerNorm", "weight"): NORM,
+    ("transformer_engine.pytorch.module.layernorm.LayerNorm", "bias"): NORM,
+    ("transformer_engine.pytorch.module.rmsnorm.RMSNorm", "weight"): NORM,
 }
 
 
 def _table_kind(module: torch.nn.Module, key: str) -> Kind | None:
     for cls in type(module).__mro__:
-        entry = PARAM_KINDS.get((cls, key))
+        entry = PARAM_KINDS.get((cls, key)) or PARAM_KINDS.get((f"{cls.__module__}.{cls.__qualname__}", key))
         if entry is not None:
             return entry(module) if callable(entry) else entry
     return None

@@ -30,6 +30,7 @@ from torch.distributed import ProcessGroup
 
 from cptoolkit.config import Config, ConfigError, TrainConfig
 from cptoolkit.layers import comm
+from cptoolkit.layers.block_attention import set_backend
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.models.from_config import model_from_config, model_shape
@@ -237,6 +238,7 @@ def build_trainer(cfg: Config, groups: ParallelGroups, documents: list[torch.Ten
     rank's data."""
     runtime = AttentionRuntime(pcp_group=groups.pcp_group, prefill_comm=cfg.parallel.prefill_comm,
                                hcp_groups=groups.hcp_groups, stats=CommStats())
+    set_backend(cfg.runtime.attention_backend)  # the block kernels' backend (te also picks megatron's TE spec)
     model = model_from_config(cfg, groups, runtime)
     return Trainer(cfg=cfg, groups=groups, model=model.to(device).train(), runtime=runtime,
                    documents=documents, pad_id=pad_id, device=device)

@@ -1,0 +1,476 @@
+"""Which TP x PCP x DCP (x DP) layout for a model, a context length and a cluster: the layout planner.
+
+    python -m cptoolkit.plan --model llama3.1-8b --context 131072 --batch 4 --devices 16 \\
+        --devices-per-node 8 --memory-per-device 80GiB [--dtype bf16] [--prefill-chunk 4096] \\
+        [--decode-comm a2a|ag_rs] [--prefill-comm p2p|all_gather|a2a] [--json]
+
+``--model``: a Hugging Face ``config.json`` (or the checkpoint directory holding one), ``builtin`` (the
+built-in model of ``configs/``: ``model:`` defaults) or a named shape (``SHAPES``). ``--batch`` requests of
+``--context`` tokens each (prompt + generated) are in flight at once; DP replicas share them, ``ceil(batch/dp)``
+each (a replica's ``inference.batch_size``). Every layout uses all ``--devices``.
+
+Per device, one function each (tests/test_plan.py checks every figure the CPU can measure against the code
+that allocates or communicates, so the formulas live here once and nowhere else):
+- ``weight_bytes``: this TP rank's parameters as megatron-core builds them.
+- ``kv_cache_bytes``: ``inference.builder.kv_cache``'s sizing (blocks for the fullest DCP shard).
+- ``decode_comm_per_layer``: what ``dcp_decode_attention`` counts in its ``CommStats`` per layer and step.
+- ``prefill_comm_per_layer`` (``ring_prefill_attention``, on the PCP group) and ``prefill_route_per_layer``
+  (``route_prefill_kv``, the one all-to-all that hands each DCP member its KV shard), per layer of one chunk.
+- ``activation_bytes``: an *estimate* of one layer's transient tensors while prefilling one chunk.
+Not counted: TP's own all-reduces (megatron's, inside a node by the layout rule) and, for a chunk after the
+first, the context attention over the cached history (its cost grows with the prefix).
+
+Ranking (``rank_key``): layouts that fit first; then fewest collectives per decode step on groups that cross
+nodes (each costs a network round trip per layer); then fewest bytes per device of weights + KV cache (what
+every decode step reads); then fewest decode collectives and bytes per step. A layout whose TP group would
+span nodes is refused, as ``python -m cptoolkit.parallel_state --nproc-per-node`` refuses it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cptoolkit.config import InferenceConfig, ModelConfig, ParallelConfig
+from cptoolkit.inference.prefill_kv import prefill_route
+from cptoolkit.layers.comm import CommStats
+from cptoolkit.layers.dcp_decode import DecodeGroup, shard_length
+from cptoolkit.layers.dual_chunk_swap import padded_length
+from cptoolkit.layers.ulysses_a2a import check_heads, kv_replicas
+from cptoolkit.layout import ParallelLayout, node_crossings, tp_across_nodes_error
+from cptoolkit.models.shape import GPTShape, check_tp, padded_vocab_size, read_json_object
+
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+FLOAT32_BYTES = 4  # decode partials (out, lse) travel in float32 whatever the model's dtype
+KV_BLOCK_SIZE = InferenceConfig.kv_block_size  # the engine's defaults
+KV_INTERLEAVE = ParallelConfig.kv_interleave
+
+# Sizes only: the RoPE variant changes neither memory nor communication.
+SHAPES = {
+    "llama3.1-8b": GPTShape(arch="llama", num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8,
+                            ffn_hidden_size=14336, vocab_size=128256, max_seq_len=131072, rope_theta=500000.0),
+    "llama3.1-70b": GPTShape(arch="llama", num_layers=80, hidden_size=8192, num_attention_heads=64, num_kv_heads=8,
+                             ffn_hidden_size=28672, vocab_size=128256, max_seq_len=131072, rope_theta=500000.0),
+}
+
+
+# ----------------------------------------------------------------------------- memory per device
+
+def weight_bytes(shape: GPTShape, tp: int, dtype_bytes: int) -> int:
+    """Bytes of one TP rank's parameters as ``models.build`` makes them (``tp_sharding.PARAM_KINDS``): the
+    vocabulary rows padded to a multiple of TP and split (the output layer too, unless tied); fused QKV rows for
+    ``max(num_kv_heads, tp)`` query groups (KV heads replicated when fewer than TP); SwiGLU's ``[gate; up]``
+    and the rest of the MLP split; norms, row-parallel biases and GPT-2's position table whole on every rank."""
+    h, d, llama = shape.hidden_size, shape.head_dim, shape.arch == "llama"
+    vocab_rows = padded_vocab_size(shape, tp) // tp
+    qkv_rows = (shape.num_attention_heads + 2 * max(shape.num_kv_heads, tp)) * d // tp
+    proj_cols, ffn_local = shape.num_attention_heads * d // tp, shape.ffn_hidden_size // tp
+    fc1_rows = 2 * ffn_local if llama else ffn_local
+    norm = h if llama else 2 * h  # RMSNorm: weight; LayerNorm: weight and bias
+    layer = (qkv_rows + fc1_rows) * h + h * (proj_cols + ffn_local) + 2 * norm
+    if not llama or shape.qkv_bias:
+        layer += qkv_rows
+    if shape.qk_norm:
+        layer += 2 * d
+    if not llama:
+        layer += fc1_rows + 2 * h  # fc1's bias is split, linear_proj's and fc2's are whole
+    total = shape.num_layers * layer + norm + vocab_rows * h * (1 if shape.tie_embeddings else 2)
+    if not llama:
+        total += shape.max_seq_len * h
+    return total * dtype_bytes
+
+
+def kv_heads_per_rank(layout: ParallelLayout) -> int:
+    """KV heads one rank caches: those of its DCP group's query heads (equal on every rank)."""
+    return len(layout.rank_info(0).dcp_kv_heads)
+
+
+def kv_cache_bytes(shape: GPTShape, layout: ParallelLayout, max_seq_len: int, batch_size: int, block_size: int,
+                   interleave: int, dtype_bytes: int) -> int:
+    """One rank's KV cache as ``builder.kv_cache`` allocates it (no ``inference.kv_cache_bytes``): for each of
+    ``batch_size`` requests, blocks for the fullest DCP shard's share of ``max_seq_len`` tokens (shard 0); a
+    block holds K and V of ``block_size`` tokens of every layer for ``kv_heads_per_rank`` heads."""
+    bytes_per_block = shape.num_layers * 2 * kv_heads_per_rank(layout) * block_size * shape.head_dim * dtype_bytes
+    blocks_per_request = -(-shard_length(max_seq_len, 0, layout.dcp, interleave) // block_size)
+    return batch_size * blocks_per_request * bytes_per_block
+
+
+def activation_bytes(shape: GPTShape, layout: ParallelLayout, chunk: int, prefill_comm: str,
+                     dtype_bytes: int) -> int:
+    """An estimate (an upper bound: peaks do not all coincide) of one layer's transient tensors while one rank
+    prefills its DualChunkSwap share of a ``chunk``-token chunk; layers run one after another and inference
+    keeps nothing for a backward, so one layer's worth is the peak. Counted: the residual stream and its
+    norm, attention-projection and MLP outputs; q|k|v; the float32 attention accumulator and LSE; the K/V
+    the prefill comm holds (ring: the block in use and the one arriving; all-gather: the whole chunk's;
+    a2a: the exchanged q|k|v and output); the MLP's fc1 output and activation; the KV-routing buffers."""
+    h, d, es = shape.hidden_size, shape.head_dim, dtype_bytes
+    hq, hkv = layout.num_heads // layout.tp, len(layout.kv_heads_of(0))
+    padded = padded_length(chunk, layout.pcp)
+    local = padded // layout.pcp
+    ffn_local = shape.ffn_hidden_size // layout.tp
+    fc1_rows = 2 * ffn_local if shape.arch == "llama" else ffn_local
+    kv_block = 2 * hkv * local * d * es
+    held_kv = {"p2p": 2 * kv_block, "all_gather": 2 * hkv * padded * d * es,
+               "a2a": local * d * es * (2 * hq + 2 * hkv * kv_replicas(hkv, layout.pcp))}[prefill_comm]
+    route = 2 * prefill_route_per_layer(layout, d, 1, chunk, KV_INTERLEAVE, es).total_bytes
+    return (4 * local * h * es + local * (hq + 2 * hkv) * d * es + local * hq * (d + 1) * FLOAT32_BYTES
+            + held_kv + local * (fc1_rows + ffn_local) * es + route)
+
+
+# ----------------------------------------------------------------------------- collectives per rank
+
+def _count(stats: CommStats, name: str, nbytes: int, calls: int = 1) -> None:
+    """``calls`` collectives ``name`` of ``nbytes`` each, counted as ``CommStats.record`` counts them."""
+    stats.calls[name] += calls
+    stats.bytes_sent[name] += calls * nbytes
+
+
+def decode_comm_per_layer(layout: ParallelLayout, head_dim: int, batch: int, comm: str,
+                          dtype_bytes: int) -> CommStats:
+    """``dcp_decode_attention``'s ``CommStats`` on one rank for one layer and decode step of ``batch`` requests
+    (all on the DCP group; ``k = dcp/pcp``; ``hq``, ``hkv`` this rank's query and KV heads). ``k > 1``: one
+    all-gather of the new token's q|k|v in the model's dtype. Then, of float32 partials: ``a2a`` one all-gather
+    (``k = 1``) or all-to-all of ``(out, lse)`` head slices; ``ag_rs`` an all-gather of the LSEs of the group's
+    ``k*hq`` heads and an all-reduce (``k = 1``) or reduce-scatter of the outputs. ``dcp = 1``: nothing."""
+    stats = CommStats()
+    if layout.dcp == 1:
+        return stats
+    k, hq, hkv = layout.dcp_tp_positions, layout.num_heads // layout.tp, len(layout.kv_heads_of(0))
+    slices = 1 if k == 1 else layout.dcp  # a k > 1 combine sends one head slice per member
+    if k > 1:
+        _count(stats, "all_gather", batch * (hq + 2 * hkv) * head_dim * dtype_bytes)
+    if comm == "a2a":
+        _count(stats, "all_gather" if k == 1 else "all_to_all", slices * batch * hq * (head_dim + 1) * FLOAT32_BYTES)
+    else:
+        _count(stats, "all_gather", batch * k * hq * FLOAT32_BYTES)
+        _count(stats, "all_reduce" if k == 1 else "reduce_scatter", slices * batch * hq * head_dim * FLOAT32_BYTES)
+    return stats
+
+
+def prefill_comm_per_layer(layout: ParallelLayout, head_dim: int, batch: int, seq_len: int, comm: str,
+                           dtype_bytes: int) -> CommStats:
+    """``ring_prefill_attention``'s forward ``CommStats`` on one rank for one layer of ``batch`` sequences of
+    ``seq_len`` tokens: each PCP rank holds ``padded_length(seq_len, pcp) / pcp`` tokens of its ``hq`` query
+    and ``hkv`` KV heads. ``p2p``: ``pcp-1`` send/recv of its stacked K/V; ``all_gather``: one all-gather of
+    it; ``a2a``: one all-to-all of q|k|v (KV heads repeated ``kv_replicas`` times) and one of the output.
+    ``pcp = 1``: nothing (the engine attends locally)."""
+    stats = CommStats()
+    pcp = layout.pcp
+    if pcp == 1:
+        return stats
+    hq, hkv = layout.num_heads // layout.tp, len(layout.kv_heads_of(0))
+    token_bytes = batch * padded_length(seq_len, pcp) // pcp * head_dim * dtype_bytes  # one head's local tokens
+    if comm == "p2p":
+        _count(stats, "send_recv", 2 * hkv * token_bytes, calls=pcp - 1)
+    elif comm == "all_gather":
+        _count(stats, "all_gather", 2 * hkv * token_bytes)
+    else:
+        _count(stats, "all_to_all", (hq + 2 * hkv * kv_replicas(hkv, pcp)) * token_bytes)
+        _count(stats, "all_to_all", hq * token_bytes)
+    return stats
+
+
+def prefill_route_per_layer(layout: ParallelLayout, head_dim: int, batch: int, seq_len: int, interleave: int,
+                            dtype_bytes: int) -> CommStats:
+    """``route_prefill_kv``'s ``CommStats`` on one rank for one layer: one all-to-all on the DCP group sending
+    every member a message of K and V for ``batch x hkv`` heads x the widest route's tokens
+    (``prefill_route(...).width``). ``dcp = 1``: nothing."""
+    stats = CommStats()
+    if layout.dcp == 1:
+        return stats
+    group = DecodeGroup(None, 0, layout.dcp, layout.dcp_tp_positions, layout.pcp, interleave,
+                        layout.kv_head_replication)
+    width = prefill_route(padded_length(seq_len, layout.pcp), 0, group).width
+    hkv = len(layout.kv_heads_of(0))
+    _count(stats, "all_to_all", layout.dcp * 2 * batch * hkv * width * head_dim * dtype_bytes)
+    return stats
+
+
+# ----------------------------------------------------------------------------- one layout, all layouts
+
+@dataclass(frozen=True)
+class Workload:
+    """What the planner is asked: ``batch`` requests of ``context`` tokens on ``devices`` devices."""
+
+    shape: GPTShape
+    context: int
+    batch: int
+    devices: int
+    devices_per_node: int
+    memory_per_device: int
+    dtype: str  # a key of DTYPE_BYTES
+    prefill_chunk: int
+    decode_comm: str = "a2a"
+    prefill_comm: str = "p2p"
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """One layout's figures per device. ``decode``: per layer and step; ``prefill_attention`` and
+    ``prefill_route``: per layer of one request's chunk."""
+
+    layout: ParallelLayout
+    requests_per_replica: int
+    weight_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    fits: bool
+    decode: CommStats
+    prefill_attention: CommStats
+    prefill_route: CommStats
+    crossing: dict[str, tuple[int, int]]  # group kind -> (its groups that span nodes, its groups)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    @property
+    def cross_node_decode_calls_per_layer(self) -> int:
+        return self.decode.total_calls if self.crossing["DCP"][0] else 0
+
+    @property
+    def cross_node_prefill_calls_per_layer(self) -> int:
+        return ((self.prefill_attention.total_calls if self.crossing["PCP"][0] else 0)
+                + (self.prefill_route.total_calls if self.crossing["DCP"][0] else 0))
+
+
+def plan_layout(layout: ParallelLayout, work: Workload) -> LayoutPlan:
+    shape, es = work.shape, work.dtype_bytes
+    requests = -(-work.batch // layout.dp)
+    weights = weight_bytes(shape, layout.tp, es)
+    kv = kv_cache_bytes(shape, layout, work.context, requests, KV_BLOCK_SIZE, KV_INTERLEAVE, es)
+    activations = activation_bytes(shape, layout, work.prefill_chunk, work.prefill_comm, es)
+    return LayoutPlan(
+        layout=layout, requests_per_replica=requests, weight_bytes=weights, kv_cache_bytes=kv,
+        activation_bytes=activations, fits=weights + kv + activations <= work.memory_per_device,
+        decode=decode_comm_per_layer(layout, shape.head_dim, requests, work.decode_comm, es),
+        prefill_attention=prefill_comm_per_layer(layout, shape.head_dim, 1, work.prefill_chunk, work.prefill_comm,
+                                                 es),
+        prefill_route=prefill_route_per_layer(layout, shape.head_dim, 1, work.prefill_chunk, KV_INTERLEAVE, es),
+        crossing=node_crossings(layout, work.devices_per_node))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _valid_layout(work: Workload, dp: int, pcp: int, tp: int, k: int) -> ParallelLayout | None:
+    """The layout if the model, the engine and the workload accept it (the rules that raise elsewhere)."""
+    shape = work.shape
+    try:
+        layout = ParallelLayout(tp=tp, pcp=pcp, dcp=k * pcp, num_heads=shape.num_attention_heads,
+                                num_kv_heads=shape.num_kv_heads, dp=dp)
+        check_tp(shape, tp)
+        if work.prefill_comm == "a2a":
+            check_heads(shape.num_attention_heads // tp, pcp)
+    except ValueError:
+        return None
+    # Chunks start at multiples of interleave * dcp (config.py); every replica serves at least one request.
+    return layout if work.prefill_chunk % (KV_INTERLEAVE * layout.dcp) == 0 and dp <= work.batch else None
+
+
+def plan(work: Workload) -> tuple[list[LayoutPlan], list[tuple[ParallelLayout, str]]]:
+    """``(ranked plans of every valid layout, refused layouts with the rule)``: every ``dp x pcp x tp =
+    devices`` and ``dcp = k * pcp`` (``k | tp``) the model allows; refused: a TP group spans nodes."""
+    plans, refused = [], []
+    for dp in _divisors(work.devices):
+        for pcp in _divisors(work.devices // dp):
+            tp = work.devices // dp // pcp
+            for k in _divisors(tp):
+                layout = _valid_layout(work, dp, pcp, tp, k)
+                if layout is None:
+                    continue
+                error = tp_across_nodes_error(layout, work.devices_per_node)
+                if error:
+                    refused.append((layout, error))
+                else:
+                    plans.append(plan_layout(layout, work))
+    return sorted(plans, key=rank_key), refused
+
+
+def rank_key(candidate: LayoutPlan) -> tuple:
+    """The order of the module docstring; ties go to fewer cross-node prefill collectives, then smaller dp, tp."""
+    layout = candidate.layout
+    return (not candidate.fits, candidate.cross_node_decode_calls_per_layer,
+            candidate.weight_bytes + candidate.kv_cache_bytes, candidate.decode.total_calls,
+            candidate.decode.total_bytes, candidate.cross_node_prefill_calls_per_layer,
+            layout.dp, layout.tp, layout.pcp, layout.dcp)
+
+
+# ----------------------------------------------------------------------------- output
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _comm(stats: CommStats, layers: int = 1) -> str:
+    return f"{stats.total_calls * layers} / {_size(stats.total_bytes * layers)}" if stats.total_calls else "-"
+
+
+def render_table(plans: list[LayoutPlan], refused: list, work: Workload) -> str:
+    shape = work.shape
+    lines = [
+        f"Model: {shape.arch}, {shape.num_layers} layers, hidden {shape.hidden_size}, {shape.num_attention_heads} "
+        f"query / {shape.num_kv_heads} KV heads of {shape.head_dim}, ffn {shape.ffn_hidden_size}, vocab "
+        f"{shape.vocab_size}; {work.dtype}",
+        f"Work: {work.batch} requests x {work.context} tokens on {work.devices} devices ({work.devices_per_node} per "
+        f"node, {_size(work.memory_per_device)} each); decode {work.decode_comm}; prefill {work.prefill_comm} in "
+        f"chunks of {work.prefill_chunk} tokens; KV blocks of {KV_BLOCK_SIZE} tokens",
+        "Ranked: fits, fewest cross-node collectives per decode step, least weights+KV per device, fewest decode "
+        "collectives and bytes per step",
+        ""]
+    header = ["#", "DP", "TP", "PCP", "DCP", "req/DP", "weights", "KV cache", "activ.(est)", "total",
+              "decode/step", "prefill/layer", "x-node decode/step", "groups across nodes"]
+    rows = []
+    for index, p in enumerate([p for p in plans if p.fits], start=1):
+        lay = p.layout
+        crossing = ", ".join(f"{name} {n}/{total}" for name, (n, total) in p.crossing.items() if n) or "none"
+        prefill = CommStats()
+        for part in (p.prefill_attention, p.prefill_route):
+            prefill.calls.update(part.calls)
+            prefill.bytes_sent.update(part.bytes_sent)
+        rows.append([str(index), str(lay.dp), str(lay.tp), str(lay.pcp), str(lay.dcp), str(p.requests_per_replica),
+                     _size(p.weight_bytes), _size(p.kv_cache_bytes), _size(p.activation_bytes), _size(p.total_bytes),
+                     _comm(p.decode, shape.num_layers), _comm(prefill),
+                     str(p.cross_node_decode_calls_per_layer * shape.num_layers), crossing])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows] if rows else []:
+        lines.append("  ".join(cell.rjust(w) if i < len(row) - 1 else cell for i, (cell, w) in
+                               enumerate(zip(row, widths))).rstrip())
+    too_big = [p for p in plans if not p.fits]
+    lines += ["" if rows else "No layout fits.",
+              f"{len(rows)} layouts fit; {len(too_big)} do not fit in {_size(work.memory_per_device)}"
+              + (f" (the smallest needs {_size(min(p.total_bytes for p in too_big))})" if too_big else "")
+              + f"; {len(refused)} refused (a TP group would span nodes)."]
+    lines.append("decode/step and prefill/layer: collectives / bytes sent per device (CommStats), prefill for one "
+                 "chunk: attention + KV routing.")
+    return "\n".join(lines)
+
+
+def to_json(plans: list[LayoutPlan], refused: list, work: Workload) -> dict:
+    def comm(stats: CommStats) -> dict:
+        return {"calls": dict(stats.calls), "bytes": dict(stats.bytes_sent)}
+
+    layers = work.shape.num_layers
+    return {
+        "model": dataclasses.asdict(work.shape),
+        "work": {f.name: getattr(work, f.name) for f in dataclasses.fields(work) if f.name != "shape"},
+        "layouts": [{"rank": i + 1, "dp": p.layout.dp, "tp": p.layout.tp, "pcp": p.layout.pcp, "dcp": p.layout.dcp,
+                     "fits": p.fits, "requests_per_replica": p.requests_per_replica,
+                     "weight_bytes": p.weight_bytes, "kv_cache_bytes": p.kv_cache_bytes,
+                     "activation_bytes_estimate": p.activation_bytes, "total_bytes": p.total_bytes,
+                     "decode_per_layer_step": comm(p.decode),
+                     "decode_per_step": {"calls": p.decode.total_calls * layers,
+                                         "bytes": p.decode.total_bytes * layers},
+                     "prefill_attention_per_layer": comm(p.prefill_attention),
+                     "prefill_route_per_layer": comm(p.prefill_route),
+                     "groups_crossing_nodes": {name: n for name, (n, _) in p.crossing.items()},
+                     "cross_node_decode_calls_per_step": p.cross_node_decode_calls_per_layer * layers}
+                    for i, p in enumerate(plans)],
+        "refused": [{"dp": lay.dp, "tp": lay.tp, "pcp": lay.pcp, "dcp": lay.dcp, "rule": rule}
+                    for lay, rule in refused],
+    }
+
+
+# ----------------------------------------------------------------------------- command line
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line on stderr (status 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+          "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30, "TiB": 2 ** 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``80GiB``, ``80 GB``, ``1.5TiB`` or a plain number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text)
+    if not match or match.group(2) not in _UNITS and match.group(2) is not None:
+        raise ValueError(f"--memory-per-device ({text!r}) must be a size such as 80GiB, 80GB or 85899345920 "
+                         f"(units: {', '.join(u for u in _UNITS if u)})")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def load_shape(model: str) -> GPTShape:
+    """``builtin``, a name in ``SHAPES``, or a Hugging Face ``config.json`` (file or its directory)."""
+    if model == "builtin":
+        defaults = ModelConfig()
+        names = {f.name for f in dataclasses.fields(GPTShape)} & {f.name for f in dataclasses.fields(ModelConfig)}
+        return GPTShape(**{name: getattr(defaults, name) for name in names})
+    if model in SHAPES:
+        return SHAPES[model]
+    path = Path(model)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"--model ({model!r}) must be 'builtin', one of {', '.join(SHAPES)}, or a config.json "
+                         "file or checkpoint directory; no such file")
+    config = read_json_object(path)  # a ConfigError naming the file
+    try:
+        return GPTShape.from_hf_config(config)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} ({value}) must be a positive integer")
+
+
+def workload_from_args(args: argparse.Namespace) -> Workload:
+    shape = load_shape(args.model)
+    for name in ("context", "batch", "devices", "devices_per_node"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.context > shape.max_seq_len:
+        raise ValueError(f"--context ({args.context}) must be <= the model's max_seq_len ({shape.max_seq_len}): "
+                         "the engine refuses longer requests")
+    if args.devices % args.devices_per_node:
+        raise ValueError(f"--devices ({args.devices}) must be a multiple of --devices-per-node "
+                         f"({args.devices_per_node}): torchrun starts as many processes on every node")
+    chunk = args.context if args.prefill_chunk is None else args.prefill_chunk
+    _positive("--prefill-chunk", chunk)
+    return Workload(shape=shape, context=args.context, batch=args.batch, devices=args.devices,
+                    devices_per_node=args.devices_per_node, memory_per_device=parse_bytes(args.memory_per_device),
+                    dtype=args.dtype, prefill_chunk=min(chunk, args.context),
+                    decode_comm=args.decode_comm, prefill_comm=args.prefill_comm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _OneLineParser(prog="python -m cptoolkit.plan",
+                            description="Rank the TP x PCP x DCP (x DP) layouts for a model, a context and a cluster.")
+    parser.add_argument("--model", required=True, help=f"config.json, checkpoint dir, 'builtin' or {', '.join(SHAPES)}")
+    parser.add_argument("--context", type=int, required=True, help="tokens per request (prompt + generated)")
+    parser.add_argument("--batch", type=int, required=True, help="requests in flight, shared by the DP replicas")
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--devices-per-node", type=int, required=True)
+    parser.add_argument("--memory-per-device", required=True, help="e.g. 80GiB")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
+    parser.add_argument("--prefill-chunk", type=int, help="tokens per prefill chunk (default: the whole context)")
+    parser.add_argument("--decode-comm", choices=("a2a", "ag_rs"), default="a2a")
+    parser.add_argument("--prefill-comm", choices=("p2p", "all_gather", "a2a"), default="p2p")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = parser.parse_args(argv)
+    try:
+        work = workload_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    plans, refused = plan(work)
+    print(json.dumps(to_json(plans, refused, work), indent=2) if args.json else render_table(plans, refused, work))
+    return 0 if any(p.fits for p in plans) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

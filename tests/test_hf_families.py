@@ -1,0 +1,307 @@
+"""Every supported Hugging Face family generates transformers' own greedy tokens, with transformers' logits,
+at one rank and at TP=2 x PCP=2 x DCP=2 and DCP=4; what cptoolkit would compute differently is refused at
+load with one line naming the key, its value and the rule.
+
+Each family is a tiny random model that transformers builds and saves itself, with ``initializer_range=0.2``
+so that attention, and so every position, matters (logits of order 5, far from uniform), and with its norm
+weights and biases (Qwen2's q/k/v biases, Qwen3's q/k norms) moved off their 1 and 0. RoPE scaling uses
+``original_max_position_embeddings=16`` and prompts of 21 and 29 tokens, so prefill and decode run at
+positions past it. Across the families every pairing of prefill comm (p2p, all_gather), decode comm (a2a,
+ag_rs) and DCP (2, 4) runs. One 1-rank job and one 4-rank job load every family; each rank records the
+logits the engine samples from and compares them with transformers' (relative to their largest magnitude).
+"""
+import copy
+import json
+import re
+import shutil
+from collections import defaultdict
+
+import pytest
+import torch
+
+from cptoolkit.config import ConfigError, config_from_dict, load_config
+from cptoolkit.inference.builder import build_engine
+from cptoolkit.inference.sampling import SamplingParams
+from cptoolkit.models.rope import inv_freq
+from cptoolkit.models.shape import GPTShape
+from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
+from tests.multiproc import run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+# No eos in the models' configs, and the tokenizer's past the models' vocabulary: every request runs all
+# MAX_NEW tokens, in transformers and in cptoolkit (stopping on end-of-turn ids: tests/test_chat.py).
+EOS = VOCAB
+PROMPT_LENS = (21, 29)
+MAX_NEW = 8
+# Logits agree to this fraction of transformers' largest logit (measured worst: 1.9e-6, llama3 at DCP = 4; the
+# YaRN models fold their attention factor into the softmax scale where transformers scales cos and sin).
+RTOL = 1e-5
+LLAMA_SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                   initializer_range=0.2, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 1000.0}
+# family -> (config class, model class, config arguments)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "llama_linear": ("LlamaConfig", "LlamaForCausalLM",
+                     dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0})),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM",
+               dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                     "rope_theta": 500.0})),
+    "llama_yarn": ("LlamaConfig", "LlamaForCausalLM",
+                   dict(rope_parameters={**YARN, "beta_fast": 8, "beta_slow": 2}, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    # One KV head: TP = 2 replicates it, and its bias, on both ranks (the fused-QKV kind, not a plain split).
+    "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM",
+                   dict(rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 0.5}, num_key_value_heads=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_parameters=YARN)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                   initializer_range=0.2, bos_token_id=1, eos_token_id=None,
+                                                   pad_token_id=0)),
+}
+# (tp, pcp, dcp, prefill_comm, decode_comm): every family runs DCP = 2 and DCP = 4, with the comms swapped for
+# every other family, so each comm meets each DCP size.
+LAYOUTS = ((2, 2, 2, "p2p", "a2a"), (2, 2, 4, "all_gather", "ag_rs"))
+SWAPPED = ((2, 2, 2, "all_gather", "ag_rs"), (2, 2, 4, "p2p", "a2a"))
+SINGLE_RANK = ((1, 1, 1, "p2p", "a2a"),)
+
+
+def _layouts(world_size: int) -> dict[str, tuple]:
+    if world_size == 1:
+        return {name: SINGLE_RANK for name in FAMILIES}
+    return {name: (LAYOUTS, SWAPPED)[i % 2] for i, name in enumerate(FAMILIES)}
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, VOCAB)}, "<eos>": EOS}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+
+
+def _hf_model(name: str):
+    """The family's random model; transformers starts every norm weight at 1 and every bias at 0, so they
+    are moved by N(0, 0.2²), and a norm or bias loaded into the wrong place changes the logits."""
+    config_class, model_class, arguments = FAMILIES[name]
+    sizes = {} if name == "gpt2" else LLAMA_SIZES
+    config = getattr(transformers, config_class)(**{**sizes, **copy.deepcopy(arguments)})
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """{family: (checkpoint_dir, prompts, transformers' greedy tokens, transformers' logits per new token)}."""
+    cases = {}
+    for seed, name in enumerate(FAMILIES):
+        torch.manual_seed(seed)
+        model = _hf_model(name)
+        directory = tmp_path_factory.mktemp(name)
+        model.save_pretrained(directory)
+        _word_tokenizer().save_pretrained(directory)
+        prompts = [torch.randint(2, VOCAB, (n,)).tolist() for n in PROMPT_LENS]
+        tokens, logits = [], []
+        with torch.no_grad():
+            for prompt in prompts:
+                out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False)
+                new = out[0, len(prompt):].tolist()
+                # The logits each new token was chosen from: one forward over the prompt and all but the last.
+                full = model(out[:, :-1]).logits[0]
+                tokens.append(new)
+                logits.append(full[len(prompt) - 1:])
+        cases[name] = (str(directory), prompts, tokens, logits)
+    return cases
+
+
+def _recorded_logits(engine) -> dict[int, list[torch.Tensor]]:
+    """Every logits row the engine samples a token from, per request index, in order (the engine's sampling
+    step, wrapped on this instance only)."""
+    rows, sample = defaultdict(list), engine._sample
+
+    def recording(logits, requests):
+        for row, request in zip(logits, requests):
+            rows[request.index].append(row.clone())
+        return sample(logits, requests)
+
+    engine._sample = recording
+    return rows
+
+
+def _families_rank(rank, world_size, cases):
+    """{(family, layout): (generated tokens, max and mean of |logits - transformers'| / max |transformers'|)}."""
+    results = {}
+    for name, layouts in _layouts(world_size).items():
+        directory, prompts, _, want_logits = cases[name]
+        for tp, pcp, dcp, prefill_comm, decode_comm in layouts:
+            cfg = config_from_dict({
+                "parallel": dict(tp=tp, pcp=pcp, dcp=dcp, prefill_comm=prefill_comm, decode_comm=decode_comm),
+                "model": {"checkpoint": directory}, "runtime": {"device": "cpu"},
+                "inference": {"prompts": ["unused"], "batch_size": 2, "kv_block_size": 4}}, source="<test>")
+            groups = initialize_model_parallel(tp=tp, pcp=pcp, dcp=dcp, num_heads=cfg.model.num_attention_heads,
+                                               num_kv_heads=cfg.model.num_kv_heads)
+            try:
+                engine = build_engine(cfg, groups, torch.device("cpu"))
+                got_logits = _recorded_logits(engine)
+                generated = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
+            finally:
+                destroy_model_parallel()
+            diffs = [(torch.stack(got_logits[index]).double() - want.double()).abs() / want.abs().max()
+                     for index, want in enumerate(want_logits)]
+            results[name, (tp, pcp, dcp, prefill_comm, decode_comm)] = (
+                [r.token_ids for r in generated], max(float(d.max()) for d in diffs),
+                float(torch.cat([d.flatten() for d in diffs]).mean()))
+    return results
+
+
+def _check(cases, per_rank):
+    for rank, results in enumerate(per_rank):
+        assert {name for name, _ in results} == set(FAMILIES)
+        for (name, layout), (tokens, max_err, mean_err) in results.items():
+            label, want_tokens = f"rank {rank}, {name}, layout {layout}", cases[name][2]
+            assert tokens == want_tokens, f"{label}: {tokens} != transformers {want_tokens}"
+            assert max_err <= RTOL, (f"{label}: logits differ by max {max_err:.3g}, mean {mean_err:.3g} of "
+                                     "transformers' largest logit")
+
+
+def test_every_family_generates_transformers_tokens_at_one_rank(families):
+    _check(families, run_ranks(1, _families_rank, families, timeout_s=120))
+
+
+def test_every_family_generates_transformers_tokens_at_tp2_pcp2_dcp2_and_dcp4(families):
+    _check(families, run_ranks(4, _families_rank, families, timeout_s=240))
+
+
+# ----------------------------------------------------------------------------- RoPE frequencies
+
+def _rope_cases():
+    """(case, transformers config) for every rope_type cptoolkit supports, with explicit and derived
+    head_dim and YaRN's three ways to get its attention factor."""
+    yarn = {**YARN, "beta_fast": 8, "beta_slow": 2, "truncate": False}
+    ropes = {"default": {"rope_type": "default", "rope_theta": 500.0},
+             "linear": FAMILIES["llama_linear"][2]["rope_parameters"],
+             "llama3": FAMILIES["llama3"][2]["rope_parameters"],
+             "yarn": YARN, "yarn betas untruncated": yarn,
+             "yarn mscale": {**YARN, "mscale": 1.0, "mscale_all_dim": 0.5},
+             "yarn attention_factor": {**YARN, "attention_factor": 1.3}}
+    for case, rope in ropes.items():
+        yield f"llama {case}", transformers.LlamaConfig(**LLAMA_SIZES, rope_parameters=dict(rope))
+        yield f"qwen3 head_dim 32 {case}", transformers.Qwen3Config(**LLAMA_SIZES, head_dim=32,
+                                                                     rope_parameters=dict(rope))
+
+
+ROPE_CASES = dict(_rope_cases())
+
+
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_rope_frequencies_and_attention_factor_are_transformers_own(case):
+    config = ROPE_CASES[case]
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope_type = config.rope_parameters["rope_type"]
+    init = LlamaRotaryEmbedding.compute_default_rope_parameters if rope_type == "default" else \
+        ROPE_INIT_FUNCTIONS[rope_type]
+    want_inv_freq, want_factor = init(config)
+    shape = GPTShape.from_hf_config(config.to_dict())
+    assert torch.equal(inv_freq(shape), want_inv_freq), case
+    assert shape.rope_scaling.attention_factor == want_factor, case
+    assert GPTShape.from_hf_config(shape.to_hf_config()) == shape  # a cptoolkit checkpoint keeps the scaling
+
+
+def test_older_configs_with_rope_scaling_and_a_top_level_rope_theta_read_the_same():
+    """Llama 3.1 / Qwen2.5 config.json files written before transformers 5: ``rope_scaling`` with ``type``
+    or ``rope_type``, ``rope_theta`` at the top level."""
+    new = GPTShape.from_hf_config(transformers.LlamaConfig(**LLAMA_SIZES, rope_parameters=dict(YARN)).to_dict())
+    old = {**new.to_hf_config(), "rope_theta": YARN["rope_theta"], "rope_parameters": None,
+           "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}
+    assert GPTShape.from_hf_config(old) == new
+
+
+# ----------------------------------------------------------------------------- refused at load
+
+def _hf_config(name: str, **changes) -> dict:
+    config = _hf_model(name).config.to_dict()
+    config.update(changes)
+    return config
+
+
+REFUSED = {
+    "dynamic NTK RoPE": (_hf_config("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                               "rope_theta": 1e4}),
+                         r"^rope_parameters\.rope_type='dynamic' is not supported; rule: one of \('default', "
+                         r"'linear', 'llama3', 'yarn'\): dynamic NTK scaling recomputes the frequencies from the "
+                         r"longest position of each forward pass"),
+    "longrope": (_hf_config("llama", rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}),
+                 r"^rope_parameters\.rope_type='longrope' is not supported; rule: one of \('default', 'linear', "
+                 r"'llama3', 'yarn'\)$"),
+    "llama3 without low_freq_factor": (_hf_config("llama", rope_parameters={"rope_type": "llama3", "factor": 8.0,
+                                                                             "high_freq_factor": 4.0}),
+                                       r"^missing required key 'low_freq_factor'"),
+    "partial rotary": (_hf_config("llama", partial_rotary_factor=0.5),
+                       r"^partial_rotary_factor=0\.5; rule: must be 1\.0 \(RoPE on the whole head\)$"),
+    "Mistral sliding window": (_hf_config("mistral", sliding_window=8),
+                               r"^sliding_window=8 is shorter than max_position_embeddings=64; rule: "
+                               r"sliding-window attention is not supported"),
+    "Qwen2 use_sliding_window": (_hf_config("qwen2_yarn", use_sliding_window=True),
+                                 r"^use_sliding_window=True; rule: sliding-window attention is not supported"),
+    "Qwen3 sliding layer": (_hf_config("qwen3", layer_types=["full_attention", "sliding_attention"]),
+                            r"^layer_types holds 'sliding_attention'; rule: sliding-window attention is not "
+                            r"supported .*; every layer must be 'full_attention'$"),
+    "Llama attention_bias (o_proj bias too)": (_hf_config("llama", attention_bias=True),
+                                               r"^attention_bias=True; rule: must be False$"),
+    "Qwen3 attention_bias": (_hf_config("qwen3", attention_bias=True), r"^attention_bias=True; rule: must be False$"),
+    "Llama mlp_bias": (_hf_config("llama", mlp_bias=True), r"^mlp_bias=True; rule: must be False$"),
+    "another family": (_hf_config("llama", model_type="gemma"),
+                       r"^model_type='gemma' is not supported; rule: one of 'llama', 'mistral', 'qwen2', 'qwen3', "
+                       r"'gpt2' \(architectures LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                       r"Qwen3ForCausalLM, GPT2LMHeadModel, GPT2Model\)$"),
+    "a head class": (_hf_config("qwen2_yarn", architectures=["Qwen2ForSequenceClassification"]),
+                     r"^architectures=\['Qwen2ForSequenceClassification'\] is not supported for model_type "
+                     r"'qwen2'; rule: Qwen2ForCausalLM$"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_what_cptoolkit_would_compute_differently_is_refused_with_key_value_and_rule(name):
+    config, message = REFUSED[name]
+    with pytest.raises(ValueError, match=message):
+        GPTShape.from_hf_config(config)
+
+
+def test_a_sliding_window_no_prompt_can_reach_is_accepted():
+    """A window of at least ``max_position_embeddings`` never masks a token: Mistral's default 4096 on a
+    short-context model, or a window equal to the context."""
+    for window in (64, 4096):
+        assert GPTShape.from_hf_config(_hf_config("mistral", sliding_window=window)).max_seq_len == 64
+
+
+def test_a_refused_checkpoint_fails_at_load_config_in_one_line_naming_its_config_json(families, tmp_path):
+    directory = shutil.copytree(families["mistral"][0], tmp_path / "mistral")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
+    run = tmp_path / "run.yaml"
+    run.write_text(json.dumps({"parallel": {}, "model": {"checkpoint": str(directory)}, "runtime": {},
+                               "inference": {"prompts": ["w2"]}}))
+    with pytest.raises(ConfigError, match="^" + re.escape(str(directory / "config.json")) +
+                       r": sliding_window=8 is shorter than max_position_embeddings=64; rule: sliding-window "
+                       r"attention is not supported [^\n]*$"):
+        load_config(run)
+
+
+def test_an_explicit_head_dim_frees_hidden_size_from_the_head_count(tmp_path):
+    """Qwen3 sets head_dim on its own: a hidden size that is no multiple of the heads still loads."""
+    config = transformers.Qwen3Config(**{**LLAMA_SIZES, "hidden_size": 66}, head_dim=32).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "run.yaml").write_text(json.dumps({"parallel": {"tp": 2}, "model": {"checkpoint": str(tmp_path)},
+                                                   "runtime": {}, "inference": {"prompts": ["w2"]}}))
+    model = load_config(tmp_path / "run.yaml").model
+    assert (model.hidden_size, model.num_attention_heads, model.head_dim) == (66, 4, 32)
