@@ -99,7 +99,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Requests and sampling for ``launch/infer.py``: exactly one of ``prompts``, ``prompt_file`` (one per
+    """Requests and sampling for ``launch/infer.py`` (and engine settings for ``launch/serve.py``, which
+    takes its requests over HTTP): one of ``prompts``, ``prompt_file`` (one per
     line) or ``messages`` (conversations, each a list of ``{role, content}``, rendered by the checkpoint's
     chat template with the assistant's turn opened; generation stops on every end-of-turn id it declares).
 
@@ -128,7 +129,7 @@ class InferenceConfig:
 
     def __post_init__(self):
         given = [bool(self.prompts), self.prompt_file is not None, bool(self.messages)]
-        _require(sum(given) == 1, "prompts", self.prompts, "give exactly one of prompts (a list), prompt_file "
+        _require(sum(given) <= 1, "prompts", self.prompts, "give at most one of prompts (a list), prompt_file "
                  f"(a path) or messages (a list of conversations); given: prompt_file = {self.prompt_file!r}, "
                  f"messages = {self.messages!r}")
         for i, conversation in enumerate(self.messages):

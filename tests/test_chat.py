@@ -113,8 +113,7 @@ def _config(inference: dict, checkpoint: Path | None = None):
 
 @pytest.mark.parametrize("inference,message", [
     ({"messages": [CONVERSATION], "prompts": ["hi"]},
-     r"inference\.prompts = \['hi'\]: give exactly one of prompts \(a list\), prompt_file \(a path\) or messages"),
-    ({}, r"inference\.prompts = \[\]: give exactly one of prompts"),
+     r"inference\.prompts = \['hi'\]: give at most one of prompts \(a list\), prompt_file \(a path\) or messages"),
     ({"messages": "hello"}, r"inference\.messages = 'hello': must be a list$"),
     ({"messages": [CONVERSATION, []]},
      r"inference\.messages\[1\] = \[\]: must be a non-empty list of \{role, content\} messages"),

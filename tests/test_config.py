@@ -54,7 +54,7 @@ def test_reference_config_values():
      r"num_heads \(6\) must be a multiple of tp \(4\): each TP rank owns num_heads/tp query heads$"),
     (_with("model", num_kv_heads=3), r"model.num_kv_heads = 3: must divide num_attention_heads \(8\)"),
     (_with("inference", top_p=0.0), r"inference.top_p = 0.0: must be in \(0, 1\]"),
-    (_with("inference", prompts=[]), r"inference.prompts = \[\]: give exactly one of prompts"),
+    (_with("inference", prompts=["a"], prompt_file="p.txt"), r"inference.prompts = \['a'\]: give at most one of prompts"),
     ({**MINIMAL, "extra": {}}, r"extra: unknown section"),
     ({k: v for k, v in MINIMAL.items() if k != "inference"}, r"exactly one of the sections 'inference' or 'train'"),
     ("just text", r"top level must be a mapping"),

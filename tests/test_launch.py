@@ -149,3 +149,12 @@ def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tmp_path):
     assert returncode != 0 and took < 5 + 10, (took, text[-3000:])
     rank_lines = "\n".join(line for line in text.splitlines() if line.startswith("[rank"))
     assert "timed out (runtime.collective_timeout_s" in text and " from " in text, rank_lines
+
+
+def test_a_config_without_requests_is_one_line_for_infer(tmp_path):
+    raw = yaml.safe_load((REPO / "configs" / "tp1_pcp1_dcp1.yaml").read_text())
+    raw["inference"].pop("prompts")
+    config = tmp_path / "no_prompts.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    done = _python("launch/infer.py", "--config", str(config))
+    assert done.returncode == 2 and "launch/infer.py needs requests: give prompts" in done.stdout, done.stdout

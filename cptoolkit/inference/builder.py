@@ -106,6 +106,9 @@ def read_prompts(cfg: Config) -> list[str | list[int]]:
         tokenizer = load_tokenizer(cfg.model.checkpoint)
         return [tokenizer.render_chat(conversation) for conversation in cfg.inference.messages]
     if cfg.inference.prompt_file is None:
+        if not cfg.inference.prompts:
+            raise ConfigError(f"{cfg.source}: inference: launch/infer.py needs requests: give prompts (a list), "
+                              f"prompt_file (a path) or messages (a list of conversations)")
         return list(cfg.inference.prompts)
     path = Path(cfg.inference.prompt_file)
     path = path if path.is_absolute() else Path(cfg.source).parent / path

@@ -1,0 +1,63 @@
+"""One rank's server: the engine loop on every rank, plus the HTTP front end on global rank 0.
+
+``serve`` is what ``launch/serve.py`` runs once the engine is built. SIGTERM and SIGINT start a drain
+(see ``coordinator``); after it every rank returns normally, so the launcher exits 0.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from cptoolkit.config import Config
+from cptoolkit.distributed import collective_timeout, env_rank
+from cptoolkit.inference.engine import Engine
+from cptoolkit.serving.app import HTTPServer, create_app
+from cptoolkit.serving.coordinator import Coordinator
+from cptoolkit.serving.inbox import Inbox
+from cptoolkit.serving.metrics import ServerMetrics
+
+LOG = logging.getLogger("cptoolkit")
+# A rank other than 0 that fails waits this long before the launcher ends the job (and, with it,
+# rank 0): a peer's death reaches rank 0's next collective within one step, and rank 0 then
+# answers 503 to every request in flight before it ends the job itself.
+_PEER_FAILURE_GRACE_S = 3.0
+_MAX_HEARTBEAT_S = 0.5
+
+
+def model_name(cfg: Config) -> str:
+    """The name ``/v1/models`` lists: the checkpoint directory's, or ``cptoolkit-<arch>`` for the built-in model."""
+    return Path(cfg.model.checkpoint).name if cfg.model.checkpoint else f"cptoolkit-{cfg.model.arch}"
+
+
+def serve(cfg: Config, engine: Engine, host: str, port: int, name: str, drain_timeout_s: float) -> None:
+    """Serve until drained. Collective: every rank of the job calls it (it creates the control group)."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    timeout = collective_timeout(cfg.runtime)
+    # gloo whatever the model's backend: the control messages are small Python objects on the host.
+    control_group = dist.new_group(backend="gloo", timeout=timeout) if world_size > 1 else None
+    heartbeat_s = min(_MAX_HEARTBEAT_S, timeout.total_seconds() / 4)
+    is_front = env_rank() == 0
+    inbox = Inbox() if is_front else None
+    metrics = ServerMetrics(engine.cache.num_blocks) if is_front else None
+    coordinator = Coordinator(engine, control_group, heartbeat_s, drain_timeout_s, inbox, metrics)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: coordinator.request_drain())
+    http = None
+    if is_front:
+        http = HTTPServer(create_app(inbox, engine.tokenizer, metrics, name, engine.max_seq_len), host, port)
+        http.start()
+        LOG.info("serving %r at http://%s:%d/v1 (%d ranks; KV cache %d blocks per rank); SIGTERM drains",
+                 name, host, port, world_size, engine.cache.num_blocks)
+    try:
+        coordinator.run()
+    except Exception:
+        if not is_front:
+            time.sleep(_PEER_FAILURE_GRACE_S)
+        raise
+    if http is not None:
+        http.stop()
+        LOG.info("drained; every request answered")
