@@ -6,7 +6,7 @@ prompt arrives. One rank vs TP=1 x PCP=2 x DCP=2 on two cores, the 4-layer hidde
 
 Four measurements, each in fresh rank processes (so peak RSS is the measurement's own):
 - **chunked vs whole prefill** of one long prompt (PCP=2): prefill time with ``prefill_chunk_size`` vs
-  without, and the generated tokens (must be equal);
+  without (median of 3 interleaved repetitions), and the generated tokens (must be equal);
 - **shared prefix**: a request whose prompt shares a long prefix with an earlier one, with
   ``prefix_caching``: its time to first token vs the first request's;
 - **streams during a long prefill**: two requests decode; a long prompt arrives; the longest gap
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -113,27 +114,40 @@ def _slowest(ranks: list[dict], key: str) -> float:
     return max(r[key] for r in ranks)
 
 
-def run(sizes: dict) -> dict:
-    chunked = {}
-    for name, chunk in (("whole", None), ("chunked", sizes["chunk"])):
-        chunked[name] = launch(2, _prefill_rank, sizes["long"], chunk)
+def _interleaved(reps: int, variants: dict, fn, *args) -> dict:
+    """``{name: [per-rep rank results]}``: every repetition runs every variant in turn, so background load
+    hits the variants alike (ratios are taken between medians of the same run)."""
+    runs = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, chunk in variants.items():
+            runs[name].append(launch(2, fn, *args, chunk))
+    return runs
+
+
+def _median_of_slowest(reps: list[list[dict]], key: str) -> float:
+    return statistics.median(_slowest(ranks, key) for ranks in reps)
+
+
+def run(sizes: dict, reps: int) -> dict:
+    chunked = _interleaved(reps, {"whole": None, "chunked": sizes["chunk"]}, _prefill_rank, sizes["long"])
     prefix = {world: launch(world, _prefix_rank, sizes["prefix"]) for world in (1, 2)}
-    arrival = {name: launch(2, _arrival_rank, sizes["arrival"], chunk)
-               for name, chunk in (("whole", None), ("chunked", sizes["arrival_chunk"]))}
+    arrival = _interleaved(reps, {"whole": None, "chunked": sizes["arrival_chunk"]}, _arrival_rank, sizes["arrival"])
     rss = {name: launch(2, _prefill_rank, sizes["rss"], chunk) for name, chunk in (("whole", None),
                                                                                   ("chunked", sizes["rss_chunk"]))}
     return {
-        "sizes": sizes, "model": MODEL,
+        "sizes": sizes, "model": MODEL, "reps": reps,
         "chunked_prefill": {
-            "whole_s": _slowest(chunked["whole"], "prefill_s"), "chunked_s": _slowest(chunked["chunked"], "prefill_s"),
-            "same_tokens": chunked["whole"][0]["tokens"] == chunked["chunked"][0]["tokens"]},
+            "whole_s": _median_of_slowest(chunked["whole"], "prefill_s"),
+            "chunked_s": _median_of_slowest(chunked["chunked"], "prefill_s"),
+            "same_tokens": all(ranks[0]["tokens"] == chunked["whole"][0][0]["tokens"]
+                               for runs in chunked.values() for ranks in runs)},
         "prefix_caching": {
             str(world): {"first_ttft_s": _slowest(ranks, "first_ttft_s"),
                          "second_ttft_s": _slowest(ranks, "second_ttft_s"),
                          "second_cached_tokens": ranks[0]["second_cached_tokens"]} for world, ranks in prefix.items()},
-        "arrival": {name: {"max_gap_s": _slowest(ranks, "max_gap_s"),
-                           "long_prompt_done_s": _slowest(ranks, "long_prompt_done_s")}
-                    for name, ranks in arrival.items()},
+        "arrival": {name: {"max_gap_s": _median_of_slowest(runs, "max_gap_s"),
+                           "long_prompt_done_s": _median_of_slowest(runs, "long_prompt_done_s")}
+                    for name, runs in arrival.items()},
         "peak_rss_mib": {name: [r["peak_rss_mib"] for r in ranks] for name, ranks in rss.items()},
     }
 
@@ -165,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     add_results_dir_argument(parser)
     args = parser.parse_args(argv)
     before = machine_info()
-    payload = run(QUICK if args.quick else FULL)
+    payload = run(QUICK if args.quick else FULL, 1 if args.quick else 3)
     print(table(payload))
     write_json("serving", payload, before, args.results_dir)
     return 0 if payload["chunked_prefill"]["same_tokens"] else 1
