@@ -10,7 +10,7 @@ PORT   ?= 29500
 # torchrun sets OMP_NUM_THREADS=1 per rank anyway; setting it here keeps its warning out of the output.
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --master-addr 127.0.0.1 --master-port $(PORT)
 
-.PHONY: run test test-gpu bench faults demo clean
+.PHONY: run test test-gpu bench faults demo checkpoints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test-gpu:
 demo: $(STAMP)
 	$(TORCHRUN) --nproc-per-node 4 launch/train.py --config configs/demo_train.yaml --output out/demo_losses.json
 	$(TORCHRUN) --nproc-per-node 4 launch/infer.py --config configs/demo_infer.yaml --output out/demo_result.json
+
+# The small models the reference configs serve, trained on the generated corpus at TP=1 x PCP=2 (about a
+# minute each on 2 cores): checkpoints/tiny-gqa (2 KV heads) and checkpoints/tiny-mqa (1 KV head).
+checkpoints: $(STAMP)
+	$(TORCHRUN) --nproc-per-node 2 launch/train.py --config configs/train_tiny_gqa.yaml
+	$(TORCHRUN) --nproc-per-node 2 launch/train.py --config configs/train_tiny_mqa.yaml
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py --quick

@@ -42,7 +42,7 @@ LAYOUTS = {1: "tp1_pcp1_dcp1.yaml", 4: "tp2_pcp2_dcp4.yaml"}
 CONCURRENCY = (1, 8, 32)
 FULL = {"max_tokens": 64, "requests_per_client": 4, "min_requests": 16}
 QUICK = {"max_tokens": 16, "requests_per_client": 1, "min_requests": 4}
-MODEL = "cptoolkit-llama"
+MODEL = "tiny-gqa"  # /v1/models names the checkpoint directory of the reference configs
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -59,6 +59,7 @@ class ServerJob:
 
     def __init__(self, world_size: int, workdir: Path):
         raw = yaml.safe_load((REPO / "configs" / LAYOUTS[world_size]).read_text())
+        raw["model"]["checkpoint"] = str(REPO / "configs" / raw["model"]["checkpoint"])  # the copy lives in workdir
         raw["inference"].update(batch_size=max(CONCURRENCY), max_seq_len=384)
         config = workdir / f"serve_{world_size}.yaml"
         config.write_text(yaml.safe_dump(raw))

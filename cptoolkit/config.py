@@ -294,6 +294,15 @@ def _build_section(cls: type, raw: Any, section: str):
         raise ValueError(f"{section}.{err}") from None
 
 
+def _refuse_shape_with_checkpoint(raw_model: dict) -> None:
+    """A checkpoint's config.json gives the shape: a shape field beside it would be silently replaced."""
+    shape_given = sorted(set(raw_model) - {"checkpoint", "seed"})
+    if shape_given:
+        name = shape_given[0]
+        raise ValueError(f"model.{name} = {raw_model[name]!r}: not allowed with model.checkpoint (its config.json "
+                         f"gives the model's shape); remove it (inference.max_seq_len lowers the length)")
+
+
 def _checkpoint_shape(model: ModelConfig, base_dir: Path) -> ModelConfig:
     """Replace the shape fields by those of the checkpoint's config.json (HF or cptoolkit)."""
     path = Path(model.checkpoint)
@@ -385,6 +394,7 @@ def config_from_dict(raw: Any, source: str = "<dict>", base_dir: Path = Path("."
         raw = _training_dcp_default(raw)
         sections = {name: _build_section(cls, raw[name], name) for name, cls in _SECTIONS.items() if name in raw}
         if sections["model"].checkpoint is not None:
+            _refuse_shape_with_checkpoint(raw["model"])
             sections["model"] = _checkpoint_shape(sections["model"], base_dir)
         cfg = Config(**sections, source=source)
         _check_layout(cfg)

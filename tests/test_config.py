@@ -29,6 +29,8 @@ def test_shipped_configs_load_every_field_as_written(path):
     for section, fields in raw.items():
         for name, value in fields.items():
             loaded = getattr(getattr(cfg, section), name)
+            if (section, name) == ("model", "checkpoint"):  # a checkpoint path resolves against the file's folder
+                value = str(path.parent / value)
             assert loaded == value, f"{path.name}: {section}.{name} = {value!r} in the file, {loaded!r} loaded"
     sizes = {name: raw["parallel"].get(name, 1) for name in ("dp", "pcp", "tp")}
     assert cfg.parallel.world_size == sizes["dp"] * sizes["pcp"] * sizes["tp"], (path.name, sizes)
@@ -134,3 +136,10 @@ def test_a2a_prefill_comms_load():
 def test_a2a_prefill_comm_rules_name_field_value_and_rule(raw, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw, source="<t>")
+
+
+def test_a_shape_field_beside_a_checkpoint_is_refused_not_replaced():
+    raw = {"parallel": {}, "runtime": {}, "inference": {"prompts": ["x"]},
+           "model": {"checkpoint": "../checkpoints/tiny-mqa", "num_kv_heads": 2}}
+    with pytest.raises(ConfigError, match=r"model.num_kv_heads = 2: not allowed with model.checkpoint"):
+        config_from_dict(raw, source="<t>", base_dir=REPO / "configs")

@@ -19,8 +19,15 @@ def _torchrun(nproc: int, script: str, *args: str, timeout: float = 240) -> subp
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def _small_config(tmp_path: Path, name: str, **inference) -> Path:
+def _reference_config(name: str) -> dict:
+    """A shipped config as a dict, its checkpoint path made absolute so that a copy written elsewhere loads it."""
     raw = yaml.safe_load((REPO / "configs" / name).read_text())
+    raw["model"]["checkpoint"] = str(REPO / "configs" / raw["model"]["checkpoint"])
+    return raw
+
+
+def _small_config(tmp_path: Path, name: str, **inference) -> Path:
+    raw = _reference_config(name)
     raw["inference"].update(max_new_tokens=4, **inference)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
@@ -65,7 +72,7 @@ def test_a_failing_rank_ends_the_whole_job_fast():
 
 
 def _one_rank_config(tmp_path: Path, **inference) -> Path:
-    raw = yaml.safe_load((REPO / "configs" / "tp1_pcp1_dcp1.yaml").read_text())
+    raw = _reference_config("tp1_pcp1_dcp1.yaml")
     raw["inference"].update(max_new_tokens=3, **inference)
     path = tmp_path / "one_rank.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -97,7 +104,7 @@ def test_a_kv_cache_too_large_for_the_machine_is_one_line(tmp_path):
 
 
 def test_a_config_error_on_four_ranks_is_reported_once_and_fast(tmp_path):
-    raw = yaml.safe_load((REPO / "configs" / "tp2_pcp2_dcp4.yaml").read_text())
+    raw = _reference_config("tp2_pcp2_dcp4.yaml")
     raw["inference"]["temprature"] = 0.5
     config = tmp_path / "typo.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -122,7 +129,7 @@ def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tmp_path):
     import os
     import signal
 
-    raw = yaml.safe_load((REPO / "configs" / "tp2_pcp2_dcp4.yaml").read_text())
+    raw = _reference_config("tp2_pcp2_dcp4.yaml")
     raw["runtime"]["collective_timeout_s"] = 5
     raw["inference"].update(prompts=["hello", "world"], max_new_tokens=400)
     config = tmp_path / "frozen.yaml"
@@ -152,7 +159,7 @@ def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tmp_path):
 
 
 def test_a_config_without_requests_is_one_line_for_infer(tmp_path):
-    raw = yaml.safe_load((REPO / "configs" / "tp1_pcp1_dcp1.yaml").read_text())
+    raw = _reference_config("tp1_pcp1_dcp1.yaml")
     raw["inference"].pop("prompts")
     config = tmp_path / "no_prompts.yaml"
     config.write_text(yaml.safe_dump(raw))

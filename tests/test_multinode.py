@@ -23,6 +23,7 @@ TIMEOUT_S = 180
 
 def _small_config(tmp_path: Path) -> Path:
     raw = yaml.safe_load((REPO / "configs" / "tp2_pcp2_dcp4.yaml").read_text())
+    raw["model"]["checkpoint"] = str(REPO / "configs" / raw["model"]["checkpoint"])  # the copy lives in tmp_path
     raw["inference"]["max_new_tokens"] = 4
     path = tmp_path / "tp2_pcp2_dcp4.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -24,7 +24,7 @@ from tests.multiproc import free_port, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-MODEL = "cptoolkit-llama"
+MODEL = "tiny-gqa"  # /v1/models names the checkpoint directory of the reference configs
 MAX_TOKENS = 6
 PROMPTS = [f"request {i}: {'context parallelism ' * (i % 5)}splits the sequence"[: 12 + 5 * i] for i in range(32)]
 SAMPLED = {"temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 11}
@@ -47,6 +47,7 @@ def _stub_chat_prompt(messages: list[dict]) -> str:
 
 def _config(tmp_path: Path, name: str, collective_timeout_s: float = 60, **parallel) -> Path:
     raw = yaml.safe_load((REPO / "configs" / name).read_text())
+    raw["model"]["checkpoint"] = str(REPO / "configs" / raw["model"]["checkpoint"])  # the copy lives in tmp_path
     raw["inference"].update(batch_size=8, max_seq_len=448)
     raw["parallel"].update(parallel)
     raw["runtime"]["collective_timeout_s"] = collective_timeout_s
@@ -327,7 +328,7 @@ def test_a_dead_rank_makes_the_server_answer_503_and_the_job_exit_fast(tmp_path)
     try:
         answers: list = []
         waiting = threading.Thread(target=lambda: answers.append(_error(lambda: server.client().completions.create(
-            model=MODEL, prompt=PROMPTS[2], max_tokens=400))))
+            model=MODEL, prompt=PROMPTS[6], max_tokens=400))))  # no EOS within 400 tokens
         waiting.start()
         server.wait_for_metric("cptoolkit_requests_in_engine", 1)
         os.kill(server.workers()[1], signal.SIGKILL)
