@@ -288,14 +288,15 @@ def test_chat_without_a_template_is_400_with_the_tokenizers_message(four_ranks):
 def test_a_client_that_disconnects_frees_its_blocks(four_ranks):
     server, _ = four_ranks
     cancelled = server.metric("cptoolkit_requests_finished_total", '{finish_reason="cancelled"}')
-    stream = server.client().completions.create(model=MODEL, prompt=PROMPTS[7], max_tokens=400, stream=True)
+    stream = server.client().completions.create(model=MODEL, prompt=PROMPTS[7], max_tokens=400, stream=True,
+                                                extra_body={"ignore_eos": True})
     next(iter(stream))
     assert server.metric("cptoolkit_kv_blocks_used") > 0
     stream.close()
     server.wait_for_metric("cptoolkit_kv_blocks_used", 0)
     with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
-        httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 400},
-                   timeout=1.0)
+        httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 400,
+                                                           "ignore_eos": True}, timeout=1.0)
     server.wait_for_metric("cptoolkit_kv_blocks_used", 0)
     assert server.metric("cptoolkit_requests_finished_total", '{finish_reason="cancelled"}') == cancelled + 2
 
@@ -306,6 +307,7 @@ def test_sigterm_drains_then_every_rank_exits_0(layout, request):
     server, _ = request.getfixturevalue(layout)
     client = server.client()
     stream = iter(client.completions.create(model=MODEL, prompt=PROMPTS[9], max_tokens=48, temperature=0,
+                                            extra_body={"ignore_eos": True},
                                             stream=True, stream_options={"include_usage": True}))
     chunks = [next(stream)]
     for pid in server.workers():
@@ -328,7 +330,7 @@ def test_a_dead_rank_makes_the_server_answer_503_and_the_job_exit_fast(tmp_path)
     try:
         answers: list = []
         waiting = threading.Thread(target=lambda: answers.append(_error(lambda: server.client().completions.create(
-            model=MODEL, prompt=PROMPTS[6], max_tokens=400))))  # no EOS within 400 tokens
+            model=MODEL, prompt=PROMPTS[6], max_tokens=400, extra_body={"ignore_eos": True}))))
         waiting.start()
         server.wait_for_metric("cptoolkit_requests_in_engine", 1)
         os.kill(server.workers()[1], signal.SIGKILL)

@@ -415,7 +415,8 @@ class Engine:
         return events
 
     def _finish_reason(self, request: Request, token: int) -> Optional[str]:
-        if token in self.tokenizer.eos_token_ids or token in request.sampling.stop_token_ids:
+        if (token in self.tokenizer.eos_token_ids and not request.sampling.ignore_eos) \
+                or token in request.sampling.stop_token_ids:
             return "eos"
         if any(stop in request.text for stop in request.sampling.stop_strings):
             return "stop"

@@ -32,7 +32,8 @@ class SamplingParams:
 
     ``temperature`` 0 means greedy (argmax, ties to the lowest token id); ``top_k`` 0 and ``top_p`` 1
     switch those filters off. ``stop_token_ids`` / ``stop_strings`` end the request early; lists are
-    stored as tuples.
+    stored as tuples. ``ignore_eos`` keeps generating past the tokenizer's end-of-sequence ids (benchmarks,
+    tests), as vLLM's option of that name does.
     """
 
     temperature: float = 1.0
@@ -42,6 +43,7 @@ class SamplingParams:
     max_new_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
@@ -57,6 +59,8 @@ class SamplingParams:
             _reject("max_new_tokens", self.max_new_tokens, "it must be an integer >= 1")
         if not all(_is_int(token_id) and token_id >= 0 for token_id in self.stop_token_ids):
             _reject("stop_token_ids", self.stop_token_ids, "it must be a sequence of integers >= 0")
+        if not isinstance(self.ignore_eos, bool):
+            _reject("ignore_eos", self.ignore_eos, "it must be true or false")
         if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
             _reject("stop_strings", self.stop_strings, "it must be a sequence of non-empty strings")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))

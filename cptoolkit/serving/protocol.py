@@ -67,6 +67,7 @@ class GenerationRequest(BaseModel):
     frequency_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
+    ignore_eos: Optional[bool] = False  # vLLM's extension: generate max_tokens whatever the model says
 
     @field_validator(*DEFAULT_ONLY, "logprobs", check_fields=False)
     @classmethod
@@ -99,7 +100,8 @@ class GenerationRequest(BaseModel):
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p,
                 seed=random.SystemRandom().randrange(2 ** 31) if self.seed is None else self.seed,
-                max_new_tokens=max_new_tokens, stop_token_ids=eos_token_ids, stop_strings=tuple(stops))
+                max_new_tokens=max_new_tokens, stop_token_ids=() if self.ignore_eos else eos_token_ids,
+                stop_strings=tuple(stops), ignore_eos=bool(self.ignore_eos))
         except ValueError as err:
             raise APIError(400, str(err)) from None
 
