@@ -17,13 +17,13 @@ def test_the_own_code_snippet_runs_on_four_ranks(tmp_path):
     (snippet,) = [block for block in _python_blocks() if "initialize_model_parallel" in block]
     script = tmp_path / "snippet.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + snippet)
+    logs = tmp_path / "logs"  # one stdout file per rank: printed lines of four processes may interleave
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr",
-                           "127.0.0.1", "--master-port", str(free_port()), str(script)], cwd=REPO,
-                          capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    # four processes print to one pipe: lines may interleave, so find each rank's line anywhere
-    ranks = sorted(int(rank) for rank in re.findall(r"(\d) \(1, 4, 320\)", done.stdout))
-    assert ranks == [0, 1, 2, 3], done.stdout[-3000:] + done.stderr[-3000:]
+                           "127.0.0.1", "--master-port", str(free_port()), "--log-dir", str(logs), "--redirects", "3",
+                           str(script)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    printed = {int(path.parent.name): path.read_text() for path in logs.glob("*/attempt_*/*/stdout.log")}
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + str(printed)
+    assert {rank: text.strip() for rank, text in printed.items()} == {r: f"{r} (1, 4, 320)" for r in range(4)}, printed
 
 
 def test_the_megatron_spec_snippet_builds_the_spec():
