@@ -41,7 +41,7 @@ def env_nproc_per_node() -> int | None:
     return int(value) if value else None
 
 
-def check_node_layout(layout, config_source: str) -> None:
+def _check_node_layout(layout, config_source: str) -> None:
     """Refuse a layout whose TP group would span nodes (TP all-reduces every layer), as a ConfigError."""
     from cptoolkit.layout import check_nodes
 
@@ -128,6 +128,20 @@ def _end_local_peers() -> None:
 def _short_path(filename: str) -> str:
     path = Path(filename)
     return str(path.relative_to(_REPO_ROOT)) if path.is_relative_to(_REPO_ROOT) else filename
+
+
+def start_groups(cfg):
+    """The process groups of ``cfg.parallel`` (every collective bounded by the config's timeout), refused
+    as a ConfigError if a TP group would span nodes; rank 0 logs the node-aware layout table."""
+    from cptoolkit.parallel_state import initialize_model_parallel, render_layout
+
+    p, m = cfg.parallel, cfg.model
+    groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
+                                       num_kv_heads=m.num_kv_heads, timeout=collective_timeout(cfg.runtime),
+                                       hierarchical_a2a_size=p.hierarchical_a2a_size)
+    _check_node_layout(groups.layout, cfg.source)
+    LOG.info("%s\n", render_layout(groups.layout, nproc_per_node=env_nproc_per_node()))
+    return groups
 
 
 def _describe_failure(error: BaseException) -> str:

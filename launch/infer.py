@@ -21,8 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cptoolkit.config import ConfigError, load_config  # noqa: E402
-from cptoolkit.distributed import (check_node_layout, collective_timeout, env_nproc_per_node, env_rank,  # noqa: E402
-                                   init_distributed, run_main)
+from cptoolkit.distributed import env_rank, init_distributed, run_main, start_groups  # noqa: E402
 
 LOG = logging.getLogger("cptoolkit")
 
@@ -55,16 +54,12 @@ def main(args: argparse.Namespace) -> int:
     if cfg.inference is None:
         raise ConfigError(f"{cfg.source}: launch/infer.py needs an 'inference' section (this is a train config)")
     from cptoolkit.inference.builder import build_engine, read_prompts, sampling_params
-    from cptoolkit.parallel_state import initialize_model_parallel, render_layout
+    from cptoolkit.parallel_state import render_layout
 
     prompts = read_prompts(cfg)
     device = init_distributed(cfg.runtime, cfg.parallel.world_size, cfg.source)
-    p, m = cfg.parallel, cfg.model
-    groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
-                                       num_kv_heads=m.num_kv_heads, timeout=collective_timeout(cfg.runtime),
-                                       hierarchical_a2a_size=p.hierarchical_a2a_size)
-    check_node_layout(groups.layout, cfg.source)
-    LOG.info("%s\n", render_layout(groups.layout, nproc_per_node=env_nproc_per_node()))
+    m = cfg.model
+    groups = start_groups(cfg)
     engine = build_engine(cfg, groups, device)
     LOG.info("model: %s, %d layers, hidden %d; KV cache %s bytes per rank; %d requests",
              m.arch, m.num_layers, m.hidden_size, f"{engine.cache.bytes_per_rank:,}", len(prompts))

@@ -24,8 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cptoolkit.config import ConfigError, load_config  # noqa: E402
-from cptoolkit.distributed import (check_node_layout, collective_timeout, env_nproc_per_node,  # noqa: E402
-                                   init_distributed, run_main)
+from cptoolkit.distributed import init_distributed, run_main, start_groups  # noqa: E402
 
 LOG = logging.getLogger("cptoolkit")
 
@@ -51,16 +50,10 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{cfg.source}: parallel.dp = {cfg.parallel.dp}: launch/serve.py serves one model "
                           "replica; set dp to 1 and start one server per replica")
     from cptoolkit.inference.builder import build_engine
-    from cptoolkit.parallel_state import initialize_model_parallel, render_layout
     from cptoolkit.serving.server import model_name, serve
 
     device = init_distributed(cfg.runtime, cfg.parallel.world_size, cfg.source)
-    p, m = cfg.parallel, cfg.model
-    groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
-                                       num_kv_heads=m.num_kv_heads, timeout=collective_timeout(cfg.runtime),
-                                       hierarchical_a2a_size=p.hierarchical_a2a_size)
-    check_node_layout(groups.layout, cfg.source)
-    LOG.info("%s\n", render_layout(groups.layout, nproc_per_node=env_nproc_per_node()))
+    groups = start_groups(cfg)
     engine = build_engine(cfg, groups, device)
     serve(cfg, engine, args.host, args.port, args.model_name or model_name(cfg), args.drain_timeout_s)
     return 0

@@ -19,8 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cptoolkit.config import load_config  # noqa: E402
-from cptoolkit.distributed import (check_node_layout, collective_timeout, env_nproc_per_node, env_rank,  # noqa: E402
-                                   init_distributed, run_main)
+from cptoolkit.distributed import env_rank, init_distributed, run_main, start_groups  # noqa: E402
 
 LOG = logging.getLogger("cptoolkit")
 
@@ -37,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)  # before megatron is imported: a bad config fails in a second
     from cptoolkit.models.checkpoint import save_checkpoint
     from cptoolkit.models.tokenizer import ByteTokenizer, load_tokenizer
-    from cptoolkit.parallel_state import initialize_model_parallel, render_layout
+    from cptoolkit.parallel_state import render_layout
     from cptoolkit.training.data import corpus_documents, tokenize_documents
     from cptoolkit.training.trainer import build_trainer, validate_train_config
 
@@ -47,11 +46,7 @@ def main(args: argparse.Namespace) -> int:
     documents = tokenize_documents(corpus_documents(cfg.train, config_dir), tokenizer)
     device = init_distributed(cfg.runtime, cfg.parallel.world_size, cfg.source)
     p, m, train = cfg.parallel, cfg.model, cfg.train
-    groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
-                                       num_kv_heads=m.num_kv_heads, timeout=collective_timeout(cfg.runtime),
-                                       hierarchical_a2a_size=p.hierarchical_a2a_size)
-    check_node_layout(groups.layout, cfg.source)
-    LOG.info("%s\n", render_layout(groups.layout, nproc_per_node=env_nproc_per_node()))
+    groups = start_groups(cfg)
     # Padding is masked out of the loss, so any valid id pads; EOS exists in every tokenizer.
     trainer = build_trainer(cfg, groups, documents, tokenizer.eos_token_id, device)
     LOG.info("model: %s, %d layers, hidden %d; corpus: %d documents, %d tokens; global batch %d x <= %d tokens",
