@@ -183,12 +183,15 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and in what precision the math runs. ``device: auto`` picks CUDA when available.
+    ``dtype``: the parameters' and the KV cache's dtype; ``auto`` is resolved when the config loads: the dtype
+    of ``model.checkpoint``'s weights (its config.json's ``dtype`` / ``torch_dtype``: bfloat16 weights load as
+    bfloat16; float16 is refused, as cptoolkit does not compute in it), float32 for the built-in model.
     ``attention_backend`` computes every attention block (``cptoolkit.layers.block_attention``): ``torch``'s
     flash kernels, TransformerEngine's fused attention (``te``: CUDA, bfloat16, TE installed), or ``auto``
     (``te`` on CUDA where TransformerEngine imports, else ``torch``)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = "float32"
     collective_timeout_s: float = 120.0
     attention_backend: Literal["auto", "torch", "te"] = "auto"
 
@@ -199,7 +202,8 @@ class RuntimeConfig:
             self._check_te_runs_here()
 
     def _check_te_runs_here(self) -> None:
-        """``te`` needs a CUDA device, bfloat16, TransformerEngine installed and a GPU (found without importing TE)."""
+        """``te`` needs a CUDA device, bfloat16 (``auto`` is checked again once resolved), TransformerEngine installed
+        and a GPU (found without importing TE)."""
         import importlib.util
 
         import torch
@@ -207,8 +211,8 @@ class RuntimeConfig:
         name, value = "attention_backend", self.attention_backend
         _require(self.device != "cpu", name, value, "runs on CUDA only, and device is 'cpu'; set device: cuda "
                  "(or auto), or attention_backend: torch")
-        _require(self.dtype == "bfloat16", name, value, f"TransformerEngine's fused attention takes bfloat16, and "
-                 f"dtype is {self.dtype!r}; set dtype: bfloat16, or attention_backend: torch")
+        _require(self.dtype in ("bfloat16", "auto"), name, value, f"TransformerEngine's fused attention takes "
+                 f"bfloat16, and dtype is {self.dtype!r}; set dtype: bfloat16, or attention_backend: torch")
         _require(importlib.util.find_spec("transformer_engine") is not None, name, value, "needs TransformerEngine, "
                  "and transformer_engine is not installed here; use auto or torch (or install transformer-engine)")
         _require(torch.cuda.is_available(), name, value, "needs a CUDA GPU, and torch.cuda.is_available() is False "
@@ -319,6 +323,20 @@ def _checkpoint_shape(model: ModelConfig, base_dir: Path) -> ModelConfig:
                                **{name: getattr(shape, name) for name in shape_fields})
 
 
+def _resolve_auto_dtype(runtime: RuntimeConfig, model: ModelConfig) -> RuntimeConfig:
+    """``runtime.dtype: auto`` -> the checkpoint's weights' dtype, or float32 for the built-in model (the
+    replaced section is validated again, so ``attention_backend: te`` still needs bfloat16)."""
+    if runtime.dtype != "auto":
+        return runtime
+    from cptoolkit.models.shape import read_config, weights_dtype
+
+    dtype = "float32" if model.checkpoint is None else weights_dtype(read_config(model.checkpoint), model.checkpoint)
+    try:
+        return dataclasses.replace(runtime, dtype=dtype)
+    except ValueError as err:
+        raise ValueError(f"runtime.{err} (dtype auto is {dtype!r} here)") from None
+
+
 def _check_layout(cfg: Config) -> None:
     from cptoolkit.parallel_state import ParallelLayout
 
@@ -396,6 +414,7 @@ def config_from_dict(raw: Any, source: str = "<dict>", base_dir: Path = Path("."
         if sections["model"].checkpoint is not None:
             _refuse_shape_with_checkpoint(raw["model"])
             sections["model"] = _checkpoint_shape(sections["model"], base_dir)
+        sections["runtime"] = _resolve_auto_dtype(sections["runtime"], sections["model"])
         cfg = Config(**sections, source=source)
         _check_layout(cfg)
         return cfg

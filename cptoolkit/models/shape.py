@@ -27,6 +27,7 @@ HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM",), "mistral": ("MistralForCausa
                     "qwen2": ("Qwen2ForCausalLM",), "qwen3": ("Qwen3ForCausalLM",),
                     "gpt2": ("GPT2LMHeadModel", "GPT2Model")}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+AUTO_DTYPES = ("float32", "bfloat16", "float64")  # the weights' dtypes ``runtime.dtype: auto`` runs in
 CONFIG_FILE = "config.json"
 RESAVE = "save the checkpoint again (save_pretrained or cptoolkit's save_checkpoint)"
 _SUPPORTED_HF = (f"one of {', '.join(repr(t) for t in HF_ARCHITECTURES)} (architectures "
@@ -357,3 +358,18 @@ def hf_shape(config: dict, checkpoint_dir: str | Path) -> GPTShape:
         return GPTShape.from_hf_config(config)
     except ValueError as err:
         raise ConfigError(f"{Path(checkpoint_dir) / CONFIG_FILE}: {err}") from None
+
+
+def weights_dtype(config: dict, checkpoint_dir: str | Path) -> str:
+    """``runtime.dtype: auto`` for a checkpoint: the dtype its ``config.json`` says the weights are in (``dtype``,
+    transformers 5's key, else ``torch_dtype``), float32 when neither is set (transformers' default). A dtype
+    cptoolkit does not compute in (float16, ...) is a ``ConfigError`` naming the file."""
+    key = "dtype" if config.get("dtype") is not None else "torch_dtype"
+    value = config.get(key)
+    if value is None:
+        return "float32"
+    if value not in AUTO_DTYPES:
+        raise ConfigError(f"{Path(checkpoint_dir) / CONFIG_FILE}: {key}={value!r} cannot be runtime.dtype auto; "
+                          f"rule: auto runs in the weights' dtype, one of {AUTO_DTYPES}; set runtime.dtype to "
+                          "bfloat16 or float32 to convert the weights as they load")
+    return value

@@ -3,8 +3,10 @@
 The *full state dict* is the unsharded model: the tensors under the parameter names a TP=1 model
 has (megatron's fused ``linear_qkv`` with ``num_kv_heads`` query groups, ``linear_fc1 = [gate; up]``
 for SwiGLU, the unpadded vocabulary). Seeded init, Hugging Face checkpoints and cptoolkit's own all
-produce it; ``load_full_state_dict`` cuts each rank's TP slice and ``gather_full_state_dict``
-reassembles it, so every TP size holds the same model.
+produce it. A kind says which index ranges of a full tensor one TP rank holds (``Selection``);
+``load_tp_slices`` copies exactly those ranges into the model's parameters, from memory
+(``load_full_state_dict``) or straight from a checkpoint's files (``cptoolkit.models.checkpoint``), and
+``gather_full_state_dict`` reassembles the full tensors, so every TP size holds the same model.
 
 When ``num_kv_heads < TP`` each KV head is replicated on ``TP / num_kv_heads`` neighbouring ranks
 (the megatron model is built with ``num_query_groups = TP``), which keeps megatron's per-rank QKV
@@ -14,11 +16,10 @@ split free of collectives; the replicas are separate parameters, so training wit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Union
+from typing import Callable, Protocol, Sequence, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.layers import RowParallelLinear, VocabParallelEmbedding
@@ -47,14 +48,31 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_groups: int)
 
 # ----------------------------------------------------------------------------- the kinds
 
+@dataclass(frozen=True)
+class Selection:
+    """The part of a full tensor one TP rank holds: the index ranges ``[start, stop)`` of dimension ``dim``,
+    concatenated in order, then ``padding`` zero rows (dim 0: the vocabulary padded to a multiple of TP).
+    Ranges are non-empty and need not be contiguous (fused QKV, SwiGLU's ``[gate; up]``)."""
+
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+    padding: int = 0
+
+
+def _chunk(size: int, tp_rank: int, tp_size: int, offset: int = 0) -> tuple[int, int]:
+    """TP rank ``tp_rank``'s range of ``size`` indices split evenly over ``tp_size`` ranks, shifted by ``offset``."""
+    per_rank = size // tp_size
+    return offset + tp_rank * per_rank, offset + (tp_rank + 1) * per_rank
+
+
 class Kind(Protocol):
-    """How one parameter is split over TP. ``shard``: TP rank ``tp_rank``'s slice of the full tensor;
-    ``unshard``: the full tensor from every TP rank's slice, in TP order; ``full_shape``: the full
-    tensor's shape from one rank's slice shape."""
+    """How one parameter is split over TP. ``select``: which part of the full tensor (of shape ``full_shape``) TP rank
+    ``tp_rank`` holds; ``unshard``: the full tensor from every TP rank's slice, in TP order; ``full_shape``: the
+    full tensor's shape from one rank's slice shape."""
 
     name: str
 
-    def shard(self, full: torch.Tensor, shape: GPTShape, tp_rank: int, tp_size: int) -> torch.Tensor: ...
+    def select(self, full_shape: Sequence[int], shape: GPTShape, tp_rank: int, tp_size: int) -> Selection: ...
 
     def unshard(self, slices: list[torch.Tensor], shape: GPTShape) -> torch.Tensor: ...
 
@@ -67,8 +85,8 @@ class Replicated:
 
     name: str
 
-    def shard(self, full, shape, tp_rank, tp_size):
-        return full
+    def select(self, full_shape, shape, tp_rank, tp_size):
+        return Selection(0, ((0, full_shape[0]),))
 
     def unshard(self, slices, shape):
         return slices[0]
@@ -84,8 +102,8 @@ class Split:
     name: str
     dim: int
 
-    def shard(self, full, shape, tp_rank, tp_size):
-        return full.chunk(tp_size, dim=self.dim)[tp_rank]
+    def select(self, full_shape, shape, tp_rank, tp_size):
+        return Selection(self.dim, (_chunk(full_shape[self.dim], tp_rank, tp_size),))
 
     def unshard(self, slices, shape):
         return torch.cat(slices, dim=self.dim)
@@ -102,9 +120,9 @@ class GatedColumn:
 
     name: str
 
-    def shard(self, full, shape, tp_rank, tp_size):
-        gate, up = full.chunk(2)
-        return torch.cat([gate.chunk(tp_size)[tp_rank], up.chunk(tp_size)[tp_rank]])
+    def select(self, full_shape, shape, tp_rank, tp_size):
+        half = full_shape[0] // 2
+        return Selection(0, (_chunk(half, tp_rank, tp_size), _chunk(half, tp_rank, tp_size, offset=half)))
 
     def unshard(self, slices, shape):
         gates, ups = zip(*(local.chunk(2) for local in slices))
@@ -117,13 +135,26 @@ class GatedColumn:
 @dataclass(frozen=True)
 class FusedQKV:
     """megatron's fused QKV rows: whole query groups per rank, the full tensor's ``num_kv_heads``
-    groups regrouped into the model's ``max(num_kv_heads, TP)`` (KV heads replicated when fewer)."""
+    groups regrouped into the model's ``max(num_kv_heads, TP)`` (KV heads replicated when fewer).
+
+    Full rows, per KV head: its ``num_attention_heads / num_kv_heads`` query heads, its key head, its value
+    head (``head_dim`` rows each). Each of the model's ``max(num_kv_heads, TP)`` groups takes its share of
+    one KV head's query heads plus that head's key and value rows."""
 
     name: str
 
-    def shard(self, full, shape, tp_rank, tp_size):
-        parts = split_qkv(full, shape.num_kv_heads, shape.num_attention_heads, shape.head_dim)
-        return fuse_qkv(*parts, max(shape.num_kv_heads, tp_size)).chunk(tp_size)[tp_rank]
+    def select(self, full_shape, shape, tp_rank, tp_size):
+        kv_heads, head_dim = shape.num_kv_heads, shape.head_dim
+        groups = max(kv_heads, tp_size)
+        q_rows_per_group = shape.num_attention_heads // groups * head_dim
+        kv_group_rows = (shape.num_attention_heads // kv_heads + 2) * head_dim
+        ranges = []
+        for group in range(*_chunk(groups, tp_rank, tp_size)):
+            kv_group, replica = divmod(group, groups // kv_heads)
+            q_start = kv_group * kv_group_rows + replica * q_rows_per_group
+            kv_start = (kv_group + 1) * kv_group_rows - 2 * head_dim
+            ranges += [(q_start, q_start + q_rows_per_group), (kv_start, kv_start + 2 * head_dim)]
+        return Selection(0, _merged(ranges))
 
     def unshard(self, slices, shape):
         megatron_groups = max(shape.num_kv_heads, len(slices))
@@ -135,15 +166,28 @@ class FusedQKV:
         return ((shape.num_attention_heads + 2 * shape.num_kv_heads) * shape.head_dim, *local[1:])
 
 
+def _merged(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """``ranges`` with each range that starts where the previous one stops joined to it (fewer, larger reads)."""
+    merged = [ranges[0]]
+    for start, stop in ranges[1:]:
+        if start == merged[-1][1]:
+            merged[-1] = (merged[-1][0], stop)
+        else:
+            merged.append((start, stop))
+    return tuple(merged)
+
+
 @dataclass(frozen=True)
 class VocabRows:
     """Vocabulary rows (embedding, output layer): padded to a multiple of TP, then split evenly."""
 
     name: str
 
-    def shard(self, full, shape, tp_rank, tp_size):
-        padding = padded_vocab_size(shape, tp_size) - shape.vocab_size
-        return F.pad(full, (0, 0, 0, padding)).chunk(tp_size)[tp_rank]
+    def select(self, full_shape, shape, tp_rank, tp_size):
+        start, stop = _chunk(padded_vocab_size(shape, tp_size), tp_rank, tp_size)
+        real_stop = min(stop, shape.vocab_size)
+        ranges = ((start, real_stop),) if start < real_stop else ()
+        return Selection(0, ranges, padding=stop - max(start, real_stop))
 
     def unshard(self, slices, shape):
         return torch.cat(slices)[:shape.vocab_size]
@@ -239,21 +283,41 @@ def param_kinds(model: torch.nn.Module) -> dict[str, Kind]:
 
 # ----------------------------------------------------------------------------- full state dict <-> this rank
 
-def load_full_state_dict(model: CPGPTModel, full: dict[str, torch.Tensor]) -> None:
-    """Copy this TP rank's slice of every full tensor into ``model``'s parameters; the names must
-    be exactly the model's parameter names."""
+Reader = Callable[[str, int, int, int], torch.Tensor]
+
+
+def load_tp_slices(model: CPGPTModel, full_shapes: dict[str, tuple[int, ...]], read: Reader) -> None:
+    """Copy this TP rank's slice of every full tensor into ``model``'s parameters, one index range at a time:
+    ``read(name, dim, start, stop)`` returns indices ``start:stop`` along ``dim`` of the full tensor ``name``,
+    so no full tensor need be in memory. ``full_shapes``: the full tensors' shapes, under exactly the model's
+    parameter names, each checked against what the model's TP slice implies before anything is read."""
     params = dict(model.named_parameters())
-    if set(full) != set(params):
+    if set(full_shapes) != set(params):
         raise ValueError(f"full state dict does not match the model: missing "
-                         f"{sorted(set(params) - set(full))}, unexpected {sorted(set(full) - set(params))}")
-    tp_group, kinds = model.pg_collection.tp, param_kinds(model)
+                         f"{sorted(set(params) - set(full_shapes))}, "
+                         f"unexpected {sorted(set(full_shapes) - set(params))}")
+    tp_rank, tp_size, kinds = model.pg_collection.tp.rank(), model.pg_collection.tp.size(), param_kinds(model)
     with torch.no_grad():
         for name, param in params.items():
-            local = kinds[name].shard(full[name], model.shape, tp_group.rank(), tp_group.size())
-            if local.shape != param.shape:
-                raise ValueError(f"{name}: full tensor of shape {tuple(full[name].shape)} gives a TP "
-                                 f"slice of {tuple(local.shape)}, the model expects {tuple(param.shape)}")
-            param.copy_(local)
+            kind, full_shape = kinds[name], tuple(full_shapes[name])
+            needed = kind.full_shape(param.shape, model.shape, tp_size)
+            if needed != full_shape:
+                raise ValueError(f"{name}: full tensor of shape {full_shape}, but the model's TP slice "
+                                 f"{tuple(param.shape)} ({kind.name}, TP={tp_size}) needs {needed}")
+            selection = kind.select(full_shape, model.shape, tp_rank, tp_size)
+            offset = 0
+            for start, stop in selection.ranges:
+                param.narrow(selection.dim, offset, stop - start).copy_(read(name, selection.dim, start, stop))
+                offset += stop - start
+            if selection.padding:
+                param.narrow(0, offset, selection.padding).zero_()
+
+
+def load_full_state_dict(model: CPGPTModel, full: dict[str, torch.Tensor]) -> None:
+    """Copy this TP rank's slice of every full tensor of ``full`` (in memory) into ``model``'s parameters;
+    the names must be exactly the model's parameter names."""
+    load_tp_slices(model, {name: tuple(tensor.shape) for name, tensor in full.items()},
+                   lambda name, dim, start, stop: full[name].narrow(dim, start, stop - start))
 
 
 def gather_full_state_dict(model: CPGPTModel) -> dict[str, torch.Tensor]:
