@@ -162,6 +162,8 @@ def test_native_checkpoint_files_describe_shape_and_tokenizer(hf_cases, native_d
     weights = read_weights(native_dir)
     assert weights["decoder.layers.0.self_attention.linear_qkv.weight"].shape == ((8 + 2 * 2) * 8, 64)
     assert weights["embedding.word_embeddings.weight"].shape == (128, 64)
+    # runtime.dtype: auto reads the weights' dtype from config.json's "dtype".
+    assert {str(tensor.dtype) for tensor in weights.values()} == {f"torch.{config['dtype']}"}
 
 
 def test_byte_tokenizer_round_trips_utf8_and_skips_special_ids():

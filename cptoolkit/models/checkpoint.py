@@ -400,7 +400,9 @@ def save_checkpoint(model: CPGPTModel, checkpoint_dir: str | Path, tokenizer) ->
         directory = Path(checkpoint_dir)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({name: tensor.contiguous() for name, tensor in full.items()}, directory / WEIGHTS_FILE)
-        config = {**model.shape.to_hf_config(), "cptoolkit_format": CPTOOLKIT_FORMAT}
+        # "dtype" (transformers 5's key) lets runtime.dtype: auto load the weights in the dtype they were saved in.
+        weights_dtype = str(next(iter(full.values())).dtype).removeprefix("torch.")
+        config = {**model.shape.to_hf_config(), "dtype": weights_dtype, "cptoolkit_format": CPTOOLKIT_FORMAT}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save(directory)
     dist.barrier()
