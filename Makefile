@@ -10,7 +10,7 @@ PORT   ?= 29500
 # torchrun sets OMP_NUM_THREADS=1 per rank anyway; setting it here keeps its warning out of the output.
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --master-addr 127.0.0.1 --master-port $(PORT)
 
-.PHONY: run test test-gpu bench faults demo checkpoints clean
+.PHONY: run test test-gpu bench bench-peers faults demo checkpoints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,22 @@ checkpoints: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py --quick
+
+# Other context-parallel attention libraries beside cptoolkit (bench/peers.py), in their own venv so that
+# nothing of them reaches .venv: torch pinned first, then the [peers] extra under constraints.txt; DeepSpeed
+# without prebuilt ops. The default is the full run (about 25 minutes on 2 cores); PEERS_ARGS=--quick is shorter.
+PEERS_VENV  := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_ARGS  ?=
+
+$(PEERS_STAMP): pyproject.toml constraints.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet torch==2.13.0
+	DS_BUILD_OPS=0 $(PEERS_VENV)/bin/pip install --quiet -c constraints.txt -e '.[peers]'
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(PEERS_VENV)/bin/python bench/peers.py $(PEERS_ARGS)
 
 faults: $(STAMP)
 	$(PY) bench/fault_tolerance.py

@@ -54,8 +54,6 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: P
     """Returns ``(out [b, hq, 2c, d] in q's dtype, lse [b, hq, 2c] float32)`` over the whole prefix."""
     pcp_rank, pcp_size, next_rank, prev_rank = _ring_neighbours(pcp_group)
     chunk_len = q.shape[2] // 2
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
     kv = torch.stack([k, v])
     for step in range(pcp_size):
         if step + 1 < pcp_size:
@@ -63,7 +61,12 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: P
         rows, keys, causal = _step_block(pcp_rank, (pcp_rank - step) % pcp_size, chunk_len)
         block_out, block_lse = attention_forward(q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
                                                  causal=causal, scale=scale)
-        out[:, :, rows], lse[:, :, rows] = merge_two(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+        if step == 0:
+            # The diagonal block covers every local row: it starts the result (merging it into an empty
+            # partial would return it unchanged, at the cost of a zero fill and a pass over [b, hq, 2c, d]).
+            out, lse = block_out.float(), block_lse
+        else:
+            out[:, :, rows], lse[:, :, rows] = merge_two(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
         if step + 1 < pcp_size:
             _wait(works)
             kv = next_kv
@@ -80,7 +83,6 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     """
     pcp_rank, pcp_size, next_rank, prev_rank = _ring_neighbours(pcp_group)
     chunk_len = q.shape[2] // 2
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv = torch.stack([k, v])
     for step in range(pcp_size):
         if step + 1 < pcp_size:
@@ -89,15 +91,16 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         block_dq, block_dk, block_dv = attention_backward(
             dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], out[:, :, rows],
             lse[:, :, rows], causal=causal, scale=scale)
-        dq[:, :, rows] += block_dq
         if step == 0:
-            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+            # The diagonal block covers every local row and key: its gradients start the accumulators.
+            dq, dkv = block_dq.float(), torch.stack([block_dk, block_dv]).float()
         else:
+            dq[:, :, rows] += block_dq
             # The accumulator of block src arrives from rank r-1, which held block src last step.
             _wait(dkv_works)
             dkv = dkv_in
-        dkv[0][:, :, keys] += block_dk
-        dkv[1][:, :, keys] += block_dv
+            dkv[0][:, :, keys] += block_dk
+            dkv[1][:, :, keys] += block_dv
         if pcp_size > 1:
             dkv_in, dkv_works = send_recv(dkv, next_rank, prev_rank, pcp_group, stats)
         if step + 1 < pcp_size:
