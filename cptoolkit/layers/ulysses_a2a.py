@@ -30,7 +30,7 @@ from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.block_attention import attention_backward, attention_forward
 from cptoolkit.layers.comm import CommStats, all_to_all
-from cptoolkit.layers.dual_chunk_swap import shard_sequence, unshard_sequence
+from cptoolkit.layers.dual_chunk_swap import chunk_ids, unshard_sequence
 
 _SEQ_DIM = 2  # [b, h, s, d]
 
@@ -49,24 +49,31 @@ def check_heads(num_q_heads: int, a2a_size: int) -> None:
                          f"times); pick a PCP (or a2a) size that divides the query heads")
 
 
+def _send_buffer(tensors: list[torch.Tensor], a: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One ``[a, n]`` buffer for an ``all_to_all`` of ``a`` members carrying ``tensors`` (``n`` = their
+    total size / ``a``) and, per tensor, its ``[a, *shape_per_member]`` view of the buffer to fill."""
+    per_member = [t.numel() // a for t in tensors]
+    send = torch.empty(a, sum(per_member), dtype=tensors[0].dtype, device=tensors[0].device)
+    return send, list(send.split(per_member, dim=1))
+
+
 def scatter_heads(tensors: list[torch.Tensor], group: ProcessGroup, stats: CommStats | None) -> list[torch.Tensor]:
     """One ``all_to_all`` on ``group`` (``a`` members) for all ``tensors`` together.
 
     Each ``[b, h, 2c, d]`` (this member's shard, ``h % a == 0``) becomes ``[b, h/a, a·2c, d]``: this
-    member's head slice of the union of the members' shards, in ``unshard_sequence`` order.
+    member's head slice of the union of the members' shards, in ``unshard_sequence`` order. Each
+    tensor is copied once into the send buffer and once out of the receive buffer.
     """
     a = dist.get_world_size(group)
     if a == 1:
         return list(tensors)
-    send = torch.cat([t.unflatten(1, (a, -1)).movedim(1, 0).reshape(a, -1) for t in tensors], dim=1)
-    received = all_to_all(send, group, stats)  # [a, n], row j from member j
-    outs, offset = [], 0
-    for t in tensors:
+    send, slots = _send_buffer(tensors, a)
+    for t, slot in zip(tensors, slots):
         b, h, s, d = t.shape
-        piece = received[:, offset:offset + t.numel() // a].reshape(a, b, h // a, s, d)
-        outs.append(unshard_sequence(piece, a, _SEQ_DIM))
-        offset += t.numel() // a
-    return outs
+        slot.view(a, b, h // a, s, d).copy_(t.view(b, a, h // a, s, d).movedim(1, 0))
+    received = all_to_all(send, group, stats)  # [a, n], row j from member j
+    return [unshard_sequence(piece.view(a, t.shape[0], t.shape[1] // a, *t.shape[2:]), a, _SEQ_DIM)
+            for t, piece in zip(tensors, received.split([t.numel() // a for t in tensors], dim=1))]
 
 
 def gather_heads(tensors: list[torch.Tensor], group: ProcessGroup, stats: CommStats | None) -> list[torch.Tensor]:
@@ -75,15 +82,21 @@ def gather_heads(tensors: list[torch.Tensor], group: ProcessGroup, stats: CommSt
     a = dist.get_world_size(group)
     if a == 1:
         return list(tensors)
-    send = torch.cat([torch.stack([shard_sequence(t, member, a, _SEQ_DIM) for member in range(a)]).reshape(a, -1)
-                      for t in tensors], dim=1)
-    received = all_to_all(send, group, stats)  # [a, n], row j = head slice j
-    outs, offset = [], 0
-    for t in tensors:
+    send, slots = _send_buffer(tensors, a)
+    for t, slot in zip(tensors, slots):
         b, h, s, d = t.shape
-        piece = received[:, offset:offset + t.numel() // a].reshape(a, b, h, s // a, d)
-        outs.append(piece.movedim(0, 1).reshape(b, a * h, s // a, d))
-        offset += t.numel() // a
+        c = s // (2 * a)
+        chunks = t.view(b, h, 2 * a, c, d)
+        per_member = slot.view(a, b, h, 2, c, d)
+        for member in range(a):
+            first, second = chunk_ids(member, a)
+            per_member[member, :, :, 0].copy_(chunks[:, :, first])
+            per_member[member, :, :, 1].copy_(chunks[:, :, second])
+    received = all_to_all(send, group, stats)  # [a, n], row j = head slice j
+    outs = []
+    for t, piece in zip(tensors, received.split([t.numel() // a for t in tensors], dim=1)):
+        b, h, s, d = t.shape
+        outs.append(piece.reshape(a, b, h, s // a, d).movedim(0, 1).reshape(b, a * h, s // a, d))
     return outs
 
 
@@ -91,7 +104,9 @@ def scatter_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Proces
                 ) -> list[torch.Tensor]:
     """q, k, v shards → this member's heads over the group's tokens, KV heads replicated (one ``all_to_all``)."""
     replicas = kv_replicas(k.shape[1], dist.get_world_size(group))
-    return scatter_heads([q, k.repeat_interleave(replicas, 1), v.repeat_interleave(replicas, 1)], group, stats)
+    if replicas > 1:
+        k, v = k.repeat_interleave(replicas, 1), v.repeat_interleave(replicas, 1)
+    return scatter_heads([q, k, v], group, stats)
 
 
 def gather_grads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, num_kv_heads: int, group: ProcessGroup,
@@ -100,6 +115,8 @@ def gather_grads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, num_kv_he
     head's replicas summed."""
     dq, dk, dv = gather_heads([dq, dk, dv], group, stats)
     replicas = kv_replicas(num_kv_heads, dist.get_world_size(group))
+    if replicas == 1:
+        return dq, dk, dv
     return dq, dk.unflatten(1, (num_kv_heads, replicas)).sum(2), dv.unflatten(1, (num_kv_heads, replicas)).sum(2)
 
 
