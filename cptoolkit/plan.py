@@ -156,7 +156,7 @@ def prefill_comm_per_layer(layout: ParallelLayout, head_dim: int, batch: int, se
     """``ring_prefill_attention``'s forward ``CommStats`` on one rank for one layer of ``batch`` sequences of
     ``seq_len`` tokens: each PCP rank holds ``padded_length(seq_len, pcp) / pcp`` tokens of its ``hq`` query
     and ``hkv`` KV heads. ``p2p``: ``pcp-1`` send/recv of its stacked K/V; ``all_gather``: one all-gather of
-    it; ``a2a``: one all-to-all of q|k|v (KV heads repeated ``kv_replicas`` times) and one of the output.
+    it; ``a2a``: one all-to-all each of q, k, v (KV heads repeated ``kv_replicas`` times) and of the output.
     ``pcp = 1``: nothing (the engine attends locally)."""
     stats = CommStats()
     pcp = layout.pcp
@@ -169,8 +169,8 @@ def prefill_comm_per_layer(layout: ParallelLayout, head_dim: int, batch: int, se
     elif comm == "all_gather":
         _count(stats, "all_gather", 2 * hkv * token_bytes)
     else:
-        _count(stats, "all_to_all", (hq + 2 * hkv * kv_replicas(hkv, pcp)) * token_bytes)
-        _count(stats, "all_to_all", hq * token_bytes)
+        _count(stats, "all_to_all", hq * token_bytes, calls=2)  # q, out
+        _count(stats, "all_to_all", hkv * kv_replicas(hkv, pcp) * token_bytes, calls=2)  # k, v
     return stats
 
 

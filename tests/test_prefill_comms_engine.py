@@ -70,11 +70,11 @@ def test_a2a_prefill_comms_generate_the_single_rank_tokens(world_size, reference
         for layout, (tokens, prefill_calls) in results.items():
             assert tokens == reference_tokens, f"rank {rank}, layout {layout}: {tokens} != {reference_tokens}"
             _, pcp, comm, a2a_size = layout
-            # Every prefill call: 2 all-to-alls (q|k|v, out), plus the ring across a2a groups for a2a+p2p
+            # Every prefill call: 4 all-to-alls (q, k, v, out), plus the ring across a2a groups for a2a+p2p
             # (decode at DCP = PCP issues one all_gather per step and neither of these).
             assert prefill_calls.get("all_to_all", 0) > 0, (rank, layout, prefill_calls)
             ring_steps = 0 if comm == "a2a" else pcp // a2a_size - 1
-            assert prefill_calls.get("send_recv", 0) == prefill_calls["all_to_all"] // 2 * ring_steps, \
+            assert prefill_calls.get("send_recv", 0) == prefill_calls["all_to_all"] // 4 * ring_steps, \
                 (rank, layout, prefill_calls)
 
 

@@ -83,7 +83,7 @@ def _all_cases_rank(rank, world_size, pcp_sizes, a2a_sizes):
 
 
 def _expected_calls(a2a_size, ring_size):
-    a2a = {"all_to_all": 2} if a2a_size > 1 else {}
+    a2a = {"all_to_all": 4} if a2a_size > 1 else {}  # q, k, v, out forward; dout, dq, dk, dv backward
     ring_forward = {"send_recv": ring_size - 1} if ring_size > 1 else {}
     ring_backward = {"send_recv": 2 * ring_size - 1} if ring_size > 1 else {}
     return {**a2a, **ring_forward}, {**a2a, **ring_backward}
@@ -110,7 +110,7 @@ def _check(results, expected_cases):
         assert result["forward_calls"] == forward, f"{where}: forward collectives {result['forward_calls']}"
         assert result["backward_calls"] == backward, f"{where}: backward collectives {result['backward_calls']}"
         assert result["forward_bytes"] == _expected_forward_bytes(result), f"{where}: {result['forward_bytes']} B"
-        # dout, then dq|dk|dv: the transposes of the forward's two exchanges.
+        # dout, then dq, dk, dv: the transposes of the forward's exchanges.
         a2a_heads = 2 * result["hq"] + 2 * math.lcm(result["hkv"], result["a2a_size"]) if result["a2a_size"] > 1 else 0
         assert result["backward_a2a_bytes"] == a2a_heads * result["head_bytes"], f"{where}: backward all_to_all bytes"
     assert sorted({(r["case"], r["pcp_size"]) for r in cases}) == sorted(expected_cases)

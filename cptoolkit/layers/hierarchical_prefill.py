@@ -12,8 +12,8 @@ the DualChunkSwap shard of rank ``g`` of a ring of size ``p`` with chunk length 
 existing ring (``ring_p2p.ring_forward``/``ring_backward``) on the ring group is then exact causal
 attention; one ``all_to_all`` returns the outputs to their tokens' owners.
 
-Collectives per rank and layer: forward 2 ``all_to_all`` on the a2a group (q|k|v, out; none when
-``a = 1``) and ``p-1`` ``send_recv`` on the ring group; backward 2 ``all_to_all`` (dout, dq|dk|dv)
+Collectives per rank and layer: forward 4 ``all_to_all`` on the a2a group (q, k, v, out; none when
+``a = 1``) and ``p-1`` ``send_recv`` on the ring group; backward 4 ``all_to_all`` (dout, dq, dk, dv)
 and ``2p-1`` ``send_recv``. The ring moves the K/V of ``hkv·kv_replicas(hkv, a)/a`` heads over
 ``2ac`` tokens per step.
 """

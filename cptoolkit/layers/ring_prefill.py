@@ -8,12 +8,13 @@ causal prefix, as unsharded attention would give them. Four algorithms, one file
   ``P-1`` ``send_recv`` calls forward, ``2P-1`` backward.
 - ``comm="all_gather"`` (``allgather_prefill``): one ``all_gather`` of K/V forward, one
   ``reduce_scatter`` of dK/dV backward.
-- ``comm="a2a"`` (``ulysses_a2a``, Ulysses): one ``all_to_all`` trades the sequence shard for a head
-  shard, causal attention over the whole sequence, one ``all_to_all`` back; 2 forward, 2 backward.
+- ``comm="a2a"`` (``ulysses_a2a``, Ulysses): ``all_to_all`` (one per tensor) trades the sequence shard
+  for a head shard, causal attention over the whole sequence, one ``all_to_all`` back; 4 forward (q, k, v,
+  out), 4 backward (dout, dq, dk, dv).
   Query heads must be a multiple of P; KV heads are replicated as needed.
 - ``comm="a2a+p2p"`` (``hierarchical_prefill``): PCP = a x p, a2a inside ``hcp_groups.a2a_group``
-  (a consecutive PCP ranks), ring over ``hcp_groups.ring_group``; 2 ``all_to_all`` + ``p-1``
-  ``send_recv`` forward, 2 + ``2p-1`` backward. Query heads must be a multiple of a.
+  (a consecutive PCP ranks), ring over ``hcp_groups.ring_group``; 4 ``all_to_all`` + ``p-1``
+  ``send_recv`` forward, 4 + ``2p-1`` backward. Query heads must be a multiple of a.
 
 All collectives run on ``pcp_group`` (or its sub-groups) and are counted in ``stats`` when given.
 """
