@@ -355,14 +355,15 @@ def _slice_reader(layout: Layout, located: TensorFiles, opened: dict) -> Reader:
     """``load_tp_slices``' reader over the opened files (``opened``: path -> ``safe_open``): indices ``start:stop``
     along ``dim`` of a full tensor, read from only the pieces those rows cross, or (dim 1) those columns of
     every piece."""
+    def stored(piece: Rows):
+        return opened[located.files[piece.name]].get_slice(piece.name)
+
     def read(name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         pieces = layout[name]
-        stored = {p.name: opened[located.files[p.name]].get_slice(p.name) for p in pieces}
         if dim == 0:
-            crossed = _pieces_in(pieces, start, stop)
-            blocks = [_read_rows(stored[p.name], p, first, last) for p, first, last in crossed]
+            blocks = [_read_rows(stored(p), p, first, last) for p, first, last in _pieces_in(pieces, start, stop)]
         else:
-            blocks = [_read_rows(stored[p.name], p, p.start, p.stop, slice(start, stop)) for p in pieces]
+            blocks = [_read_rows(stored(p), p, p.start, p.stop, slice(start, stop)) for p in pieces]
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     return read
