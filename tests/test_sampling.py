@@ -151,7 +151,7 @@ def test_cuda_logits_with_cpu_generators_draw_the_cpu_tokens():
     (dict(top_p=0.0), r"SamplingParams.top_p = 0.0 is invalid: it must be a number in \(0, 1\]"),
     (dict(top_p=1.5), r"SamplingParams.top_p = 1.5 is invalid"),
     (dict(seed=-3), r"SamplingParams.seed = -3 is invalid: it must be an integer >= 0"),
-    (dict(max_new_tokens=0), r"SamplingParams.max_new_tokens = 0 is invalid: it must be an integer >= 1"),
+    (dict(max_new_tokens=-1), r"SamplingParams.max_new_tokens = -1 is invalid: it must be an integer >= 0"),
     (dict(stop_token_ids=[2, -1]), r"SamplingParams.stop_token_ids = \[2, -1\] is invalid"),
     (dict(stop_strings="###"), r"SamplingParams.stop_strings = '###' is invalid: it must be a sequence of "
                                r"non-empty strings"),

@@ -18,10 +18,16 @@ One iteration (``step``):
   ``_fill_cache_from_prefill``, which routes each token to its KV-shard owner over the DCP group
   (one all-to-all per layer, ``prefill_kv``). Only each prompt's last token gets logits; the PCP
   rank holding it contributes them to a sum over the PCP group, and the first new token is sampled.
+  A request that asks for ``prompt_logprobs`` has every prompt token scored where its PCP rank holds it
+  (``prompt_logprobs``); it never reuses cached prefix pages, whose tokens would go unscored.
 - Otherwise a **decode** step: one token for every running request, attention over the DCP-sharded
   cache.
 Sampled tokens are broadcast from the replica's first rank over the replica group, so every rank
 appends the same token even if the ranks' float rounding differed.
+
+Requests that share a prompt (``add_request(..., prompt_source=...)``, the server's ``n > 1``) share its
+cached pages: a sibling waits until its source's prompt is prefilled, then reuses every full page of it
+and prefills only the rest (with prefix caching off, the pages are keyed for the siblings alone).
 
 Requests end on ``max_new_tokens``, on EOS, on a stop string, or when cancelled. Invalid requests
 (empty, too long for ``max_seq_len``, too large for the whole KV cache) end at their first step with
@@ -30,6 +36,7 @@ an error, and the others carry on.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import time
 from collections import deque
@@ -42,13 +49,15 @@ import torch.distributed as dist
 from cptoolkit.inference.block_pool import PageKey, page_keys
 from cptoolkit.inference.kv_cache import PagedKVCache
 from cptoolkit.inference.prefill_kv import route_prefill_kv
-from cptoolkit.inference.request import (GenerationResult, Request, TokenEvent, cut_at_stop, request_result,
-                                         stream_delta)
-from cptoolkit.inference.sampling import SamplingParams, broadcast_tokens, make_generator, sample
+from cptoolkit.inference.prompt_logprobs import ScoredRow, score_prompt_chunks
+from cptoolkit.inference.request import (GenerationResult, Request, TokenEvent, TokenLogprob, cut_at_stop,
+                                         request_result, stream_delta)
+from cptoolkit.inference.sampling import (SamplingParams, adjust_logits, broadcast_tokens, make_generator, sample,
+                                          top_logprobs)
 from cptoolkit.layers.comm import all_reduce
 from cptoolkit.layers.core_attention import AttentionPhase, AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import partition_batch
-from cptoolkit.models.gpt import CPGPTModel, gpt_forward
+from cptoolkit.models.gpt import CPGPTModel, gpt_forward, gpt_hidden, gpt_logits
 from cptoolkit.parallel_state import ParallelGroups
 
 Prompt = str | list[int]
@@ -126,17 +135,23 @@ class Engine:
         self._last_step_decoded = False
 
     # ------------------------------------------------------------------ online API
-    def add_request(self, prompt: Prompt, sampling: SamplingParams, index: Optional[int] = None) -> int:
+    def add_request(self, prompt: Prompt, sampling: SamplingParams, index: Optional[int] = None,
+                    prompt_source: Optional[int] = None) -> int:
         """Queue a request (text or token ids); returns its engine-wide id. ``index`` labels its
         events and result (default: the id) and, with ``sampling.seed``, seeds its sampler, so the
-        same (seed, index) draws the same tokens whatever else runs. An invalid request ends with an
-        error event at the next ``step``."""
+        same (seed, index) draws the same tokens whatever else runs. ``prompt_source``: the id of an
+        earlier request with the same prompt whose cached pages this one reuses (see the module
+        docstring). An invalid request ends with an error event at the next ``step``."""
         request_id = next(self._request_ids)
         index = request_id if index is None else index
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         request = Request(request_id, index, prompt if isinstance(prompt, str) else None, ids, sampling,
-                          make_generator(sampling.seed, index))
+                          make_generator(sampling.seed, index), prompt_source=prompt_source)
+        if sampling.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(ids)
         request.error = self._request_error(request)
+        if prompt_source is not None and not request.error and ids != self._prompt_of(prompt_source):
+            request.error = f"prompt_source {prompt_source}: its prompt differs from this request's"
         if request.error:
             request.finish_reason = "error"
             self._rejected.append(request)
@@ -281,6 +296,8 @@ class Engine:
         in arrival order; a request reuses the cached pages of its prompt's prefix."""
         while self._waiting and len(self._running) < self.max_batch_size:
             request = self._waiting[0]
+            if request.prompt_source is not None and self._prefilling(request.prompt_source):
+                break  # its source's pages are not cached yet
             keys = self._prefix_keys(request, True)
             if not self.cache.can_admit(request.max_total_len, keys):
                 break  # queued until a running request frees its blocks
@@ -288,6 +305,17 @@ class Engine:
             reused_pages = self.cache.add_request(request.request_id, request.max_total_len, keys)
             request.num_cached = request.cached_prompt_tokens = reused_pages * self.cache.page_tokens
             self._running.append(request)
+
+    def _prefilling(self, request_id: int) -> bool:
+        """Whether request ``request_id`` is waiting or still prefilling its prompt."""
+        return any(r.request_id == request_id for r in self._waiting) or any(
+            r.request_id == request_id and r.num_cached < len(r.prompt_ids) for r in self._running)
+
+    def _prompt_of(self, request_id: int) -> Optional[list[int]]:
+        for request in [*self._waiting, *self._running, *self._finished.values()]:
+            if request.request_id == request_id:
+                return request.prompt_ids
+        return None
 
     def _release(self, request: Request) -> None:
         self.cache.free_request(request.request_id)
@@ -320,23 +348,40 @@ class Engine:
             on_prefill_kv=functools.partial(self._fill_cache_from_prefill, ids, batch.seq_lens, history,
                                             batch.seq_len_padded))
         with torch.no_grad():
-            last_logits = gpt_forward(self.model, batch.input_ids.to(self._device), positions.to(self._device),
-                                      self.runtime, phase=phase,
-                                      logits_index=torch.tensor([i for _, i in owners], device=self._device))
-        last_logits = last_logits[:, 0]
+            hidden = gpt_hidden(self.model, batch.input_ids.to(self._device), positions.to(self._device),
+                                self.runtime, phase=phase)  # [s_local, b, h]
+            last_index = torch.tensor([i for _, i in owners], device=self._device)
+            last_logits = gpt_logits(self.model, hidden.gather(
+                0, last_index.view(1, -1, 1).expand(1, -1, hidden.shape[-1])))[:, 0]
+            self._score_prompts(hidden, batch, requests, history)
         if groups.pcp_size > 1:  # exactly one PCP rank holds each row; the others contribute zeros
             not_mine = torch.tensor([owner != groups.pcp_rank for owner, _ in owners], device=self._device)
             all_reduce(last_logits.masked_fill_(not_mine.unsqueeze(1), 0.0), groups.pcp_group)
         for request, chunk in zip(requests, chunks):
             request.num_cached += len(chunk)
-        done = [row for row, r in enumerate(requests) if r.num_cached == len(r.prompt_ids)]
-        for row in done:
+        complete = [row for row, r in enumerate(requests) if r.num_cached == len(r.prompt_ids)]
+        for row in complete:
             self._cache_prompt_pages(requests[row])
-        tokens = self._sample(last_logits[done], [requests[row] for row in done]) if done else None
+        scored_only = [requests[row] for row in complete if requests[row].sampling.max_new_tokens == 0]
+        done = [row for row in complete if requests[row].sampling.max_new_tokens > 0]
+        events = [self._finish(request, "length") for request in scored_only]
+        if done:
+            tokens, logprobs = self._sample(last_logits[done], [requests[row] for row in done])
+            events += self._append_tokens([requests[row] for row in done], tokens, logprobs)
         self.metrics.prefill_time_s += time.perf_counter() - start
         self.metrics.prompt_tokens += sum(batch.seq_lens)
         self.metrics.prefill_tokens_generated += len(done)
-        return self._append_tokens([requests[row] for row in done], tokens) if done else []
+        return events
+
+    def _score_prompts(self, hidden: torch.Tensor, batch, requests: list[Request], history: list[int]) -> None:
+        """Record the prompt logprobs of this chunk for the requests that asked for them."""
+        rows = [ScoredRow(row, r.prompt_ids, start, chunk_len, r.sampling.prompt_logprobs)
+                for row, (r, start, chunk_len) in enumerate(zip(requests, history, batch.seq_lens))
+                if r.sampling.prompt_logprobs is not None]
+        figures = score_prompt_chunks(self.model, hidden, batch.position_ids[0], rows, self.groups.pcp_group)
+        for scored, by_position in zip(rows, figures):
+            for position, logprob in by_position.items():
+                requests[scored.row].prompt_logprobs[position] = logprob
 
     def _fill_cache_from_prefill(self, request_ids: list[int], chunk_lens: Sequence[int], history: Sequence[int],
                                  seq_len_padded: int, layer_number: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -356,15 +401,26 @@ class Engine:
     def _prefix_keys(self, request: Request, whole_pages_only_before_last: bool) -> list[PageKey]:
         """Page keys of the prompt: the pages before its last token (what admission may reuse: the
         last token is always computed, for its logits) or every full page (what a prefill caches)."""
-        if not self.prefix_caching:
+        shared = request.prompt_source is not None or any(
+            r.prompt_source == request.request_id for r in self._waiting)
+        if not (self.prefix_caching or shared):
             return []
+        if whole_pages_only_before_last and request.sampling.prompt_logprobs is not None:
+            return []  # every prompt token must be computed to be scored
         page = self.cache.page_tokens
         usable = len(request.prompt_ids) - 1 if whole_pages_only_before_last else len(request.prompt_ids)
-        return page_keys(request.prompt_ids, page, usable // page)
+        keys = page_keys(request.prompt_ids, page, usable // page)
+        if self.prefix_caching:
+            return keys
+        # Keyed for the requests sharing this prompt only: unrelated requests never hit these pages.
+        source = request.prompt_source if request.prompt_source is not None else request.request_id
+        salt = source.to_bytes(8, "little")
+        return [hashlib.blake2b(key, key=salt, digest_size=16).digest() for key in keys]
 
     def _cache_prompt_pages(self, request: Request) -> None:
-        if self.prefix_caching:
-            self.cache.register_pages(request.request_id, self._prefix_keys(request, False))
+        keys = self._prefix_keys(request, False)
+        if keys:
+            self.cache.register_pages(request.request_id, keys)
 
     def _cache_views(self, request_ids: list[int]) -> dict:
         """``{layer_number: view}``: every layer's cache for this batch."""
@@ -386,24 +442,40 @@ class Engine:
         for layer, layer_stats in self.runtime.per_layer_stats.items():
             by_layer = self.metrics.decode_collectives_by_layer
             by_layer[layer] = by_layer.get(layer, 0) + layer_stats.total_calls - layer_calls_before.get(layer, 0)
-        tokens = self._sample(logits, requests)
+        tokens, logprobs = self._sample(logits, requests)
         self.metrics.decode_time_s += time.perf_counter() - start
         self.metrics.decode_steps += 1
         self.metrics.decode_tokens += len(requests)
-        return self._append_tokens(requests, tokens)
+        return self._append_tokens(requests, tokens, logprobs)
 
     # ------------------------------------------------------------------ sampling and stopping
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        tokens = sample(logits[:, :self.sampled_vocab_size], [r.sampling for r in requests],
-                        [r.generator for r in requests])
+    def _sample(self, logits: torch.Tensor, requests: list[Request]
+                ) -> tuple[torch.Tensor, list[Optional[TokenLogprob]]]:
+        """One token per row of ``logits [b, vocab_size]`` (the same on every rank of the replica), and
+        its ``TokenLogprob`` for the requests that asked (None for the others)."""
+        params = [r.sampling for r in requests]
+        adjusted = adjust_logits(logits[:, :self.sampled_vocab_size], params, [r.prompt_ids for r in requests],
+                                 [r.output_ids for r in requests])
+        tokens = sample(adjusted, params, [r.generator for r in requests])
         if dist.is_initialized() and dist.get_world_size(self.groups.replica_group) > 1:
             tokens = broadcast_tokens(tokens.contiguous(), self.groups.replica_group,
                                       src=self.groups.replica_first_rank)
-        return tokens
+        logprobs: list[Optional[TokenLogprob]] = [None] * len(requests)
+        rows = [row for row, p in enumerate(params) if p.logprobs is not None]
+        if rows:
+            num_top = max(params[row].logprobs for row in rows)
+            chosen, top_values, top_ids = top_logprobs(logits[rows], tokens[rows], num_top)
+            for row, value, values, ids in zip(rows, chosen.tolist(), top_values.tolist(), top_ids.tolist()):
+                logprobs[row] = TokenLogprob(int(tokens[row]), value,
+                                             tuple(zip(ids, values))[:params[row].logprobs])
+        return tokens, logprobs
 
-    def _append_tokens(self, requests: list[Request], tokens: torch.Tensor) -> list[TokenEvent]:
+    def _append_tokens(self, requests: list[Request], tokens: torch.Tensor,
+                       logprobs: Sequence[Optional[TokenLogprob]]) -> list[TokenEvent]:
         events, now = [], time.perf_counter()
-        for request, token in zip(requests, tokens.tolist()):
+        for request, token, logprob in zip(requests, tokens.tolist(), logprobs):
+            if logprob is not None:
+                request.output_logprobs.append(logprob)
             request.output_ids.append(token)
             request.token_times_s.append(now)
             request.text = self.tokenizer.decode(request.output_ids)
@@ -411,7 +483,7 @@ class Engine:
             if request.finish_reason == "stop":
                 request.text = cut_at_stop(request.text, request.sampling.stop_strings)
             events.append(TokenEvent(request.index, token, stream_delta(request), request.finish_reason,
-                                     request.request_id))
+                                     request.request_id, logprob))
         return events
 
     def _finish_reason(self, request: Request, token: int) -> Optional[str]:

@@ -18,6 +18,16 @@ from cptoolkit.inference.sampling import SamplingParams
 FINISH_REASONS = ("length", "eos", "stop", "cancelled", "error")
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model and the ``top`` most likely tokens at its position,
+    ``((token_id, logprob), ...)`` most likely first (see ``sampling``: raw model log-softmax)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class Request:
     """An admitted or waiting request. ``request_id`` is engine-wide unique (the KV-cache key);
@@ -38,6 +48,11 @@ class Request:
     cached_prompt_tokens: int = 0  # of which served by the prefix cache
     arrival_s: float = field(default_factory=time.perf_counter)
     token_times_s: list[float] = field(default_factory=list)
+    # With sampling.logprobs: one per output token. With sampling.prompt_logprobs: one per prompt token,
+    # None for the first (nothing predicts it) and until its chunk is prefilled.
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+    prompt_source: Optional[int] = None  # a request with the same prompt whose cached pages this one reuses
 
     @property
     def total_len(self) -> int:
@@ -60,6 +75,7 @@ class TokenEvent:
     text_delta: str
     finish_reason: Optional[str] = None
     request_id: int = -1
+    logprob: Optional[TokenLogprob] = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +109,8 @@ class GenerationResult:
     finish_reason: str
     error: Optional[str] = None
     metrics: Optional[RequestMetrics] = None
+    logprobs: Optional[list[TokenLogprob]] = None  # with sampling.logprobs: one per token id
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # with sampling.prompt_logprobs
 
 
 def request_result(request: Request) -> GenerationResult:
@@ -100,8 +118,9 @@ def request_result(request: Request) -> GenerationResult:
     metrics = RequestMetrics(time_to_first_token_s=times[0] - request.arrival_s if times else None,
                              inter_token_gaps_s=tuple(b - a for a, b in zip(times, times[1:])),
                              cached_prompt_tokens=request.cached_prompt_tokens)
+    logprobs = request.output_logprobs if request.sampling.logprobs is not None else None
     return GenerationResult(request.index, request.prompt, request.prompt_ids, request.output_ids, request.text,
-                            request.finish_reason, request.error, metrics)
+                            request.finish_reason, request.error, metrics, logprobs, request.prompt_logprobs)
 
 
 def stream_delta(request: Request) -> str:

@@ -1,4 +1,6 @@
-"""Next-token sampling: greedy, temperature, top-k and top-p, reproducible per request.
+"""Next-token sampling: logit adjustments (repetition, presence and frequency penalties, logit bias),
+greedy, temperature, top-k and top-p, reproducible per request; and the log-probabilities a request
+asks to see.
 
 Every rank of a TP x PCP x DCP job runs the same decode step and must pick the same token, or the
 ranks' KV caches diverge. Two ways to guarantee it:
@@ -10,16 +12,24 @@ ranks' KV caches diverge. Two ways to guarantee it:
 Each request owns one ``torch.Generator`` (``make_generator(seed, request_index)``), created when the
 request is admitted and advanced only by that request's own draws, so a request's tokens do not
 depend on which other requests share its batch.
+
+Log-probabilities (``logprobs``, ``prompt_logprobs``) are those of the model's own distribution: the
+log-softmax of the raw logits over the model's whole vocabulary, before penalties, bias and temperature
+(vLLM's default ``raw_logprobs``; what ``transformers``' log-softmax of the same logits gives), so a
+scored document gets the same figures whatever the sampling settings.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
 
 def _reject(field: str, value, rule: str) -> None:
@@ -33,7 +43,16 @@ class SamplingParams:
     ``temperature`` 0 means greedy (argmax, ties to the lowest token id); ``top_k`` 0 and ``top_p`` 1
     switch those filters off. ``stop_token_ids`` / ``stop_strings`` end the request early; lists are
     stored as tuples. ``ignore_eos`` keeps generating past the tokenizer's end-of-sequence ids (benchmarks,
-    tests), as vLLM's option of that name does.
+    tests), as vLLM's option of that name does. ``max_new_tokens`` 0 only scores the prompt (with
+    ``prompt_logprobs``).
+
+    Logit adjustments, in this order, before temperature: ``repetition_penalty`` (CTRL's, as
+    ``transformers`` applies it: over the prompt and the output so far, positive logits divided by it and
+    negative ones multiplied; 1 = off), ``frequency_penalty`` and ``presence_penalty`` (OpenAI's: over the
+    output so far, ``logit -= frequency * count + presence * (count > 0)``), ``logit_bias`` (``(token_id,
+    bias)`` pairs added to those logits; ids past the vocabulary are an error at the edge).
+    ``logprobs`` (None = off) returns each generated token's log-probability and that many most likely
+    alternatives; ``prompt_logprobs`` the same for every prompt token after the first.
     """
 
     temperature: float = 1.0
@@ -44,6 +63,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
@@ -55,20 +80,43 @@ class SamplingParams:
             _reject("top_p", self.top_p, "it must be a number in (0, 1] (1 = no nucleus filter)")
         if not _is_int(self.seed) or self.seed < 0:
             _reject("seed", self.seed, "it must be an integer >= 0")
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            _reject("max_new_tokens", self.max_new_tokens, "it must be an integer >= 1")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            _reject("max_new_tokens", self.max_new_tokens, "it must be an integer >= 0 (0 = score the prompt only)")
         if not all(_is_int(token_id) and token_id >= 0 for token_id in self.stop_token_ids):
             _reject("stop_token_ids", self.stop_token_ids, "it must be a sequence of integers >= 0")
         if not isinstance(self.ignore_eos, bool):
             _reject("ignore_eos", self.ignore_eos, "it must be true or false")
         if isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings):
             _reject("stop_strings", self.stop_strings, "it must be a sequence of non-empty strings")
+        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
+            _reject("repetition_penalty", self.repetition_penalty, "it must be a number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                _reject(name, getattr(self, name), "it must be a number in [-2, 2] (0 = off)")
+        if not all(len(pair) == 2 and _is_int(pair[0]) and pair[0] >= 0 and _is_number(pair[1])
+                   and -100 <= pair[1] <= 100 for pair in self.logit_bias):
+            _reject("logit_bias", self.logit_bias, "it must be (token id >= 0, bias in [-100, 100]) pairs")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                _reject(name, value, f"it must be None (off) or an integer in [0, {MAX_LOGPROBS}]")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
 
 
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.repetition_penalty != 1 or self.presence_penalty or self.frequency_penalty
+                    or self.logit_bias)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def make_generator(seed: int, request_index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -111,6 +159,50 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     # CUDA probs): draw there, then pick the token id on the logits' device.
     choice = torch.multinomial(probs.to(generator.device), 1, generator=generator)
     return sorted_ids[choice.to(sorted_ids.device)][0]
+
+
+def adjust_logits(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],
+                  output_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``logits [b, vocab]`` with each row's penalties and bias applied (``SamplingParams``' order); row
+    ``i`` penalises ``prompt_ids[i]`` (repetition only) and ``output_ids[i]``. Rows that adjust nothing
+    are left as they are; returns a new tensor when any row changes."""
+    rows = [row for row, row_params in enumerate(params) if row_params.adjusts_logits]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for row in rows:
+        p, values = params[row], logits[row]
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(prompt_ids[row]) | set(output_ids[row])), dtype=torch.long,
+                                device=logits.device)
+            seen = seen[seen < vocab]
+            scores = values[seen]
+            values[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and output_ids[row]:
+            counts = torch.bincount(torch.tensor(output_ids[row], dtype=torch.long), minlength=vocab)[:vocab]
+            counts = counts.to(device=logits.device, dtype=values.dtype)
+            values -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(values.dtype)
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=logits.device)
+            bias = torch.tensor([b for _, b in p.logit_bias], dtype=values.dtype, device=logits.device)
+            keep = ids < vocab
+            values.index_add_(0, ids[keep], bias[keep])
+    return logits
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, num_top: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's log-probabilities: ``logits [n, vocab]`` and ``chosen [n]`` token ids give
+    ``(chosen_logprob [n], top_logprob [n, num_top], top_ids [n, num_top])``, float32 or wider, the top
+    ones in descending order."""
+    logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    chosen_logprob = logprobs.gather(1, chosen.view(-1, 1).to(logprobs.device)).squeeze(1)
+    if num_top == 0:
+        empty = logprobs.new_empty(logprobs.shape[0], 0)
+        return chosen_logprob, empty, empty.long()
+    top_values, top_ids = torch.topk(logprobs, min(num_top, logprobs.shape[-1]), dim=-1)
+    return chosen_logprob, top_values, top_ids
 
 
 def broadcast_tokens(tokens: torch.Tensor, group: ProcessGroup | None, src: int) -> torch.Tensor:

@@ -104,21 +104,38 @@ def gpt_forward(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.
     token index per sequence) computes the logits of those tokens only, ``[b, 1, vocab_size]``: a
     prompt's last token during prefill, without materializing ``s x vocab`` logits.
     """
+    hidden = gpt_hidden(model, input_ids, position_ids, runtime, phase)
+    if logits_index is not None:  # hidden [s, b, h] -> [1, b, h]: row logits_index[i] of sequence i
+        hidden = hidden.gather(0, logits_index.view(1, -1, 1).expand(1, -1, hidden.shape[-1]))
+    if labels is not None:
+        logits = _local_logits(model, hidden)
+        logits = _mask_vocab_padding(logits, model.shape.vocab_size, model.pg_collection.tp.rank())
+        return _TPCrossEntropy.apply(logits, labels.t().contiguous(), model.pg_collection.tp).t()
+    return gpt_logits(model, hidden)
+
+
+def gpt_hidden(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
+               runtime: AttentionRuntime, phase: AttentionPhase = PREFILL) -> torch.Tensor:
+    """Embedding -> decoder -> final norm on ``input_ids [b, s]`` at ``position_ids [b, s]`` (see
+    ``gpt_forward``): the final hidden states ``[s, b, hidden]``, for ``gpt_logits``."""
     if phase.mode == "decode" and input_ids.shape[1] != 1:
         raise ValueError(f"decode takes one token per sequence; got input_ids of shape "
                          f"{tuple(input_ids.shape)} (rule: s == 1)")
     hidden = model.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
     rotary = rotary_freqs(model, position_ids) if model.position_embedding_type == "rope" else None
     with runtime.use_phase(phase):
-        hidden = model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
-    if logits_index is not None:  # hidden [s, b, h] -> [1, b, h]: row logits_index[i] of sequence i
-        hidden = hidden.gather(0, logits_index.view(1, -1, 1).expand(1, -1, hidden.shape[-1]))
+        return model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
+
+
+def _local_logits(model: CPGPTModel, hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden [s, b, h]`` -> this TP rank's vocabulary slice ``[s, b, vocab_padded / TP]``, float32 or wider."""
     output_weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-    logits, _ = model.output_layer(hidden, weight=output_weight)  # [s, b, vocab_padded / TP]
-    tp_group = model.pg_collection.tp
-    vocab_size = model.shape.vocab_size
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if labels is not None:
-        logits = _mask_vocab_padding(logits, vocab_size, tp_group.rank())
-        return _TPCrossEntropy.apply(logits, labels.t().contiguous(), tp_group).t()
-    return _gather_vocab(logits, tp_group).transpose(0, 1)[..., :vocab_size]
+    logits, _ = model.output_layer(hidden, weight=output_weight)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def gpt_logits(model: CPGPTModel, hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden [s, b, h]`` (from ``gpt_hidden``) -> ``logits [b, s, vocab_size]`` gathered over TP
+    (one all-gather on the TP group: every TP rank must call it with the same ``s``)."""
+    logits = _gather_vocab(_local_logits(model, hidden), model.pg_collection.tp)
+    return logits.transpose(0, 1)[..., :model.shape.vocab_size]
