@@ -9,7 +9,9 @@ summing every gradient over the CP group (what megatron's DDP does), the gradien
 same weights at CP = 1 on the same TP group.
 
 One spawn per world size runs every case (TP1 x CP2 on 2 ranks; TP1 x CP4 and TP2 x CP2 on 4 ranks;
-GQA and MQA; every cp_comm_type, ``a2a+p2p`` at CP = 4 as 2 x 2).
+GQA and MQA; every cp_comm_type, ``a2a+p2p`` at CP = 4 as 2 x 2, its groups from each of the three places a
+megatron user can get them: cptoolkit's, CPCoreAttention's own from the config, and megatron's own
+``initialize_model_parallel(hierarchical_context_parallel_sizes=[2, 2])``).
 
 megatron-core 0.16.1 is GPU-bound in two places a CPU run reaches; the ranks of this test (only they)
 neutralise exactly those calls, see ``_allow_megatron_rope_on_cpu``.
@@ -28,14 +30,19 @@ VOCAB, SEQ_LEN, BATCH = 64, 16, 2
 HEADS, HEAD_DIM = 8, 8
 LOGIT_RTOL, GRAD_RTOL = 1e-5, 1e-4
 # (tp, cp, num_kv_heads, cp_comm_type, hcp source); None is megatron's default comm type (p2p).
-# hcp source for a2a+p2p: "pg" = parallel_state's groups passed as pg_collection.hcp, "config" = built
-# by CPCoreAttention from config.hierarchical_context_parallel_sizes.
+# hcp source for a2a+p2p: "pg" = cptoolkit's parallel_state groups passed as pg_collection.hcp, "config" =
+# built by CPCoreAttention from config.hierarchical_context_parallel_sizes; "megatron" = built by megatron's
+# initialize_model_parallel(hierarchical_context_parallel_sizes=...) and passed as
+# ProcessGroupCollection.use_mpu_process_groups().hcp, "megatron-global" = the same groups read by
+# CPCoreAttention from megatron's parallel_state (no pg_collection).
 CASES = {
     2: [(1, 2, kv, comm, None) for kv in (2, 1) for comm in (None, "all_gather", "a2a")],
     4: [(1, 4, kv, comm, None) for kv in (2, 1) for comm in ("p2p", "all_gather", "a2a")]
        + [(1, 4, 2, "a2a+p2p", "pg"), (1, 4, 1, "a2a+p2p", "config")]
+       + [(1, 4, 2, "a2a+p2p", "megatron"), (1, 4, 1, "a2a+p2p", "megatron-global")]
        + [(2, 2, kv, comm, None) for kv in (2, 1) for comm in ("p2p", "all_gather", "a2a")],
 }
+MEGATRON_HCP = ("megatron", "megatron-global")
 
 
 def _allow_megatron_rope_on_cpu() -> None:
@@ -125,10 +132,12 @@ def _case(rank, case, tp_group, reference_models, solo_group, cptoolkit_hcp):
     reference, (ref_logits, ref_loss, ref_grads) = reference_models[tp, kv]
 
     pg_collection = None  # the stock path: megatron's global groups (use_mpu_process_groups)
-    if hcp_source == "pg":
+    if hcp_source in ("pg", "megatron"):
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    if hcp_source == "pg":
         pg_collection.hcp = [cptoolkit_hcp.a2a_group, cptoolkit_hcp.ring_group]
-    model = _gpt_model(_config(tp, cp, kv, comm, [2, cp // 2] if hcp_source == "config" else None), pg_collection)
+    sizes = _megatron_hcp_sizes(hcp_source, cp) or ([2, cp // 2] if hcp_source == "config" else None)
+    model = _gpt_model(_config(tp, cp, kv, comm, sizes), pg_collection)
     model.load_state_dict(reference.state_dict())
     logits, loss, grads = _run(model, get_batch_on_this_cp_rank(_batch()))
     for grad in grads.values():
@@ -137,9 +146,18 @@ def _case(rank, case, tp_group, reference_models, solo_group, cptoolkit_hcp):
     errors = {"logits": _rel(logits, want["logits"]), "loss": _rel(loss, want["loss"])}
     errors.update({f"grad {name}": _rel(grads[name], ref_grads[name]) for name in ref_grads})
     attentions = [layer.self_attention.core_attention for layer in model.decoder.layers]
+    megatron_hcp = mpu.get_hierarchical_context_parallel_groups(check_initialized=False)
     return {"case": case, "rank": rank, "errors": errors,
             "comm_types": {f"{type(a).__name__}:{a.runtime.prefill_comm}" for a in attentions},
-            "same_cp_group": all(a.runtime.pcp_group is mpu.get_context_parallel_group() for a in attentions)}
+            "same_cp_group": all(a.runtime.pcp_group is mpu.get_context_parallel_group() for a in attentions),
+            "megatron_hcp_used": hcp_source not in MEGATRON_HCP or all(
+                [a.runtime.hcp_groups.a2a_group, a.runtime.hcp_groups.ring_group] == megatron_hcp
+                for a in attentions)}
+
+
+def _megatron_hcp_sizes(hcp_source, cp):
+    """megatron's own ``hierarchical_context_parallel_sizes`` ([a2a, ring]) for a "megatron*" case, else None."""
+    return [2, cp // 2] if hcp_source in MEGATRON_HCP else None
 
 
 # (config changes, comm, hierarchical sizes) -> the one-line ValueError every rank raises building the model.
@@ -168,7 +186,8 @@ def _bad_combinations() -> list[str]:
 
 
 def _all_cases_rank(rank, world_size, cases):
-    """Per TP x CP layout: megatron's own initialize_model_parallel (tp-cp order), then every case."""
+    """Per TP x CP layout (and megatron hierarchical CP sizes): megatron's own initialize_model_parallel
+    (tp-cp order), then every case."""
     from megatron.core import parallel_state as mpu
 
     from cptoolkit import parallel_state as ps
@@ -176,15 +195,16 @@ def _all_cases_rank(rank, world_size, cases):
     _allow_megatron_rope_on_cpu()
     solo_group = dist.new_group([rank], use_local_synchronization=True)
     results = []
-    for (tp, cp), layout_cases in _by_layout(cases).items():
-        mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    for (tp, cp, megatron_hcp_sizes), layout_cases in _by_layout(cases):
+        mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp,
+                                      hierarchical_context_parallel_sizes=megatron_hcp_sizes)
         # cptoolkit's own a2a+p2p groups (2 x 2), handed to megatron as pg_collection.hcp in the "pg" case.
         groups = ps.initialize_model_parallel(tp=tp, pcp=cp, dcp=cp, num_heads=HEADS, num_kv_heads=1,
                                               hierarchical_a2a_size=2 if cp == 4 else None)
         reference_models = {}
         results += [_case(rank, case, mpu.get_tensor_model_parallel_group(), reference_models, solo_group,
                           groups.hcp_groups) for case in layout_cases]
-        if (tp, cp) == (1, 4):
+        if (tp, cp, megatron_hcp_sizes) == (1, 4, None):
             results.append({"bad": _bad_combinations(), "rank": rank})
         ps.destroy_model_parallel()
         mpu.destroy_model_parallel()
@@ -192,10 +212,13 @@ def _all_cases_rank(rank, world_size, cases):
 
 
 def _by_layout(cases):
+    """``[((tp, cp, megatron's hierarchical sizes or None), cases)]`` in first-seen order (megatron takes the
+    sizes as a list, so they are keyed as a tuple and handed back as a list)."""
     layouts = {}
     for case in cases:
-        layouts.setdefault(case[:2], []).append(case)
-    return layouts
+        sizes = _megatron_hcp_sizes(case[4], case[1])
+        layouts.setdefault((*case[:2], sizes and tuple(sizes)), []).append(case)
+    return [((tp, cp, sizes and list(sizes)), layout_cases) for (tp, cp, sizes), layout_cases in layouts.items()]
 
 
 @pytest.mark.parametrize("world_size", sorted(CASES))
@@ -213,6 +236,7 @@ def test_stock_megatron_gpt_model_with_cp_core_attention_equals_cp1(world_size):
             tp, cp, kv, comm, hcp_source = result["case"]
             assert result["comm_types"] == {f"CPCoreAttention:{comm or 'p2p'}"}, result
             assert result["same_cp_group"], result
+            assert result["megatron_hcp_used"], result
             for name, (rel_max, mean) in result["errors"].items():
                 limit = GRAD_RTOL if name.startswith("grad") else LOGIT_RTOL
                 if not rel_max <= limit:
