@@ -45,6 +45,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from cptoolkit.inference.block_pool import PageKey, page_keys
 from cptoolkit.inference.kv_cache import PagedKVCache
@@ -59,6 +60,7 @@ from cptoolkit.layers.core_attention import AttentionPhase, AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import partition_batch
 from cptoolkit.models.gpt import CPGPTModel, gpt_forward, gpt_hidden, gpt_logits
 from cptoolkit.parallel_state import ParallelGroups
+from cptoolkit.progress import progress
 
 Prompt = str | list[int]
 
@@ -133,6 +135,7 @@ class Engine:
         self._rejected: list[Request] = []
         self._cancel_requested: set[int] = set()
         self._last_step_decoded = False
+        self._prefill_bars: dict[int, tqdm] = {}  # request id -> the progress bar of its prefill
 
     # ------------------------------------------------------------------ online API
     def add_request(self, prompt: Prompt, sampling: SamplingParams, index: Optional[int] = None,
@@ -318,6 +321,8 @@ class Engine:
         return None
 
     def _release(self, request: Request) -> None:
+        if request.request_id in self._prefill_bars:  # cancelled while prefilling
+            self._prefill_bars.pop(request.request_id).close()
         self.cache.free_request(request.request_id)
         self._running.remove(request)
         self._finished[request.request_id] = request
@@ -359,6 +364,7 @@ class Engine:
             all_reduce(last_logits.masked_fill_(not_mine.unsqueeze(1), 0.0), groups.pcp_group)
         for request, chunk in zip(requests, chunks):
             request.num_cached += len(chunk)
+        self._show_prefill_progress(requests, [len(chunk) for chunk in chunks])
         complete = [row for row, r in enumerate(requests) if r.num_cached == len(r.prompt_ids)]
         for row in complete:
             self._cache_prompt_pages(requests[row])
@@ -372,6 +378,20 @@ class Engine:
         self.metrics.prompt_tokens += sum(batch.seq_lens)
         self.metrics.prefill_tokens_generated += len(done)
         return events
+
+    def _show_prefill_progress(self, requests: list[Request], chunk_lens: list[int]) -> None:
+        """Advance a progress bar of tokens prefilled / prompt length for each prompt whose prefill spans
+        several chunks (``cptoolkit.progress``: global rank 0, on a terminal); closed once it is prefilled."""
+        chunk_size = self.prefill_chunk_size or self.max_seq_len
+        for request, chunk_len in zip(requests, chunk_lens):
+            prompt_len, bar = len(request.prompt_ids), self._prefill_bars.get(request.request_id)
+            if bar is None and prompt_len - request.cached_prompt_tokens > chunk_size:
+                bar = self._prefill_bars[request.request_id] = progress(
+                    prompt_len, f"prefill request {request.index}", "token", initial=request.cached_prompt_tokens)
+            if bar is not None:
+                bar.update(chunk_len)
+                if request.num_cached == prompt_len:
+                    self._prefill_bars.pop(request.request_id).close()
 
     def _score_prompts(self, hidden: torch.Tensor, batch, requests: list[Request], history: list[int]) -> None:
         """Record the prompt logprobs of this chunk for the requests that asked for them."""

@@ -375,7 +375,8 @@ def load_model_checkpoint(checkpoint_dir: str | Path, pg_collection: ProcessGrou
     """Build the model of a Hugging Face or cptoolkit checkpoint directory on ``pg_collection``,
     sharded over its TP group: every rank reads only the rows (or, for a row-parallel weight, the columns)
     of its own TP slice, one range at a time, converting them to ``dtype`` as they are copied into its
-    parameters. Raises ``ConfigError`` for a problem with the files, before building the model."""
+    parameters (a progress bar over the tensors on rank 0, on a terminal). Raises ``ConfigError`` for a problem
+    with the files, before building the model."""
     directory = Path(checkpoint_dir)
     config = read_config(directory)
     shape = hf_shape(config, directory)
@@ -384,7 +385,8 @@ def load_model_checkpoint(checkpoint_dir: str | Path, pg_collection: ProcessGrou
     model = new_gpt_model(shape, pg_collection, runtime, dtype)
     with ExitStack() as stack:
         opened = {path: stack.enter_context(_open(path)) for path in dict.fromkeys(located.files.values())}
-        load_tp_slices(model, _full_shapes(layout, located.shapes), _slice_reader(layout, located, opened))
+        load_tp_slices(model, _full_shapes(layout, located.shapes), _slice_reader(layout, located, opened),
+                       progress_desc=f"loading {directory.name}")
     return model
 
 

@@ -28,6 +28,7 @@ from megatron.core.transformer.mlp import MLP
 
 from cptoolkit.models.gpt import CPGPTModel
 from cptoolkit.models.shape import GPTShape, padded_vocab_size
+from cptoolkit.progress import progress
 
 
 def split_qkv(fused: torch.Tensor, num_groups: int, num_heads: int, head_dim: int):
@@ -286,19 +287,22 @@ def param_kinds(model: torch.nn.Module) -> dict[str, Kind]:
 Reader = Callable[[str, int, int, int], torch.Tensor]
 
 
-def load_tp_slices(model: CPGPTModel, full_shapes: dict[str, tuple[int, ...]], read: Reader) -> None:
+def load_tp_slices(model: CPGPTModel, full_shapes: dict[str, tuple[int, ...]], read: Reader,
+                   progress_desc: str | None = None) -> None:
     """Copy this TP rank's slice of every full tensor into ``model``'s parameters, one index range at a time:
     ``read(name, dim, start, stop)`` returns indices ``start:stop`` along ``dim`` of the full tensor ``name``,
     so no full tensor need be in memory. ``full_shapes``: the full tensors' shapes, under exactly the model's
-    parameter names, each checked against what the model's TP slice implies before anything is read."""
+    parameter names, each checked against what the model's TP slice implies before anything is read.
+    ``progress_desc``: label of a progress bar over the tensors (``cptoolkit.progress``: rank 0, a terminal)."""
     params = dict(model.named_parameters())
     if set(full_shapes) != set(params):
         raise ValueError(f"full state dict does not match the model: missing "
                          f"{sorted(set(params) - set(full_shapes))}, "
                          f"unexpected {sorted(set(full_shapes) - set(params))}")
     tp_rank, tp_size, kinds = model.pg_collection.tp.rank(), model.pg_collection.tp.size(), param_kinds(model)
+    tensors = params.items() if progress_desc is None else progress(params.items(), progress_desc, "tensor")
     with torch.no_grad():
-        for name, param in params.items():
+        for name, param in tensors:
             kind, full_shape = kinds[name], tuple(full_shapes[name])
             needed = kind.full_shape(param.shape, model.shape, tp_size)
             if needed != full_shape:

@@ -27,6 +27,7 @@ import torch
 from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                                   VocabParallelEmbedding)
 from torch.distributed import ProcessGroup
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cptoolkit.config import Config, ConfigError, TrainConfig
 from cptoolkit.layers import comm
@@ -36,6 +37,7 @@ from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.models.from_config import model_from_config, model_shape
 from cptoolkit.models.gpt import CPGPTModel, gpt_forward
 from cptoolkit.parallel_state import ParallelGroups
+from cptoolkit.progress import progress
 from cptoolkit.training.data import TrainBatch, get_batch_on_this_pcp_rank, pack_windows, sample_windows
 
 LOG = logging.getLogger("cptoolkit")
@@ -199,17 +201,21 @@ class Trainer:
 
     def run(self) -> list[StepMetrics]:
         """All ``train.steps`` steps; logs a progress line about 20 times per run, and for the first
-        and last step (INFO: rank 0 under ``run_main``)."""
+        and last step (INFO: rank 0 under ``run_main``). A progress bar of the steps, the loss in its postfix
+        (``cptoolkit.progress``: rank 0, on a terminal); log lines are written above it, not through it."""
         history = []
         steps = self.cfg.train.steps
         log_every = max(1, steps // 20)
-        for _ in range(steps):
-            metrics = self.step()
-            history.append(metrics)
-            if metrics.step % log_every == 0 or metrics.step in (1, steps):
-                LOG.info("step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %d tokens | %.0f tokens/s",
-                         metrics.step, steps, metrics.loss, metrics.lr, metrics.grad_norm,
-                         metrics.num_tokens, metrics.tokens_per_s)
+        with progress(steps, "training", "step") as bar, logging_redirect_tqdm():
+            for _ in range(steps):
+                metrics = self.step()
+                history.append(metrics)
+                bar.set_postfix(loss=f"{metrics.loss:.4f}", refresh=False)
+                bar.update()
+                if metrics.step % log_every == 0 or metrics.step in (1, steps):
+                    LOG.info("step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %d tokens | %.0f tokens/s",
+                             metrics.step, steps, metrics.loss, metrics.lr, metrics.grad_norm,
+                             metrics.num_tokens, metrics.tokens_per_s)
         return history
 
 
