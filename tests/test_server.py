@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import pytest
 import torch
 import yaml
 
+from cptoolkit.models.tokenizer import ByteTokenizer
 from tests.multiproc import free_port, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +31,15 @@ MAX_TOKENS = 6
 PROMPTS = [f"request {i}: {'context parallelism ' * (i % 5)}splits the sequence"[: 12 + 5 * i] for i in range(32)]
 SAMPLED = {"temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 11}
 SAMPLED_FIELDS = {"temperature": 0.9, "top_p": 0.95, "seed": 11, "extra_body": {"top_k": 50}}  # top_k: not OpenAI's
+EOS = (256,)  # the byte tokenizer's, which the server stops on
+LOGPROBS = 3
+# Prompts scored with echo (lm-eval's loglikelihood requests): one short, one spanning several cache pages.
+SCORED = [PROMPTS[3], "context parallelism shards the prompt over ranks; " * 4]
+PENALTIES = {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.7,
+             "logit_bias": ((ord("e"), 4.0), (ord(" "), -3.0))}
+UNPENALIZED = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": ()}
+LOGPROB_ATOL = 1e-5  # the server batches requests differently from the offline run
+BYTES = ByteTokenizer()  # names tokens as the server does
 # The one-rank server runs launch/serve.py with a stand-in chat template on the byte tokenizer (the
 # built-in model has none), so /v1/chat/completions can be checked end to end; the four-rank server is
 # launch/serve.py untouched, where chat must be a 400 with the tokenizer's own message.
@@ -140,8 +151,20 @@ def _offline_rank(rank, world_size, config_path: str, prompts: list, chat_prompt
         engine = build_engine(cfg, groups, torch.device("cpu"))
         greedy = SamplingParams(temperature=0.0, max_new_tokens=MAX_TOKENS)
         sampled = SamplingParams(max_new_tokens=MAX_TOKENS, **SAMPLED)
-        return {"greedy": [r.text for r in engine.generate(prompts + chat_prompts, greedy)],
-                "sampled": [engine.generate([prompt], sampled)[0].text for prompt in prompts[:2]]}
+        reference = {"greedy": [r.text for r in engine.generate(prompts + chat_prompts, greedy)],
+                     "sampled": [engine.generate([prompt], sampled)[0].text for prompt in prompts[:2]]}
+        scoring = SamplingParams(temperature=0.0, max_new_tokens=0, prompt_logprobs=LOGPROBS, stop_token_ids=EOS)
+        with_logprobs = SamplingParams(temperature=0.0, max_new_tokens=MAX_TOKENS, logprobs=LOGPROBS,
+                                       stop_token_ids=EOS)
+        three = SamplingParams(max_new_tokens=MAX_TOKENS, stop_token_ids=EOS, **SAMPLED)
+        penalized = SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=EOS, **PENALTIES)
+        reference.update(
+            scored=[r.prompt_logprobs for r in engine.generate([list(p.encode()) for p in SCORED], scoring)],
+            generated=engine.generate([prompts[2]], with_logprobs)[0],
+            three_choices=[r.text for r in engine.generate([prompts[4]] * 3, three)],
+            penalized=engine.generate([prompts[6]], penalized)[0].text,
+            unpenalized=engine.generate([prompts[6]], dataclasses.replace(penalized, **UNPENALIZED))[0].text)
+        return reference
     finally:
         destroy_model_parallel()
 
@@ -253,8 +276,16 @@ def _error(call) -> tuple[int, dict]:
 
 
 BAD_FIELDS = {
-    "n": ({"n": 2}, "n: 2 is not supported: cptoolkit accepts only 1"),
-    "penalty": ({"presence_penalty": 0.5}, "presence_penalty: 0.5 is not supported: cptoolkit accepts only 0.0"),
+    "n": ({"n": 17}, "n: Input should be less than or equal to 16"),
+    "best_of": ({"n": 2, "best_of": 3}, "best_of: 3 is not supported: cptoolkit returns every choice it samples"),
+    "suffix": ({"suffix": "end"}, "suffix: is not supported: cptoolkit has no fill-in-the-middle models"),
+    "penalty": ({"presence_penalty": 2.5}, "presence_penalty: Input should be less than or equal to 2"),
+    "logprobs": ({"logprobs": 21}, "logprobs: Input should be less than or equal to 20"),
+    "logit_bias range": ({"logit_bias": {"65": 101}}, "logit_bias: 65: 101.0: each bias must be in [-100, 100]"),
+    "logit_bias key": ({"logit_bias": {"A": 1}}, "keys are token ids (strings of digits)"),
+    "logit_bias id": ({"logit_bias": {"258": 1}}, "logit_bias: token id 258 is outside the vocabulary [0, 258)"),
+    "stream batch": ({"prompt": ["a", "b"], "stream": True}, "stream: a stream carries one prompt"),
+    "stream echo": ({"echo": True, "logprobs": 1, "stream": True}, "stream: echo with logprobs is answered whole"),
     "temperature": ({"temperature": -1}, "temperature: Input should be greater than or equal to 0"),
     "top_p": ({"top_p": 0}, "top_p: Input should be greater than 0"),
     "max_tokens": ({"max_tokens": "many"}, "max_tokens: Input should be a valid integer"),
@@ -277,6 +308,93 @@ def test_bad_requests_are_400_and_disturb_no_other_request(one_rank):
                           headers={"content-type": "application/json"})
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"], bad_json.text
     assert "".join(chunk.choices[0].text for chunk in stream) == reference["greedy"][5]
+
+
+def _assert_logprob_entry(got_logprob, got_top: dict, want) -> None:
+    """An OpenAI completions logprob entry (logprob, {token text: logprob}) against the engine's TokenLogprob."""
+    assert abs(got_logprob - want.logprob) <= LOGPROB_ATOL, (got_logprob, want)
+    name = BYTES.token_text
+    want_top = {name(token_id): logprob for token_id, logprob in want.top} | {name(want.token_id): want.logprob}
+    assert got_top.keys() == want_top.keys(), (got_top, want)
+    assert all(abs(got_top[token] - want_top[token]) <= LOGPROB_ATOL for token in want_top), (got_top, want)
+
+
+@pytest.mark.parametrize("layout", ["one_rank", "four_ranks"])
+def test_echo_scores_the_prompt_as_lm_eval_asks(layout, request):
+    """lm-eval's loglikelihood request: a batch of token-id prompts, echo, max_tokens 1 (or 0), logprobs;
+    every prompt token after the first has the offline engine's logprob and top alternatives (the
+    four-rank server scores each prompt over PCP = 2), and ``tok == max(top)`` finds the greedy tokens."""
+    server, reference = request.getfixturevalue(layout)
+    prompts = [list(prompt.encode()) for prompt in SCORED]
+    for max_tokens in (0, 1):
+        response = server.client().completions.create(model=MODEL, prompt=prompts, echo=True, max_tokens=max_tokens,
+                                                      logprobs=LOGPROBS, temperature=0)
+        assert [choice.index for choice in response.choices] == [0, 1]
+        assert response.usage.prompt_tokens == sum(map(len, prompts))
+        assert response.usage.completion_tokens == max_tokens * len(prompts)
+        for choice, prompt, want in zip(response.choices, SCORED, reference["scored"]):
+            assert choice.text.startswith(prompt) and len(choice.text) >= len(prompt)
+            logprobs = choice.logprobs
+            assert logprobs.tokens[:len(prompt)] == list(prompt) and len(logprobs.tokens) == len(prompt) + max_tokens
+            assert logprobs.text_offset[:len(prompt)] == list(range(len(prompt)))
+            assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+            for position in range(1, len(prompt)):
+                _assert_logprob_entry(logprobs.token_logprobs[position], logprobs.top_logprobs[position],
+                                      want[position])
+            greedy = [logprobs.token_logprobs[i] == max(logprobs.top_logprobs[i].values())
+                      for i in range(1, len(prompt))]
+            assert greedy == [want[i].token_id == want[i].top[0][0] for i in range(1, len(prompt))]
+
+
+def test_generated_logprobs_streamed_or_not_and_chat_top_logprobs(one_rank):
+    server, reference = one_rank
+    client, want = server.client(), reference["generated"]
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=MAX_TOKENS, temperature=0,
+                                         logprobs=LOGPROBS)
+    logprobs = response.choices[0].logprobs
+    tokens = [BYTES.token_text(token_id) for token_id in want.token_ids]
+    assert logprobs.tokens == tokens
+    assert logprobs.text_offset == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    for got_logprob, got_top, entry in zip(logprobs.token_logprobs, logprobs.top_logprobs, want.logprobs, strict=True):
+        _assert_logprob_entry(got_logprob, got_top, entry)
+    chunks = [chunk.choices[0] for chunk in client.completions.create(
+        model=MODEL, prompt=PROMPTS[2], max_tokens=MAX_TOKENS, temperature=0, logprobs=LOGPROBS, stream=True)]
+    streamed = [entry for chunk in chunks if chunk.logprobs for entry in zip(
+        chunk.logprobs.tokens, chunk.logprobs.token_logprobs, chunk.logprobs.text_offset)]
+    assert streamed == list(zip(logprobs.tokens, logprobs.token_logprobs, logprobs.text_offset))
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == chat.choices[0].message.content
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob  # greedy
+
+
+@pytest.mark.parametrize("layout", ["one_rank", "four_ranks"])
+def test_n_choices_and_penalties_equal_the_offline_engine(layout, request):
+    """``n = 3`` (the prompt prefilled once, its pages shared) draws choice j as the offline engine's request
+    j with the same seed, streamed or not; penalties and logit_bias as the offline engine applies them."""
+    server, reference = request.getfixturevalue(layout)
+    client = server.client()
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=MAX_TOKENS, n=3, **SAMPLED_FIELDS)
+    assert [choice.text for choice in sorted(response.choices, key=lambda c: c.index)] == reference["three_choices"]
+    assert response.usage.completion_tokens == 3 * MAX_TOKENS and response.usage.prompt_tokens == len(PROMPTS[4])
+    texts = {}
+    for chunk in client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=MAX_TOKENS, n=3, stream=True,
+                                           **SAMPLED_FIELDS):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert [texts[i] for i in range(3)] == reference["three_choices"]
+    bias = {str(token_id): value for token_id, value in PENALTIES["logit_bias"]}
+    penalized = client.completions.create(
+        model=MODEL, prompt=PROMPTS[6], max_tokens=12, temperature=0, presence_penalty=PENALTIES["presence_penalty"],
+        frequency_penalty=PENALTIES["frequency_penalty"], logit_bias=bias,
+        extra_body={"repetition_penalty": PENALTIES["repetition_penalty"]})
+    assert penalized.choices[0].text == reference["penalized"]
+    assert reference["penalized"] != reference["unpenalized"]  # the penalties change this generation
+    assert server.metric("cptoolkit_kv_blocks_used") == 0
 
 
 def test_chat_without_a_template_is_400_with_the_tokenizers_message(four_ranks):

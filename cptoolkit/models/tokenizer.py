@@ -2,7 +2,7 @@
 
 Both expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``eos_token_id``,
 ``eos_token_ids`` (every id that ends a generation), ``render_chat(messages) -> list[int]``,
-``vocab_size`` and ``save(directory)``; the engine, the training data pipeline and the chat front
+``vocab_size``, ``token_text(id) -> str`` (one token as logprobs name it) and ``save(directory)``; the engine, the training data pipeline and the chat front
 ends use only these. A checkpoint directory names its tokenizer: Hugging Face tokenizer files, or
 ``"cptoolkit_tokenizer": "byte"`` in its ``config.json`` (written by ``ByteTokenizer.save``).
 Missing or broken tokenizer files are a ``ConfigError`` naming the directory.
@@ -38,6 +38,15 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text: its character if the byte is ASCII, ``"<eos>"`` / ``"<pad>"`` for the special
+        ids, else OpenAI's notation for a partial character, ``"bytes:\\xNN"``."""
+        if token_id == self.eos_token_id:
+            return "<eos>"
+        if token_id == self.pad_token_id:
+            return "<pad>"
+        return chr(token_id) if token_id < 128 else f"bytes:\\x{token_id:02x}"
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         raise ConfigError("the built-in model's byte tokenizer has no chat template, so it cannot render "
@@ -75,6 +84,12 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (special tokens kept). A token that is part of a multi-byte character decodes
+        to U+FFFD alone; it is named by its vocabulary entry instead, so distinct tokens keep distinct names."""
+        text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return self._tokenizer.convert_ids_to_tokens(token_id) if "\ufffd" in text else text
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         """One conversation (``[{"role": ..., "content": ...}, ...]``) as the prompt ids the checkpoint's

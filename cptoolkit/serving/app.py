@@ -13,17 +13,18 @@ import asyncio
 import json
 import threading
 import time
-from typing import AsyncIterator, Awaitable, Union
+from typing import AsyncIterator, Awaitable, Sequence, Union
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from cptoolkit.inference.request import GenerationResult
 from cptoolkit.serving.inbox import Finished, Inbox, Submission
 from cptoolkit.serving.metrics import ServerMetrics
-from cptoolkit.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, Responder,
-                                        max_new_tokens, validation_error)
+from cptoolkit.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, PromptAnswer,
+                                        Responder, max_new_tokens, validation_error)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
 
@@ -49,14 +50,20 @@ async def _unless_disconnected(request: Request, work: Awaitable):
     raise _ClientDisconnected
 
 
-async def _final(submission: Submission) -> Finished:
-    """The request's ``Finished`` update (its token events are skipped); a 503 is raised."""
-    while True:
+async def _choices(submission: Submission) -> list[Finished]:
+    """Every choice's ``Finished`` update, in choice order (token events are skipped); a 503 is raised."""
+    finished: dict[int, Finished] = {}
+    while len(finished) < submission.num_choices:
         update = await submission.updates.get()
         if isinstance(update, APIError):
             raise update
         if isinstance(update, Finished):
-            return update
+            finished[update.event.request_index] = update
+    return [finished[choice] for choice in range(submission.num_choices)]
+
+
+async def _all_choices(submissions: Sequence[Submission]) -> list[list[Finished]]:
+    return list(await asyncio.gather(*(_choices(submission) for submission in submissions)))
 
 
 def _checked(update: Union[Finished, object]):
@@ -106,56 +113,74 @@ def create_app(inbox: Inbox, tokenizer, metrics: ServerMetrics, model_name: str,
                                             "owned_by": "cptoolkit", "max_model_len": max_seq_len}]}
 
     async def generate(request: Request, body: Union[CompletionRequest, ChatCompletionRequest]) -> Response:
-        chat = isinstance(body, ChatCompletionRequest)
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
-        prompt_ids = body.prompt_ids(tokenizer)
-        sampling = body.sampling_params(max_new_tokens(body, len(prompt_ids), max_seq_len), tokenizer.eos_token_ids)
-        submission = inbox.submit(prompt_ids, sampling)
-        responder = Responder(chat, f"{'chatcmpl' if chat else 'cmpl'}-{submission.key}", model_name)
+        body.check_streamable()
+        prompts_ids = body.prompts_ids(tokenizer)
+        sampling = [body.sampling_params(max_new_tokens(body, len(ids), max_seq_len), tokenizer.eos_token_ids,
+                                         tokenizer.vocab_size) for ids in prompts_ids]
+        submissions = inbox.submit(prompts_ids, sampling, body.num_choices)
+        keys = [submission.key for submission in submissions]
+        chat = isinstance(body, ChatCompletionRequest)
+        responder = Responder(body, f"{'chatcmpl' if chat else 'cmpl'}-{keys[0]}", model_name, tokenizer)
+        texts = [""] * len(prompts_ids) if chat else body.prompt_texts(prompts_ids, tokenizer)
         try:
             if body.stream:
-                first = _checked(await _unless_disconnected(request, submission.updates.get()))
+                first = _checked(await _unless_disconnected(request, submissions[0].updates.get()))
             else:
-                finished = _checked(await _unless_disconnected(request, _final(submission)))
+                finished = await _unless_disconnected(request, _all_choices(submissions))
+                for update in (update for choices in finished for update in choices):
+                    _checked(update)
         except _ClientDisconnected:
-            inbox.cancel(submission.key)
+            inbox.cancel(keys)
             metrics.http_response(request.url.path, CLIENT_CLOSED_REQUEST)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except APIError:
+            inbox.cancel(keys)  # the other prompts of a request that failed are not worth finishing
+            raise
         metrics.http_response(request.url.path, 200)
         if not body.stream:
-            return JSONResponse(responder.response(finished.result))
-        return StreamingResponse(_stream(submission, first, responder, body.include_usage),
+            answers = [PromptAnswer(text, [update.result for update in choices])
+                       for text, choices in zip(texts, finished)]
+            return JSONResponse(responder.response(answers))
+        return StreamingResponse(_stream(submissions[0], first, responder, body.include_usage, texts[0]),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _stream(submission: Submission, update, responder: Responder, include_usage: bool
+    async def _stream(submission: Submission, update, responder: Responder, include_usage: bool, prompt_text: str
                       ) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per token that adds text, the finish chunk, ``[DONE]``. An
-        unfinished stream that ends (the client left, so the response task was cancelled) cancels
+        """Server-sent events: with ``echo`` the prompt's text first (chat: the role), then a chunk per
+        token that adds text or a logprob, each choice's finish chunk, the usage when asked, ``[DONE]``.
+        An unfinished stream that ends (the client left, so the response task was cancelled) cancels
         its request."""
-        finished = False
+        results: dict[int, GenerationResult] = {}  # choice -> its result, once it finished
+        done = False
         try:
             if responder.chat:
-                yield _sse(responder.chunk("", first=True))
+                yield _sse(responder.role_chunk(submission.num_choices))
+            elif responder.echo:
+                yield _sse(responder.echo_chunk(prompt_text, submission.num_choices))
             while True:
                 if isinstance(update, APIError):
-                    finished = True
+                    done = True
                     yield _sse(update.body())
                     return
                 event = update.event if isinstance(update, Finished) else update
-                if event.text_delta or event.finish_reason is not None:
-                    yield _sse(responder.chunk(event.text_delta, event.finish_reason))
+                if responder.wants_chunk(event):
+                    yield _sse(responder.chunk(event))
                 if isinstance(update, Finished):
-                    finished = True
-                    if include_usage:
-                        yield _sse(responder.usage_chunk(update.result))
-                    yield "data: [DONE]\n\n"
-                    return
+                    results[event.request_index] = update.result
+                    if len(results) == submission.num_choices:
+                        if include_usage:
+                            answer = PromptAnswer(prompt_text, [results[c] for c in range(submission.num_choices)])
+                            yield _sse(responder.usage_chunk([answer]))
+                        done = True
+                        yield "data: [DONE]\n\n"
+                        return
                 update = await submission.updates.get()
         finally:
-            if not finished:
-                inbox.cancel(submission.key)
+            if not done:
+                inbox.cancel([submission.key])
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -13,7 +13,9 @@ tells the others:
    also sends each ``TokenEvent`` to its HTTP request.
 
 Requests are known to every rank by the ``Submission.key`` rank 0 gave them; each rank maps keys to
-its engine's request ids, which agree because the calls do. With nothing to do rank 0 waits for
+its engine's request ids, which agree because the calls do. A submission with ``n`` choices is ``n``
+engine requests: choice 0 as submitted, choices ``1 .. n-1`` reusing its prompt's cache pages
+(``prompt_source``) and scoring nothing of the prompt again (choice 0's prompt logprobs are the prompt's). With nothing to do rank 0 waits for
 the inbox up to ``heartbeat_s`` before broadcasting empty ``Orders``, so idle ranks sleep in the
 broadcast instead of spinning, and no broadcast waits anywhere near the collective timeout.
 
@@ -24,6 +26,7 @@ in flight with a 503 on rank 0 and is re-raised, for the launcher to end the job
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ class NewRequest:
     key: int
     prompt_ids: list[int]
     sampling: SamplingParams
+    num_choices: int
 
 
 @dataclass(frozen=True)
@@ -68,10 +72,11 @@ class Coordinator:
         self.engine, self.control_group = engine, control_group
         self.heartbeat_s, self.drain_timeout_s = heartbeat_s, drain_timeout_s
         self.inbox, self.metrics = inbox, metrics
-        self._engine_ids: dict[int, int] = {}      # key -> engine request id (every rank)
-        self._keys: dict[int, int] = {}            # engine request id -> key (every rank)
-        self._submissions: dict[int, Submission] = {}  # key -> submission (rank 0)
-        self._last_token_s: dict[int, float] = {}  # key -> when its last token was routed (rank 0)
+        self._engine_ids: dict[int, list[int]] = {}  # key -> its choices' unfinished engine request ids (every rank)
+        self._keys: dict[int, int] = {}              # engine request id -> key (every rank)
+        self._submissions: dict[int, Submission] = {}   # key -> submission (rank 0)
+        self._open_choices: dict[int, int] = {}         # key -> choices not finished yet (rank 0)
+        self._last_token_s: dict[tuple[int, int], float] = {}  # (key, choice) -> when its last token was routed
         self._drain_requested = False
         self._drain_deadline: Optional[float] = None
 
@@ -111,23 +116,28 @@ class Coordinator:
         idle = not self.engine.has_unfinished_requests()
         new, cancelled = self.inbox.take(self.heartbeat_s if idle and not draining else 0.0)
         self._submissions.update((s.key, s) for s in new)
+        self._open_choices.update((s.key, s.num_choices) for s in new)
         if draining and time.monotonic() > self._drain_deadline:
             cancelled += [key for key in self._submissions if key not in cancelled]
         stop = draining and idle and not new and not self._submissions
-        return Orders(tuple(NewRequest(s.key, s.prompt_ids, s.sampling) for s in new), tuple(cancelled), stop)
+        return Orders(tuple(NewRequest(s.key, s.prompt_ids, s.sampling, s.num_choices) for s in new),
+                      tuple(cancelled), stop)
 
     def _route(self, key: int, event: TokenEvent, finished: Optional[Finished]) -> tuple[Submission, Update]:
-        """The update ``event`` makes for its HTTP request; counts its token and, when it ends, the request."""
-        submission = self._submissions[key]
+        """The update ``event`` makes for its HTTP request; counts its token and, when a choice ends, the
+        engine request (the submission is done when its last choice is)."""
+        submission, choice = self._submissions[key], (key, event.request_index)
         if event.token_id is not None:
             now = time.perf_counter()
-            last = self._last_token_s.get(key)
+            last = self._last_token_s.get(choice)
             self.metrics.token(last is None, now - (submission.arrival_s if last is None else last))
-            self._last_token_s[key] = now
+            self._last_token_s[choice] = now
         if finished is None:
             return submission, event
-        del self._submissions[key]
-        self._last_token_s.pop(key, None)
+        self._open_choices[key] -= 1
+        if not self._open_choices[key]:
+            del self._submissions[key], self._open_choices[key]
+        self._last_token_s.pop(choice, None)
         result = finished.result
         self.metrics.request_finished(result.finish_reason, len(result.prompt_token_ids),
                                       result.metrics.cached_prompt_tokens if result.metrics else 0)
@@ -143,6 +153,7 @@ class Coordinator:
         new, _ = self.inbox.take(0.0)
         deliver([(submission, APIError(503, reason)) for submission in [*self._submissions.values(), *new]])
         self._submissions.clear()
+        self._open_choices.clear()
         time.sleep(_FAILURE_FLUSH_S)
 
     # ------------------------------------------------------------------ every rank
@@ -156,13 +167,18 @@ class Coordinator:
 
     def _apply(self, orders: Orders) -> None:
         for new in orders.new:
-            # index 0 for every request: its sampler is seeded by its seed alone, so a request draws the
-            # same tokens as the same prompt and seed through Engine.generate, whatever else runs.
-            request_id = self.engine.add_request(new.prompt_ids, new.sampling, index=0)
-            self._engine_ids[new.key], self._keys[request_id] = request_id, new.key
+            # index = the choice: choice 0's sampler is seeded by the seed alone, so it draws the same
+            # tokens as the same prompt and seed through Engine.generate, whatever else runs; choice j as
+            # Engine.generate's request j would.
+            first = self.engine.add_request(new.prompt_ids, new.sampling, index=0)
+            siblings = dataclasses.replace(new.sampling, prompt_logprobs=None)
+            ids = [first] + [self.engine.add_request(new.prompt_ids, siblings, index=choice, prompt_source=first)
+                             for choice in range(1, new.num_choices)]
+            self._engine_ids[new.key] = ids
+            self._keys.update((request_id, new.key) for request_id in ids)
         for key in orders.cancel:
-            if key in self._engine_ids:
-                self.engine.cancel(self._engine_ids[key])
+            for request_id in self._engine_ids.get(key, ()):
+                self.engine.cancel(request_id)
 
     def _collect(self, events: list[TokenEvent]) -> list[tuple[int, TokenEvent, Optional[Finished]]]:
         """``(key, event, Finished or None)`` per event; the results of finished requests are taken
@@ -172,6 +188,9 @@ class Coordinator:
             key, finished = self._keys[event.request_id], None
             if event.finish_reason is not None:
                 finished = Finished(event, self.engine.result(event.request_id))
-                del self._keys[event.request_id], self._engine_ids[key]
+                del self._keys[event.request_id]
+                self._engine_ids[key].remove(event.request_id)
+                if not self._engine_ids[key]:
+                    del self._engine_ids[key]
             updates.append((key, event, finished))
         return updates

@@ -22,7 +22,8 @@ from cptoolkit.serving.protocol import APIError
 
 @dataclass(frozen=True)
 class Finished:
-    """A request's last update: its final event and its result (``result.error`` for a rejected one)."""
+    """One choice's last update: its final event and its result (``result.error`` for a rejected one).
+    The choice is ``event.request_index`` (= ``result.request_index``), ``0 .. num_choices - 1``."""
 
     event: TokenEvent
     result: GenerationResult
@@ -33,13 +34,15 @@ Update = Union[TokenEvent, Finished, APIError]
 
 @dataclass
 class Submission:
-    """One HTTP request on its way through the engine. ``key`` is the server-wide id that every rank
-    knows it by; ``updates`` receives a ``TokenEvent`` per token, then one ``Finished`` (or an
-    ``APIError`` 503 when the server fails or drains it away)."""
+    """One prompt of an HTTP request on its way through the engine, sampled ``num_choices`` times (its
+    ``n``). ``key`` is the server-wide id that every rank knows it by; ``updates`` receives, per choice, a
+    ``TokenEvent`` per token (``request_index`` is the choice) then one ``Finished``; or an ``APIError``
+    503 when the server fails or drains it away."""
 
     key: int
     prompt_ids: list[int]
     sampling: SamplingParams
+    num_choices: int
     loop: asyncio.AbstractEventLoop
     updates: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival_s: float = field(default_factory=time.perf_counter)
@@ -78,20 +81,24 @@ class Inbox:
         """Why new requests are refused (draining or failed), or ``None`` while the door is open."""
         return self._refusal
 
-    def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> Submission:
-        """Queue a request for the engine (call from the handler's event loop); raises the refusal
-        (503) once the door is closed."""
+    def submit(self, prompts_ids: Sequence[list[int]], sampling: Sequence[SamplingParams], num_choices: int
+               ) -> list[Submission]:
+        """Queue one request's prompts for the engine, each with its ``SamplingParams`` (call from the
+        handler's event loop): all of them, or none and the refusal (503) once the door is closed."""
         with self._lock:
             if self._refusal is not None:
                 raise self._refusal
-            submission = Submission(next(self._keys), prompt_ids, sampling, asyncio.get_running_loop())
-            self._new.append(submission)
+            loop = asyncio.get_running_loop()
+            submissions = [Submission(next(self._keys), ids, params, num_choices, loop)
+                           for ids, params in zip(prompts_ids, sampling, strict=True)]
+            self._new.extend(submissions)
             self._arrived.notify()
-        return submission
+        return submissions
 
-    def cancel(self, key: int) -> None:
+    def cancel(self, keys: Sequence[int]) -> None:
+        """Cancel these submissions (every choice of each)."""
         with self._lock:
-            self._cancelled.append(key)
+            self._cancelled.extend(keys)
             self._arrived.notify()
 
     def take(self, wait_s: float) -> tuple[list[Submission], list[int]]:
