@@ -224,22 +224,35 @@ def _rope(config: dict) -> tuple[float, RopeScaling]:
                                   low_freq_factor=_positive(rope, "low_freq_factor", float),
                                   high_freq_factor=_positive(rope, "high_freq_factor", float),
                                   original_max_position_embeddings=original)
+    # An explicit factor wins over max_position_embeddings / original, as in transformers' _compute_yarn_parameters
+    # (which warns when they differ); Qwen2.5's long-context recipe sets factor 4 where that ratio is 1.
     factor = _positive(rope, "factor", float, default=max_positions / original)
     return theta, RopeScaling("yarn", factor=factor, original_max_position_embeddings=original,
-                              beta_fast=float(rope.get("beta_fast") or 32),
-                              beta_slow=float(rope.get("beta_slow") or 1),
+                              beta_fast=_yarn_beta(rope, "beta_fast", 32.0),
+                              beta_slow=_yarn_beta(rope, "beta_slow", 1.0),
                               truncate=bool(rope.get("truncate", True)),
                               attention_factor=_yarn_attention_factor(rope, factor))
 
 
+def _yarn_beta(rope: dict, key: str, default: float) -> float:
+    """YaRN's ``beta_fast`` / ``beta_slow``: missing, null or 0 is ``default`` (transformers' ``or``); otherwise a
+    positive number, a number of rotations over ``original_max_position_embeddings`` whose log YaRN takes."""
+    return _positive({key: rope.get(key) or default}, key, float)
+
+
 def _yarn_attention_factor(rope: dict, factor: float) -> float:
-    """YaRN's cos/sin multiplier, as transformers' ``_compute_yarn_parameters`` infers it."""
+    """YaRN's cos/sin multiplier, as transformers' ``_compute_yarn_parameters`` infers it: an explicit
+    ``attention_factor``, else ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are set
+    and non-zero, else ``mscale(factor)``."""
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
     if rope.get("attention_factor") is not None:
         return _positive(rope, "attention_factor", float)
     if rope.get("mscale") and rope.get("mscale_all_dim"):
+        for key in ("mscale", "mscale_all_dim"):
+            if not isinstance(rope[key], (int, float)):
+                raise ValueError(f"{key}={rope[key]!r}; rule: must be a number")
         return float(mscale(factor, rope["mscale"]) / mscale(factor, rope["mscale_all_dim"]))
     return mscale(factor)
 
