@@ -6,6 +6,7 @@ value and the rule (``ConfigError``, a ``ValueError``). Nothing deeper re-checks
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -338,7 +339,7 @@ def _resolve_auto_dtype(runtime: RuntimeConfig, model: ModelConfig) -> RuntimeCo
 
 
 def _check_layout(cfg: Config) -> None:
-    from cptoolkit.parallel_state import ParallelLayout
+    from cptoolkit.layout import ParallelLayout  # pure: validating a config imports no torch
 
     p, m = cfg.parallel, cfg.model
     try:
@@ -442,6 +443,30 @@ def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file. Relative paths inside it resolve against its folder."""
     path = Path(path)
     return config_from_dict(read_yaml(path), source=str(path), base_dir=path.parent)
+
+
+# The fields that hold paths, relative to the config file's folder.
+PATH_FIELDS = (("model", "checkpoint"), ("inference", "prompt_file"), ("train", "corpus"), ("train", "save_dir"))
+
+
+def with_overrides(raw: Any, overrides: dict[str, Any], base_dir: Path) -> Any:
+    """Parsed YAML with ``{"section.field": value}`` overrides set and the relative ``PATH_FIELDS`` made absolute
+    against ``base_dir`` (the file's folder), so that a copy written elsewhere loads the same config. A malformed
+    ``raw`` (not mappings) is returned as it is, for ``config_from_dict`` to report."""
+    if not isinstance(raw, dict):
+        return raw
+    raw = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        current = raw.get(section) or {}
+        if isinstance(current, dict):  # else config_from_dict reports the malformed section
+            raw[section] = {**current, name: value}
+    for section, name in PATH_FIELDS:
+        current = raw.get(section)
+        value = current.get(name) if isinstance(current, dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute():
+            current[name] = str(base_dir / value)
+    return raw
 
 
 def main(argv: list[str] | None = None) -> int:

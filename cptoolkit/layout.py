@@ -448,3 +448,13 @@ def node_lines(layout: ParallelLayout, nproc_per_node: int) -> list[str]:
     if warning:
         lines += ["", f"WARNING: {warning}"]
     return lines
+
+
+def layout_report(layout: ParallelLayout, nproc_per_node: int | None = None, legend: bool = False) -> str:
+    """What the layout printers (``python -m cptoolkit.parallel_state``, ``cptoolkit layout``) print: the LEGEND
+    block (with ``legend``), then ``render_layout``'s table. With ``nproc_per_node`` the nodes are marked and a
+    TP group that would span nodes is refused (``check_nodes``, a ``ValueError``)."""
+    if nproc_per_node is not None:
+        check_nodes(layout, nproc_per_node)
+    table = render_layout(layout, nproc_per_node=nproc_per_node)
+    return f"{LEGEND}\n\n{table}" if legend else table

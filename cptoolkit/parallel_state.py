@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.hierarchical_prefill import HierarchicalGroups
-from cptoolkit.layout import LEGEND, ParallelLayout, RankInfo, check_nodes, render_layout
+from cptoolkit.layout import LEGEND, ParallelLayout, RankInfo, layout_report, render_layout
 
 __all__ = [
     "ParallelLayout", "RankInfo", "ParallelGroups", "LEGEND", "render_layout", "validate_world_size",
@@ -269,12 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         layout = ParallelLayout(tp=args.tp, pcp=args.pcp, dcp=args.dcp, num_heads=args.num_heads,
                                 num_kv_heads=args.num_kv_heads, dp=args.dp,
                                 hierarchical_a2a_size=args.hierarchical_a2a_size)
-        if args.nproc_per_node is not None:
-            check_nodes(layout, args.nproc_per_node)
+        report = layout_report(layout, nproc_per_node=args.nproc_per_node, legend=args.legend)
     except ValueError as error:
         parser.error(str(error))
-    table = render_layout(layout, nproc_per_node=args.nproc_per_node)
-    print(f"{LEGEND}\n\n{table}" if args.legend else table)
+    print(report)
     return 0
 
 

@@ -448,19 +448,25 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
                     decode_comm=args.decode_comm, prefill_comm=args.prefill_comm)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(prog="python -m cptoolkit.plan",
+def main(argv: list[str] | None = None, prog: str = "python -m cptoolkit.plan") -> int:
+    """Rank the layouts and print the table (or JSON); exit status 0 when one fits, 1 when none does, 2 for a bad
+    argument (one line). ``prog`` names the command in messages (``cptoolkit plan`` runs this too)."""
+    parser = _OneLineParser(prog=prog,
                             description="Rank the TP x PCP x DCP (x DP) layouts for a model, a context and a cluster.")
     parser.add_argument("--model", required=True, help=f"config.json, checkpoint dir, 'builtin' or {', '.join(SHAPES)}")
     parser.add_argument("--context", type=int, required=True, help="tokens per request (prompt + generated)")
     parser.add_argument("--batch", type=int, required=True, help="requests in flight, shared by the DP replicas")
-    parser.add_argument("--devices", type=int, required=True)
-    parser.add_argument("--devices-per-node", type=int, required=True)
-    parser.add_argument("--memory-per-device", required=True, help="e.g. 80GiB")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
+    parser.add_argument("--devices", type=int, required=True, help="devices in all; every layout uses all of them")
+    parser.add_argument("--devices-per-node", type=int, required=True,
+                        help="devices (torchrun processes) per node; TP groups stay inside a node")
+    parser.add_argument("--memory-per-device", required=True, help="memory of one device, e.g. 80GiB")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16",
+                        help="weights' and KV cache's dtype (default bf16)")
     parser.add_argument("--prefill-chunk", type=int, help="tokens per prefill chunk (default: the whole context)")
-    parser.add_argument("--decode-comm", choices=("a2a", "ag_rs"), default="a2a")
-    parser.add_argument("--prefill-comm", choices=("p2p", "all_gather", "a2a"), default="p2p")
+    parser.add_argument("--decode-comm", choices=("a2a", "ag_rs"), default="a2a",
+                        help="DCP decode exchange, parallel.decode_comm (default a2a)")
+    parser.add_argument("--prefill-comm", choices=("p2p", "all_gather", "a2a"), default="p2p",
+                        help="PCP prefill exchange, parallel.prefill_comm (default p2p)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
     try:

@@ -37,7 +37,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -46,13 +45,13 @@ from typing import Any
 
 import yaml
 
-from cptoolkit.config import Config, ConfigError, config_from_dict, read_yaml
+from cptoolkit.config import Config, ConfigError, config_from_dict, read_yaml, with_overrides
+from cptoolkit.torchrun import free_port
 
 # The launchers run from a checkout (torchrun launch/infer.py ...): the sweep runs them there.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPTS = {"inference": REPO_ROOT / "launch" / "infer.py", "train": REPO_ROOT / "launch" / "train.py"}
-PATH_FIELDS = (("model", "checkpoint"), ("inference", "prompt_file"), ("train", "corpus"), ("train", "save_dir"))
 RUN_KEYS = {"config", "name", "nproc", "overrides", "reference"}
 TOP_KEYS = {"runs", "base", "grid", "overrides"}
 CSV_FIELDS = ("name", "status", "nproc", "layout", "decode_tokens_per_s", "prefill_time_s", "kv_bytes_per_rank",
@@ -169,26 +168,7 @@ def load_sweep(path: str | Path) -> list[SweepRun]:
 def derived_config(run: SweepRun) -> dict[str, Any]:
     """The run's config as a dict: the file's YAML with the overrides set and relative paths made absolute
     (so the copy written elsewhere still finds them)."""
-    raw = read_yaml(run.config_path)
-    if not isinstance(raw, dict):
-        return raw  # config_from_dict reports it
-    for key, value in run.overrides.items():
-        section, name = key.split(".")
-        current = raw.get(section) or {}
-        if isinstance(current, dict):  # else config_from_dict reports the malformed section
-            raw[section] = {**current, name: value}
-    for section, name in PATH_FIELDS:
-        current = raw.get(section)
-        value = current.get(name) if isinstance(current, dict) else None
-        if isinstance(value, str) and not Path(value).is_absolute():
-            current[name] = str(run.config_path.parent / value)
-    return raw
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return with_overrides(read_yaml(run.config_path), run.overrides, run.config_path.parent)
 
 
 def first_error_line(log: str) -> str:
@@ -246,7 +226,7 @@ def execute(run: SweepRun, out_dir: Path, timeout_s: float, threads_per_rank: in
     config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     output.unlink(missing_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-               "127.0.0.1", "--master-port", str(_free_port()), str(SCRIPTS[kind]), "--config", str(config_file),
+               "127.0.0.1", "--master-port", str(free_port()), str(SCRIPTS[kind]), "--config", str(config_file),
                "--output", str(output)]
     row.update(kind=kind, nproc=nproc, layout=_layout_label(cfg), log=str(log_path))
     code = _launch(command, log_path, timeout_s, threads_per_rank)

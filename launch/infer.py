@@ -1,103 +1,13 @@
-"""Generate text with a TP x PCP x DCP layout.
+"""Generate text with a TP x PCP x DCP layout (the job is ``cptoolkit.entrypoints.infer``).
 
     torchrun --nproc-per-node N launch/infer.py --config configs/tp2_pcp2_dcp4.yaml [--output result.json]
-
-arguments → YAML → config → groups → engine → report. Rank 0 prints the layout, progress, every
-request's text and a metrics table; ``--output`` writes the same as JSON.
-
-Exit status: 0 when every request finished; 3 when any request failed (each failure is in the text
-and the JSON, and the others still ran); 2 for a bad config, checkpoint or prompt file (one line);
-1 for anything else (a traceback, and the whole job ends).
 """
-from __future__ import annotations
-
-import argparse
-import dataclasses
-import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cptoolkit.config import ConfigError, load_config  # noqa: E402
-from cptoolkit.distributed import env_rank, init_distributed, run_main, start_groups  # noqa: E402
-
-LOG = logging.getLogger("cptoolkit")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config with an 'inference' section")
-    parser.add_argument("--output", help="write prompts, token ids, texts and metrics as JSON here")
-    parser.add_argument("--verbose", action="store_true", help="every rank logs; third-party warnings shown")
-    return parser.parse_args(argv)
-
-REQUESTS_FAILED = 3
-
-
-def metrics_table(metrics: dict) -> str:
-    rows = [("prompt tokens", f"{metrics['prompt_tokens']}"),
-            ("generated tokens", f"{metrics['generated_tokens']}"),
-            ("prefill time", f"{metrics['prefill_time_s'] * 1e3:.1f} ms"),
-            ("decode tokens/s", f"{metrics['decode_tokens_per_s']:.1f}"),
-            ("KV cache per rank", f"{metrics['kv_bytes_per_rank']:,} bytes ({metrics['kv_blocks_per_rank']} "
-                                  f"blocks of {metrics['kv_block_tokens']} tokens)"),
-            ("collectives per decode step", f"{metrics['collectives_per_decode_step']:.1f} "
-                                            f"({metrics['attention_collectives_per_layer_step']:.1f} per layer)")]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)  # before megatron is imported: a bad config fails in a second
-    if cfg.inference is None:
-        raise ConfigError(f"{cfg.source}: launch/infer.py needs an 'inference' section (this is a train config)")
-    from cptoolkit.inference.builder import build_engine, read_prompts, sampling_params
-    from cptoolkit.parallel_state import render_layout
-
-    prompts = read_prompts(cfg)
-    device = init_distributed(cfg.runtime, cfg.parallel.world_size, cfg.source)
-    m = cfg.model
-    groups = start_groups(cfg)
-    engine = build_engine(cfg, groups, device)
-    LOG.info("model: %s, %d layers, hidden %d; KV cache %s bytes per rank; %d requests",
-             m.arch, m.num_layers, m.hidden_size, f"{engine.cache.bytes_per_rank:,}", len(prompts))
-    finished, generated = [], [0]
-
-    def show_progress(event):
-        generated[0] += event.token_id is not None
-        if event.token_id is not None and generated[0] % 16 == 0:
-            LOG.info("generated %d tokens, %d/%d requests finished", generated[0], len(finished), len(prompts))
-        if event.finish_reason is not None:
-            finished.append(event.request_index)
-            LOG.info("request %d finished (%s) [%d/%d]", event.request_index, event.finish_reason,
-                     len(finished), len(prompts))
-
-    results = engine.generate(prompts, sampling_params(cfg), on_event=show_progress)
-    for result in results:
-        shown = f"error: {result.error}" if result.error else repr(result.text)
-        LOG.info("--- request %d: %r\n    -> %s", result.request_index, result.prompt, shown)
-    metrics = {**engine.metrics.summary(engine.cache.bytes_per_rank, m.num_layers),
-               "kv_blocks_per_rank": engine.cache.num_blocks, "kv_block_tokens": engine.cache.block_size}
-    LOG.info("\n%s", metrics_table(metrics))
-    if args.output and env_rank() == 0:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({
-            "config": {"source": cfg.source, **dataclasses.asdict(cfg)},
-            "layout": render_layout(groups.layout),
-            "requests": [{"prompt": r.prompt, "prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids,
-                          "text": r.text, "finish_reason": r.finish_reason, "error": r.error,
-                          "metrics": r.metrics.to_dict()} for r in results],
-            "metrics": metrics}, indent=2))
-        LOG.info("wrote %s", args.output)
-    failed = [r.request_index for r in results if r.error]
-    if failed and env_rank() == 0:
-        LOG.error("%d of %d requests failed (requests %s); exit status %d", len(failed), len(results),
-                  ", ".join(map(str, failed)), REQUESTS_FAILED)
-    return REQUESTS_FAILED if failed else 0
-
+from cptoolkit.entrypoints.infer import launch  # noqa: E402
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    run_main(lambda: main(arguments), verbose=arguments.verbose)
+    launch()

@@ -1,64 +1,14 @@
-"""Serve the OpenAI completions API from a TP x PCP x DCP engine.
+"""Serve the OpenAI completions API from a TP x PCP x DCP engine (the job is ``cptoolkit.entrypoints.serve``).
 
     torchrun --nproc-per-node 4 launch/serve.py --config configs/tp2_pcp2_dcp4.yaml --host 127.0.0.1 --port 8000
     python launch/serve.py --config configs/tp1_pcp1_dcp1.yaml --port 8000          # one rank
-
-arguments → YAML → config → groups → engine → serve. Global rank 0 answers HTTP; every rank runs the
-same engine loop (``cptoolkit.serving``). The config's ``inference`` section sizes the engine (batch
-size, ``max_seq_len``, KV cache, chunked prefill, prefix caching); its prompts and sampling fields are
-not used: each request brings its own.
-
-SIGTERM (or Ctrl-C) to rank 0 — or to every rank — drains: new requests get 503, requests in flight
-finish (those left after ``--drain-timeout-s`` are cancelled), then every rank exits 0.
-
-Exit status: 0 after a drain; 2 for a bad config or checkpoint (one line); 1 for anything else, e.g.
-a rank that died (the others answer 503 and end within about ``runtime.collective_timeout_s``).
 """
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cptoolkit.config import ConfigError, load_config  # noqa: E402
-from cptoolkit.distributed import init_distributed, run_main, start_groups  # noqa: E402
-
-LOG = logging.getLogger("cptoolkit")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config with an 'inference' section")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    parser.add_argument("--model-name", help="the name /v1/models lists and requests must use "
-                                             "(default: the checkpoint directory's, or cptoolkit-<arch>)")
-    parser.add_argument("--drain-timeout-s", type=float, default=20.0,
-                        help="on SIGTERM, cancel requests still running after this long (default 20)")
-    parser.add_argument("--verbose", action="store_true", help="every rank logs; third-party warnings shown")
-    return parser.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)  # before megatron is imported: a bad config fails in a second
-    if cfg.inference is None:
-        raise ConfigError(f"{cfg.source}: launch/serve.py needs an 'inference' section (this is a train config)")
-    if cfg.parallel.dp != 1:
-        raise ConfigError(f"{cfg.source}: parallel.dp = {cfg.parallel.dp}: launch/serve.py serves one model "
-                          "replica; set dp to 1 and start one server per replica")
-    from cptoolkit.inference.builder import build_engine
-    from cptoolkit.serving.server import model_name, serve
-
-    device = init_distributed(cfg.runtime, cfg.parallel.world_size, cfg.source)
-    groups = start_groups(cfg)
-    engine = build_engine(cfg, groups, device)
-    serve(cfg, engine, args.host, args.port, args.model_name or model_name(cfg), args.drain_timeout_s)
-    return 0
-
+from cptoolkit.entrypoints.serve import launch  # noqa: E402
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    run_main(lambda: main(arguments), verbose=arguments.verbose)
+    launch()

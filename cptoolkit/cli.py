@@ -1,0 +1,272 @@
+"""The ``cptoolkit`` command: vLLM's flag names over cptoolkit's YAML configs and jobs.
+
+    cptoolkit serve [MODEL] [--config YAML] [-tp N] [-pcp N] [-dcp N] [--max-num-seqs N] [--port 8000] ...
+    cptoolkit generate [MODEL] [--config YAML] --prompt TEXT [--prompt TEXT ...] [--max-tokens N] ...
+    cptoolkit train [MODEL] [--config YAML] [-tp N] [-pcp N] [-dp N] [--output losses.json]
+    cptoolkit layout [MODEL] [--config YAML] -tp 2 -pcp 2 -dcp 4 [--legend] [--nproc-per-node N]
+    cptoolkit plan --model llama3.1-8b --context 131072 ...      (the flags of python -m cptoolkit.plan)
+
+Each flag of ``JOB_FLAGS`` sets one config field over the ``--config`` YAML (or over the config dataclasses'
+defaults without one); MODEL, a checkpoint directory, is ``model.checkpoint`` and replaces the YAML's model
+shape. The merged config is validated as a file is (``cptoolkit.config``): a bad value is one line naming the
+field, the value and the rule, exit status 2. ``serve``, ``generate`` and ``train`` run the jobs of
+``cptoolkit.entrypoints`` (what ``launch/*.py`` run) on dp*pcp*tp ranks: one rank in this process, more under
+torchrun on the merged config written to a temporary YAML (``cptoolkit.torchrun``: SIGTERM and SIGINT go to the
+ranks, so a drained server exits 0).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import yaml
+
+from cptoolkit.config import Config, ConfigError, config_from_dict, read_yaml, with_overrides
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that sets one config field, ``section.name``."""
+
+    names: tuple[str, ...]
+    field: str
+    help: str
+    type: Callable[[str], Any] = int
+    action: str | type[argparse.Action] = "store"
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        typed = {} if self.action is argparse.BooleanOptionalAction else {"type": self.type}
+        parser.add_argument(*self.names, dest=self.dest, action=self.action, default=None,
+                            help=f"{self.help} [{self.field}]", **typed)
+
+    @property
+    def dest(self) -> str:
+        return self.names[0].lstrip("-").replace("-", "_")
+
+
+TP = Flag(("--tensor-parallel-size", "-tp"), "parallel.tp", "tensor-parallel ranks: shard the heads and the MLP")
+PCP = Flag(("--prefill-context-parallel-size", "-pcp"), "parallel.pcp",
+           "prefill context-parallel ranks: shard the prompt's tokens (DualChunkSwap)")
+DCP = Flag(("--decode-context-parallel-size", "-dcp"), "parallel.dcp",
+           "decode context-parallel ranks: shard the KV cache; k*pcp with k dividing tp")
+DP = Flag(("--data-parallel-size", "-dp"), "parallel.dp", "data-parallel replicas")
+INTERLEAVE = Flag(("--dcp-kv-cache-interleave-size", "--cp-kv-cache-interleave-size"), "parallel.kv_interleave",
+                  "consecutive token positions per DCP shard")
+MAX_MODEL_LEN = Flag(("--max-model-len",), "inference.max_seq_len",
+                     "prompt + generated tokens per request, at most the model's length")
+MAX_NUM_SEQS = Flag(("--max-num-seqs",), "inference.batch_size", "requests the engine runs at once")
+PREFIX_CACHING = Flag(("--enable-prefix-caching",), "inference.prefix_caching",
+                      "reuse the KV blocks of prompt prefixes seen before", action=argparse.BooleanOptionalAction)
+MAX_NUM_BATCHED_TOKENS = Flag(("--max-num-batched-tokens",), "inference.prefill_chunk_size",
+                              "chunked prefill: prefill a prompt this many tokens per step (a multiple of "
+                              "interleave*dcp)")
+MODEL_SEED = Flag(("--seed",), "model.seed",
+                  "seed of the built-in model's random weights (requests bring their own sampling seeds)")
+SAMPLING_SEED = Flag(("--seed",), "inference.seed", "sampling seed")
+TRAIN_SEED = Flag(("--seed",), "train.seed", "seed of the generated corpus and of the batches drawn from it")
+PROMPT = Flag(("--prompt",), "inference.prompts", "a prompt to generate for; repeat the flag for several",
+              type=str, action="append")
+MAX_TOKENS = Flag(("--max-tokens",), "inference.max_new_tokens", "tokens to generate per prompt")
+
+JOB_FLAGS = {
+    "serve": (TP, PCP, DCP, INTERLEAVE, MAX_MODEL_LEN, MAX_NUM_SEQS, PREFIX_CACHING, MAX_NUM_BATCHED_TOKENS,
+              MODEL_SEED),
+    "generate": (TP, PCP, DCP, DP, INTERLEAVE, MAX_MODEL_LEN, MAX_NUM_SEQS, PREFIX_CACHING, MAX_NUM_BATCHED_TOKENS,
+                 SAMPLING_SEED, PROMPT, MAX_TOKENS),
+    "train": (TP, PCP, DP, TRAIN_SEED),
+    "layout": (TP, PCP, DCP, DP),
+}
+JOBS = {"serve": "cptoolkit.entrypoints.serve", "generate": "cptoolkit.entrypoints.infer",
+        "train": "cptoolkit.entrypoints.train"}
+CHUNK_FIELD = "inference.prefill_chunk_size"
+
+
+def _error(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+# ----------------------------------------------------------------------------- flags -> config
+
+def _chunked_prefill(args: argparse.Namespace, raw: dict, source: str) -> dict[str, Any]:
+    """``--max-num-batched-tokens N`` sets the chunk size; ``--no-enable-chunked-prefill`` clears it;
+    ``--enable-chunked-prefill`` only insists that a chunk size is set (by that flag or the YAML)."""
+    enable, chunk = args.enable_chunked_prefill, args.max_num_batched_tokens
+    if enable is False and chunk is not None:
+        raise ConfigError(f"{source}: --no-enable-chunked-prefill contradicts --max-num-batched-tokens {chunk} "
+                          f"(the prefill chunk size, {CHUNK_FIELD}); give one of them")
+    if enable is False:
+        return {CHUNK_FIELD: None}
+    inference = raw.get("inference")
+    yaml_chunk = inference.get("prefill_chunk_size") if isinstance(inference, dict) else None
+    if enable and chunk is None and yaml_chunk is None:
+        raise ConfigError(f"{source}: --enable-chunked-prefill needs a chunk size ({CHUNK_FIELD}): give "
+                          "--max-num-batched-tokens N or set it in the --config YAML")
+    return {}
+
+
+def overrides(args: argparse.Namespace, raw: dict, source: str) -> dict[str, Any]:
+    """``{"section.field": value}`` for every config flag given on the command line."""
+    given = {flag.field: getattr(args, flag.dest) for flag in JOB_FLAGS[args.command]
+             if getattr(args, flag.dest) is not None}
+    if hasattr(args, "enable_chunked_prefill"):
+        given.update(_chunked_prefill(args, raw, source))
+    return given
+
+
+def _base_config(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The ``--config`` YAML and the folder its paths are relative to; without one, empty sections (the config
+    dataclasses' defaults) and the working directory."""
+    if args.config is not None:
+        return read_yaml(args.config), Path(args.config).resolve().parent
+    job_section = "train" if args.command == "train" else "inference"
+    return {"parallel": {}, "model": {}, "runtime": {}, job_section: {}}, Path.cwd()
+
+
+def _with_model(raw: Any, model: str | None) -> Any:
+    """MODEL replaces the YAML's model section but its ``seed``: a checkpoint's config.json gives the shape."""
+    if model is None or not isinstance(raw, dict) or not isinstance(raw.get("model") or {}, dict):
+        return raw
+    kept = {key: value for key, value in (raw.get("model") or {}).items() if key == "seed"}
+    return {**raw, "model": {**kept, "checkpoint": str(Path(model).resolve())}}
+
+
+def merged_config(args: argparse.Namespace) -> tuple[dict, Config]:
+    """The config the command line asks for: as a dict with absolute paths (what the ranks are given) and
+    validated. Raises ``ConfigError`` naming the field, the value and the rule."""
+    source = f"cptoolkit {args.command}" + (f" --config {args.config}" if args.config else "")
+    raw, base_dir = _base_config(args)
+    raw = _with_model(raw, args.model)
+    raw = with_overrides(raw, overrides(args, raw if isinstance(raw, dict) else {}, source), base_dir)
+    return raw, config_from_dict(raw, source=source, base_dir=base_dir)
+
+
+# ----------------------------------------------------------------------------- commands
+
+def _launcher_argv(job, args: argparse.Namespace) -> list[str]:
+    """The job's own flags (``job.add_arguments``, each ``--<dest>``) with the values parsed here."""
+    probe = argparse.ArgumentParser(add_help=False)
+    job.add_arguments(probe)
+    argv: list[str] = []
+    for dest in vars(probe.parse_args([])):
+        value, flag = getattr(args, dest), "--" + dest.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _run_here(job, cfg: Config, args: argparse.Namespace) -> NoReturn:
+    """One rank: check and run the job in this process under ``run_main``, as its launcher does (logging set up
+    first, one line and status 2 for a ``ConfigError``); ``run_main`` exits with the job's status."""
+    from cptoolkit.distributed import run_main
+    from cptoolkit.torchrun import free_port
+
+    def check_and_run() -> int:
+        job.check(cfg)
+        return job.run(cfg, args)
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))  # the process group's store, even for one rank
+    run_main(check_and_run, verbose=args.verbose)
+
+
+def _run_job(args: argparse.Namespace) -> int:
+    """serve / generate / train: validate the merged config, then run its ranks here (one) or under torchrun."""
+    job = importlib.import_module(JOBS[args.command])
+    try:
+        raw, cfg = merged_config(args)
+    except ConfigError as err:
+        return _error(err)
+    if cfg.parallel.world_size == 1:
+        _run_here(job, cfg, args)  # exits
+    from cptoolkit import torchrun
+    from cptoolkit.distributed import setup_logging
+
+    setup_logging(0, args.verbose)  # the train check imports megatron: its warnings are silenced as on a rank
+    try:
+        job.check(cfg)
+    except ConfigError as err:
+        return _error(err)
+    with tempfile.TemporaryDirectory(prefix=f"cptoolkit-{args.command}-") as folder:
+        config_file = Path(folder) / "config.yaml"
+        config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return torchrun.run(JOBS[args.command], cfg.parallel.world_size,
+                            ["--config", str(config_file), *_launcher_argv(job, args)])
+
+
+def _layout(args: argparse.Namespace) -> int:
+    """Print the rank layout of the merged config (its model's heads), as ``python -m cptoolkit.parallel_state``."""
+    from cptoolkit.layout import ParallelLayout, layout_report
+
+    try:
+        _, cfg = merged_config(args)
+        p, m = cfg.parallel, cfg.model
+        layout = ParallelLayout(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
+                                num_kv_heads=m.num_kv_heads, hierarchical_a2a_size=p.hierarchical_a2a_size)
+        print(layout_report(layout, nproc_per_node=args.nproc_per_node, legend=args.legend))
+    except ValueError as err:  # a ConfigError, or a TP group across nodes
+        return _error(err)
+    return 0
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="a Hugging Face or cptoolkit checkpoint directory; replaces the YAML's model "
+                             "(its config.json gives the shape) [model.checkpoint]")
+    parser.add_argument("--config", metavar="YAML",
+                        help="config file whose fields the flags override (default: the config defaults)")
+    for flag in JOB_FLAGS[command]:
+        flag.add_to(parser)
+    if MAX_NUM_BATCHED_TOKENS in JOB_FLAGS[command]:
+        parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                            help=f"prefill long prompts chunk by chunk (the chunk: --max-num-batched-tokens); "
+                                 f"--no-enable-chunked-prefill prefills them whole [{CHUNK_FIELD}]")
+
+
+JOB_HELP = {"serve": "serve the OpenAI completions API (launch/serve.py)",
+            "generate": "generate for the config's prompts or --prompt (launch/infer.py)",
+            "train": "train on the config's corpus (launch/train.py)"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cptoolkit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command, module in JOBS.items():
+        sub = commands.add_parser(command, help=JOB_HELP[command], description=JOB_HELP[command])
+        _add_config_arguments(sub, command)
+        importlib.import_module(module).add_arguments(sub)
+        sub.set_defaults(handler=_run_job)
+    sub = commands.add_parser("layout", help="print the rank layout table", description="print the rank layout "
+                              "table of the config (its model's query and KV heads)")
+    _add_config_arguments(sub, "layout")
+    sub.add_argument("--legend", action="store_true", help="print the LEGEND block first")
+    sub.add_argument("--nproc-per-node", type=int, help="processes per node: mark the nodes; refuse a TP group "
+                                                        "that spans nodes")
+    sub.set_defaults(handler=_layout)
+    commands.add_parser("plan", add_help=False, help="rank the layouts for a model, a context and a cluster "
+                                                     "(cptoolkit plan --help: its flags)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cptoolkit COMMAND ...``; the exit status (one rank of serve / generate / train exits from here)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # python -m cptoolkit.plan's own parser, flags and errors
+        from cptoolkit.plan import main as plan_main
+
+        return plan_main(argv[1:], prog="cptoolkit plan")
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
