@@ -268,9 +268,9 @@ CONFIG_JSON_CASES = {
                             r"/config\.json: hidden_size='64'; rule: must be a positive integer$"),
     "unsupported model_type": (lambda d: _set_config(d, model_type="gemma"),
                                r"/config\.json: model_type='gemma' is not supported; rule: one of 'llama', "
-                               r"'mistral', 'qwen2', 'qwen3', 'gpt2' \(architectures LlamaForCausalLM, "
-                               r"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel, "
-                               r"GPT2Model\)$"),
+                               r"'mistral', 'qwen2', 'qwen3', 'gpt2', 'deepseek_v2', 'deepseek_v3' \(architectures "
+                               r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                               r"GPT2LMHeadModel, GPT2Model, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM\)$"),
     "unsupported architecture": (lambda d: _set_config(d, architectures=["LlamaForSequenceClassification"]),
                                  r"/config\.json: architectures=\['LlamaForSequenceClassification'\] is not "
                                  r"supported for model_type 'llama'; rule: LlamaForCausalLM$"),

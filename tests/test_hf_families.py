@@ -262,8 +262,9 @@ REFUSED = {
     "Llama mlp_bias": (_hf_config("llama", mlp_bias=True), r"^mlp_bias=True; rule: must be False$"),
     "another family": (_hf_config("llama", model_type="gemma"),
                        r"^model_type='gemma' is not supported; rule: one of 'llama', 'mistral', 'qwen2', 'qwen3', "
-                       r"'gpt2' \(architectures LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-                       r"Qwen3ForCausalLM, GPT2LMHeadModel, GPT2Model\)$"),
+                       r"'gpt2', 'deepseek_v2', 'deepseek_v3' \(architectures LlamaForCausalLM, MistralForCausalLM, "
+                       r"Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel, GPT2Model, DeepseekV2ForCausalLM, "
+                       r"DeepseekV3ForCausalLM\)$"),
     "a head class": (_hf_config("qwen2_yarn", architectures=["Qwen2ForSequenceClassification"]),
                      r"^architectures=\['Qwen2ForSequenceClassification'\] is not supported for model_type "
                      r"'qwen2'; rule: Qwen2ForCausalLM$"),

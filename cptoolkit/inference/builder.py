@@ -46,7 +46,9 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
     block_size, interleave = cfg.inference.kv_block_size, cfg.parallel.kv_interleave
     num_kv_heads = len(groups.rank_info.dcp_kv_heads)
     dtype = DTYPES[cfg.runtime.dtype]
-    bytes_per_block = (shape.num_layers * 2 * num_kv_heads * block_size * shape.head_dim
+    # MLA: one latent per token (key and value at once), else K and V per KV head.
+    planes, head_dim = (1, shape.mla.latent_dim) if shape.mla is not None else (2, shape.head_dim)
+    bytes_per_block = (shape.num_layers * planes * num_kv_heads * block_size * head_dim
                        * torch.empty(0, dtype=dtype).element_size())
     if cfg.inference.kv_cache_bytes is not None:
         num_blocks = cfg.inference.kv_cache_bytes // bytes_per_block
@@ -59,9 +61,9 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
         num_blocks = cfg.inference.batch_size * -(-fullest_shard_tokens // block_size)
     _check_fits(cfg, num_blocks * bytes_per_block, device)
     return PagedKVCache(num_layers=shape.num_layers, num_kv_heads=num_kv_heads,
-                        head_dim=shape.head_dim, block_size=block_size, num_blocks=num_blocks,
+                        head_dim=head_dim, block_size=block_size, num_blocks=num_blocks,
                         dcp_rank=groups.dcp_rank, dcp_size=groups.dcp_size, interleave=interleave,
-                        dtype=dtype, device=device)
+                        dtype=dtype, device=device, values_are_keys=shape.mla is not None)
 
 
 def _free_memory_bytes(device: torch.device) -> int:

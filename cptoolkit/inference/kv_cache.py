@@ -7,7 +7,9 @@ position ``t`` lives at slot ``(t // (interleave·dcp_size))·interleave + t % i
 shard's slots are dense and a decode step's new token always lands at slot ``shard_len``. These
 rules are ``cptoolkit.layers.dcp_decode``'s ``shard_of_position`` / ``slot_of_position``, used here.
 
-Storage is one tensor ``[num_layers, 2 (k, v), num_blocks, num_kv_heads, block_size, head_dim]``.
+Storage is one tensor ``[num_layers, 2 (k, v), num_blocks, num_kv_heads, block_size, head_dim]``, or with
+``values_are_keys`` (multi-head latent attention, whose one latent per token serves as key and value)
+``[num_layers, 1, ...]``: the keys alone, read back as both.
 A request gets a block table (a list of block ids shared by all layers) when it is admitted, large
 enough for the *fullest* shard's share of ``max_total_len`` on every member, so every member's
 ``BlockPool`` makes the same decisions (``block_pool``): admission either reserves everything the
@@ -68,12 +70,13 @@ class PagedKVCache:
 
     ``num_kv_heads`` is the number of KV heads this rank stores (the KV heads of its DCP group's
     query heads); ``num_blocks`` blocks of ``block_size`` tokens are allocated up front for each of
-    ``num_layers`` layers, for both K and V.
+    ``num_layers`` layers, for both K and V (for K alone with ``values_are_keys``: every ``v`` given must
+    then equal its ``k``, and ``read`` returns the keys as the values).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
                  dcp_rank: int, dcp_size: int, interleave: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", values_are_keys: bool = False):
         for field, value in [("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                              ("block_size", block_size), ("num_blocks", num_blocks), ("dcp_size", dcp_size),
                              ("interleave", interleave)]:
@@ -84,7 +87,9 @@ class PagedKVCache:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.dcp_rank, self.dcp_size, self.interleave = dcp_rank, dcp_size, interleave
         self.dtype, self.device = dtype, torch.device(device)
-        self.storage = torch.zeros(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
+        self.values_are_keys = values_are_keys
+        planes = 1 if values_are_keys else 2
+        self.storage = torch.zeros(num_layers, planes, num_blocks, num_kv_heads, block_size, head_dim,
                                    dtype=dtype, device=self.device)
         self.pool = BlockPool(num_blocks)
         self._requests: dict[Hashable, _RequestState] = {}
@@ -101,7 +106,7 @@ class PagedKVCache:
 
     @property
     def bytes_per_block(self) -> int:
-        """Bytes of one block id across all layers, K and V."""
+        """Bytes of one block id across all layers, K and V (K alone with ``values_are_keys``)."""
         return self.storage[:, :, 0].numel() * self.storage.element_size()
 
     @property
@@ -219,6 +224,8 @@ class PagedKVCache:
         if tuple(k.shape) != expected_shape or k.shape != v.shape:
             raise ValueError(f"{caller}: k and v must both have shape {list(expected_shape)}; "
                              f"got k {list(k.shape)}, v {list(v.shape)}")
+        if self.values_are_keys and not torch.equal(k, v):
+            raise ValueError(f"{caller}: this cache stores latents (values_are_keys), so v must equal k")
 
     def _check_within_reservation(self, request_id: Hashable, state: _RequestState,
                                   owned_positions: torch.Tensor) -> None:
@@ -231,7 +238,8 @@ class PagedKVCache:
         """Write token ``i`` of ``k_tokens``/``v_tokens [n, num_kv_heads, head_dim]`` at offset ``offsets[i]``
         of block ``blocks[i]``."""
         self.storage[layer, 0, blocks, :, offsets] = k_tokens.to(self.dtype)
-        self.storage[layer, 1, blocks, :, offsets] = v_tokens.to(self.dtype)
+        if not self.values_are_keys:
+            self.storage[layer, 1, blocks, :, offsets] = v_tokens.to(self.dtype)
 
 
 class LayerCacheView:
@@ -306,10 +314,11 @@ class LayerCacheView:
         batch = len(self.request_ids)
         s_max = int(lens.max()) if batch else 0
         num_blocks = _blocks_for(s_max, cache.block_size)
-        # [2, b, num_blocks, hkv, block_size, d] -> [2, b, hkv, num_blocks * block_size, d]
+        # [planes, b, num_blocks, hkv, block_size, d] -> [planes, b, hkv, num_blocks * block_size, d]
         gathered = cache.storage[self.layer][:, self._block_table[:, :num_blocks]]
         kv = gathered.permute(0, 1, 3, 2, 4, 5).reshape(
-            2, batch, cache.num_kv_heads, num_blocks * cache.block_size, cache.head_dim)[:, :, :, :s_max]
+            cache.storage.shape[1], batch, cache.num_kv_heads, num_blocks * cache.block_size,
+            cache.head_dim)[:, :, :, :s_max]
         valid = torch.arange(s_max, device=cache.device) < lens.to(cache.device)[:, None]
         kv = kv.masked_fill(~valid[None, :, None, :, None], 0)
-        return kv[0], kv[1], lens
+        return kv[0], kv[-1], lens

@@ -173,7 +173,7 @@ class CPCoreAttention(MegatronModule):
             return self._packed_prefill(query, key, value, packed_seq_params)
         # [s, b, h, d] -> [b, h, s, d], the layout of every cptoolkit attention kernel.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = self._prefill(q, k, v) if self.runtime.phase.mode == "prefill" else self._decode(q, k, v)
+        out = self._prefill(q, k, v) if self.runtime.phase.mode == "prefill" else self.decode(q, k, v)
         seq_len, batch = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1)
 
@@ -183,14 +183,18 @@ class CPCoreAttention(MegatronModule):
         runtime, phase = self.runtime, self.runtime.phase
         if phase.on_prefill_kv is not None:
             phase.on_prefill_kv(self.layer_number, k.detach(), v.detach())
-        if phase.history_lens is None:
-            return self._attend(q, k, v)
+        return self.attend(q, k, v) if phase.history_lens is None else self.attend_with_history(q, k, v)
+
+    def attend_with_history(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of this rank's shard of a prompt chunk ``[b, h, 2c, d]`` over itself and the
+        history in the phase's caches (``context_attention``); the chunk's K/V must be in the caches already."""
+        runtime, phase = self.runtime, self.runtime.phase
         return context_attention(q, k, v, phase.kv_caches[self.layer_number], phase.history_lens,
                                  runtime.decode_group, runtime.pcp_group if runtime.pcp_size > 1 else None,
                                  runtime.prefill_comm, runtime.decode_comm, self.softmax_scale,
                                  runtime.layer_stats(self.layer_number))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Exact causal attention of this rank's DualChunkSwap shard ``[b, h, 2c, d]`` over the PCP group
         (at PCP = 1: of the whole sequence, any length)."""
         runtime = self.runtime
@@ -223,14 +227,14 @@ class CPCoreAttention(MegatronModule):
                                                                  query.shape[0]):
             rows = slice(start, start + seq_len_padded // runtime.pcp_size)
             q, k, v = (t[rows].permute(1, 0, 2).unsqueeze(0) for t in (query, key, value))
-            out = self._attend(q, k, v)[0].permute(1, 0, 2)  # [2c, hq, d]
+            out = self.attend(q, k, v)[0].permute(1, 0, 2)  # [2c, hq, d]
             positions = (torch.arange(seq_len_padded) if runtime.pcp_size == 1
                          else shard_positions(seq_len_padded, pcp_rank, runtime.pcp_size))
             padding = positions >= seq_len
             outs.append(out.masked_fill(padding[:, None, None].to(out.device), 0.0))
         return torch.cat(outs).reshape(query.shape[0], -1)
 
-    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One new token per sequence: ``q [b, hq, 1, d]``, ``k``/``v [b, hkv, 1, d]`` are appended
         to this layer's cache by its shard owner and attended over the DCP group."""
         runtime, phase = self.runtime, self.runtime.phase

@@ -13,6 +13,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from cptoolkit.layers.core_attention import AttentionRuntime, get_gpt_layer_spec
+from cptoolkit.layers.mla import MLASelfAttention
 from cptoolkit.models.gpt import CPGPTModel
 from cptoolkit.models.shape import GPTShape, check_tp, padded_vocab_size
 from cptoolkit.models.tp_sharding import NORM, ROW, load_full_state_dict, param_kinds
@@ -49,8 +50,13 @@ def megatron_config(shape: GPTShape, tp_size: int, dtype: torch.dtype) -> Transf
 def layer_spec(shape: GPTShape, runtime: AttentionRuntime) -> ModuleSpec:
     """cptoolkit's layer spec for ``shape.arch``, with ``qk_norm``: an RMSNorm over ``head_dim`` for the
     query and the key heads (megatron's ``q_layernorm``/``k_layernorm``, as its local spec with
-    ``qk_layernorm=True`` builds them), applied before RoPE as in Qwen3."""
+    ``qk_layernorm=True`` builds them), applied before RoPE as in Qwen3; with ``mla``, cptoolkit's
+    ``MLASelfAttention`` instead of megatron's ``SelfAttention``."""
     spec = get_gpt_layer_spec(runtime, shape.arch)
+    if shape.mla is not None:
+        spec.submodules.self_attention = ModuleSpec(module=MLASelfAttention, params={
+            "runtime": runtime, "mla": shape.mla, "softmax_scale": shape.mla_softmax_scale(),
+            "rope_attention_factor": shape.rope_scaling.attention_factor})
     if shape.qk_norm:
         attention = spec.submodules.self_attention.submodules
         attention.q_layernorm = attention.k_layernorm = WrappedTorchNorm

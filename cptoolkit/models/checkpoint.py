@@ -256,6 +256,46 @@ def llama_layout(shape: GPTShape) -> Layout:
     return layout
 
 
+# DeepSeek's attention tensors (under model.layers.N.self_attn.) -> MLASelfAttention's (under
+# decoder.layers.N.self_attention.); the rest of the block is the Llama one.
+_MLA_NAMES = {"q_proj": "linear_q_proj", "q_a_proj": "linear_q_down_proj", "q_a_layernorm": "q_layernorm",
+              "q_b_proj": "linear_q_up_proj", "kv_a_proj_with_mqa": "linear_kv_down_proj",
+              "kv_a_layernorm": "kv_layernorm", "kv_b_proj": "linear_kv_up_proj", "o_proj": "linear_proj"}
+
+
+def _mla_attention_shapes(shape: GPTShape) -> dict[str, tuple[int, ...]]:
+    """One layer's DeepSeek attention tensors (names after ``self_attn.``, without ``.weight``) and shapes."""
+    m, hidden, heads = shape.mla, shape.hidden_size, shape.num_attention_heads
+    shapes = {"kv_a_proj_with_mqa": (m.latent_dim, hidden), "kv_a_layernorm": (m.kv_lora_rank,),
+              "kv_b_proj": (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+              "o_proj": (hidden, heads * m.v_head_dim)}
+    if m.q_lora_rank is None:
+        return {"q_proj": (heads * m.qk_head_dim, hidden), **shapes}
+    return {"q_a_proj": (m.q_lora_rank, hidden), "q_a_layernorm": (m.q_lora_rank,),
+            "q_b_proj": (heads * m.qk_head_dim, m.q_lora_rank), **shapes}
+
+
+def mla_tensor_shapes(shape: GPTShape) -> Shapes:
+    """Every tensor a dense DeepSeek-V2/V3 checkpoint of ``shape`` holds, with its shape."""
+    shapes = {name: size for name, size in llama_tensor_shapes(shape).items() if ".self_attn." not in name}
+    for layer in range(shape.num_layers):
+        shapes.update({f"model.layers.{layer}.self_attn.{name}.weight": size
+                       for name, size in _mla_attention_shapes(shape).items()})
+    return shapes
+
+
+def mla_layout(shape: GPTShape) -> Layout:
+    """The full state dict as a DeepSeek checkpoint's tensors: Llama's embedding, norms and MLP, every
+    attention tensor whole under its ``MLASelfAttention`` name."""
+    shapes = mla_tensor_shapes(shape)
+    layout = {name: pieces for name, pieces in llama_layout(shape).items() if ".self_attention." not in name}
+    for layer in range(shape.num_layers):
+        for name in _mla_attention_shapes(shape):
+            hf = f"model.layers.{layer}.self_attn.{name}.weight"
+            layout[f"decoder.layers.{layer}.self_attention.{_MLA_NAMES[name]}.weight"] = _whole(shapes, hf)
+    return layout
+
+
 def llama_to_full(weights: StateDict, shape: GPTShape) -> StateDict:
     """A Llama-family checkpoint's tensors, in memory, as the full state dict (to re-save it in cptoolkit's format)."""
     return {name: torch.cat([_read_rows(weights[p.name], p, p.start, p.stop) for p in pieces])
@@ -322,6 +362,8 @@ def gpt2_layout(shape: GPTShape, prefix: str) -> Layout:
 def hf_tensor_shapes(shape: GPTShape, names) -> Shapes:
     """The tensors a Hugging Face checkpoint of ``shape`` must hold (``names``: those it holds,
     which tell a GPT-2 checkpoint's prefix)."""
+    if shape.mla is not None:
+        return mla_tensor_shapes(shape)
     if shape.arch == "llama":
         return llama_tensor_shapes(shape)
     return gpt2_tensor_shapes(shape, _gpt2_prefix(names))
@@ -329,6 +371,8 @@ def hf_tensor_shapes(shape: GPTShape, names) -> Shapes:
 
 def hf_layout(shape: GPTShape, names) -> Layout:
     """The full state dict as rows of a Hugging Face checkpoint's tensors (``names``: as for ``hf_tensor_shapes``)."""
+    if shape.mla is not None:
+        return mla_layout(shape)
     return llama_layout(shape) if shape.arch == "llama" else gpt2_layout(shape, _gpt2_prefix(names))
 
 

@@ -9,6 +9,8 @@ Hugging Face families read here (``model_type``: architectures):
   ``qwen2``: Qwen2ForCausalLM (q/k/v biases); ``qwen3``: Qwen3ForCausalLM (per-head q/k RMSNorm).
   All four are ``arch="llama"``, with RoPE ``rope_type`` default, linear, llama3 or yarn.
 - ``gpt2``: GPT2LMHeadModel, GPT2Model.
+- ``deepseek_v2``: DeepseekV2ForCausalLM; ``deepseek_v3``: DeepseekV3ForCausalLM: multi-head latent
+  attention (``MLADims``) on the Llama block, dense MLP layers only (MoE layers are refused).
 Anything a family can express that cptoolkit would compute differently (a sliding window, dynamic NTK
 RoPE, an output-projection bias, ...) is refused with the key, its value and the rule.
 """
@@ -25,7 +27,9 @@ from cptoolkit.config import ConfigError
 ARCHS = ("llama", "gpt2")
 HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM",), "mistral": ("MistralForCausalLM",),
                     "qwen2": ("Qwen2ForCausalLM",), "qwen3": ("Qwen3ForCausalLM",),
-                    "gpt2": ("GPT2LMHeadModel", "GPT2Model")}
+                    "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
+                    "deepseek_v2": ("DeepseekV2ForCausalLM",), "deepseek_v3": ("DeepseekV3ForCausalLM",)}
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 AUTO_DTYPES = ("float32", "bfloat16", "float64")  # the weights' dtypes ``runtime.dtype: auto`` runs in
 CONFIG_FILE = "config.json"
@@ -77,6 +81,35 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class MLADims:
+    """Multi-head latent attention (DeepSeek-V2/V3). Each token's keys and values come from one
+    ``kv_lora_rank`` latent (after its RMSNorm) shared by every head, plus one ``qk_rope_head_dim`` RoPE key
+    shared by every head; per head, ``kv_b`` expands the latent into a ``qk_nope_head_dim`` key and a
+    ``v_head_dim`` value. Queries: ``q_lora_rank`` (None: one direct projection) then per head
+    ``qk_nope_head_dim + qk_rope_head_dim``. ``rope_interleave``: RoPE rotates the pairs ``(2i, 2i+1)`` of the
+    RoPE dims (DeepSeek's layout) rather than ``(i, i + d/2)``. ``mscale_all_dim`` (0: none): with scaled RoPE,
+    every score (not only the RoPE dims') is multiplied by ``yarn_mscale(factor, mscale_all_dim)²``, as in
+    DeepSeek's reference and transformers' ``yarn_apply_mscale``; see ``GPTShape.mla_softmax_scale``."""
+
+    q_lora_rank: Optional[int]
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool
+    mscale_all_dim: float = 0.0
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """What the KV cache stores per token and layer: the latent and the RoPE key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class GPTShape:
     """Architecture of a decoder-only transformer.
 
@@ -85,6 +118,8 @@ class GPTShape:
     (Qwen3), GQA allowed.
     ``arch="gpt2"``: LayerNorm, GELU (tanh) MLP, learned absolute positions, biases, MHA.
     ``head_dim``: None means ``hidden_size / num_attention_heads``; an explicit one (Qwen3) may differ.
+    ``mla`` (llama only): multi-head latent attention instead of GQA; ``head_dim`` is then its RoPE dims
+    and ``num_kv_heads`` 1 (the one latent every head reads).
     ``max_seq_len`` bounds position ids (and sizes GPT-2's position table).
     """
 
@@ -103,6 +138,7 @@ class GPTShape:
     qkv_bias: bool = False
     qk_norm: bool = False
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    mla: Optional[MLADims] = None
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -130,13 +166,18 @@ class GPTShape:
                              f"multiple of num_kv_heads={self.num_kv_heads}")
         if self.arch == "gpt2":
             self._check_gpt2()
+        if self.mla is not None and (self.head_dim != self.mla.qk_rope_head_dim or self.num_kv_heads != 1
+                                     or self.qkv_bias or self.qk_norm):
+            raise ValueError(f"GPTShape with mla: head_dim={self.head_dim} must be qk_rope_head_dim="
+                             f"{self.mla.qk_rope_head_dim}, num_kv_heads={self.num_kv_heads} must be 1, qkv_bias "
+                             "and qk_norm false (the latent replaces the K/V heads)")
 
     def _check_gpt2(self) -> None:
         if self.num_kv_heads != self.num_attention_heads:
             raise ValueError(f"GPTShape.num_kv_heads={self.num_kv_heads}; rule: gpt2 has one KV head "
                              f"per query head (num_attention_heads={self.num_attention_heads})")
         llama_only = {"head_dim": (self.head_dim, self.hidden_size // self.num_attention_heads),
-                      "qkv_bias": (self.qkv_bias, False), "qk_norm": (self.qk_norm, False),
+                      "qkv_bias": (self.qkv_bias, False), "qk_norm": (self.qk_norm, False), "mla": (self.mla, None),
                       "rope_scaling": (self.rope_scaling, RopeScaling())}
         for name, (value, gpt2_value) in llama_only.items():
             if value != gpt2_value:
@@ -155,6 +196,8 @@ class GPTShape:
         if unsupported:
             raise ValueError(f"architectures={unsupported!r} is not supported for model_type {model_type!r}; "
                              f"rule: {' or '.join(HF_ARCHITECTURES[model_type])}")
+        if model_type in MLA_MODEL_TYPES:
+            return _deepseek_shape(config, model_type)
         return _gpt2_shape(config) if model_type == "gpt2" else _llama_shape(config, model_type)
 
     def to_hf_config(self) -> dict:
@@ -167,6 +210,8 @@ class GPTShape:
                     "vocab_size": self.vocab_size, "n_positions": self.max_seq_len,
                     "layer_norm_epsilon": self.norm_eps, "activation_function": "gelu_new",
                     "tie_word_embeddings": self.tie_embeddings}
+        if self.mla is not None:
+            return self._deepseek_hf_config()
         model_type = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
         return {"model_type": model_type, "architectures": list(HF_ARCHITECTURES[model_type]),
                 "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
@@ -176,6 +221,36 @@ class GPTShape:
                 "max_position_embeddings": self.max_seq_len, "hidden_act": "silu",
                 "rope_parameters": {"rope_theta": self.rope_theta, **self.rope_scaling.to_hf()},
                 "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings}
+
+
+    def _deepseek_hf_config(self) -> dict:
+        """A DeepSeek-V3 ``config.json`` with every layer dense."""
+        m = self.mla
+        return {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
+                "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
+                "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_attention_heads,
+                "intermediate_size": self.ffn_hidden_size, "vocab_size": self.vocab_size,
+                "max_position_embeddings": self.max_seq_len, "hidden_act": "silu",
+                "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
+                "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim,
+                "rope_interleave": m.rope_interleave,
+                "first_k_dense_replace": self.num_layers, "attention_bias": False,
+                "rope_parameters": {"rope_theta": self.rope_theta, **self.rope_scaling.to_hf(),
+                                    **({"mscale_all_dim": m.mscale_all_dim} if m.mscale_all_dim else {})},
+                "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings}
+
+    def mla_softmax_scale(self) -> float:
+        """MLA's scale of ``q . k``: ``1/sqrt(qk_nope + qk_rope)``, times ``yarn_mscale(factor, mscale_all_dim)²``
+        with scaled RoPE (transformers' ``yarn_apply_mscale``)."""
+        scale = self.mla.qk_head_dim ** -0.5
+        if self.rope_scaling.rope_type != "default" and self.mla.mscale_all_dim:
+            scale *= _yarn_mscale(self.rope_scaling.factor, self.mla.mscale_all_dim) ** 2
+        return scale
+
+
+def _yarn_mscale(scale: float, m: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched ``scale`` times."""
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
 
 def _positive(config: dict, key: str, number: type = int, default=None):
@@ -244,17 +319,14 @@ def _yarn_attention_factor(rope: dict, factor: float) -> float:
     """YaRN's cos/sin multiplier, as transformers' ``_compute_yarn_parameters`` infers it: an explicit
     ``attention_factor``, else ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are set
     and non-zero, else ``mscale(factor)``."""
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     if rope.get("attention_factor") is not None:
         return _positive(rope, "attention_factor", float)
     if rope.get("mscale") and rope.get("mscale_all_dim"):
         for key in ("mscale", "mscale_all_dim"):
             if not isinstance(rope[key], (int, float)):
                 raise ValueError(f"{key}={rope[key]!r}; rule: must be a number")
-        return float(mscale(factor, rope["mscale"]) / mscale(factor, rope["mscale_all_dim"]))
-    return mscale(factor)
+        return float(_yarn_mscale(factor, rope["mscale"]) / _yarn_mscale(factor, rope["mscale_all_dim"]))
+    return _yarn_mscale(factor)
 
 
 def _check_full_attention(config: dict, model_type: str) -> None:
@@ -300,6 +372,44 @@ def _llama_shape(config: dict, model_type: str) -> GPTShape:
                     tie_embeddings=bool(config.get("tie_word_embeddings", False)),
                     head_dim=None if config.get("head_dim") is None else _positive(config, "head_dim"),
                     qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", rope_scaling=rope_scaling)
+
+
+# transformers' defaults for the MLA keys a DeepSeek config.json may leave out.
+_MLA_DEFAULTS = {"kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
+_FIRST_DENSE_DEFAULT = {"deepseek_v2": 0, "deepseek_v3": 3}
+
+
+def _deepseek_shape(config: dict, model_type: str) -> GPTShape:
+    """DeepSeek-V2 / V3: the Llama block with multi-head latent attention; every layer must be dense
+    (``first_k_dense_replace`` covers them all: cptoolkit has no MoE layers)."""
+    for key, supported in {"hidden_act": "silu", "attention_bias": False}.items():
+        if config.get(key, supported) != supported:
+            raise ValueError(f"{key}={config[key]!r}; rule: must be {supported!r}")
+    layers = _positive(config, "num_hidden_layers")
+    first_dense = config.get("first_k_dense_replace", _FIRST_DENSE_DEFAULT[model_type])
+    if first_dense is None or first_dense < layers:
+        raise ValueError(f"first_k_dense_replace={first_dense!r} makes layers {first_dense or 0}..{layers - 1} "
+                         f"mixture-of-experts; rule: must be >= num_hidden_layers={layers}: cptoolkit runs dense "
+                         "MLP layers only (no MoE)")
+    heads = _positive(config, "num_attention_heads")
+    q_lora = config.get("q_lora_rank", 1536)
+    dims = {key: _positive(config, key, default=default) for key, default in _MLA_DEFAULTS.items()}
+    theta, rope_scaling = _rope(config)
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    mscale_all_dim = rope.get("mscale_all_dim") or 0.0
+    if not isinstance(mscale_all_dim, (int, float)):
+        raise ValueError(f"mscale_all_dim={mscale_all_dim!r}; rule: must be a number")
+    mla = MLADims(q_lora_rank=None if q_lora is None else _positive(config, "q_lora_rank"), **dims,
+                  rope_interleave=model_type == "deepseek_v2" or bool(config.get("rope_interleave", True)),
+                  mscale_all_dim=float(mscale_all_dim))
+    return GPTShape(arch="llama", num_layers=layers, hidden_size=_positive(config, "hidden_size"),
+                    num_attention_heads=heads, num_kv_heads=1,
+                    ffn_hidden_size=_positive(config, "intermediate_size"),
+                    vocab_size=_positive(config, "vocab_size"),
+                    max_seq_len=_positive(config, "max_position_embeddings"),
+                    rope_theta=theta, norm_eps=_positive(config, "rms_norm_eps", float, default=1e-6),
+                    tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                    head_dim=mla.qk_rope_head_dim, rope_scaling=rope_scaling, mla=mla)
 
 
 def _gpt2_shape(config: dict) -> GPTShape:

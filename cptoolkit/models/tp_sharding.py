@@ -26,6 +26,7 @@ from megatron.core.tensor_parallel.layers import RowParallelLinear, VocabParalle
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 
+from cptoolkit.layers.mla import MLASelfAttention
 from cptoolkit.models.gpt import CPGPTModel
 from cptoolkit.models.shape import GPTShape, padded_vocab_size
 from cptoolkit.progress import progress
@@ -227,6 +228,14 @@ PARAM_KINDS: dict[tuple[Union[type, str], str], Union[Kind, Callable[[torch.nn.M
     (SelfAttention, "linear_qkv.bias"): FUSED_QKV,  # Qwen2's q/k/v biases, GPT-2's: rows like the weight's
     (SelfAttention, "q_layernorm.weight"): NORM,  # [head_dim], shared by every head, so whole on every rank
     (SelfAttention, "k_layernorm.weight"): NORM,
+    # MLA: the up projections' rows and linear_proj's columns are per head; the down projections and norms
+    # act on the one latent every head shares.
+    (MLASelfAttention, "linear_q_proj.weight"): COLUMN,
+    (MLASelfAttention, "linear_q_up_proj.weight"): COLUMN,
+    (MLASelfAttention, "linear_kv_up_proj.weight"): COLUMN,
+    (MLASelfAttention, "linear_proj.weight"): ROW,
+    (MLASelfAttention, "linear_q_down_proj.weight"): REPLICATED,
+    (MLASelfAttention, "linear_kv_down_proj.weight"): REPLICATED,
     (MLP, "linear_fc1.weight"): _fc1_kind,
     (MLP, "linear_fc1.bias"): _fc1_kind,
     (RowParallelLinear, "weight"): ROW,
