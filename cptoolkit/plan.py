@@ -42,7 +42,7 @@ from cptoolkit.layers.dcp_decode import DecodeGroup, shard_length
 from cptoolkit.layers.dual_chunk_swap import padded_length
 from cptoolkit.layers.ulysses_a2a import check_heads, kv_replicas
 from cptoolkit.layout import ParallelLayout, node_crossings, tp_across_nodes_error
-from cptoolkit.models.shape import GPTShape, check_tp, padded_vocab_size, read_json_object
+from cptoolkit.models.shape import GPTShape, MLADims, check_tp, padded_vocab_size, read_json_object
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 FLOAT32_BYTES = 4  # decode partials (out, lse) travel in float32 whatever the model's dtype
@@ -55,23 +55,44 @@ SHAPES = {
                             ffn_hidden_size=14336, vocab_size=128256, max_seq_len=131072, rope_theta=500000.0),
     "llama3.1-70b": GPTShape(arch="llama", num_layers=80, hidden_size=8192, num_attention_heads=64, num_kv_heads=8,
                              ffn_hidden_size=28672, vocab_size=128256, max_seq_len=131072, rope_theta=500000.0),
+    # DeepSeek-V3's attention, its latent cache and its dense layers' MLP on all 61 layers: the KV cache and the
+    # attention's communication are V3's exactly; the weights are not (no experts: cptoolkit runs no MoE).
+    "deepseek-v3-dense": GPTShape(arch="llama", num_layers=61, hidden_size=7168, num_attention_heads=128,
+                                  num_kv_heads=1, ffn_hidden_size=18432, vocab_size=129280, max_seq_len=163840,
+                                  rope_theta=10000.0, head_dim=64,
+                                  mla=MLADims(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                                              qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True)),
 }
 
 
 # ----------------------------------------------------------------------------- memory per device
 
+def _mla_attention_params(shape: GPTShape, tp: int) -> int:
+    """One TP rank's ``MLASelfAttention`` parameters: the per-head projections (``q_proj`` or ``q_up``,
+    ``kv_up``, ``linear_proj``) split over TP; ``q_down``, ``kv_down`` and their RMSNorms whole on every rank."""
+    m, h, heads = shape.mla, shape.hidden_size, shape.num_attention_heads // tp
+    q = (h * heads * m.qk_head_dim if m.q_lora_rank is None
+         else h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * heads * m.qk_head_dim)
+    kv = h * m.latent_dim + m.kv_lora_rank + m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim)
+    return q + kv + heads * m.v_head_dim * h
+
+
 def weight_bytes(shape: GPTShape, tp: int, dtype_bytes: int) -> int:
     """Bytes of one TP rank's parameters as ``models.build`` makes them (``tp_sharding.PARAM_KINDS``): the
     vocabulary rows padded to a multiple of TP and split (the output layer too, unless tied); fused QKV rows for
-    ``max(num_kv_heads, tp)`` query groups (KV heads replicated when fewer than TP); SwiGLU's ``[gate; up]``
-    and the rest of the MLP split; norms, row-parallel biases and GPT-2's position table whole on every rank."""
+    ``max(num_kv_heads, tp)`` query groups (KV heads replicated when fewer than TP), or MLA's projections
+    (``_mla_attention_params``); SwiGLU's ``[gate; up]`` and the rest of the MLP split; norms, row-parallel
+    biases and GPT-2's position table whole on every rank."""
     h, d, llama = shape.hidden_size, shape.head_dim, shape.arch == "llama"
     vocab_rows = padded_vocab_size(shape, tp) // tp
     qkv_rows = (shape.num_attention_heads + 2 * max(shape.num_kv_heads, tp)) * d // tp
     proj_cols, ffn_local = shape.num_attention_heads * d // tp, shape.ffn_hidden_size // tp
     fc1_rows = 2 * ffn_local if llama else ffn_local
     norm = h if llama else 2 * h  # RMSNorm: weight; LayerNorm: weight and bias
-    layer = (qkv_rows + fc1_rows) * h + h * (proj_cols + ffn_local) + 2 * norm
+    if shape.mla is not None:
+        layer = _mla_attention_params(shape, tp) + fc1_rows * h + h * ffn_local + 2 * norm
+    else:
+        layer = (qkv_rows + fc1_rows) * h + h * (proj_cols + ffn_local) + 2 * norm
     if not llama or shape.qkv_bias:
         layer += qkv_rows
     if shape.qk_norm:
@@ -89,14 +110,38 @@ def kv_heads_per_rank(layout: ParallelLayout) -> int:
     return len(layout.rank_info(0).dcp_kv_heads)
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    """What the KV cache stores per token, layer and KV head: ``planes`` tensors (K and V; MLA's latent is
+    key and value at once: one) of ``width`` channels. The same entry is what DCP decode gathers and prefill
+    routing sends."""
+
+    planes: int
+    width: int
+
+    @staticmethod
+    def of(shape: GPTShape) -> "CacheEntry":
+        return CacheEntry(1, shape.mla.latent_dim) if shape.mla is not None else CacheEntry(2, shape.head_dim)
+
+
 def kv_cache_bytes(shape: GPTShape, layout: ParallelLayout, max_seq_len: int, batch_size: int, block_size: int,
                    interleave: int, dtype_bytes: int) -> int:
     """One rank's KV cache as ``builder.kv_cache`` allocates it (no ``inference.kv_cache_bytes``): for each of
     ``batch_size`` requests, blocks for the fullest DCP shard's share of ``max_seq_len`` tokens (shard 0); a
-    block holds K and V of ``block_size`` tokens of every layer for ``kv_heads_per_rank`` heads."""
-    bytes_per_block = shape.num_layers * 2 * kv_heads_per_rank(layout) * block_size * shape.head_dim * dtype_bytes
+    block holds the ``CacheEntry`` of ``block_size`` tokens of every layer for ``kv_heads_per_rank`` heads."""
+    entry = CacheEntry.of(shape)
+    bytes_per_block = (shape.num_layers * entry.planes * kv_heads_per_rank(layout) * block_size * entry.width
+                       * dtype_bytes)
     blocks_per_request = -(-shard_length(max_seq_len, 0, layout.dcp, interleave) // block_size)
     return batch_size * blocks_per_request * bytes_per_block
+
+
+def kv_copies(layout: ParallelLayout) -> float:
+    """How many copies of each cached token's entry one model replica holds: ``tp*pcp`` ranks each store
+    ``kv_heads_per_rank`` heads of ``1/dcp`` of the tokens, against ``num_kv_heads`` heads of every token once.
+    1 means no replication; TP alone (``dcp = 1``) pays ``tp / num_kv_heads`` when KV heads are fewer than TP
+    ranks (MLA's one latent: ``tp``)."""
+    return layout.tp * layout.pcp * kv_heads_per_rank(layout) / (layout.dcp * layout.num_kv_heads)
 
 
 def activation_bytes(shape: GPTShape, layout: ParallelLayout, chunk: int, prefill_comm: str,
@@ -107,8 +152,9 @@ def activation_bytes(shape: GPTShape, layout: ParallelLayout, chunk: int, prefil
     norm, attention-projection and MLP outputs; q|k|v; the float32 attention accumulator and LSE; the K/V
     the prefill comm holds (ring: the block in use and the one arriving; all-gather: the whole chunk's;
     a2a: the exchanged q|k|v and output); the MLP's fc1 output and activation; the KV-routing buffers."""
-    h, d, es = shape.hidden_size, shape.head_dim, dtype_bytes
-    hq, hkv = layout.num_heads // layout.tp, len(layout.kv_heads_of(0))
+    h, es = shape.hidden_size, dtype_bytes
+    hq = layout.num_heads // layout.tp
+    hkv, d = prefill_heads(shape, layout)
     padded = padded_length(chunk, layout.pcp)
     local = padded // layout.pcp
     ffn_local = shape.ffn_hidden_size // layout.tp
@@ -116,7 +162,7 @@ def activation_bytes(shape: GPTShape, layout: ParallelLayout, chunk: int, prefil
     kv_block = 2 * hkv * local * d * es
     held_kv = {"p2p": 2 * kv_block, "all_gather": 2 * hkv * padded * d * es,
                "a2a": local * d * es * (2 * hq + 2 * hkv * kv_replicas(hkv, layout.pcp))}[prefill_comm]
-    route = 2 * prefill_route_per_layer(layout, d, 1, chunk, KV_INTERLEAVE, es).total_bytes
+    route = 2 * prefill_route_per_layer(layout, CacheEntry.of(shape), 1, chunk, KV_INTERLEAVE, es).total_bytes
     return (4 * local * h * es + local * (hq + 2 * hkv) * d * es + local * hq * (d + 1) * FLOAT32_BYTES
             + held_kv + local * (fc1_rows + ffn_local) * es + route)
 
@@ -129,20 +175,23 @@ def _count(stats: CommStats, name: str, nbytes: int, calls: int = 1) -> None:
     stats.bytes_sent[name] += calls * nbytes
 
 
-def decode_comm_per_layer(layout: ParallelLayout, head_dim: int, batch: int, comm: str,
+def decode_comm_per_layer(layout: ParallelLayout, entry: CacheEntry, batch: int, comm: str,
                           dtype_bytes: int) -> CommStats:
     """``dcp_decode_attention``'s ``CommStats`` on one rank for one layer and decode step of ``batch`` requests
-    (all on the DCP group; ``k = dcp/pcp``; ``hq``, ``hkv`` this rank's query and KV heads). ``k > 1``: one
-    all-gather of the new token's q|k|v in the model's dtype. Then, of float32 partials: ``a2a`` one all-gather
-    (``k = 1``) or all-to-all of ``(out, lse)`` head slices; ``ag_rs`` an all-gather of the LSEs of the group's
-    ``k*hq`` heads and an all-reduce (``k = 1``) or reduce-scatter of the outputs. ``dcp = 1``: nothing."""
+    (all on the DCP group; ``k = dcp/pcp``; ``hq``, ``hkv`` this rank's query and KV heads; queries, outputs
+    and cache entries ``entry.width`` wide: MLA's absorbed queries are latent-wide). ``k > 1``: one all-gather
+    of the new token's q|k|v (q|latent with MLA) in the model's dtype. Then, of float32 partials: ``a2a`` one
+    all-gather (``k = 1``) or all-to-all of ``(out, lse)`` head slices; ``ag_rs`` an all-gather of the LSEs of
+    the group's ``k*hq`` heads and an all-reduce (``k = 1``) or reduce-scatter of the outputs. ``dcp = 1``:
+    nothing."""
     stats = CommStats()
     if layout.dcp == 1:
         return stats
     k, hq, hkv = layout.dcp_tp_positions, layout.num_heads // layout.tp, len(layout.kv_heads_of(0))
+    head_dim = entry.width
     slices = 1 if k == 1 else layout.dcp  # a k > 1 combine sends one head slice per member
     if k > 1:
-        _count(stats, "all_gather", batch * (hq + 2 * hkv) * head_dim * dtype_bytes)
+        _count(stats, "all_gather", batch * (hq + entry.planes * hkv) * head_dim * dtype_bytes)
     if comm == "a2a":
         _count(stats, "all_gather" if k == 1 else "all_to_all", slices * batch * hq * (head_dim + 1) * FLOAT32_BYTES)
     else:
@@ -151,18 +200,27 @@ def decode_comm_per_layer(layout: ParallelLayout, head_dim: int, batch: int, com
     return stats
 
 
+def prefill_heads(shape: GPTShape, layout: ParallelLayout) -> tuple[int, int]:
+    """``(KV heads, head width)`` one rank's prefill attention runs with: its KV heads of ``head_dim``, or for
+    MLA's expanded form one K/V per query head, ``max(qk_head_dim, v_head_dim)`` wide (``MLASelfAttention``)."""
+    if shape.mla is not None:
+        return layout.num_heads // layout.tp, max(shape.mla.qk_head_dim, shape.mla.v_head_dim)
+    return len(layout.kv_heads_of(0)), shape.head_dim
+
+
 def prefill_comm_per_layer(layout: ParallelLayout, head_dim: int, batch: int, seq_len: int, comm: str,
-                           dtype_bytes: int) -> CommStats:
+                           dtype_bytes: int, kv_heads: int | None = None) -> CommStats:
     """``ring_prefill_attention``'s forward ``CommStats`` on one rank for one layer of ``batch`` sequences of
     ``seq_len`` tokens: each PCP rank holds ``padded_length(seq_len, pcp) / pcp`` tokens of its ``hq`` query
-    and ``hkv`` KV heads. ``p2p``: ``pcp-1`` send/recv of its stacked K/V; ``all_gather``: one all-gather of
+    and ``hkv`` KV heads (``kv_heads``; None: the layout's, see ``prefill_heads``). ``p2p``: ``pcp-1`` send/recv of its stacked K/V; ``all_gather``: one all-gather of
     it; ``a2a``: one all-to-all each of q, k, v (KV heads repeated ``kv_replicas`` times) and of the output.
     ``pcp = 1``: nothing (the engine attends locally)."""
     stats = CommStats()
     pcp = layout.pcp
     if pcp == 1:
         return stats
-    hq, hkv = layout.num_heads // layout.tp, len(layout.kv_heads_of(0))
+    hq = layout.num_heads // layout.tp
+    hkv = len(layout.kv_heads_of(0)) if kv_heads is None else kv_heads
     token_bytes = batch * padded_length(seq_len, pcp) // pcp * head_dim * dtype_bytes  # one head's local tokens
     if comm == "p2p":
         _count(stats, "send_recv", 2 * hkv * token_bytes, calls=pcp - 1)
@@ -174,11 +232,11 @@ def prefill_comm_per_layer(layout: ParallelLayout, head_dim: int, batch: int, se
     return stats
 
 
-def prefill_route_per_layer(layout: ParallelLayout, head_dim: int, batch: int, seq_len: int, interleave: int,
+def prefill_route_per_layer(layout: ParallelLayout, entry: CacheEntry, batch: int, seq_len: int, interleave: int,
                             dtype_bytes: int) -> CommStats:
     """``route_prefill_kv``'s ``CommStats`` on one rank for one layer: one all-to-all on the DCP group sending
-    every member a message of K and V for ``batch x hkv`` heads x the widest route's tokens
-    (``prefill_route(...).width``). ``dcp = 1``: nothing."""
+    every member a message of the cache entries (K and V, or MLA's latent) for ``batch x hkv`` heads x the
+    widest route's tokens (``prefill_route(...).width``). ``dcp = 1``: nothing."""
     stats = CommStats()
     if layout.dcp == 1:
         return stats
@@ -186,7 +244,7 @@ def prefill_route_per_layer(layout: ParallelLayout, head_dim: int, batch: int, s
                         layout.kv_head_replication)
     width = prefill_route(padded_length(seq_len, layout.pcp), 0, group).width
     hkv = len(layout.kv_heads_of(0))
-    _count(stats, "all_to_all", layout.dcp * 2 * batch * hkv * width * head_dim * dtype_bytes)
+    _count(stats, "all_to_all", layout.dcp * entry.planes * batch * hkv * width * entry.width * dtype_bytes)
     return stats
 
 
@@ -248,13 +306,14 @@ def plan_layout(layout: ParallelLayout, work: Workload) -> LayoutPlan:
     weights = weight_bytes(shape, layout.tp, es)
     kv = kv_cache_bytes(shape, layout, work.context, requests, KV_BLOCK_SIZE, KV_INTERLEAVE, es)
     activations = activation_bytes(shape, layout, work.prefill_chunk, work.prefill_comm, es)
+    entry, (prefill_kv_heads, prefill_width) = CacheEntry.of(shape), prefill_heads(shape, layout)
     return LayoutPlan(
         layout=layout, requests_per_replica=requests, weight_bytes=weights, kv_cache_bytes=kv,
         activation_bytes=activations, fits=weights + kv + activations <= work.memory_per_device,
-        decode=decode_comm_per_layer(layout, shape.head_dim, requests, work.decode_comm, es),
-        prefill_attention=prefill_comm_per_layer(layout, shape.head_dim, 1, work.prefill_chunk, work.prefill_comm,
-                                                 es),
-        prefill_route=prefill_route_per_layer(layout, shape.head_dim, 1, work.prefill_chunk, KV_INTERLEAVE, es),
+        decode=decode_comm_per_layer(layout, entry, requests, work.decode_comm, es),
+        prefill_attention=prefill_comm_per_layer(layout, prefill_width, 1, work.prefill_chunk, work.prefill_comm,
+                                                 es, kv_heads=prefill_kv_heads),
+        prefill_route=prefill_route_per_layer(layout, entry, 1, work.prefill_chunk, KV_INTERLEAVE, es),
         crossing=node_crossings(layout, work.devices_per_node))
 
 
@@ -318,19 +377,26 @@ def _comm(stats: CommStats, layers: int = 1) -> str:
     return f"{stats.total_calls * layers} / {_size(stats.total_bytes * layers)}" if stats.total_calls else "-"
 
 
+def _attention_line(shape: GPTShape) -> str:
+    if shape.mla is None:
+        return f"{shape.num_attention_heads} query / {shape.num_kv_heads} KV heads of {shape.head_dim}"
+    m = shape.mla
+    return (f"{shape.num_attention_heads} MLA heads (q_lora {m.q_lora_rank}, qk {m.qk_nope_head_dim}+"
+            f"{m.qk_rope_head_dim}, v {m.v_head_dim}), cached latent {m.kv_lora_rank}+{m.qk_rope_head_dim} per token")
+
+
 def render_table(plans: list[LayoutPlan], refused: list, work: Workload) -> str:
     shape = work.shape
     lines = [
-        f"Model: {shape.arch}, {shape.num_layers} layers, hidden {shape.hidden_size}, {shape.num_attention_heads} "
-        f"query / {shape.num_kv_heads} KV heads of {shape.head_dim}, ffn {shape.ffn_hidden_size}, vocab "
-        f"{shape.vocab_size}; {work.dtype}",
+        f"Model: {shape.arch}, {shape.num_layers} layers, hidden {shape.hidden_size}, {_attention_line(shape)}, "
+        f"ffn {shape.ffn_hidden_size}, vocab {shape.vocab_size}; {work.dtype}",
         f"Work: {work.batch} requests x {work.context} tokens on {work.devices} devices ({work.devices_per_node} per "
         f"node, {_size(work.memory_per_device)} each); decode {work.decode_comm}; prefill {work.prefill_comm} in "
         f"chunks of {work.prefill_chunk} tokens; KV blocks of {KV_BLOCK_SIZE} tokens",
         "Ranked: fits, fewest cross-node collectives per decode step, least weights+KV per device, fewest decode "
         "collectives and bytes per step",
         ""]
-    header = ["#", "DP", "TP", "PCP", "DCP", "req/DP", "weights", "KV cache", "activ.(est)", "total",
+    header = ["#", "DP", "TP", "PCP", "DCP", "req/DP", "weights", "KV cache", "KV copies", "activ.(est)", "total",
               "decode/step", "prefill/layer", "x-node decode/step", "groups across nodes"]
     rows = []
     for index, p in enumerate([p for p in plans if p.fits], start=1):
@@ -341,7 +407,8 @@ def render_table(plans: list[LayoutPlan], refused: list, work: Workload) -> str:
             prefill.calls.update(part.calls)
             prefill.bytes_sent.update(part.bytes_sent)
         rows.append([str(index), str(lay.dp), str(lay.tp), str(lay.pcp), str(lay.dcp), str(p.requests_per_replica),
-                     _size(p.weight_bytes), _size(p.kv_cache_bytes), _size(p.activation_bytes), _size(p.total_bytes),
+                     _size(p.weight_bytes), _size(p.kv_cache_bytes), f"{kv_copies(lay):g}",
+                     _size(p.activation_bytes), _size(p.total_bytes),
                      _comm(p.decode, shape.num_layers), _comm(prefill),
                      str(p.cross_node_decode_calls_per_layer * shape.num_layers), crossing])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -354,7 +421,8 @@ def render_table(plans: list[LayoutPlan], refused: list, work: Workload) -> str:
               + (f" (the smallest needs {_size(min(p.total_bytes for p in too_big))})" if too_big else "")
               + f"; {len(refused)} refused (a TP group would span nodes)."]
     lines.append("decode/step and prefill/layer: collectives / bytes sent per device (CommStats), prefill for one "
-                 "chunk: attention + KV routing.")
+                 "chunk: attention + KV routing. KV copies: how many times a replica stores each cached token "
+                 "(TP without DCP replicates KV heads fewer than its ranks; MLA's one latent on every TP rank).")
     return "\n".join(lines)
 
 
@@ -369,6 +437,7 @@ def to_json(plans: list[LayoutPlan], refused: list, work: Workload) -> dict:
         "layouts": [{"rank": i + 1, "dp": p.layout.dp, "tp": p.layout.tp, "pcp": p.layout.pcp, "dcp": p.layout.dcp,
                      "fits": p.fits, "requests_per_replica": p.requests_per_replica,
                      "weight_bytes": p.weight_bytes, "kv_cache_bytes": p.kv_cache_bytes,
+                     "kv_copies": kv_copies(p.layout),
                      "activation_bytes_estimate": p.activation_bytes, "total_bytes": p.total_bytes,
                      "decode_per_layer_step": comm(p.decode),
                      "decode_per_step": {"calls": p.decode.total_calls * layers,

@@ -6,6 +6,7 @@ DCP decode, PCP prefill and prefill KV routing on 4 gloo ranks. Then ranking, re
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import re
@@ -20,7 +21,7 @@ import yaml
 from cptoolkit import plan
 from cptoolkit.config import config_from_dict
 from cptoolkit.layout import ParallelLayout
-from cptoolkit.models.shape import GPTShape
+from cptoolkit.models.shape import GPTShape, MLADims
 from tests.multiproc import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,12 +64,41 @@ def test_kv_bytes_per_rank_equal_the_engines_cache_for_every_inference_config(ov
             assert got == want, f"{name} {overrides} rank {rank}: engine allocates {got:,} bytes, planner {want:,}"
 
 
+MLA_SHAPE = GPTShape("llama", 2, 64, 8, 1, 96, 320, 64, head_dim=8,
+                     mla=MLADims(q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                 v_head_dim=12, rope_interleave=True))
+
+
+@pytest.mark.parametrize("tp, pcp, dcp", [(1, 1, 1), (4, 1, 1), (8, 1, 1), (2, 2, 4), (8, 1, 8), (4, 2, 2)])
+def test_mla_cache_is_one_latent_per_token_over_dcp_and_tp_alone_replicates_it(tp, pcp, dcp):
+    """MLA: every rank caches (kv_lora_rank + qk_rope_head_dim) x layers per token of its 1/DCP of the tokens,
+    whatever TP is (the engine's allocation equals that formula and the planner's); without DCP each of TP x PCP
+    ranks holds the whole latent, which ``kv_copies`` reports."""
+    from cptoolkit.inference.builder import kv_cache
+    from cptoolkit.parallel_state import ParallelGroups
+
+    tokens, batch, block = 96, 2, 4
+    cfg = config_from_dict({"parallel": {"tp": tp, "pcp": pcp, "dcp": dcp}, "runtime": {"dtype": "bfloat16"},
+                            "model": {"num_attention_heads": 8, "num_kv_heads": 1},  # the layout check only
+                            "inference": {"max_seq_len": tokens, "kv_block_size": block, "batch_size": batch}})
+    layout = ParallelLayout(tp, pcp, dcp, MLA_SHAPE.num_attention_heads, 1)
+    latent = MLA_SHAPE.mla.kv_lora_rank + MLA_SHAPE.mla.qk_rope_head_dim
+    want = batch * tokens // dcp * MLA_SHAPE.num_layers * latent * 2
+    assert plan.kv_cache_bytes(MLA_SHAPE, layout, tokens, batch, block, 1, 2) == want
+    for rank in range(layout.world_size):
+        groups = ParallelGroups(layout, layout.rank_info(rank), *[None] * 7)
+        assert kv_cache(cfg, groups, MLA_SHAPE, torch.device("cpu")).bytes_per_rank == want, rank
+    assert plan.kv_copies(layout) == tp * pcp / dcp
+
+
 # ----------------------------------------------------------------------------- weights = the built model
 WEIGHT_SHAPES = [
     GPTShape("llama", 2, 64, 8, 2, 96, 321, 64),  # GQA, vocabulary padded for TP
     GPTShape("llama", 1, 64, 8, 1, 96, 320, 64, tie_embeddings=True),  # MQA: the KV head replicated on TP ranks
     GPTShape("gpt2", 2, 64, 4, 4, 256, 323, 48, tie_embeddings=True),  # biases, LayerNorm, positions, tied
     GPTShape("llama", 1, 64, 4, 4, 96, 320, 64, head_dim=32, qkv_bias=True, qk_norm=True),  # Qwen2/3-style
+    MLA_SHAPE,  # DeepSeek-V3-style MLA with a query bottleneck
+    dataclasses.replace(MLA_SHAPE, mla=dataclasses.replace(MLA_SHAPE.mla, q_lora_rank=None)),  # V2-style
 ]
 
 
@@ -99,6 +129,7 @@ def test_weight_bytes_equal_the_parameters_of_the_built_model():
 
 # ----------------------------------------------------------------------------- collectives = CommStats measured
 HEADS, HEAD_DIM, BATCH, PROMPT = 8, 16, 3, 13  # a 13-token prompt is padded to a multiple of 2*PCP
+MLA_WIDTH = 24  # an MLA cache entry: kv_lora_rank + qk_rope_head_dim
 # (tp, pcp, dcp, dp) on 4 ranks, each with the KV head counts it allows.
 COMM_LAYOUTS = [((2, 2, 2, 1), (2, 1)), ((2, 2, 4, 1), (2, 1)), ((1, 2, 2, 2), (2, 1)), ((1, 4, 4, 1), (2, 1)),
                 ((4, 1, 4, 1), (4, 1)), ((4, 1, 2, 1), (2, 1))]
@@ -121,32 +152,47 @@ def _measure_comm(rank: int, world_size: int) -> list[tuple]:
     for (tp, pcp, dcp, dp), kv_counts in COMM_LAYOUTS:
         groups = initialize_model_parallel(tp, pcp, dcp, HEADS, kv_counts[0], dp=dp,
                                            timeout=datetime.timedelta(seconds=60))
-        for kv, dtype, interleave in [(kv, dtype, i) for kv in kv_counts for dtype in ES for i in (1, 2)]:
+        # "mla": the one latent per token is key and value at once (``v is k``, one plane, MLA_WIDTH wide),
+        # and the expanded prefill attends one K/V per query head.
+        for kv, dtype, interleave, variant in [(kv, dtype, i, variant) for kv in kv_counts for dtype in ES
+                                               for i in (1, 2) for variant in ("gqa", "mla") if kv == 1 or
+                                               variant == "gqa"]:
             layout = ParallelLayout(tp, pcp, dcp, HEADS, kv, dp=dp)
             es, hq, hkv = ES[dtype], HEADS // tp, len(layout.kv_heads_of(0))
-            case = (tp, pcp, dcp, dp, kv, str(dtype), interleave)
+            mla = variant == "mla"
+            entry = plan.CacheEntry(1, MLA_WIDTH) if mla else plan.CacheEntry(2, HEAD_DIM)
+            case = (tp, pcp, dcp, dp, kv, str(dtype), interleave, variant)
             dg = DecodeGroup.from_group(groups.dcp_group, layout.dcp_tp_positions, pcp, interleave,
                                         layout.kv_head_replication)
+
+            def new_kv(heads: int, tokens: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+                k = torch.randn(BATCH, heads, tokens, width, generator=gen).to(dtype)
+                return (k, k) if mla else (k, torch.randn(BATCH, heads, tokens, width, generator=gen).to(dtype))
+
             for comm in ("a2a", "ag_rs"):
-                cache = ContiguousShardCache(32, BATCH, len(layout.rank_info(rank).dcp_kv_heads), HEAD_DIM, dg, dtype)
-                q = torch.randn(BATCH, hq, 1, HEAD_DIM, generator=gen).to(dtype)
-                k, v = (torch.randn(BATCH, hkv, 1, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
+                cache = ContiguousShardCache(32, BATCH, len(layout.rank_info(rank).dcp_kv_heads), entry.width, dg,
+                                             dtype)
+                q = torch.randn(BATCH, hq, 1, entry.width, generator=gen).to(dtype)
+                k, v = new_kv(hkv, 1, entry.width)
                 stats = CommStats()
                 dcp_decode_attention(q, k, v, cache, torch.zeros(BATCH, dtype=torch.int64), dg, comm, 0.25, stats)
                 out.append((case + ("decode", comm), _stats_dict(stats),
-                            _stats_dict(plan.decode_comm_per_layer(layout, HEAD_DIM, BATCH, comm, es))))
+                            _stats_dict(plan.decode_comm_per_layer(layout, entry, BATCH, comm, es))))
             local = padded_length(PROMPT, pcp) // pcp
             q = torch.randn(BATCH, hq, local, HEAD_DIM, generator=gen).to(dtype)
-            k, v = (torch.randn(BATCH, hkv, local, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
+            prefill_kv_heads = hq if mla else hkv
+            k, v = (torch.randn(BATCH, prefill_kv_heads, local, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
             for comm in ("p2p", "all_gather", "a2a") if pcp > 1 else ():
                 stats = CommStats()
                 ring_prefill_attention(q, k, v, pcp_group=groups.pcp_group, scale=0.25, comm=comm, stats=stats)
-                out.append((case + ("prefill", comm), _stats_dict(stats),
-                            _stats_dict(plan.prefill_comm_per_layer(layout, HEAD_DIM, BATCH, PROMPT, comm, es))))
+                planned = plan.prefill_comm_per_layer(layout, HEAD_DIM, BATCH, PROMPT, comm, es,
+                                                      kv_heads=prefill_kv_heads)
+                out.append((case + ("prefill", comm), _stats_dict(stats), _stats_dict(planned)))
             stats = CommStats()
+            k, v = new_kv(hkv, local, entry.width)
             route_prefill_kv(k, v, padded_length(PROMPT, pcp), groups.pcp_rank, dg, stats)
             out.append((case + ("route", "all_to_all"), _stats_dict(stats),
-                        _stats_dict(plan.prefill_route_per_layer(layout, HEAD_DIM, BATCH, PROMPT, interleave, es))))
+                        _stats_dict(plan.prefill_route_per_layer(layout, entry, BATCH, PROMPT, interleave, es))))
         destroy_model_parallel()
     return out
 
@@ -156,6 +202,7 @@ def test_decode_prefill_and_routing_comm_equal_measured_commstats():
     cases = {case[-2:] for rank_results in results for case, _, _ in rank_results}
     assert {("decode", "a2a"), ("decode", "ag_rs"), ("prefill", "p2p"), ("prefill", "all_gather"),
             ("prefill", "a2a"), ("route", "all_to_all")} <= cases
+    assert {case[7] for rank_results in results for case, _, _ in rank_results} == {"gqa", "mla"}
     for rank, rank_results in enumerate(results):
         for case, measured, planned in rank_results:
             assert measured == planned, f"rank {rank} {case}: measured {measured}, planner {planned}"
@@ -235,7 +282,7 @@ def test_cli_builtin_model_and_nothing_fits_exits_1(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "llama-9000"], r"--model \('llama-9000'\) must be 'builtin', one of llama3.1-8b, llama3.1-70b, or "),
+    (["--model", "llama-9000"], r"--model \('llama-9000'\) must be 'builtin', one of llama3.1-8b, llama3.1-70b, deepseek-v3-dense, or "),
     (["--model", "builtin"], r"--context \(131072\) must be <= the model's max_seq_len \(512\)"),
     (["--model", "llama3.1-8b", "--memory-per-device", "80 gigs"],
      r"--memory-per-device \('80 gigs'\) must be a size such as 80GiB"),

@@ -224,7 +224,7 @@ class PagedKVCache:
         if tuple(k.shape) != expected_shape or k.shape != v.shape:
             raise ValueError(f"{caller}: k and v must both have shape {list(expected_shape)}; "
                              f"got k {list(k.shape)}, v {list(v.shape)}")
-        if self.values_are_keys and not torch.equal(k, v):
+        if self.values_are_keys and v is not k and not torch.equal(k, v):
             raise ValueError(f"{caller}: this cache stores latents (values_are_keys), so v must equal k")
 
     def _check_within_reservation(self, request_id: Hashable, state: _RequestState,

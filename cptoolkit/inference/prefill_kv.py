@@ -50,11 +50,12 @@ def route_prefill_kv(k: torch.Tensor, v: torch.Tensor, seq_len_padded: int, pcp_
     ``k``/``v [b, hkv_local, 2c, d]``: this rank's DualChunkSwap shard of its own KV heads. Returns
     ``(k_shard, v_shard [b, hkv_group, n, d], positions [n])`` — padding positions included (callers
     drop those ``>= seq_len`` per sequence). One all-to-all on the DCP group (none when ``dcp == 1``).
+    ``v is k`` (MLA's latent, key and value at once): the keys alone travel, and ``v_shard`` is ``k_shard``.
     """
     route = prefill_route(seq_len_padded, pcp_rank, dg)
-    kv = torch.stack([k, v])  # [2, b, hkv_local, 2c, d]
     if dg.dcp_size == 1:
-        return kv[0], kv[1], route.recv_positions[0]
+        return k, v, route.recv_positions[0]
+    kv = torch.stack([k] if v is k else [k, v])  # [planes, b, hkv_local, 2c, d]
     send = kv.new_zeros((dg.dcp_size, *kv.shape[:3], route.width, kv.shape[-1]))
     for member, index in enumerate(route.send_index):
         send[member, ..., :len(index), :] = kv[..., index, :]
@@ -64,6 +65,7 @@ def route_prefill_kv(k: torch.Tensor, v: torch.Tensor, seq_len_padded: int, pcp_
         senders = range(tp_position * dg.pcp_size, (tp_position + 1) * dg.pcp_size)
         per_source.append(torch.cat([received[m, ..., :len(route.recv_positions[m]), :] for m in senders],
                                     dim=-2))
-    kv_group = torch.cat(per_source, dim=2)  # [2, b, hkv_group, n, d]
+    kv_group = torch.cat(per_source, dim=2)  # [planes, b, hkv_group, n, d]
     positions = torch.cat([route.recv_positions[m] for m in range(dg.pcp_size)])
-    return kv_group[0], kv_group[1], positions
+    k_shard = kv_group[0]
+    return k_shard, k_shard if v is k else kv_group[1], positions

@@ -259,20 +259,22 @@ def gather_new_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dg: Decode
     ``(q [b, k*hq_local, 1, d], k, v [b, hkv_group, 1, d])``. ``k = 1``: returned as is. ``k > 1``:
     one all-gather of packed ``q|k|v`` on the DCP group; the PCP copies are identical (decode is not
     sequence-sharded), so members ``0, pcp_size, 2*pcp_size, ...`` (PCP rank 0) supply one copy per
-    TP position.
+    TP position. ``v is k`` (MLA's latent, key and value at once): ``q|k`` travels, and ``v`` is ``k``.
     """
     _check_new_token(q, k, v)
     if dg.tp_positions == 1:
         return q, k, v
     hq_local, hkv_local = q.shape[1], k.shape[1]
-    per_tp = all_gather(torch.cat([q, k, v], dim=1), dg.group, stats)[::dg.pcp_size]
+    packed = [q, k] if v is k else [q, k, v]
+    per_tp = all_gather(torch.cat(packed, dim=1), dg.group, stats)[::dg.pcp_size]
     kv_sources = per_tp[list(dg.kv_source_tp_positions)]
 
     def heads(stacked: torch.Tensor, start: int, count: int) -> torch.Tensor:
         return stacked[:, :, start:start + count].movedim(0, 1).flatten(1, 2)
 
-    return (heads(per_tp, 0, hq_local), heads(kv_sources, hq_local, hkv_local),
-            heads(kv_sources, hq_local + hkv_local, hkv_local))
+    k_group = heads(kv_sources, hq_local, hkv_local)
+    v_group = k_group if v is k else heads(kv_sources, hq_local + hkv_local, hkv_local)
+    return heads(per_tp, 0, hq_local), k_group, v_group
 
 
 def attend_shard(q_group: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor,

@@ -106,7 +106,8 @@ class MLASelfAttention(MegatronModule):
         latent = torch.cat([c, k_rope], dim=-1).permute(1, 0, 2).unsqueeze(1)                  # [b, 1, s, L+R]
         phase = self.core_attention.runtime.phase
         if phase.mode == "prefill" and phase.on_prefill_kv is not None:
-            phase.on_prefill_kv(self.layer_number, latent.detach(), latent.detach())
+            cached = latent.detach()
+            phase.on_prefill_kv(self.layer_number, cached, cached)  # the same tensor: routed and stored once
         if phase.mode == "prefill" and phase.history_lens is None:
             out = self._expanded(q_nope, q_rope, c, k_rope)
         else:
