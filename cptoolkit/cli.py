@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import tempfile
@@ -111,12 +112,36 @@ def _chunked_prefill(args: argparse.Namespace, raw: dict, source: str) -> dict[s
     return {}
 
 
+SPECULATIVE_FIELDS = {"method": "inference.speculative_method",
+                      "num_speculative_tokens": "inference.num_speculative_tokens",
+                      "prompt_lookup_max": "inference.prompt_lookup_max",
+                      "prompt_lookup_min": "inference.prompt_lookup_min"}
+
+
+def _speculative(text: str, source: str) -> dict[str, Any]:
+    """``--speculative-config JSON`` -> the ``inference`` fields its keys name (``SPECULATIVE_FIELDS``); the
+    values are validated with the merged config."""
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{source}: --speculative-config {text!r} is not JSON ({err})") from None
+    if not isinstance(given, dict):
+        raise ConfigError(f"{source}: --speculative-config {text!r} must be a JSON object")
+    unknown = sorted(set(given) - set(SPECULATIVE_FIELDS))
+    if unknown:
+        raise ConfigError(f"{source}: --speculative-config key {unknown[0]!r} is not supported; rule: one of "
+                          f"{', '.join(SPECULATIVE_FIELDS)}")
+    return {SPECULATIVE_FIELDS[key]: value for key, value in given.items()}
+
+
 def overrides(args: argparse.Namespace, raw: dict, source: str) -> dict[str, Any]:
     """``{"section.field": value}`` for every config flag given on the command line."""
     given = {flag.field: getattr(args, flag.dest) for flag in JOB_FLAGS[args.command]
              if getattr(args, flag.dest) is not None}
     if hasattr(args, "enable_chunked_prefill"):
         given.update(_chunked_prefill(args, raw, source))
+    if getattr(args, "speculative_config", None) is not None:
+        given.update(_speculative(args.speculative_config, source))
     return given
 
 
@@ -226,6 +251,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser, command: str) -> None
     for flag in JOB_FLAGS[command]:
         flag.add_to(parser)
     if MAX_NUM_BATCHED_TOKENS in JOB_FLAGS[command]:
+        parser.add_argument("--speculative-config", metavar="JSON",
+                            help="speculative decoding, as vLLM spells it: "
+                                 '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, '
+                                 '"prompt_lookup_min": 1}\' [inference.speculative_method, '
+                                 "inference.num_speculative_tokens, inference.prompt_lookup_max/min]")
         parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
                             help=f"prefill long prompts chunk by chunk (the chunk: --max-num-batched-tokens); "
                                  f"--no-enable-chunked-prefill prefills them whole [{CHUNK_FIELD}]")

@@ -110,7 +110,11 @@ class InferenceConfig:
     cache budget per rank; by default the cache holds ``batch_size`` requests of ``max_seq_len`` tokens.
     Requests wait for free blocks, so a smaller budget queues requests instead of failing them.
     ``prefill_chunk_size`` prefills long prompts chunk by chunk, with decode steps of the running
-    requests in between; ``prefix_caching`` reuses the KV blocks of prompt prefixes seen before."""
+    requests in between; ``prefix_caching`` reuses the KV blocks of prompt prefixes seen before.
+    ``speculative_method: ngram`` turns on speculative decoding with prompt-lookup drafts: up to
+    ``num_speculative_tokens`` tokens that followed the latest earlier match of the last
+    ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens, verified in one forward per step
+    (``inference.speculative``; greedy tokens are those of plain decoding)."""
 
     prompts: list[str] = field(default_factory=list)
     prompt_file: Optional[str] = None
@@ -127,6 +131,10 @@ class InferenceConfig:
     kv_cache_bytes: Optional[int] = None
     prefill_chunk_size: Optional[int] = None
     prefix_caching: bool = False
+    speculative_method: Optional[Literal["ngram"]] = None
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 3
 
     def __post_init__(self):
         given = [bool(self.prompts), self.prompt_file is not None, bool(self.messages)]
@@ -152,6 +160,11 @@ class InferenceConfig:
                  "must be >= 1 (null = room for batch_size requests of max_seq_len tokens)")
         _require(self.prefill_chunk_size is None or self.prefill_chunk_size >= 1, "prefill_chunk_size",
                  self.prefill_chunk_size, "must be >= 1 (null = prefill each prompt whole)")
+        _require(self.num_speculative_tokens >= 1, "num_speculative_tokens", self.num_speculative_tokens,
+                 "must be >= 1 (draft tokens verified per decode step with speculative_method)")
+        _require(1 <= self.prompt_lookup_min <= self.prompt_lookup_max, "prompt_lookup_min", self.prompt_lookup_min,
+                 f"must be in [1, prompt_lookup_max = {self.prompt_lookup_max}] (n-gram lengths the ngram "
+                 "proposer matches)")
 
 
 @dataclass(frozen=True)

@@ -123,8 +123,9 @@ def test_attend_shard_masks_padding_and_empty_shards():
 def test_new_token_shapes_are_checked():
     dg = DecodeGroup(None, dcp_rank=0, dcp_size=2, tp_positions=1, pcp_size=2)
     q, kv = torch.zeros(2, 4, 1, 8), torch.zeros(2, 2, 1, 8)
-    with pytest.raises(ValueError, match=r"decode expects one new token: q \[b, hq, 1, d\].*got q \(2, 4, 3, 8\)"):
-        gather_new_qkv(torch.zeros(2, 4, 3, 8), kv, kv, dg)
+    with pytest.raises(ValueError, match=r"decode expects L new tokens per sequence: q \[b, hq, L, d\], k and v "
+                                         r"\[b, hkv, L, d\]; got q \(2, 4, 3, 8\), k \(2, 2, 1, 8\)"):
+        gather_new_qkv(torch.zeros(2, 4, 3, 8), kv, kv, dg)  # 3 queries but 1 new key per sequence
     with pytest.raises(ValueError, match=r"q and k/v must agree on batch and head_dim"):
         gather_new_qkv(q, kv[..., :4], kv[..., :4], dg)
     q_group, k_group, v_group = gather_new_qkv(q, kv, kv + 1, dg)

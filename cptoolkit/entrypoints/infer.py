@@ -45,6 +45,10 @@ def metrics_table(metrics: dict) -> str:
                                   f"blocks of {metrics['kv_block_tokens']} tokens)"),
             ("collectives per decode step", f"{metrics['collectives_per_decode_step']:.1f} "
                                             f"({metrics['attention_collectives_per_layer_step']:.1f} per layer)")]
+    if metrics["draft_tokens"]:
+        rows.append(("speculative decoding", f"{metrics['draft_acceptance_rate']:.1%} of {metrics['draft_tokens']} "
+                                             f"drafts accepted, {metrics['tokens_per_request_step']:.2f} tokens per "
+                                             "request and step"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 

@@ -10,6 +10,7 @@ from cptoolkit.inference.engine import Engine
 from cptoolkit.inference.kv_cache import PagedKVCache
 from cptoolkit.layers.dcp_decode import shard_length
 from cptoolkit.inference.sampling import SamplingParams
+from cptoolkit.inference.speculative import NgramProposer
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dcp_decode import DecodeGroup
 from cptoolkit.models.from_config import DTYPES, model_from_config
@@ -97,7 +98,16 @@ def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device) -> E
     tokenizer = ByteTokenizer() if cfg.model.checkpoint is None else load_tokenizer(cfg.model.checkpoint)
     return Engine(model, runtime, groups, kv_cache(cfg, groups, model.shape, device), tokenizer,
                   max_batch_size=cfg.inference.batch_size, max_seq_len=max_seq_len(cfg),
-                  prefill_chunk_size=cfg.inference.prefill_chunk_size, prefix_caching=cfg.inference.prefix_caching)
+                  prefill_chunk_size=cfg.inference.prefill_chunk_size, prefix_caching=cfg.inference.prefix_caching,
+                  proposer=proposer(cfg))
+
+
+def proposer(cfg: Config) -> NgramProposer | None:
+    """The speculative-decoding draft proposer ``inference.speculative_method`` asks for (None: off)."""
+    inf = cfg.inference
+    if inf.speculative_method is None:
+        return None
+    return NgramProposer(inf.num_speculative_tokens, inf.prompt_lookup_min, inf.prompt_lookup_max)
 
 
 def read_prompts(cfg: Config) -> list[str | list[int]]:

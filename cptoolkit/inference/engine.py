@@ -21,7 +21,9 @@ One iteration (``step``):
   A request that asks for ``prompt_logprobs`` has every prompt token scored where its PCP rank holds it
   (``prompt_logprobs``); it never reuses cached prefix pages, whose tokens would go unscored.
 - Otherwise a **decode** step: one token for every running request, attention over the DCP-sharded
-  cache.
+  cache. With a ``proposer`` (speculative decoding, ``speculative``) requests with draft tokens feed them too,
+  ``L`` tokens per sequence through one forward, and emit the accepted drafts plus one token; the cache
+  forgets the rejected ones.
 Sampled tokens are broadcast from the replica's first rank over the replica group, so every rank
 appends the same token even if the ranks' float rounding differed.
 
@@ -55,6 +57,7 @@ from cptoolkit.inference.request import (GenerationResult, Request, TokenEvent, 
                                          request_result, stream_delta)
 from cptoolkit.inference.sampling import (SamplingParams, adjust_logits, broadcast_tokens, make_generator, sample,
                                           top_logprobs)
+from cptoolkit.inference.speculative import NgramProposer, accept
 from cptoolkit.layers.comm import all_reduce
 from cptoolkit.layers.core_attention import AttentionPhase, AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import partition_batch
@@ -75,13 +78,19 @@ class EngineMetrics:
     prefill_tokens_generated: int = 0
     decode_steps: int = 0
     decode_tokens: int = 0
+    decode_rows: int = 0  # requests summed over decode steps
     decode_collectives: int = 0
     decode_bytes_sent: int = 0
     decode_collectives_by_layer: dict[int, int] = field(default_factory=dict)
+    draft_tokens: int = 0  # speculative decoding: drafts proposed and verified
+    accepted_draft_tokens: int = 0
 
     def summary(self, kv_bytes_per_rank: int, num_layers: int) -> dict:
         steps = max(self.decode_steps, 1)
         return {
+            "draft_tokens": self.draft_tokens,
+            "draft_acceptance_rate": self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0,
+            "tokens_per_request_step": self.decode_tokens / max(self.decode_rows, 1),
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.prefill_tokens_generated + self.decode_tokens,
             "prefill_time_s": self.prefill_time_s,
@@ -107,12 +116,13 @@ class Engine:
     ``max_seq_len`` caps prompt + generated tokens per request (at most the model's ``max_seq_len``).
     ``prefill_chunk_size`` (a multiple of ``interleave * dcp``; None = whole prompts) splits long prompts
     into chunks with decode steps in between; ``prefix_caching`` reuses cached KV pages of prompt
-    prefixes (``block_pool``).
+    prefixes (``block_pool``); ``proposer`` turns on speculative decoding with its drafts (``speculative``).
     """
 
     def __init__(self, model: CPGPTModel, runtime: AttentionRuntime, groups: ParallelGroups,
                  cache: PagedKVCache, tokenizer, max_batch_size: int, max_seq_len: Optional[int] = None,
-                 prefill_chunk_size: Optional[int] = None, prefix_caching: bool = False):
+                 prefill_chunk_size: Optional[int] = None, prefix_caching: bool = False,
+                 proposer: Optional[NgramProposer] = None):
         self.shape = model.shape
         max_seq_len = self.shape.max_seq_len if max_seq_len is None else max_seq_len
         if max_batch_size < 1:
@@ -124,6 +134,7 @@ class Engine:
         self.cache, self.tokenizer, self.max_batch_size = cache, tokenizer, max_batch_size
         self.max_seq_len = max_seq_len
         self.prefill_chunk_size, self.prefix_caching = prefill_chunk_size, prefix_caching
+        self.proposer = proposer
         # A model's vocabulary may be padded past the tokenizer's (e.g. 320 rows for 258 byte ids):
         # ids the tokenizer cannot decode are never sampled.
         self.sampled_vocab_size = min(tokenizer.vocab_size, self.shape.vocab_size)
@@ -451,22 +462,78 @@ class Engine:
         start = time.perf_counter()
         stats_before = (self.runtime.stats.total_calls, self.runtime.stats.total_bytes)
         layer_calls_before = {layer: stats.total_calls for layer, stats in self.runtime.per_layer_stats.items()}
-        input_ids = torch.tensor([[r.output_ids[-1]] for r in requests], device=self._device)
-        positions = torch.tensor([[r.total_len - 1] for r in requests], device=self._device)
-        phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0],
+        drafts = self._drafts(requests)
+        num_drafts = max(map(len, drafts))
+        # Each row feeds its last token and its drafts, padded to the longest row's (padding is never accepted).
+        input_ids = torch.tensor([[r.output_ids[-1], *d, *[0] * (num_drafts - len(d))]
+                                  for r, d in zip(requests, drafts)], device=self._device)
+        positions = torch.tensor([[r.total_len - 1] for r in requests], device=self._device) + \
+            torch.arange(num_drafts + 1, device=self._device)
+        phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0] if num_drafts == 0 else positions,
                                kv_caches=self._cache_views([r.request_id for r in requests]))
         with torch.no_grad():
-            logits = gpt_forward(self.model, input_ids, positions, self.runtime, phase=phase)[:, -1]
+            logits = gpt_forward(self.model, input_ids, positions, self.runtime, phase=phase)  # [b, L, vocab]
         self.metrics.decode_collectives += self.runtime.stats.total_calls - stats_before[0]
         self.metrics.decode_bytes_sent += self.runtime.stats.total_bytes - stats_before[1]
         for layer, layer_stats in self.runtime.per_layer_stats.items():
             by_layer = self.metrics.decode_collectives_by_layer
             by_layer[layer] = by_layer.get(layer, 0) + layer_stats.total_calls - layer_calls_before.get(layer, 0)
-        tokens, logprobs = self._sample(logits, requests)
+        if num_drafts == 0:
+            tokens, logprobs = self._sample(logits[:, -1], requests)
+            events = self._append_tokens(requests, tokens, logprobs)
+            self.metrics.decode_tokens += len(requests)
+        else:
+            events = self._verify(logits, requests, drafts)
         self.metrics.decode_time_s += time.perf_counter() - start
         self.metrics.decode_steps += 1
-        self.metrics.decode_tokens += len(requests)
-        return self._append_tokens(requests, tokens, logprobs)
+        self.metrics.decode_rows += len(requests)
+        return events
+
+    def _drafts(self, requests: list[Request]) -> list[list[int]]:
+        """Each request's draft tokens (none without a proposer). Every row writes ``1 + max drafts`` positions
+        to the cache, so the request with the least room left (``max_new_tokens`` minus generated) bounds them
+        all; the same on every rank (the proposer reads only token ids)."""
+        if self.proposer is None:
+            return [[] for _ in requests]
+        room = min(r.sampling.max_new_tokens - len(r.output_ids) for r in requests)
+        return [self.proposer.propose(r.prompt_ids + r.output_ids, room) for r in requests]
+
+    def _verify(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]]) -> list[TokenEvent]:
+        """Speculative decoding's acceptance (``speculative.accept``) on ``logits [b, L, vocab]``, then each
+        request's tokens appended in order (stopping at its end) and its rejected drafts forgotten by the
+        cache. The first rank's tokens are broadcast over the replica, like ``_sample``'s."""
+        vocab = self.sampled_vocab_size
+        emitted = torch.full((len(requests), logits.shape[1]), -1, dtype=torch.int64, device=self._device)
+        for row, (request, draft) in enumerate(zip(requests, drafts)):
+            # Row j's penalties count the drafts before it as generated.
+            adjusted = torch.cat([adjust_logits(logits[row, j:j + 1, :vocab], [request.sampling],
+                                                [request.prompt_ids], [request.output_ids + draft[:j]])
+                                  for j in range(len(draft) + 1)])
+            tokens = accept(adjusted, draft, request.sampling, request.generator)
+            emitted[row, :len(tokens)] = torch.tensor(tokens)
+        if dist.is_initialized() and dist.get_world_size(self.groups.replica_group) > 1:
+            emitted = broadcast_tokens(emitted, self.groups.replica_group, src=self.groups.replica_first_rank)
+        events = []
+        for row, (request, draft) in enumerate(zip(requests, drafts)):
+            tokens = emitted[row][emitted[row] >= 0]
+            self.metrics.draft_tokens += len(draft)
+            self.metrics.accepted_draft_tokens += len(tokens) - 1
+            for j, token in enumerate(tokens.view(-1, 1)):
+                events += self._append_tokens([request], token, [self._logprob(logits[row, j], token, request)])
+                self.metrics.decode_tokens += 1
+                if request.finish_reason is not None:
+                    break
+            if request.finish_reason is None:
+                self.cache.truncate(request.request_id, request.total_len - 1)
+        return events
+
+    def _logprob(self, logits: torch.Tensor, token: torch.Tensor, request: Request) -> Optional[TokenLogprob]:
+        """``token``'s ``TokenLogprob`` under ``logits [vocab]`` if the request asked for logprobs."""
+        num_top = request.sampling.logprobs
+        if num_top is None:
+            return None
+        chosen, top_values, top_ids = top_logprobs(logits.unsqueeze(0), token, num_top)
+        return TokenLogprob(int(token), float(chosen[0]), tuple(zip(top_ids[0].tolist(), top_values[0].tolist())))
 
     # ------------------------------------------------------------------ sampling and stopping
     def _sample(self, logits: torch.Tensor, requests: list[Request]

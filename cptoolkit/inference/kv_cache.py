@@ -172,6 +172,17 @@ class PagedKVCache:
         self.pool.release(state.block_ids.tolist())
         del self._requests[request_id]
 
+    def truncate(self, request_id: Hashable, num_tokens: int) -> None:
+        """Forget the request's tokens at positions ``>= num_tokens`` on every layer (speculative decoding's
+        rejected drafts): each DCP member keeps ``shard_length(num_tokens)`` of its own, so all agree without
+        communicating. The blocks stay reserved; later appends overwrite the forgotten slots."""
+        state = self._state(request_id)
+        keep = shard_length(num_tokens, self.dcp_rank, self.dcp_size, self.interleave)
+        _require(0 <= keep <= int(state.shard_lens.min()), "truncate num_tokens", num_tokens,
+                 f"must be >= 0 and keep no more than the {int(state.shard_lens.min())} tokens shard "
+                 f"{self.dcp_rank} stores on every layer")
+        state.shard_lens.fill_(keep)
+
     def shard_len(self, layer_number: int, request_id: Hashable) -> int:
         """Tokens of ``request_id`` stored on this rank for layer ``layer_number``."""
         return int(self._state(request_id).shard_lens[self._layer_index(layer_number)])

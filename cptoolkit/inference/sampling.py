@@ -144,21 +144,34 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
                         for row, row_params, generator in zip(logits, params, generators)])
 
 
-def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """One token id (0-dim int64) from ``logits [vocab]``."""
-    if params.temperature == 0:
-        return torch.argmax(logits)
+def token_distribution(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a non-greedy ``params`` samples from ``logits [vocab]``: ``(probs [n], ids [n])``, the kept
+    tokens (temperature, then top-k, then top-p; see ``sample``), most likely first. ``probs`` need not sum to
+    1 after top-p (draws renormalise)."""
     sorted_logits, sorted_ids = torch.sort(logits.float(), descending=True, stable=True)
     if params.top_k:
         sorted_logits, sorted_ids = sorted_logits[:params.top_k], sorted_ids[:params.top_k]
     probs = torch.softmax(sorted_logits / params.temperature, dim=-1)
     if params.top_p < 1:
         mass_before = torch.cumsum(probs, dim=-1) - probs
-        probs = probs[mass_before < params.top_p]
+        kept = mass_before < params.top_p
+        probs, sorted_ids = probs[kept], sorted_ids[kept]
+    return probs, sorted_ids
+
+
+def draw(probs: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One of ``ids [n]`` (0-dim int64) with probability ``probs [n]`` (unnormalised) from ``generator``."""
     # torch.multinomial needs its input on the generator's device (CUDA rejects a CPU generator with
     # CUDA probs): draw there, then pick the token id on the logits' device.
     choice = torch.multinomial(probs.to(generator.device), 1, generator=generator)
-    return sorted_ids[choice.to(sorted_ids.device)][0]
+    return ids[choice.to(ids.device)][0]
+
+
+def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """One token id (0-dim int64) from ``logits [vocab]``."""
+    if params.temperature == 0:
+        return torch.argmax(logits)
+    return draw(*token_distribution(logits, params), generator)
 
 
 def adjust_logits(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],

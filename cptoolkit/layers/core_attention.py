@@ -59,10 +59,11 @@ class AttentionPhase:
     ``phase``), read by every ``CPCoreAttention``, never mutated in between.
 
     - ``mode``: ``"prefill"`` (causal attention over the given tokens; training is prefill) or
-      ``"decode"`` (one new token per sequence attends to its cache).
+      ``"decode"`` (one new token per sequence, or ``L`` consecutive ones, attends to its cache).
     - ``kv_caches``: ``{layer_number: cache}`` (``dcp_decode``'s ``ShardedKVCache`` protocol): decode
       appends and reads it; a prefill over a cached history reads it.
-    - ``decode_positions [b]`` (int64): positions of a decode step's tokens.
+    - ``decode_positions [b]`` (int64): positions of a decode step's tokens; ``[b, L]`` for ``L`` tokens
+      per sequence (speculative decoding's verification, ``dcp_decode_attention``).
     - ``history_lens [b]`` (int64, prefill only): tokens of each sequence already in ``kv_caches``;
       the given tokens continue at those positions and attend the history too
       (``context_attention``). ``None``: no history.
@@ -235,8 +236,8 @@ class CPCoreAttention(MegatronModule):
         return torch.cat(outs).reshape(query.shape[0], -1)
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence: ``q [b, hq, 1, d]``, ``k``/``v [b, hkv, 1, d]`` are appended
-        to this layer's cache by its shard owner and attended over the DCP group."""
+        """New tokens: ``q [b, hq, L, d]``, ``k``/``v [b, hkv, L, d]`` (usually ``L = 1``) are appended
+        to this layer's cache by their shard owners and attended over the DCP group, causally."""
         runtime, phase = self.runtime, self.runtime.phase
         return dcp_decode_attention(q, k, v, phase.kv_caches[self.layer_number],
                                     phase.decode_positions, runtime.decode_group,

@@ -20,6 +20,9 @@ One decode step of one layer (``dcp_decode_attention``), every collective on the
 2. ``kv_cache.append``: only the owner of the new position stores it.
 3. ``attend_shard``: attention of the group's heads over this member's shard -> ``(out, lse)``.
 4. ``combine_partials``: the exact output of this rank's own heads.
+A step may carry ``L > 1`` consecutive new tokens per sequence (speculative decoding's verification): the
+same four steps and collectives, every token appended first, and token ``j`` attending only the shard's
+tokens at positions up to its own (``attend_shard_causal``).
 
 Collectives per layer and step (bytes depend on batch, heads, head_dim and group size, never on
 the context length)::
@@ -159,7 +162,8 @@ class ShardedKVCache(Protocol):
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
         """Store ``k_new``/``v_new [b, hkv_group, 1, d]`` of requests whose ``positions [b]`` (int64)
-        belong to this shard; ignore the others."""
+        belong to this shard; ignore the others. (``dcp_decode_attention`` appends ``L`` tokens one
+        position column at a time.)"""
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(k_shard, v_shard [b, hkv_group, s_max, d], shard_lens [b] int64)``."""
@@ -244,8 +248,8 @@ class ContiguousShardCache:
 
 
 def _check_new_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4 or q.shape[2] != 1 or k.shape != v.shape or k.dim() != 4 or k.shape[2] != 1:
-        raise ValueError(f"decode expects one new token: q [b, hq, 1, d], k and v [b, hkv, 1, d]; "
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or k.shape[2] != q.shape[2]:
+        raise ValueError(f"decode expects L new tokens per sequence: q [b, hq, L, d], k and v [b, hkv, L, d]; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k/v must agree on batch and head_dim; got q {tuple(q.shape)}, k {tuple(k.shape)}")
@@ -255,8 +259,8 @@ def gather_new_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dg: Decode
                    stats: CommStats | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The group's query heads and the new token's group KV heads.
 
-    ``q [b, hq_local, 1, d]``, ``k``/``v [b, hkv_local, 1, d]`` (this rank's TP heads) ->
-    ``(q [b, k*hq_local, 1, d], k, v [b, hkv_group, 1, d])``. ``k = 1``: returned as is. ``k > 1``:
+    ``q [b, hq_local, L, d]``, ``k``/``v [b, hkv_local, L, d]`` (this rank's TP heads) ->
+    ``(q [b, k*hq_local, L, d], k, v [b, hkv_group, L, d])``. ``k = 1``: returned as is. ``k > 1``:
     one all-gather of packed ``q|k|v`` on the DCP group; the PCP copies are identical (decode is not
     sequence-sharded), so members ``0, pcp_size, 2*pcp_size, ...`` (PCP rank 0) supply one copy per
     TP position. ``v is k`` (MLA's latent, key and value at once): ``q|k`` travels, and ``v`` is ``k``.
@@ -301,6 +305,34 @@ def attend_shard(q_group: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Te
     return out, lse
 
 
+def visible_shard_lens(positions: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
+    """``[b, L]`` int64: how many of this member's shard slots the token at ``positions [b, L]`` sees, i.e.
+    its shard's tokens at positions ``<= positions`` (``shard_length(position + 1)``, vectorised)."""
+    turn = dg.interleave * dg.dcp_size
+    full_turns, rest = torch.div(positions + 1, turn, rounding_mode="floor"), (positions + 1) % turn
+    return full_turns * dg.interleave + (rest - dg.dcp_rank * dg.interleave).clamp(0, dg.interleave)
+
+
+def attend_shard_causal(q_group: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor,
+                        visible: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attend_shard`` for ``L`` queries per sequence, query ``j`` of request ``i`` over the first
+    ``visible[i, j]`` slots only: ``q_group [b, hq_group, L, d]``, ``visible [b, L]`` -> ``(out [b, hq_group,
+    L, d], lse [b, hq_group, L])``, computed in (at least) float32 with an explicit mask, since the block
+    kernels take no per-query lengths. A query that sees no slot gets ``out = 0``, ``lse = -inf``."""
+    batch, hq, num_queries, head_dim = q_group.shape
+    hkv, s_max = k_shard.shape[1], k_shard.shape[2]
+    dtype = torch.promote_types(q_group.dtype, torch.float32)
+    q = q_group.to(dtype).view(batch, hkv, hq // hkv, num_queries, head_dim)
+    scores = torch.einsum("bkgld,bksd->bkgls", q, k_shard.to(dtype)) * scale
+    seen = torch.arange(s_max, device=scores.device) < visible[:, None, None, :, None].to(scores.device)
+    scores = scores.masked_fill(~seen, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.nan_to_num(torch.exp(scores - lse.unsqueeze(-1)), nan=0.0)
+    out = torch.einsum("bkgls,bksd->bkgld", weights, v_shard.to(dtype))
+    return (out.reshape(batch, hq, num_queries, -1).to(q_group.dtype),
+            lse.reshape(batch, hq, num_queries).float())
+
+
 def _slices_by_member(x: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
     """``x [b, k*hq_local, ...]`` -> ``[dcp_size, b, hq_local, ...]`` whose entry ``s`` is the head
     slice of member ``s``'s TP position ``s // pcp_size``."""
@@ -342,8 +374,8 @@ def combine_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm
                      stats: CommStats | None = None) -> torch.Tensor:
     """Exact attention output of this rank's own heads from every member's partial.
 
-    ``out [b, hq_group, 1, d]``, ``lse [b, hq_group, 1]`` (this member's shard) ->
-    ``[b, hq_local, 1, d]``, ``hq_local = hq_group // k``. On the DCP group:
+    ``out [b, hq_group, L, d]``, ``lse [b, hq_group, L]`` (this member's shard) ->
+    ``[b, hq_local, L, d]``, ``hq_local = hq_group // k``. On the DCP group:
     ``ag_rs``: all-gather the LSEs, rescale locally by ``e^{lse - LSE}``, then sum the outputs with an
     all-reduce (``k = 1``) or a reduce-scatter that hands each member its TP position's head slice.
     ``a2a``: send packed ``(out, lse)`` head slices straight to their owners (an all-gather when
@@ -361,13 +393,23 @@ def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
                          stats: CommStats | None = None) -> torch.Tensor:
     """One decode step of one attention layer with the KV cache sharded over the DCP group.
 
-    ``q [b, hq_local, 1, d]``, ``k``/``v [b, hkv_local, 1, d]``: this rank's heads of the new token at
-    ``positions [b]`` (int64). Appends the token to ``kv_cache`` (its owner stores it), attends over
-    every shard and returns ``[b, hq_local, 1, d]``, equal to attention over the whole history.
-    Collective counts per call: see the module docstring.
+    ``q [b, hq_local, L, d]``, ``k``/``v [b, hkv_local, L, d]``: this rank's heads of ``L`` new tokens per
+    sequence at ``positions`` (int64; ``[b]`` when ``L = 1``, else ``[b, L]``, consecutive). Appends them to
+    ``kv_cache`` (each owner stores its own), attends over every shard (token ``j`` causally: the history and
+    the new tokens up to itself) and returns ``[b, hq_local, L, d]``, equal to attention over the whole
+    history. Collective counts per call: see the module docstring (the same for any ``L``).
     """
     _check_comm(comm)  # before the first collective, so a bad value fails every rank alike
     q_group, k_new, v_new = gather_new_qkv(q, k, v, dg, stats)
-    kv_cache.append(k_new, v_new, positions)
-    out, lse = attend_shard(q_group, *kv_cache.read(), scale)
+    if q.shape[2] == 1 and positions.dim() == 1:
+        kv_cache.append(k_new, v_new, positions)
+        out, lse = attend_shard(q_group, *kv_cache.read(), scale)
+        return combine_partials(out, lse, dg, comm, stats)
+    if positions.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"positions of {q.shape[2]} new tokens per sequence must be [b, L] = "
+                         f"[{q.shape[0]}, {q.shape[2]}]; got {tuple(positions.shape)}")
+    for column in range(q.shape[2]):
+        kv_cache.append(k_new[:, :, column:column + 1], v_new[:, :, column:column + 1], positions[:, column])
+    k_shard, v_shard, _ = kv_cache.read()
+    out, lse = attend_shard_causal(q_group, k_shard, v_shard, visible_shard_lens(positions, dg), scale)
     return combine_partials(out, lse, dg, comm, stats)

@@ -118,9 +118,10 @@ def gpt_hidden(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.T
                runtime: AttentionRuntime, phase: AttentionPhase = PREFILL) -> torch.Tensor:
     """Embedding -> decoder -> final norm on ``input_ids [b, s]`` at ``position_ids [b, s]`` (see
     ``gpt_forward``): the final hidden states ``[s, b, hidden]``, for ``gpt_logits``."""
-    if phase.mode == "decode" and input_ids.shape[1] != 1:
-        raise ValueError(f"decode takes one token per sequence; got input_ids of shape "
-                         f"{tuple(input_ids.shape)} (rule: s == 1)")
+    if phase.mode == "decode" and input_ids.shape[1] != 1 and \
+            tuple(phase.decode_positions.shape) != tuple(input_ids.shape):
+        raise ValueError(f"decode of {input_ids.shape[1]} tokens per sequence needs decode_positions shaped like "
+                         f"input_ids {tuple(input_ids.shape)}; got {tuple(phase.decode_positions.shape)}")
     hidden = model.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
     rotary = rotary_freqs(model, position_ids) if model.position_embedding_type == "rope" else None
     with runtime.use_phase(phase):

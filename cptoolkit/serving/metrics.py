@@ -51,6 +51,7 @@ class ServerMetrics:
         self.itl = Histogram(ITL_BUCKETS_S)
         self.kv_blocks_total, self.kv_blocks_used, self.prefix_cached_pages = kv_blocks_total, 0, 0
         self.requests_in_engine = 0
+        self.draft_tokens = self.accepted_draft_tokens = 0
 
     def http_response(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -69,10 +70,13 @@ class ServerMetrics:
                 self.prompt_tokens += prompt_tokens
                 self.prefix_cache_hit_tokens += prefix_cache_hit_tokens
 
-    def engine_state(self, requests_in_engine: int, kv_blocks_used: int, prefix_cached_pages: int) -> None:
+    def engine_state(self, requests_in_engine: int, kv_blocks_used: int, prefix_cached_pages: int,
+                     draft_tokens: int = 0, accepted_draft_tokens: int = 0) -> None:
+        """The engine's gauges, and its speculative-decoding totals so far (drafts verified, accepted)."""
         with self._lock:
             self.requests_in_engine, self.kv_blocks_used = requests_in_engine, kv_blocks_used
             self.prefix_cached_pages = prefix_cached_pages
+            self.draft_tokens, self.accepted_draft_tokens = draft_tokens, accepted_draft_tokens
 
     def render(self) -> str:
         """Prometheus text exposition format 0.0.4."""
@@ -86,6 +90,10 @@ class ServerMetrics:
                 ("generation_tokens_total", "counter", "Generated tokens", [((), self.generation_tokens)]),
                 ("prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache",
                  [((), self.prefix_cache_hit_tokens)]),
+                ("spec_decode_draft_tokens_total", "counter", "Speculative draft tokens verified",
+                 [((), self.draft_tokens)]),
+                ("spec_decode_accepted_tokens_total", "counter", "Speculative draft tokens accepted",
+                 [((), self.accepted_draft_tokens)]),
                 ("requests_in_engine", "gauge", "Requests waiting or running in the engine",
                  [((), self.requests_in_engine)]),
                 ("kv_blocks_used", "gauge", "KV-cache blocks held by requests (per rank)",
