@@ -96,7 +96,7 @@ def test_cache_rejects_bad_appends():
         cache.append(new, new, torch.tensor([0, 16]))
     with pytest.raises(ValueError, match="append out of order: request 0 is at position 2 but the cache holds 0"):
         cache.append(new, new, torch.tensor([2, 0]))
-    with pytest.raises(ValueError, match=r"append expects k_new, v_new \[2, 2, 1, 4\]"):
+    with pytest.raises(ValueError, match=r"append expects k_new, v_new \[2, 2, L, 4\]; got \(2, 1, 1, 4\)"):
         cache.append(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="positions must be int64 \\[2\\]"):
         cache.append(new, new, torch.tensor([0, 0], dtype=torch.int32))

@@ -276,29 +276,34 @@ class LayerCacheView:
             else torch.zeros(0, dtype=torch.int64, device=self.cache.device)
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
-        """Store each request's new token ``k_new, v_new [b, num_kv_heads, 1, head_dim]`` at ``positions [b]``
-        if this shard owns that position; tokens of other shards are ignored.
+        """Store each request's new tokens ``k_new, v_new [b, num_kv_heads, L, head_dim]`` at ``positions``
+        (``[b]`` for ``L = 1``, else ``[b, L]``, consecutive) where this shard owns them; tokens of other shards
+        are ignored.
 
-        An owned position must be the request's next shard slot (no decode step skipped or repeated).
+        Each owned position must be the request's next shard slot (no decode step skipped or repeated).
         Every position must be below its request's ``max_total_len`` on every rank, owned or not, so
         a sequence too long for the cache fails on all DCP members alike instead of leaving the
         others waiting in the next collective.
         """
         cache = self.cache
-        batch = len(self.request_ids)
-        cache._check_kv(k_new, v_new, positions, "append", (batch, cache.num_kv_heads, 1, cache.head_dim))
-        _require(positions.numel() == batch, "append positions.shape[0]", positions.numel(),
-                 f"it must equal the batch size {batch}")
-        owned = shard_of_position(positions, cache.dcp_size, cache.interleave) == cache.dcp_rank
-        slots = slot_of_position(positions, cache.dcp_size, cache.interleave)
+        batch, num_new = len(self.request_ids), k_new.shape[2] if k_new.dim() == 4 else 1
+        positions_2d = positions.view(batch, -1) if positions.numel() == batch * num_new else positions
+        _require(positions_2d.shape == (batch, num_new), "append positions.shape", tuple(positions.shape),
+                 f"it must be [{batch}] or [{batch}, {num_new}]: one position per new token of the batch")
+        cache._check_kv(k_new, v_new, positions_2d.flatten(), "append",
+                        (batch, cache.num_kv_heads, num_new, cache.head_dim))
+        owned = shard_of_position(positions_2d, cache.dcp_size, cache.interleave) == cache.dcp_rank
+        slots = slot_of_position(positions_2d, cache.dcp_size, cache.interleave)
         lens = self.shard_lens()
-        self._check_next_slot(owned & (slots != lens), lens, slots, positions)
-        self._check_next_slot(positions >= self._max_total_lens, lens, slots, positions)
-        rows = torch.nonzero(owned).flatten()
-        cache._write(self.layer, self._block_table[rows, slots[rows] // cache.block_size],
-                     slots[rows] % cache.block_size, k_new[rows, :, 0], v_new[rows, :, 0])
-        for row in rows.tolist():
-            self._states[row].shard_lens[self.layer] += 1
+        next_slots = lens[:, None] + torch.cumsum(owned, dim=1) - 1  # where each owned token must land
+        self._check_next_slot((owned & (slots != next_slots)).any(1), lens, slots, positions_2d)
+        self._check_next_slot((positions_2d >= self._max_total_lens[:, None]).any(1), lens, slots, positions_2d)
+        rows, columns = torch.nonzero(owned, as_tuple=True)
+        token_slots = slots[rows, columns]
+        cache._write(self.layer, self._block_table[rows, token_slots // cache.block_size],
+                     token_slots % cache.block_size, k_new[rows, :, columns], v_new[rows, :, columns])
+        for row, count in enumerate(owned.sum(1).tolist()):
+            self._states[row].shard_lens[self.layer] += count
 
     def _check_next_slot(self, bad: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor,
                          positions: torch.Tensor) -> None:
@@ -307,11 +312,12 @@ class LayerCacheView:
         if not bool(bad.any()):
             return
         row = int(torch.nonzero(bad)[0])
+        got = (f"position {int(positions[row, 0])}, slot {int(slots[row, 0])}" if positions.shape[1] == 1 else
+               f"positions {positions[row].tolist()}, slots {slots[row].tolist()}")
         raise ValueError(
             f"append: request {self.request_ids[row]!r} stores {int(lens[row])} tokens on shard "
             f"{self.cache.dcp_rank} of layer {self.layer} (max_total_len = {int(self._max_total_lens[row])}), "
-            f"so its next owned position must map to slot {int(lens[row])} and be < max_total_len; "
-            f"got position {int(positions[row])}, slot {int(slots[row])}")
+            f"so its next owned position must map to slot {int(lens[row])} and be < max_total_len; got {got}")
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's stored tokens of every request of the batch, in position order.

@@ -161,9 +161,8 @@ class ShardedKVCache(Protocol):
     """This member's KV shard for a batch of requests, as ``dcp_decode_attention`` uses it."""
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
-        """Store ``k_new``/``v_new [b, hkv_group, 1, d]`` of requests whose ``positions [b]`` (int64)
-        belong to this shard; ignore the others. (``dcp_decode_attention`` appends ``L`` tokens one
-        position column at a time.)"""
+        """Store the tokens of ``k_new``/``v_new [b, hkv_group, L, d]`` whose ``positions`` (int64, ``[b]``
+        when ``L = 1``, else ``[b, L]``, consecutive per request) belong to this shard; ignore the others."""
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(k_shard, v_shard [b, hkv_group, s_max, d], shard_lens [b] int64)``."""
@@ -212,34 +211,41 @@ class ContiguousShardCache:
 
     def _check_append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
         batch, heads, _, head_dim = self.k.shape
-        if k_new.shape != (batch, heads, 1, head_dim) or v_new.shape != k_new.shape:
-            raise ValueError(f"append expects k_new, v_new [{batch}, {heads}, 1, {head_dim}]; "
+        num_new = k_new.shape[2] if k_new.dim() == 4 else 0
+        if k_new.shape != (batch, heads, num_new, head_dim) or num_new < 1 or v_new.shape != k_new.shape:
+            raise ValueError(f"append expects k_new, v_new [{batch}, {heads}, L, {head_dim}]; "
                              f"got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
-        if positions.shape != (batch,) or positions.dtype != torch.int64:
-            raise ValueError(f"positions must be int64 [{batch}]; got {positions.dtype} {tuple(positions.shape)}")
-        too_long = (positions >= self.max_seq_len).nonzero()
+        if positions.shape not in ((batch,) * (num_new == 1), (batch, num_new)) or positions.dtype != torch.int64:
+            raise ValueError(f"positions must be int64 [{batch}] (one new token) or [{batch}, L]; got "
+                             f"{positions.dtype} {tuple(positions.shape)}")
+        positions = positions.view(batch, num_new)
+        too_long = (positions[:, -1] >= self.max_seq_len).nonzero()
         if len(too_long):
             request = int(too_long[0])
-            raise ValueError(f"sequence too long for the cache: position {int(positions[request])} >= "
+            raise ValueError(f"sequence too long for the cache: position {int(positions[request, -1])} >= "
                              f"max_seq_len {self.max_seq_len} (request {request}); allocate the cache with "
                              "a larger max_seq_len or stop generating before it")
-        out_of_order = (positions != self.seq_lens).nonzero()
+        expected = self.seq_lens[:, None] + torch.arange(num_new, device=positions.device)
+        out_of_order = (positions != expected).any(1).nonzero()
         if len(out_of_order):
             request = int(out_of_order[0])
             raise ValueError(f"append out of order: request {request} is at position "
-                             f"{int(positions[request])} but the cache holds {int(self.seq_lens[request])} "
+                             f"{int(positions[request, 0])} but the cache holds {int(self.seq_lens[request])} "
                              "of its tokens; each append must continue every request's sequence")
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
-        """See ``ShardedKVCache.append``; ``positions`` must equal ``seq_lens`` (no gaps)."""
+        """See ``ShardedKVCache.append``; ``positions`` (``[b]``, or ``[b, L]`` for ``L`` tokens) must continue
+        ``seq_lens`` (no gaps)."""
         self._check_append(k_new, v_new, positions)
+        positions = positions.view(positions.shape[0], -1)
         dg = self.dg
-        rows = (shard_of_position(positions, dg.dcp_size, dg.interleave) == dg.dcp_rank).nonzero().squeeze(1)
-        slots = slot_of_position(positions[rows], dg.dcp_size, dg.interleave)
-        self.k[rows, :, slots] = k_new[:, :, 0][rows]
-        self.v[rows, :, slots] = v_new[:, :, 0][rows]
-        self.shard_lens[rows] = slots + 1
-        self.seq_lens += 1
+        rows, columns = torch.nonzero(shard_of_position(positions, dg.dcp_size, dg.interleave) == dg.dcp_rank,
+                                      as_tuple=True)
+        slots = slot_of_position(positions[rows, columns], dg.dcp_size, dg.interleave)
+        self.k[rows, :, slots] = k_new[rows, :, columns]
+        self.v[rows, :, slots] = v_new[rows, :, columns]
+        self.shard_lens += torch.bincount(rows, minlength=len(self.shard_lens))
+        self.seq_lens += positions.shape[1]
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """See ``ShardedKVCache.read``: views up to the longest request's shard length."""
@@ -408,8 +414,7 @@ def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
     if positions.shape != (q.shape[0], q.shape[2]):
         raise ValueError(f"positions of {q.shape[2]} new tokens per sequence must be [b, L] = "
                          f"[{q.shape[0]}, {q.shape[2]}]; got {tuple(positions.shape)}")
-    for column in range(q.shape[2]):
-        kv_cache.append(k_new[:, :, column:column + 1], v_new[:, :, column:column + 1], positions[:, column])
+    kv_cache.append(k_new, v_new, positions)
     k_shard, v_shard, _ = kv_cache.read()
     out, lse = attend_shard_causal(q_group, k_shard, v_shard, visible_shard_lens(positions, dg), scale)
     return combine_partials(out, lse, dg, comm, stats)
