@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as `python bench/run_all.py`: make the repo
 
 import torch
 
-from bench import balance, decode, end_to_end, gpu, long_prompt, prefill_scaling
+from bench import balance, decode, end_to_end, gpu, long_prompt, mla_decode, prefill_scaling, speculative
 from bench.common import RESULTS_DIR, add_results_dir_argument
 
 BENCHMARKS = {"prefill_scaling": (prefill_scaling.main, prefill_scaling.table),
@@ -28,6 +28,8 @@ BENCHMARKS = {"prefill_scaling": (prefill_scaling.main, prefill_scaling.table),
               "decode": (decode.main, decode.table),
               "end_to_end": (end_to_end.main, end_to_end.table),
               "long_prompt": (long_prompt.main, long_prompt.table),
+              "mla_decode": (mla_decode.main, mla_decode.table),
+              "speculative": (speculative.main, speculative.table),
               "gpu": (gpu.main, gpu.tables)}
 
 
