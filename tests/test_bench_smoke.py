@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench import balance, decode, long_prompt, prefill_scaling, run_all
+from bench import balance, decode, long_prompt, prefill_scaling, run_all, vs_transformers
 from bench.common import machine_info, summarize, write_json
 from tests.multiproc import run_ranks
 
@@ -138,3 +138,28 @@ def test_long_prompt_schema_and_same_tokens(tmp_path):
     for phase in ("prefill", "decode_step"):
         assert row[f"{phase}_speedup"] == one[phase]["median_s"] / two[phase]["median_s"], (phase, row)
     assert "| 33 |" in long_prompt.table(payload)
+
+
+def test_vs_transformers_schema_and_same_fp32_tokens(tmp_path):
+    pytest.importorskip("transformers")
+    shape = {**vs_transformers.QWEN25_05B, "num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
+             "intermediate_size": 256, "vocab_size": 2048}
+    settings = dict(prefill=(33,), decode_batches=(1, 3), decode_prompt=16, new_tokens=4, reps=1,
+                    dtypes=("float32",))
+    payload = vs_transformers.run(shape, settings, log=lambda line: None, timeout_s=120)
+    rows = payload["results"]["float32"]
+    assert [r["row"] for r in rows] == ["prefill 33", "decode batch 1", "decode batch 3"]
+    for row in rows:
+        assert set(row["columns"]) == set(vs_transformers.COLUMNS)
+        assert set(row["ratios"]) == {f"{a}/{b}" for a, b in vs_transformers.GOALS.items()}
+        assert row["token_misses"] == [] and all(row["same_tokens"].values()), row["same_tokens"]
+        for stats in row["columns"].values():
+            assert STAT_KEYS <= set(stats) and stats["reps"] == 1
+            assert len(stats["tokens"]) == row["batch"] and all(len(t) == row["new_tokens"] for t in stats["tokens"])
+            if row["kind"] == "decode":  # the steps after the first token, every request
+                assert stats["decode_tokens"] == row["batch"] * (row["new_tokens"] - 1), stats
+    assert rows[-1]["distinct_tokens"] > 3, "a near-constant output proves little"
+    assert vs_transformers.fp32_token_misses(payload) == []
+    path = write_json("vs_transformers", payload, machine_info(), results_dir=tmp_path)
+    assert json.loads(path.read_text())["results"]["float32"][0]["row"] == "prefill 33"
+    assert "| decode batch 3 (float32) |" in vs_transformers.table(payload)
