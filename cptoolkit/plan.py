@@ -121,7 +121,7 @@ class CacheEntry:
 
     @staticmethod
     def of(shape: GPTShape) -> "CacheEntry":
-        return CacheEntry(1, shape.mla.latent_dim) if shape.mla is not None else CacheEntry(2, shape.head_dim)
+        return CacheEntry(*shape.kv_cache_entry)
 
 
 def kv_cache_bytes(shape: GPTShape, layout: ParallelLayout, max_seq_len: int, batch_size: int, block_size: int,

@@ -47,8 +47,7 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
     block_size, interleave = cfg.inference.kv_block_size, cfg.parallel.kv_interleave
     num_kv_heads = len(groups.rank_info.dcp_kv_heads)
     dtype = DTYPES[cfg.runtime.dtype]
-    # MLA: one latent per token (key and value at once), else K and V per KV head.
-    planes, head_dim = (1, shape.mla.latent_dim) if shape.mla is not None else (2, shape.head_dim)
+    planes, head_dim = shape.kv_cache_entry
     bytes_per_block = (shape.num_layers * planes * num_kv_heads * block_size * head_dim
                        * torch.empty(0, dtype=dtype).element_size())
     if cfg.inference.kv_cache_bytes is not None:

@@ -287,7 +287,7 @@ class LayerCacheView:
         """
         cache = self.cache
         batch, num_new = len(self.request_ids), k_new.shape[2] if k_new.dim() == 4 else 1
-        positions_2d = positions.view(batch, -1) if positions.numel() == batch * num_new else positions
+        positions_2d = positions.unsqueeze(1) if positions.dim() == 1 else positions
         _require(positions_2d.shape == (batch, num_new), "append positions.shape", tuple(positions.shape),
                  f"it must be [{batch}] or [{batch}, {num_new}]: one position per new token of the batch")
         cache._check_kv(k_new, v_new, positions_2d.flatten(), "append",

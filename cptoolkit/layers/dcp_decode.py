@@ -215,7 +215,8 @@ class ContiguousShardCache:
         if k_new.shape != (batch, heads, num_new, head_dim) or num_new < 1 or v_new.shape != k_new.shape:
             raise ValueError(f"append expects k_new, v_new [{batch}, {heads}, L, {head_dim}]; "
                              f"got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
-        if positions.shape not in ((batch,) * (num_new == 1), (batch, num_new)) or positions.dtype != torch.int64:
+        one_token = positions.shape == (batch,) and num_new == 1
+        if not (one_token or positions.shape == (batch, num_new)) or positions.dtype != torch.int64:
             raise ValueError(f"positions must be int64 [{batch}] (one new token) or [{batch}, L]; got "
                              f"{positions.dtype} {tuple(positions.shape)}")
         positions = positions.view(batch, num_new)
@@ -407,14 +408,14 @@ def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
     """
     _check_comm(comm)  # before the first collective, so a bad value fails every rank alike
     q_group, k_new, v_new = gather_new_qkv(q, k, v, dg, stats)
-    if q.shape[2] == 1 and positions.dim() == 1:
-        kv_cache.append(k_new, v_new, positions)
-        out, lse = attend_shard(q_group, *kv_cache.read(), scale)
-        return combine_partials(out, lse, dg, comm, stats)
-    if positions.shape != (q.shape[0], q.shape[2]):
+    one_token = q.shape[2] == 1 and positions.dim() == 1
+    if not one_token and positions.shape != (q.shape[0], q.shape[2]):
         raise ValueError(f"positions of {q.shape[2]} new tokens per sequence must be [b, L] = "
                          f"[{q.shape[0]}, {q.shape[2]}]; got {tuple(positions.shape)}")
     kv_cache.append(k_new, v_new, positions)
-    k_shard, v_shard, _ = kv_cache.read()
-    out, lse = attend_shard_causal(q_group, k_shard, v_shard, visible_shard_lens(positions, dg), scale)
+    k_shard, v_shard, shard_lens = kv_cache.read()
+    if one_token:  # it sees the whole shard: the block kernel, no mask
+        out, lse = attend_shard(q_group, k_shard, v_shard, shard_lens, scale)
+    else:
+        out, lse = attend_shard_causal(q_group, k_shard, v_shard, visible_shard_lens(positions, dg), scale)
     return combine_partials(out, lse, dg, comm, stats)

@@ -239,6 +239,12 @@ class GPTShape:
                                     **({"mscale_all_dim": m.mscale_all_dim} if m.mscale_all_dim else {})},
                 "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings}
 
+    @property
+    def kv_cache_entry(self) -> tuple[int, int]:
+        """``(planes, width)`` the KV cache stores per token, layer and KV head: K and V of ``head_dim``, or
+        MLA's one latent (key and value at once) of ``kv_lora_rank + qk_rope_head_dim``."""
+        return (1, self.mla.latent_dim) if self.mla is not None else (2, self.head_dim)
+
     def mla_softmax_scale(self) -> float:
         """MLA's scale of ``q . k``: ``1/sqrt(qk_nope + qk_rope)``, times ``yarn_mscale(factor, mscale_all_dim)²``
         with scaled RoPE (transformers' ``yarn_apply_mscale``)."""
