@@ -17,12 +17,16 @@ from torch.distributed import ProcessGroup
 
 @dataclass
 class CommStats:
-    """Per-rank tally: ``calls[name]`` collectives issued and ``bytes_sent[name]`` bytes sent.
+    """Per-rank tally: ``calls[name]`` collectives issued and ``bytes_sent[name]`` bytes sent; and the
+    prefill's attention work, ``tiles["computed"]`` / ``tiles["skipped"]``: causal chunk-by-chunk tiles
+    (one query chunk against one key chunk of a DualChunkSwap split) computed, and skipped because they lie
+    wholly outside a sliding window (``sliding_window``).
 
     A tally with a ``parent`` (e.g. one attention layer's, under the model's) also counts into it."""
 
     calls: Counter = field(default_factory=Counter)
     bytes_sent: Counter = field(default_factory=Counter)
+    tiles: Counter = field(default_factory=Counter)
     parent: "CommStats | None" = None
 
     def record(self, name: str, tensor: torch.Tensor) -> None:
@@ -30,6 +34,12 @@ class CommStats:
         self.bytes_sent[name] += tensor.numel() * tensor.element_size()
         if self.parent is not None:
             self.parent.record(name, tensor)
+
+    def record_tiles(self, computed: int, skipped: int) -> None:
+        self.tiles["computed"] += computed
+        self.tiles["skipped"] += skipped
+        if self.parent is not None:
+            self.parent.record_tiles(computed, skipped)
 
     @property
     def total_calls(self) -> int:
@@ -42,6 +52,7 @@ class CommStats:
     def reset(self) -> None:
         self.calls.clear()
         self.bytes_sent.clear()
+        self.tiles.clear()
 
 
 def _record(stats: CommStats | None, name: str, tensor: torch.Tensor) -> None:

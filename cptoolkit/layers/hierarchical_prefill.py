@@ -90,19 +90,21 @@ def check_groups(groups: HierarchicalGroups | None, pcp_group: ProcessGroup) -> 
 
 
 class HierarchicalPrefillAttention(torch.autograd.Function):
-    """Differentiable a2a+p2p attention: ``apply(q, k, v, groups, scale, stats) -> out [b, hq, 2c, d]``.
+    """Differentiable a2a+p2p attention: ``apply(q, k, v, groups, scale, stats, window, softcap) -> out
+    [b, hq, 2c, d]``; a sliding ``window`` reaches the ring, whose chunks are the super-chunks.
 
     ``q [b, hq, 2c, d]``, ``k``/``v [b, hkv, 2c, d]``: this rank's DualChunkSwap shard over the whole
     PCP group; ``hq`` must be a multiple of ``a`` (``ulysses_a2a.check_heads``).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, groups, scale, stats):
+    def forward(ctx, q, k, v, groups, scale, stats, window, softcap):
         q_ring, k_ring, v_ring = scatter_qkv(q, k, v, groups.a2a_group, stats)
-        out_ring, lse_ring = ring_forward(q_ring, k_ring, v_ring, groups.ring_group, scale, stats)
+        out_ring, lse_ring = ring_forward(q_ring, k_ring, v_ring, groups.ring_group, scale, stats, window, softcap)
         (out,) = gather_heads([out_ring], groups.a2a_group, stats)
         ctx.save_for_backward(q_ring, k_ring, v_ring, out_ring, lse_ring)
         ctx.groups, ctx.scale, ctx.stats, ctx.num_kv_heads = groups, scale, stats, k.shape[1]
+        ctx.window, ctx.softcap = window, softcap
         return out
 
     @staticmethod
@@ -111,6 +113,6 @@ class HierarchicalPrefillAttention(torch.autograd.Function):
         groups = ctx.groups
         (dout_ring,) = scatter_heads([dout], groups.a2a_group, ctx.stats)
         dq_ring, dk_ring, dv_ring = ring_backward(dout_ring, q_ring, k_ring, v_ring, out_ring, lse_ring,
-                                                  groups.ring_group, ctx.scale, ctx.stats)
+                                                  groups.ring_group, ctx.scale, ctx.stats, ctx.window, ctx.softcap)
         dq, dk, dv = gather_grads(dq_ring, dk_ring, dv_ring, ctx.num_kv_heads, groups.a2a_group, ctx.stats)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None, None

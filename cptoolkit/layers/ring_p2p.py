@@ -11,12 +11,16 @@ attention). Only the causally needed part of each step is computed:
   and none of chunk ``2P-1-src``, which lies after both local chunks.
 - ``src > r``: chunk ``r`` sees nothing; chunk ``2P-1-r`` sees both received chunks in full.
 
-Partials are merged by their log-sum-exp (``lse_merge.merge_two``). Per rank and layer the forward
+With a sliding ``window`` (``sliding_window``) a step computes only the chunk-by-chunk tiles the window
+sees, each with its own band mask, and skips the rest (counted in ``stats.tiles``); ``softcap`` caps every
+score (``block_attention``). Partials are merged by their log-sum-exp (``lse_merge.merge_two``). Per rank and layer the forward
 issues ``P-1`` ``send_recv`` calls on the PCP group. The backward replays the ring: K/V circulate
 again (``P-1`` calls), and each block's dK/dV accumulator follows its K/V one step behind, collecting
 every rank's contribution, and takes one more step home to its owner (``P`` calls).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,7 +28,9 @@ from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.block_attention import attention_backward, attention_forward
 from cptoolkit.layers.comm import CommStats, send_recv
+from cptoolkit.layers.dual_chunk_swap import chunk_ids
 from cptoolkit.layers.lse_merge import merge_two
+from cptoolkit.layers.sliding_window import Tile, chunk_tiles, needs_window
 
 
 def _ring_neighbours(pcp_group: ProcessGroup) -> tuple[int, int, int, int]:
@@ -35,13 +41,21 @@ def _ring_neighbours(pcp_group: ProcessGroup) -> tuple[int, int, int, int]:
     return pcp_rank, pcp_size, next_rank, prev_rank
 
 
-def _step_block(pcp_rank: int, src: int, chunk_len: int) -> tuple[slice, slice, bool]:
-    """Which local query rows and which received key rows a step computes, and whether causally."""
+def _step_blocks(pcp_rank: int, pcp_size: int, src: int, chunk_len: int, window: Optional[int],
+                 stats: CommStats | None) -> list[tuple[slice, slice, int, bool]]:
+    """``(local query rows, received key rows, offset, causal)`` of every block a step computes, its tiles
+    counted in ``stats``. Without a window one block per step: the causal local block (``src == r``), or the
+    part of the received K/V every row, or no row, sees."""
+    tiles, skipped = chunk_tiles(chunk_ids(pcp_rank, pcp_size), chunk_ids(src, pcp_size), chunk_len, window)
+    if stats is not None:
+        stats.record_tiles(len(tiles), skipped)
+    if window is not None:
+        return [(tile.rows, tile.keys, tile.offset, True) for tile in tiles]
     if src == pcp_rank:
-        return slice(None), slice(None), True
+        return [(slice(None), slice(None), 0, True)]
     if src < pcp_rank:
-        return slice(None), slice(0, chunk_len), False
-    return slice(chunk_len, None), slice(None), False
+        return [(slice(None), slice(0, chunk_len), 0, False)]
+    return [(slice(chunk_len, None), slice(None), 0, False)]
 
 
 def _wait(works: list[dist.Work]) -> None:
@@ -50,23 +64,32 @@ def _wait(works: list[dist.Work]) -> None:
 
 
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: ProcessGroup, scale: float,
-                 stats: CommStats | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out [b, hq, 2c, d] in q's dtype, lse [b, hq, 2c] float32)`` over the whole prefix."""
+                 stats: CommStats | None, window: Optional[int] = None, softcap: Optional[float] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out [b, hq, 2c, d] in q's dtype, lse [b, hq, 2c] float32)`` over the whole prefix (the
+    ``window`` most recent positions of it, with a sliding window)."""
     pcp_rank, pcp_size, next_rank, prev_rank = _ring_neighbours(pcp_group)
     chunk_len = q.shape[2] // 2
+    window = window if needs_window(window, 2 * pcp_size * chunk_len) else None
     kv = torch.stack([k, v])
+    if window is not None:
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
     for step in range(pcp_size):
         if step + 1 < pcp_size:
             next_kv, works = send_recv(kv, next_rank, prev_rank, pcp_group, stats)
-        rows, keys, causal = _step_block(pcp_rank, (pcp_rank - step) % pcp_size, chunk_len)
-        block_out, block_lse = attention_forward(q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
-                                                 causal=causal, scale=scale)
-        if step == 0:
-            # The diagonal block covers every local row: it starts the result (merging it into an empty
-            # partial would return it unchanged, at the cost of a zero fill and a pass over [b, hq, 2c, d]).
-            out, lse = block_out.float(), block_lse
-        else:
-            out[:, :, rows], lse[:, :, rows] = merge_two(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+        for rows, keys, offset, causal in _step_blocks(pcp_rank, pcp_size, (pcp_rank - step) % pcp_size,
+                                                        chunk_len, window, stats):
+            block_out, block_lse = attention_forward(q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys],
+                                                     causal=causal, scale=scale, offset=offset, window=window,
+                                                     softcap=softcap)
+            if step == 0 and window is None:
+                # The diagonal block covers every local row: it starts the result (merging it into an empty
+                # partial would return it unchanged, at the cost of a zero fill and a pass over [b, hq, 2c, d]).
+                out, lse = block_out.float(), block_lse
+            else:
+                out[:, :, rows], lse[:, :, rows] = merge_two(out[:, :, rows], lse[:, :, rows], block_out,
+                                                             block_lse)
         if step + 1 < pcp_size:
             _wait(works)
             kv = next_kv
@@ -74,7 +97,8 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: P
 
 
 def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, pcp_group: ProcessGroup, scale: float, stats: CommStats | None
+                  lse: torch.Tensor, pcp_group: ProcessGroup, scale: float, stats: CommStats | None,
+                  window: Optional[int] = None, softcap: Optional[float] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of the local shards, shaped like ``q, k, v``.
 
@@ -83,22 +107,24 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     """
     pcp_rank, pcp_size, next_rank, prev_rank = _ring_neighbours(pcp_group)
     chunk_len = q.shape[2] // 2
+    window = window if needs_window(window, 2 * pcp_size * chunk_len) else None
     kv = torch.stack([k, v])
     for step in range(pcp_size):
         if step + 1 < pcp_size:
             next_kv, kv_works = send_recv(kv, next_rank, prev_rank, pcp_group, stats)
-        rows, keys, causal = _step_block(pcp_rank, (pcp_rank - step) % pcp_size, chunk_len)
-        block_dq, block_dk, block_dv = attention_backward(
-            dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], out[:, :, rows],
-            lse[:, :, rows], causal=causal, scale=scale)
         if step == 0:
-            # The diagonal block covers every local row and key: its gradients start the accumulators.
-            dq, dkv = block_dq.float(), torch.stack([block_dk, block_dv]).float()
+            dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
         else:
-            dq[:, :, rows] += block_dq
             # The accumulator of block src arrives from rank r-1, which held block src last step.
             _wait(dkv_works)
             dkv = dkv_in
+        for rows, keys, offset, causal in _step_blocks(pcp_rank, pcp_size, (pcp_rank - step) % pcp_size,
+                                                        chunk_len, window, None):
+            block_dq, block_dk, block_dv = attention_backward(
+                dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], out[:, :, rows],
+                lse[:, :, rows], causal=causal, scale=scale, offset=offset, window=window, softcap=softcap)
+            dq[:, :, rows] += block_dq
             dkv[0][:, :, keys] += block_dk
             dkv[1][:, :, keys] += block_dv
         if pcp_size > 1:
@@ -113,17 +139,18 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 
 class RingP2PAttention(torch.autograd.Function):
-    """Differentiable ring attention: ``apply(q, k, v, pcp_group, scale, stats) -> out``."""
+    """Differentiable ring attention: ``apply(q, k, v, pcp_group, scale, stats, window, softcap) -> out``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pcp_group, scale, stats):
-        out, lse = ring_forward(q, k, v, pcp_group, scale, stats)
+    def forward(ctx, q, k, v, pcp_group, scale, stats, window, softcap):
+        out, lse = ring_forward(q, k, v, pcp_group, scale, stats, window, softcap)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pcp_group, ctx.scale, ctx.stats = pcp_group, scale, stats
+        ctx.pcp_group, ctx.scale, ctx.stats, ctx.window, ctx.softcap = pcp_group, scale, stats, window, softcap
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.pcp_group, ctx.scale, ctx.stats)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.pcp_group, ctx.scale, ctx.stats, ctx.window,
+                                   ctx.softcap)
+        return dq, dk, dv, None, None, None, None, None

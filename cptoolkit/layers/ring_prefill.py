@@ -20,6 +20,8 @@ All collectives run on ``pcp_group`` (or its sub-groups) and are counted in ``st
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -65,7 +67,8 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: Proc
 
 def ring_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pcp_group: ProcessGroup,
                            scale: float, comm: str = "p2p", stats: CommStats | None = None,
-                           hcp_groups: HierarchicalGroups | None = None) -> torch.Tensor:
+                           hcp_groups: HierarchicalGroups | None = None, window: Optional[int] = None,
+                           softcap: Optional[float] = None) -> torch.Tensor:
     """Causal attention of this rank's DualChunkSwap shard over the whole sequence.
 
     ``q [b, hq, 2c, d]``, ``k``/``v [b, hkv, 2c, d]`` with ``hq % hkv == 0`` (GQA/MQA; the ring and
@@ -73,7 +76,12 @@ def ring_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     ``out [b, hq, 2c, d]`` in q's dtype, differentiable in q, k, v. Runs its collectives on ``pcp_group``
     (every member must call with the same shapes, ``comm`` and ``scale``); ``comm="a2a+p2p"`` runs them
     on ``hcp_groups`` (``hierarchical_prefill.new_hierarchical_groups(pcp_group, a2a_size)``).
+    ``window``: a sliding window (each token attends its ``window`` most recent positions, itself included;
+    every comm skips the chunk tiles outside it, ``sliding_window``); ``softcap``: scores capped by
+    ``softcap * tanh(s / softcap)``.
     """
     _validate(q, k, v, pcp_group, comm, hcp_groups)
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window ({window!r}) must be a positive integer or None")
     groups = hcp_groups if comm == "a2a+p2p" else pcp_group
-    return PREFILL_COMMS[comm].apply(q, k, v, groups, scale, stats)
+    return PREFILL_COMMS[comm].apply(q, k, v, groups, scale, stats, window, softcap)

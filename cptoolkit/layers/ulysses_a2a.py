@@ -31,6 +31,7 @@ from torch.distributed import ProcessGroup
 from cptoolkit.layers.block_attention import attention_backward, attention_forward
 from cptoolkit.layers.comm import CommStats, all_to_all
 from cptoolkit.layers.dual_chunk_swap import chunk_ids, unshard_sequence
+from cptoolkit.layers.sliding_window import needs_window, sequence_tiles, windowed_backward, windowed_forward
 
 _SEQ_DIM = 2  # [b, h, s, d]
 
@@ -112,27 +113,42 @@ def gather_grads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, num_kv_he
 
 
 class UlyssesAttention(torch.autograd.Function):
-    """Differentiable Ulysses attention: ``apply(q, k, v, pcp_group, scale, stats) -> out [b, hq, 2c, d]``.
+    """Differentiable Ulysses attention: ``apply(q, k, v, pcp_group, scale, stats, window, softcap) -> out
+    [b, hq, 2c, d]``.
 
     ``q [b, hq, 2c, d]``, ``k``/``v [b, hkv, 2c, d]``: this rank's DualChunkSwap shard; ``hq`` must be a
     multiple of the PCP size (``check_heads``). Saves the exchanged ``[b, hq/P, S, d]`` tensors for the
-    backward (as much memory as the local shards, plus the KV replicas).
+    backward (as much memory as the local shards, plus the KV replicas). With a sliding ``window`` the
+    whole-sequence attention runs tile by tile (tiles of ``c`` positions, ``sliding_window.windowed_forward``),
+    skipping the tiles the window cannot see; the exchanges are unchanged.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, pcp_group, scale, stats):
+    def forward(ctx, q, k, v, pcp_group, scale, stats, window, softcap):
         q_seq, k_seq, v_seq = scatter_qkv(q, k, v, pcp_group, stats)
-        out_seq, lse_seq = attention_forward(q_seq, k_seq, v_seq, causal=True, scale=scale)
+        chunk_len, seq_len = q.shape[2] // 2, q_seq.shape[2]
+        window = window if needs_window(window, seq_len) else None
+        if window is None:
+            out_seq, lse_seq = attention_forward(q_seq, k_seq, v_seq, causal=True, scale=scale, softcap=softcap)
+            if stats is not None:
+                stats.record_tiles(len(sequence_tiles(seq_len, chunk_len, None)[0]), 0)
+        else:
+            out_seq, lse_seq = windowed_forward(q_seq, k_seq, v_seq, scale, window, softcap, chunk_len, stats)
         (out,) = gather_heads([out_seq], pcp_group, stats)
         ctx.save_for_backward(q_seq, k_seq, v_seq, out_seq, lse_seq)
         ctx.pcp_group, ctx.scale, ctx.stats, ctx.num_kv_heads = pcp_group, scale, stats, k.shape[1]
+        ctx.window, ctx.softcap, ctx.chunk_len = window, softcap, chunk_len
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q_seq, k_seq, v_seq, out_seq, lse_seq = ctx.saved_tensors
         (dout_seq,) = scatter_heads([dout], ctx.pcp_group, ctx.stats)
-        dq_seq, dk_seq, dv_seq = attention_backward(dout_seq, q_seq, k_seq, v_seq, out_seq, lse_seq,
-                                                    causal=True, scale=ctx.scale)
+        if ctx.window is None:
+            dq_seq, dk_seq, dv_seq = attention_backward(dout_seq, q_seq, k_seq, v_seq, out_seq, lse_seq,
+                                                        causal=True, scale=ctx.scale, softcap=ctx.softcap)
+        else:
+            dq_seq, dk_seq, dv_seq = windowed_backward(dout_seq, q_seq, k_seq, v_seq, out_seq, lse_seq, ctx.scale,
+                                                       ctx.window, ctx.softcap, ctx.chunk_len)
         dq, dk, dv = gather_grads(dq_seq, dk_seq, dv_seq, ctx.num_kv_heads, ctx.pcp_group, ctx.stats)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None, None
