@@ -1,7 +1,8 @@
 """Context attention equals causal attention over history + chunk: a prefill chunk attends its requests'
 histories, sharded over the DCP group in a real PagedKVCache, and itself; checked against float64
 softmax attention over the whole sequence on every layout TP x PCP x DCP up to 8 ranks, both decode
-comms, both prefill comms, GQA and MQA, interleave 1 and 2, with the collectives counted."""
+comms, both prefill comms, GQA and MQA, interleave 1 and 2, with the collectives counted; and with sliding
+windows shorter than a chunk and reaching into the history, one of them softcapped."""
 import itertools
 
 import pytest
@@ -25,12 +26,20 @@ KV_HEADS = (2, 1)  # GQA (4 query heads per KV head) and MQA
 TOLERANCE = 1e-5   # relative to the largest reference value
 
 
-def _reference(q, k, v, scale):
-    """float64 causal softmax attention, ``q, k, v [h, s, d]`` (GQA by repetition)."""
+# (window, softcap) of the windowed runs: shorter than every chunk; reaching back into the history, capped
+WINDOWS = ((3, None), (12, 2.0))
+
+
+def _reference(q, k, v, scale, window=None, softcap=None):
+    """float64 causal softmax attention, ``q, k, v [h, s, d]`` (GQA by repetition), over each query's
+    ``window`` latest positions, scores capped by ``softcap``."""
     groups = q.shape[0] // k.shape[0]
     k, v = k.double().repeat_interleave(groups, 0), v.double().repeat_interleave(groups, 0)
     scores = q.double() @ k.transpose(1, 2) * scale
-    mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril()
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    distance = torch.arange(q.shape[1])[:, None] - torch.arange(k.shape[1])[None, :]
+    mask = (distance >= 0) & (distance < (window or k.shape[1]))
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
 
 
@@ -133,8 +142,10 @@ def _paged_cache(dg, k_all, v_all, history_lens, chunk_len_padded, chunk_lens, h
 
 
 def _attend_and_compare(rank, layout, dg, pcp_group, num_kv_heads, decode_comm, prefill_comm, holds_chunk,
-                        history_lens, seed):
-    """One call of context attention on this rank: returns ``(max abs, max relative)`` error."""
+                        history_lens, seed, window=None, softcap=None):
+    """One call of context attention on this rank: returns ``(max abs, max relative)`` error. A window's ring
+    skips the K/V blocks it cannot see, so its send_recv count is not checked (tests/test_sliding_window.py
+    counts its tiles); every other collective is."""
     tp_size, pcp_size, dcp_size = layout
     tp, pcp_rank = rank % tp_size, rank // tp_size
     heads = ParallelLayout(tp_size, pcp_size, dcp_size, NUM_HEADS, num_kv_heads)
@@ -156,14 +167,17 @@ def _attend_and_compare(rank, layout, dg, pcp_group, num_kv_heads, decode_comm, 
     scale = HEAD_DIM ** -0.5
     stats = CommStats()
     out = context_attention(chunk_shard(q_all, q_heads), chunk_shard(k_all, kv_heads), chunk_shard(v_all, kv_heads),
-                            cache, history_lens, dg, pcp_group, prefill_comm, decode_comm, scale, stats)
+                            cache, history_lens, dg, pcp_group, prefill_comm, decode_comm, scale, stats, window,
+                            softcap)
     where = (f"rank {rank} TPxPCPxDCP={layout} kv_heads={num_kv_heads} I={dg.interleave} {decode_comm} "
-             f"{prefill_comm} cache holds chunk={holds_chunk} history={history_lens.tolist()}")
+             f"{prefill_comm} cache holds chunk={holds_chunk} history={history_lens.tolist()} window={window} "
+             f"softcap={softcap}")
     positions = shard_positions(chunk_len_padded, pcp_rank, pcp_size)  # chunk-relative
     worst_abs = worst_rel = 0.0
     for request, (history, chunk) in enumerate(zip(history_lens.tolist(), CHUNK_LENS)):
         seq = history + chunk
-        want = _reference(q_all[request, :, :seq], k_all[request, :, :seq], v_all[request, :, :seq], scale)
+        want = _reference(q_all[request, :, :seq], k_all[request, :, :seq], v_all[request, :, :seq], scale, window,
+                          softcap)
         real = positions < chunk
         if not real.any():  # this PCP rank holds only padding of this request's chunk
             continue
@@ -175,6 +189,9 @@ def _attend_and_compare(rank, layout, dg, pcp_group, num_kv_heads, decode_comm, 
         worst_abs, worst_rel = max(worst_abs, float(diff.max())), max(worst_rel, rel)
     calls, bytes_sent = _expected_comm(layout, decode_comm, prefill_comm, batch, len(q_heads), len(kv_heads),
                                        chunk_len_padded // pcp_size)
+    if window is not None:
+        for counts in (calls, bytes_sent, stats.calls, stats.bytes_sent):
+            counts.pop("send_recv", None)
     assert dict(stats.calls) == calls, f"{where}: collectives {dict(stats.calls)} != {calls}"
     assert dict(stats.bytes_sent) == bytes_sent, f"{where}: bytes {dict(stats.bytes_sent)} != {bytes_sent}"
     return worst_abs, worst_rel
@@ -192,29 +209,34 @@ def _my_group(rank_lists):
 
 # (KV heads, interleave, decode comm, prefill comm, cache already holds the chunk)
 CASES = list(itertools.product(KV_HEADS, (1, 2), ("a2a", "ag_rs"), ("p2p", "all_gather"), (False, True)))
+# The windows run with GQA and interleave 2 on p2p + a2a, with MQA and interleave 1 on all_gather + ag_rs.
+WINDOWED_CASES = [(2, 2, "a2a", "p2p", True), (1, 1, "ag_rs", "all_gather", False)]
 
 
 def _check_layouts(rank, world_size, layouts):
     """Every case of every layout, then the first case again on a batch with no history at all (same
-    collectives: their count and bytes never depend on the history). Returns ``(calls checked, worst
+    collectives: their count and bytes never depend on the history), then every window (``WINDOWS``) on a
+    case of each prefill comm. Returns ``(calls checked, worst
     abs error, worst relative error)`` of this rank."""
     calls, worst_abs, worst_rel = 0, 0.0, 0.0
     for layout_index, layout in enumerate(layouts):
         tp_size, pcp_size, dcp_size = layout
         groups = ParallelLayout(tp_size, pcp_size, dcp_size, NUM_HEADS, 1)
         dcp_group, pcp_group = _my_group(groups.dcp_groups), _my_group(groups.pcp_groups)
-        runs = [(case, HISTORY_LENS) for case in CASES] + [(CASES[0], torch.zeros_like(HISTORY_LENS))]
-        for run_index, ((num_kv_heads, interleave, *comms_and_cache), history_lens) in enumerate(runs):
+        runs = [(case, HISTORY_LENS, (None, None)) for case in CASES] + \
+            [(CASES[0], torch.zeros_like(HISTORY_LENS), (None, None))] + \
+            [(case, HISTORY_LENS, window) for case in WINDOWED_CASES for window in WINDOWS]
+        for run_index, ((num_kv_heads, interleave, *comms_and_cache), history_lens, window) in enumerate(runs):
             replication = ParallelLayout(tp_size, pcp_size, dcp_size, NUM_HEADS, num_kv_heads).kv_head_replication
             dg = DecodeGroup.from_group(dcp_group, dcp_size // pcp_size, pcp_size, interleave, replication)
             errors = _attend_and_compare(rank, layout, dg, pcp_group if pcp_size > 1 else None, num_kv_heads,
-                                         *comms_and_cache, history_lens, seed=1000 * layout_index + run_index)
+                                         *comms_and_cache, history_lens, 1000 * layout_index + run_index, *window)
             calls, worst_abs, worst_rel = calls + 1, max(worst_abs, errors[0]), max(worst_rel, errors[1])
     return calls, worst_abs, worst_rel
 
 
 def _run_layouts(world_size, layouts, **kwargs):
-    expected = len(layouts) * (len(CASES) + 1)
+    expected = len(layouts) * (len(CASES) + 1 + len(WINDOWED_CASES) * len(WINDOWS))
     results = run_ranks(world_size, _check_layouts, layouts, **kwargs)
     for rank, (calls, worst_abs, worst_rel) in enumerate(results):
         assert calls == expected and worst_rel <= TOLERANCE, \

@@ -1,5 +1,6 @@
 """DCP decode equals decode without DCP: sharded-KV attention against float64 attention over the
-whole history, on every layout TP x PCP x DCP up to 8 ranks, both combine backends."""
+whole history (or its sliding window, softcapped or not), on every layout TP x PCP x DCP up to 8 ranks, both
+combine backends."""
 import itertools
 
 import pytest
@@ -18,13 +19,20 @@ NUM_HEADS, HEAD_DIM, MAX_SEQ_LEN, DECODE_STEPS = 8, 8, 16, 3
 # equal lengths (one kernel call for both).
 PREFIX_LENS = torch.tensor([0, 5, 12, 5])
 KV_HEADS_BY_TP = {1: (2, 1), 2: (4, 2, 1), 4: (2, 1)}
+# (window, softcap): full attention; a window shorter than a shard turn at DCP 4 (so some members see none
+# of a token's window); a longer one, softcapped.
+WINDOWS = ((None, None), (2, None), (7, 1.5))
 
 
-def _reference(q, k, v, scale):
-    """float64 softmax attention, ``q [hq, 1, d]`` over ``k, v [hkv, s, d]`` (GQA by repetition)."""
+def _reference(q, k, v, scale, softcap=None):
+    """float64 softmax attention, ``q [hq, 1, d]`` over ``k, v [hkv, s, d]`` (GQA by repetition), scores
+    capped by ``softcap``."""
     groups = q.shape[0] // k.shape[0]
     k, v = k.double().repeat_interleave(groups, 0), v.double().repeat_interleave(groups, 0)
-    return torch.softmax(q.double() @ k.transpose(1, 2) * scale, dim=-1) @ v
+    scores = q.double() @ k.transpose(1, 2) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    return torch.softmax(scores, dim=-1) @ v
 
 
 # ---------------------------------------------------------------- pure layout, no processes
@@ -169,7 +177,7 @@ def _expected_comm(dg, comm, batch, hq_local, hkv_local):
              "reduce_scatter": dg.dcp_size * batch * hq_local * HEAD_DIM * f32})
 
 
-def _decode_and_compare(rank, layout, dg, num_kv_heads, comm, seed):
+def _decode_and_compare(rank, layout, dg, num_kv_heads, comm, seed, window, softcap):
     tp_size, pcp_size, dcp_size = layout
     tp = rank % tp_size
     heads = ParallelLayout(tp_size, pcp_size, dcp_size, NUM_HEADS, num_kv_heads)
@@ -191,12 +199,14 @@ def _decode_and_compare(rank, layout, dg, num_kv_heads, comm, seed):
         k_new, v_new = k_all[rows, :, positions].unsqueeze(2), v_all[rows, :, positions].unsqueeze(2)
         stats = CommStats()
         out = dcp_decode_attention(q_steps[step][:, q_heads], k_new[:, kv_heads], v_new[:, kv_heads], cache,
-                                   positions, dg, comm, scale, stats)
-        where = f"rank {rank} layout TPxPCPxDCP={layout} kv_heads={num_kv_heads} I={dg.interleave} {comm} step {step}"
+                                   positions, dg, comm, scale, stats, window, softcap)
+        where = (f"rank {rank} layout TPxPCPxDCP={layout} kv_heads={num_kv_heads} I={dg.interleave} {comm} "
+                 f"window={window} softcap={softcap} step {step}")
         for request in range(batch):
             length = int(positions[request]) + 1
-            want = _reference(q_steps[step, request], k_all[request, :, :length], v_all[request, :, :length],
-                              scale)[q_heads]
+            first = max(0, length - (window or length))
+            want = _reference(q_steps[step, request], k_all[request, :, first:length],
+                              v_all[request, :, first:length], scale, softcap)[q_heads]
             diff = (out[request].double() - want).abs()
             assert diff.max() <= 1e-5, f"{where} request {request}: max {diff.max():.2e}, mean {diff.mean():.2e}"
             worst = max(worst, float(diff.max()))
@@ -214,12 +224,13 @@ def _check_layouts(rank, world_size, layouts):
         group = _dcp_groups(*layout)
         k = dcp_size // pcp_size
         kv_shard = ParallelLayout(tp_size, pcp_size, dcp_size, NUM_HEADS, 1).rank_info(rank).kv_shard
-        for case, (num_kv_heads, interleave, comm) in enumerate(
-                itertools.product(KV_HEADS_BY_TP[tp_size], (1, 2), ("ag_rs", "a2a"))):
+        for case, (num_kv_heads, interleave, comm, (window, softcap)) in enumerate(
+                itertools.product(KV_HEADS_BY_TP[tp_size], (1, 2), ("ag_rs", "a2a"), WINDOWS)):
             replication = max(1, tp_size // num_kv_heads)
             dg = DecodeGroup.from_group(group, k, pcp_size, interleave, replication)
             assert dg.dcp_rank == kv_shard, f"rank {rank} {layout}: shard {dg.dcp_rank} != {kv_shard}"
-            error = _decode_and_compare(rank, layout, dg, num_kv_heads, comm, seed=100 * layout_index + case)
+            error = _decode_and_compare(rank, layout, dg, num_kv_heads, comm, 100 * layout_index + case, window,
+                                        softcap)
             cases, worst = cases + 1, max(worst, error)
     return cases, worst
 
@@ -256,7 +267,7 @@ def _check_golden_shards_and_bad_input(rank, world_size):
 
 def _run_layouts(world_size, layouts, **kwargs):
     """Every rank checks every (KV heads, interleave, comm) case of every layout."""
-    cases = sum(len(KV_HEADS_BY_TP[tp]) * 2 * 2 for tp, _, _ in layouts)
+    cases = sum(len(KV_HEADS_BY_TP[tp]) * 2 * 2 * len(WINDOWS) for tp, _, _ in layouts)
     for rank, (checked, worst) in enumerate(run_ranks(world_size, _check_layouts, layouts, **kwargs)):
         assert checked == cases and worst <= 1e-5, f"rank {rank}: {checked} of {cases} cases, worst {worst:.2e}"
 

@@ -54,6 +54,11 @@ FAMILIES = {
     "llama_yarn": ("LlamaConfig", "LlamaForCausalLM",
                    dict(rope_parameters={**YARN, "beta_fast": 8, "beta_slow": 2}, tie_word_embeddings=True)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    # Sliding windows several times shorter than the prompts: every layer (Mistral), the layers from
+    # max_window_layers on (Qwen2, whose first layer stays full).
+    "mistral_swa": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
+    "qwen2_swa": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=5,
+                                                          max_window_layers=1)),
     # One KV head: TP = 2 replicates it, and its bias, on both ranks (the fused-QKV kind, not a plain split).
     "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM",
                    dict(rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 0.5}, num_key_value_heads=1)),
@@ -62,6 +67,9 @@ FAMILIES = {
                                                    initializer_range=0.2, bos_token_id=1, eos_token_id=None,
                                                    pad_token_id=0)),
 }
+# The windowed families prefill in chunks (a window longer than the chunk: Mistral's; shorter: Qwen2's) with
+# prefix caching, every prompt twice: the second run attends the window through reused pages.
+CHUNKED = {"mistral_swa": 4, "qwen2_swa": 8}
 # (tp, pcp, dcp, prefill_comm, decode_comm): every family runs DCP = 2 and DCP = 4, with the comms swapped for
 # every other family, so each comm meets each DCP size.
 LAYOUTS = ((2, 2, 2, "p2p", "a2a"), (2, 2, 4, "all_gather", "ag_rs"))
@@ -145,19 +153,24 @@ def _families_rank(rank, world_size, cases):
             cfg = config_from_dict({
                 "parallel": dict(tp=tp, pcp=pcp, dcp=dcp, prefill_comm=prefill_comm, decode_comm=decode_comm),
                 "model": {"checkpoint": directory}, "runtime": {"device": "cpu"},
-                "inference": {"prompts": ["unused"], "batch_size": 2, "kv_block_size": 4}}, source="<test>")
+                "inference": {"prompts": ["unused"], "batch_size": 2, "kv_block_size": 4,
+                              "prefill_chunk_size": CHUNKED.get(name), "prefix_caching": name in CHUNKED}},
+                source="<test>")
+            repeats = 2 if name in CHUNKED else 1
             groups = initialize_model_parallel(tp=tp, pcp=pcp, dcp=dcp, num_heads=cfg.model.num_attention_heads,
                                                num_kv_heads=cfg.model.num_kv_heads)
             try:
                 engine = build_engine(cfg, groups, torch.device("cpu"))
                 got_logits = _recorded_logits(engine)
-                generated = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
+                generated = engine.generate(prompts * repeats,
+                                            SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
             finally:
                 destroy_model_parallel()
             diffs = [(torch.stack(got_logits[index]).double() - want.double()).abs() / want.abs().max()
-                     for index, want in enumerate(want_logits)]
+                     for index, want in enumerate(want_logits * repeats)]
             results[name, (tp, pcp, dcp, prefill_comm, decode_comm)] = (
-                [r.token_ids for r in generated], max(float(d.max()) for d in diffs),
+                [r.token_ids for r in generated[:len(prompts)]], [r.token_ids for r in generated[len(prompts):]],
+                sum(r.metrics.cached_prompt_tokens for r in generated), max(float(d.max()) for d in diffs),
                 float(torch.cat([d.flatten() for d in diffs]).mean()))
     return results
 
@@ -165,9 +178,11 @@ def _families_rank(rank, world_size, cases):
 def _check(cases, per_rank):
     for rank, results in enumerate(per_rank):
         assert {name for name, _ in results} == set(FAMILIES)
-        for (name, layout), (tokens, max_err, mean_err) in results.items():
+        for (name, layout), (tokens, repeated, cached, max_err, mean_err) in results.items():
             label, want_tokens = f"rank {rank}, {name}, layout {layout}", cases[name][2]
             assert tokens == want_tokens, f"{label}: {tokens} != transformers {want_tokens}"
+            if name in CHUNKED:  # the second run of each prompt reused its cached pages
+                assert repeated == want_tokens and cached > 0, (label, repeated, cached)
             assert max_err <= RTOL, (f"{label}: logits differ by max {max_err:.3g}, mean {mean_err:.3g} of "
                                      "transformers' largest logit")
 
@@ -248,14 +263,12 @@ REFUSED = {
                                        r"^missing required key 'low_freq_factor'"),
     "partial rotary": (_hf_config("llama", partial_rotary_factor=0.5),
                        r"^partial_rotary_factor=0\.5; rule: must be 1\.0 \(RoPE on the whole head\)$"),
-    "Mistral sliding window": (_hf_config("mistral", sliding_window=8),
-                               r"^sliding_window=8 is shorter than max_position_embeddings=64; rule: "
-                               r"sliding-window attention is not supported"),
-    "Qwen2 use_sliding_window": (_hf_config("qwen2_yarn", use_sliding_window=True),
-                                 r"^use_sliding_window=True; rule: sliding-window attention is not supported"),
-    "Qwen3 sliding layer": (_hf_config("qwen3", layer_types=["full_attention", "sliding_attention"]),
-                            r"^layer_types holds 'sliding_attention'; rule: sliding-window attention is not "
-                            r"supported .*; every layer must be 'full_attention'$"),
+    "Qwen3 unknown layer type": (_hf_config("qwen3", use_sliding_window=True,
+                                            layer_types=["full_attention", "chunked_attention"]),
+                                 r"^layer_types=\['full_attention', 'chunked_attention'\]; rule: a list of 2 entries, "
+                                 r"each one of \('full_attention', 'sliding_attention'\)$"),
+    "Mistral window of 0": (_hf_config("mistral", sliding_window=0), r"^sliding_window=0; rule: must be a positive "
+                                                                     r"integer$"),
     "Llama attention_bias (o_proj bias too)": (_hf_config("llama", attention_bias=True),
                                                r"^attention_bias=True; rule: must be False$"),
     "Qwen3 attention_bias": (_hf_config("qwen3", attention_bias=True), r"^attention_bias=True; rule: must be False$"),
@@ -278,31 +291,38 @@ def test_what_cptoolkit_would_compute_differently_is_refused_with_key_value_and_
         GPTShape.from_hf_config(config)
 
 
-def test_a_sliding_window_no_prompt_can_reach_is_accepted():
-    """A window of at least ``max_position_embeddings`` never masks a token: Mistral's default 4096 on a
-    short-context model, or a window equal to the context."""
+def test_sliding_windows_are_read_as_transformers_applies_them():
+    """Mistral windows every layer; Qwen2/Qwen3 only with use_sliding_window, from max_window_layers on or as
+    layer_types says; Llama never; a window no prompt can outgrow is no window."""
+    def shape(name, **changes):
+        read = GPTShape.from_hf_config(_hf_config(name, **changes))
+        return read.sliding_window, read.sliding_layers
+
+    assert shape("mistral", sliding_window=8) == (8, None)
+    # config.json's layer_types wins; without it, max_window_layers onwards (the saved dict carries layer_types
+    # computed when the window was off: drop it)
+    assert shape("qwen2_yarn", use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                 layer_types=None) == (8, (False, True))
+    assert shape("qwen2_yarn", use_sliding_window=False, sliding_window=8) == (None, None)
+    assert shape("qwen3", use_sliding_window=True, sliding_window=8,
+                 layer_types=["sliding_attention", "full_attention"]) == (8, (True, False))
+    assert shape("llama", sliding_window=8, layer_types=["sliding_attention"] * 2) == (None, None)
     for window in (64, 4096):
-        assert GPTShape.from_hf_config(_hf_config("mistral", sliding_window=window)).max_seq_len == 64
+        assert shape("mistral", sliding_window=window) == (None, None)
+    for name, changes in (("mistral", dict(sliding_window=8)),
+                          ("qwen2_yarn", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                                              layer_types=None))):
+        read = GPTShape.from_hf_config(_hf_config(name, **changes))
+        assert GPTShape.from_hf_config(read.to_hf_config()) == read  # a cptoolkit checkpoint keeps the window
 
 
 def test_a_refused_checkpoint_fails_at_load_config_in_one_line_naming_its_config_json(families, tmp_path):
     directory = shutil.copytree(families["mistral"][0], tmp_path / "mistral")
     config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
+    (directory / "config.json").write_text(json.dumps({**config, "partial_rotary_factor": 0.5}))
     run = tmp_path / "run.yaml"
     run.write_text(json.dumps({"parallel": {}, "model": {"checkpoint": str(directory)}, "runtime": {},
                                "inference": {"prompts": ["w2"]}}))
     with pytest.raises(ConfigError, match="^" + re.escape(str(directory / "config.json")) +
-                       r": sliding_window=8 is shorter than max_position_embeddings=64; rule: sliding-window "
-                       r"attention is not supported [^\n]*$"):
+                       r": partial_rotary_factor=0\.5; rule: must be 1\.0 [^\n]*$"):
         load_config(run)
-
-
-def test_an_explicit_head_dim_frees_hidden_size_from_the_head_count(tmp_path):
-    """Qwen3 sets head_dim on its own: a hidden size that is no multiple of the heads still loads."""
-    config = transformers.Qwen3Config(**{**LLAMA_SIZES, "hidden_size": 66}, head_dim=32).to_dict()
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "run.yaml").write_text(json.dumps({"parallel": {"tp": 2}, "model": {"checkpoint": str(tmp_path)},
-                                                   "runtime": {}, "inference": {"prompts": ["w2"]}}))
-    model = load_config(tmp_path / "run.yaml").model
-    assert (model.hidden_size, model.num_attention_heads, model.head_dim) == (66, 4, 32)

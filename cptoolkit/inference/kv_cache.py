@@ -275,6 +275,10 @@ class LayerCacheView:
         return torch.stack([state.shard_lens[self.layer] for state in self._states]) if self._states \
             else torch.zeros(0, dtype=torch.int64, device=self.cache.device)
 
+    def first_slots(self) -> torch.Tensor:
+        """``[b]`` int64: the shard slot ``read`` returns in column 0 (``ShardedKVCache.first_slots``)."""
+        return torch.zeros(len(self.request_ids), dtype=torch.int64, device=self.cache.device)
+
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
         """Store each request's new tokens ``k_new, v_new [b, num_kv_heads, L, head_dim]`` at ``positions``
         (``[b]`` for ``L = 1``, else ``[b, L]``, consecutive) where this shard owns them; tokens of other shards

@@ -16,6 +16,10 @@ exact attention is the LSE merge of two partials:
 (b) the chunk itself, causally, by the ring or the all-gather prefill over the PCP group (their
     forward functions return the LSE; a PCP of 1 attends locally).
 
+A sliding-window layer (``window``) keeps, in (a), only the history slots each query's window reaches (a
+slot range per query, ``dcp_decode.window_slot_ranges``: the columns before the latest ``window`` positions
+are cut off before any score is computed), and in (b) only the chunk tiles its window sees.
+
 Collectives per call (``a2a``/``ag_rs`` = ``decode_comm``, ``p2p``/``all_gather`` = ``prefill_comm``),
 none of them depending on the history lengths (an empty history still takes part, with
 ``lse = -inf``)::
@@ -33,6 +37,8 @@ query/KV heads, head dim ``d``, ``e`` bytes per element of q/k/v, ``P`` = PCP si
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -41,9 +47,11 @@ from cptoolkit.layers.allgather_prefill import allgather_forward
 from cptoolkit.layers.block_attention import attention_forward
 from cptoolkit.layers.comm import CommStats, all_gather, all_to_all, reduce_scatter
 from cptoolkit.layers.dcp_decode import (DECODE_COMMS, DecodeComm, DecodeGroup, ShardedKVCache, attend_shard,
-                                         shard_length)
+                                         attend_shard_range, shard_length, window_slot_ranges)
+from cptoolkit.layers.dual_chunk_swap import shard_positions
 from cptoolkit.layers.lse_merge import merge_many, merge_two
 from cptoolkit.layers.ring_p2p import ring_forward
+from cptoolkit.layers.sliding_window import needs_window, windowed_forward
 
 CONTEXT_PREFILL_COMMS = ("p2p", "all_gather")
 
@@ -76,23 +84,26 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_lens: t
 
 def _history_shard(kv_cache: ShardedKVCache, history_lens: torch.Tensor, hkv_group: int, dg: DecodeGroup
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This member's tokens of every request's history: ``(k, v [b, hkv_group, n_max, d], lens [b])``.
+    """This member's tokens of every request's history: ``(k, v [b, hkv_group, n_max, d], lens [b])``, column
+    0 holding slot ``kv_cache.first_slots()``; ``lens`` counts the history's columns.
 
     The cache may hold more than the history (the engine may already have stored the chunk's own
-    K/V); only each request's first ``shard_length(history_lens[i])`` slots are history.
+    K/V); only each request's slots below ``shard_length(history_lens[i])`` are history.
     """
     k_shard, v_shard, cached_lens = kv_cache.read()
+    column_0 = kv_cache.first_slots().cpu()
     if k_shard.shape[1] != hkv_group:
         raise ValueError(f"the cache holds {k_shard.shape[1]} KV heads but the DCP group's query heads read "
                          f"{hkv_group}; build it with the group's KV heads (ParallelLayout.dcp_kv_heads_of)")
     lens = torch.tensor([shard_length(length, dg.dcp_rank, dg.dcp_size, dg.interleave)
-                         for length in history_lens.tolist()], dtype=torch.int64)
+                         for length in history_lens.tolist()], dtype=torch.int64) - column_0
     short = (lens > cached_lens.cpu()).nonzero()
     if len(short):
         request = int(short[0])
         raise ValueError(f"request {request} has history_lens {int(history_lens[request])}, of which shard "
-                         f"{dg.dcp_rank} stores {int(lens[request])}, but its cache holds "
-                         f"{int(cached_lens[request])}: store the whole history before attending it")
+                         f"{dg.dcp_rank} stores {int(lens[request] + column_0[request])}, but its cache holds "
+                         f"{int(cached_lens[request] + column_0[request])}: store the whole history before "
+                         "attending it")
     n_max = int(lens.max()) if len(lens) else 0
     return k_shard[:, :, :n_max], v_shard[:, :, :n_max], lens.to(k_shard.device)
 
@@ -151,24 +162,46 @@ def return_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm:
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: ProcessGroup | None,
-                    prefill_comm: str, scale: float, stats: CommStats | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    prefill_comm: str, scale: float, stats: CommStats | None = None, window: Optional[int] = None,
+                    softcap: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of this rank's DualChunkSwap shard over the chunk: ``(out [b, hq, L, d], lse [b, hq, L])``.
 
     Collectives on ``pcp_group``: the ring's ``P-1`` send_recv or one all_gather; none when PCP = 1.
     """
     if pcp_group is None or dist.get_world_size(pcp_group) == 1:
-        return attention_forward(q, k, v, causal=True, scale=scale)
+        if needs_window(window, q.shape[2]):
+            return windowed_forward(q, k, v, scale, window, softcap, window, stats)
+        return attention_forward(q, k, v, causal=True, scale=scale, softcap=softcap)
     if prefill_comm == "p2p":
-        return ring_forward(q, k, v, pcp_group, scale, stats)
-    out, lse, _ = allgather_forward(q, k, v, pcp_group, scale, stats)
+        return ring_forward(q, k, v, pcp_group, scale, stats, window, softcap)
+    out, lse, _ = allgather_forward(q, k, v, pcp_group, scale, stats, window, softcap)
     return out, lse
+
+
+def _history_partial(q_group: torch.Tensor, k_history: torch.Tensor, v_history: torch.Tensor,
+                     history_shard_lens: torch.Tensor, column_0: torch.Tensor, history_lens: torch.Tensor,
+                     dg: DecodeGroup, scale: float, window: Optional[int], softcap: Optional[float]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a): ``q_group [b, hq_group, P*L, d]`` over this member's history columns. Without a window or softcap
+    every query sees every history column (the block kernel); otherwise each query its own column range
+    (``window_slot_ranges`` at its position ``history_lens[i] + chunk position``)."""
+    if window is None and softcap is None:
+        return attend_shard(q_group, k_history, v_history, history_shard_lens, scale)
+    local_len = q_group.shape[2] // dg.pcp_size
+    chunk_positions = torch.cat([shard_positions(dg.pcp_size * local_len, rank, dg.pcp_size)
+                                 for rank in range(dg.pcp_size)]).to(history_lens.device)
+    positions = history_lens[:, None] + chunk_positions[None, :]  # [b, P*L], gather_chunk_queries' token order
+    first, _ = window_slot_ranges(positions, window, dg)
+    first = (first - column_0[:, None].to(first.device)).clamp(min=0)
+    end = history_shard_lens[:, None].expand_as(first)
+    return attend_shard_range(q_group, k_history, v_history, first, end, scale, softcap)
 
 
 def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: ShardedKVCache,
                       history_lens: torch.Tensor, dg: DecodeGroup, pcp_group: ProcessGroup | None,
                       prefill_comm: str, decode_comm: DecodeComm, scale: float,
-                      stats: CommStats | None = None) -> torch.Tensor:
+                      stats: CommStats | None = None, window: Optional[int] = None,
+                      softcap: Optional[float] = None) -> torch.Tensor:
     """Attention of a prefill chunk over each request's cached history and, causally, the chunk itself.
 
     ``q [b, hq_local, 2c, d]``, ``k``/``v [b, hkv_local, 2c, d]``: this rank's TP heads of its
@@ -178,15 +211,17 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     hold at least each request's first ``history_lens[i]`` (int64 ``[b]``, 0 allowed) tokens and
     may hold more. ``dg`` runs the history collectives, ``pcp_group`` (``None`` when PCP = 1) the
     chunk's. Returns ``[b, hq_local, 2c, d]`` in q's dtype, equal to causal attention over history
-    and chunk. Every member must call with the same shapes, ``history_lens`` and comms; all checks
+    and chunk (over each token's ``window`` latest positions with a sliding window; scores capped by
+    ``softcap``). Every member must call with the same shapes, ``history_lens`` and comms; all checks
     run before the first collective. Forward only (inference).
     """
     _validate(q, k, v, history_lens, dg, pcp_group, prefill_comm, decode_comm)
     hkv_group = k.shape[1] * len(dg.kv_source_tp_positions)
     k_history, v_history, history_shard_lens = _history_shard(kv_cache, history_lens, hkv_group, dg)
     q_group = gather_chunk_queries(q, dg, stats)
-    out_history, lse_history = attend_shard(q_group, k_history, v_history, history_shard_lens, scale)
-    out_chunk, lse_chunk = chunk_attention(q, k, v, pcp_group, prefill_comm, scale, stats)
+    out_history, lse_history = _history_partial(q_group, k_history, v_history, history_shard_lens,
+                                                kv_cache.first_slots(), history_lens, dg, scale, window, softcap)
+    out_chunk, lse_chunk = chunk_attention(q, k, v, pcp_group, prefill_comm, scale, stats, window, softcap)
     out_history, lse_history = return_partials(out_history, lse_history, dg, decode_comm, stats)
     out, _ = merge_two(out_chunk.float(), lse_chunk, out_history, lse_history)
     return out.to(q.dtype)

@@ -19,6 +19,12 @@ Which one runs is decided by an ``AttentionRuntime``. Two ways to get one:
   ``cp_comm_type`` (``None``: ``p2p``), ``a2a+p2p`` takes ``pg_collection.hcp`` (or builds the groups
   from ``config.hierarchical_context_parallel_sizes``). megatron shards the batch and RoPE itself, in
   the same DualChunkSwap order (``megatron.core.utils.get_batch_on_this_cp_rank``).
+
+Sliding windows come from megatron's own config either way: a layer that megatron's
+``is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)`` calls
+windowed attends, in every phase, to its ``window_size[0] + 1`` latest positions (itself included); causal
+layers only (``window_size[1]`` must be 0). ``softcap`` (a spec parameter: Gemma 2's attention logit
+softcapping) caps every score as ``softcap * tanh(s / softcap)``.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
 from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.block_attention import attention_forward, current_backend
@@ -45,6 +52,7 @@ from cptoolkit.layers.dcp_decode import DecodeGroup, ShardedKVCache, dcp_decode_
 from cptoolkit.layers.dual_chunk_swap import shard_positions
 from cptoolkit.layers.hierarchical_prefill import HierarchicalGroups, check_groups, new_hierarchical_groups
 from cptoolkit.layers.ring_prefill import PREFILL_COMMS, ring_prefill_attention
+from cptoolkit.layers.sliding_window import LocalAttention
 from cptoolkit.layers.ulysses_a2a import check_heads
 
 ATTENTION_MODES = ("prefill", "decode")
@@ -152,9 +160,11 @@ class CPCoreAttention(MegatronModule):
                  attention_type: str, attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection: Optional[ProcessGroupCollection] = None, *,
-                 runtime: Optional[AttentionRuntime] = None):
+                 runtime: Optional[AttentionRuntime] = None, softcap: Optional[float] = None):
         super().__init__(config=config)
         _check_supported(config, attn_mask_type, attention_type, attention_dropout)
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"softcap={softcap!r}; rule: a positive number (the scores' cap), or None")
         if runtime is None:
             runtime = runtime_from_megatron(config, layer_number, cp_comm_type, pg_collection)
         else:
@@ -163,6 +173,8 @@ class CPCoreAttention(MegatronModule):
         self.runtime = runtime
         self.softmax_scale = (1.0 / math.sqrt(config.kv_channels) if softmax_scale is None
                               else softmax_scale)
+        self.window = layer_window(config, layer_number)
+        self.softcap = softcap
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
@@ -193,18 +205,21 @@ class CPCoreAttention(MegatronModule):
         return context_attention(q, k, v, phase.kv_caches[self.layer_number], phase.history_lens,
                                  runtime.decode_group, runtime.pcp_group if runtime.pcp_size > 1 else None,
                                  runtime.prefill_comm, runtime.decode_comm, self.softmax_scale,
-                                 runtime.layer_stats(self.layer_number))
+                                 runtime.layer_stats(self.layer_number), self.window, self.softcap)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Exact causal attention of this rank's DualChunkSwap shard ``[b, h, 2c, d]`` over the PCP group
         (at PCP = 1: of the whole sequence, any length)."""
         runtime = self.runtime
         if runtime.pcp_size == 1:
+            if self.window is not None or self.softcap is not None:
+                return LocalAttention.apply(q, k, v, self.softmax_scale, self.window, self.softcap,
+                                            runtime.layer_stats(self.layer_number))
             out, _ = attention_forward(q, k, v, causal=True, scale=self.softmax_scale)
             return out
         return ring_prefill_attention(q, k, v, pcp_group=runtime.pcp_group, comm=runtime.prefill_comm,
                                       scale=self.softmax_scale, stats=runtime.layer_stats(self.layer_number),
-                                      hcp_groups=runtime.hcp_groups)
+                                      hcp_groups=runtime.hcp_groups, window=self.window, softcap=self.softcap)
 
     def _packed_prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         packed_seq_params: Any) -> torch.Tensor:
@@ -241,7 +256,8 @@ class CPCoreAttention(MegatronModule):
         runtime, phase = self.runtime, self.runtime.phase
         return dcp_decode_attention(q, k, v, phase.kv_caches[self.layer_number],
                                     phase.decode_positions, runtime.decode_group,
-                                    runtime.decode_comm, self.softmax_scale, runtime.layer_stats(self.layer_number))
+                                    runtime.decode_comm, self.softmax_scale, runtime.layer_stats(self.layer_number),
+                                    self.window, self.softcap)
 
 
 def packed_sequences(packed_seq_params: Any, pcp_size: int, local_tokens: int) -> list[tuple[int, int, int]]:
@@ -280,6 +296,20 @@ def packed_sequences(packed_seq_params: Any, pcp_size: int, local_tokens: int) -
                          f"{cu_padded[-1]} / {pcp_size} tokens, this rank's share of every padded sequence")
     starts = [start // pcp_size for start in cu_padded[:-1]]
     return [(start, n, length) for start, n, length in zip(starts, padded, lengths) if n > 0]
+
+
+def layer_window(config: TransformerConfig, layer_number: int) -> Optional[int]:
+    """The sliding window of layer ``layer_number`` under megatron's ``window_size`` / ``window_attn_skip_freq``
+    (``is_layer_window_attention``): ``window_size[0] + 1`` positions (a query and the ``window_size[0]``
+    before it), None for full attention (no window, a skipped layer, or ``window_size[0] == -1``)."""
+    if not is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+        return None
+    left, right = config.window_size
+    if right != 0 or not isinstance(left, int) or left < -1:
+        raise ValueError(f"window_size={tuple(config.window_size)!r} of layer {layer_number}; rule: (left, 0) with "
+                         "left >= 0 tokens before each query, or -1 for no limit: CPCoreAttention is causal, so no "
+                         "query sees a later token")
+    return None if left == -1 else left + 1
 
 
 def _check_supported(config: TransformerConfig, attn_mask_type: AttnMaskType, attention_type: str,

@@ -22,7 +22,10 @@ One decode step of one layer (``dcp_decode_attention``), every collective on the
 4. ``combine_partials``: the exact output of this rank's own heads.
 A step may carry ``L > 1`` consecutive new tokens per sequence (speculative decoding's verification): the
 same four steps and collectives, every token appended first, and token ``j`` attending only the shard's
-tokens at positions up to its own (``attend_shard_causal``).
+tokens at positions up to its own (``attend_shard_range``). A sliding-window layer's token at ``p`` attends
+only the shard's tokens at positions ``(p - window, p]``: a contiguous range of its slots
+(``window_slot_ranges``), so every member still computes its own partial and the merge is unchanged. A
+cache may drop the slots no window can reach any more (``ShardedKVCache.first_slots``).
 
 Collectives per layer and step (bytes depend on batch, heads, head_dim and group size, never on
 the context length)::
@@ -36,7 +39,7 @@ the context length)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -165,7 +168,12 @@ class ShardedKVCache(Protocol):
         when ``L = 1``, else ``[b, L]``, consecutive per request) belong to this shard; ignore the others."""
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(k_shard, v_shard [b, hkv_group, s_max, d], shard_lens [b] int64)``."""
+        """Return ``(k_shard, v_shard [b, hkv_group, s_max, d], shard_lens [b] int64)``: request ``i``'s slots
+        ``first_slots()[i] ..`` in its first ``shard_lens[i]`` columns."""
+
+    def first_slots(self) -> torch.Tensor:
+        """``[b]`` int64: the shard slot in column 0 of ``read``'s tensors (0 unless the cache has dropped the
+        slots a sliding window can no longer reach)."""
 
 
 class ContiguousShardCache:
@@ -253,6 +261,10 @@ class ContiguousShardCache:
         s_max = int(self.shard_lens.max())
         return self.k[:, :, :s_max], self.v[:, :, :s_max], self.shard_lens
 
+    def first_slots(self) -> torch.Tensor:
+        """See ``ShardedKVCache.first_slots``: this cache keeps every slot."""
+        return torch.zeros_like(self.shard_lens)
+
 
 def _check_new_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or k.shape[2] != q.shape[2]:
@@ -314,24 +326,41 @@ def attend_shard(q_group: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Te
 
 def visible_shard_lens(positions: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
     """``[b, L]`` int64: how many of this member's shard slots the token at ``positions [b, L]`` sees, i.e.
-    its shard's tokens at positions ``<= positions`` (``shard_length(position + 1)``, vectorised)."""
+    its shard's tokens at positions ``<= positions`` (``shard_length(position + 1)``, vectorised; 0 for
+    negative positions)."""
     turn = dg.interleave * dg.dcp_size
-    full_turns, rest = torch.div(positions + 1, turn, rounding_mode="floor"), (positions + 1) % turn
+    after = positions.clamp(min=-1) + 1
+    full_turns, rest = torch.div(after, turn, rounding_mode="floor"), after % turn
     return full_turns * dg.interleave + (rest - dg.dcp_rank * dg.interleave).clamp(0, dg.interleave)
 
 
-def attend_shard_causal(q_group: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor,
-                        visible: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``attend_shard`` for ``L`` queries per sequence, query ``j`` of request ``i`` over the first
-    ``visible[i, j]`` slots only: ``q_group [b, hq_group, L, d]``, ``visible [b, L]`` -> ``(out [b, hq_group,
-    L, d], lse [b, hq_group, L])``, computed in (at least) float32 with an explicit mask, since the block
-    kernels take no per-query lengths. A query that sees no slot gets ``out = 0``, ``lse = -inf``."""
+def window_slot_ranges(positions: torch.Tensor, window: Optional[int], dg: DecodeGroup
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, end) [b, L]`` int64: the shard slots ``[first, end)`` the token at ``positions [b, L]`` attends:
+    those at positions ``<= positions``, and with a ``window`` also ``> positions - window``."""
+    end = visible_shard_lens(positions, dg)
+    first = torch.zeros_like(end) if window is None else visible_shard_lens(positions - window, dg)
+    return first, end
+
+
+def attend_shard_range(q_group: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Tensor, first: torch.Tensor,
+                       end: torch.Tensor, scale: float, softcap: Optional[float] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attend_shard`` for ``L`` queries per sequence, query ``j`` of request ``i`` over the columns
+    ``[first[i, j], end[i, j])`` of ``k_shard``/``v_shard`` only: ``q_group [b, hq_group, L, d]``, ``first``,
+    ``end [b, L]`` -> ``(out [b, hq_group, L, d], lse [b, hq_group, L])``, computed in (at least) float32 with an
+    explicit mask, since the block kernels take no per-query ranges; ``softcap`` caps the scores. A query that
+    sees no column gets ``out = 0``, ``lse = -inf``."""
     batch, hq, num_queries, head_dim = q_group.shape
     hkv, s_max = k_shard.shape[1], k_shard.shape[2]
     dtype = torch.promote_types(q_group.dtype, torch.float32)
     q = q_group.to(dtype).view(batch, hkv, hq // hkv, num_queries, head_dim)
     scores = torch.einsum("bkgld,bksd->bkgls", q, k_shard.to(dtype)) * scale
-    seen = torch.arange(s_max, device=scores.device) < visible[:, None, None, :, None].to(scores.device)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    columns = torch.arange(s_max, device=scores.device)
+    seen = ((columns >= first[:, None, None, :, None].to(scores.device))
+            & (columns < end[:, None, None, :, None].to(scores.device)))
     scores = scores.masked_fill(~seen, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.nan_to_num(torch.exp(scores - lse.unsqueeze(-1)), nan=0.0)
@@ -397,14 +426,16 @@ def combine_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm
 
 def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: ShardedKVCache,
                          positions: torch.Tensor, dg: DecodeGroup, comm: DecodeComm, scale: float,
-                         stats: CommStats | None = None) -> torch.Tensor:
+                         stats: CommStats | None = None, window: Optional[int] = None,
+                         softcap: Optional[float] = None) -> torch.Tensor:
     """One decode step of one attention layer with the KV cache sharded over the DCP group.
 
     ``q [b, hq_local, L, d]``, ``k``/``v [b, hkv_local, L, d]``: this rank's heads of ``L`` new tokens per
     sequence at ``positions`` (int64; ``[b]`` when ``L = 1``, else ``[b, L]``, consecutive). Appends them to
     ``kv_cache`` (each owner stores its own), attends over every shard (token ``j`` causally: the history and
     the new tokens up to itself) and returns ``[b, hq_local, L, d]``, equal to attention over the whole
-    history. Collective counts per call: see the module docstring (the same for any ``L``).
+    history (over the ``window`` latest positions with a sliding window; scores capped by ``softcap``).
+    Collective counts per call: see the module docstring (the same for any ``L``).
     """
     _check_comm(comm)  # before the first collective, so a bad value fails every rank alike
     q_group, k_new, v_new = gather_new_qkv(q, k, v, dg, stats)
@@ -414,8 +445,11 @@ def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
                          f"[{q.shape[0]}, {q.shape[2]}]; got {tuple(positions.shape)}")
     kv_cache.append(k_new, v_new, positions)
     k_shard, v_shard, shard_lens = kv_cache.read()
-    if one_token:  # it sees the whole shard: the block kernel, no mask
+    if one_token and window is None and softcap is None:  # it sees the whole shard: the block kernel, no mask
         out, lse = attend_shard(q_group, k_shard, v_shard, shard_lens, scale)
     else:
-        out, lse = attend_shard_causal(q_group, k_shard, v_shard, visible_shard_lens(positions, dg), scale)
+        first, end = window_slot_ranges(positions.view(q.shape[0], q.shape[2]), window, dg)
+        column_0 = kv_cache.first_slots()[:, None].to(first.device)
+        out, lse = attend_shard_range(q_group, k_shard, v_shard, (first - column_0).clamp(min=0), end - column_0,
+                                      scale, softcap)
     return combine_partials(out, lse, dg, comm, stats)

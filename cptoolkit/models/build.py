@@ -28,7 +28,8 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 def megatron_config(shape: GPTShape, tp_size: int, dtype: torch.dtype) -> TransformerConfig:
     """The megatron-core config of ``shape`` at TP=``tp_size``: CPU init, no dropout, no fusions.
     YaRN's ``attention_factor`` multiplies RoPE's cos and sin in transformers, so q and k each; here the
-    softmax scale carries its square instead."""
+    softmax scale carries its square instead. A sliding window is megatron's ``window_size = (window - 1, 0)``
+    on the layers ``window_attn_skip_freq`` (one flag per layer) marks, which ``CPCoreAttention`` reads."""
     llama = shape.arch == "llama"
     return TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size,
@@ -44,7 +45,15 @@ def megatron_config(shape: GPTShape, tp_size: int, dtype: torch.dtype) -> Transf
         use_cpu_initialization=True, perform_initialization=False,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        cross_entropy_loss_fusion=False)
+        cross_entropy_loss_fusion=False, **_window_config(shape))
+
+
+def _window_config(shape: GPTShape) -> dict:
+    """megatron's sliding-window fields for ``shape`` (none without a window)."""
+    if shape.sliding_window is None:
+        return {}
+    layers = shape.sliding_layers or (True,) * shape.num_layers
+    return {"window_size": (shape.sliding_window - 1, 0), "window_attn_skip_freq": [int(f) for f in layers]}
 
 
 def layer_spec(shape: GPTShape, runtime: AttentionRuntime) -> ModuleSpec:

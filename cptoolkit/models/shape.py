@@ -5,14 +5,17 @@ validates a YAML file without loading either. The RoPE frequencies of a ``RopeSc
 by ``cptoolkit.models.rope``.
 
 Hugging Face families read here (``model_type``: architectures):
-- ``llama``: LlamaForCausalLM; ``mistral``: MistralForCausalLM (no sliding window);
-  ``qwen2``: Qwen2ForCausalLM (q/k/v biases); ``qwen3``: Qwen3ForCausalLM (per-head q/k RMSNorm).
+- ``llama``: LlamaForCausalLM; ``mistral``: MistralForCausalLM (``sliding_window`` on every layer);
+  ``qwen2``: Qwen2ForCausalLM (q/k/v biases; ``use_sliding_window`` on the layers from ``max_window_layers``,
+  or as ``layer_types`` says); ``qwen3``: Qwen3ForCausalLM (per-head q/k RMSNorm; ``layer_types``).
   All four are ``arch="llama"``, with RoPE ``rope_type`` default, linear, llama3 or yarn.
 - ``gpt2``: GPT2LMHeadModel, GPT2Model.
 - ``deepseek_v2``: DeepseekV2ForCausalLM; ``deepseek_v3``: DeepseekV3ForCausalLM: multi-head latent
   attention (``MLADims``) on the Llama block, dense MLP layers only (MoE layers are refused).
-Anything a family can express that cptoolkit would compute differently (a sliding window, dynamic NTK
-RoPE, an output-projection bias, ...) is refused with the key, its value and the rule.
+Sliding windows: ``GPTShape.sliding_window`` (a query sees itself and the ``window - 1`` tokens before
+it, transformers' ``sliding_window``) on the layers ``GPTShape.sliding_layers`` marks.
+Anything a family can express that cptoolkit would compute differently (dynamic NTK RoPE, an
+output-projection bias, ...) is refused with the key, its value and the rule.
 """
 from __future__ import annotations
 
@@ -121,6 +124,9 @@ class GPTShape:
     ``mla`` (llama only): multi-head latent attention instead of GQA; ``head_dim`` is then its RoPE dims
     and ``num_kv_heads`` 1 (the one latent every head reads).
     ``max_seq_len`` bounds position ids (and sizes GPT-2's position table).
+    ``sliding_window`` (None: every layer attends to every earlier token): on a windowed layer the token at
+    position ``p`` attends to positions ``(p - sliding_window, p]``; ``sliding_layers`` flags the windowed
+    layers in order (None: every layer), transformers' ``layer_types`` with ``sliding_attention`` as True.
     """
 
     arch: str
@@ -139,6 +145,8 @@ class GPTShape:
     qk_norm: bool = False
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     mla: Optional[MLADims] = None
+    sliding_window: Optional[int] = None
+    sliding_layers: Optional[tuple[bool, ...]] = None
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -166,11 +174,39 @@ class GPTShape:
                              f"multiple of num_kv_heads={self.num_kv_heads}")
         if self.arch == "gpt2":
             self._check_gpt2()
+        self._check_window()
         if self.mla is not None and (self.head_dim != self.mla.qk_rope_head_dim or self.num_kv_heads != 1
                                      or self.qkv_bias or self.qk_norm):
             raise ValueError(f"GPTShape with mla: head_dim={self.head_dim} must be qk_rope_head_dim="
                              f"{self.mla.qk_rope_head_dim}, num_kv_heads={self.num_kv_heads} must be 1, qkv_bias "
                              "and qk_norm false (the latent replaces the K/V heads)")
+
+    def _check_window(self) -> None:
+        window, layers = self.sliding_window, self.sliding_layers
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise ValueError(f"GPTShape.sliding_window={window!r}; rule: a positive integer, or None (no window)")
+        if layers is not None:
+            if window is None or len(layers) != self.num_layers or not all(isinstance(f, bool) for f in layers):
+                raise ValueError(f"GPTShape.sliding_layers={layers!r}; rule: one bool per layer "
+                                 f"({self.num_layers}), and only with a sliding_window")
+            if not any(layers):
+                raise ValueError("GPTShape.sliding_layers marks no layer; rule: give sliding_window=None instead")
+        if window is not None and self.mla is not None:
+            raise ValueError(f"GPTShape.sliding_window={window} with mla; rule: multi-head latent attention has "
+                             "no sliding window in cptoolkit")
+
+    def layer_window(self, layer_number: int) -> Optional[int]:
+        """The window of layer ``layer_number`` (1 .. num_layers, megatron's numbering); None: full attention."""
+        if not 1 <= layer_number <= self.num_layers:
+            raise ValueError(f"layer_number={layer_number}; rule: in [1, {self.num_layers}]")
+        if self.sliding_layers is not None and not self.sliding_layers[layer_number - 1]:
+            return None
+        return self.sliding_window
+
+    @property
+    def has_full_layers(self) -> bool:
+        """Whether some layer attends to every earlier token (its cache grows with the context)."""
+        return self.sliding_window is None or (self.sliding_layers is not None and not all(self.sliding_layers))
 
     def _check_gpt2(self) -> None:
         if self.num_kv_heads != self.num_attention_heads:
@@ -178,7 +214,7 @@ class GPTShape:
                              f"per query head (num_attention_heads={self.num_attention_heads})")
         llama_only = {"head_dim": (self.head_dim, self.hidden_size // self.num_attention_heads),
                       "qkv_bias": (self.qkv_bias, False), "qk_norm": (self.qk_norm, False), "mla": (self.mla, None),
-                      "rope_scaling": (self.rope_scaling, RopeScaling())}
+                      "rope_scaling": (self.rope_scaling, RopeScaling()), "sliding_window": (self.sliding_window, None)}
         for name, (value, gpt2_value) in llama_only.items():
             if value != gpt2_value:
                 raise ValueError(f"GPTShape.{name}={value!r}; rule: must be {gpt2_value!r} for gpt2 (llama only)")
@@ -213,6 +249,11 @@ class GPTShape:
         if self.mla is not None:
             return self._deepseek_hf_config()
         model_type = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
+        if self.sliding_window is not None and model_type == "llama":
+            if self.sliding_layers is not None:
+                raise ValueError("GPTShape with sliding_layers but neither qkv_bias nor qk_norm has no Hugging Face "
+                                 "family (Mistral windows every layer; Qwen2/Qwen3 bring biases or q/k norms)")
+            model_type = "mistral"
         return {"model_type": model_type, "architectures": list(HF_ARCHITECTURES[model_type]),
                 "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
                 "num_attention_heads": self.num_attention_heads,
@@ -220,8 +261,20 @@ class GPTShape:
                 "intermediate_size": self.ffn_hidden_size, "vocab_size": self.vocab_size,
                 "max_position_embeddings": self.max_seq_len, "hidden_act": "silu",
                 "rope_parameters": {"rope_theta": self.rope_theta, **self.rope_scaling.to_hf()},
-                "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings}
+                "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings,
+                **self._window_hf_keys(model_type)}
 
+    def _window_hf_keys(self, model_type: str) -> dict:
+        """The window as ``model_type``'s config keys: Mistral's ``sliding_window``; Qwen2/Qwen3's
+        ``use_sliding_window``, ``sliding_window`` and ``layer_types``."""
+        if self.sliding_window is None:
+            return {}
+        if model_type == "mistral":
+            return {"sliding_window": self.sliding_window}
+        layers = self.sliding_layers or (True,) * self.num_layers
+        keys = {"sliding_window": self.sliding_window,
+                "layer_types": ["sliding_attention" if windowed else "full_attention" for windowed in layers]}
+        return {**keys, "use_sliding_window": True}
 
     def _deepseek_hf_config(self) -> dict:
         """A DeepSeek-V3 ``config.json`` with every layer dense."""
@@ -335,20 +388,33 @@ def _yarn_attention_factor(rope: dict, factor: float) -> float:
     return _yarn_mscale(factor)
 
 
-def _check_full_attention(config: dict, model_type: str) -> None:
-    """Refuse a sliding window: cptoolkit's prefill and DCP decode attend to every earlier token."""
-    rule = ("rule: sliding-window attention is not supported (cptoolkit attends to every earlier token, "
-            "so it would compute a different model)")
-    if model_type == "mistral" and config.get("sliding_window") is not None:  # Mistral windows every layer
-        window, max_positions = _positive(config, "sliding_window"), _positive(config, "max_position_embeddings")
-        if window < max_positions:
-            raise ValueError(f"sliding_window={window} is shorter than max_position_embeddings={max_positions}; "
-                             f"{rule}; null, or at least max_position_embeddings, never masks a token")
-    if config.get("use_sliding_window"):
-        raise ValueError(f"use_sliding_window={config['use_sliding_window']!r}; {rule}")
-    windowed = [t for t in config.get("layer_types") or [] if t != "full_attention"]
-    if windowed:
-        raise ValueError(f"layer_types holds {windowed[0]!r}; {rule}; every layer must be 'full_attention'")
+def _window(config: dict, model_type: str) -> tuple[Optional[int], Optional[tuple[bool, ...]]]:
+    """``(sliding_window, sliding_layers)`` as transformers reads them: Mistral windows every layer when
+    ``sliding_window`` is set; Qwen2 and Qwen3 only with ``use_sliding_window``, on the layers ``layer_types``
+    (or, when absent, ``max_window_layers`` onwards) marks; Llama never (its attention has no window). A
+    window no shorter than ``max_position_embeddings`` never masks a token and is dropped."""
+    window = config.get("sliding_window")
+    if model_type == "llama" or (model_type in ("qwen2", "qwen3") and not config.get("use_sliding_window")):
+        return None, None
+    layers, layer_types = _positive(config, "num_hidden_layers"), config.get("layer_types")
+    if model_type == "mistral":  # transformers' Mistral windows every layer, whatever layer_types says
+        flags = (True,) * layers
+    elif layer_types is not None:
+        kinds = ("full_attention", "sliding_attention")
+        if not isinstance(layer_types, list) or len(layer_types) != layers or any(t not in kinds for t in layer_types):
+            raise ValueError(f"layer_types={layer_types!r}; rule: a list of {layers} entries, each one of {kinds}")
+        flags = tuple(t == "sliding_attention" for t in layer_types)
+    else:
+        first = config.get("max_window_layers", 28)
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise ValueError(f"max_window_layers={first!r}; rule: a non-negative integer")
+        flags = tuple(i >= first for i in range(layers))
+    if window is None or not any(flags):
+        return None, None
+    window = _positive(config, "sliding_window")
+    if window >= _positive(config, "max_position_embeddings"):
+        return None, None
+    return window, None if all(flags) else flags
 
 
 # Per family, the keys its transformers model reads whose other values cptoolkit would compute differently.
@@ -364,7 +430,7 @@ def _llama_shape(config: dict, model_type: str) -> GPTShape:
     for key, supported in _FIXED_KEYS[model_type].items():
         if config.get(key, supported) != supported:
             raise ValueError(f"{key}={config[key]!r}; rule: must be {supported!r}")
-    _check_full_attention(config, model_type)
+    window, window_layers = _window(config, model_type)
     theta, rope_scaling = _rope(config)
     return GPTShape(arch="llama", num_layers=_positive(config, "num_hidden_layers"),
                     hidden_size=_positive(config, "hidden_size"),
@@ -377,7 +443,8 @@ def _llama_shape(config: dict, model_type: str) -> GPTShape:
                     rope_theta=theta, norm_eps=_positive(config, "rms_norm_eps", float),
                     tie_embeddings=bool(config.get("tie_word_embeddings", False)),
                     head_dim=None if config.get("head_dim") is None else _positive(config, "head_dim"),
-                    qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", rope_scaling=rope_scaling)
+                    qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", rope_scaling=rope_scaling,
+                    sliding_window=window, sliding_layers=window_layers)
 
 
 # transformers' defaults for the MLA keys a DeepSeek config.json may leave out.
