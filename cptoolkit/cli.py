@@ -113,6 +113,7 @@ def _chunked_prefill(args: argparse.Namespace, raw: dict, source: str) -> dict[s
 
 
 SPECULATIVE_FIELDS = {"method": "inference.speculative_method",
+                      "model": "inference.speculative_model",
                       "num_speculative_tokens": "inference.num_speculative_tokens",
                       "prompt_lookup_max": "inference.prompt_lookup_max",
                       "prompt_lookup_min": "inference.prompt_lookup_min"}
@@ -120,7 +121,8 @@ SPECULATIVE_FIELDS = {"method": "inference.speculative_method",
 
 def _speculative(text: str, source: str) -> dict[str, Any]:
     """``--speculative-config JSON`` -> the ``inference`` fields its keys name (``SPECULATIVE_FIELDS``); the
-    values are validated with the merged config."""
+    values are validated with the merged config. A relative ``model`` path is relative to the working directory,
+    like MODEL's."""
     try:
         given = json.loads(text)
     except json.JSONDecodeError as err:
@@ -131,6 +133,8 @@ def _speculative(text: str, source: str) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{source}: --speculative-config key {unknown[0]!r} is not supported; rule: one of "
                           f"{', '.join(SPECULATIVE_FIELDS)}")
+    if isinstance(given.get("model"), str):
+        given["model"] = str(Path(given["model"]).resolve())
     return {SPECULATIVE_FIELDS[key]: value for key, value in given.items()}
 
 
@@ -254,8 +258,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser, command: str) -> None
         parser.add_argument("--speculative-config", metavar="JSON",
                             help="speculative decoding, as vLLM spells it: "
                                  '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, '
-                                 '"prompt_lookup_min": 1}\' [inference.speculative_method, '
-                                 "inference.num_speculative_tokens, inference.prompt_lookup_max/min]")
+                                 '"prompt_lookup_min": 1}\' (prompt lookup) or \'{"method": "draft_model", '
+                                 '"model": DRAFT_DIR, "num_speculative_tokens": 4}\' (a smaller checkpoint of the '
+                                 "same vocabulary, run on the same ranks) [inference.speculative_method, "
+                                 "inference.speculative_model, inference.num_speculative_tokens, "
+                                 "inference.prompt_lookup_max/min]")
         parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
                             help=f"prefill long prompts chunk by chunk (the chunk: --max-num-batched-tokens); "
                                  f"--no-enable-chunked-prefill prefills them whole [{CHUNK_FIELD}]")

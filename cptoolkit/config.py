@@ -114,7 +114,12 @@ class InferenceConfig:
     ``speculative_method: ngram`` turns on speculative decoding with prompt-lookup drafts: up to
     ``num_speculative_tokens`` tokens that followed the latest earlier match of the last
     ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens, verified in one forward per step
-    (``inference.speculative``; greedy tokens are those of plain decoding)."""
+    (``inference.speculative``; greedy tokens are those of plain decoding). ``speculative_method: draft_model``
+    takes the drafts from a second checkpoint, ``speculative_model`` (a directory like ``model.checkpoint``, with
+    the same vocabulary size, heads and MLP that split over ``parallel.tp``, and room for ``max_seq_len``
+    tokens): ``num_speculative_tokens`` greedy steps of that model per decode step, on the same ranks and layout
+    (``inference.draft_model``). Its KV cache has as many blocks as the target's (``kv_cache_bytes`` budgets the
+    target's; the draft's bytes come on top, in proportion to its layers and KV heads)."""
 
     prompts: list[str] = field(default_factory=list)
     prompt_file: Optional[str] = None
@@ -131,7 +136,8 @@ class InferenceConfig:
     kv_cache_bytes: Optional[int] = None
     prefill_chunk_size: Optional[int] = None
     prefix_caching: bool = False
-    speculative_method: Optional[Literal["ngram"]] = None
+    speculative_method: Optional[Literal["ngram", "draft_model"]] = None
+    speculative_model: Optional[str] = None
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 3
@@ -162,6 +168,10 @@ class InferenceConfig:
                  self.prefill_chunk_size, "must be >= 1 (null = prefill each prompt whole)")
         _require(self.num_speculative_tokens >= 1, "num_speculative_tokens", self.num_speculative_tokens,
                  "must be >= 1 (draft tokens verified per decode step with speculative_method)")
+        _require((self.speculative_method == "draft_model") == (self.speculative_model is not None),
+                 "speculative_model", self.speculative_model,
+                 "the draft checkpoint's directory: required with speculative_method 'draft_model' and allowed "
+                 f"with nothing else (speculative_method is {self.speculative_method!r})")
         _require(1 <= self.prompt_lookup_min <= self.prompt_lookup_max, "prompt_lookup_min", self.prompt_lookup_min,
                  f"must be in [1, prompt_lookup_max = {self.prompt_lookup_max}] (n-gram lengths the ngram "
                  "proposer matches)")
@@ -402,6 +412,46 @@ def _check_layout(cfg: Config) -> None:
                  f"must be <= model.max_seq_len ({m.max_seq_len})")
 
 
+def _resolve_draft_model(cfg: Config, base_dir: Path) -> Config:
+    """``inference.speculative_model`` made absolute (against ``base_dir``) and checked against the target: its
+    config.json exists, its vocabulary size is the target's (its drafts are target token ids), its heads and MLP
+    split over ``parallel.tp`` like the target's must (the draft runs on the same ranks and layout), and it has
+    positions for the longest request."""
+    from cptoolkit.layout import ParallelLayout
+    from cptoolkit.models.shape import check_tp, hf_shape, read_config
+
+    given = cfg.inference.speculative_model
+    path = Path(given) if Path(given).is_absolute() else base_dir / given
+    name = "inference.speculative_model"
+    _require((path / "config.json").is_file(), name, given, f"no config.json in {path}"
+             f"{'' if path.is_dir() else ' (no such directory)'}; point it at the draft checkpoint's directory "
+             "(written by save_pretrained or save_checkpoint)")
+    draft = hf_shape(read_config(path), path)
+    p, m = cfg.parallel, cfg.model
+    _require(draft.vocab_size == m.vocab_size, name, given, f"its vocab_size ({draft.vocab_size}) must equal the "
+             f"target's ({m.vocab_size}): a draft model proposes token ids of the target's vocabulary")
+    try:
+        ParallelLayout(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=draft.num_attention_heads,
+                       num_kv_heads=draft.num_kv_heads)
+        check_tp(draft, p.tp)
+    except ValueError as err:
+        raise ValueError(f"{name} = {given!r}: the draft runs on the target's layout (parallel.tp = {p.tp}, "
+                         f"pcp = {p.pcp}, dcp = {p.dcp}), and its heads or MLP do not split over it: {err}; use a "
+                         "draft whose num_attention_heads, num_key_value_heads and intermediate_size fit "
+                         "parallel.tp") from None
+    longest = cfg.inference.max_seq_len or m.max_seq_len
+    _require(draft.max_seq_len >= longest, name, given, f"its max_position_embeddings ({draft.max_seq_len}) must be "
+             f">= the longest request, inference.max_seq_len (or the target's max_seq_len) = {longest}; lower "
+             "inference.max_seq_len")
+    a2a_size = {"a2a": p.pcp, "a2a+p2p": p.hierarchical_a2a_size}.get(p.prefill_comm)
+    if a2a_size is not None:
+        heads_per_rank = draft.num_attention_heads // p.tp
+        _require(heads_per_rank % a2a_size == 0, name, given, f"parallel.prefill_comm {p.prefill_comm!r} needs the "
+                 f"draft's query heads per TP rank ({draft.num_attention_heads}/{p.tp} = {heads_per_rank}) to be a "
+                 f"multiple of {a2a_size}, like the target's; use p2p or all_gather")
+    return dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, speculative_model=str(path)))
+
+
 def _training_dcp_default(raw: dict) -> dict:
     """Training has no decode step: its ``parallel.dcp`` defaults to ``pcp`` (the layout's smallest DCP)."""
     parallel = raw.get("parallel")
@@ -431,6 +481,8 @@ def config_from_dict(raw: Any, source: str = "<dict>", base_dir: Path = Path("."
         sections["runtime"] = _resolve_auto_dtype(sections["runtime"], sections["model"])
         cfg = Config(**sections, source=source)
         _check_layout(cfg)
+        if cfg.inference is not None and cfg.inference.speculative_model is not None:
+            cfg = _resolve_draft_model(cfg, base_dir)
         return cfg
     except ConfigError:
         raise  # names its own file (a checkpoint's config.json), not the YAML
@@ -459,7 +511,8 @@ def load_config(path: str | Path) -> Config:
 
 
 # The fields that hold paths, relative to the config file's folder.
-PATH_FIELDS = (("model", "checkpoint"), ("inference", "prompt_file"), ("train", "corpus"), ("train", "save_dir"))
+PATH_FIELDS = (("model", "checkpoint"), ("inference", "prompt_file"), ("inference", "speculative_model"),
+               ("train", "corpus"), ("train", "save_dir"))
 
 
 def with_overrides(raw: Any, overrides: dict[str, Any], base_dir: Path) -> Any:

@@ -1,11 +1,13 @@
 """Config → model, tokenizer, KV cache and engine for one rank (the stages after the groups exist)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from cptoolkit.config import Config, ConfigError
+from cptoolkit.inference.draft_model import DraftModel
 from cptoolkit.inference.engine import Engine
 from cptoolkit.inference.kv_cache import PagedKVCache
 from cptoolkit.layers.dcp_decode import shard_length
@@ -13,8 +15,9 @@ from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.inference.speculative import NgramProposer
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dcp_decode import DecodeGroup
+from cptoolkit.models.checkpoint import load_model_checkpoint
 from cptoolkit.models.from_config import DTYPES, model_from_config
-from cptoolkit.models.shape import GPTShape
+from cptoolkit.models.shape import GPTShape, hf_shape, read_config
 from cptoolkit.models.tokenizer import ByteTokenizer, load_tokenizer
 from cptoolkit.parallel_state import ParallelGroups
 
@@ -44,26 +47,39 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
     """This rank's KV shard: ``inference.kv_cache_bytes`` of blocks when set, else enough blocks for
     ``batch_size`` requests of ``max_seq_len`` tokens each. Checked against the device's free memory
     before allocating, so a cache too large for the machine is one ``ConfigError`` line."""
-    block_size, interleave = cfg.inference.kv_block_size, cfg.parallel.kv_interleave
-    num_kv_heads = len(groups.rank_info.dcp_kv_heads)
-    dtype = DTYPES[cfg.runtime.dtype]
-    planes, head_dim = shape.kv_cache_entry
-    bytes_per_block = (shape.num_layers * planes * num_kv_heads * block_size * head_dim
-                       * torch.empty(0, dtype=dtype).element_size())
+    return kv_caches(cfg, [(groups, shape)], device)[0]
+
+
+def kv_caches(cfg: Config, models: list[tuple[ParallelGroups, GPTShape]], device: torch.device
+              ) -> list[PagedKVCache]:
+    """This rank's KV shard of each of ``models`` (the target first, then a draft model), all with the target's
+    number of blocks (``kv_cache``'s sizing), so that a draft's cache admits whatever the target's admits. The
+    bytes of all of them together are checked against the device's free memory before any is allocated."""
+    block_size = cfg.inference.kv_block_size
+    target_groups, target = models[0]
+    bytes_per_block = [_bytes_per_block(cfg, groups, shape) for groups, shape in models]
     if cfg.inference.kv_cache_bytes is not None:
-        num_blocks = cfg.inference.kv_cache_bytes // bytes_per_block
+        num_blocks = cfg.inference.kv_cache_bytes // bytes_per_block[0]
         if num_blocks < 1:
             raise ConfigError(f"{cfg.source}: inference.kv_cache_bytes = {cfg.inference.kv_cache_bytes}: smaller "
-                              f"than one KV block ({bytes_per_block:,} bytes per rank for {block_size} tokens of "
-                              f"{shape.num_layers} layers); raise it or lower inference.kv_block_size")
+                              f"than one KV block ({bytes_per_block[0]:,} bytes per rank for {block_size} tokens of "
+                              f"{target.num_layers} layers); raise it or lower inference.kv_block_size")
     else:
-        fullest_shard_tokens = shard_length(max_seq_len(cfg), 0, groups.dcp_size, interleave)
+        fullest_shard_tokens = shard_length(max_seq_len(cfg), 0, target_groups.dcp_size, cfg.parallel.kv_interleave)
         num_blocks = cfg.inference.batch_size * -(-fullest_shard_tokens // block_size)
-    _check_fits(cfg, num_blocks * bytes_per_block, device)
-    return PagedKVCache(num_layers=shape.num_layers, num_kv_heads=num_kv_heads,
-                        head_dim=head_dim, block_size=block_size, num_blocks=num_blocks,
-                        dcp_rank=groups.dcp_rank, dcp_size=groups.dcp_size, interleave=interleave,
-                        dtype=dtype, device=device, values_are_keys=shape.mla is not None)
+    _check_fits(cfg, num_blocks * sum(bytes_per_block), device, len(models) > 1)
+    return [PagedKVCache(num_layers=shape.num_layers, num_kv_heads=len(groups.rank_info.dcp_kv_heads),
+                         head_dim=shape.kv_cache_entry[1], block_size=block_size, num_blocks=num_blocks,
+                         dcp_rank=groups.dcp_rank, dcp_size=groups.dcp_size, interleave=cfg.parallel.kv_interleave,
+                         dtype=DTYPES[cfg.runtime.dtype], device=device, values_are_keys=shape.mla is not None)
+            for groups, shape in models]
+
+
+def _bytes_per_block(cfg: Config, groups: ParallelGroups, shape: GPTShape) -> int:
+    """Bytes of one KV block of ``shape`` on this rank: every layer, its planes, the KV heads its DCP group uses."""
+    planes, head_dim = shape.kv_cache_entry
+    return (shape.num_layers * planes * len(groups.rank_info.dcp_kv_heads) * cfg.inference.kv_block_size
+            * head_dim * torch.empty(0, dtype=DTYPES[cfg.runtime.dtype]).element_size())
 
 
 def _free_memory_bytes(device: torch.device) -> int:
@@ -77,7 +93,7 @@ def _free_memory_bytes(device: torch.device) -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable line")
 
 
-def _check_fits(cfg: Config, cache_bytes: int, device: torch.device) -> None:
+def _check_fits(cfg: Config, cache_bytes: int, device: torch.device, with_draft: bool) -> None:
     """Refuse a KV cache larger than what the device has free (a CPU allocation that large would be
     killed by the OOM killer, not fail cleanly)."""
     free = _free_memory_bytes(device)
@@ -85,26 +101,48 @@ def _check_fits(cfg: Config, cache_bytes: int, device: torch.device) -> None:
         sizing = (f"inference.kv_cache_bytes = {cfg.inference.kv_cache_bytes}"
                   if cfg.inference.kv_cache_bytes is not None else
                   f"inference.batch_size ({cfg.inference.batch_size}) x max_seq_len ({max_seq_len(cfg)})")
-        raise ConfigError(f"{cfg.source}: the KV cache needs {cache_bytes:,} bytes per rank but {device} has "
+        caches = " (the target's and the draft model's)" if with_draft else ""
+        raise ConfigError(f"{cfg.source}: the KV cache{caches} needs {cache_bytes:,} bytes per rank but {device} has "
                           f"{free:,} bytes free; it is sized by {sizing}: set inference.kv_cache_bytes, or "
                           f"lower inference.max_seq_len or inference.batch_size")
 
 
 def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device) -> Engine:
-    """Model (checkpoint or seeded built-in), tokenizer, runtime and cache → ``Engine``."""
+    """Model (checkpoint or seeded built-in), tokenizer, runtime, cache and, with ``speculative_method:
+    draft_model``, the draft model and its cache → ``Engine``."""
     runtime = attention_runtime(cfg, groups)
     model = model_from_config(cfg, groups, runtime).to(device).eval()
     tokenizer = ByteTokenizer() if cfg.model.checkpoint is None else load_tokenizer(cfg.model.checkpoint)
-    return Engine(model, runtime, groups, kv_cache(cfg, groups, model.shape, device), tokenizer,
-                  max_batch_size=cfg.inference.batch_size, max_seq_len=max_seq_len(cfg),
-                  prefill_chunk_size=cfg.inference.prefill_chunk_size, prefix_caching=cfg.inference.prefix_caching,
-                  proposer=proposer(cfg))
+    kw = dict(max_batch_size=cfg.inference.batch_size, max_seq_len=max_seq_len(cfg),
+              prefill_chunk_size=cfg.inference.prefill_chunk_size, prefix_caching=cfg.inference.prefix_caching)
+    if cfg.inference.speculative_method != "draft_model":
+        return Engine(model, runtime, groups, kv_cache(cfg, groups, model.shape, device), tokenizer, **kw,
+                      proposer=proposer(cfg))
+    path = cfg.inference.speculative_model
+    draft_shape = hf_shape(read_config(path), path)
+    draft_groups = groups_for(groups, draft_shape)
+    draft_runtime = attention_runtime(cfg, draft_groups)
+    draft = load_model_checkpoint(path, draft_groups.megatron_pg_collection(), draft_runtime,
+                                  dtype=DTYPES[cfg.runtime.dtype]).to(device).eval()
+    cache, draft_cache = kv_caches(cfg, [(groups, model.shape), (draft_groups, draft_shape)], device)
+    sampled_vocab_size = min(tokenizer.vocab_size, model.shape.vocab_size)
+    return Engine(model, runtime, groups, cache, tokenizer, **kw, draft_model=DraftModel(
+        draft, draft_runtime, draft_cache, groups.pcp_rank, cfg.inference.num_speculative_tokens, sampled_vocab_size))
+
+
+def groups_for(groups: ParallelGroups, shape: GPTShape) -> ParallelGroups:
+    """``groups`` (the same process groups) with the layout of ``shape``'s heads: which query and KV heads each
+    rank holds, the KV heads its DCP group caches and their replication over TP (a draft model's, on the
+    target's ranks)."""
+    layout = dataclasses.replace(groups.layout, num_heads=shape.num_attention_heads,
+                                 num_kv_heads=shape.num_kv_heads)
+    return dataclasses.replace(groups, layout=layout, rank_info=layout.rank_info(groups.rank_info.rank))
 
 
 def proposer(cfg: Config) -> NgramProposer | None:
-    """The speculative-decoding draft proposer ``inference.speculative_method`` asks for (None: off)."""
+    """The prompt-lookup proposer ``inference.speculative_method: ngram`` asks for (None: another method or off)."""
     inf = cfg.inference
-    if inf.speculative_method is None:
+    if inf.speculative_method != "ngram":
         return None
     return NgramProposer(inf.num_speculative_tokens, inf.prompt_lookup_min, inf.prompt_lookup_max)
 

@@ -15,15 +15,17 @@ One iteration (``step``):
   on every rank.
 - **Prefill** of the newly admitted requests, together: each prompt is padded and split by
   DualChunkSwap over the PCP group; the attention layers hand each layer's K/V to
-  ``_fill_cache_from_prefill``, which routes each token to its KV-shard owner over the DCP group
-  (one all-to-all per layer, ``prefill_kv``). Only each prompt's last token gets logits; the PCP
-  rank holding it contributes them to a sum over the PCP group, and the first new token is sampled.
+  ``prefill_kv.store_prefill_kv``, which routes each token to its KV-shard owner over the DCP group
+  (one all-to-all per layer); a ``draft_model`` prefills the same chunks into its own cache. Only each
+  prompt's last token gets logits; the PCP rank holding it contributes them to a sum over the PCP group,
+  and the first new token is sampled.
   A request that asks for ``prompt_logprobs`` has every prompt token scored where its PCP rank holds it
   (``prompt_logprobs``); it never reuses cached prefix pages, whose tokens would go unscored.
 - Otherwise a **decode** step: one token for every running request, attention over the DCP-sharded
-  cache. With a ``proposer`` (speculative decoding, ``speculative``) requests with draft tokens feed them too,
-  ``L`` tokens per sequence through one forward, and emit the accepted drafts plus one token; the cache
-  forgets the rejected ones.
+  cache. With a ``proposer`` (speculative decoding, ``speculative``: prompt lookup) or a ``draft_model``
+  (``draft_model``: a second checkpoint's greedy drafts) requests with draft tokens feed them too, ``L`` tokens
+  per sequence through one forward, and emit the accepted drafts plus one token; the caches forget the rejected
+  ones.
 Sampled tokens are broadcast from the replica's first rank over the replica group, so every rank
 appends the same token even if the ranks' float rounding differed.
 
@@ -51,7 +53,8 @@ from tqdm import tqdm
 
 from cptoolkit.inference.block_pool import PageKey, page_keys
 from cptoolkit.inference.kv_cache import PagedKVCache
-from cptoolkit.inference.prefill_kv import route_prefill_kv
+from cptoolkit.inference.draft_model import DraftModel
+from cptoolkit.inference.prefill_kv import store_prefill_kv
 from cptoolkit.inference.prompt_logprobs import ScoredRow, score_prompt_chunks
 from cptoolkit.inference.request import (GenerationResult, Request, TokenEvent, TokenLogprob, cut_at_stop,
                                          request_result, stream_delta)
@@ -84,12 +87,14 @@ class EngineMetrics:
     decode_collectives_by_layer: dict[int, int] = field(default_factory=dict)
     draft_tokens: int = 0  # speculative decoding: drafts proposed and verified
     accepted_draft_tokens: int = 0
+    draft_collectives: int = 0  # the draft model's own, in decode steps
 
     def summary(self, kv_bytes_per_rank: int, num_layers: int) -> dict:
         steps = max(self.decode_steps, 1)
         return {
             "draft_tokens": self.draft_tokens,
             "draft_acceptance_rate": self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0,
+            "draft_collectives_per_decode_step": self.draft_collectives / steps,
             "tokens_per_request_step": self.decode_tokens / max(self.decode_rows, 1),
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.prefill_tokens_generated + self.decode_tokens,
@@ -116,17 +121,22 @@ class Engine:
     ``max_seq_len`` caps prompt + generated tokens per request (at most the model's ``max_seq_len``).
     ``prefill_chunk_size`` (a multiple of ``interleave * dcp``; None = whole prompts) splits long prompts
     into chunks with decode steps in between; ``prefix_caching`` reuses cached KV pages of prompt
-    prefixes (``block_pool``); ``proposer`` turns on speculative decoding with its drafts (``speculative``).
+    prefixes (``block_pool``); ``proposer`` (prompt lookup, ``speculative``) or ``draft_model`` (a second model on
+    the same groups, ``draft_model``; its cache gets every reservation the target's gets) turns on speculative
+    decoding with their drafts.
     """
 
     def __init__(self, model: CPGPTModel, runtime: AttentionRuntime, groups: ParallelGroups,
                  cache: PagedKVCache, tokenizer, max_batch_size: int, max_seq_len: Optional[int] = None,
                  prefill_chunk_size: Optional[int] = None, prefix_caching: bool = False,
-                 proposer: Optional[NgramProposer] = None):
+                 proposer: Optional[NgramProposer] = None, draft_model: Optional[DraftModel] = None):
         self.shape = model.shape
         max_seq_len = self.shape.max_seq_len if max_seq_len is None else max_seq_len
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size = {max_batch_size}: must be >= 1")
+        if proposer is not None and draft_model is not None:
+            raise ValueError("proposer and draft_model: give at most one (speculative decoding takes one source of "
+                             "drafts)")
         if not 1 <= max_seq_len <= self.shape.max_seq_len:
             raise ValueError(f"max_seq_len = {max_seq_len}: must be in [1, the model's max_seq_len = "
                              f"{self.shape.max_seq_len}]")
@@ -134,7 +144,7 @@ class Engine:
         self.cache, self.tokenizer, self.max_batch_size = cache, tokenizer, max_batch_size
         self.max_seq_len = max_seq_len
         self.prefill_chunk_size, self.prefix_caching = prefill_chunk_size, prefix_caching
-        self.proposer = proposer
+        self.proposer, self.draft_model = proposer, draft_model
         # A model's vocabulary may be padded past the tokenizer's (e.g. 320 rows for 258 byte ids):
         # ids the tokenizer cannot decode are never sampled.
         self.sampled_vocab_size = min(tokenizer.vocab_size, self.shape.vocab_size)
@@ -317,6 +327,8 @@ class Engine:
                 break  # queued until a running request frees its blocks
             self._waiting.popleft()
             reused_pages = self.cache.add_request(request.request_id, request.max_total_len, keys)
+            if self.draft_model is not None:  # the same pool decisions: it admits and reuses alike
+                self.draft_model.add_request(request.request_id, request.max_total_len, keys)
             request.num_cached = request.cached_prompt_tokens = reused_pages * self.cache.page_tokens
             self._running.append(request)
 
@@ -335,6 +347,8 @@ class Engine:
         if request.request_id in self._prefill_bars:  # cancelled while prefilling
             self._prefill_bars.pop(request.request_id).close()
         self.cache.free_request(request.request_id)
+        if self.draft_model is not None:
+            self.draft_model.free_request(request.request_id)
         self._running.remove(request)
         self._finished[request.request_id] = request
 
@@ -361,8 +375,8 @@ class Engine:
             mode="prefill",
             history_lens=starts.to(self._device) if any(history) else None,
             kv_caches=self._cache_views(ids) if any(history) else {},
-            on_prefill_kv=functools.partial(self._fill_cache_from_prefill, ids, batch.seq_lens, history,
-                                            batch.seq_len_padded))
+            on_prefill_kv=functools.partial(store_prefill_kv, self.cache, self.runtime.decode_group,
+                                            groups.pcp_rank, ids, batch.seq_lens, history, batch.seq_len_padded))
         with torch.no_grad():
             hidden = gpt_hidden(self.model, batch.input_ids.to(self._device), positions.to(self._device),
                                 self.runtime, phase=phase)  # [s_local, b, h]
@@ -370,6 +384,8 @@ class Engine:
             last_logits = gpt_logits(self.model, hidden.gather(
                 0, last_index.view(1, -1, 1).expand(1, -1, hidden.shape[-1])))[:, 0]
             self._score_prompts(hidden, batch, requests, history)
+        if self.draft_model is not None:
+            self.draft_model.prefill(ids, batch, positions, history)
         if groups.pcp_size > 1:  # exactly one PCP rank holds each row; the others contribute zeros
             not_mine = torch.tensor([owner != groups.pcp_rank for owner, _ in owners], device=self._device)
             all_reduce(last_logits.masked_fill_(not_mine.unsqueeze(1), 0.0), groups.pcp_group)
@@ -414,21 +430,6 @@ class Engine:
             for position, logprob in by_position.items():
                 requests[scored.row].prompt_logprobs[position] = logprob
 
-    def _fill_cache_from_prefill(self, request_ids: list[int], chunk_lens: Sequence[int], history: Sequence[int],
-                                 seq_len_padded: int, layer_number: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep this rank's KV shard of the prefill K/V of ``layer_number`` for the batch's requests.
-
-        ``k``/``v [b, hkv_local, 2c, d]`` are this rank's DualChunkSwap shard of its own KV heads for
-        chunks starting at ``history[row]``; one all-to-all on the DCP group brings each member the
-        tokens it stores (``prefill_kv``).
-        """
-        k_shard, v_shard, positions = route_prefill_kv(k, v, seq_len_padded, self.groups.pcp_rank,
-                                                       self.runtime.decode_group)
-        for row, (request_id, chunk_len, start) in enumerate(zip(request_ids, chunk_lens, history)):
-            real = positions < chunk_len  # padding tokens are never cached
-            self.cache.fill_prefill(layer_number, request_id, k_shard[row][:, real], v_shard[row][:, real],
-                                    (positions[real] + start).to(k.device))
-
     def _prefix_keys(self, request: Request, whole_pages_only_before_last: bool) -> list[PageKey]:
         """Page keys of the prompt: the pages before its last token (what admission may reuse: the
         last token is always computed, for its logits) or every full page (what a prefill caches)."""
@@ -452,6 +453,8 @@ class Engine:
         keys = self._prefix_keys(request, False)
         if keys:
             self.cache.register_pages(request.request_id, keys)
+            if self.draft_model is not None:
+                self.draft_model.register_pages(request.request_id, keys)
 
     def _cache_views(self, request_ids: list[int]) -> dict:
         """``{layer_number: view}``: every layer's cache for this batch."""
@@ -460,9 +463,12 @@ class Engine:
     # ------------------------------------------------------------------ decode
     def _decode_step(self, requests: list[Request]) -> list[TokenEvent]:
         start = time.perf_counter()
+        draft_calls_before = self.draft_model.runtime.stats.total_calls if self.draft_model is not None else 0
+        drafts = self._drafts(requests)
+        if self.draft_model is not None:
+            self.metrics.draft_collectives += self.draft_model.runtime.stats.total_calls - draft_calls_before
         stats_before = (self.runtime.stats.total_calls, self.runtime.stats.total_bytes)
         layer_calls_before = {layer: stats.total_calls for layer, stats in self.runtime.per_layer_stats.items()}
-        drafts = self._drafts(requests)
         num_drafts = max(map(len, drafts))
         # Each row feeds its last token and its drafts, padded to the longest row's (padding is never accepted).
         input_ids = torch.tensor([[r.output_ids[-1], *d, *[0] * (num_drafts - len(d))]
@@ -490,18 +496,22 @@ class Engine:
         return events
 
     def _drafts(self, requests: list[Request]) -> list[list[int]]:
-        """Each request's draft tokens (none without a proposer). Every row writes ``1 + max drafts`` positions
-        to the cache, so the request with the least room left (``max_new_tokens`` minus generated) bounds them
-        all; the same on every rank (the proposer reads only token ids)."""
-        if self.proposer is None:
+        """Each request's draft tokens (none without a proposer or draft model). Every row writes ``1 + max
+        drafts`` positions to the cache, so the request with the least room left (``max_new_tokens`` minus
+        generated, >= 1) bounds them all; the same on every rank (the proposer reads only token ids, the draft
+        model's argmax reads logits gathered over TP)."""
+        if self.proposer is None and self.draft_model is None:
             return [[] for _ in requests]
         room = min(r.sampling.max_new_tokens - len(r.output_ids) for r in requests)
+        if self.draft_model is not None:
+            return self.draft_model.propose(requests, room)
         return [self.proposer.propose(r.prompt_ids + r.output_ids, room) for r in requests]
 
     def _verify(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]]) -> list[TokenEvent]:
         """Speculative decoding's acceptance (``speculative.accept``) on ``logits [b, L, vocab]``, then each
         request's tokens appended in order (stopping at its end) and its rejected drafts forgotten by the
-        cache. The first rank's tokens are broadcast over the replica, like ``_sample``'s."""
+        caches (the target's and the draft model's). The first rank's tokens are broadcast over the replica,
+        like ``_sample``'s."""
         vocab = self.sampled_vocab_size
         emitted = torch.full((len(requests), logits.shape[1]), -1, dtype=torch.int64, device=self._device)
         for row, (request, draft) in enumerate(zip(requests, drafts)):
@@ -525,6 +535,8 @@ class Engine:
                     break
             if request.finish_reason is None:
                 self.cache.truncate(request.request_id, request.total_len - 1)
+                if self.draft_model is not None:
+                    self.draft_model.keep(request.request_id, request.total_len)
         return events
 
     def _logprob(self, logits: torch.Tensor, token: torch.Tensor, request: Request) -> Optional[TokenLogprob]:

@@ -12,6 +12,7 @@ positions travel: every rank derives what it receives from whom.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Hashable, Sequence
 
 import torch
 
@@ -69,3 +70,20 @@ def route_prefill_kv(k: torch.Tensor, v: torch.Tensor, seq_len_padded: int, pcp_
     positions = torch.cat([route.recv_positions[m] for m in range(dg.pcp_size)])
     k_shard = kv_group[0]
     return k_shard, k_shard if v is k else kv_group[1], positions
+
+
+def store_prefill_kv(cache, dg: DecodeGroup, pcp_rank: int, request_ids: Sequence[Hashable],
+                     chunk_lens: Sequence[int], history: Sequence[int], seq_len_padded: int, layer_number: int,
+                     k: torch.Tensor, v: torch.Tensor) -> None:
+    """Keep this member's KV shard of one prefill layer's K/V in ``cache`` (a ``PagedKVCache``).
+
+    ``k``/``v [b, hkv_local, 2c, d]`` are this rank's DualChunkSwap shard of its own KV heads for chunks of
+    ``chunk_lens`` tokens starting at positions ``history[row]``; ``route_prefill_kv`` brings each member the
+    tokens it stores (one all-to-all on the DCP group), padding tokens are never cached. The engine binds
+    every argument but ``layer_number, k, v`` as a model's ``AttentionPhase.on_prefill_kv``.
+    """
+    k_shard, v_shard, positions = route_prefill_kv(k, v, seq_len_padded, pcp_rank, dg)
+    for row, (request_id, chunk_len, start) in enumerate(zip(request_ids, chunk_lens, history)):
+        real = positions < chunk_len
+        cache.fill_prefill(layer_number, request_id, k_shard[row][:, real], v_shard[row][:, real],
+                           (positions[real] + start).to(k.device))
