@@ -34,13 +34,17 @@ LOGIT_RTOL, GRAD_RTOL = 1e-5, 1e-4
 # built by CPCoreAttention from config.hierarchical_context_parallel_sizes; "megatron" = built by megatron's
 # initialize_model_parallel(hierarchical_context_parallel_sizes=...) and passed as
 # ProcessGroupCollection.use_mpu_process_groups().hcp, "megatron-global" = the same groups read by
-# CPCoreAttention from megatron's parallel_state (no pg_collection).
+# CPCoreAttention from megatron's parallel_state (no pg_collection); "window" = the stock groups with megatron's
+# sliding window, window_size = WINDOW on every other layer (window_attn_skip_freq = 2: layer 1 windowed,
+# layer 2 full), the CP = 1 reference windowed alike (tests/test_sliding_window.py checks it against float64).
+WINDOW = (4, 0)
 CASES = {
     2: [(1, 2, kv, comm, None) for kv in (2, 1) for comm in (None, "all_gather", "a2a")],
     4: [(1, 4, kv, comm, None) for kv in (2, 1) for comm in ("p2p", "all_gather", "a2a")]
        + [(1, 4, 2, "a2a+p2p", "pg"), (1, 4, 1, "a2a+p2p", "config")]
        + [(1, 4, 2, "a2a+p2p", "megatron"), (1, 4, 1, "a2a+p2p", "megatron-global")]
-       + [(2, 2, kv, comm, None) for kv in (2, 1) for comm in ("p2p", "all_gather", "a2a")],
+       + [(2, 2, kv, comm, None) for kv in (2, 1) for comm in ("p2p", "all_gather", "a2a")]
+       + [(1, 4, 2, "p2p", "window"), (1, 4, 1, "all_gather", "window"), (2, 2, 2, "a2a", "window")],
 }
 MEGATRON_HCP = ("megatron", "megatron-global")
 
@@ -68,10 +72,11 @@ def _allow_megatron_rope_on_cpu() -> None:
     rope_utils.torch = TorchWithoutPinnedMemory()
 
 
-def _config(tp, cp, num_kv_heads, comm, hierarchical_sizes=None):
+def _config(tp, cp, num_kv_heads, comm, hierarchical_sizes=None, window=None):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
+        window_size=window, window_attn_skip_freq=2 if window else None,
         num_layers=2, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS, num_query_groups=num_kv_heads,
         ffn_hidden_size=96, tensor_model_parallel_size=tp, context_parallel_size=cp, cp_comm_type=comm,
         hierarchical_context_parallel_sizes=hierarchical_sizes, use_cpu_initialization=True,
@@ -123,13 +128,14 @@ def _case(rank, case, tp_group, reference_models, solo_group, cptoolkit_hcp):
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     tp, cp, kv, comm, hcp_source = case
-    if (tp, kv) not in reference_models:
+    window = WINDOW if hcp_source == "window" else None
+    if (tp, kv, window) not in reference_models:
         # CP = 1 on the same TP group; megatron's loss reads its global TP group, which has the same ranks.
         reference_pg = ProcessGroupCollection(tp=tp_group, cp=solo_group, pp=solo_group, embd=solo_group,
                                               pos_embd=solo_group)
-        reference = _gpt_model(_config(tp, 1, kv, None), reference_pg)
-        reference_models[tp, kv] = (reference, _run(reference, _batch()))
-    reference, (ref_logits, ref_loss, ref_grads) = reference_models[tp, kv]
+        reference = _gpt_model(_config(tp, 1, kv, None, window=window), reference_pg)
+        reference_models[tp, kv, window] = (reference, _run(reference, _batch()))
+    reference, (ref_logits, ref_loss, ref_grads) = reference_models[tp, kv, window]
 
     pg_collection = None  # the stock path: megatron's global groups (use_mpu_process_groups)
     if hcp_source in ("pg", "megatron"):
@@ -137,7 +143,7 @@ def _case(rank, case, tp_group, reference_models, solo_group, cptoolkit_hcp):
     if hcp_source == "pg":
         pg_collection.hcp = [cptoolkit_hcp.a2a_group, cptoolkit_hcp.ring_group]
     sizes = _megatron_hcp_sizes(hcp_source, cp) or ([2, cp // 2] if hcp_source == "config" else None)
-    model = _gpt_model(_config(tp, cp, kv, comm, sizes), pg_collection)
+    model = _gpt_model(_config(tp, cp, kv, comm, sizes, window), pg_collection)
     model.load_state_dict(reference.state_dict())
     logits, loss, grads = _run(model, get_batch_on_this_cp_rank(_batch()))
     for grad in grads.values():
@@ -147,7 +153,7 @@ def _case(rank, case, tp_group, reference_models, solo_group, cptoolkit_hcp):
     errors.update({f"grad {name}": _rel(grads[name], ref_grads[name]) for name in ref_grads})
     attentions = [layer.self_attention.core_attention for layer in model.decoder.layers]
     megatron_hcp = mpu.get_hierarchical_context_parallel_groups(check_initialized=False)
-    return {"case": case, "rank": rank, "errors": errors,
+    return {"case": case, "rank": rank, "errors": errors, "windows": [a.window for a in attentions],
             "comm_types": {f"{type(a).__name__}:{a.runtime.prefill_comm}" for a in attentions},
             "same_cp_group": all(a.runtime.pcp_group is mpu.get_context_parallel_group() for a in attentions),
             "megatron_hcp_used": hcp_source not in MEGATRON_HCP or all(
@@ -236,6 +242,7 @@ def test_stock_megatron_gpt_model_with_cp_core_attention_equals_cp1(world_size):
             tp, cp, kv, comm, hcp_source = result["case"]
             assert result["comm_types"] == {f"CPCoreAttention:{comm or 'p2p'}"}, result
             assert result["same_cp_group"], result
+            assert result["windows"] == ([WINDOW[0] + 1, None] if hcp_source == "window" else [None, None]), result
             assert result["megatron_hcp_used"], result
             for name, (rel_max, mean) in result["errors"].items():
                 limit = GRAD_RTOL if name.startswith("grad") else LOGIT_RTOL

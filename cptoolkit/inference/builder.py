@@ -9,7 +9,8 @@ import torch
 from cptoolkit.config import Config, ConfigError
 from cptoolkit.inference.draft_model import DraftModel
 from cptoolkit.inference.engine import Engine
-from cptoolkit.inference.kv_cache import PagedKVCache
+from cptoolkit.inference.hybrid_cache import HybridKVCache
+from cptoolkit.inference.kv_cache import PagedKVCache, window_ring_slots
 from cptoolkit.layers.dcp_decode import shard_length
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.inference.speculative import NgramProposer
@@ -43,11 +44,61 @@ def max_seq_len(cfg: Config) -> int:
     return cfg.inference.max_seq_len or cfg.model.max_seq_len
 
 
-def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch.device) -> PagedKVCache:
+def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch.device
+             ) -> PagedKVCache | HybridKVCache:
     """This rank's KV shard: ``inference.kv_cache_bytes`` of blocks when set, else enough blocks for
     ``batch_size`` requests of ``max_seq_len`` tokens each. Checked against the device's free memory
-    before allocating, so a cache too large for the machine is one ``ConfigError`` line."""
-    return kv_caches(cfg, [(groups, shape)], device)[0]
+    before allocating, so a cache too large for the machine is one ``ConfigError`` line.
+
+    A model with sliding-window layers (and no ``prefix_caching``, whose pages must stay) keeps those layers
+    in a ring cache (``HybridKVCache``): ``batch_size`` reservations of the slots the window of the longest step
+    sees (a prefill chunk, or a decode step with its drafts), whatever the context; ``kv_cache_bytes`` then
+    budgets both caches, the full-attention layers getting what the rings leave."""
+    if shape.sliding_window is None or cfg.inference.prefix_caching:
+        return kv_caches(cfg, [(groups, shape)], device)[0]
+    inf, p = cfg.inference, cfg.parallel
+    windowed_layers = [n for n in range(1, shape.num_layers + 1) if shape.layer_window(n) is not None]
+    num_full = shape.num_layers - len(windowed_layers)
+    step_tokens = max(inf.prefill_chunk_size or 1, 1 + (inf.num_speculative_tokens if inf.speculative_method else 0))
+    ring_slots = window_ring_slots(shape.sliding_window, step_tokens, groups.dcp_size, p.kv_interleave)
+    ring_blocks = min(-(-ring_slots // inf.kv_block_size), _full_length_blocks(cfg, groups))
+    windowed_bytes_per_block = _bytes_per_block(cfg, groups, shape, len(windowed_layers))
+    full_bytes_per_block = _bytes_per_block(cfg, groups, shape, num_full)
+    windowed_blocks = inf.batch_size * ring_blocks
+    if inf.kv_cache_bytes is None:
+        full_blocks = _full_length_blocks(cfg, groups) * inf.batch_size if num_full else 0
+    elif num_full:
+        full_blocks = (inf.kv_cache_bytes - windowed_blocks * windowed_bytes_per_block) // full_bytes_per_block
+        if full_blocks < 1:
+            raise ConfigError(f"{cfg.source}: inference.kv_cache_bytes = {inf.kv_cache_bytes}: the sliding-window "
+                              f"layers' rings take {windowed_blocks * windowed_bytes_per_block:,} bytes per rank "
+                              f"({inf.batch_size} requests x {ring_blocks} blocks), leaving less than one block "
+                              f"({full_bytes_per_block:,} bytes) for the {num_full} full-attention layers; raise it "
+                              "or lower inference.batch_size")
+    else:
+        full_blocks, windowed_blocks = 0, inf.kv_cache_bytes // windowed_bytes_per_block
+        if windowed_blocks < ring_blocks:
+            raise ConfigError(f"{cfg.source}: inference.kv_cache_bytes = {inf.kv_cache_bytes}: smaller than one "
+                              f"request's ring of {ring_blocks} blocks ({windowed_bytes_per_block:,} bytes each per "
+                              f"rank) for the sliding-window layers; raise it")
+    _check_fits(cfg, windowed_blocks * windowed_bytes_per_block + full_blocks * full_bytes_per_block, device, False)
+
+    def cache(num_layers: int, num_blocks: int, ring: int | None) -> PagedKVCache:
+        return PagedKVCache(num_layers=num_layers, num_kv_heads=len(groups.rank_info.dcp_kv_heads),
+                            head_dim=shape.kv_cache_entry[1], block_size=inf.kv_block_size, num_blocks=num_blocks,
+                            dcp_rank=groups.dcp_rank, dcp_size=groups.dcp_size, interleave=p.kv_interleave,
+                            dtype=DTYPES[cfg.runtime.dtype], device=device, values_are_keys=shape.mla is not None,
+                            ring_slots=ring)
+
+    return HybridKVCache(cache(num_full, full_blocks, None) if num_full else None,
+                         cache(len(windowed_layers), windowed_blocks, ring_blocks * inf.kv_block_size),
+                         windowed_layers)
+
+
+def _full_length_blocks(cfg: Config, groups: ParallelGroups) -> int:
+    """Blocks one request of ``max_seq_len`` tokens reserves on every member (the fullest shard's)."""
+    fullest_shard_tokens = shard_length(max_seq_len(cfg), 0, groups.dcp_size, cfg.parallel.kv_interleave)
+    return -(-fullest_shard_tokens // cfg.inference.kv_block_size)
 
 
 def kv_caches(cfg: Config, models: list[tuple[ParallelGroups, GPTShape]], device: torch.device
@@ -65,8 +116,7 @@ def kv_caches(cfg: Config, models: list[tuple[ParallelGroups, GPTShape]], device
                               f"than one KV block ({bytes_per_block[0]:,} bytes per rank for {block_size} tokens of "
                               f"{target.num_layers} layers); raise it or lower inference.kv_block_size")
     else:
-        fullest_shard_tokens = shard_length(max_seq_len(cfg), 0, target_groups.dcp_size, cfg.parallel.kv_interleave)
-        num_blocks = cfg.inference.batch_size * -(-fullest_shard_tokens // block_size)
+        num_blocks = cfg.inference.batch_size * _full_length_blocks(cfg, target_groups)
     _check_fits(cfg, num_blocks * sum(bytes_per_block), device, len(models) > 1)
     return [PagedKVCache(num_layers=shape.num_layers, num_kv_heads=len(groups.rank_info.dcp_kv_heads),
                          head_dim=shape.kv_cache_entry[1], block_size=block_size, num_blocks=num_blocks,
@@ -75,10 +125,11 @@ def kv_caches(cfg: Config, models: list[tuple[ParallelGroups, GPTShape]], device
             for groups, shape in models]
 
 
-def _bytes_per_block(cfg: Config, groups: ParallelGroups, shape: GPTShape) -> int:
-    """Bytes of one KV block of ``shape`` on this rank: every layer, its planes, the KV heads its DCP group uses."""
+def _bytes_per_block(cfg: Config, groups: ParallelGroups, shape: GPTShape, num_layers: int | None = None) -> int:
+    """Bytes of one KV block of ``shape`` on this rank: ``num_layers`` (default: every) layer, its planes, the KV
+    heads its DCP group uses."""
     planes, head_dim = shape.kv_cache_entry
-    return (shape.num_layers * planes * len(groups.rank_info.dcp_kv_heads) * cfg.inference.kv_block_size
+    return ((shape.num_layers if num_layers is None else num_layers) * planes * len(groups.rank_info.dcp_kv_heads) * cfg.inference.kv_block_size
             * head_dim * torch.empty(0, dtype=DTYPES[cfg.runtime.dtype]).element_size())
 
 

@@ -23,6 +23,15 @@ block_size * dcp_size``; needs ``block_size % interleave == 0``), so a cached pa
 putting its block in the new request's table; the request then starts with ``reused_pages *
 block_size`` tokens stored on every layer.
 
+Sliding-window layers (``ring_slots``): a request then reserves only ``ceil(ring_slots / block_size)`` blocks
+(``ring_blocks``), used as a ring: slot ``s`` lives in block ``block_ids[(s // block_size) % ring_blocks]``, so
+slot ``s`` overwrites slot ``s - ring_capacity`` (``ring_capacity = ring_blocks * block_size``). The caller
+sizes ``ring_slots`` to hold every slot a window of the longest step can see (``window_ring_slots``); ``read``
+then returns the last ``ring_capacity`` slots, column 0 holding slot ``first_slots()``. Every member computes
+the same reservation from the same arguments, so the cache of a windowed layer stays bounded as the context
+grows without any communication. Prefix pages cannot be shared from a ring (their blocks are overwritten), so
+``ring_slots`` and ``prefix_keys`` exclude each other.
+
 Layers are named by megatron-core's ``layer_number`` (1 .. num_layers), as the attention layers name
 them. ``view(layer_number, request_ids)`` returns the ``LayerCacheView`` that DCP decode attention uses
 for one layer and one batch: ``append`` stores the new token of the requests this shard owns and ignores the
@@ -51,6 +60,14 @@ def _blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def window_ring_slots(window: int, step_tokens: int, dcp_size: int, interleave: int) -> int:
+    """Shard slots a windowed layer must keep per request: any ``window - 1 + step_tokens`` consecutive
+    positions (a step of ``step_tokens`` new tokens, written before they attend, and the window behind its
+    first one) put at most ``interleave * (ceil(n / (interleave * dcp_size)) + 1)`` of them on one shard."""
+    span = window - 1 + step_tokens
+    return interleave * (-(-span // (interleave * dcp_size)) + 1)
+
+
 def _require(condition: bool, field: str, value, rule: str) -> None:
     if not condition:
         raise ValueError(f"{field} = {value!r} is invalid: {rule}")
@@ -63,6 +80,7 @@ class _RequestState:
     max_total_len: int
     block_ids: torch.Tensor   # [num_reserved_blocks] int64
     shard_lens: torch.Tensor  # [num_layers] int64
+    written: torch.Tensor     # [num_layers] int64: the most slots ever stored (truncation lowers only shard_lens)
 
 
 class PagedKVCache:
@@ -71,18 +89,23 @@ class PagedKVCache:
     ``num_kv_heads`` is the number of KV heads this rank stores (the KV heads of its DCP group's
     query heads); ``num_blocks`` blocks of ``block_size`` tokens are allocated up front for each of
     ``num_layers`` layers, for both K and V (for K alone with ``values_are_keys``: every ``v`` given must
-    then equal its ``k``, and ``read`` returns the keys as the values).
+    then equal its ``k``, and ``read`` returns the keys as the values). With ``ring_slots`` every request
+    keeps only its latest slots in a ring of blocks (sliding-window layers; the module docstring).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
                  dcp_rank: int, dcp_size: int, interleave: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", values_are_keys: bool = False):
+                 device: torch.device | str = "cpu", values_are_keys: bool = False,
+                 ring_slots: int | None = None):
         for field, value in [("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                              ("block_size", block_size), ("num_blocks", num_blocks), ("dcp_size", dcp_size),
                              ("interleave", interleave)]:
             _require(isinstance(value, int) and value >= 1, field, value, "it must be an integer >= 1")
         _require(isinstance(dcp_rank, int) and 0 <= dcp_rank < dcp_size, "dcp_rank", dcp_rank,
                  f"it must be an integer in [0, dcp_size) = [0, {dcp_size})")
+        _require(ring_slots is None or (isinstance(ring_slots, int) and ring_slots >= 1), "ring_slots", ring_slots,
+                 "it must be an integer >= 1 (shard slots a windowed layer keeps per request) or None")
+        self.ring_blocks = None if ring_slots is None else _blocks_for(ring_slots, block_size)
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.num_blocks = block_size, num_blocks
         self.dcp_rank, self.dcp_size, self.interleave = dcp_rank, dcp_size, interleave
@@ -120,8 +143,10 @@ class PagedKVCache:
         return (self.num_blocks - self.num_free_blocks) * self.bytes_per_block
 
     def blocks_for(self, max_total_len: int) -> int:
-        """Blocks every member reserves for a ``max_total_len``-token request: the fullest shard's (shard 0)."""
-        return _blocks_for(shard_length(max_total_len, 0, self.dcp_size, self.interleave), self.block_size)
+        """Blocks every member reserves for a ``max_total_len``-token request: the fullest shard's (shard 0), at
+        most ``ring_blocks``."""
+        blocks = _blocks_for(shard_length(max_total_len, 0, self.dcp_size, self.interleave), self.block_size)
+        return blocks if self.ring_blocks is None else min(blocks, self.ring_blocks)
 
     def can_admit(self, max_total_len: int, prefix_keys: Sequence[PageKey] = ()) -> bool:
         """Whether ``add_request(..., max_total_len, prefix_keys)`` would find its blocks now."""
@@ -140,6 +165,9 @@ class PagedKVCache:
             raise ValueError(f"request_id = {request_id!r} is already in the KV cache: free it first")
         _require(isinstance(max_total_len, int) and max_total_len >= 1, "max_total_len", max_total_len,
                  "it must be an integer >= 1 (prompt length + max_new_tokens)")
+        if prefix_keys and self.ring_blocks is not None:
+            raise ValueError(f"prefix_keys given to a ring cache (ring_slots, {self.ring_blocks} blocks per "
+                             "request): a windowed layer's ring overwrites its pages, so none can be shared")
         if prefix_keys and self.block_size % self.interleave:
             raise ValueError(f"prefix caching needs block_size ({self.block_size}) to be a multiple of "
                              f"interleave ({self.interleave}) so that a page fills one block on every member")
@@ -153,11 +181,10 @@ class PagedKVCache:
                 f"finishes, or raise num_blocks")
         self.pool.acquire(reused)
         block_ids = reused + self.pool.allocate(blocks_needed - len(reused))
+        stored = torch.full((self.num_layers,), len(reused) * self.block_size, dtype=torch.int64, device=self.device)
         self._requests[request_id] = _RequestState(
-            max_total_len=max_total_len,
-            block_ids=torch.tensor(block_ids, dtype=torch.int64, device=self.device),
-            shard_lens=torch.full((self.num_layers,), len(reused) * self.block_size, dtype=torch.int64,
-                                  device=self.device))
+            max_total_len=max_total_len, block_ids=torch.tensor(block_ids, dtype=torch.int64, device=self.device),
+            shard_lens=stored, written=stored.clone())
         return len(reused)
 
     def register_pages(self, request_id: Hashable, keys: Sequence[PageKey]) -> None:
@@ -208,9 +235,13 @@ class PagedKVCache:
                 f"continue its stored sequence at shard slot {start} without gaps or repeats; got slots "
                 f"{slots.tolist()}: pass every position of the prompt once, in order of chunks")
         self._check_within_reservation(request_id, state, positions[owned])
-        self._write(layer, state.block_ids[slots // self.block_size], slots % self.block_size,
-                    k[:, owned].transpose(0, 1), v[:, owned].transpose(0, 1))
-        state.shard_lens[layer] = start + slots.numel()
+        k_owned, v_owned = k[:, owned].transpose(0, 1), v[:, owned].transpose(0, 1)
+        end, capacity = start + slots.numel(), state.block_ids.numel() * self.block_size
+        live = slots >= end - capacity  # a ring keeps the latest ``capacity`` slots; the rest is never written
+        self._write(layer, state.block_ids[(slots[live] // self.block_size) % state.block_ids.numel()],
+                    slots[live] % self.block_size, k_owned[live], v_owned[live])
+        state.shard_lens[layer] = end
+        state.written[layer] = max(int(state.written[layer]), end)
 
     def view(self, layer_number: int, request_ids: Sequence[Hashable]) -> "LayerCacheView":
         """The cache of layer ``layer_number`` for one batch (``request_ids`` in batch order)."""
@@ -267,6 +298,8 @@ class LayerCacheView:
         self._block_table = torch.zeros(len(request_ids), max_blocks, dtype=torch.int64, device=cache.device)
         for row, state in enumerate(self._states):
             self._block_table[row, :state.block_ids.numel()] = state.block_ids
+        self._table_blocks = torch.tensor([state.block_ids.numel() for state in self._states], dtype=torch.int64,
+                                          device=cache.device)  # [b]: a row's slot s is in block s // bs % this
         self._max_total_lens = torch.tensor([state.max_total_len for state in self._states], dtype=torch.int64,
                                             device=cache.device)
 
@@ -276,8 +309,11 @@ class LayerCacheView:
             else torch.zeros(0, dtype=torch.int64, device=self.cache.device)
 
     def first_slots(self) -> torch.Tensor:
-        """``[b]`` int64: the shard slot ``read`` returns in column 0 (``ShardedKVCache.first_slots``)."""
-        return torch.zeros(len(self.request_ids), dtype=torch.int64, device=self.cache.device)
+        """``[b]`` int64: the shard slot ``read`` returns in column 0 (``ShardedKVCache.first_slots``): 0, or in a
+        ring the oldest slot it still holds (truncated drafts overwrote the slots one ring before them)."""
+        written = torch.stack([state.written[self.layer] for state in self._states]) if self._states \
+            else torch.zeros(0, dtype=torch.int64, device=self.cache.device)
+        return (written - self._table_blocks * self.cache.block_size).clamp(min=0).minimum(self.shard_lens())
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
         """Store each request's new tokens ``k_new, v_new [b, num_kv_heads, L, head_dim]`` at ``positions``
@@ -304,10 +340,13 @@ class LayerCacheView:
         self._check_next_slot((positions_2d >= self._max_total_lens[:, None]).any(1), lens, slots, positions_2d)
         rows, columns = torch.nonzero(owned, as_tuple=True)
         token_slots = slots[rows, columns]
-        cache._write(self.layer, self._block_table[rows, token_slots // cache.block_size],
+        blocks = self._block_table[rows, (token_slots // cache.block_size) % self._table_blocks[rows]]
+        cache._write(self.layer, blocks,
                      token_slots % cache.block_size, k_new[rows, :, columns], v_new[rows, :, columns])
         for row, count in enumerate(owned.sum(1).tolist()):
-            self._states[row].shard_lens[self.layer] += count
+            state = self._states[row]
+            state.shard_lens[self.layer] += count
+            state.written[self.layer] = torch.maximum(state.written[self.layer], state.shard_lens[self.layer])
 
     def _check_next_slot(self, bad: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor,
                          positions: torch.Tensor) -> None:
@@ -328,9 +367,12 @@ class LayerCacheView:
 
         Returns ``(k_shard, v_shard, shard_lens)``: ``k_shard, v_shard [b, num_kv_heads, s_max, head_dim]``
         right-padded with zeros to ``s_max = max(shard_lens)`` (``s_max`` may be 0), and
-        ``shard_lens [b]`` int64. The tensors are fresh copies gathered from the blocks.
+        ``shard_lens [b]`` int64. The tensors are fresh copies gathered from the blocks. In a ring cache
+        column 0 is slot ``first_slots()`` and ``shard_lens`` counts the columns held.
         """
         cache = self.cache
+        if cache.ring_blocks is not None:
+            return self._read_ring()
         lens = self.shard_lens()
         batch = len(self.request_ids)
         s_max = int(lens.max()) if batch else 0
@@ -342,4 +384,18 @@ class LayerCacheView:
             cache.head_dim)[:, :, :, :s_max]
         valid = torch.arange(s_max, device=cache.device) < lens.to(cache.device)[:, None]
         kv = kv.masked_fill(~valid[None, :, None, :, None], 0)
+        return kv[0], kv[-1], lens
+
+    def _read_ring(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``read`` of a ring cache: each request's held slots ``[first_slots, shard_lens)``, token by token."""
+        cache = self.cache
+        first = self.first_slots()
+        lens = self.shard_lens() - first
+        s_max = int(lens.max()) if len(self.request_ids) else 0
+        columns = torch.arange(s_max, device=cache.device)
+        slots = first[:, None] + columns  # [b, s_max]
+        blocks = self._block_table.gather(1, (slots // cache.block_size) % self._table_blocks[:, None])
+        # the two index tensors, split by a slice, lead: [b, s_max, planes, hkv, d] -> [planes, b, hkv, s_max, d]
+        kv = cache.storage[self.layer][:, blocks, :, slots % cache.block_size].permute(2, 0, 3, 1, 4)
+        kv = kv.masked_fill(~(columns < lens[:, None])[None, :, None, :, None], 0)
         return kv[0], kv[-1], lens
