@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench import balance, decode, long_prompt, prefill_scaling, run_all, vs_transformers
+from bench import balance, decode, long_prompt, prefill_scaling, run_all, sliding_window, vs_transformers
 from bench.common import machine_info, summarize, write_json
 from tests.multiproc import run_ranks
 
@@ -163,3 +163,16 @@ def test_vs_transformers_schema_and_same_fp32_tokens(tmp_path):
     path = write_json("vs_transformers", payload, machine_info(), results_dir=tmp_path)
     assert json.loads(path.read_text())["results"]["float32"][0]["row"] == "prefill 33"
     assert "| decode batch 3 (float32) |" in vs_transformers.table(payload)
+
+
+def test_sliding_window_schema_skipped_tiles_and_bounded_cache(tmp_path):
+    assert sliding_window.main(["--seq-lens", "512", "--window", "64", "--reps", "1",
+                                "--results-dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "sliding_window.json").read_text())
+    (entry,) = payload["prefill"]
+    assert set(entry["times"]) == {name for name, *_ in sliding_window._variants(64)}
+    assert all(diff < 1e-5 for diff in entry["max_abs_diff"].values()) and len(entry["max_abs_diff"]) == 4
+    assert all(tiles["skipped"] > 0 for name, tiles in entry["tiles"].items() if "window" in name)
+    cache = payload["cache"]
+    assert len({c["all windowed"] for c in cache}) == 1  # the rings do not grow with the context
+    assert [c["full"] for c in cache] == sorted(c["full"] for c in cache) and cache[-1]["full"] > cache[0]["full"]
