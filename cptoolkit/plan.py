@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cptoolkit.config import InferenceConfig, ModelConfig, ParallelConfig
+from cptoolkit.inference.kv_cache import window_ring_slots
 from cptoolkit.inference.prefill_kv import prefill_route
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.dcp_decode import DecodeGroup, shard_length
@@ -125,15 +126,19 @@ class CacheEntry:
 
 
 def kv_cache_bytes(shape: GPTShape, layout: ParallelLayout, max_seq_len: int, batch_size: int, block_size: int,
-                   interleave: int, dtype_bytes: int) -> int:
-    """One rank's KV cache as ``builder.kv_cache`` allocates it (no ``inference.kv_cache_bytes``): for each of
-    ``batch_size`` requests, blocks for the fullest DCP shard's share of ``max_seq_len`` tokens (shard 0); a
-    block holds the ``CacheEntry`` of ``block_size`` tokens of every layer for ``kv_heads_per_rank`` heads."""
+                   interleave: int, dtype_bytes: int, step_tokens: int = 1) -> int:
+    """One rank's KV cache as ``builder.kv_cache`` allocates it (no ``inference.kv_cache_bytes``, no prefix
+    caching): for each of ``batch_size`` requests, blocks for the fullest DCP shard's share of ``max_seq_len``
+    tokens (shard 0) on every full-attention layer, and on every sliding-window layer the ring that holds the
+    window behind a step of ``step_tokens`` (``window_ring_slots``; at most the full share); a block holds the
+    ``CacheEntry`` of ``block_size`` tokens of one layer for ``kv_heads_per_rank`` heads."""
     entry = CacheEntry.of(shape)
-    bytes_per_block = (shape.num_layers * entry.planes * kv_heads_per_rank(layout) * block_size * entry.width
-                       * dtype_bytes)
-    blocks_per_request = -(-shard_length(max_seq_len, 0, layout.dcp, interleave) // block_size)
-    return batch_size * blocks_per_request * bytes_per_block
+    layer_block_bytes = entry.planes * kv_heads_per_rank(layout) * block_size * entry.width * dtype_bytes
+    full_blocks = -(-shard_length(max_seq_len, 0, layout.dcp, interleave) // block_size)
+    windowed = sum(shape.layer_window(n) is not None for n in range(1, shape.num_layers + 1))
+    ring_blocks = 0 if not windowed else min(full_blocks, -(-window_ring_slots(
+        shape.sliding_window, step_tokens, layout.dcp, interleave) // block_size))
+    return batch_size * layer_block_bytes * ((shape.num_layers - windowed) * full_blocks + windowed * ring_blocks)
 
 
 def kv_copies(layout: ParallelLayout) -> float:
@@ -304,7 +309,7 @@ def plan_layout(layout: ParallelLayout, work: Workload) -> LayoutPlan:
     shape, es = work.shape, work.dtype_bytes
     requests = -(-work.batch // layout.dp)
     weights = weight_bytes(shape, layout.tp, es)
-    kv = kv_cache_bytes(shape, layout, work.context, requests, KV_BLOCK_SIZE, KV_INTERLEAVE, es)
+    kv = kv_cache_bytes(shape, layout, work.context, requests, KV_BLOCK_SIZE, KV_INTERLEAVE, es, work.prefill_chunk)
     activations = activation_bytes(shape, layout, work.prefill_chunk, work.prefill_comm, es)
     entry, (prefill_kv_heads, prefill_width) = CacheEntry.of(shape), prefill_heads(shape, layout)
     return LayoutPlan(

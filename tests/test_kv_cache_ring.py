@@ -134,3 +134,13 @@ def test_windowed_layers_reserve_the_same_bytes_at_any_context():
     every_layer = _cache(dataclasses.replace(SHAPE, sliding_layers=None), 8192)
     assert every_layer.full is None and every_layer.bytes_per_rank == every_layer.windowed.bytes_per_rank
     assert isinstance(_cache(SHAPE, 8192, prefix_caching=True), PagedKVCache)
+
+
+def test_the_planner_sizes_the_rings_as_the_engine_allocates_them():
+    from cptoolkit import plan
+
+    for shape in (SHAPE, dataclasses.replace(SHAPE, sliding_layers=None)):
+        for max_seq_len in (512, 8192):
+            layout = ParallelLayout(2, 2, 4, shape.num_attention_heads, shape.num_kv_heads)
+            want = _cache(shape, max_seq_len, prefill_chunk_size=256).bytes_per_rank
+            assert plan.kv_cache_bytes(shape, layout, max_seq_len, 2, 8, 1, 4, step_tokens=256) == want

@@ -120,3 +120,30 @@ def test_windowed_prefill_matches_float64_attention(world_size, comms):
         assert result["skipped"] == result["want_skipped"], (
             f"{result['case']}: {result['skipped']} tiles skipped, {result['want_skipped']} lie outside the window")
     assert any(result["skipped"] for result in results), "no case skipped a tile: the windows are too long"
+
+
+@pytest.mark.parametrize("sq, sk, offset, window", [(40, 40, 0, 3), (37, 29, 11, 5), (33, 48, -6, 4), (30, 30, 30, 7)])
+def test_a_block_much_wider_than_its_window_is_computed_band_by_band(sq, sk, offset, window):
+    """One block kernel call (what each ring step runs) with a window far narrower than the block: forward and
+    backward against float64 masked attention, rows that see no key included."""
+    from cptoolkit.layers.block_attention import attention_backward, attention_forward
+
+    gen = torch.Generator().manual_seed(sq + sk + offset)
+    q, dout = (torch.randn(2, 4, sq, HEAD_DIM, generator=gen) for _ in range(2))
+    k, v = (torch.randn(2, 2, sk, HEAD_DIM, generator=gen) for _ in range(2))
+    scale = HEAD_DIM ** -0.5
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    scores = qd @ kd.repeat_interleave(2, 1).transpose(-1, -2) * scale
+    distance = torch.arange(sq)[:, None] + offset - torch.arange(sk)[None, :]
+    seen = (distance >= 0) & (distance < window)
+    weights = torch.nan_to_num(torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1), nan=0.0)
+    want = weights @ vd.repeat_interleave(2, 1)
+    (want * dout.double()).sum().backward()
+    out, lse = attention_forward(q, k, v, causal=True, scale=scale, offset=offset, window=window)
+    assert (out.double() - want).abs().max() < 1e-5
+    assert torch.isinf(lse[:, :, ~seen.any(1)]).all() and torch.isfinite(lse[:, :, seen.any(1)]).all()
+    # A ring passes the rows' merged lse, finite (every row of a sequence sees itself in some block).
+    lse = lse.masked_fill(torch.isinf(lse), 0.0)
+    grads = attention_backward(dout, q, k, v, out, lse, causal=True, scale=scale, offset=offset, window=window)
+    for got, ref in zip(grads, (qd.grad, kd.grad, vd.grad)):
+        assert (got.double() - ref).abs().max() < 1e-4 * ref.abs().max()

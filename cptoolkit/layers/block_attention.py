@@ -113,16 +113,42 @@ def _fused_kind(coverage: str, offset: int, causal: bool, window: Optional[int],
     return True if diagonal_only else None
 
 
+def _band_tiles(sq: int, sk: int, offset: int, window: int) -> list[tuple[int, int, int, int]]:
+    """A causal windowed block too wide for one masked kernel call, as ``(q_start, q_end, k_start, k_end)``
+    tiles of ``window`` query rows, each with the keys it can see (row ``r`` sees keys ``(r + offset - window,
+    r + offset]``); a tile that sees no key has ``k_start == k_end``."""
+    tiles = []
+    for start in range(0, sq, window):
+        end = min(start + window, sq)
+        k_start, k_end = max(0, start + offset - window + 1), min(sk, end + offset)
+        tiles.append((start, end, k_start, max(k_start, k_end)))
+    return tiles
+
+
+def _is_banded(sq: int, sk: int, causal: bool, window: Optional[int]) -> bool:
+    """Whether a windowed block is computed tile by tile (``_band_tiles``): its mask would mostly hide keys."""
+    return causal and window is not None and min(sq, sk) > 2 * window
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                       offset: int = 0, window: Optional[int] = None, softcap: Optional[float] = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of one block: returns ``(out [b,hq,sq,d], lse [b,hq,sq] float32)``; a row that sees
-    no key gets ``out = 0``, ``lse = -inf``."""
+    no key gets ``out = 0``, ``lse = -inf``. A causal window much narrower than the block is computed band
+    tile by band tile (the keys each ``window`` rows can see), never as one mostly-masked ``sq x sk`` call."""
     _check(q, k, v)
     sq, sk = q.shape[2], k.shape[2]
     coverage = block_coverage(sq, sk, offset=offset, causal=causal, window=window)
     if coverage == "none":
         return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
+    if coverage == "partial" and _is_banded(sq, sk, causal, window):
+        out, lse = torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
+        for start, end, k_start, k_end in _band_tiles(sq, sk, offset, window):
+            if k_end > k_start:
+                out[:, :, start:end], lse[:, :, start:end] = attention_forward(
+                    q[:, :, start:end], k[:, :, k_start:k_end], v[:, :, k_start:k_end], causal=True, scale=scale,
+                    offset=start + offset - k_start, window=window, softcap=softcap)
+        return out, lse
     is_causal = _fused_kind(coverage, offset, causal, window, softcap, sq, sk)
     if is_causal is None:
         seen = _visible(sq, sk, offset, causal, window, q.device)
@@ -159,6 +185,18 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     coverage = block_coverage(sq, sk, offset=offset, causal=causal, window=window)
     if coverage == "none":
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if coverage == "partial" and _is_banded(sq, sk, causal, window):  # attention_forward's tiles
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for start, end, k_start, k_end in _band_tiles(sq, sk, offset, window):
+            if k_end > k_start:
+                rows, keys = slice(start, end), slice(k_start, k_end)
+                dq_tile, dk_tile, dv_tile = attention_backward(
+                    dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows], lse[:, :, rows],
+                    causal=True, scale=scale, offset=start + offset - k_start, window=window, softcap=softcap)
+                dq[:, :, rows] = dq_tile
+                dk[:, :, keys] += dk_tile
+                dv[:, :, keys] += dv_tile
+        return dq, dk, dv
     is_causal = _fused_kind(coverage, offset, causal, window, softcap, sq, sk)
     if is_causal is None:
         seen = _visible(sq, sk, offset, causal, window, q.device)
