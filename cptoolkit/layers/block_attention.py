@@ -34,6 +34,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from cptoolkit.layers.lse_merge import merge_two
+
 ATTENTION_BACKENDS = ("auto", "torch", "te")
 _backend = "auto"
 
@@ -113,15 +115,18 @@ def _fused_kind(coverage: str, offset: int, causal: bool, window: Optional[int],
     return True if diagonal_only else None
 
 
-def _band_tiles(sq: int, sk: int, offset: int, window: int) -> list[tuple[int, int, int, int]]:
-    """A causal windowed block too wide for one masked kernel call, as ``(q_start, q_end, k_start, k_end)``
-    tiles of ``window`` query rows, each with the keys it can see (row ``r`` sees keys ``(r + offset - window,
-    r + offset]``); a tile that sees no key has ``k_start == k_end``."""
+def _band_tiles(sq: int, sk: int, offset: int, window: int) -> list[tuple[slice, slice, int]]:
+    """A causal windowed block too wide for one masked kernel call, as ``(rows, keys, offset)`` tiles: each
+    ``window`` query rows against the keys before their first row's position (a masked tile) and against the
+    keys from it on (a causal diagonal tile, the fused kernel's), only where they see some key (row ``r`` sees
+    keys ``(r + offset - window, r + offset]``)."""
     tiles = []
     for start in range(0, sq, window):
         end = min(start + window, sq)
-        k_start, k_end = max(0, start + offset - window + 1), min(sk, end + offset)
-        tiles.append((start, end, k_start, max(k_start, k_end)))
+        first, diagonal, last = start + offset - window + 1, start + offset, end + offset
+        for k_start, k_end in ((max(0, first), min(sk, diagonal)), (max(0, diagonal), min(sk, last))):
+            if k_end > k_start:
+                tiles.append((slice(start, end), slice(k_start, k_end), start + offset - k_start))
     return tiles
 
 
@@ -141,14 +146,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     coverage = block_coverage(sq, sk, offset=offset, causal=causal, window=window)
     if coverage == "none":
         return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
-    if coverage == "partial" and _is_banded(sq, sk, causal, window):
-        out, lse = torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
-        for start, end, k_start, k_end in _band_tiles(sq, sk, offset, window):
-            if k_end > k_start:
-                out[:, :, start:end], lse[:, :, start:end] = attention_forward(
-                    q[:, :, start:end], k[:, :, k_start:k_end], v[:, :, k_start:k_end], causal=True, scale=scale,
-                    offset=start + offset - k_start, window=window, softcap=softcap)
-        return out, lse
+    if coverage == "some" and _is_banded(sq, sk, causal, window):
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
+        for rows, keys, tile_offset in _band_tiles(sq, sk, offset, window):
+            tile_out, tile_lse = attention_forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], causal=True,
+                                                   scale=scale, offset=tile_offset, window=window, softcap=softcap)
+            out[:, :, rows], lse[:, :, rows] = merge_two(out[:, :, rows], lse[:, :, rows], tile_out, tile_lse)
+        return out.to(q.dtype), lse
     is_causal = _fused_kind(coverage, offset, causal, window, softcap, sq, sk)
     if is_causal is None:
         seen = _visible(sq, sk, offset, causal, window, q.device)
@@ -185,17 +190,15 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     coverage = block_coverage(sq, sk, offset=offset, causal=causal, window=window)
     if coverage == "none":
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if coverage == "partial" and _is_banded(sq, sk, causal, window):  # attention_forward's tiles
+    if coverage == "some" and _is_banded(sq, sk, causal, window):  # attention_forward's tiles
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for start, end, k_start, k_end in _band_tiles(sq, sk, offset, window):
-            if k_end > k_start:
-                rows, keys = slice(start, end), slice(k_start, k_end)
-                dq_tile, dk_tile, dv_tile = attention_backward(
-                    dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows], lse[:, :, rows],
-                    causal=True, scale=scale, offset=start + offset - k_start, window=window, softcap=softcap)
-                dq[:, :, rows] = dq_tile
-                dk[:, :, keys] += dk_tile
-                dv[:, :, keys] += dv_tile
+        for rows, keys, tile_offset in _band_tiles(sq, sk, offset, window):
+            dq_tile, dk_tile, dv_tile = attention_backward(
+                dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows], lse[:, :, rows],
+                causal=True, scale=scale, offset=tile_offset, window=window, softcap=softcap)
+            dq[:, :, rows] += dq_tile
+            dk[:, :, keys] += dk_tile
+            dv[:, :, keys] += dv_tile
         return dq, dk, dv
     is_causal = _fused_kind(coverage, offset, causal, window, softcap, sq, sk)
     if is_causal is None:
