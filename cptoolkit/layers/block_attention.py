@@ -132,7 +132,7 @@ def _band_tiles(sq: int, sk: int, offset: int, window: int) -> list[tuple[slice,
 
 def _is_banded(sq: int, sk: int, causal: bool, window: Optional[int]) -> bool:
     """Whether a windowed block is computed tile by tile (``_band_tiles``): its mask would mostly hide keys."""
-    return causal and window is not None and min(sq, sk) > 2 * window
+    return causal and window is not None and min(sq, sk) >= 2 * window
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
