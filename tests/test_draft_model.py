@@ -3,10 +3,11 @@
 - config: the draft checkpoint must exist, have the target's vocabulary size, split over ``parallel.tp`` and have
   positions for the longest request; ``speculative_model`` goes with ``draft_model`` only; a relative path is the
   config file's folder's, ``--speculative-config``'s ``model`` the working directory's;
-- engine: greedy tokens and logprobs equal plain decoding's at 1 rank, TP1xPCP2xDCP2 and TP2xPCP2xDCP4 (chunked
-  prefill and prefix caching on, each prompt run twice so the second run reuses cached pages in both caches),
-  target ``tiny-gqa`` with three drafts: its first layer alone (a smaller checkpoint), ``tiny-mqa`` (other heads:
-  one KV head, replicated over TP) and ``tiny-gqa`` itself, whose every draft must be accepted;
+- engine: greedy tokens and logprobs equal plain decoding's at 1 rank, TP2xPCP1xDCP2, TP1xPCP2xDCP2 and
+  TP2xPCP2xDCP4 (chunked prefill and prefix caching on, each prompt run twice so the second run reuses cached
+  pages in both caches), target ``tiny-gqa`` with three drafts: its first layer alone (a smaller checkpoint),
+  ``tiny-mqa`` (other heads: one KV head, replicated over TP) and ``tiny-gqa`` itself, whose every draft must be
+  accepted;
 - sampled speculative decoding draws the same tokens at every layout and rank for one seed.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "checkpoints" / "tiny-gqa"
 PROMPTS = ["The cat sat on", "12 + 7 =", "one two three", "A red ball"]
 MAX_NEW = 16
-LAYOUTS = {1: (1, 1, 1), 2: (1, 2, 2), 4: (2, 2, 4)}  # world size -> TP x PCP x DCP
+LAYOUTS = [(1, 1, 1), (2, 1, 2), (1, 2, 2), (2, 2, 4)]  # TP x PCP x DCP; world size TP x PCP
 
 
 def _raw(speculative: dict, tp: int = 1, pcp: int = 1, dcp: int = 1) -> dict:
@@ -107,8 +108,7 @@ def _run(engine, prompts, params):
             "cached": sum(r.metrics.cached_prompt_tokens for r in results)}
 
 
-def _draft_rank(rank, world_size, drafts: dict[str, str]):
-    layout = LAYOUTS[world_size]
+def _draft_rank(rank, world_size, layout: tuple[int, int, int], drafts: dict[str, str]):
     engine = _engine(layout, {})
     try:
         base = [engine.tokenizer.encode(p) for p in PROMPTS]
@@ -133,15 +133,15 @@ def draft_runs(tmp_path_factory):
     first_layer = first_layers(TARGET, 1, tmp_path_factory.mktemp("draft") / "tiny-gqa-1-layer")
     drafts = {"first layer": str(first_layer), "tiny-mqa": str(REPO / "checkpoints" / "tiny-mqa"),
               "itself": str(TARGET)}
-    return {world_size: run_ranks(world_size, _draft_rank, drafts, timeout_s=300) for world_size in LAYOUTS}
+    return {layout: run_ranks(layout[0] * layout[1], _draft_rank, layout, drafts, timeout_s=300) for layout in LAYOUTS}
 
 
-@pytest.mark.parametrize("world_size", list(LAYOUTS))
-def test_greedy_draft_model_tokens_equal_plain_decoding(draft_runs, world_size):
-    for rank, out in enumerate(draft_runs[world_size]):
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: "TP{}xPCP{}xDCP{}".format(*layout))
+def test_greedy_draft_model_tokens_equal_plain_decoding(draft_runs, layout):
+    for rank, out in enumerate(draft_runs[layout]):
         plain = out["plain"]
         for name in ("first layer", "tiny-mqa", "itself"):
-            label = f"rank {rank}, TPxPCPxDCP {LAYOUTS[world_size]}, draft {name}"
+            label = f"rank {rank}, TPxPCPxDCP {layout}, draft {name}"
             for run, speculative in enumerate(out[name]):
                 assert speculative["tokens"] == plain["tokens"], (label, run)
                 error = max(abs(a.logprob - b.logprob) for a, b in zip(plain["logprobs"], speculative["logprobs"]))
@@ -156,9 +156,9 @@ def test_greedy_draft_model_tokens_equal_plain_decoding(draft_runs, world_size):
 
 
 def test_sampled_draft_model_tokens_are_the_same_at_every_layout(draft_runs):
-    reference = draft_runs[1][0]
-    for world_size, per_rank in draft_runs.items():
+    reference = draft_runs[1, 1, 1][0]
+    for layout, per_rank in draft_runs.items():
         for rank, out in enumerate(per_rank):
             for name in ("first layer", "tiny-mqa", "itself"):
-                assert out[name, "sampled"] == reference[name, "sampled"], (world_size, rank, name)
-                assert out[name, "drafts"] == per_rank[0][name, "drafts"], (world_size, rank, name)
+                assert out[name, "sampled"] == reference[name, "sampled"], (layout, rank, name)
+                assert out[name, "drafts"] == per_rank[0][name, "drafts"], (layout, rank, name)
