@@ -83,7 +83,7 @@ def weight_bytes(shape: GPTShape, tp: int, dtype_bytes: int) -> int:
     vocabulary rows padded to a multiple of TP and split (the output layer too, unless tied); fused QKV rows for
     ``max(num_kv_heads, tp)`` query groups (KV heads replicated when fewer than TP), or MLA's projections
     (``_mla_attention_params``); SwiGLU's ``[gate; up]`` and the rest of the MLP split; norms, row-parallel
-    biases and GPT-2's position table whole on every rank."""
+    biases, GPT-2's position table and Gemma's two post-norms per layer whole on every rank."""
     h, d, llama = shape.hidden_size, shape.head_dim, shape.arch == "llama"
     vocab_rows = padded_vocab_size(shape, tp) // tp
     qkv_rows = (shape.num_attention_heads + 2 * max(shape.num_kv_heads, tp)) * d // tp
@@ -98,6 +98,8 @@ def weight_bytes(shape: GPTShape, tp: int, dtype_bytes: int) -> int:
         layer += qkv_rows
     if shape.qk_norm:
         layer += 2 * d
+    if shape.gemma is not None:
+        layer += 2 * h
     if not llama:
         layer += fc1_rows + 2 * h  # fc1's bias is split, linear_proj's and fc2's are whole
     total = shape.num_layers * layer + norm + vocab_rows * h * (1 if shape.tie_embeddings else 2)

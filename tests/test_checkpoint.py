@@ -42,7 +42,7 @@ transformers = pytest.importorskip("transformers")
 
 SEQ_LEN = 12
 TOLERANCE = 1e-4
-NATIVE_SOURCE = "llama_gqa"  # the HF checkpoint re-saved in cptoolkit's format
+NATIVE_SOURCE = "llama_gqa"  # the HF checkpoint re-saved in cptoolkit's format (and Gemma 3, under "gemma3")
 
 
 def _llama(num_kv_heads: int, tie: bool):
@@ -51,6 +51,24 @@ def _llama(num_kv_heads: int, tie: bool):
                                       num_key_value_heads=num_kv_heads, max_position_embeddings=64,
                                       rope_theta=1000.0, tie_word_embeddings=tie, initializer_range=0.2)
     return transformers.LlamaForCausalLM(config)
+
+
+def _gemma3():
+    """A Gemma 3 text model (sandwich and q/k norms off their zero start, local RoPE base on its first layer) with a
+    window longer than the sequence, since these position cases feed one rank's tokens at any positions."""
+    config = transformers.Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           max_position_embeddings=64, sliding_window=32, query_pre_attn_scalar=24,
+                                           layer_types=["sliding_attention", "full_attention"],
+                                           rope_parameters={
+                                               "full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})
+    model = transformers.Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model
 
 
 def _gpt2():
@@ -81,7 +99,8 @@ def _position_cases(batch: int) -> dict[str, torch.Tensor]:
 def hf_cases(tmp_path_factory):
     """{name: (checkpoint_dir, input_ids, {positions_name: (position_ids, transformers logits)})}."""
     torch.manual_seed(0)
-    models = {"llama_gqa": _llama(2, tie=False), "llama_mqa_tied": _llama(1, tie=True), "gpt2": _gpt2()}
+    models = {"llama_gqa": _llama(2, tie=False), "llama_mqa_tied": _llama(1, tie=True), "gpt2": _gpt2(),
+              "gemma3": _gemma3()}
     cases = {}
     for name, model in models.items():
         directory = tmp_path_factory.mktemp(name)
@@ -119,9 +138,12 @@ def _hf_rank(rank, world_size, cases, native_dir):
             results[tp_name, name] = _compare(model, input_ids, logits)
             if (tp_name, name) == ("TP=2", NATIVE_SOURCE):
                 save_checkpoint(model, native_dir, ByteTokenizer())
-    _, input_ids, logits = cases[NATIVE_SOURCE]
-    results["TP=1", "cptoolkit checkpoint saved at TP=2"] = _compare(
-        load_model_checkpoint(native_dir, megatron_groups(solo, solo), AttentionRuntime()), input_ids, logits)
+            if (tp_name, name) == ("TP=2", "gemma3"):
+                save_checkpoint(model, f"{native_dir}-gemma3", ByteTokenizer())
+    for source, directory in ((NATIVE_SOURCE, native_dir), ("gemma3", f"{native_dir}-gemma3")):
+        _, input_ids, logits = cases[source]
+        results["TP=1", f"cptoolkit checkpoint of {source} saved at TP=2"] = _compare(
+            load_model_checkpoint(directory, megatron_groups(solo, solo), AttentionRuntime()), input_ids, logits)
     return results
 
 
@@ -142,7 +164,7 @@ def rank_results(hf_cases, native_dir):
 
 
 @pytest.mark.parametrize("tp_name", ["TP=1", "TP=2"])
-@pytest.mark.parametrize("name", ["llama_gqa", "llama_gqa_sharded", "llama_mqa_tied", "gpt2"])
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_gqa_sharded", "llama_mqa_tied", "gpt2", "gemma3"])
 def test_hf_checkpoint_gives_transformers_logits_for_any_positions(rank_results, tp_name, name):
     for rank, results in enumerate(rank_results):
         _assert_close(results[tp_name, name], f"{tp_name} rank {rank} {name}")
@@ -150,7 +172,8 @@ def test_hf_checkpoint_gives_transformers_logits_for_any_positions(rank_results,
 
 def test_cptoolkit_checkpoint_saved_at_tp2_loads_at_tp1_with_the_same_logits(rank_results):
     for rank, results in enumerate(rank_results):
-        _assert_close(results["TP=1", "cptoolkit checkpoint saved at TP=2"], f"rank {rank}")
+        for source in (NATIVE_SOURCE, "gemma3"):
+            _assert_close(results["TP=1", f"cptoolkit checkpoint of {source} saved at TP=2"], f"rank {rank} {source}")
 
 
 def test_native_checkpoint_files_describe_shape_and_tokenizer(hf_cases, native_dir, rank_results):
@@ -268,9 +291,10 @@ CONFIG_JSON_CASES = {
                             r"/config\.json: hidden_size='64'; rule: must be a positive integer$"),
     "unsupported model_type": (lambda d: _set_config(d, model_type="gemma"),
                                r"/config\.json: model_type='gemma' is not supported; rule: one of 'llama', "
-                               r"'mistral', 'qwen2', 'qwen3', 'gpt2', 'deepseek_v2', 'deepseek_v3' \(architectures "
-                               r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
-                               r"GPT2LMHeadModel, GPT2Model, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM\)$"),
+                               r"'mistral', 'qwen2', 'qwen3', 'gpt2', 'deepseek_v2', 'deepseek_v3', 'gemma2', "
+                               r"'gemma3_text' \(architectures LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                               r"Qwen3ForCausalLM, GPT2LMHeadModel, GPT2Model, DeepseekV2ForCausalLM, "
+                               r"DeepseekV3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM\)$"),
     "unsupported architecture": (lambda d: _set_config(d, architectures=["LlamaForSequenceClassification"]),
                                  r"/config\.json: architectures=\['LlamaForSequenceClassification'\] is not "
                                  r"supported for model_type 'llama'; rule: LlamaForCausalLM$"),

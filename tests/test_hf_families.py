@@ -23,7 +23,7 @@ from cptoolkit.config import ConfigError, config_from_dict, load_config
 from cptoolkit.inference.builder import build_engine
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.models.rope import inv_freq
-from cptoolkit.models.shape import GPTShape
+from cptoolkit.models.shape import GemmaBlock, GPTShape
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
 
@@ -63,14 +63,25 @@ FAMILIES = {
     "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM",
                    dict(rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 0.5}, num_key_value_heads=1)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_parameters=YARN)),
+    # Gemma: local layers (windows 5 and 6) between global ones, scores scaled by query_pre_attn_scalar (not
+    # head_dim), Gemma 2's attention and final softcaps low enough to bite, Gemma 3's q/k norms and local RoPE base
+    # beside a linearly scaled global RoPE.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                                                         attn_logit_softcapping=3.0, final_logit_softcapping=4.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=6,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                                    initializer_range=0.2, bos_token_id=1, eos_token_id=None,
                                                    pad_token_id=0)),
 }
-# The windowed families prefill in chunks (a window longer than the chunk: Mistral's; shorter: Qwen2's), every
-# prompt twice. Mistral's windowed layers live in ring caches that wrap several times per sequence (no prefix
-# caching: HybridKVCache); Qwen2's with prefix caching, its second run attending the window through reused pages.
-CHUNKED = {"mistral_swa": (4, False), "qwen2_swa": (8, True)}
+# The windowed families prefill in chunks (a window longer than the chunk: Mistral's, Gemma 2's; shorter: Qwen2's,
+# Gemma 3's), every prompt twice. Mistral's and Gemma 2's windowed layers live in ring caches that wrap several
+# times per sequence (no prefix caching: HybridKVCache); Qwen2's and Gemma 3's with prefix caching, the second run
+# attending the window through reused pages.
+CHUNKED = {"mistral_swa": (4, False), "qwen2_swa": (8, True), "gemma2": (4, False), "gemma3": (8, True)}
 # (tp, pcp, dcp, prefill_comm, decode_comm): every family runs DCP = 2 and DCP = 4, with the comms swapped for
 # every other family, so each comm meets each DCP size.
 LAYOUTS = ((2, 2, 2, "p2p", "a2a"), (2, 2, 4, "all_gather", "ag_rs"))
@@ -277,9 +288,27 @@ REFUSED = {
     "Llama mlp_bias": (_hf_config("llama", mlp_bias=True), r"^mlp_bias=True; rule: must be False$"),
     "another family": (_hf_config("llama", model_type="gemma"),
                        r"^model_type='gemma' is not supported; rule: one of 'llama', 'mistral', 'qwen2', 'qwen3', "
-                       r"'gpt2', 'deepseek_v2', 'deepseek_v3' \(architectures LlamaForCausalLM, MistralForCausalLM, "
-                       r"Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel, GPT2Model, DeepseekV2ForCausalLM, "
-                       r"DeepseekV3ForCausalLM\)$"),
+                       r"'gpt2', 'deepseek_v2', 'deepseek_v3', 'gemma2', 'gemma3_text' \(architectures "
+                       r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel, "
+                       r"GPT2Model, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Gemma2ForCausalLM, "
+                       r"Gemma3ForCausalLM\)$"),
+    "Gemma 3 bidirectional attention": (_hf_config("gemma3", use_bidirectional_attention=True),
+                                        r"^use_bidirectional_attention=True; rule: must be False$"),
+    "Gemma 2 attention_bias": (_hf_config("gemma2", attention_bias=True), r"^attention_bias=True; rule: must be "
+                                                                         r"False$"),
+    "Gemma 2 exact GELU": (_hf_config("gemma2", hidden_activation="gelu"),
+                           r"^hidden_activation='gelu'; rule: must be 'gelu_pytorch_tanh'$"),
+    "Gemma 3 scaled local RoPE": (
+        _hf_config("gemma3", rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                              "sliding_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                    "rope_theta": 1e4}}),
+        r"^rope_parameters\.sliding_attention\.rope_type='linear'; rule: 'default' \(cptoolkit scales only the "
+        r"global layers' RoPE\)$"),
+    "Gemma 3 YaRN global RoPE": (
+        _hf_config("gemma3", rope_parameters={"full_attention": {**YARN}, "sliding_attention": {"rope_theta": 1e4}}),
+        r"^the global layers' rope_type='yarn'; rule: 'default' or 'linear' for gemma3_text"),
+    "Gemma 2 softcap of 0": (_hf_config("gemma2", attn_logit_softcapping=0),
+                             r"^attn_logit_softcapping=0; rule: must be a positive number$"),
     "a head class": (_hf_config("qwen2_yarn", architectures=["Qwen2ForSequenceClassification"]),
                      r"^architectures=\['Qwen2ForSequenceClassification'\] is not supported for model_type "
                      r"'qwen2'; rule: Qwen2ForCausalLM$"),
@@ -316,6 +345,33 @@ def test_sliding_windows_are_read_as_transformers_applies_them():
                                               layer_types=None))):
         read = GPTShape.from_hf_config(_hf_config(name, **changes))
         assert GPTShape.from_hf_config(read.to_hf_config()) == read  # a cptoolkit checkpoint keeps the window
+
+
+def test_gemma_local_layers_rope_and_softcaps_are_read_as_transformers_applies_them():
+    """Gemma 2 windows every other layer from the first, Gemma 3 five of every ``sliding_window_pattern`` (or as
+    layer_types says); older Gemma 3 configs name the local RoPE base ``rope_local_base_freq``; absent softcaps are
+    the family's defaults (Gemma 2: 50 and 30), null ones none; every shape survives a cptoolkit checkpoint."""
+    def read(name, **changes):
+        return GPTShape.from_hf_config(_hf_config(name, **changes))
+
+    gemma2 = read("gemma2", num_hidden_layers=4, layer_types=None)
+    assert (gemma2.sliding_window, gemma2.sliding_layers) == (5, (True, False, True, False))
+    assert gemma2.gemma == GemmaBlock(24.0, 3.0, 4.0, None)
+    defaults = {key: value for key, value in _hf_config("gemma2").items()
+                if key not in ("attn_logit_softcapping", "final_logit_softcapping")}
+    assert GPTShape.from_hf_config(defaults).gemma == GemmaBlock(24.0, 50.0, 30.0, None)
+    assert read("gemma2", final_logit_softcapping=None).gemma.final_logit_softcapping is None
+    gemma3 = read("gemma3", num_hidden_layers=12, layer_types=None, sliding_window_pattern=6)
+    assert gemma3.sliding_layers == (True,) * 5 + (False,) + (True,) * 5 + (False,)
+    assert (gemma3.qk_norm, gemma3.rope_theta, gemma3.rope_scaling.rope_type) == (True, 1e4, "linear")
+    assert gemma3.gemma == GemmaBlock(24.0, None, None, 100.0)
+    older = {key: value for key, value in _hf_config("gemma3").items() if key != "rope_parameters"}
+    older.update(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    read_older = GPTShape.from_hf_config(older)
+    assert (read_older.rope_theta, read_older.rope_scaling.factor, read_older.gemma.local_rope_theta) == \
+        (1e6, 8.0, 1e4)
+    for shape in (gemma2, gemma3, read_older, read("gemma2")):
+        assert GPTShape.from_hf_config(shape.to_hf_config()) == shape
 
 
 def test_a_refused_checkpoint_fails_at_load_config_in_one_line_naming_its_config_json(families, tmp_path):

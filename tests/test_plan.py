@@ -21,7 +21,7 @@ import yaml
 from cptoolkit import plan
 from cptoolkit.config import config_from_dict
 from cptoolkit.layout import ParallelLayout
-from cptoolkit.models.shape import GPTShape, MLADims
+from cptoolkit.models.shape import GemmaBlock, GPTShape, MLADims
 from tests.multiproc import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +99,8 @@ WEIGHT_SHAPES = [
     GPTShape("llama", 1, 64, 4, 4, 96, 320, 64, head_dim=32, qkv_bias=True, qk_norm=True),  # Qwen2/3-style
     MLA_SHAPE,  # DeepSeek-V3-style MLA with a query bottleneck
     dataclasses.replace(MLA_SHAPE, mla=dataclasses.replace(MLA_SHAPE.mla, q_lora_rank=None)),  # V2-style
+    GPTShape("llama", 2, 64, 4, 2, 96, 321, 64, head_dim=32, qk_norm=True, tie_embeddings=True, sliding_window=8,
+             sliding_layers=(True, False), gemma=GemmaBlock(24.0, 5.0, 4.0, 100.0)),  # Gemma 3: post-norms too
 ]
 
 

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from cptoolkit.layers.core_attention import AttentionRuntime, get_gpt_layer_spec
 from cptoolkit.layers.mla import MLASelfAttention
+from cptoolkit.models.gemma import gemma_block_spec
 from cptoolkit.models.gpt import CPGPTModel
 from cptoolkit.models.shape import GPTShape, check_tp, padded_vocab_size
 from cptoolkit.models.tp_sharding import NORM, ROW, load_full_state_dict, param_kinds
@@ -29,16 +31,18 @@ def megatron_config(shape: GPTShape, tp_size: int, dtype: torch.dtype) -> Transf
     """The megatron-core config of ``shape`` at TP=``tp_size``: CPU init, no dropout, no fusions.
     YaRN's ``attention_factor`` multiplies RoPE's cos and sin in transformers, so q and k each; here the
     softmax scale carries its square instead. A sliding window is megatron's ``window_size = (window - 1, 0)``
-    on the layers ``window_attn_skip_freq`` (one flag per layer) marks, which ``CPCoreAttention`` reads."""
+    on the layers ``window_attn_skip_freq`` (one flag per layer) marks, which ``CPCoreAttention`` reads. The Gemma
+    block: GeGLU (tanh GELU, gated) and scores scaled by ``query_pre_attn_scalar ** -0.5``."""
     llama = shape.arch == "llama"
+    score_dim = shape.head_dim if shape.gemma is None else shape.gemma.query_pre_attn_scalar
     return TransformerConfig(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size,
         num_attention_heads=shape.num_attention_heads,
         num_query_groups=max(shape.num_kv_heads, tp_size), kv_channels=shape.head_dim,
-        softmax_scale=shape.rope_scaling.attention_factor ** 2 / math.sqrt(shape.head_dim),
+        softmax_scale=shape.rope_scaling.attention_factor ** 2 / math.sqrt(score_dim),
         ffn_hidden_size=shape.ffn_hidden_size, tensor_model_parallel_size=tp_size,
         normalization="RMSNorm" if llama else "LayerNorm", layernorm_epsilon=shape.norm_eps,
-        gated_linear_unit=llama, activation_func=F.silu if llama else _gelu_tanh,
+        gated_linear_unit=llama, activation_func=F.silu if llama and shape.gemma is None else _gelu_tanh,
         add_bias_linear=not llama, add_qkv_bias=not llama or shape.qkv_bias, qk_layernorm=shape.qk_norm,
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
@@ -56,11 +60,17 @@ def _window_config(shape: GPTShape) -> dict:
     return {"window_size": (shape.sliding_window - 1, 0), "window_attn_skip_freq": [int(f) for f in layers]}
 
 
-def layer_spec(shape: GPTShape, runtime: AttentionRuntime) -> ModuleSpec:
+def layer_spec(shape: GPTShape, runtime: AttentionRuntime) -> ModuleSpec | TransformerBlockSubmodules:
     """cptoolkit's layer spec for ``shape.arch``, with ``qk_norm``: an RMSNorm over ``head_dim`` for the
     query and the key heads (megatron's ``q_layernorm``/``k_layernorm``, as its local spec with
     ``qk_layernorm=True`` builds them), applied before RoPE as in Qwen3; with ``mla``, cptoolkit's
-    ``MLASelfAttention`` instead of megatron's ``SelfAttention``."""
+    ``MLASelfAttention`` instead of megatron's ``SelfAttention``. With ``gemma``: the whole block's spec
+    (``gemma_block_spec``: megatron's local linear layers, Gemma's norms, the attention softcap on every layer)."""
+    if shape.gemma is not None:
+        spec = get_gpt_layer_spec(runtime, shape.arch, transformer_engine=False)
+        spec.submodules.self_attention.submodules.core_attention.params["softcap"] = \
+            shape.gemma.attn_logit_softcapping
+        return gemma_block_spec(spec, shape.num_layers, shape.qk_norm)
     spec = get_gpt_layer_spec(runtime, shape.arch)
     if shape.mla is not None:
         spec.submodules.self_attention = ModuleSpec(module=MLASelfAttention, params={
@@ -92,16 +102,17 @@ def new_gpt_model(shape: GPTShape, pg_collection: ProcessGroupCollection, runtim
 
 def init_full_state_dict(model: CPGPTModel, seed: int) -> dict[str, torch.Tensor]:
     """Random full weights (float32) for ``model``'s parameters, drawn in name order from one
-    seeded generator: norms 1, biases 0, matrices N(0, 0.02²) (output projections of each layer
-    scaled by ``1/sqrt(2·num_layers)``, as GPT-2 does)."""
+    seeded generator: norm weights their identity (1, or 0 for Gemma's ``1 + weight`` norms), biases 0, matrices
+    N(0, 0.02²) (output projections of each layer scaled by ``1/sqrt(2·num_layers)``, as GPT-2 does)."""
     generator = torch.Generator().manual_seed(seed)
     shape, tp_size, kinds = model.shape, model.pg_collection.tp.size(), param_kinds(model)
-    full = {}
+    modules, full = dict(model.named_modules()), {}
     for name, local in sorted(model.named_parameters()):
         kind = kinds[name]
         size = kind.full_shape(local.shape, shape, tp_size)
         if kind is NORM:
-            full[name] = torch.ones(size) if name.endswith("weight") else torch.zeros(size)
+            identity = getattr(modules[name.rpartition(".")[0]], "identity_weight", 1.0)
+            full[name] = torch.full(size, identity) if name.endswith("weight") else torch.zeros(size)
         elif name.endswith("bias"):
             full[name] = torch.zeros(size)
         else:

@@ -9,7 +9,8 @@ loads at any TP size and no rank holds a whole tensor it does not keep. ``config
 
 - Hugging Face (``config.json`` + ``model.safetensors`` or a sharded ``model.safetensors.index.json``;
   no hub access): the Llama family (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-  ``Qwen3ForCausalLM``: q/k/v/o, gate/up/down, RMSNorm, GQA, Qwen2's q/k/v biases, Qwen3's q/k norms)
+  ``Qwen3ForCausalLM``: q/k/v/o, gate/up/down, RMSNorm, GQA, Qwen2's q/k/v biases, Qwen3's q/k norms; Gemma 2/3's
+  ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``, the same tensors plus its pre/post feed-forward norms)
   and ``GPT2LMHeadModel`` (Conv1D weights stored ``[in, out]``: their columns are the model's rows).
 - cptoolkit: ``save_checkpoint`` writes the full state dict in one ``model.safetensors`` plus a
   ``config.json`` that is a Hugging Face config of the same shape with ``"cptoolkit_format": 1``, so
@@ -221,6 +222,9 @@ def llama_tensor_shapes(shape: GPTShape) -> Shapes:
         if shape.qk_norm:
             shapes.update({hf + "self_attn.q_norm.weight": (shape.head_dim,),
                            hf + "self_attn.k_norm.weight": (shape.head_dim,)})
+        if shape.gemma is not None:
+            shapes.update({hf + "pre_feedforward_layernorm.weight": (hidden,),
+                           hf + "post_feedforward_layernorm.weight": (hidden,)})
     return shapes
 
 
@@ -253,6 +257,13 @@ def llama_layout(shape: GPTShape) -> Layout:
                                            + _whole(shapes, hf + "mlp.up_proj.weight")),
             mc + "mlp.linear_fc2.weight": _whole(shapes, hf + "mlp.down_proj.weight"),
         })
+        if shape.gemma is not None:  # the sandwich norms: Gemma's post_attention_layernorm follows the attention
+            post_attention = _whole(shapes, hf + "post_attention_layernorm.weight")
+            layout.update({
+                mc + "self_attention.linear_proj.post_norm.weight": post_attention,
+                mc + "pre_mlp_layernorm.weight": _whole(shapes, hf + "pre_feedforward_layernorm.weight"),
+                mc + "mlp.linear_fc2.post_norm.weight": _whole(shapes, hf + "post_feedforward_layernorm.weight"),
+            })
     return layout
 
 

@@ -26,19 +26,23 @@ class CPGPTModel(GPTModel):
     """megatron-core's ``GPTModel`` that remembers its ``GPTShape`` (``shape``): the vocabulary is
     padded to a multiple of TP inside megatron, and the loaders and ``gpt_forward`` need the real
     sizes. Its RoPE frequencies are the shape's (megatron's ``RotaryEmbedding`` knows no linear or YaRN
-    scaling), held in megatron's own ``rotary_pos_emb.inv_freq`` so both forward paths use them."""
+    scaling), held in megatron's own ``rotary_pos_emb.inv_freq`` so both forward paths use them; Gemma 3's
+    local layers' own (``local_inv_freq``, None otherwise) only ``gpt_forward`` applies."""
 
     def __init__(self, shape: GPTShape, **gpt_model_kwargs):
         super().__init__(**gpt_model_kwargs)
         self.shape = shape
         if self.position_embedding_type == "rope":
             self.rotary_pos_emb.inv_freq = rope.inv_freq(shape)  # a plain attribute: stays float32 under .to(dtype)
+        self.local_inv_freq = rope.local_inv_freq(shape)
 
 
-def rotary_freqs(model: CPGPTModel, position_ids: torch.Tensor) -> torch.Tensor:
+def rotary_freqs(model: CPGPTModel, position_ids: torch.Tensor, inv_freq: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
     """RoPE angles for arbitrary positions: ``position_ids [b, s]`` -> ``[s, b, 1, head_dim]``,
-    laid out as megatron's ``apply_rotary_pos_emb`` expects (non-interleaved halves)."""
-    inv_freq = model.rotary_pos_emb.inv_freq.to(position_ids.device)
+    laid out as megatron's ``apply_rotary_pos_emb`` expects (non-interleaved halves); ``inv_freq`` (default:
+    the model's global RoPE) ``[head_dim / 2]``."""
+    inv_freq = (model.rotary_pos_emb.inv_freq if inv_freq is None else inv_freq).to(position_ids.device)
     angles = position_ids.t().float().unsqueeze(-1) * inv_freq  # [s, b, head_dim / 2]
     return torch.cat([angles, angles], dim=-1).unsqueeze(2)
 
@@ -123,16 +127,23 @@ def gpt_hidden(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.T
         raise ValueError(f"decode of {input_ids.shape[1]} tokens per sequence needs decode_positions shaped like "
                          f"input_ids {tuple(input_ids.shape)}; got {tuple(phase.decode_positions.shape)}")
     hidden = model.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
+    if model.shape.gemma is not None:  # sqrt(hidden) rounded to the weights' dtype, as transformers' Gemma
+        hidden = hidden * torch.tensor(model.shape.hidden_size ** 0.5, dtype=hidden.dtype)
     rotary = rotary_freqs(model, position_ids) if model.position_embedding_type == "rope" else None
+    if model.local_inv_freq is not None:  # Gemma 3: GemmaSelfAttention picks its layer's angles
+        rotary = {"global": rotary, "local": rotary_freqs(model, position_ids, model.local_inv_freq)}
     with runtime.use_phase(phase):
         return model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
 
 
 def _local_logits(model: CPGPTModel, hidden: torch.Tensor) -> torch.Tensor:
-    """``hidden [s, b, h]`` -> this TP rank's vocabulary slice ``[s, b, vocab_padded / TP]``, float32 or wider."""
+    """``hidden [s, b, h]`` -> this TP rank's vocabulary slice ``[s, b, vocab_padded / TP]``, float32 or wider;
+    capped as ``c * tanh(logits / c)`` with Gemma's ``final_logit_softcapping`` ``c``."""
     output_weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
     logits, _ = model.output_layer(hidden, weight=output_weight)
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    cap = model.shape.gemma.final_logit_softcapping if model.shape.gemma is not None else None
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 def gpt_logits(model: CPGPTModel, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ softmax scale.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -65,3 +66,11 @@ def inv_freq(shape: GPTShape) -> torch.Tensor:
     if rope.rope_type == "llama3":
         return _llama3(unscaled, rope)
     return unscaled
+
+
+def local_inv_freq(shape: GPTShape) -> Optional[torch.Tensor]:
+    """Gemma 3's local (windowed) layers' inverse frequencies: unscaled, base ``gemma.local_rope_theta``;
+    None when every layer takes ``inv_freq(shape)``."""
+    if shape.gemma is None or shape.gemma.local_rope_theta is None:
+        return None
+    return _unscaled(shape.gemma.local_rope_theta, shape.head_dim)

@@ -9,6 +9,9 @@ Hugging Face families read here (``model_type``: architectures):
   ``qwen2``: Qwen2ForCausalLM (q/k/v biases; ``use_sliding_window`` on the layers from ``max_window_layers``,
   or as ``layer_types`` says); ``qwen3``: Qwen3ForCausalLM (per-head q/k RMSNorm; ``layer_types``).
   All four are ``arch="llama"``, with RoPE ``rope_type`` default, linear, llama3 or yarn.
+- ``gemma2``: Gemma2ForCausalLM; ``gemma3_text``: Gemma3ForCausalLM: the Gemma block (``GemmaBlock``) on
+  ``arch="llama"``: local (sliding-window) layers between global ones as ``layer_types`` says (else every other
+  layer, Gemma 3: five of every ``sliding_window_pattern``), Gemma 3's q/k norms and local RoPE base.
 - ``gpt2``: GPT2LMHeadModel, GPT2Model.
 - ``deepseek_v2``: DeepseekV2ForCausalLM; ``deepseek_v3``: DeepseekV3ForCausalLM: multi-head latent
   attention (``MLADims``) on the Llama block, dense MLP layers only (MoE layers are refused).
@@ -31,7 +34,9 @@ ARCHS = ("llama", "gpt2")
 HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM",), "mistral": ("MistralForCausalLM",),
                     "qwen2": ("Qwen2ForCausalLM",), "qwen3": ("Qwen3ForCausalLM",),
                     "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
-                    "deepseek_v2": ("DeepseekV2ForCausalLM",), "deepseek_v3": ("DeepseekV3ForCausalLM",)}
+                    "deepseek_v2": ("DeepseekV2ForCausalLM",), "deepseek_v3": ("DeepseekV3ForCausalLM",),
+                    "gemma2": ("Gemma2ForCausalLM",), "gemma3_text": ("Gemma3ForCausalLM",)}
+GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 AUTO_DTYPES = ("float32", "bfloat16", "float64")  # the weights' dtypes ``runtime.dtype: auto`` runs in
@@ -113,6 +118,31 @@ class MLADims:
 
 
 @dataclass(frozen=True)
+class GemmaBlock:
+    """What a Gemma 2 / Gemma 3 layer computes beyond the Llama block. Always: every RMSNorm scales by
+    ``1 + weight`` (computed in float32); sandwich norms (the attention output and the MLP output are normed before
+    their residual adds, beside the usual pre-norms); the embedding is multiplied by ``sqrt(hidden_size)`` rounded
+    to the weights' dtype; the MLP is GeGLU (tanh GELU). Per checkpoint: scores scaled by
+    ``query_pre_attn_scalar ** -0.5`` (not ``head_dim``'s), capped as ``c * tanh(s / c)`` with
+    ``attn_logit_softcapping`` and the logits with ``final_logit_softcapping`` (None: no cap), and
+    ``local_rope_theta`` (Gemma 3): the RoPE base of the windowed layers, unscaled, while the global layers take
+    ``GPTShape.rope_theta`` and ``rope_scaling`` (None: every layer the global RoPE)."""
+
+    query_pre_attn_scalar: float
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    local_rope_theta: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "local_rope_theta"):
+            value = getattr(self, name)
+            if (value is not None or name == "query_pre_attn_scalar") and not (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"GemmaBlock.{name}={value!r}; rule: a positive number"
+                                 + ("" if name == "query_pre_attn_scalar" else ", or None"))
+
+
+@dataclass(frozen=True)
 class GPTShape:
     """Architecture of a decoder-only transformer.
 
@@ -127,6 +157,7 @@ class GPTShape:
     ``sliding_window`` (None: every layer attends to every earlier token): on a windowed layer the token at
     position ``p`` attends to positions ``(p - sliding_window, p]``; ``sliding_layers`` flags the windowed
     layers in order (None: every layer), transformers' ``layer_types`` with ``sliding_attention`` as True.
+    ``gemma`` (llama only): the Gemma 2/3 block (``GemmaBlock``); its windowed layers are its local ones.
     """
 
     arch: str
@@ -147,6 +178,7 @@ class GPTShape:
     mla: Optional[MLADims] = None
     sliding_window: Optional[int] = None
     sliding_layers: Optional[tuple[bool, ...]] = None
+    gemma: Optional[GemmaBlock] = None
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -175,6 +207,14 @@ class GPTShape:
         if self.arch == "gpt2":
             self._check_gpt2()
         self._check_window()
+        if self.gemma is not None and (self.mla is not None or self.qkv_bias):
+            raise ValueError("GPTShape with gemma: mla must be None and qkv_bias false (the Gemma block has neither)")
+        if self.gemma is not None and self.gemma.local_rope_theta is not None and (
+                self.sliding_window is None or self.rope_scaling.attention_factor != 1.0):
+            raise ValueError(f"GPTShape with gemma.local_rope_theta={self.gemma.local_rope_theta}: needs windowed "
+                             f"(local) layers to apply it to (sliding_window={self.sliding_window}), and a global "
+                             f"RoPE without attention_factor (got {self.rope_scaling.attention_factor}): the softmax "
+                             "scale that would carry it is shared by every layer")
         if self.mla is not None and (self.head_dim != self.mla.qk_rope_head_dim or self.num_kv_heads != 1
                                      or self.qkv_bias or self.qk_norm):
             raise ValueError(f"GPTShape with mla: head_dim={self.head_dim} must be qk_rope_head_dim="
@@ -214,7 +254,8 @@ class GPTShape:
                              f"per query head (num_attention_heads={self.num_attention_heads})")
         llama_only = {"head_dim": (self.head_dim, self.hidden_size // self.num_attention_heads),
                       "qkv_bias": (self.qkv_bias, False), "qk_norm": (self.qk_norm, False), "mla": (self.mla, None),
-                      "rope_scaling": (self.rope_scaling, RopeScaling()), "sliding_window": (self.sliding_window, None)}
+                      "rope_scaling": (self.rope_scaling, RopeScaling()), "sliding_window": (self.sliding_window, None),
+                      "gemma": (self.gemma, None)}
         for name, (value, gpt2_value) in llama_only.items():
             if value != gpt2_value:
                 raise ValueError(f"GPTShape.{name}={value!r}; rule: must be {gpt2_value!r} for gpt2 (llama only)")
@@ -234,6 +275,8 @@ class GPTShape:
                              f"rule: {' or '.join(HF_ARCHITECTURES[model_type])}")
         if model_type in MLA_MODEL_TYPES:
             return _deepseek_shape(config, model_type)
+        if model_type in GEMMA_MODEL_TYPES:
+            return _gemma_shape(config, model_type)
         return _gpt2_shape(config) if model_type == "gpt2" else _llama_shape(config, model_type)
 
     def to_hf_config(self) -> dict:
@@ -248,6 +291,8 @@ class GPTShape:
                     "tie_word_embeddings": self.tie_embeddings}
         if self.mla is not None:
             return self._deepseek_hf_config()
+        if self.gemma is not None:
+            return self._gemma_hf_config()
         model_type = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
         if self.sliding_window is not None and model_type == "llama":
             if self.sliding_layers is not None:
@@ -275,6 +320,28 @@ class GPTShape:
         keys = {"sliding_window": self.sliding_window,
                 "layer_types": ["sliding_attention" if windowed else "full_attention" for windowed in layers]}
         return {**keys, "use_sliding_window": True}
+
+    def _gemma_hf_config(self) -> dict:
+        """A Gemma 3 text ``config.json`` with q/k norms, a Gemma 2 one without."""
+        model_type, g = ("gemma3_text" if self.qk_norm else "gemma2"), self.gemma
+        global_rope = {"rope_theta": self.rope_theta, **self.rope_scaling.to_hf()}
+        rope = ({"full_attention": global_rope, "sliding_attention": {"rope_type": "default",
+                                                                      "rope_theta": g.local_rope_theta}}
+                if g.local_rope_theta is not None else global_rope)
+        layers = self.sliding_layers or (True,) * self.num_layers
+        window = ({"sliding_window": self.sliding_window,
+                   "layer_types": ["sliding_attention" if windowed else "full_attention" for windowed in layers]}
+                  if self.sliding_window is not None
+                  else {"sliding_window": None, "layer_types": ["full_attention"] * self.num_layers})
+        return {"model_type": model_type, "architectures": list(HF_ARCHITECTURES[model_type]),
+                "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
+                "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "intermediate_size": self.ffn_hidden_size, "vocab_size": self.vocab_size,
+                "max_position_embeddings": self.max_seq_len, "hidden_activation": "gelu_pytorch_tanh",
+                "rope_parameters": rope, "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings,
+                "query_pre_attn_scalar": g.query_pre_attn_scalar,
+                "attn_logit_softcapping": g.attn_logit_softcapping,
+                "final_logit_softcapping": g.final_logit_softcapping, **window}
 
     def _deepseek_hf_config(self) -> dict:
         """A DeepSeek-V3 ``config.json`` with every layer dense."""
@@ -483,6 +550,95 @@ def _deepseek_shape(config: dict, model_type: str) -> GPTShape:
                     rope_theta=theta, norm_eps=_positive(config, "rms_norm_eps", float, default=1e-6),
                     tie_embeddings=bool(config.get("tie_word_embeddings", False)),
                     head_dim=mla.qk_rope_head_dim, rope_scaling=rope_scaling, mla=mla)
+
+
+# Gemma 2: sliding on every other layer (the first too); Gemma 3: five of every six, as transformers' configs say.
+_GEMMA_PATTERN_DEFAULT = {"gemma2": 2, "gemma3_text": 6}
+_GEMMA_LOCAL_THETA_DEFAULT = 10000.0
+
+
+def _gemma_layers(config: dict, model_type: str, layers: int) -> tuple[bool, ...]:
+    """Which layers are local (sliding): ``layer_types``, else the family's pattern (Gemma 3's
+    ``sliding_window_pattern``): every layer but each ``pattern``-th."""
+    layer_types = config.get("layer_types")
+    if layer_types is not None:
+        kinds = ("full_attention", "sliding_attention")
+        if not isinstance(layer_types, list) or len(layer_types) != layers or any(t not in kinds for t in layer_types):
+            raise ValueError(f"layer_types={layer_types!r}; rule: a list of {layers} entries, each one of {kinds}")
+        return tuple(t == "sliding_attention" for t in layer_types)
+    pattern = _positive(config, "sliding_window_pattern", default=_GEMMA_PATTERN_DEFAULT[model_type]) \
+        if model_type == "gemma3_text" else _GEMMA_PATTERN_DEFAULT[model_type]
+    return tuple(bool((i + 1) % pattern) for i in range(layers))
+
+
+def _gemma_rope(config: dict, model_type: str) -> tuple[float, RopeScaling, Optional[float]]:
+    """``(rope_theta, rope_scaling, local_rope_theta)``. Gemma 2: one RoPE. Gemma 3: per layer type, either
+    transformers 5's ``rope_parameters: {full_attention: {...}, sliding_attention: {...}}`` or the older
+    ``rope_theta`` (default 1e6) + ``rope_scaling`` for the global layers and ``rope_local_base_freq`` (default
+    1e4) for the local ones, which must be unscaled."""
+    if model_type == "gemma2":
+        theta, scaling = _rope(config)
+        return theta, scaling, None
+    per_type = config.get("rope_parameters")
+    if isinstance(per_type, dict) and ("full_attention" in per_type or "sliding_attention" in per_type):
+        local = per_type.get("sliding_attention") or {}
+        if not isinstance(local, dict):
+            raise ValueError(f"rope_parameters.sliding_attention={local!r}; rule: an object of RoPE parameters")
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_parameters.sliding_attention.rope_type={local['rope_type']!r}; rule: 'default' "
+                             "(cptoolkit scales only the global layers' RoPE)")
+        local_theta = _positive(local, "rope_theta", float, default=_GEMMA_LOCAL_THETA_DEFAULT)
+        global_config = {**config, "rope_scaling": None,
+                         "rope_parameters": {"rope_theta": 1_000_000.0, **(per_type.get("full_attention") or {})}}
+    else:
+        local_theta = _positive(config, "rope_local_base_freq", float, default=_GEMMA_LOCAL_THETA_DEFAULT)
+        global_config = {**config, "rope_theta": config.get("rope_theta", 1_000_000.0)}
+    theta, scaling = _rope(global_config)
+    if scaling.rope_type not in ("default", "linear"):
+        raise ValueError(f"the global layers' rope_type={scaling.rope_type!r}; rule: 'default' or 'linear' for "
+                         f"{model_type} (its local layers' RoPE is never scaled, and the softmax scale is shared)")
+    return theta, scaling, local_theta
+
+
+def _gemma_softcap(config: dict, key: str, default: Optional[float]) -> Optional[float]:
+    """A softcap key: absent is the family's default, null is no cap, else a positive number."""
+    if key not in config:
+        return default
+    return None if config[key] is None else _positive(config, key, float)
+
+
+def _gemma_shape(config: dict, model_type: str) -> GPTShape:
+    """Gemma 2 / Gemma 3 text: the Llama block with the Gemma differences (``GemmaBlock``); Gemma 3 adds per-head
+    q/k norms (Gemma's ``1 + weight`` norms) and the local layers' own RoPE base. The window is kept even when it
+    is no shorter than ``max_position_embeddings`` (it then never masks), since it also marks the local layers."""
+    fixed = {"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "use_bidirectional_attention": False}
+    for key, supported in fixed.items():
+        if (config.get(key) or supported) != supported:
+            raise ValueError(f"{key}={config[key]!r}; rule: must be {supported!r}")
+    if config.get("hidden_act") not in (None, "gelu_pytorch_tanh") and "hidden_activation" not in config:
+        raise ValueError(f"hidden_act={config['hidden_act']!r}; rule: must be 'gelu_pytorch_tanh' (Gemma's GeGLU)")
+    layers = _positive(config, "num_hidden_layers")
+    local_layers = _gemma_layers(config, model_type, layers)
+    window = _positive(config, "sliding_window") if any(local_layers) and config.get("sliding_window") is not None \
+        else None
+    theta, rope_scaling, local_theta = _gemma_rope(config, model_type)
+    heads, head_dim = _positive(config, "num_attention_heads"), _positive(config, "head_dim", default=256)
+    softcaps = {"gemma2": (50.0, 30.0), "gemma3_text": (None, None)}[model_type]
+    gemma = GemmaBlock(query_pre_attn_scalar=_positive(config, "query_pre_attn_scalar", float, default=256.0),
+                       attn_logit_softcapping=_gemma_softcap(config, "attn_logit_softcapping", softcaps[0]),
+                       final_logit_softcapping=_gemma_softcap(config, "final_logit_softcapping", softcaps[1]),
+                       local_rope_theta=local_theta if window is not None else None)
+    return GPTShape(arch="llama", num_layers=layers, hidden_size=_positive(config, "hidden_size"),
+                    num_attention_heads=heads,
+                    num_kv_heads=_positive(config, "num_key_value_heads", default=heads),
+                    ffn_hidden_size=_positive(config, "intermediate_size"),
+                    vocab_size=_positive(config, "vocab_size"),
+                    max_seq_len=_positive(config, "max_position_embeddings"),
+                    rope_theta=theta, norm_eps=_positive(config, "rms_norm_eps", float, default=1e-6),
+                    tie_embeddings=bool(config.get("tie_word_embeddings", True)), head_dim=head_dim,
+                    qk_norm=model_type == "gemma3_text", rope_scaling=rope_scaling,
+                    sliding_window=window, sliding_layers=None if window is None or all(local_layers) else local_layers,
+                    gemma=gemma)
 
 
 def _gpt2_shape(config: dict) -> GPTShape:

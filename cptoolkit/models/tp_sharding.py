@@ -27,6 +27,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 
 from cptoolkit.layers.mla import MLASelfAttention
+from cptoolkit.models.gemma import GemmaRMSNorm
 from cptoolkit.models.gpt import CPGPTModel
 from cptoolkit.models.shape import GPTShape, padded_vocab_size
 from cptoolkit.progress import progress
@@ -245,6 +246,7 @@ PARAM_KINDS: dict[tuple[Union[type, str], str], Union[Kind, Callable[[torch.nn.M
     (torch.nn.LayerNorm, "weight"): NORM,
     (torch.nn.LayerNorm, "bias"): NORM,
     (torch.nn.RMSNorm, "weight"): NORM,
+    (GemmaRMSNorm, "weight"): NORM,  # every Gemma norm, the post-norms inside PostNormRowParallelLinear too
     (FusedLayerNorm, "weight"): NORM,  # megatron's local spec takes apex's LayerNorm where apex is installed
     (FusedLayerNorm, "bias"): NORM,
     # megatron's TE layer spec: linear_qkv / linear_fc1 carry the norm before them (their weights and
