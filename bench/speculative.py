@@ -1,4 +1,4 @@
-"""Speculative decoding (prompt-lookup drafts) vs plain decoding: accepted drafts, tokens per step, speed-up.
+"""Speculative decoding (prompt lookup, draft model) vs plain decoding: accepted drafts, tokens per step, speed-up.
 
 The repository's two trained reference checkpoints (``checkpoints/tiny-gqa``, ``tiny-mqa``), greedy, 32 new
 tokens, on 1 rank and on TP1 x PCP2 x DCP2 (2 ranks, one core each); the 4 prompts one at a time (batch 1: a
@@ -13,7 +13,9 @@ drafts sets the pace). Two workloads:
 For each: decode tokens/s of plain decoding and of speculative decoding with ``k`` drafts (engine metrics:
 decode time only, the slowest rank), measured in interleaved repetitions in one process (the same engine, its
 proposer switched on and off), the draft acceptance rate, tokens per request and step, and whether the tokens
-equal plain decoding's (they must).
+equal plain decoding's (they must). Two draft sources (``method``): ``ngram`` (prompt lookup, n-gram 3..1) and
+``draft_model``: a checkpoint of the target's embedding, first ``DRAFT_LAYERS`` layer(s), final norm and output
+layer (``first_layers``), on the same ranks and layout, switched on and off in the same engine.
 
     python bench/speculative.py [--quick] [--k 2 4 8]
 """
@@ -46,6 +48,7 @@ CHECKPOINTS = ("tiny-gqa", "tiny-mqa")
 BASE_PROMPTS = ["The cat sat on", "12 + 7 =", "one two three", "A red ball"]
 NEW_TOKENS = 32
 LAYOUTS = {1: (1, 1, 1), 2: (1, 2, 2)}  # world size -> (tp, pcp, dcp)
+DRAFT_LAYERS = 1  # the draft model: the target's first layer(s)
 
 
 def first_layers(checkpoint: Path, num_layers: int, out_dir: Path) -> Path:
@@ -64,9 +67,10 @@ def first_layers(checkpoint: Path, num_layers: int, out_dir: Path) -> Path:
     return out_dir
 
 
-def _timed(engine, prompts, proposer, batch: int) -> tuple[list[list[int]], EngineMetrics]:
-    """Generate for ``prompts``, ``batch`` at a time; the tokens and the engine's metrics summed over batches."""
-    engine.proposer, total, tokens = proposer, EngineMetrics(), []
+def _timed(engine, prompts, proposer, batch: int, draft=None) -> tuple[list[list[int]], EngineMetrics]:
+    """Generate for ``prompts``, ``batch`` at a time, with ``proposer`` or ``draft`` (a ``DraftModel``) or
+    neither; the tokens and the engine's metrics summed over batches."""
+    engine.proposer, engine.draft_model, total, tokens = proposer, draft, EngineMetrics(), []
     for start in range(0, len(prompts), batch):
         engine.metrics = EngineMetrics()
         dist.barrier()
@@ -79,27 +83,33 @@ def _timed(engine, prompts, proposer, batch: int) -> tuple[list[list[int]], Engi
     return tokens, total
 
 
-def _rank(rank: int, world_size: int, checkpoint: str, ks: list[int], reps: int) -> dict:
+def _rank(rank: int, world_size: int, checkpoint: str, ks: list[int], reps: int, draft_dir: str) -> dict:
     tp, pcp, dcp = LAYOUTS[world_size]
     cfg = config_from_dict({"parallel": dict(tp=tp, pcp=pcp, dcp=dcp),
                             "model": {"checkpoint": str(REPO / "checkpoints" / checkpoint)},
                             "runtime": {"device": "cpu"},
-                            "inference": {"prompts": ["x"], "batch_size": len(BASE_PROMPTS), "max_seq_len": 256}},
+                            "inference": {"prompts": ["x"], "batch_size": len(BASE_PROMPTS), "max_seq_len": 256,
+                                          "speculative_method": "draft_model", "speculative_model": draft_dir,
+                                          "num_speculative_tokens": max(ks)}},
                            source="<bench/speculative>")
     groups = initialize_model_parallel(tp=tp, pcp=pcp, dcp=dcp, num_heads=cfg.model.num_attention_heads,
                                        num_kv_heads=cfg.model.num_kv_heads)
     try:
         engine = build_engine(cfg, groups, torch.device("cpu"))
+        draft = engine.draft_model  # switched on per variant (``_timed``); its drafts per step set per variant
         base = [engine.tokenizer.encode(p) for p in BASE_PROMPTS]
         continuations, _ = _timed(engine, base, None, len(base))
         workloads = {"repeating": [b + c + b for b, c in zip(base, continuations)], "fresh": base}
         out = {}
         for (workload, prompts), batch in [(w, b) for w in workloads.items() for b in (1, len(BASE_PROMPTS))]:
-            runs = {"plain": []} | {k: [] for k in ks}
+            runs = {"plain": []} | {k: [] for k in ks} | {f"draft{k}": [] for k in ks}
             for _ in range(reps):  # interleaved: every variant once per repetition
                 for variant in runs:
-                    proposer = None if variant == "plain" else NgramProposer(variant, 1, 3)
-                    runs[variant].append(_timed(engine, prompts, proposer, batch))
+                    proposer = NgramProposer(variant, 1, 3) if isinstance(variant, int) else None
+                    if str(variant).startswith("draft"):
+                        draft.num_tokens = int(variant[len("draft"):])
+                    runs[variant].append(_timed(engine, prompts, proposer, batch,
+                                                draft if str(variant).startswith("draft") else None))
             out[workload, batch] = {str(variant): {"tokens": measured[-1][0],
                                             "decode_time_s": [m.decode_time_s for _, m in measured],
                                             "decode_tokens": measured[-1][1].decode_tokens,
@@ -116,50 +126,58 @@ def _rank(rank: int, world_size: int, checkpoint: str, ks: list[int], reps: int)
 def run(ks: list[int], reps: int) -> dict:
     rows = []
     for checkpoint in CHECKPOINTS:
-        for world_size, layout in LAYOUTS.items():
-            per_rank = launch(world_size, _rank, checkpoint, ks, reps)
-            for (workload, batch), variants in per_rank[0].items():
-                def seconds(variant: str) -> dict:
-                    return summarize([max(r[workload, batch][variant]["decode_time_s"][i] for r in per_rank)
-                                      for i in range(reps)])
-                plain = variants["plain"]
-                plain_time = seconds("plain")
-                for k in ks:
-                    spec = variants[str(k)]
-                    spec_time = seconds(str(k))
-                    rows.append({
-                        "checkpoint": checkpoint, "layout": "TPxPCPxDCP " + "x".join(map(str, layout)),
-                        "world_size": world_size, "workload": workload, "batch": batch, "k": k,
-                        "plain_tokens_per_s": plain["decode_tokens"] / plain_time["median_s"],
-                        "speculative_tokens_per_s": spec["decode_tokens"] / spec_time["median_s"],
-                        "speedup": plain_time["median_s"] / spec_time["median_s"],
-                        "acceptance_rate": spec["accepted"] / spec["draft_tokens"] if spec["draft_tokens"] else 0.0,
-                        "tokens_per_request_step": spec["decode_tokens"] / max(spec["decode_rows"], 1),
-                        "decode_steps": {"plain": plain["decode_steps"], "speculative": spec["decode_steps"]},
-                        "same_tokens": spec["tokens"] == plain["tokens"],
-                        "plain_decode": plain_time, "speculative_decode": spec_time})
+        with tempfile.TemporaryDirectory() as tmp:
+            draft_dir = str(first_layers(REPO / "checkpoints" / checkpoint, DRAFT_LAYERS, Path(tmp) / "draft"))
+            for world_size, layout in LAYOUTS.items():
+                per_rank = launch(world_size, _rank, checkpoint, ks, reps, draft_dir)
+                for (workload, batch), variants in per_rank[0].items():
+                    def seconds(variant: str) -> dict:
+                        return summarize([max(r[workload, batch][variant]["decode_time_s"][i] for r in per_rank)
+                                          for i in range(reps)])
+                    plain = variants["plain"]
+                    plain_time = seconds("plain")
+                    for method, k in [(m, k) for m in ("ngram", "draft_model") for k in ks]:
+                        variant = str(k) if method == "ngram" else f"draft{k}"
+                        spec = variants[variant]
+                        spec_time = seconds(variant)
+                        rows.append({
+                            "checkpoint": checkpoint, "layout": "TPxPCPxDCP " + "x".join(map(str, layout)),
+                            "world_size": world_size, "workload": workload, "batch": batch, "method": method, "k": k,
+                            "plain_tokens_per_s": plain["decode_tokens"] / plain_time["median_s"],
+                            "speculative_tokens_per_s": spec["decode_tokens"] / spec_time["median_s"],
+                            "speedup": plain_time["median_s"] / spec_time["median_s"],
+                            "acceptance_rate": spec["accepted"] / spec["draft_tokens"] if spec["draft_tokens"] else 0.0,
+                            "tokens_per_request_step": spec["decode_tokens"] / max(spec["decode_rows"], 1),
+                            "decode_steps": {"plain": plain["decode_steps"], "speculative": spec["decode_steps"]},
+                            "same_tokens": spec["tokens"] == plain["tokens"],
+                            "plain_decode": plain_time, "speculative_decode": spec_time})
     return {"config": {"checkpoints": CHECKPOINTS, "batch": len(BASE_PROMPTS), "new_tokens": NEW_TOKENS,
-                       "greedy": True, "reps": reps, "ks": ks, "prompt_lookup": [1, 3], "threads_per_rank": 1},
+                       "greedy": True, "reps": reps, "ks": ks, "prompt_lookup": [1, 3],
+                       "draft_model": f"the target's first {DRAFT_LAYERS} layer(s)",
+                       "threads_per_rank": 1},
             "rows": rows}
 
 
 def table(payload: dict) -> str:
-    rows = [[r["checkpoint"], r["layout"], r["workload"], r["batch"], r["k"], f"{r['plain_tokens_per_s']:.0f}",
+    rows = [[r["checkpoint"], r["layout"], r["workload"], r["batch"], r["method"], r["k"],
+             f"{r['plain_tokens_per_s']:.0f}",
              f"{r['speculative_tokens_per_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['acceptance_rate']:.0%}",
              f"{r['tokens_per_request_step']:.2f}",
              f"{r['decode_steps']['plain']} → {r['decode_steps']['speculative']}", r["same_tokens"]]
             for r in payload["rows"]]
-    return format_table(["checkpoint", "layout", "workload", "batch", "k", "plain tok/s", "speculative tok/s",
+    return format_table(["checkpoint", "layout", "workload", "batch", "method", "k", "plain tok/s", "speculative tok/s",
                          "speed-up", "drafts accepted", "tokens/request/step", "decode steps", "same tokens"], rows)
 
 
 def plot(payload: dict, results_dir: Path = RESULTS_DIR) -> Path:
-    fig, ax = new_figure("Speculative decoding (prompt lookup) vs plain, greedy",
+    fig, ax = new_figure("Speculative decoding (prompt lookup, draft model) vs plain, greedy",
                          "draft tokens per step (k)", "decode speed-up over plain")
-    for key in dict.fromkeys((r["checkpoint"], r["layout"], r["workload"], r["batch"]) for r in payload["rows"]):
-        points = [r for r in payload["rows"] if (r["checkpoint"], r["layout"], r["workload"], r["batch"]) == key]
+    def key_of(r: dict) -> tuple:
+        return r["checkpoint"], r["layout"], r["workload"], r["batch"], r.get("method", "ngram")
+    for key in dict.fromkeys(key_of(r) for r in payload["rows"]):
+        points = [r for r in payload["rows"] if key_of(r) == key]
         ax.plot([r["k"] for r in points], [r["speedup"] for r in points], "o-" if key[2] == "repeating" else "s--",
-                label=" ".join(map(str, key[:3])) + f" batch {key[3]}")
+                label=" ".join(map(str, key[:3])) + f" batch {key[3]} {key[4]}")
     ax.axhline(1.0, linestyle=":", color="grey")
     ax.legend(fontsize=7)
     return save_figure(fig, "speculative", results_dir)
