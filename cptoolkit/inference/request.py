@@ -44,6 +44,9 @@ class Request:
     streamed_chars: int = 0
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+    # With error: 400 when the request itself is invalid (refused before any token), 500 when the engine failed
+    # while generating it (sampling, detokenizing, stop strings, logprobs): that request ends, the others go on.
+    error_status: int = 400
     num_cached: int = 0            # prompt tokens whose K/V is in the cache (prefilled or reused)
     cached_prompt_tokens: int = 0  # of which served by the prefix cache
     arrival_s: float = field(default_factory=time.perf_counter)
@@ -111,6 +114,7 @@ class GenerationResult:
     metrics: Optional[RequestMetrics] = None
     logprobs: Optional[list[TokenLogprob]] = None  # with sampling.logprobs: one per token id
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # with sampling.prompt_logprobs
+    error_status: int = 400  # with error: 400 the request was invalid, 500 it failed while generating
 
 
 def request_result(request: Request) -> GenerationResult:
@@ -120,7 +124,8 @@ def request_result(request: Request) -> GenerationResult:
                              cached_prompt_tokens=request.cached_prompt_tokens)
     logprobs = request.output_logprobs if request.sampling.logprobs is not None else None
     return GenerationResult(request.index, request.prompt, request.prompt_ids, request.output_ids, request.text,
-                            request.finish_reason, request.error, metrics, logprobs, request.prompt_logprobs)
+                            request.finish_reason, request.error, metrics, logprobs, request.prompt_logprobs,
+                            request.error_status)
 
 
 def stream_delta(request: Request) -> str:
