@@ -1,8 +1,9 @@
 """Run configuration: dataclasses loaded from YAML and validated once, at the edge.
 
-A config file has the sections ``parallel``, ``model``, ``runtime`` and one of ``inference`` or
-``train``. Unknown keys, wrong types and broken rules are errors that name the file, the field, the
-value and the rule (``ConfigError``, a ``ValueError``). Nothing deeper re-checks or "fixes" a config.
+A config file has one of the sections ``inference`` or ``train``, and the sections ``parallel``, ``model``
+and ``runtime`` where their defaults do not serve (a section left out takes all its defaults). Unknown keys,
+wrong types and broken rules are errors that name the file, the field, the value and the rule (``ConfigError``,
+a ``ValueError``). Nothing deeper re-checks or "fixes" a config.
 """
 from __future__ import annotations
 
@@ -255,6 +256,8 @@ class Config:
 
 _SECTIONS = {"parallel": ParallelConfig, "model": ModelConfig, "runtime": RuntimeConfig,
              "inference": InferenceConfig, "train": TrainConfig}
+# Sections every config has: one left out of the file (or written empty) takes all its defaults.
+_DEFAULTED_SECTIONS = ("parallel", "model", "runtime")
 
 
 def _is_float_text(value: Any) -> bool:
@@ -470,11 +473,9 @@ def config_from_dict(raw: Any, source: str = "<dict>", base_dir: Path = Path("."
             raise ValueError(f"{unknown[0]}: unknown section (known: {', '.join(_SECTIONS)})")
         if ("inference" in raw) == ("train" in raw):
             raise ValueError("exactly one of the sections 'inference' or 'train' is required")
-        missing = [name for name in ("parallel", "model", "runtime") if name not in raw]
-        if missing:
-            raise ValueError(f"{missing[0]}: section missing (write '{missing[0]}: {{}}' for all defaults)")
         raw = _training_dcp_default(raw)
-        sections = {name: _build_section(cls, raw[name], name) for name, cls in _SECTIONS.items() if name in raw}
+        sections = {name: _build_section(cls, raw.get(name), name) for name, cls in _SECTIONS.items()
+                    if name in raw or name in _DEFAULTED_SECTIONS}
         if sections["model"].checkpoint is not None:
             _refuse_shape_with_checkpoint(raw["model"])
             sections["model"] = _checkpoint_shape(sections["model"], base_dir)

@@ -60,12 +60,22 @@ def test_reference_config_values():
     ({**MINIMAL, "extra": {}}, r"extra: unknown section"),
     ({k: v for k, v in MINIMAL.items() if k != "inference"}, r"exactly one of the sections 'inference' or 'train'"),
     ("just text", r"top level must be a mapping"),
-    ({k: v for k, v in MINIMAL.items() if k != "model"}, r"<t>: model: section missing"),
     (_with("model", ffn_hidden_size=97), r"model.ffn_hidden_size = 97: must be a multiple of parallel.tp \(2\)"),
 ])
 def test_invalid_configs_name_the_rule(raw, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw, source="<t>")
+
+
+def test_a_section_left_out_takes_all_its_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inference: {prompts: [a]}\n")
+    cfg = load_config(path)
+    written = config_from_dict({"parallel": {}, "model": {}, "runtime": {}, "inference": {"prompts": ["a"]}},
+                               source=str(path))
+    assert cfg == written and cfg.parallel.world_size == 1
+    train = config_from_dict({"parallel": {"pcp": 2}, "train": {}}, source="<t>")
+    assert (train.parallel.dcp, train.runtime.dtype) == (2, "float32")  # training's dcp default still applies
 
 
 def test_train_seq_len_must_fit_dual_chunk_swap():
