@@ -2,15 +2,13 @@
 at one rank and at TP=2 x PCP=2 x DCP=2 and DCP=4; what cptoolkit would compute differently is refused at
 load with one line naming the key, its value and the rule.
 
-Each family is a tiny random model that transformers builds and saves itself, with ``initializer_range=0.2``
-so that attention, and so every position, matters (logits of order 5, far from uniform), and with its norm
-weights and biases (Qwen2's q/k/v biases, Qwen3's q/k norms) moved off their 1 and 0. RoPE scaling uses
+Each family is a tiny random model that transformers builds and saves itself (``tests/hf_checkpoints.py``:
+norm weights and biases moved off their 1 and 0, so a misplaced one shows). RoPE scaling uses
 ``original_max_position_embeddings=16`` and prompts of 21 and 29 tokens, so prefill and decode run at
 positions past it. Across the families every pairing of prefill comm (p2p, all_gather), decode comm (a2a,
 ag_rs) and DCP (2, 4) runs. One 1-rank job and one 4-rank job load every family; each rank records the
 logits the engine samples from and compares them with transformers' (relative to their largest magnitude).
 """
-import copy
 import json
 import re
 import shutil
@@ -25,58 +23,16 @@ from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.models.rope import inv_freq
 from cptoolkit.models.shape import GemmaBlock, GPTShape
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
+from tests.hf_checkpoints import FAMILIES, LLAMA_SIZES, VOCAB, YARN, hf_model, save_checkpoint
 from tests.multiproc import run_ranks
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 64
-# No eos in the models' configs, and the tokenizer's past the models' vocabulary: every request runs all
-# MAX_NEW tokens, in transformers and in cptoolkit (stopping on end-of-turn ids: tests/test_chat.py).
-EOS = VOCAB
 PROMPT_LENS = (21, 29)
 MAX_NEW = 8
 # Logits agree to this fraction of transformers' largest logit (measured worst: 1.9e-6, llama3 at DCP = 4; the
 # YaRN models fold their attention factor into the softmax scale where transformers scales cos and sin).
 RTOL = 1e-5
-LLAMA_SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                   initializer_range=0.2, bos_token_id=1, eos_token_id=None, pad_token_id=0)
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 1000.0}
-# family -> (config class, model class, config arguments)
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
-    "llama_linear": ("LlamaConfig", "LlamaForCausalLM",
-                     dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0})),
-    "llama3": ("LlamaConfig", "LlamaForCausalLM",
-               dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
-                                     "rope_theta": 500.0})),
-    "llama_yarn": ("LlamaConfig", "LlamaForCausalLM",
-                   dict(rope_parameters={**YARN, "beta_fast": 8, "beta_slow": 2}, tie_word_embeddings=True)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
-    # Sliding windows several times shorter than the prompts: every layer (Mistral), the layers from
-    # max_window_layers on (Qwen2, whose first layer stays full).
-    "mistral_swa": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
-    "qwen2_swa": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=5,
-                                                          max_window_layers=1)),
-    # One KV head: TP = 2 replicates it, and its bias, on both ranks (the fused-QKV kind, not a plain split).
-    "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM",
-                   dict(rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 0.5}, num_key_value_heads=1)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_parameters=YARN)),
-    # Gemma: local layers (windows 5 and 6) between global ones, scores scaled by query_pre_attn_scalar (not
-    # head_dim), Gemma 2's attention and final softcaps low enough to bite, Gemma 3's q/k norms and local RoPE base
-    # beside a linearly scaled global RoPE.
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
-                                                         attn_logit_softcapping=3.0, final_logit_softcapping=4.0)),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=6,
-                    layer_types=["sliding_attention", "full_attention"],
-                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
-                                     "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                                   initializer_range=0.2, bos_token_id=1, eos_token_id=None,
-                                                   pad_token_id=0)),
-}
 # The windowed families prefill in chunks (a window longer than the chunk: Mistral's, Gemma 2's; shorter: Qwen2's,
 # Gemma 3's), every prompt twice. Mistral's and Gemma 2's windowed layers live in ring caches that wrap several
 # times per sequence (no prefix caching: HybridKVCache); Qwen2's and Gemma 3's with prefix caching, the second run
@@ -95,39 +51,14 @@ def _layouts(world_size: int) -> dict[str, tuple]:
     return {name: (LAYOUTS, SWAPPED)[i % 2] for i, name in enumerate(FAMILIES)}
 
 
-def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, VOCAB)}, "<eos>": EOS}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
-
-
-def _hf_model(name: str):
-    """The family's random model; transformers starts every norm weight at 1 and every bias at 0, so they
-    are moved by N(0, 0.2²), and a norm or bias loaded into the wrong place changes the logits."""
-    config_class, model_class, arguments = FAMILIES[name]
-    sizes = {} if name == "gpt2" else LLAMA_SIZES
-    config = getattr(transformers, config_class)(**{**sizes, **copy.deepcopy(arguments)})
-    model = getattr(transformers, model_class)(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.add_(torch.randn_like(param) * 0.2)
-    return model
-
-
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     """{family: (checkpoint_dir, prompts, transformers' greedy tokens, transformers' logits per new token)}."""
     cases = {}
     for seed, name in enumerate(FAMILIES):
         torch.manual_seed(seed)
-        model = _hf_model(name)
-        directory = tmp_path_factory.mktemp(name)
-        model.save_pretrained(directory)
-        _word_tokenizer().save_pretrained(directory)
+        model = hf_model(name)
+        directory = save_checkpoint(model, tmp_path_factory.mktemp(name))
         prompts = [torch.randint(2, VOCAB, (n,)).tolist() for n in PROMPT_LENS]
         tokens, logits = [], []
         with torch.no_grad():
@@ -138,7 +69,7 @@ def families(tmp_path_factory):
                 full = model(out[:, :-1]).logits[0]
                 tokens.append(new)
                 logits.append(full[len(prompt) - 1:])
-        cases[name] = (str(directory), prompts, tokens, logits)
+        cases[name] = (directory, prompts, tokens, logits)
     return cases
 
 
@@ -257,7 +188,7 @@ def test_older_configs_with_rope_scaling_and_a_top_level_rope_theta_read_the_sam
 # ----------------------------------------------------------------------------- refused at load
 
 def _hf_config(name: str, **changes) -> dict:
-    config = _hf_model(name).config.to_dict()
+    config = hf_model(name).config.to_dict()
     config.update(changes)
     return config
 

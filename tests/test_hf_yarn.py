@@ -30,7 +30,8 @@ from cptoolkit.models.rope import inv_freq
 from cptoolkit.models.shape import GPTShape
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
-from tests.test_hf_families import VOCAB, _recorded_logits, _word_tokenizer
+from tests.hf_checkpoints import VOCAB, word_tokenizer
+from tests.test_hf_families import _recorded_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,7 +118,7 @@ def checkpoints(tmp_path_factory):
         model = _hf_model(*case)
         directory = tmp_path_factory.mktemp("yarn")
         model.save_pretrained(directory)
-        _word_tokenizer().save_pretrained(directory)
+        word_tokenizer().save_pretrained(directory)
         prompt = torch.randint(2, VOCAB, (PROMPT_LEN,)).tolist()
         with torch.no_grad():
             out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False)

@@ -33,7 +33,8 @@ from cptoolkit.models.gpt import gpt_forward
 from cptoolkit.models.shape import GPTShape
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
-from tests.test_hf_families import _recorded_logits, _word_tokenizer
+from tests.hf_checkpoints import word_tokenizer
+from tests.test_hf_families import _recorded_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -79,7 +80,7 @@ def checkpoints(tmp_path_factory):
         model = _hf_model(name)
         directory = tmp_path_factory.mktemp(name)
         model.save_pretrained(directory)
-        _word_tokenizer().save_pretrained(directory)
+        word_tokenizer().save_pretrained(directory)
         prompts = [torch.randint(2, VOCAB, (n,)).tolist() for n in PROMPT_LENS]
         prompts.append(prompts[1][:17] + prompts[0][:6])  # shares 17 tokens (two pages of 8) with prompt 1
         reference = copy.deepcopy(model).double()  # the float64 reference

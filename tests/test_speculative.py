@@ -105,7 +105,7 @@ def test_decode_with_several_new_tokens_equals_float64_causal_attention(world_si
 @pytest.fixture(scope="module")
 def mla_checkpoint(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    from tests.test_hf_families import _word_tokenizer
+    from tests.hf_checkpoints import word_tokenizer
 
     torch.manual_seed(0)
     config = transformers.DeepseekV3Config(
@@ -115,7 +115,7 @@ def mla_checkpoint(tmp_path_factory):
         eos_token_id=None, pad_token_id=0)
     directory = tmp_path_factory.mktemp("mla")
     transformers.DeepseekV3ForCausalLM(config).save_pretrained(directory)
-    _word_tokenizer().save_pretrained(directory)
+    word_tokenizer().save_pretrained(directory)
     return str(directory)
 
 

@@ -42,11 +42,18 @@ class HybridKVCache:
     def _caches(self) -> list[PagedKVCache]:
         return [c for c in (self.full, self.windowed) if c is not None]
 
-    # ------------------------------------------------------------------ what the engine reads
+    # ------------------------------------------------------------------ what the engine and the server read
+    # The figures a ``PagedKVCache`` offers, for a cache of two: block counts, block size, pool and page size are
+    # the *primary* cache's (the full-attention layers', or the windowed rings' when every layer is windowed),
+    # since its blocks are what a request's length uses up (a ring reservation is the same for every request);
+    # bytes are the sum over both caches. ``pool`` is the primary's ``BlockPool``: no pages are ever cached in
+    # it, as a hybrid cache exists only without prefix caching (``num_cached_pages`` stays 0).
     device = property(lambda self: self._primary.device)
+    block_size = property(lambda self: self._primary.block_size)
     page_tokens = property(lambda self: self._primary.page_tokens)
     num_blocks = property(lambda self: self._primary.num_blocks)
     num_free_blocks = property(lambda self: self._primary.num_free_blocks)
+    pool = property(lambda self: self._primary.pool)
     bytes_per_rank = property(lambda self: sum(c.bytes_per_rank for c in self._caches))
     used_bytes = property(lambda self: sum(c.used_bytes for c in self._caches))
 

@@ -1,0 +1,98 @@
+"""Tiny checkpoints of every supported Hugging Face family, made and saved by transformers itself (shared by
+tests/test_hf_families.py, which checks each against transformers' tokens and logits, and
+tests/test_family_entrypoints.py, which runs each through ``cptoolkit generate`` and ``cptoolkit serve``).
+
+Each family is a tiny random model with ``initializer_range=0.2`` so that attention, and so every position,
+matters (logits of order 5, far from uniform), and with its norm weights and biases (Qwen2's q/k/v biases, Qwen3's
+q/k norms) moved off their 1 and 0. The tokenizer is word-level over ``w1 .. w{VOCAB-1}``.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+# No eos in the models' configs, and the tokenizer's past the models' vocabulary: every request runs all its
+# max_new_tokens, in transformers and in cptoolkit (stopping on end-of-turn ids: tests/test_chat.py).
+EOS = VOCAB
+LLAMA_SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                   initializer_range=0.2, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 1000.0}
+# family -> (config class, model class, config arguments)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "llama_linear": ("LlamaConfig", "LlamaForCausalLM",
+                     dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0})),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM",
+               dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                     "rope_theta": 500.0})),
+    "llama_yarn": ("LlamaConfig", "LlamaForCausalLM",
+                   dict(rope_parameters={**YARN, "beta_fast": 8, "beta_slow": 2}, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    # Sliding windows several times shorter than the prompts: every layer (Mistral), the layers from
+    # max_window_layers on (Qwen2, whose first layer stays full).
+    "mistral_swa": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
+    "qwen2_swa": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=5,
+                                                          max_window_layers=1)),
+    # One KV head: TP = 2 replicates it, and its bias, on both ranks (the fused-QKV kind, not a plain split).
+    "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM",
+                   dict(rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 0.5}, num_key_value_heads=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_parameters=YARN)),
+    # Gemma: local layers (windows 5 and 6) between global ones, scores scaled by query_pre_attn_scalar (not
+    # head_dim), Gemma 2's attention and final softcaps low enough to bite, Gemma 3's q/k norms and local RoPE base
+    # beside a linearly scaled global RoPE.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                                                         attn_logit_softcapping=3.0, final_logit_softcapping=4.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=6,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                   initializer_range=0.2, bos_token_id=1, eos_token_id=None,
+                                                   pad_token_id=0)),
+}
+
+
+def word_tokenizer(chat_template: str | None = None):
+    """Word-level over ``<unk>`` (0), ``w1 .. w{VOCAB-1}`` and ``<eos>`` (``EOS``), split on whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, VOCAB)}, "<eos>": EOS}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
+                                                chat_template=chat_template)
+
+
+def perturbed(model):
+    """``model`` in eval mode with every norm weight and bias (transformers starts them at 1 and 0) moved by
+    N(0, 0.2²), so that one loaded into the wrong place changes the logits."""
+    model = model.eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model
+
+
+def hf_model(name: str):
+    """The random model of ``FAMILIES[name]`` (draws from torch's global generator: seed it first)."""
+    config_class, model_class, arguments = FAMILIES[name]
+    sizes = {} if name == "gpt2" else LLAMA_SIZES
+    config = getattr(transformers, config_class)(**{**sizes, **copy.deepcopy(arguments)})
+    return perturbed(getattr(transformers, model_class)(config))
+
+
+def save_checkpoint(model, directory: str | Path, chat_template: str | None = None) -> str:
+    """``model`` and ``word_tokenizer(chat_template)`` saved as a Hugging Face checkpoint in ``directory``."""
+    model.save_pretrained(directory)
+    word_tokenizer(chat_template).save_pretrained(directory)
+    return str(directory)
