@@ -72,6 +72,22 @@ def word_tokenizer(chat_template: str | None = None):
                                                 chat_template=chat_template)
 
 
+def byte_level_tokenizer(chat_template: str | None = None):
+    """A byte-level BPE whose pieces (``Ġ`` (a space), ``w``, ``0`` .. ``9``, then fillers) spell the words of
+    ``word_tokenizer``: ``"w5 w9"`` is ``w 5 Ġ w 9``. For Qwen2 checkpoints, whose tokenizer transformers 5 rebuilds
+    as a byte-level BPE from the vocabulary of tokenizer.json (a word-level one then encodes text to nothing)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    pieces = ["<unk>", "Ġ", "w", *"0123456789"]
+    vocab = {**{piece: i for i, piece in enumerate(pieces)}, **{f"x{i}": i for i in range(len(pieces), VOCAB)},
+             "<eos>": EOS}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
+                                                chat_template=chat_template)
+
+
 def perturbed(model):
     """``model`` in eval mode with every norm weight and bias (transformers starts them at 1 and 0) moved by
     N(0, 0.2²), so that one loaded into the wrong place changes the logits."""
@@ -92,7 +108,9 @@ def hf_model(name: str):
 
 
 def save_checkpoint(model, directory: str | Path, chat_template: str | None = None) -> str:
-    """``model`` and ``word_tokenizer(chat_template)`` saved as a Hugging Face checkpoint in ``directory``."""
+    """``model`` and its tokenizer with ``chat_template`` (``byte_level_tokenizer`` for Qwen2, else
+    ``word_tokenizer``) saved as a Hugging Face checkpoint in ``directory``."""
     model.save_pretrained(directory)
-    word_tokenizer(chat_template).save_pretrained(directory)
+    tokenizer = byte_level_tokenizer if model.config.model_type == "qwen2" else word_tokenizer
+    tokenizer(chat_template).save_pretrained(directory)
     return str(directory)

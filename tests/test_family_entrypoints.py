@@ -1,0 +1,162 @@
+"""Every family of the README's families table runs end to end through both entry points, so an entry point
+cannot break for one family (the sliding-window families once crashed both: ``HybridKVCache`` lacked what
+``cptoolkit generate`` and ``cptoolkit serve`` read). On a tiny checkpoint that transformers made
+(``tests/hf_checkpoints.py``), for each family:
+
+- ``cptoolkit generate MODEL --prompt ...`` exits 0 and its JSON holds the requested number of tokens;
+- ``cptoolkit serve MODEL`` answers a completion over HTTP with the same greedy tokens, then SIGTERM drains it
+  to exit status 0.
+
+The 1-rank jobs run ``cptoolkit.cli.main`` in a child of the test's forkserver (torch and megatron already
+imported, so a job starts in about a second); one windowed family also runs at 2 ranks (PCP2 x DCP2, its
+rings sharded over DCP) through the console script and the torchrun it starts.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tests.hf_checkpoints import FAMILIES, VOCAB, hf_model, perturbed, save_checkpoint, transformers
+from tests.multiproc import free_port  # also preloads torch and megatron in the shared forkserver
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [str(Path(sys.executable).with_name("cptoolkit"))]
+# The README's architecture -> the checkpoints of it that run here (Mistral with and without its window).
+CHECKPOINTS = {"LlamaForCausalLM": ("llama",), "MistralForCausalLM": ("mistral", "mistral_swa"),
+               "Qwen2ForCausalLM": ("qwen2_swa",), "Qwen3ForCausalLM": ("qwen3",), "Gemma2ForCausalLM": ("gemma2",),
+               "Gemma3ForCausalLM": ("gemma3",), "GPT2LMHeadModel": ("gpt2",),
+               "DeepseekV2ForCausalLM": ("deepseek_v2",), "DeepseekV3ForCausalLM": ("deepseek_v3",)}
+NAMES = [name for names in CHECKPOINTS.values() for name in names]
+# Every layer dense (cptoolkit has no MoE layers); V2 without a query bottleneck, V3 with one.
+MLA_SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=2,
+                 max_position_embeddings=64, initializer_range=0.2, bos_token_id=1, eos_token_id=None,
+                 pad_token_id=0)
+MLA = {"deepseek_v2": ("DeepseekV2", dict(q_lora_rank=None)), "deepseek_v3": ("DeepseekV3", dict(q_lora_rank=32))}
+PROMPT = "w5 w9 w2 w33 w17 w8 w40 w3 w11 w29 w6 w51"  # 12 tokens: past every family's window
+MAX_TOKENS = 6
+JOB_TIMEOUT_S = 60
+_FORKSERVER = mp.get_context("forkserver")
+
+
+def _model(name: str):
+    if name in MLA:
+        family, arguments = MLA[name]
+        config = getattr(transformers, f"{family}Config")(**MLA_SIZES, **arguments)
+        return perturbed(getattr(transformers, f"{family}ForCausalLM")(config))
+    return hf_model(name)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    made = {}
+    for seed, name in enumerate(NAMES):
+        torch.manual_seed(seed)
+        made[name] = save_checkpoint(_model(name), tmp_path_factory.mktemp(name))
+    return made
+
+
+def test_every_family_of_the_readme_table_is_run_here():
+    table = (REPO / "README.md").read_text().split("| family | what it brings |", 1)[1].split("\n\n", 1)[0]
+    architectures = set(re.findall(r"`(\w+(?:ForCausalLM|LMHeadModel))`", table))
+    assert architectures == set(CHECKPOINTS), architectures ^ set(CHECKPOINTS)
+    assert set(NAMES) - set(MLA) <= set(FAMILIES)
+
+
+# ----------------------------------------------------------------------------- one rank, in a forked child
+
+def _cli_child(argv: list[str], log: str, port: int) -> None:
+    """``cptoolkit ARGV`` as one rank in this process, its output in ``log``; exits with the command's status."""
+    from cptoolkit import cli
+
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sys.exit(cli.main(argv))
+
+
+def _start(argv: list[str], log: Path) -> mp.Process:
+    process = _FORKSERVER.Process(target=_cli_child, args=(argv, str(log), free_port()), daemon=True)
+    process.start()
+    return process
+
+
+def _finish(process: mp.Process, log: Path, timeout_s: float = JOB_TIMEOUT_S) -> int:
+    process.join(timeout_s)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+        pytest.fail(f"still running after {timeout_s} s:\n{log.read_text()[-3000:]}")
+    return process.exitcode
+
+
+def generate(argv: list[str], tmp_path: Path) -> dict:
+    """``cptoolkit generate ARGV --output ...`` on one rank: its JSON (the exit status must be 0)."""
+    output, log = tmp_path / "generated.json", tmp_path / "generate.log"
+    code = _finish(_start(["generate", *argv, "--output", str(output)], log), log)
+    assert code == 0, log.read_text()[-3000:]
+    return json.loads(output.read_text())
+
+
+@contextlib.contextmanager
+def serving(argv: list[str], log: Path):
+    """``cptoolkit serve ARGV`` on one rank, yielding its base URL once healthy; SIGTERM on leaving, which must
+    drain it to exit status 0."""
+    port = free_port()
+    process = _start(["serve", *argv, "--port", str(port)], log)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + JOB_TIMEOUT_S
+    try:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert process.is_alive() and time.monotonic() < deadline, f"no server:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+        yield url
+        os.kill(process.pid, signal.SIGTERM)
+        assert _finish(process, log, 30) == 0, log.read_text()[-3000:]
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generate_and_serve_give_the_same_tokens(checkpoints, name, tmp_path):
+    args = [checkpoints[name], "--max-model-len", "64", "--max-num-seqs", "2"]
+    (request,) = generate([*args, "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS)], tmp_path)["requests"]
+    assert len(request["token_ids"]) == MAX_TOKENS and request["error"] is None, request
+    with serving([*args, "--served-model-name", name], tmp_path / "serve.log") as url:
+        answer = httpx.post(f"{url}/v1/completions", timeout=JOB_TIMEOUT_S, json={
+            "model": name, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}).json()
+    assert answer["usage"]["completion_tokens"] == MAX_TOKENS, answer
+    assert answer["choices"][0]["text"] == request["text"], (answer, request)
+
+
+# ----------------------------------------------------------------------------- two ranks, under torchrun
+
+def test_a_windowed_family_at_pcp2_dcp2_generates_the_one_rank_tokens(checkpoints, tmp_path):
+    args = [checkpoints["gemma2"], "--max-model-len", "64", "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS)]
+    (one_rank,) = generate(args, tmp_path)["requests"]
+    output = tmp_path / "two.json"
+    done = subprocess.run([*CLI, "generate", *args, "-pcp", "2", "-dcp", "2", "--output", str(output)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    (two_ranks,) = json.loads(output.read_text())["requests"]
+    assert two_ranks["token_ids"] == one_rank["token_ids"], (two_ranks, one_rank)
