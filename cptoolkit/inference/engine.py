@@ -35,13 +35,22 @@ and prefills only the rest (with prefix caching off, the pages are keyed for the
 
 Requests end on ``max_new_tokens``, on EOS, on a stop string, or when cancelled. Invalid requests
 (empty, too long for ``max_seq_len``, too large for the whole KV cache) end at their first step with
-an error, and the others carry on.
+an error (``error_status`` 400), and the others carry on.
+
+**Failure isolation.** An exception while sampling, accepting drafts, scoring a token's logprobs,
+detokenizing or checking stop strings for one request ends that request (``finish_reason`` ``error``,
+``error_status`` 500, its blocks freed) and the batch carries on. Every rank takes the same decision with no
+collective of its own: a sampling failure travels in the token broadcast that already follows sampling
+(``FAILED_TOKEN`` in the replica's first rank's row, which every rank applies, whatever its own draw did), and
+everything after the broadcast is a deterministic function of the broadcast token ids, so it raises on every
+rank alike. Only a collective failure (a dead or stalled peer) ends the job.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import itertools
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -58,8 +67,8 @@ from cptoolkit.inference.prefill_kv import store_prefill_kv
 from cptoolkit.inference.prompt_logprobs import ScoredRow, score_prompt_chunks
 from cptoolkit.inference.request import (GenerationResult, Request, TokenEvent, TokenLogprob, cut_at_stop,
                                          request_result, stream_delta)
-from cptoolkit.inference.sampling import (SamplingParams, adjust_logits, broadcast_tokens, make_generator, sample,
-                                          top_logprobs)
+from cptoolkit.inference.sampling import (FAILED_TOKEN, SamplingParams, adjust_logits, broadcast_tokens,
+                                          make_generator, sample_each, top_logprobs)
 from cptoolkit.inference.speculative import NgramProposer, accept
 from cptoolkit.layers.comm import all_reduce
 from cptoolkit.layers.core_attention import AttentionPhase, AttentionRuntime
@@ -69,6 +78,9 @@ from cptoolkit.parallel_state import ParallelGroups
 from cptoolkit.progress import progress
 
 Prompt = str | list[int]
+LOG = logging.getLogger("cptoolkit")
+# A row that failed on the replica's first rank while this rank's own draw succeeded: the broadcast decides.
+_FAILED_ON_FIRST_RANK = "sampling failed on the replica's first rank (its log says why)"
 
 
 @dataclass
@@ -399,8 +411,9 @@ class Engine:
         done = [row for row in complete if requests[row].sampling.max_new_tokens > 0]
         events = [self._finish(request, "length") for request in scored_only]
         if done:
-            tokens, logprobs = self._sample(last_logits[done], [requests[row] for row in done])
-            events += self._append_tokens([requests[row] for row in done], tokens, logprobs)
+            sampled = [requests[row] for row in done]
+            tokens, failures = self._sample(last_logits[done], sampled)
+            events += self._append_tokens(sampled, tokens, last_logits[done], failures)
         self.metrics.prefill_time_s += time.perf_counter() - start
         self.metrics.prompt_tokens += sum(batch.seq_lens)
         self.metrics.prefill_tokens_generated += len(done)
@@ -485,8 +498,8 @@ class Engine:
             by_layer = self.metrics.decode_collectives_by_layer
             by_layer[layer] = by_layer.get(layer, 0) + layer_stats.total_calls - layer_calls_before.get(layer, 0)
         if num_drafts == 0:
-            tokens, logprobs = self._sample(logits[:, -1], requests)
-            events = self._append_tokens(requests, tokens, logprobs)
+            tokens, failures = self._sample(logits[:, -1], requests)
+            events = self._append_tokens(requests, tokens, logits[:, -1], failures)
             self.metrics.decode_tokens += len(requests)
         else:
             events = self._verify(logits, requests, drafts)
@@ -511,25 +524,33 @@ class Engine:
         """Speculative decoding's acceptance (``speculative.accept``) on ``logits [b, L, vocab]``, then each
         request's tokens appended in order (stopping at its end) and its rejected drafts forgotten by the
         caches (the target's and the draft model's). The first rank's tokens are broadcast over the replica,
-        like ``_sample``'s."""
+        like ``_sample``'s; a row whose acceptance raised is all ``FAILED_TOKEN`` there, and that request fails
+        on every rank."""
         vocab = self.sampled_vocab_size
-        emitted = torch.full((len(requests), logits.shape[1]), -1, dtype=torch.int64, device=self._device)
+        emitted = torch.full((len(requests), logits.shape[1]), FAILED_TOKEN, dtype=torch.int64, device=self._device)
+        errors: dict[int, str] = {}
         for row, (request, draft) in enumerate(zip(requests, drafts)):
-            # Row j's penalties count the drafts before it as generated.
-            adjusted = torch.cat([adjust_logits(logits[row, j:j + 1, :vocab], [request.sampling],
-                                                [request.prompt_ids], [request.output_ids + draft[:j]])
-                                  for j in range(len(draft) + 1)])
-            tokens = accept(adjusted, draft, request.sampling, request.generator)
-            emitted[row, :len(tokens)] = torch.tensor(tokens)
+            try:
+                # Row j's penalties count the drafts before it as generated.
+                adjusted = torch.cat([adjust_logits(logits[row, j:j + 1, :vocab], [request.sampling],
+                                                    [request.prompt_ids], [request.output_ids + draft[:j]])
+                                      for j in range(len(draft) + 1)])
+                tokens = accept(adjusted, draft, request.sampling, request.generator)
+                emitted[row, :len(tokens)] = torch.tensor(tokens)
+            except Exception as err:  # one request's fault ends that request, not the batch
+                errors[row] = f"sampling failed ({type(err).__name__}: {err})"
         if dist.is_initialized() and dist.get_world_size(self.groups.replica_group) > 1:
             emitted = broadcast_tokens(emitted, self.groups.replica_group, src=self.groups.replica_first_rank)
         events = []
         for row, (request, draft) in enumerate(zip(requests, drafts)):
-            tokens = emitted[row][emitted[row] >= 0]
+            tokens = emitted[row][emitted[row] != FAILED_TOKEN]
             self.metrics.draft_tokens += len(draft)
+            if not len(tokens):
+                events.append(self._fail(request, errors.get(row, _FAILED_ON_FIRST_RANK)))
+                continue
             self.metrics.accepted_draft_tokens += len(tokens) - 1
             for j, token in enumerate(tokens.view(-1, 1)):
-                events += self._append_tokens([request], token, [self._logprob(logits[row, j], token, request)])
+                events += self._append_tokens([request], token, logits[row, j:j + 1])
                 self.metrics.decode_tokens += 1
                 if request.finish_reason is not None:
                     break
@@ -548,42 +569,52 @@ class Engine:
         return TokenLogprob(int(token), float(chosen[0]), tuple(zip(top_ids[0].tolist(), top_values[0].tolist())))
 
     # ------------------------------------------------------------------ sampling and stopping
-    def _sample(self, logits: torch.Tensor, requests: list[Request]
-                ) -> tuple[torch.Tensor, list[Optional[TokenLogprob]]]:
-        """One token per row of ``logits [b, vocab_size]`` (the same on every rank of the replica), and
-        its ``TokenLogprob`` for the requests that asked (None for the others)."""
-        params = [r.sampling for r in requests]
-        adjusted = adjust_logits(logits[:, :self.sampled_vocab_size], params, [r.prompt_ids for r in requests],
-                                 [r.output_ids for r in requests])
-        tokens = sample(adjusted, params, [r.generator for r in requests])
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, dict[int, str]]:
+        """One token per row of ``logits [b, vocab_size]``, the same on every rank of the replica (the first
+        rank's, broadcast), and ``{row: error}`` for the rows whose sampling failed there (``FAILED_TOKEN``)."""
+        tokens, errors = sample_each(logits[:, :self.sampled_vocab_size], [r.sampling for r in requests],
+                                     [r.generator for r in requests], [r.prompt_ids for r in requests],
+                                     [r.output_ids for r in requests])
         if dist.is_initialized() and dist.get_world_size(self.groups.replica_group) > 1:
             tokens = broadcast_tokens(tokens.contiguous(), self.groups.replica_group,
                                       src=self.groups.replica_first_rank)
-        logprobs: list[Optional[TokenLogprob]] = [None] * len(requests)
-        rows = [row for row, p in enumerate(params) if p.logprobs is not None]
-        if rows:
-            num_top = max(params[row].logprobs for row in rows)
-            chosen, top_values, top_ids = top_logprobs(logits[rows], tokens[rows], num_top)
-            for row, value, values, ids in zip(rows, chosen.tolist(), top_values.tolist(), top_ids.tolist()):
-                logprobs[row] = TokenLogprob(int(tokens[row]), value,
-                                             tuple(zip(ids, values))[:params[row].logprobs])
-        return tokens, logprobs
+        failed = (tokens == FAILED_TOKEN).nonzero().flatten().tolist()
+        return tokens, {row: errors.get(row, _FAILED_ON_FIRST_RANK) for row in failed}
 
-    def _append_tokens(self, requests: list[Request], tokens: torch.Tensor,
-                       logprobs: Sequence[Optional[TokenLogprob]]) -> list[TokenEvent]:
+    def _append_tokens(self, requests: list[Request], tokens: torch.Tensor, token_logits: torch.Tensor,
+                       failures: Optional[dict[int, str]] = None) -> list[TokenEvent]:
+        """Append ``tokens [b]`` to their requests; ``token_logits [b, vocab]`` (raw) give the logprobs of the
+        requests that asked. Rows in ``failures`` and rows whose logprobs, detokenizing or stop check raise end
+        their request with an error (see the module docstring); the others are unaffected."""
         events, now = [], time.perf_counter()
-        for request, token, logprob in zip(requests, tokens.tolist(), logprobs):
-            if logprob is not None:
-                request.output_logprobs.append(logprob)
-            request.output_ids.append(token)
-            request.token_times_s.append(now)
-            request.text = self.tokenizer.decode(request.output_ids)
-            request.finish_reason = self._finish_reason(request, token)
-            if request.finish_reason == "stop":
-                request.text = cut_at_stop(request.text, request.sampling.stop_strings)
-            events.append(TokenEvent(request.index, token, stream_delta(request), request.finish_reason,
-                                     request.request_id, logprob))
+        for row, (request, token) in enumerate(zip(requests, tokens.tolist())):
+            if failures and row in failures:
+                events.append(self._fail(request, failures[row]))
+                continue
+            try:
+                events.append(self._append_token(request, token, token_logits[row], now))
+            except Exception as err:  # one request's fault ends that request, not the batch
+                events.append(self._fail(request, f"processing token {token} failed ({type(err).__name__}: {err})"))
         return events
+
+    def _append_token(self, request: Request, token: int, logits: torch.Tensor, now: float) -> TokenEvent:
+        logprob = self._logprob(logits, torch.tensor(token), request)
+        if logprob is not None:
+            request.output_logprobs.append(logprob)
+        request.output_ids.append(token)
+        request.token_times_s.append(now)
+        request.text = self.tokenizer.decode(request.output_ids)
+        request.finish_reason = self._finish_reason(request, token)
+        if request.finish_reason == "stop":
+            request.text = cut_at_stop(request.text, request.sampling.stop_strings)
+        return TokenEvent(request.index, token, stream_delta(request), request.finish_reason, request.request_id,
+                          logprob)
+
+    def _fail(self, request: Request, error: str) -> TokenEvent:
+        """End running ``request`` with an internal error (500); ``step`` frees its blocks."""
+        LOG.warning("request %d failed and was ended, the others carry on: %s", request.index, error)
+        request.finish_reason, request.error, request.error_status = "error", error, 500
+        return TokenEvent(request.index, None, "", "error", request.request_id)
 
     def _finish_reason(self, request: Request, token: int) -> Optional[str]:
         if (token in self.tokenizer.eos_token_ids and not request.sampling.ignore_eos) \

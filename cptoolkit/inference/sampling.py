@@ -13,6 +13,18 @@ Each request owns one ``torch.Generator`` (``make_generator(seed, request_index)
 request is admitted and advanced only by that request's own draws, so a request's tokens do not
 depend on which other requests share its batch.
 
+Every admitted value samples (``tests/test_sampling_edges.py`` checks the whole space with hypothesis):
+- a ``temperature`` below ``GREEDY_TEMPERATURE`` (1e-5, vLLM's threshold) is greedy: dividing by it would
+  overflow float32 logits to inf and the softmax to NaN;
+- top-p always keeps the most likely token, so a ``top_p`` so small that no token reaches it (1e-300 rounds to 0
+  in float32) samples that one token;
+- penalties and bias are applied in float64 and a logit pushed past float32's range saturates at its largest
+  finite value (``repetition_penalty`` 5e-324 divides a positive logit by a subnormal); temperature scaling
+  saturates the same way, so the softmax never sees inf. A sampled row whose logits hold NaN (a model fault)
+  raises in ``torch.multinomial``; a greedy one takes the NaN's index, as ``torch.argmax`` ranks NaN first.
+``sample_each`` isolates rows: one whose sampling raises gets ``FAILED_TOKEN`` and its message, and the other
+rows are sampled as if it were not there.
+
 Log-probabilities (``logprobs``, ``prompt_logprobs``) are those of the model's own distribution: the
 log-softmax of the raw logits over the model's whole vocabulary, before penalties, bias and temperature
 (vLLM's default ``raw_logprobs``; what ``transformers``' log-softmax of the same logits gives), so a
@@ -30,6 +42,9 @@ from torch.distributed import ProcessGroup
 
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+GREEDY_TEMPERATURE = 1e-5  # temperatures below it sample greedily (vLLM's _SAMPLING_EPS)
+FAILED_TOKEN = -1  # the token id ``sample_each`` gives a row whose sampling raised
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _reject(field: str, value, rule: str) -> None:
@@ -104,6 +119,10 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
 
+    @property
+    def is_greedy(self) -> bool:
+        """Argmax sampling: ``temperature`` 0, or below ``GREEDY_TEMPERATURE``."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def adjusts_logits(self) -> bool:
@@ -144,6 +163,23 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
                         for row, row_params, generator in zip(logits, params, generators)])
 
 
+def sample_each(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator],
+                prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]]
+                ) -> tuple[torch.Tensor, dict[int, str]]:
+    """``adjust_logits`` then ``sample``, row by row in isolation: ``(tokens [b] int64, errors)`` where a row
+    whose adjustment or draw raised holds ``FAILED_TOKEN`` and ``errors[row]`` says why; every other row draws
+    exactly what ``sample`` would have drawn for it."""
+    tokens = torch.full((logits.shape[0],), FAILED_TOKEN, dtype=torch.int64, device=logits.device)
+    errors: dict[int, str] = {}
+    for row, (row_params, generator) in enumerate(zip(params, generators)):
+        try:
+            adjusted = adjust_logits(logits[row:row + 1], [row_params], [prompt_ids[row]], [output_ids[row]])
+            tokens[row] = _sample_row(adjusted[0], row_params, generator)
+        except Exception as err:  # a fault in one request's sampling ends that request, not the batch
+            errors[row] = f"sampling failed ({type(err).__name__}: {err})"
+    return tokens, errors
+
+
 def token_distribution(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """What a non-greedy ``params`` samples from ``logits [vocab]``: ``(probs [n], ids [n])``, the kept
     tokens (temperature, then top-k, then top-p; see ``sample``), most likely first. ``probs`` need not sum to
@@ -151,10 +187,12 @@ def token_distribution(logits: torch.Tensor, params: SamplingParams) -> tuple[to
     sorted_logits, sorted_ids = torch.sort(logits.float(), descending=True, stable=True)
     if params.top_k:
         sorted_logits, sorted_ids = sorted_logits[:params.top_k], sorted_ids[:params.top_k]
-    probs = torch.softmax(sorted_logits / params.temperature, dim=-1)
+    scaled = (sorted_logits.double() / params.temperature).clamp(-_FLOAT32_MAX, _FLOAT32_MAX).float()
+    probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1:
         mass_before = torch.cumsum(probs, dim=-1) - probs
         kept = mass_before < params.top_p
+        kept[0] = True  # the most likely token survives any top_p > 0
         probs, sorted_ids = probs[kept], sorted_ids[kept]
     return probs, sorted_ids
 
@@ -169,7 +207,7 @@ def draw(probs: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> 
 
 def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
     """One token id (0-dim int64) from ``logits [vocab]``."""
-    if params.temperature == 0:
+    if params.is_greedy:
         return torch.argmax(logits)
     return draw(*token_distribution(logits, params), generator)
 
@@ -178,20 +216,23 @@ def adjust_logits(logits: torch.Tensor, params: Sequence[SamplingParams], prompt
                   output_ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """``logits [b, vocab]`` with each row's penalties and bias applied (``SamplingParams``' order); row
     ``i`` penalises ``prompt_ids[i]`` (repetition only) and ``output_ids[i]``. Rows that adjust nothing
-    are left as they are; returns a new tensor when any row changes."""
+    are left as they are; returns a new tensor when any row changes. The adjustments run in float64 and
+    saturate at the logits dtype's largest finite value (see the module docstring); a zero logit stays zero under
+    any repetition penalty (transformers' rule: negative logits are multiplied, the others divided)."""
     rows = [row for row, row_params in enumerate(params) if row_params.adjusts_logits]
     if not rows:
         return logits
     logits = logits.clone()
     vocab = logits.shape[1]
     for row in rows:
-        p, values = params[row], logits[row]
+        p = params[row]
+        values = logits[row].double()  # a penalty may take a logit far past float32's range
         if p.repetition_penalty != 1:
             seen = torch.tensor(sorted(set(prompt_ids[row]) | set(output_ids[row])), dtype=torch.long,
                                 device=logits.device)
             seen = seen[seen < vocab]
             scores = values[seen]
-            values[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+            values[seen] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and output_ids[row]:
             counts = torch.bincount(torch.tensor(output_ids[row], dtype=torch.long), minlength=vocab)[:vocab]
             counts = counts.to(device=logits.device, dtype=values.dtype)
@@ -201,6 +242,8 @@ def adjust_logits(logits: torch.Tensor, params: Sequence[SamplingParams], prompt
             bias = torch.tensor([b for _, b in p.logit_bias], dtype=values.dtype, device=logits.device)
             keep = ids < vocab
             values.index_add_(0, ids[keep], bias[keep])
+        largest = torch.finfo(logits.dtype).max
+        logits[row] = values.clamp(-largest, largest)
     return logits
 
 

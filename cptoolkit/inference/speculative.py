@@ -6,7 +6,7 @@ A decode step with drafts feeds every running request its last token followed by
 DCP-sharded cache). Row ``j`` of a request's logits is the target distribution of the token after its
 ``j``-th input, so drafts are checked left to right:
 
-- **greedy** (``temperature == 0``): a draft is accepted while it equals the argmax of its row; the first
+- **greedy** (``SamplingParams.is_greedy``: temperature below 1e-5): a draft is accepted while it equals the argmax of its row; the first
   mismatch is replaced by that argmax, and when all are accepted the last row adds one more token. The tokens
   are those plain greedy decoding would produce, ``1 + accepted`` of them per step.
 - **sampling**: the drafts are deterministic proposals (``q(d) = 1``), so the standard speculative
@@ -73,14 +73,14 @@ def accept(logits: torch.Tensor, drafts: Sequence[int], params: SamplingParams,
         if token != draft:
             return emitted
     last = logits[len(drafts)]
-    emitted.append(int(torch.argmax(last)) if params.temperature == 0
+    emitted.append(int(torch.argmax(last)) if params.is_greedy
                    else int(draw(*token_distribution(last, params), generator)))
     return emitted
 
 
 def _check_draft(logits: torch.Tensor, draft: int, params: SamplingParams, generator: torch.Generator) -> int:
     """``draft`` if accepted, else the token drawn in its place (see the module docstring)."""
-    if params.temperature == 0:
+    if params.is_greedy:
         return int(torch.argmax(logits))
     probs, ids = token_distribution(logits, params)
     probs = probs / probs.sum()
