@@ -8,6 +8,13 @@ same engine loop (``cptoolkit.serving``). The config's ``inference`` section siz
 size, ``max_seq_len``, KV cache, chunked prefill, prefix caching); its prompts and sampling fields are
 not used: each request brings its own.
 
+Limits and keys (global rank 0 enforces them; defaults in ``cptoolkit.serving.app``): ``--api-key KEY``
+or the environment variable ``CPTOOLKIT_API_KEY`` makes every ``/v1/*`` route answer 401 without
+``Authorization: Bearer KEY`` (``/health``, ``/metrics`` and ``/openapi.json`` stay open; prefer the
+variable: a flag's value shows in ``ps``); ``--max-request-bytes`` (4 MiB: larger bodies are a 413),
+``--max-sequences-per-request`` (256 prompts x n), ``--health-stall-s`` (30: ``/health`` answers 503 once
+the engine loop has made no progress for this long).
+
 SIGTERM (or Ctrl-C) to rank 0 — or to every rank — drains: new requests get 503, requests in flight
 finish (those left after ``--drain-timeout-s`` are cancelled), then every rank exits 0.
 
@@ -17,8 +24,11 @@ a rank that died (the others answer 503 and end within about ``runtime.collectiv
 from __future__ import annotations
 
 import argparse
+import os
 
 from cptoolkit.config import Config, ConfigError, load_config
+
+API_KEY_ENV = "CPTOOLKIT_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the checkpoint directory's, or cptoolkit-<arch>)")
     parser.add_argument("--drain-timeout-s", type=float, default=20.0,
                         help="on SIGTERM, cancel requests still running after this long (default 20)")
+    parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1/* (401 without; /health, "
+                                          f"/metrics, /openapi.json stay open); default: ${API_KEY_ENV}, which "
+                                          "keeps the key out of ps")
+    parser.add_argument("--max-request-bytes", type=int,
+                        help="refuse larger request bodies with 413, before reading them (default 4 MiB)")
+    parser.add_argument("--max-sequences-per-request", type=int,
+                        help="refuse requests of more sequences (prompts x n) with 400 (default 256)")
+    parser.add_argument("--health-stall-s", type=float,
+                        help="/health answers 503 once the engine loop has made no progress for this long "
+                             "(default 30)")
     parser.add_argument("--verbose", action="store_true", help="every rank logs; third-party warnings shown")
 
 
@@ -49,16 +69,32 @@ def check(cfg: Config) -> None:
                           "replica; set dp to 1 and start one server per replica")
 
 
+def http_options(args: argparse.Namespace):
+    """The flags' ``HTTPOptions`` (the key from ``--api-key``, else ``$CPTOOLKIT_API_KEY``); a bad value is a
+    ``ConfigError`` naming the flag."""
+    from cptoolkit.serving.app import HTTPOptions
+
+    given = {name: getattr(args, name) for name in ("max_request_bytes", "max_sequences_per_request", "health_stall_s")
+             if getattr(args, name) is not None}
+    try:
+        return HTTPOptions(api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV), **given)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def run(cfg: Config, args: argparse.Namespace) -> int:
     """This rank's part of serving ``cfg`` (checked) until a drain; 0."""
-    from cptoolkit.distributed import init_distributed, start_groups
+    from cptoolkit.distributed import end_startup, init_distributed, start_groups
     from cptoolkit.inference.builder import build_engine
     from cptoolkit.serving.server import model_name, serve
 
+    options = http_options(args)  # before the model loads: a bad flag fails in a second
     device = init_distributed(cfg.runtime, cfg.parallel.world_size, cfg.source)
     groups = start_groups(cfg)
     engine = build_engine(cfg, groups, device)
-    serve(cfg, engine, args.host, args.port, args.served_model_name or model_name(cfg), args.drain_timeout_s)
+    end_startup(groups, cfg.runtime)
+    serve(cfg, engine, args.host, args.port, args.served_model_name or model_name(cfg), args.drain_timeout_s,
+          options)
     return 0
 
 

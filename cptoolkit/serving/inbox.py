@@ -4,7 +4,8 @@ The HTTP handlers (an asyncio loop in uvicorn's thread) ``submit`` requests and 
 coordinator (the main thread) ``take``s everything that arrived since its last iteration, in arrival
 order, and sends each request's updates back into the request's own ``asyncio.Queue`` with
 ``deliver`` (thread-safe). Closing the door (a drain) or failing it (the engine died) makes
-every later ``submit`` an ``APIError`` 503.
+every later ``submit`` an ``APIError`` 503. The coordinator calls ``take`` once per iteration of its
+loop, so the time since the last ``take`` (``stalled_s``) says whether the loop is making progress.
 """
 from __future__ import annotations
 
@@ -35,11 +36,13 @@ Update = Union[TokenEvent, Finished, APIError]
 @dataclass
 class Submission:
     """One prompt of an HTTP request on its way through the engine, sampled ``num_choices`` times (its
-    ``n``). ``key`` is the server-wide id that every rank knows it by; ``updates`` receives, per choice, a
-    ``TokenEvent`` per token (``request_index`` is the choice) then one ``Finished``; or an ``APIError``
-    503 when the server fails or drains it away."""
+    ``n``). ``key`` is the server-wide id that every rank knows it by; ``request_key`` is the key of its
+    HTTP request's first prompt (what the coordinator's fair admission takes turns between);
+    ``updates`` receives, per choice, a ``TokenEvent`` per token (``request_index`` is the choice) then
+    one ``Finished``; or an ``APIError`` 503 when the server fails or drains it away."""
 
     key: int
+    request_key: int
     prompt_ids: list[int]
     sampling: SamplingParams
     num_choices: int
@@ -75,6 +78,7 @@ class Inbox:
         self._cancelled: list[int] = []
         self._keys = itertools.count()
         self._refusal: Optional[APIError] = None
+        self._taken_s = time.monotonic()  # when the coordinator last called take
 
     @property
     def refusal(self) -> Optional[APIError]:
@@ -89,8 +93,9 @@ class Inbox:
             if self._refusal is not None:
                 raise self._refusal
             loop = asyncio.get_running_loop()
-            submissions = [Submission(next(self._keys), ids, params, num_choices, loop)
-                           for ids, params in zip(prompts_ids, sampling, strict=True)]
+            keys = [next(self._keys) for _ in prompts_ids]
+            submissions = [Submission(key, keys[0], ids, params, num_choices, loop)
+                           for key, ids, params in zip(keys, prompts_ids, sampling, strict=True)]
             self._new.extend(submissions)
             self._arrived.notify()
         return submissions
@@ -105,11 +110,16 @@ class Inbox:
         """Everything that arrived since the last call: ``(new submissions, cancelled keys)``. With
         nothing there, waits up to ``wait_s`` for something to arrive."""
         with self._lock:
+            self._taken_s = time.monotonic()
             if not self._new and not self._cancelled and wait_s > 0:
                 self._arrived.wait(wait_s)
             new, cancelled = self._new, self._cancelled
             self._new, self._cancelled = [], []
         return new, cancelled
+
+    def stalled_s(self) -> float:
+        """Seconds since the coordinator last called ``take`` (it waits there at most its heartbeat when idle)."""
+        return time.monotonic() - self._taken_s
 
     def close(self, refusal: APIError) -> None:
         """Refuse every later ``submit`` with ``refusal``; what is already queued still gets taken."""

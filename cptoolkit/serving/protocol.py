@@ -1,11 +1,13 @@
 """The OpenAI completions API as cptoolkit serves it: request models, their translation into
 ``SamplingParams``, the response and stream-chunk bodies, and OpenAI-style errors.
 
-Requests are validated here, at the edge: a wrong type, an out-of-range value, an unknown field or a
-feature cptoolkit does not have (``suffix``, ``best_of`` other than ``n``) is an ``APIError`` 400 naming
-the field. Limits that depend on the engine (prompt + ``max_tokens`` over ``max_seq_len``, more KV blocks
-than the whole cache, token ids outside the vocabulary) are the engine's own checks: its error comes
-back before any token and becomes the same 400.
+Requests are validated here, at the edge: a wrong type, an out-of-range value, an unknown field, text
+that cannot be encoded as UTF-8 (a lone surrogate such as ``"\ud800"``) or a feature cptoolkit does not
+have (``suffix``, ``best_of`` other than ``n``) is an ``APIError`` 400 naming the field. The length limit
+(prompt + ``max_tokens`` over ``max_seq_len`` or over what the whole KV cache holds) is checked here too,
+naming the field the client sent (``max_tokens``, ``max_completion_tokens``, ``prompt`` or ``messages``).
+Token ids outside the vocabulary are the engine's own check: its error comes back before any token and
+becomes the same 400.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cptoolkit.inference.request import GenerationResult, TokenEvent, TokenLogprob
@@ -26,21 +29,47 @@ MAX_PROMPTS = 64  # prompts per /v1/completions request
 
 
 class APIError(Exception):
-    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``: every
+    4xx and 5xx the server sends has this body (OpenAI's shape); ``type`` follows from the status."""
 
-    TYPES = {400: "invalid_request_error", 404: "not_found_error", 503: "service_unavailable"}
+    TYPES = {401: "authentication_error", 404: "not_found_error", 500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+        default = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, default),
                           "param": self.param, "code": self.code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (``APIError.body``), as the OpenAPI schema documents it."""
+
+    error: ErrorDetail
+
+
+def _utf8(text: str) -> str:
+    """``text`` if it can be encoded as UTF-8 (what the tokenizer does with it); else ``ValueError``
+    (pydantic names the field). JSON's ``\\ud800`` escapes decode to lone surrogates, which cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{text[err.start:err.end]!r} at character {err.start} cannot be encoded as UTF-8 "
+                         "(a lone surrogate); send valid Unicode text") from None
+    return text
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     include_usage: Optional[bool] = False
 
@@ -48,7 +77,7 @@ class StreamOptions(BaseModel):
 class GenerationRequest(BaseModel):
     """Fields shared by both endpoints. Unknown fields are errors; null means 'the default'."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -71,7 +100,7 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _logit_bias(cls, value):
         for token, bias in (value or {}).items():
-            if not token.isdigit():
+            if not (token.isascii() and token.isdigit()):
                 raise ValueError(f"key {token!r}: keys are token ids (strings of digits)")
             if not -100 <= bias <= 100:
                 raise ValueError(f"{token}: {bias}: each bias must be in [-100, 100]")
@@ -83,6 +112,8 @@ class GenerationRequest(BaseModel):
         stops = [value] if isinstance(value, str) else value or []
         if len(stops) > MAX_STOP_STRINGS or not all(stops):
             raise ValueError(f"{value!r}: give at most {MAX_STOP_STRINGS} non-empty stop strings")
+        for stop in stops:
+            _utf8(stop)
         return value
 
     @property
@@ -92,6 +123,10 @@ class GenerationRequest(BaseModel):
     @property
     def num_choices(self) -> int:
         return self.n or 1
+
+    @property
+    def num_prompts(self) -> int:
+        return 1
 
     def token_logprobs(self) -> Optional[int]:
         """Alternatives per generated token (None: no logprobs)."""
@@ -146,7 +181,19 @@ class CompletionRequest(GenerationRequest):
         if isinstance(value, list) and value and isinstance(value[0], (str, list)):
             if len(value) > MAX_PROMPTS:
                 raise ValueError(f"a batch of {len(value)} prompts: at most {MAX_PROMPTS} per request")
+        if isinstance(value, str):
+            _utf8(value)
+        for index, text in enumerate(value if isinstance(value, list) else []):
+            if isinstance(text, str):
+                try:
+                    _utf8(text)
+                except ValueError as err:
+                    raise ValueError(f"prompt {index} of the batch: {err}") from None
         return value
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt) if self.batched else 1
 
     @field_validator("suffix")
     @classmethod
@@ -194,18 +241,28 @@ class CompletionRequest(GenerationRequest):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value):
+        return _utf8(value)
+
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[str | list[ContentPart]] = None
     name: Optional[str] = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value):
+        return _utf8(value) if isinstance(value, str) else value
 
     def as_dict(self) -> dict:
         """``{"role", "content"}`` with text parts joined, as chat templates expect."""
@@ -237,34 +294,75 @@ class ChatCompletionRequest(GenerationRequest):
         tokenizer without a template raises ``ValueError`` with its own message, answered as 400."""
         try:
             return [tokenizer.render_chat([message.as_dict() for message in self.messages])]
-        except ValueError as err:
+        except (ValueError, TemplateError) as err:  # the template's own refusals (e.g. roles must alternate)
             raise APIError(400, str(err), param="messages") from None
 
 
-def max_new_tokens(request: GenerationRequest, prompt_len: int, max_seq_len: int) -> int:
-    """``max_tokens`` if given; else 16 for completions (OpenAI's default) and, for chat, the room left
-    in ``max_seq_len`` (too little room is the engine's 400)."""
+@dataclass(frozen=True)
+class LengthLimit:
+    """The most tokens, prompt and generated, one sequence may hold: ``max_seq_len``, or fewer when the
+    whole KV cache holds fewer (``cache_tokens``, per sequence)."""
+
+    max_seq_len: int
+    cache_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return min(self.max_seq_len, self.cache_tokens)
+
+    def __str__(self) -> str:
+        if self.max_seq_len <= self.cache_tokens:
+            return f"max_seq_len {self.max_seq_len}"
+        return f"the {self.cache_tokens} tokens the whole KV cache holds for one sequence"
+
+
+def max_new_tokens(request: GenerationRequest, prompt_len: int, limit: LengthLimit) -> int:
+    """``max_tokens`` (chat: or ``max_completion_tokens``) if given; else 16 for completions (OpenAI's
+    default) and, for chat, the room left under ``limit``. A prompt and budget over ``limit`` is a 400
+    naming the field the client sent: the budget's field, or ``prompt`` / ``messages`` when the prompt
+    alone leaves no room (or the budget is the default)."""
+    chat = isinstance(request, ChatCompletionRequest)
+    prompt_field = "messages" if chat else "prompt"
+    field = "max_tokens" if request.max_tokens is not None else None
     given = request.max_tokens
-    if isinstance(request, ChatCompletionRequest):
-        given = given or request.max_completion_tokens
-        return given or max(max_seq_len - prompt_len, 1)
-    return DEFAULT_COMPLETION_MAX_TOKENS if given is None else given
+    if chat and given is None and request.max_completion_tokens is not None:
+        field, given = "max_completion_tokens", request.max_completion_tokens
+    if given is None:
+        given = max(limit.tokens - prompt_len, 1) if chat else DEFAULT_COMPLETION_MAX_TOKENS
+    if prompt_len + given <= limit.tokens:
+        return given
+    budget = f"{field} {given}" if field else f"the default max_tokens {given}"
+    param = field if field is not None and prompt_len < limit.tokens else prompt_field
+    raise APIError(400, f"{param}: {prompt_len} prompt tokens + {budget} = {prompt_len + given} exceeds "
+                        f"{limit}; send a shorter prompt or fewer tokens to generate", param=param)
+
+
+def _is_union_member(part) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
 def validation_error(errors: list[dict]) -> APIError:
-    """FastAPI's ``RequestValidationError.errors()`` → one 400 naming the first bad field."""
-    error = errors[0]
+    """FastAPI's ``RequestValidationError.errors()`` → one 400 naming the first bad field. A field of
+    several types (``prompt``, ``content``) fails once per type: a refusal by our own validators wins over
+    "not this type", and the type's name (pydantic's ``str``, ``list[int]`` in the location) is dropped."""
+    error = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if error.get("type") == "json_invalid":
         reason = error.get("ctx", {}).get("error", error["msg"])
         return APIError(400, f"the request body is not valid JSON: {reason}")
-    path = [str(part) for part in error.get("loc", ()) if part != "body"]
-    param = ".".join(path) or None
+    path = [str(part) for part in error.get("loc", ()) if part != "body" and not _is_union_member(part)]
+    if not path:  # the body as a whole: none, or not a JSON object (a list, a string, a form, bytes)
+        if error.get("type") == "missing":
+            return APIError(400, "the request body is empty: send a JSON object")
+        if error.get("type") == "string_unicode":  # pydantic cannot read a key with a lone surrogate
+            return APIError(400, "a field name in the request body cannot be encoded as UTF-8 (a lone surrogate)")
+        return APIError(400, "the request body must be a JSON object, sent with Content-Type: application/json")
+    param = ".".join(path)
     message = error["msg"].removeprefix("Value error, ")
     if error.get("type") == "extra_forbidden":
         message = "unknown field"
     elif error.get("type") == "missing":
         message = "required field missing"
-    return APIError(400, f"{param}: {message}" if param else message, param=param)
+    return APIError(400, f"{param}: {message}", param=param)
 
 
 # ---------------------------------------------------------------------- response bodies

@@ -15,10 +15,11 @@ import torch.distributed as dist
 from cptoolkit.config import Config
 from cptoolkit.distributed import collective_timeout, env_rank
 from cptoolkit.inference.engine import Engine
-from cptoolkit.serving.app import HTTPServer, create_app
+from cptoolkit.serving.app import HTTPOptions, HTTPServer, create_app
 from cptoolkit.serving.coordinator import Coordinator
 from cptoolkit.serving.inbox import Inbox
 from cptoolkit.serving.metrics import ServerMetrics
+from cptoolkit.serving.protocol import LengthLimit
 
 LOG = logging.getLogger("cptoolkit")
 # A rank other than 0 that fails waits this long before the launcher ends the job (and, with it,
@@ -33,7 +34,18 @@ def model_name(cfg: Config) -> str:
     return Path(cfg.model.checkpoint).name if cfg.model.checkpoint else f"cptoolkit-{cfg.model.arch}"
 
 
-def serve(cfg: Config, engine: Engine, host: str, port: int, name: str, drain_timeout_s: float) -> None:
+def length_limit(engine: Engine) -> LengthLimit:
+    """``max_seq_len`` and the most tokens one sequence's KV blocks can take of the whole cache (the
+    engine's two length rules; ``blocks_for`` grows with the length, so a bisection finds it)."""
+    cache, low, high = engine.cache, 0, engine.max_seq_len
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cache.blocks_for(middle) <= cache.num_blocks else (low, middle - 1)
+    return LengthLimit(engine.max_seq_len, low)
+
+
+def serve(cfg: Config, engine: Engine, host: str, port: int, name: str, drain_timeout_s: float,
+          options: HTTPOptions = HTTPOptions()) -> None:
     """Serve until drained. Collective: every rank of the job calls it (it creates the control group)."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     timeout = collective_timeout(cfg.runtime)
@@ -48,10 +60,12 @@ def serve(cfg: Config, engine: Engine, host: str, port: int, name: str, drain_ti
         signal.signal(signum, lambda *_: coordinator.request_drain())
     http = None
     if is_front:
-        http = HTTPServer(create_app(inbox, engine.tokenizer, metrics, name, engine.max_seq_len), host, port)
+        app = create_app(inbox, engine.tokenizer, metrics, name, length_limit(engine), options)
+        http = HTTPServer(app, host, port)
         http.start()
-        LOG.info("serving %r at http://%s:%d/v1 (%d ranks; KV cache %d blocks per rank); SIGTERM drains",
-                 name, host, port, world_size, engine.cache.num_blocks)
+        LOG.info("serving %r at http://%s:%d/v1 (%d ranks; KV cache %d blocks per rank; API key %s); SIGTERM "
+                 "drains", name, host, port, world_size, engine.cache.num_blocks,
+                 "required on /v1" if options.api_key else "off")
     try:
         coordinator.run()
     except Exception:
