@@ -11,20 +11,21 @@ defaults without one); MODEL, a checkpoint directory, is ``model.checkpoint`` an
 shape. The merged config is validated as a file is (``cptoolkit.config``): a bad value is one line naming the
 field, the value and the rule, exit status 2. ``serve``, ``generate`` and ``train`` run the jobs of
 ``cptoolkit.entrypoints`` (what ``launch/*.py`` run) on dp*pcp*tp ranks: one rank in this process, more under
-torchrun on the merged config written to a temporary YAML (``cptoolkit.torchrun``: SIGTERM and SIGINT go to the
-ranks, so a drained server exits 0).
+torchrun on the merged config, which the ranks read from this process's memory (no file is left behind;
+``cptoolkit.torchrun``: SIGTERM and SIGINT go to the ranks, so a drained server exits 0; torchrun and the ranks
+end when this process dies, by any signal).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import yaml
 
@@ -207,6 +208,17 @@ def _run_here(job, cfg: Config, args: argparse.Namespace) -> NoReturn:
     run_main(check_and_run, verbose=args.verbose)
 
 
+@contextlib.contextmanager
+def _config_in_memory(raw: dict, command: str) -> Iterator[str]:
+    """The merged config as a path the ranks read, ``/proc/<this pid>/fd/<n>``: an anonymous memory file
+    (``memfd_create``) of this process, never on disk, so it ends with this process however that dies (a
+    temporary file would outlive a SIGKILL). The ranks read it at start-up, while this process waits for them."""
+    with os.fdopen(os.memfd_create(f"cptoolkit-{command}-config.yaml"), "w") as memory_file:
+        memory_file.write(yaml.safe_dump(raw, sort_keys=False))
+        memory_file.flush()
+        yield f"/proc/{os.getpid()}/fd/{memory_file.fileno()}"
+
+
 def _run_job(args: argparse.Namespace) -> int:
     """serve / generate / train: validate the merged config, then run its ranks here (one) or under torchrun."""
     job = importlib.import_module(JOBS[args.command])
@@ -224,11 +236,9 @@ def _run_job(args: argparse.Namespace) -> int:
         job.check(cfg)
     except ConfigError as err:
         return _error(err)
-    with tempfile.TemporaryDirectory(prefix=f"cptoolkit-{args.command}-") as folder:
-        config_file = Path(folder) / "config.yaml"
-        config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with _config_in_memory(raw, args.command) as config_path:
         return torchrun.run(JOBS[args.command], cfg.parallel.world_size,
-                            ["--config", str(config_file), *_launcher_argv(job, args)])
+                            ["--config", config_path, *_launcher_argv(job, args)])
 
 
 def _layout(args: argparse.Namespace) -> int:

@@ -213,16 +213,20 @@ class RuntimeConfig:
     bfloat16; float16 is refused, as cptoolkit does not compute in it), float32 for the built-in model.
     ``attention_backend`` computes every attention block (``cptoolkit.layers.block_attention``): ``torch``'s
     flash kernels, TransformerEngine's fused attention (``te``: CUDA, bfloat16, TE installed), or ``auto``
-    (``te`` on CUDA where TransformerEngine imports, else ``torch``)."""
+    (``te`` on CUDA where TransformerEngine imports, else ``torch``). ``startup_timeout_s`` bounds start-up:
+    rendezvous, process-group creation and checkpoint loading, until every rank is ready; from then on
+    ``collective_timeout_s`` bounds every collective (``cptoolkit.distributed.end_startup``)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float64"] = "float32"
     collective_timeout_s: float = 120.0
+    startup_timeout_s: float = 300.0
     attention_backend: Literal["auto", "torch", "te"] = "auto"
 
     def __post_init__(self):
         _require(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s,
                  "must be > 0")
+        _require(self.startup_timeout_s > 0, "startup_timeout_s", self.startup_timeout_s, "must be > 0")
         if self.attention_backend == "te":
             self._check_te_runs_here()
 

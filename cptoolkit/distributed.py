@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from cptoolkit.config import ConfigError, RuntimeConfig
+from cptoolkit.torchrun import end_with_agent
 
 LOG = logging.getLogger("cptoolkit")
 _REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -79,14 +80,21 @@ def select_device(runtime: RuntimeConfig) -> torch.device:
 
 
 def collective_timeout(runtime: RuntimeConfig) -> datetime.timedelta:
-    """The bound on every collective: pass it to the default group *and* to every ``new_group``."""
+    """The bound on every collective once start-up is over: pass it to every ``new_group`` created after
+    ``end_startup`` (the groups created before it get it from ``end_startup``)."""
     return datetime.timedelta(seconds=runtime.collective_timeout_s)
+
+
+def startup_timeout(runtime: RuntimeConfig) -> datetime.timedelta:
+    """The bound on start-up: rendezvous, ``init_process_group``, group creation, checkpoint loading."""
+    return datetime.timedelta(seconds=runtime.startup_timeout_s)
 
 
 def init_distributed(runtime: RuntimeConfig, expected_world_size: int, config_source: str) -> torch.device:
     """Check the launched world size against the config, then join the default process group
-    (NCCL on CUDA, gloo on CPU) with the config's collective timeout, and learn the local peers'
-    process ids (so a failing rank can end a frozen peer; see ``run_main``)."""
+    (NCCL on CUDA, gloo on CPU) with the config's start-up timeout (``end_startup`` lowers it to the
+    collective timeout), and learn the local peers' process ids (so a failing rank can end a frozen
+    peer; see ``run_main``)."""
     world_size = env_world_size()
     if world_size != expected_world_size:
         raise ConfigError(f"{config_source}: the config needs dp*pcp*tp = {expected_world_size} processes but "
@@ -96,7 +104,7 @@ def init_distributed(runtime: RuntimeConfig, expected_world_size: int, config_so
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env_rank(),
-                                world_size=world_size, timeout=collective_timeout(runtime))
+                                world_size=world_size, timeout=startup_timeout(runtime))
     _remember_local_peers()
     return device
 
@@ -131,17 +139,36 @@ def _short_path(filename: str) -> str:
 
 
 def start_groups(cfg):
-    """The process groups of ``cfg.parallel`` (every collective bounded by the config's timeout), refused
-    as a ConfigError if a TP group would span nodes; rank 0 logs the node-aware layout table."""
+    """The process groups of ``cfg.parallel`` (created within the start-up timeout; ``end_startup`` bounds
+    their collectives by the collective timeout), refused as a ConfigError if a TP group would span nodes;
+    rank 0 logs the node-aware layout table."""
     from cptoolkit.parallel_state import initialize_model_parallel, render_layout
 
     p, m = cfg.parallel, cfg.model
     groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
-                                       num_kv_heads=m.num_kv_heads, timeout=collective_timeout(cfg.runtime),
+                                       num_kv_heads=m.num_kv_heads, timeout=startup_timeout(cfg.runtime),
                                        hierarchical_a2a_size=p.hierarchical_a2a_size)
     _check_node_layout(groups.layout, cfg.source)
     LOG.info("%s\n", render_layout(groups.layout, nproc_per_node=env_nproc_per_node()))
     return groups
+
+
+def _member_groups(groups) -> list[dist.ProcessGroup]:
+    """This rank's groups of a ``ParallelGroups`` (its ``hcp_groups`` included, when built)."""
+    hcp = () if groups.hcp_groups is None else (groups.hcp_groups.a2a_group, groups.hcp_groups.ring_group)
+    return [groups.tp_group, groups.pcp_group, groups.dcp_group, groups.dp_group, groups.dp_pcp_group,
+            groups.replica_group, groups.self_group, *hcp]
+
+
+def end_startup(groups, runtime: RuntimeConfig) -> None:
+    """Collective over the default group, once this rank has loaded everything: wait (within the start-up
+    timeout) until every rank has, then bound every later collective on the default group and on ``groups``
+    by ``runtime.collective_timeout_s``. Before it, a rank that is slow to start (a loaded machine, a large
+    checkpoint) is waited for up to ``startup_timeout_s``; after it, a stuck or stopped peer ends the job within
+    ``collective_timeout_s``."""
+    dist.barrier()
+    for group in (None, *_member_groups(groups)):
+        dist.distributed_c10d._set_pg_timeout(collective_timeout(runtime), group)
 
 
 def _describe_failure(error: BaseException) -> str:
@@ -164,7 +191,9 @@ def run_main(main: Callable[[], int | None], verbose: bool = False) -> None:
     or input: one line from rank 0; another rank reports its own only if rank 0 has not ended the job
     within ``_CONFIG_ERROR_GRACE_S``); 1 on any other
     failure (this rank's traceback, and its local peers are ended so no frozen rank keeps the job
-    alive). ``main`` may return a non-zero code itself (e.g. requests that failed)."""
+    alive). ``main`` may return a non-zero code itself (e.g. requests that failed). Under torchrun it first
+    binds this rank's life to torchrun's (``cptoolkit.torchrun.end_with_agent``)."""
+    end_with_agent()  # before anything else: a rank never outlives the torchrun that started it
     rank = env_rank()
     setup_logging(rank, verbose)
     code = 0

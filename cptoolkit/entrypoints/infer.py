@@ -61,7 +61,7 @@ def check(cfg: Config) -> None:
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
     """This rank's part of generating for every request of ``cfg`` (checked); the exit status."""
-    from cptoolkit.distributed import env_rank, init_distributed, start_groups
+    from cptoolkit.distributed import end_startup, env_rank, init_distributed, start_groups
     from cptoolkit.inference.builder import build_engine, read_prompts, sampling_params
     from cptoolkit.parallel_state import render_layout
 
@@ -70,6 +70,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     m = cfg.model
     groups = start_groups(cfg)
     engine = build_engine(cfg, groups, device)
+    end_startup(groups, cfg.runtime)
     LOG.info("model: %s, %d layers, hidden %d; KV cache %s bytes per rank; %d requests",
              m.arch, m.num_layers, m.hidden_size, f"{engine.cache.bytes_per_rank:,}", len(prompts))
     finished, generated = [], [0]

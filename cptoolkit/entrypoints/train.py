@@ -49,7 +49,7 @@ def check(cfg: Config) -> None:
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
     """This rank's part of training ``cfg`` (checked), then the checkpoint and ``--output``; 0."""
-    from cptoolkit.distributed import env_rank, init_distributed, start_groups
+    from cptoolkit.distributed import end_startup, env_rank, init_distributed, start_groups
     from cptoolkit.models.checkpoint import save_checkpoint
     from cptoolkit.parallel_state import render_layout
     from cptoolkit.training.data import corpus_documents, tokenize_documents
@@ -63,6 +63,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     groups = start_groups(cfg)
     # Padding is masked out of the loss, so any valid id pads; EOS exists in every tokenizer.
     trainer = build_trainer(cfg, groups, documents, tokenizer.eos_token_id, device)
+    end_startup(groups, cfg.runtime)
     LOG.info("model: %s, %d layers, hidden %d; corpus: %d documents, %d tokens; global batch %d x <= %d tokens",
              m.arch, m.num_layers, m.hidden_size, len(documents), sum(d.numel() for d in documents),
              p.dp * train.micro_batch_size, train.seq_len)
