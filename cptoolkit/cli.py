@@ -2,9 +2,11 @@
 
     cptoolkit serve [MODEL] [--config YAML] [-tp N] [-pcp N] [-dcp N] [--max-num-seqs N] [--port 8000] ...
     cptoolkit generate [MODEL] [--config YAML] --prompt TEXT [--prompt TEXT ...] [--max-tokens N] ...
+    cptoolkit generate MODEL [--system TEXT] --message TEXT [--message TEXT ...] | --chat FILE.json ...
     cptoolkit train [MODEL] [--config YAML] [-tp N] [-pcp N] [-dp N] [--output losses.json]
     cptoolkit layout [MODEL] [--config YAML] -tp 2 -pcp 2 -dcp 4 [--legend] [--nproc-per-node N]
     cptoolkit plan --model llama3.1-8b --context 131072 ...      (the flags of python -m cptoolkit.plan)
+    cptoolkit chat [--url http://127.0.0.1:8000/v1] [--model NAME] [--system TEXT] [--quick MESSAGE]
 
 Each flag of ``JOB_FLAGS`` sets one config field over the ``--config`` YAML (or over the config dataclasses'
 defaults without one); MODEL, a checkpoint directory, is ``model.checkpoint`` and replaces the YAML's model
@@ -29,6 +31,7 @@ from typing import Any, Callable, Iterator, NoReturn
 
 import yaml
 
+from cptoolkit import chat_client
 from cptoolkit.config import Config, ConfigError, config_from_dict, read_yaml, with_overrides
 
 
@@ -76,11 +79,28 @@ PROMPT = Flag(("--prompt",), "inference.prompts", "a prompt to generate for; rep
               type=str, action="append")
 MAX_TOKENS = Flag(("--max-tokens",), "inference.max_new_tokens", "tokens to generate per prompt")
 
+
+def _size(text: str) -> int:
+    """``2GiB``, ``512MiB``, ``1.5GB`` or a number of bytes (``cptoolkit plan``'s sizes)."""
+    from cptoolkit.plan import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with a unit such as "
+                                         "2GiB, 512MiB or 1.5GB") from None
+
+
+KV_CACHE_MEMORY = Flag(("--kv-cache-memory",), "inference.kv_cache_bytes",
+                       "KV cache per rank, in bytes (2GiB, 512MiB, ...); default: room for --max-num-seqs requests "
+                       "of --max-model-len tokens (generate: for its own requests' prompts + --max-tokens)",
+                       type=_size)
+
 JOB_FLAGS = {
     "serve": (TP, PCP, DCP, INTERLEAVE, MAX_MODEL_LEN, MAX_NUM_SEQS, PREFIX_CACHING, MAX_NUM_BATCHED_TOKENS,
-              MODEL_SEED),
+              MODEL_SEED, KV_CACHE_MEMORY),
     "generate": (TP, PCP, DCP, DP, INTERLEAVE, MAX_MODEL_LEN, MAX_NUM_SEQS, PREFIX_CACHING, MAX_NUM_BATCHED_TOKENS,
-                 SAMPLING_SEED, PROMPT, MAX_TOKENS),
+                 SAMPLING_SEED, PROMPT, MAX_TOKENS, KV_CACHE_MEMORY),
     "train": (TP, PCP, DP, TRAIN_SEED),
     "layout": (TP, PCP, DCP, DP),
 }
@@ -139,10 +159,48 @@ def _speculative(text: str, source: str) -> dict[str, Any]:
     return {SPECULATIVE_FIELDS[key]: value for key, value in given.items()}
 
 
+def _read_chat(path: str, source: str) -> list:
+    """``--chat FILE``: one conversation, an OpenAI messages list (or a request body with ``messages``)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{source}: --chat {path}: no such file")
+    try:
+        chat = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{source}: --chat {path}: not JSON ({err})") from None
+    chat = chat.get("messages") if isinstance(chat, dict) else chat
+    if not isinstance(chat, list) or not chat:
+        raise ConfigError(f"{source}: --chat {path}: must hold a non-empty JSON list of {{\"role\", \"content\"}} "
+                          "messages (an OpenAI messages list), or an object with one under \"messages\"")
+    return chat
+
+
+def _requests(args: argparse.Namespace, source: str) -> dict[str, Any]:
+    """generate's request flags -> the ``inference`` fields; given, they replace the YAML's requests. ``--prompt``
+    sets ``prompts``; each ``--message TEXT`` is one conversation of one user turn and ``--chat FILE`` one more, all
+    in ``messages`` (rendered by the checkpoint's chat template), each opened by ``--system``'s turn."""
+    chats = [[{"role": "user", "content": text}] for text in args.message or []]
+    if args.chat is not None:
+        chats.append(_read_chat(args.chat, source))
+    if args.prompt and chats:
+        raise ConfigError(f"{source}: --prompt and --message/--chat both given: a request is a plain prompt or a "
+                          "chat; give one kind")
+    if args.system is not None and not chats:
+        raise ConfigError(f"{source}: --system {args.system!r} needs a chat: give --message TEXT or --chat FILE")
+    if args.prompt:
+        return {"inference.prompt_file": None, "inference.messages": []}
+    if not chats:
+        return {}
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return {"inference.messages": [system + chat for chat in chats], "inference.prompts": [],
+            "inference.prompt_file": None}
+
+
 def overrides(args: argparse.Namespace, raw: dict, source: str) -> dict[str, Any]:
     """``{"section.field": value}`` for every config flag given on the command line."""
     given = {flag.field: getattr(args, flag.dest) for flag in JOB_FLAGS[args.command]
              if getattr(args, flag.dest) is not None}
+    if args.command == "generate":
+        given.update(_requests(args, source))
     if hasattr(args, "enable_chunked_prefill"):
         given.update(_chunked_prefill(args, raw, source))
     if getattr(args, "speculative_config", None) is not None:
@@ -174,7 +232,26 @@ def merged_config(args: argparse.Namespace) -> tuple[dict, Config]:
     raw, base_dir = _base_config(args)
     raw = _with_model(raw, args.model)
     raw = with_overrides(raw, overrides(args, raw if isinstance(raw, dict) else {}, source), base_dir)
-    return raw, config_from_dict(raw, source=source, base_dir=base_dir)
+    try:
+        return raw, config_from_dict(raw, source=source, base_dir=base_dir)
+    except ConfigError as err:
+        raise ConfigError(_name_flags(str(err), args)) from None
+
+
+def _name_flags(message: str, args: argparse.Namespace) -> str:
+    """``message`` with the flag behind each field it names, as the user typed it (``inference.batch_size = 0:
+    must be >= 1 (given as --max-num-seqs 0)``)."""
+    given = [f"{flag.names[0]} {getattr(args, flag.dest)}" for flag in JOB_FLAGS[args.command]
+             if getattr(args, flag.dest) is not None and f"{flag.field} = " in message]
+    return f"{message} (given as {', '.join(given)})" if given else message
+
+
+def _require_requests(cfg: Config) -> None:
+    """``generate`` needs something to generate for, named as this command spells it."""
+    inf = cfg.inference
+    if not (inf.prompts or inf.prompt_file or inf.messages):
+        raise ConfigError(f"{cfg.source}: nothing to generate for: give --prompt TEXT or --message TEXT (or "
+                          "inference.prompts, prompt_file or messages in the --config YAML)")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -224,6 +301,8 @@ def _run_job(args: argparse.Namespace) -> int:
     job = importlib.import_module(JOBS[args.command])
     try:
         raw, cfg = merged_config(args)
+        if args.command == "generate":
+            _require_requests(cfg)
     except ConfigError as err:
         return _error(err)
     if cfg.parallel.world_size == 1:
@@ -264,6 +343,15 @@ def _add_config_arguments(parser: argparse.ArgumentParser, command: str) -> None
                         help="config file whose fields the flags override (default: the config defaults)")
     for flag in JOB_FLAGS[command]:
         flag.add_to(parser)
+    if command == "generate":
+        parser.add_argument("--message", action="append", metavar="TEXT",
+                            help="chat: a user message, rendered by the checkpoint's chat template with the "
+                                 "assistant's turn opened; repeat the flag for several chats [inference.messages]")
+        parser.add_argument("--chat", metavar="FILE",
+                            help="chat: a JSON file holding one conversation, an OpenAI messages list "
+                                 '([{"role": "user", "content": "..."}, ...]) [inference.messages]')
+        parser.add_argument("--system", metavar="TEXT",
+                            help="a system message opening every chat of --message / --chat")
     if MAX_NUM_BATCHED_TOKENS in JOB_FLAGS[command]:
         parser.add_argument("--speculative-config", metavar="JSON",
                             help="speculative decoding, as vLLM spells it: "
@@ -279,7 +367,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser, command: str) -> None
 
 
 JOB_HELP = {"serve": "serve the OpenAI completions API (launch/serve.py)",
-            "generate": "generate for the config's prompts or --prompt (launch/infer.py)",
+            "generate": "generate for --prompt TEXT, or chat: --message TEXT or --chat FILE.json rendered by the "
+                        "checkpoint's chat template (or the config's prompts or messages) (launch/infer.py)",
             "train": "train on the config's corpus (launch/train.py)"}
 
 
@@ -299,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--nproc-per-node", type=int, help="processes per node: mark the nodes; refuse a TP group "
                                                         "that spans nodes")
     sub.set_defaults(handler=_layout)
+    sub = commands.add_parser("chat", help="chat with a running server (cptoolkit serve), as vllm chat does",
+                              description="chat with a running server: each line of input is a user turn, the "
+                                          "answer streams back, the conversation is kept (cptoolkit.chat_client)")
+    chat_client.add_arguments(sub)
+    sub.set_defaults(handler=chat_client.run)
     commands.add_parser("plan", add_help=False, help="rank the layouts for a model, a context and a cluster "
                                                      "(cptoolkit plan --help: its flags)")
     return parser

@@ -35,16 +35,17 @@ FLAGS = {
     "serve": ["MODEL", "--config", "--tensor-parallel-size", "-tp", "--prefill-context-parallel-size", "-pcp",
               "--decode-context-parallel-size", "-dcp", "--dcp-kv-cache-interleave-size", "--max-model-len",
               "--enable-prefix-caching", "--no-enable-prefix-caching", "--enable-chunked-prefill",
-              "--no-enable-chunked-prefill", "--max-num-batched-tokens", "--max-num-seqs", "--seed", "--host",
-              "--port", "--served-model-name", "--drain-timeout-s", "--verbose"],
+              "--no-enable-chunked-prefill", "--max-num-batched-tokens", "--max-num-seqs", "--seed",
+              "--kv-cache-memory", "--host", "--port", "--served-model-name", "--drain-timeout-s", "--verbose"],
     "generate": ["MODEL", "--config", "--tensor-parallel-size", "-tp", "--prefill-context-parallel-size", "-pcp",
                  "--decode-context-parallel-size", "-dcp", "--data-parallel-size", "-dp",
                  "--dcp-kv-cache-interleave-size", "--max-model-len", "--enable-prefix-caching",
                  "--enable-chunked-prefill", "--max-num-batched-tokens", "--max-num-seqs", "--seed", "--prompt",
-                 "--max-tokens", "--output", "--verbose"],
+                 "--max-tokens", "--kv-cache-memory", "--message", "--chat", "--system", "--output", "--verbose"],
     "train": ["MODEL", "--config", "--tensor-parallel-size", "-tp", "--prefill-context-parallel-size", "-pcp",
               "--data-parallel-size", "-dp", "--seed", "--output", "--verbose"],
     "layout": ["MODEL", "--config", "-tp", "-pcp", "-dcp", "-dp", "--legend", "--nproc-per-node"],
+    "chat": ["--url", "--model", "--api-key", "--system", "--max-tokens", "--temperature", "--quick"],
     "plan": ["--model", "--context", "--batch", "--devices", "--devices-per-node", "--memory-per-device", "--dtype",
              "--prefill-chunk", "--decode-comm", "--prefill-comm", "--json"],
 }
@@ -139,7 +140,8 @@ def test_chunked_prefill_flags(monkeypatch, tmp_path):
 def test_a_bad_flag_value_is_one_line_naming_the_field_and_exit_2():
     done = _cli("generate", "--config", CONFIG, "--max-num-seqs", "0")
     assert done.returncode == 2 and done.stdout == "", done
-    assert done.stderr == (f"error: cptoolkit generate --config {CONFIG}: inference.batch_size = 0: must be >= 1\n")
+    assert done.stderr == (f"error: cptoolkit generate --config {CONFIG}: inference.batch_size = 0: must be >= 1 "
+                           "(given as --max-num-seqs 0)\n")
     tp3 = _cli("serve", "-tp", "3")
     assert tp3.returncode == 2 and tp3.stderr.count("\n") == 1, tp3
     assert "num_heads (8) must be a multiple of tp (3)" in tp3.stderr

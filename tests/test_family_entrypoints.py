@@ -7,29 +7,24 @@ cannot break for one family (the sliding-window families once crashed both: ``Hy
 - ``cptoolkit serve MODEL`` answers a completion over HTTP with the same greedy tokens, then SIGTERM drains it
   to exit status 0.
 
-The 1-rank jobs run ``cptoolkit.cli.main`` in a child of the test's forkserver (torch and megatron already
-imported, so a job starts in about a second); one windowed family also runs at 2 ranks (PCP2 x DCP2, its
-rings sharded over DCP) through the console script and the torchrun it starts.
+The 1-rank jobs run ``cptoolkit.cli.main`` in a child of the tests' forkserver (``tests/cli_jobs.py``); one
+windowed family also runs at 2 ranks (PCP2 x DCP2, its rings sharded over DCP) through the console script and
+the torchrun it starts.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import multiprocessing as mp
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from tests.cli_jobs import JOB_TIMEOUT_S, generate, serving
 from tests.hf_checkpoints import FAMILIES, VOCAB, hf_model, perturbed, save_checkpoint, transformers
-from tests.multiproc import free_port  # also preloads torch and megatron in the shared forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).with_name("cptoolkit"))]
@@ -47,8 +42,6 @@ MLA_SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hid
 MLA = {"deepseek_v2": ("DeepseekV2", dict(q_lora_rank=None)), "deepseek_v3": ("DeepseekV3", dict(q_lora_rank=32))}
 PROMPT = "w5 w9 w2 w33 w17 w8 w40 w3 w11 w29 w6 w51"  # 12 tokens: past every family's window
 MAX_TOKENS = 6
-JOB_TIMEOUT_S = 60
-_FORKSERVER = mp.get_context("forkserver")
 
 
 def _model(name: str):
@@ -76,66 +69,6 @@ def test_every_family_of_the_readme_table_is_run_here():
 
 
 # ----------------------------------------------------------------------------- one rank, in a forked child
-
-def _cli_child(argv: list[str], log: str, port: int) -> None:
-    """``cptoolkit ARGV`` as one rank in this process, its output in ``log``; exits with the command's status."""
-    from cptoolkit import cli
-
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ.pop(name, None)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    sys.exit(cli.main(argv))
-
-
-def _start(argv: list[str], log: Path) -> mp.Process:
-    process = _FORKSERVER.Process(target=_cli_child, args=(argv, str(log), free_port()), daemon=True)
-    process.start()
-    return process
-
-
-def _finish(process: mp.Process, log: Path, timeout_s: float = JOB_TIMEOUT_S) -> int:
-    process.join(timeout_s)
-    if process.exitcode is None:
-        process.kill()
-        process.join()
-        pytest.fail(f"still running after {timeout_s} s:\n{log.read_text()[-3000:]}")
-    return process.exitcode
-
-
-def generate(argv: list[str], tmp_path: Path) -> dict:
-    """``cptoolkit generate ARGV --output ...`` on one rank: its JSON (the exit status must be 0)."""
-    output, log = tmp_path / "generated.json", tmp_path / "generate.log"
-    code = _finish(_start(["generate", *argv, "--output", str(output)], log), log)
-    assert code == 0, log.read_text()[-3000:]
-    return json.loads(output.read_text())
-
-
-@contextlib.contextmanager
-def serving(argv: list[str], log: Path):
-    """``cptoolkit serve ARGV`` on one rank, yielding its base URL once healthy; SIGTERM on leaving, which must
-    drain it to exit status 0."""
-    port = free_port()
-    process = _start(["serve", *argv, "--port", str(port)], log)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + JOB_TIMEOUT_S
-    try:
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            assert process.is_alive() and time.monotonic() < deadline, f"no server:\n{log.read_text()[-3000:]}"
-            time.sleep(0.1)
-        yield url
-        os.kill(process.pid, signal.SIGTERM)
-        assert _finish(process, log, 30) == 0, log.read_text()[-3000:]
-    finally:
-        if process.is_alive():
-            process.kill()
-            process.join()
-
 
 @pytest.mark.parametrize("name", NAMES)
 def test_generate_and_serve_give_the_same_tokens(checkpoints, name, tmp_path):

@@ -60,7 +60,9 @@ def check(cfg: Config) -> None:
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
-    """This rank's part of generating for every request of ``cfg`` (checked); the exit status."""
+    """This rank's part of generating for every request of ``cfg`` (checked); the exit status. In ``--output``
+    each request has its ``prompt`` (text; null for a chat) and ``messages`` (the chat's conversation; null for a
+    prompt)."""
     from cptoolkit.distributed import end_startup, env_rank, init_distributed, start_groups
     from cptoolkit.inference.builder import build_engine, read_prompts, sampling_params
     from cptoolkit.parallel_state import render_layout
@@ -69,7 +71,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     device = init_distributed(cfg.runtime, cfg.parallel.world_size, cfg.source)
     m = cfg.model
     groups = start_groups(cfg)
-    engine = build_engine(cfg, groups, device)
+    engine = build_engine(cfg, groups, device, requests=prompts)
     end_startup(groups, cfg.runtime)
     LOG.info("model: %s, %d layers, hidden %d; KV cache %s bytes per rank; %d requests",
              m.arch, m.num_layers, m.hidden_size, f"{engine.cache.bytes_per_rank:,}", len(prompts))
@@ -85,9 +87,11 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                      len(finished), len(prompts))
 
     results = engine.generate(prompts, sampling_params(cfg), on_event=show_progress)
+    chats = cfg.inference.messages or [None] * len(results)  # the conversation of each chat request
     for result in results:
         shown = f"error: {result.error}" if result.error else repr(result.text)
-        LOG.info("--- request %d: %r\n    -> %s", result.request_index, result.prompt, shown)
+        asked = result.prompt if chats[result.request_index] is None else chats[result.request_index][-1]["content"]
+        LOG.info("--- request %d: %r\n    -> %s", result.request_index, asked, shown)
     metrics = {**engine.metrics.summary(engine.cache.bytes_per_rank, m.num_layers),
                "kv_blocks_per_rank": engine.cache.num_blocks, "kv_block_tokens": engine.cache.block_size}
     LOG.info("\n%s", metrics_table(metrics))
@@ -96,7 +100,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         Path(args.output).write_text(json.dumps({
             "config": {"source": cfg.source, **dataclasses.asdict(cfg)},
             "layout": render_layout(groups.layout),
-            "requests": [{"prompt": r.prompt, "prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids,
+            "requests": [{"prompt": r.prompt, "messages": chats[r.request_index],
+                          "prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids,
                           "text": r.text, "finish_reason": r.finish_reason, "error": r.error,
                           "metrics": r.metrics.to_dict()} for r in results],
             "metrics": metrics}, indent=2))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -44,18 +45,20 @@ def max_seq_len(cfg: Config) -> int:
     return cfg.inference.max_seq_len or cfg.model.max_seq_len
 
 
-def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch.device
-             ) -> PagedKVCache | HybridKVCache:
-    """This rank's KV shard: ``inference.kv_cache_bytes`` of blocks when set, else enough blocks for
-    ``batch_size`` requests of ``max_seq_len`` tokens each. Checked against the device's free memory
-    before allocating, so a cache too large for the machine is one ``ConfigError`` line.
+def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch.device,
+             request_lens: Sequence[int] | None = None) -> PagedKVCache | HybridKVCache:
+    """This rank's KV shard: ``inference.kv_cache_bytes`` of blocks when set (refused when that is less than one
+    request of ``max_seq_len`` tokens needs), else ``_default_blocks``: enough for ``batch_size`` requests of
+    ``max_seq_len`` tokens, or, given ``request_lens`` (prompt + new tokens of each request, when they are known
+    in advance), for the ``batch_size`` longest of them. Checked against the device's free memory before
+    allocating, so a cache too large for the machine is one ``ConfigError`` line.
 
     A model with sliding-window layers (and no ``prefix_caching``, whose pages must stay) keeps those layers
     in a ring cache (``HybridKVCache``): ``batch_size`` reservations of the slots the window of the longest step
     sees (a prefill chunk, or a decode step with its drafts), whatever the context; ``kv_cache_bytes`` then
     budgets both caches, the full-attention layers getting what the rings leave."""
     if shape.sliding_window is None or cfg.inference.prefix_caching:
-        return kv_caches(cfg, [(groups, shape)], device)[0]
+        return kv_caches(cfg, [(groups, shape)], device, request_lens)[0]
     inf, p = cfg.inference, cfg.parallel
     windowed_layers = [n for n in range(1, shape.num_layers + 1) if shape.layer_window(n) is not None]
     num_full = shape.num_layers - len(windowed_layers)
@@ -66,15 +69,17 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
     full_bytes_per_block = _bytes_per_block(cfg, groups, shape, num_full)
     windowed_blocks = inf.batch_size * ring_blocks
     if inf.kv_cache_bytes is None:
-        full_blocks = _full_length_blocks(cfg, groups) * inf.batch_size if num_full else 0
+        full_blocks = _default_blocks(cfg, groups, request_lens) if num_full else 0
     elif num_full:
         full_blocks = (inf.kv_cache_bytes - windowed_blocks * windowed_bytes_per_block) // full_bytes_per_block
-        if full_blocks < 1:
-            raise ConfigError(f"{cfg.source}: inference.kv_cache_bytes = {inf.kv_cache_bytes}: the sliding-window "
-                              f"layers' rings take {windowed_blocks * windowed_bytes_per_block:,} bytes per rank "
-                              f"({inf.batch_size} requests x {ring_blocks} blocks), leaving less than one block "
-                              f"({full_bytes_per_block:,} bytes) for the {num_full} full-attention layers; raise it "
-                              "or lower inference.batch_size")
+        if full_blocks < _full_length_blocks(cfg, groups):
+            raise ConfigError(f"{cfg.source}: inference.kv_cache_bytes = {inf.kv_cache_bytes} (--kv-cache-memory): "
+                              f"the sliding-window layers' rings take {windowed_blocks * windowed_bytes_per_block:,} "
+                              f"bytes per rank ({inf.batch_size} requests x {ring_blocks} blocks), leaving "
+                              f"{max(full_blocks, 0)} blocks ({full_bytes_per_block:,} bytes each) for the {num_full} "
+                              f"full-attention layers; one request of max_seq_len ({max_seq_len(cfg)}) tokens needs "
+                              f"{_full_length_blocks(cfg, groups)}: raise it, or lower inference.batch_size "
+                              "(--max-num-seqs) or inference.max_seq_len (--max-model-len)")
     else:
         full_blocks, windowed_blocks = 0, inf.kv_cache_bytes // windowed_bytes_per_block
         if windowed_blocks < ring_blocks:
@@ -95,14 +100,27 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
                          windowed_layers)
 
 
-def _full_length_blocks(cfg: Config, groups: ParallelGroups) -> int:
-    """Blocks one request of ``max_seq_len`` tokens reserves on every member (the fullest shard's)."""
-    fullest_shard_tokens = shard_length(max_seq_len(cfg), 0, groups.dcp_size, cfg.parallel.kv_interleave)
+def _full_length_blocks(cfg: Config, groups: ParallelGroups, num_tokens: int | None = None) -> int:
+    """Blocks one request of ``num_tokens`` (default ``max_seq_len``) tokens reserves on every member (the fullest
+    shard's)."""
+    fullest_shard_tokens = shard_length(num_tokens or max_seq_len(cfg), 0, groups.dcp_size,
+                                        cfg.parallel.kv_interleave)
     return -(-fullest_shard_tokens // cfg.inference.kv_block_size)
 
 
-def kv_caches(cfg: Config, models: list[tuple[ParallelGroups, GPTShape]], device: torch.device
-              ) -> list[PagedKVCache]:
+def _default_blocks(cfg: Config, groups: ParallelGroups, request_lens: Sequence[int] | None) -> int:
+    """Blocks without a budget: ``batch_size`` requests of ``max_seq_len`` tokens; given the requests' lengths
+    (prompt + new tokens), what the ``batch_size`` longest of them reserve at once, each capped at ``max_seq_len``
+    (a longer one is refused by the engine), at least one block. So ``cptoolkit generate`` of a 5-token prompt
+    reserves its 5 + max_new_tokens tokens, not ``batch_size`` x the model's length."""
+    if request_lens is None:
+        return cfg.inference.batch_size * _full_length_blocks(cfg, groups)
+    longest = sorted((min(n, max_seq_len(cfg)) for n in request_lens), reverse=True)[:cfg.inference.batch_size]
+    return max(1, sum(_full_length_blocks(cfg, groups, n) for n in longest if n > 0))
+
+
+def kv_caches(cfg: Config, models: list[tuple[ParallelGroups, GPTShape]], device: torch.device,
+              request_lens: Sequence[int] | None = None) -> list[PagedKVCache]:
     """This rank's KV shard of each of ``models`` (the target first, then a draft model), all with the target's
     number of blocks (``kv_cache``'s sizing), so that a draft's cache admits whatever the target's admits. The
     bytes of all of them together are checked against the device's free memory before any is allocated."""
@@ -111,12 +129,16 @@ def kv_caches(cfg: Config, models: list[tuple[ParallelGroups, GPTShape]], device
     bytes_per_block = [_bytes_per_block(cfg, groups, shape) for groups, shape in models]
     if cfg.inference.kv_cache_bytes is not None:
         num_blocks = cfg.inference.kv_cache_bytes // bytes_per_block[0]
-        if num_blocks < 1:
-            raise ConfigError(f"{cfg.source}: inference.kv_cache_bytes = {cfg.inference.kv_cache_bytes}: smaller "
-                              f"than one KV block ({bytes_per_block[0]:,} bytes per rank for {block_size} tokens of "
-                              f"{target.num_layers} layers); raise it or lower inference.kv_block_size")
+        needed = _full_length_blocks(cfg, target_groups)
+        if num_blocks < needed:
+            raise ConfigError(f"{cfg.source}: inference.kv_cache_bytes = {cfg.inference.kv_cache_bytes} "
+                              f"(--kv-cache-memory): {num_blocks} KV blocks of {bytes_per_block[0]:,} bytes per rank "
+                              f"({block_size} tokens of {target.num_layers} layers), fewer than one request of "
+                              f"max_seq_len ({max_seq_len(cfg)}) tokens needs ({needed} blocks, "
+                              f"{needed * bytes_per_block[0]:,} bytes); raise it to at least that, or lower "
+                              "inference.max_seq_len (--max-model-len)")
     else:
-        num_blocks = cfg.inference.batch_size * _full_length_blocks(cfg, target_groups)
+        num_blocks = _default_blocks(cfg, target_groups, request_lens)
     _check_fits(cfg, num_blocks * sum(bytes_per_block), device, len(models) > 1)
     return [PagedKVCache(num_layers=shape.num_layers, num_kv_heads=len(groups.rank_info.dcp_kv_heads),
                          head_dim=shape.kv_cache_entry[1], block_size=block_size, num_blocks=num_blocks,
@@ -154,20 +176,26 @@ def _check_fits(cfg: Config, cache_bytes: int, device: torch.device, with_draft:
                   f"inference.batch_size ({cfg.inference.batch_size}) x max_seq_len ({max_seq_len(cfg)})")
         caches = " (the target's and the draft model's)" if with_draft else ""
         raise ConfigError(f"{cfg.source}: the KV cache{caches} needs {cache_bytes:,} bytes per rank but {device} has "
-                          f"{free:,} bytes free; it is sized by {sizing}: set inference.kv_cache_bytes, or "
-                          f"lower inference.max_seq_len or inference.batch_size")
+                          f"{free:,} bytes free; it is sized by {sizing}: set inference.kv_cache_bytes "
+                          "(--kv-cache-memory), or lower inference.max_seq_len (--max-model-len) or "
+                          "inference.batch_size (--max-num-seqs)")
 
 
-def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device) -> Engine:
+def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device,
+                 requests: Sequence[str | list[int]] | None = None) -> Engine:
     """Model (checkpoint or seeded built-in), tokenizer, runtime, cache and, with ``speculative_method:
-    draft_model``, the draft model and its cache → ``Engine``."""
+    draft_model``, the draft model and its cache → ``Engine``. ``requests``: the prompts (text or token ids) the
+    engine will be given, when known in advance (``cptoolkit generate``): without ``inference.kv_cache_bytes`` the
+    cache is sized for them and ``max_new_tokens`` (``_default_blocks``)."""
     runtime = attention_runtime(cfg, groups)
     model = model_from_config(cfg, groups, runtime).to(device).eval()
     tokenizer = ByteTokenizer() if cfg.model.checkpoint is None else load_tokenizer(cfg.model.checkpoint)
+    request_lens = None if requests is None else [
+        len(tokenizer.encode(p) if isinstance(p, str) else p) + cfg.inference.max_new_tokens for p in requests]
     kw = dict(max_batch_size=cfg.inference.batch_size, max_seq_len=max_seq_len(cfg),
               prefill_chunk_size=cfg.inference.prefill_chunk_size, prefix_caching=cfg.inference.prefix_caching)
     if cfg.inference.speculative_method != "draft_model":
-        return Engine(model, runtime, groups, kv_cache(cfg, groups, model.shape, device), tokenizer, **kw,
+        return Engine(model, runtime, groups, kv_cache(cfg, groups, model.shape, device, request_lens), tokenizer, **kw,
                       proposer=proposer(cfg))
     path = cfg.inference.speculative_model
     draft_shape = hf_shape(read_config(path), path)
@@ -175,7 +203,7 @@ def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device) -> E
     draft_runtime = attention_runtime(cfg, draft_groups)
     draft = load_model_checkpoint(path, draft_groups.megatron_pg_collection(), draft_runtime,
                                   dtype=DTYPES[cfg.runtime.dtype]).to(device).eval()
-    cache, draft_cache = kv_caches(cfg, [(groups, model.shape), (draft_groups, draft_shape)], device)
+    cache, draft_cache = kv_caches(cfg, [(groups, model.shape), (draft_groups, draft_shape)], device, request_lens)
     sampled_vocab_size = min(tokenizer.vocab_size, model.shape.vocab_size)
     return Engine(model, runtime, groups, cache, tokenizer, **kw, draft_model=DraftModel(
         draft, draft_runtime, draft_cache, groups.pcp_rank, cfg.inference.num_speculative_tokens, sampled_vocab_size))
@@ -207,8 +235,8 @@ def read_prompts(cfg: Config) -> list[str | list[int]]:
         return [tokenizer.render_chat(conversation) for conversation in cfg.inference.messages]
     if cfg.inference.prompt_file is None:
         if not cfg.inference.prompts:
-            raise ConfigError(f"{cfg.source}: inference: launch/infer.py needs requests: give prompts (a list), "
-                              f"prompt_file (a path) or messages (a list of conversations)")
+            raise ConfigError(f"{cfg.source}: nothing to generate for: give inference.prompts (a list), "
+                              "inference.prompt_file (a path) or inference.messages (a list of conversations)")
         return list(cfg.inference.prompts)
     path = Path(cfg.inference.prompt_file)
     path = path if path.is_absolute() else Path(cfg.source).parent / path
