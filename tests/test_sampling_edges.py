@@ -124,22 +124,29 @@ BASE = {"parallel": {}, "runtime": {"device": "cpu"},
                   "ffn_hidden_size": 96, "vocab_size": 320, "max_seq_len": 96, "seed": 7},
         "inference": {"prompts": ["x"], "batch_size": 4, "kv_block_size": 4}}
 PROMPTS = ["one request's fault", "ends that request", "and only that one", "the others carry on"]
-NAN_REQUEST, DECODE_FAULT_REQUEST, FAULT_AT = 1, 3, 2  # request 3's tokenizer fault hits after its 3rd token
+NAN_REQUEST, DECODE_FAULT_REQUEST, FAULT_AT = 1, 3, 2  # request 1's logits turn NaN at its 3rd token
 
 
 class _FaultyTokenizer:
-    """The engine's tokenizer, except that decoding exactly ``poisoned`` raises (a detokenizer fault)."""
+    """The engine's tokenizer, except that decoding any ids that hold ``poison`` raises (a detokenizer fault)."""
 
-    def __init__(self, inner, poisoned: list[int]):
-        self.inner, self.poisoned = inner, poisoned
+    def __init__(self, inner, poison: int):
+        self.inner, self.poison = inner, poison
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def decode(self, ids):
-        if list(ids) == self.poisoned:
+        if self.poison in ids:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected detokenizer fault")
         return self.inner.decode(ids)
+
+
+def _first_token_only_in(outputs: list[list[int]], index: int) -> int:
+    """The position of the first token of ``outputs[index]`` that no other output holds, nor its own earlier."""
+    others = {token for i, tokens in enumerate(outputs) if i != index for token in tokens}
+    return next(position for position, token in enumerate(outputs[index])
+                if token not in others and token not in outputs[index][:position])
 
 
 def _isolation_rank(rank, world_size, nan_on_ranks: tuple[int, ...]):
@@ -169,12 +176,13 @@ def _isolation_rank(rank, world_size, nan_on_ranks: tuple[int, ...]):
             return real_sample_each(logits, row_params, generators, prompt_ids, output_ids)
 
         engine_module.sample_each = nan_logits_for_one_request
-        engine.tokenizer = _FaultyTokenizer(engine.tokenizer, clean[DECODE_FAULT_REQUEST].token_ids[:FAULT_AT + 1])
+        poisoned_at = _first_token_only_in([r.token_ids for r in clean], DECODE_FAULT_REQUEST)
+        engine.tokenizer = _FaultyTokenizer(engine.tokenizer, clean[DECODE_FAULT_REQUEST].token_ids[poisoned_at])
         faulty = engine.generate(PROMPTS, params)
         engine_module.sample_each = real_sample_each
         engine.tokenizer = engine.tokenizer.inner
         after = engine.generate(PROMPTS, params)  # the engine carries on, its cache whole
-        return ([(r.token_ids, r.finish_reason) for r in clean],
+        return (poisoned_at, [(r.token_ids, r.finish_reason) for r in clean],
                 [(r.token_ids, r.finish_reason, r.error, r.error_status) for r in faulty],
                 [r.token_ids for r in after], engine.cache.num_free_blocks == engine.cache.num_blocks)
     finally:
@@ -186,7 +194,7 @@ def _isolation_rank(rank, world_size, nan_on_ranks: tuple[int, ...]):
 def test_a_request_whose_sampling_or_detokenizing_fails_ends_alone(world_size, nan_on_ranks):
     per_rank = run_ranks(world_size, _isolation_rank, nan_on_ranks, timeout_s=240)
     nan_fails = 0 in nan_on_ranks  # the first rank's draw is the one broadcast to the replica
-    for rank, (clean, faulty, after, cache_freed) in enumerate(per_rank):
+    for rank, (poisoned_at, clean, faulty, after, cache_freed) in enumerate(per_rank):
         assert cache_freed, f"rank {rank}: blocks leaked"
         assert after == [tokens for tokens, _ in clean], f"rank {rank}: the engine did not carry on"
         for index, ((want, _), (tokens, reason, error, status)) in enumerate(zip(clean, faulty)):
@@ -194,10 +202,10 @@ def test_a_request_whose_sampling_or_detokenizing_fails_ends_alone(world_size, n
                 assert (reason, status, tokens) == ("error", 500, want[:FAULT_AT]), (rank, index, reason, error)
                 assert "sampling failed" in error
             elif index == DECODE_FAULT_REQUEST:
-                assert (reason, status, tokens) == ("error", 500, want[:FAULT_AT + 1]), (rank, index, reason, error)
+                assert (reason, status, tokens) == ("error", 500, want[:poisoned_at + 1]), (rank, index, reason, error)
                 assert "UnicodeDecodeError" in error
             else:
                 assert (tokens, reason, error) == (want, "length", None), (rank, index, tokens, want, error)
-    decisions = [[(tokens, reason, status) for tokens, reason, _, status in faulty] for _, faulty, _, _ in per_rank]
+    decisions = [[(tokens, reason, status) for tokens, reason, _, status in faulty] for _, _, faulty, _, _ in per_rank]
     assert all(d == decisions[0] for d in decisions), f"ranks took different decisions: {decisions}"
 

@@ -61,6 +61,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cptoolkit.inference.block_pool import PageKey, page_keys
+from cptoolkit.inference.detokenizer import IncrementalDetokenizer
 from cptoolkit.inference.kv_cache import PagedKVCache
 from cptoolkit.inference.draft_model import DraftModel
 from cptoolkit.inference.prefill_kv import store_prefill_kv
@@ -182,7 +183,8 @@ class Engine:
         index = request_id if index is None else index
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         request = Request(request_id, index, prompt if isinstance(prompt, str) else None, ids, sampling,
-                          make_generator(sampling.seed, index), prompt_source=prompt_source)
+                          make_generator(sampling.seed, index), prompt_source=prompt_source,
+                          detokenizer=IncrementalDetokenizer(self.tokenizer))
         if sampling.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(ids)
         request.error = self._request_error(request)
@@ -603,8 +605,9 @@ class Engine:
             request.output_logprobs.append(logprob)
         request.output_ids.append(token)
         request.token_times_s.append(now)
-        request.text = self.tokenizer.decode(request.output_ids)
-        request.finish_reason = self._finish_reason(request, token)
+        changed_from = request.detokenizer.append(token)
+        request.text = request.detokenizer.text
+        request.finish_reason = self._finish_reason(request, token, changed_from)
         if request.finish_reason == "stop":
             request.text = cut_at_stop(request.text, request.sampling.stop_strings)
         return TokenEvent(request.index, token, stream_delta(request), request.finish_reason, request.request_id,
@@ -616,11 +619,15 @@ class Engine:
         request.finish_reason, request.error, request.error_status = "error", error, 500
         return TokenEvent(request.index, None, "", "error", request.request_id)
 
-    def _finish_reason(self, request: Request, token: int) -> Optional[str]:
+    def _finish_reason(self, request: Request, token: int, changed_from: int) -> Optional[str]:
+        """Why ``request`` ends after ``token`` (None: it goes on). Its text may have changed from offset
+        ``changed_from`` only, so a stop string is looked for in that tail and the ``len(stop) - 1`` characters
+        before it."""
         if (token in self.tokenizer.eos_token_ids and not request.sampling.ignore_eos) \
                 or token in request.sampling.stop_token_ids:
             return "eos"
-        if any(stop in request.text for stop in request.sampling.stop_strings):
+        if any(stop in request.text[max(changed_from - len(stop) + 1, 0):]
+               for stop in request.sampling.stop_strings):
             return "stop"
         if len(request.output_ids) >= request.sampling.max_new_tokens:
             return "length"

@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from cptoolkit.inference.detokenizer import IncrementalDetokenizer
+
 from cptoolkit.inference.sampling import SamplingParams
 
 FINISH_REASONS = ("length", "eos", "stop", "cancelled", "error")
@@ -56,6 +58,7 @@ class Request:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
     prompt_source: Optional[int] = None  # a request with the same prompt whose cached pages this one reuses
+    detokenizer: Optional[IncrementalDetokenizer] = None  # keeps ``text`` equal to the decoded output_ids
 
     @property
     def total_len(self) -> int:
