@@ -108,8 +108,10 @@ class InferenceConfig:
 
     ``max_seq_len`` caps prompt + generated tokens per request (default and upper bound: the model's
     ``max_seq_len``, e.g. a checkpoint's ``max_position_embeddings``). ``kv_cache_bytes`` is the KV
-    cache budget per rank; by default the cache holds ``batch_size`` requests of ``max_seq_len`` tokens.
-    Requests wait for free blocks, so a smaller budget queues requests instead of failing them.
+    cache budget per rank (at least one request of ``max_seq_len`` tokens); by default the cache holds
+    ``batch_size`` requests of ``max_seq_len`` tokens, or, for ``launch/infer.py`` (``cptoolkit generate``), whose
+    requests are known, the ``batch_size`` longest of them (``inference.builder.kv_cache``). Requests wait for free
+    blocks, so a smaller budget queues requests instead of failing them.
     ``prefill_chunk_size`` prefills long prompts chunk by chunk, with decode steps of the running
     requests in between; ``prefix_caching`` reuses the KV blocks of prompt prefixes seen before.
     ``speculative_method: ngram`` turns on speculative decoding with prompt-lookup drafts: up to
@@ -164,7 +166,8 @@ class InferenceConfig:
         _require(self.max_seq_len is None or self.max_seq_len >= 1, "max_seq_len", self.max_seq_len,
                  "must be >= 1 (null = the model's max_seq_len)")
         _require(self.kv_cache_bytes is None or self.kv_cache_bytes >= 1, "kv_cache_bytes", self.kv_cache_bytes,
-                 "must be >= 1 (null = room for batch_size requests of max_seq_len tokens)")
+                 "must be >= 1 (null = room for batch_size requests of max_seq_len tokens; generate: for its "
+                 "own requests)")
         _require(self.prefill_chunk_size is None or self.prefill_chunk_size >= 1, "prefill_chunk_size",
                  self.prefill_chunk_size, "must be >= 1 (null = prefill each prompt whole)")
         _require(self.num_speculative_tokens >= 1, "num_speculative_tokens", self.num_speculative_tokens,
