@@ -76,7 +76,10 @@ def test_a_sliding_window_budget_must_leave_the_full_layers_one_max_length_reque
     checkpoint = save_checkpoint(hf_model("gemma2"), tmp_path)
     model, inference = {"checkpoint": checkpoint}, {"batch_size": 2, "max_seq_len": 64}
     _, _, default = _cache(inference, model)
-    assert default.full.num_blocks == 2 * 64 // BLOCK
+    assert (default.full.num_blocks, default.windowed.num_blocks) == (2 * 64 // BLOCK, 2)
+    # One known request of 20 tokens: one ring and the 2 blocks of its length, not batch_size of each.
+    _, _, known = _cache(inference, model, request_lens=[20])
+    assert (known.full.num_blocks, known.windowed.num_blocks) == (2, 1)
     with pytest.raises(ConfigError, match=r"^<t>: inference\.kv_cache_bytes = 1024 \(--kv-cache-memory\): the "
                                           r"sliding-window layers' rings take [\d,]+ bytes per rank \(2 requests x 1 "
                                           r"blocks\), leaving 0 blocks .* one request of max_seq_len \(64\) tokens "

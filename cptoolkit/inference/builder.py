@@ -54,8 +54,9 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
     allocating, so a cache too large for the machine is one ``ConfigError`` line.
 
     A model with sliding-window layers (and no ``prefix_caching``, whose pages must stay) keeps those layers
-    in a ring cache (``HybridKVCache``): ``batch_size`` reservations of the slots the window of the longest step
-    sees (a prefill chunk, or a decode step with its drafts), whatever the context; ``kv_cache_bytes`` then
+    in a ring cache (``HybridKVCache``): ``batch_size`` reservations (fewer when fewer requests are known to
+    come) of the slots the window of the longest step sees (a prefill chunk, or a decode step with its drafts),
+    whatever the context; ``kv_cache_bytes`` then
     budgets both caches, the full-attention layers getting what the rings leave."""
     if shape.sliding_window is None or cfg.inference.prefix_caching:
         return kv_caches(cfg, [(groups, shape)], device, request_lens)[0]
@@ -67,7 +68,9 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
     ring_blocks = min(-(-ring_slots // inf.kv_block_size), _full_length_blocks(cfg, groups))
     windowed_bytes_per_block = _bytes_per_block(cfg, groups, shape, len(windowed_layers))
     full_bytes_per_block = _bytes_per_block(cfg, groups, shape, num_full)
-    windowed_blocks = inf.batch_size * ring_blocks
+    # Requests that can run at once: batch_size, or fewer when fewer are known to come (generate).
+    concurrent = inf.batch_size if request_lens is None else max(1, min(inf.batch_size, len(request_lens)))
+    windowed_blocks = concurrent * ring_blocks
     if inf.kv_cache_bytes is None:
         full_blocks = _default_blocks(cfg, groups, request_lens) if num_full else 0
     elif num_full:
@@ -75,7 +78,7 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
         if full_blocks < _full_length_blocks(cfg, groups):
             raise ConfigError(f"{cfg.source}: inference.kv_cache_bytes = {inf.kv_cache_bytes} (--kv-cache-memory): "
                               f"the sliding-window layers' rings take {windowed_blocks * windowed_bytes_per_block:,} "
-                              f"bytes per rank ({inf.batch_size} requests x {ring_blocks} blocks), leaving "
+                              f"bytes per rank ({concurrent} requests x {ring_blocks} blocks), leaving "
                               f"{max(full_blocks, 0)} blocks ({full_bytes_per_block:,} bytes each) for the {num_full} "
                               f"full-attention layers; one request of max_seq_len ({max_seq_len(cfg)}) tokens needs "
                               f"{_full_length_blocks(cfg, groups)}: raise it, or lower inference.batch_size "
