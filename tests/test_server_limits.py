@@ -152,7 +152,9 @@ def test_sequences_waiting_for_their_turn_are_cancelled_and_drained():
         while server.coordinator._submissions or server.engine.has_unfinished_requests():
             assert time.monotonic() < deadline, "the abandoned request's sequences were not all cancelled"
             time.sleep(0.05)
-        assert server.metrics.finished["cancelled"] == 256 - server.metrics.finished["length"]
+        finished = server.metrics.finished
+        # in 0.5 s a handful of rounds of 4 ran; the rest never reached the engine and never will
+        assert finished["cancelled"] == 256 - finished["length"] and finished["length"] < 128, finished
         assert server.post("/v1/completions", SMALL).status_code == 200
         answers: list = []
         tokens_before = server.metrics.generation_tokens
