@@ -95,12 +95,15 @@ KV_CACHE_MEMORY = Flag(("--kv-cache-memory",), "inference.kv_cache_bytes",
                        "KV cache per rank, in bytes (2GiB, 512MiB, ...); default: room for --max-num-seqs requests "
                        "of --max-model-len tokens (generate: for its own requests' prompts + --max-tokens)",
                        type=_size)
+KV_CACHE_MEMORY_FRACTION = Flag(("--kv-cache-memory-fraction",), "inference.kv_cache_memory_fraction",
+                                "KV cache per rank as a share, in (0, 1], of the device memory free once the model "
+                                "is loaded (the least over the ranks)", type=float)
 
 JOB_FLAGS = {
     "serve": (TP, PCP, DCP, INTERLEAVE, MAX_MODEL_LEN, MAX_NUM_SEQS, PREFIX_CACHING, MAX_NUM_BATCHED_TOKENS,
-              MODEL_SEED, KV_CACHE_MEMORY),
+              MODEL_SEED, KV_CACHE_MEMORY, KV_CACHE_MEMORY_FRACTION),
     "generate": (TP, PCP, DCP, DP, INTERLEAVE, MAX_MODEL_LEN, MAX_NUM_SEQS, PREFIX_CACHING, MAX_NUM_BATCHED_TOKENS,
-                 SAMPLING_SEED, PROMPT, MAX_TOKENS, KV_CACHE_MEMORY),
+                 SAMPLING_SEED, PROMPT, MAX_TOKENS, KV_CACHE_MEMORY, KV_CACHE_MEMORY_FRACTION),
     "train": (TP, PCP, DP, TRAIN_SEED),
     "layout": (TP, PCP, DCP, DP),
 }

@@ -110,7 +110,9 @@ class InferenceConfig:
     ``max_seq_len``, e.g. a checkpoint's ``max_position_embeddings``). ``kv_cache_bytes`` is the KV
     cache budget per rank (at least one request of ``max_seq_len`` tokens); by default the cache holds
     ``batch_size`` requests of ``max_seq_len`` tokens, or, for ``launch/infer.py`` (``cptoolkit generate``), whose
-    requests are known, the ``batch_size`` longest of them (``inference.builder.kv_cache``). Requests wait for free
+    requests are known, the ``batch_size`` longest of them (``inference.builder.kv_cache``).
+    ``kv_cache_memory_fraction`` instead budgets that share of the device memory free once the model is loaded
+    (the least over the job's ranks, so that every rank has the same blocks). Requests wait for free
     blocks, so a smaller budget queues requests instead of failing them.
     ``prefill_chunk_size`` prefills long prompts chunk by chunk, with decode steps of the running
     requests in between; ``prefix_caching`` reuses the KV blocks of prompt prefixes seen before.
@@ -137,6 +139,7 @@ class InferenceConfig:
     kv_block_size: int = 16
     max_seq_len: Optional[int] = None
     kv_cache_bytes: Optional[int] = None
+    kv_cache_memory_fraction: Optional[float] = None
     prefill_chunk_size: Optional[int] = None
     prefix_caching: bool = False
     speculative_method: Optional[Literal["ngram", "draft_model"]] = None
@@ -168,6 +171,11 @@ class InferenceConfig:
         _require(self.kv_cache_bytes is None or self.kv_cache_bytes >= 1, "kv_cache_bytes", self.kv_cache_bytes,
                  "must be >= 1 (null = room for batch_size requests of max_seq_len tokens; generate: for its "
                  "own requests)")
+        _require(self.kv_cache_memory_fraction is None or 0 < self.kv_cache_memory_fraction <= 1,
+                 "kv_cache_memory_fraction", self.kv_cache_memory_fraction, "must be in (0, 1]: the share of the "
+                 "device memory free once the model is loaded that the KV cache takes (null = off)")
+        _require(self.kv_cache_bytes is None or self.kv_cache_memory_fraction is None, "kv_cache_memory_fraction",
+                 self.kv_cache_memory_fraction, f"give it or kv_cache_bytes ({self.kv_cache_bytes}), not both")
         _require(self.prefill_chunk_size is None or self.prefill_chunk_size >= 1, "prefill_chunk_size",
                  self.prefill_chunk_size, "must be >= 1 (null = prefill each prompt whole)")
         _require(self.num_speculative_tokens >= 1, "num_speculative_tokens", self.num_speculative_tokens,

@@ -1,6 +1,7 @@
 """How much KV cache a rank allocates (``inference.builder.kv_cache``): a budget (``inference.kv_cache_bytes``,
-``--kv-cache-memory 2GiB``) gives the whole blocks that fit in it, and is refused, naming the field and the flag,
-when it cannot hold one request of ``max_seq_len`` tokens; without one, ``batch_size`` requests of ``max_seq_len``
+``--kv-cache-memory 2GiB``, or ``kv_cache_memory_fraction`` of the free memory, the least over the ranks) gives the
+whole blocks that fit in it, and is refused, naming the field and the flag, when it cannot hold one request of
+``max_seq_len`` tokens; without one, ``batch_size`` requests of ``max_seq_len``
 tokens, or, when the requests are known in advance (``cptoolkit generate``), the ``batch_size`` longest of them.
 No process group is needed: the cache reads only the layout side of the groups.
 """
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from cptoolkit import cli
+from cptoolkit.inference import builder
 from cptoolkit.config import ConfigError, config_from_dict
 from cptoolkit.inference.builder import kv_cache
 from cptoolkit.layout import ParallelLayout
@@ -19,6 +21,7 @@ from cptoolkit.models.from_config import model_shape
 from cptoolkit.models.shape import hf_shape, read_config
 from cptoolkit.parallel_state import ParallelGroups
 from tests.hf_checkpoints import hf_model, save_checkpoint
+from tests.multiproc import run_ranks
 
 BLOCK = 16
 # The built-in model: 2 KV heads of 64 over 4 layers (ModelConfig's defaults), float32.
@@ -95,3 +98,37 @@ def test_kv_cache_memory_takes_sizes_with_units(capsys):
         cli.build_parser().parse_args(["generate", "--kv-cache-memory", "lots"])
     assert "argument --kv-cache-memory: 'lots' is not a size: give bytes, or a number with a unit such as 2GiB" in \
         capsys.readouterr().err
+
+
+def test_a_fraction_budgets_that_share_of_the_free_memory(monkeypatch):
+    cfg, shape, _ = _cache({})
+    per_block = _bytes_per_block(cfg, shape)
+    monkeypatch.setattr(builder, "_free_memory_bytes", lambda device: 100 * per_block + 7)
+    assert _cache({"kv_cache_memory_fraction": 0.25})[2].num_blocks == 25
+    with pytest.raises(ConfigError, match="^" + re.escape(
+            f"<t>: inference.kv_cache_memory_fraction = 0.1 (--kv-cache-memory-fraction; {10 * per_block:,} of the "
+            f"{100 * per_block + 7:,} bytes free on cpu): 10 KV blocks of") + ".* fewer than one request of "
+                                                                             r"max_seq_len \(256\) tokens needs"):
+        _cache({"kv_cache_memory_fraction": 0.1})
+
+
+def _fraction_rank(rank, world_size, free_per_rank):
+    builder._free_memory_bytes = lambda device: free_per_rank[rank]
+    return _cache({"kv_cache_memory_fraction": 0.5})[2].num_blocks
+
+
+def test_a_fraction_gives_every_rank_the_blocks_of_the_least_free():
+    cfg, shape, _ = _cache({})
+    per_block = _bytes_per_block(cfg, shape)
+    assert run_ranks(2, _fraction_rank, [200 * per_block, 60 * per_block], timeout_s=120) == [30, 30]
+
+
+@pytest.mark.parametrize("inference, message", [
+    ({"kv_cache_memory_fraction": 0}, r"inference\.kv_cache_memory_fraction = 0: must be in \(0, 1\]: the share "
+                                      r"of the device memory free once the model is loaded"),
+    ({"kv_cache_memory_fraction": 0.5, "kv_cache_bytes": 1024},
+     r"inference\.kv_cache_memory_fraction = 0\.5: give it or kv_cache_bytes \(1024\), not both$"),
+])
+def test_a_fraction_is_checked_when_the_config_loads(inference, message):
+    with pytest.raises(ConfigError, match="^<t>: " + message):
+        _cache(inference)

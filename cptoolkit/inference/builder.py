@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
 from cptoolkit.config import Config, ConfigError
 from cptoolkit.inference.draft_model import DraftModel
@@ -71,12 +72,13 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
     # Requests that can run at once: batch_size, or fewer when fewer are known to come (generate).
     concurrent = inf.batch_size if request_lens is None else max(1, min(inf.batch_size, len(request_lens)))
     windowed_blocks = concurrent * ring_blocks
-    if inf.kv_cache_bytes is None:
+    budget, budget_name = _budget(cfg, device)
+    if budget is None:
         full_blocks = _default_blocks(cfg, groups, request_lens) if num_full else 0
     elif num_full:
-        full_blocks = (inf.kv_cache_bytes - windowed_blocks * windowed_bytes_per_block) // full_bytes_per_block
+        full_blocks = (budget - windowed_blocks * windowed_bytes_per_block) // full_bytes_per_block
         if full_blocks < _full_length_blocks(cfg, groups):
-            raise ConfigError(f"{cfg.source}: inference.kv_cache_bytes = {inf.kv_cache_bytes} (--kv-cache-memory): "
+            raise ConfigError(f"{cfg.source}: {budget_name}: "
                               f"the sliding-window layers' rings take {windowed_blocks * windowed_bytes_per_block:,} "
                               f"bytes per rank ({concurrent} requests x {ring_blocks} blocks), leaving "
                               f"{max(full_blocks, 0)} blocks ({full_bytes_per_block:,} bytes each) for the {num_full} "
@@ -84,12 +86,13 @@ def kv_cache(cfg: Config, groups: ParallelGroups, shape: GPTShape, device: torch
                               f"{_full_length_blocks(cfg, groups)}: raise it, or lower inference.batch_size "
                               "(--max-num-seqs) or inference.max_seq_len (--max-model-len)")
     else:
-        full_blocks, windowed_blocks = 0, inf.kv_cache_bytes // windowed_bytes_per_block
+        full_blocks, windowed_blocks = 0, budget // windowed_bytes_per_block
         if windowed_blocks < ring_blocks:
-            raise ConfigError(f"{cfg.source}: inference.kv_cache_bytes = {inf.kv_cache_bytes}: smaller than one "
-                              f"request's ring of {ring_blocks} blocks ({windowed_bytes_per_block:,} bytes each per "
-                              f"rank) for the sliding-window layers; raise it")
-    _check_fits(cfg, windowed_blocks * windowed_bytes_per_block + full_blocks * full_bytes_per_block, device, False)
+            raise ConfigError(f"{cfg.source}: {budget_name}: smaller than one request's ring of {ring_blocks} blocks "
+                              f"({windowed_bytes_per_block:,} bytes each per rank) for the sliding-window layers; "
+                              "raise it")
+    _check_fits(cfg, windowed_blocks * windowed_bytes_per_block + full_blocks * full_bytes_per_block, device, False,
+                budget_name)
 
     def cache(num_layers: int, num_blocks: int, ring: int | None) -> PagedKVCache:
         return PagedKVCache(num_layers=num_layers, num_kv_heads=len(groups.rank_info.dcp_kv_heads),
@@ -130,19 +133,19 @@ def kv_caches(cfg: Config, models: list[tuple[ParallelGroups, GPTShape]], device
     block_size = cfg.inference.kv_block_size
     target_groups, target = models[0]
     bytes_per_block = [_bytes_per_block(cfg, groups, shape) for groups, shape in models]
-    if cfg.inference.kv_cache_bytes is not None:
-        num_blocks = cfg.inference.kv_cache_bytes // bytes_per_block[0]
+    budget, budget_name = _budget(cfg, device)
+    if budget is not None:
+        num_blocks = budget // bytes_per_block[0]
         needed = _full_length_blocks(cfg, target_groups)
         if num_blocks < needed:
-            raise ConfigError(f"{cfg.source}: inference.kv_cache_bytes = {cfg.inference.kv_cache_bytes} "
-                              f"(--kv-cache-memory): {num_blocks} KV blocks of {bytes_per_block[0]:,} bytes per rank "
-                              f"({block_size} tokens of {target.num_layers} layers), fewer than one request of "
+            raise ConfigError(f"{cfg.source}: {budget_name}: {num_blocks} KV blocks of {bytes_per_block[0]:,} bytes "
+                              f"per rank ({block_size} tokens of {target.num_layers} layers), fewer than one request of "
                               f"max_seq_len ({max_seq_len(cfg)}) tokens needs ({needed} blocks, "
                               f"{needed * bytes_per_block[0]:,} bytes); raise it to at least that, or lower "
                               "inference.max_seq_len (--max-model-len)")
     else:
         num_blocks = _default_blocks(cfg, target_groups, request_lens)
-    _check_fits(cfg, num_blocks * sum(bytes_per_block), device, len(models) > 1)
+    _check_fits(cfg, num_blocks * sum(bytes_per_block), device, len(models) > 1, budget_name)
     return [PagedKVCache(num_layers=shape.num_layers, num_kv_heads=len(groups.rank_info.dcp_kv_heads),
                          head_dim=shape.kv_cache_entry[1], block_size=block_size, num_blocks=num_blocks,
                          dcp_rank=groups.dcp_rank, dcp_size=groups.dcp_size, interleave=cfg.parallel.kv_interleave,
@@ -154,8 +157,8 @@ def _bytes_per_block(cfg: Config, groups: ParallelGroups, shape: GPTShape, num_l
     """Bytes of one KV block of ``shape`` on this rank: ``num_layers`` (default: every) layer, its planes, the KV
     heads its DCP group uses."""
     planes, head_dim = shape.kv_cache_entry
-    return ((shape.num_layers if num_layers is None else num_layers) * planes * len(groups.rank_info.dcp_kv_heads) * cfg.inference.kv_block_size
-            * head_dim * torch.empty(0, dtype=DTYPES[cfg.runtime.dtype]).element_size())
+    return ((shape.num_layers if num_layers is None else num_layers) * planes * len(groups.rank_info.dcp_kv_heads)
+            * cfg.inference.kv_block_size * head_dim * torch.empty(0, dtype=DTYPES[cfg.runtime.dtype]).element_size())
 
 
 def _free_memory_bytes(device: torch.device) -> int:
@@ -169,14 +172,33 @@ def _free_memory_bytes(device: torch.device) -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable line")
 
 
-def _check_fits(cfg: Config, cache_bytes: int, device: torch.device, with_draft: bool) -> None:
+def _budget(cfg: Config, device: torch.device) -> tuple[int | None, str | None]:
+    """The KV cache budget per rank and the words that name it in a message; ``(None, None)`` without one.
+    ``inference.kv_cache_bytes``, or ``kv_cache_memory_fraction`` of the memory free on ``device`` now (the model
+    loaded): the least over the job's ranks (one MIN all-reduce on the default group, which every rank reaches
+    here, as it builds its cache), so every rank gets the same blocks and every ``BlockPool`` the same decisions."""
+    inf = cfg.inference
+    if inf.kv_cache_bytes is not None:
+        return inf.kv_cache_bytes, f"inference.kv_cache_bytes = {inf.kv_cache_bytes} (--kv-cache-memory)"
+    if inf.kv_cache_memory_fraction is None:
+        return None, None
+    free = _free_memory_bytes(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        least = torch.tensor([free], dtype=torch.int64, device=device)
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        free = int(least.item())
+    budget = int(inf.kv_cache_memory_fraction * free)
+    return budget, (f"inference.kv_cache_memory_fraction = {inf.kv_cache_memory_fraction} "
+                    f"(--kv-cache-memory-fraction; {budget:,} of the {free:,} bytes free on {device})")
+
+
+def _check_fits(cfg: Config, cache_bytes: int, device: torch.device, with_draft: bool,
+                budget_name: str | None) -> None:
     """Refuse a KV cache larger than what the device has free (a CPU allocation that large would be
-    killed by the OOM killer, not fail cleanly)."""
+    killed by the OOM killer, not fail cleanly); ``budget_name`` names the budget that sized it, if any."""
     free = _free_memory_bytes(device)
     if cache_bytes > free:
-        sizing = (f"inference.kv_cache_bytes = {cfg.inference.kv_cache_bytes}"
-                  if cfg.inference.kv_cache_bytes is not None else
-                  f"inference.batch_size ({cfg.inference.batch_size}) x max_seq_len ({max_seq_len(cfg)})")
+        sizing = budget_name or f"inference.batch_size ({cfg.inference.batch_size}) x max_seq_len ({max_seq_len(cfg)})"
         caches = " (the target's and the draft model's)" if with_draft else ""
         raise ConfigError(f"{cfg.source}: the KV cache{caches} needs {cache_bytes:,} bytes per rank but {device} has "
                           f"{free:,} bytes free; it is sized by {sizing}: set inference.kv_cache_bytes "
