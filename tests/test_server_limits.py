@@ -52,7 +52,8 @@ def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
     with pytest.raises(ConfigError, match="--max-request-bytes = 0: must be >= 1"):
         http_options(parse_args([*config, "--max-request-bytes", "0"]))
     options = http_options(parse_args([*config, "--max-sequences-per-request", "8", "--health-stall-s", "5"]))
-    assert (options.max_sequences_per_request, options.health_stall_s, options.max_request_bytes) == (8, 5.0, 4 * 2 ** 20)
+    assert (options.max_sequences_per_request, options.health_stall_s) == (8, 5.0)
+    assert options.max_request_bytes == 4 * 2 ** 20  # the default
 
 
 def _raw_request(url: str, head: bytes) -> bytes:
@@ -92,7 +93,8 @@ def test_a_body_over_the_limit_is_413_before_it_is_read():
         chunked = httpx.post(f"{server.url}/v1/completions", content=chunks(),
                              headers={"content-type": "application/json"}, timeout=30)
         assert chunked.status_code == 413 and is_openai_error(chunked), chunked.text
-        assert "chunked" in chunked.json()["error"]["message"] and chunked.json()["error"]["code"] == "request_too_large"
+        error = chunked.json()["error"]
+        assert "chunked" in error["message"] and error["code"] == "request_too_large", error
         assert server.get("/health").status_code == 200
 
 

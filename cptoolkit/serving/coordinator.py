@@ -92,7 +92,8 @@ class Coordinator:
         self._keys: dict[int, int] = {}              # engine request id -> key (every rank)
         self._submissions: dict[int, Submission] = {}   # key -> submission (rank 0)
         self._open_choices: dict[int, int] = {}         # key -> choices not finished yet (rank 0)
-        self._waiting: dict[int, deque[tuple[Submission, int]]] = {}  # request_key -> (submission, choice) not handed over (rank 0)
+        # request_key -> its (submission, choice) not handed over yet, in order (rank 0)
+        self._waiting: dict[int, deque[tuple[Submission, int]]] = {}
         self._turns: deque[int] = deque()               # request_keys with waiting sequences, next turn first (rank 0)
         self._unstarted: set[tuple[int, int]] = set()   # (key, choice) handed over, no event yet (rank 0)
         self._last_token_s: dict[tuple[int, int], float] = {}  # (key, choice) -> when its last token was routed
