@@ -165,7 +165,8 @@ def end_startup(groups, runtime: RuntimeConfig) -> None:
     timeout) until every rank has, then bound every later collective on the default group and on ``groups``
     by ``runtime.collective_timeout_s``. Before it, a rank that is slow to start (a loaded machine, a large
     checkpoint) is waited for up to ``startup_timeout_s``; after it, a stuck or stopped peer ends the job within
-    ``collective_timeout_s``."""
+    ``collective_timeout_s``. torch 2.13 has no public call that changes a created group's timeout;
+    ``distributed_c10d._set_pg_timeout`` does (gloo and NCCL)."""
     dist.barrier()
     for group in (None, *_member_groups(groups)):
         dist.distributed_c10d._set_pg_timeout(collective_timeout(runtime), group)

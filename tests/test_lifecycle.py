@@ -168,3 +168,36 @@ def test_startup_waits_for_a_late_rank_and_a_stopped_rank_ends_the_job_within_th
     assert "timed out (runtime.collective_timeout_s" in serve_job.log.read_text(), serve_job.tail()
     serve_job.wait_until_gone(GONE_WITHIN_S)
     print(f"stopped rank: the job exited {returncode} after {took:.2f} s (collective timeout {COLLECTIVE_TIMEOUT_S} s)")
+
+
+def _listeners(port: int) -> list[str]:
+    """The local addresses (hex, as /proc/net/tcp{,6} write them) listening on ``port``, IPv4 and IPv6."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if int(hex_port, 16) == port and state == "0A":  # TCP_LISTEN
+                found.append(address)
+    return found
+
+
+def test_the_rendezvous_store_listens_on_every_interface_as_the_readme_warns():
+    """torch 2.13 binds torchrun's TCPStore to the wildcard address even with ``--master-addr 127.0.0.1``: the
+    README's multi-node section says so and how to firewall it. Once this fails, torch binds it: update both."""
+    port = free_port()
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr",
+                              "127.0.0.1", "--master-port", str(port), "--log-dir", os.devnull, "--no-python",
+                              "sleep", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not _listeners(port):
+            assert agent.poll() is None and time.monotonic() < deadline, "torchrun's store never listened"
+            time.sleep(0.1)
+        assert set(_listeners(port)) <= {"0" * 8, "0" * 32} and _listeners(port), _listeners(port)
+    finally:
+        for pid in children(agent.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        agent.kill()
+        agent.wait()
