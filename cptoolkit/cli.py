@@ -246,6 +246,8 @@ def _name_flags(message: str, args: argparse.Namespace) -> str:
     must be >= 1 (given as --max-num-seqs 0)``)."""
     given = [f"{flag.names[0]} {getattr(args, flag.dest)}" for flag in JOB_FLAGS[args.command]
              if getattr(args, flag.dest) is not None and f"{flag.field} = " in message]
+    if args.command == "generate" and "inference.messages" in message:
+        given += [name for name in ("--message", "--chat") if getattr(args, name[2:]) is not None]
     return f"{message} (given as {', '.join(given)})" if given else message
 
 

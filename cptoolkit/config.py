@@ -403,7 +403,7 @@ def _check_layout(cfg: Config) -> None:
     if cfg.inference is not None and cfg.inference.messages:
         _require(m.checkpoint is not None, "inference.messages", cfg.inference.messages,
                  "needs model.checkpoint: messages are rendered by the checkpoint's chat template, and the "
-                 "built-in model's byte tokenizer has none; use inference.prompts")
+                 "built-in model's byte tokenizer has none; use inference.prompts (--prompt)")
     if cfg.inference is not None and cfg.inference.max_seq_len is not None:
         _require(cfg.inference.max_seq_len <= m.max_seq_len, "inference.max_seq_len", cfg.inference.max_seq_len,
                  f"must be <= model.max_seq_len ({m.max_seq_len})")

@@ -96,11 +96,11 @@ def test_a_tokenizer_without_a_chat_template_cannot_render_messages(tmp_path):
     _chat_tokenizer(chat_template=None).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match=r": the tokenizer has no chat template \(no chat_template in "
                                           r"tokenizer_config\.json, no chat_template\.jinja\), so it cannot render "
-                                          r"messages; use inference\.prompts$"):
+                                          r"messages; use inference\.prompts \(--prompt\)$"):
         load_tokenizer(tmp_path).render_chat(CONVERSATION)
     with pytest.raises(ValueError, match=r"^the built-in model's byte tokenizer has no chat template, so it cannot "
                                          r"render messages; give model\.checkpoint a checkpoint whose tokenizer "
-                                         r"has a chat template, or use inference\.prompts$"):
+                                         r"has a chat template, or use inference\.prompts \(--prompt\)$"):
         ByteTokenizer().render_chat(CONVERSATION)
 
 
@@ -130,7 +130,7 @@ def test_messages_are_checked_when_the_config_loads(inference, message):
 def test_messages_need_a_checkpoint_with_a_chat_template():
     with pytest.raises(ConfigError, match=r"^<t>: inference\.messages = .*: needs model\.checkpoint: messages are "
                                           r"rendered by the checkpoint's chat template, and the built-in model's "
-                                          r"byte tokenizer has none; use inference\.prompts$"):
+                                          r"byte tokenizer has none; use inference\.prompts \(--prompt\)$"):
         _config({"messages": [CONVERSATION]})
 
 

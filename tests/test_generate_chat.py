@@ -115,6 +115,10 @@ def test_help_mentions_chat(capsys):
     (["--chat", "missing.json"], "error: cptoolkit generate: --chat missing.json: no such file"),
     (["--prompt", "w2", "--max-num-seqs", "0"], "error: cptoolkit generate: inference.batch_size = 0: must be >= 1 "
                                                 "(given as --max-num-seqs 0)"),
+    (["--message", "w2"], "error: cptoolkit generate: inference.messages = [[{'role': 'user', 'content': 'w2'}]]: "
+                          "needs model.checkpoint: messages are rendered by the checkpoint's chat template, and the "
+                          "built-in model's byte tokenizer has none; use inference.prompts (--prompt) (given as "
+                          "--message)"),
 ])
 def test_generate_errors_name_the_command_and_the_flag(argv, message, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)

@@ -51,7 +51,7 @@ class ByteTokenizer:
     def render_chat(self, messages: list[dict]) -> list[int]:
         raise ConfigError("the built-in model's byte tokenizer has no chat template, so it cannot render "
                           "messages; give model.checkpoint a checkpoint whose tokenizer has a chat template, "
-                          "or use inference.prompts")
+                          "or use inference.prompts (--prompt)")
 
     def save(self, directory: str | Path) -> None:
         """Mark ``directory``'s existing ``config.json`` as using this tokenizer."""
@@ -97,7 +97,7 @@ class HFTokenizer:
         if not self._tokenizer.chat_template:
             raise ConfigError(f"{self._source}: the tokenizer has no chat template (no chat_template in "
                               "tokenizer_config.json, no chat_template.jinja), so it cannot render messages; "
-                              "use inference.prompts")
+                              "use inference.prompts (--prompt)")
         return list(self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                         return_dict=False))
 
