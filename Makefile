@@ -10,7 +10,7 @@ PORT   ?= 29500
 # torchrun sets OMP_NUM_THREADS=1 per rank anyway; setting it here keeps its warning out of the output.
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --master-addr 127.0.0.1 --master-port $(PORT)
 
-.PHONY: run test test-gpu bench bench-peers faults demo checkpoints clean
+.PHONY: run test lint test-gpu bench bench-peers faults demo checkpoints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,11 @@ run: $(STAMP)
 	@nproc=$$($(PY) -m cptoolkit.config --world-size $(CONFIG)) && \
 	$(TORCHRUN) --nproc-per-node $$nproc launch/infer.py --config $(CONFIG) --output out/result.json
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cptoolkit launch bench tests
 
 # The CUDA tests and the GPU benchmark, on a machine whose .venv already has CUDA torch (and, for the te
 # backend, transformer-engine): nothing CUDA is installed here. Without a GPU every test skips with its reason.

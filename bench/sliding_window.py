@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as `python bench/sliding_window.py`: make t
 import torch
 import torch.distributed as dist
 
-from bench.common import (RESULTS_DIR, add_results_dir_argument, format_table, launch, machine_info,
+from bench.common import (add_results_dir_argument, format_table, launch, machine_info,
                           slowest_rank_per_rep, summarize, time_call, write_json)
 from cptoolkit.config import config_from_dict
 from cptoolkit.inference.builder import kv_cache

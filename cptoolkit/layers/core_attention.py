@@ -193,7 +193,7 @@ class CPCoreAttention(MegatronModule):
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention over the prompt (and its cached history, if any);
         ``q [b, hq, s_local, d]`` -> ``[b, hq, s_local, d]``."""
-        runtime, phase = self.runtime, self.runtime.phase
+        phase = self.runtime.phase
         if phase.on_prefill_kv is not None:
             phase.on_prefill_kv(self.layer_number, k.detach(), v.detach())
         return self.attend(q, k, v) if phase.history_lens is None else self.attend_with_history(q, k, v)

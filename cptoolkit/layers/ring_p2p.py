@@ -30,7 +30,7 @@ from cptoolkit.layers.block_attention import attention_backward, attention_forwa
 from cptoolkit.layers.comm import CommStats, send_recv
 from cptoolkit.layers.dual_chunk_swap import chunk_ids
 from cptoolkit.layers.lse_merge import merge_two
-from cptoolkit.layers.sliding_window import Tile, chunk_tiles, needs_window
+from cptoolkit.layers.sliding_window import chunk_tiles, needs_window
 
 
 def _ring_neighbours(pcp_group: ProcessGroup) -> tuple[int, int, int, int]:
@@ -109,13 +109,13 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     chunk_len = q.shape[2] // 2
     window = window if needs_window(window, 2 * pcp_size * chunk_len) else None
     kv = torch.stack([k, v])
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+    dkv_in, dkv_works = dkv, []  # from step 1 on: the accumulator arriving from rank r-1, and its receive
     for step in range(pcp_size):
         if step + 1 < pcp_size:
             next_kv, kv_works = send_recv(kv, next_rank, prev_rank, pcp_group, stats)
-        if step == 0:
-            dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
-        else:
+        if step > 0:
             # The accumulator of block src arrives from rank r-1, which held block src last step.
             _wait(dkv_works)
             dkv = dkv_in
