@@ -310,7 +310,8 @@ class Engine:
             return (f"needs {self.cache.blocks_for(request.max_total_len)} KV blocks per rank for "
                     f"{request.max_total_len} tokens "
                     f"but the whole cache has {self.cache.num_blocks} ({self.cache.bytes_per_rank:,} bytes per "
-                    f"rank); raise inference.kv_cache_bytes or lower max_new_tokens")
+                    f"rank); raise inference.kv_cache_bytes (--kv-cache-memory) or lower max_new_tokens "
+                    f"(max_tokens)")
         return None
 
     def _apply_cancellations(self) -> list[TokenEvent]:
