@@ -96,7 +96,7 @@ class _Guard:
         key = self.options.api_key
         if key is not None and scope["path"].startswith(PROTECTED_PREFIX):
             given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + key.encode()):
+            if not hmac.compare_digest(given, b"Bearer " + key.encode("utf-8", "surrogateescape")):
                 return APIError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
                                 code="invalid_api_key")
         length = headers.get(b"content-length", b"")
