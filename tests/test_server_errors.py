@@ -161,11 +161,10 @@ def test_a_request_that_fails_while_generating_gets_its_error_and_the_others_car
 def test_an_engine_that_dies_ends_every_stream_with_an_error_event_then_done(server):
     """What ``Coordinator._fail_in_flight`` sends when a collective fails: every stream in flight gets the
     503 body as an event, then ``[DONE]``; a request waiting for its whole answer gets the 503 itself."""
-    real_step, steps = server.engine.step, []
+    real_step, fail = server.engine.step, threading.Event()
 
     def step():
-        steps.append(1)
-        if len(steps) == 12:
+        if fail.is_set():
             raise RuntimeError("a collective failed: peer rank 1 died")
         return real_step()
 
@@ -176,6 +175,11 @@ def test_an_engine_that_dies_ends_every_stream_with_an_error_event_then_done(ser
         "/v1/completions", {**body, "prompt": f"stream {i}", "stream": i < 3}))) for i in range(4)]
     for client in clients:
         client.start()
+    deadline = time.monotonic() + 30
+    while len(server.coordinator._engine_ids) < 4 or server.metrics.generation_tokens < 8:  # all four generating
+        assert time.monotonic() < deadline, "the four requests did not all start"
+        time.sleep(0.01)
+    fail.set()
     for client in clients:
         client.join(timeout=60)
     for i in range(3):
@@ -196,8 +200,6 @@ def test_health_is_503_while_the_engine_loop_makes_no_progress():
         assert server.get("/health").status_code == 200
         release, real_exchange = threading.Event(), server.coordinator._exchange
         server.coordinator._exchange = lambda orders: (release.wait(), real_exchange(orders))[1]
-        time.sleep(0.5)
-        assert server.get("/health").status_code == 200  # a stall shorter than the bound is no stall
         deadline = time.monotonic() + 10
         while (health := server.get("/health")).status_code == 200:
             assert time.monotonic() < deadline, "still 200 after 10 s of a stalled loop"
