@@ -94,6 +94,11 @@ class InProcessServer:
     def get(self, path: str, timeout: float = 10, **kwargs) -> httpx.Response:
         return httpx.get(f"{self.url}{path}", timeout=timeout, **kwargs)
 
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of ``/metrics``."""
+        line = next(line for line in self.get("/metrics").text.splitlines() if line.startswith(f"{name} "))
+        return float(line.split()[1])
+
 
 def is_openai_error(response: httpx.Response) -> bool:
     """An error response with exactly OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``."""

@@ -137,10 +137,12 @@ def test_a_small_request_is_not_held_behind_a_big_one_sent_before_it():
         while server.metrics.generation_tokens < 8:  # the big request is generating
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        waiting = server.metric("cptoolkit_sequences_waiting")
         send("small", SMALL)
         big.join(timeout=300)
+        assert server.metric("cptoolkit_sequences_waiting") == 0
     (big_status, big_end, big_s), (small_status, small_end, small_s) = finished["big"], finished["small"]
-    assert big_status == small_status == 200
+    assert big_status == small_status == 200 and waiting > 100, waiting  # the big request's queue was long
     assert small_end < big_end and small_s < big_s / 3, (f"small {small_s:.2f} s, big {big_s:.2f} s")
 
 
@@ -164,7 +166,7 @@ def test_sequences_waiting_for_their_turn_are_cancelled_and_drained():
         waiting.start()
         while server.metrics.generation_tokens < tokens_before + 4:
             time.sleep(0.01)
-        assert server.coordinator._waiting  # some of its sequences wait for their turn
+        assert server.metric("cptoolkit_sequences_waiting") > 0  # some of its sequences wait for their turn
         server.coordinator.request_drain()
         waiting.join(timeout=60)
         assert answers[0].status_code == 503 and "shutting down" in answers[0].json()["error"]["message"], answers

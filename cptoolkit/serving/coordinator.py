@@ -119,7 +119,8 @@ class Coordinator:
                     cache = self.engine.cache
                     self.metrics.engine_state(len(self._engine_ids), cache.num_blocks - cache.num_free_blocks,
                                               cache.pool.num_cached_pages, self.engine.metrics.draft_tokens,
-                                              self.engine.metrics.accepted_draft_tokens)
+                                              self.engine.metrics.accepted_draft_tokens,
+                                              sum(map(len, self._waiting.values())))
                     deliver([self._route(key, event, finished) for key, event, finished in updates])
         except BaseException as err:
             if self.inbox is not None:

@@ -50,7 +50,7 @@ class ServerMetrics:
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.itl = Histogram(ITL_BUCKETS_S)
         self.kv_blocks_total, self.kv_blocks_used, self.prefix_cached_pages = kv_blocks_total, 0, 0
-        self.requests_in_engine = 0
+        self.requests_in_engine = self.sequences_waiting = 0
         self.draft_tokens = self.accepted_draft_tokens = 0
 
     def http_response(self, endpoint: str, status: int) -> None:
@@ -71,10 +71,12 @@ class ServerMetrics:
                 self.prefix_cache_hit_tokens += prefix_cache_hit_tokens
 
     def engine_state(self, requests_in_engine: int, kv_blocks_used: int, prefix_cached_pages: int,
-                     draft_tokens: int = 0, accepted_draft_tokens: int = 0) -> None:
-        """The engine's gauges, and its speculative-decoding totals so far (drafts verified, accepted)."""
+                     draft_tokens: int = 0, accepted_draft_tokens: int = 0, sequences_waiting: int = 0) -> None:
+        """The engine's gauges, its speculative-decoding totals so far (drafts verified, accepted), and the
+        sequences the coordinator holds back for their turn (fair admission)."""
         with self._lock:
             self.requests_in_engine, self.kv_blocks_used = requests_in_engine, kv_blocks_used
+            self.sequences_waiting = sequences_waiting
             self.prefix_cached_pages = prefix_cached_pages
             self.draft_tokens, self.accepted_draft_tokens = draft_tokens, accepted_draft_tokens
 
@@ -96,6 +98,8 @@ class ServerMetrics:
                  [((), self.accepted_draft_tokens)]),
                 ("requests_in_engine", "gauge", "Requests waiting or running in the engine",
                  [((), self.requests_in_engine)]),
+                ("sequences_waiting", "gauge", "Sequences of accepted requests waiting for their turn to enter the "
+                 "engine (fair admission)", [((), self.sequences_waiting)]),
                 ("kv_blocks_used", "gauge", "KV-cache blocks held by requests (per rank)",
                  [((), self.kv_blocks_used)]),
                 ("kv_blocks_total", "gauge", "KV-cache blocks (per rank)", [((), self.kv_blocks_total)]),
