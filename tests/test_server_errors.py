@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import threading
 import time
 
@@ -209,3 +211,26 @@ def test_health_is_503_while_the_engine_loop_makes_no_progress():
         release.set()
         time.sleep(0.3)
         assert server.get("/health").status_code == 200
+
+
+def test_a_rank_killed_mid_stream_ends_the_stream_with_an_error_event_then_done(tmp_path):
+    """The real thing at 2 ranks (torchrun, PCP2 x DCP2): SIGKILL rank 1 while a stream is in flight; the
+    stream ends with the 503 error event, then ``[DONE]``, and the job exits non-zero."""
+    from tests.test_server import Server, _config
+
+    server = Server.torchrun(2, _config(tmp_path, "tp1_pcp1_dcp1.yaml", pcp=2, dcp=2), tmp_path / "server.log")
+    try:
+        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                          json={"model": MODEL, "prompt": "a stream", "max_tokens": 400, "ignore_eos": True,
+                                "stream": True}) as response:
+            lines = response.iter_lines()
+            events = [json.loads(next(line for line in lines if line.startswith("data: "))[6:])]
+            os.kill(server.workers()[1], signal.SIGKILL)
+            events += [line[6:] for line in lines if line.startswith("data: ")]
+        returncode = server.process.wait(timeout=60)
+    finally:
+        server.stop()
+    assert events[-1] == "[DONE]", (events[-3:], server.tail())
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "service_unavailable" and "the engine failed" in error["message"], error
+    assert returncode != 0
