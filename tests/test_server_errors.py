@@ -5,6 +5,7 @@ request that fails in the engine, and an engine that dies, end their streams wit
 (``tests/inprocess_server.py``)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -234,3 +235,35 @@ def test_a_rank_killed_mid_stream_ends_the_stream_with_an_error_event_then_done(
     error = json.loads(events[-2])["error"]
     assert error["type"] == "service_unavailable" and "the engine failed" in error["message"], error
     assert returncode != 0
+
+
+def test_a_stopped_rank_turns_health_to_503_within_its_bound(tmp_path):
+    """The real thing at 2 ranks: SIGSTOP rank 1, send a request (its step waits for rank 1 in a collective);
+    ``/health`` answers 503 within ``--health-stall-s`` 2 plus a poll, long before the collective timeout (60 s)."""
+    from tests.multiproc import free_port
+    from tests.test_server import TORCHRUN, Server, _config
+
+    config, port = _config(tmp_path, "tp1_pcp1_dcp1.yaml", pcp=2, dcp=2), free_port()
+    server = Server([*TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                     str(free_port()), "launch/serve.py", "--config", str(config), "--port", str(port),
+                     "--health-stall-s", "2"], port, tmp_path / "server.log")
+    try:
+        os.kill(server.workers()[1], signal.SIGSTOP)
+
+        def stuck_request():
+            with contextlib.suppress(httpx.HTTPError):  # it never gets an answer: the job is killed below
+                httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4},
+                           timeout=30)
+
+        threading.Thread(target=stuck_request, daemon=True).start()
+        started = time.monotonic()
+        while (health := httpx.get(f"{server.url}/health", timeout=10)).status_code == 200:
+            assert time.monotonic() - started < 20, "/health still 200 20 s after the rank stopped"
+            time.sleep(0.2)
+        took = time.monotonic() - started
+    finally:
+        for pid in server.workers():
+            os.kill(pid, signal.SIGCONT)
+        server.stop()
+    assert health.status_code == 503 and is_openai_error(health) and "made no progress" in health.text, health.text
+    assert took < 10, took
