@@ -121,8 +121,9 @@ SMALL = {"model": MODEL, "prompt": "a small request", "max_tokens": 8, "ignore_e
 def test_a_small_request_is_not_held_behind_a_big_one_sent_before_it():
     """Fair admission: the big request's 256 sequences are handed to the engine round-robin with the small
     request's one, so the small one starts within a round (at most max_batch_size + 1 sequences start before
-    it) instead of after all 256. Measured: ~0.2 s against ~1.8 s for the big one on 2 cores; FIFO
-    admission would finish it after the big one. The assertion is structural, with a wide margin."""
+    it) instead of after all 256. Measured on 2 busy cores: small ~0.2 s, big ~1.8 s; with every sequence
+    handed over at once (the engine's FIFO): small 1.72 s, big 1.78 s, the small one finishing last. The
+    assertion is structural, with a wide margin."""
     with InProcessServer(batch_size=8) as server:
         finished: dict = {}
 
@@ -142,8 +143,9 @@ def test_a_small_request_is_not_held_behind_a_big_one_sent_before_it():
         big.join(timeout=300)
         assert server.metric("cptoolkit_sequences_waiting") == 0
     (big_status, big_end, big_s), (small_status, small_end, small_s) = finished["big"], finished["small"]
-    assert big_status == small_status == 200 and waiting > 100, waiting  # the big request's queue was long
+    assert big_status == small_status == 200
     assert small_end < big_end and small_s < big_s / 3, (f"small {small_s:.2f} s, big {big_s:.2f} s")
+    assert waiting > 100, waiting  # the big request's sequences waited for their turns
 
 
 def test_sequences_waiting_for_their_turn_are_cancelled_and_drained():
