@@ -47,6 +47,8 @@ PARSE_ERRORS = {
     "a surrogate field name": (b'{"model": "tiny-gqa", "prompt": "x", "\\ud800": 1}', JSON,
                                "a field name in the request body cannot be encoded as UTF-8"),
     "NaN": (b'{"model": "tiny-gqa", "prompt": "x", "temperature": NaN}', JSON, "temperature: Input should be a finite"),
+    "a 5000-digit integer": (b'{"model": "tiny-gqa", "prompt": "x", "seed": ' + b"9" * 5000 + b"}", JSON,
+                             "could not be parsed as JSON: Exceeds the limit (4300 digits)"),
 }
 
 

@@ -251,6 +251,8 @@ def create_app(inbox: Inbox, tokenizer, metrics: ServerMetrics, model_name: str,
             message = "the request body is nested too deeply to parse as JSON"
         elif isinstance(cause, UnicodeDecodeError):
             message = f"the request body is not valid UTF-8 JSON ({cause.reason} at byte {cause.start})"
+        elif isinstance(cause, ValueError):  # e.g. an integer of more digits than Python converts
+            message = f"the request body could not be parsed as JSON: {cause}"
         else:
             message = str(error.detail)
         code = "request_too_large" if error.status_code == 413 else None  # _Guard's, for a chunked body
