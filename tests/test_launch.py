@@ -164,4 +164,5 @@ def test_a_config_without_requests_is_one_line_for_infer(tmp_path):
     config = tmp_path / "no_prompts.yaml"
     config.write_text(yaml.safe_dump(raw))
     done = _python("launch/infer.py", "--config", str(config))
-    assert done.returncode == 2 and "launch/infer.py needs requests: give prompts" in done.stdout, done.stdout
+    assert done.returncode == 2 and f"{config}: nothing to generate for: give inference.prompts" in done.stdout, \
+        done.stdout
