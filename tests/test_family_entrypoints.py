@@ -1,4 +1,4 @@
-"""Every family of the README's families table runs end to end through both entry points, so an entry point
+"""Every family of the families table in docs/families.md runs end to end through both entry points, so an entry point
 cannot break for one family (the sliding-window families once crashed both: ``HybridKVCache`` lacked what
 ``cptoolkit generate`` and ``cptoolkit serve`` read). On a tiny checkpoint that transformers made
 (``tests/hf_checkpoints.py``), for each family:
@@ -28,7 +28,7 @@ from tests.hf_checkpoints import FAMILIES, VOCAB, hf_model, perturbed, save_chec
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).with_name("cptoolkit"))]
-# The README's architecture -> the checkpoints of it that run here (Mistral with and without its window).
+# docs/families.md's architecture -> the checkpoints of it that run here (Mistral with and without its window).
 CHECKPOINTS = {"LlamaForCausalLM": ("llama",), "MistralForCausalLM": ("mistral", "mistral_swa"),
                "Qwen2ForCausalLM": ("qwen2_swa",), "Qwen3ForCausalLM": ("qwen3",), "Gemma2ForCausalLM": ("gemma2",),
                "Gemma3ForCausalLM": ("gemma3",), "GPT2LMHeadModel": ("gpt2",),
@@ -61,8 +61,8 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     return made
 
 
-def test_every_family_of_the_readme_table_is_run_here():
-    table = (REPO / "README.md").read_text().split("| family | what it brings |", 1)[1].split("\n\n", 1)[0]
+def test_every_family_of_the_docs_table_is_run_here():
+    table = (REPO / "docs" / "families.md").read_text().split("| family | what it brings |", 1)[1].split("\n\n", 1)[0]
     architectures = set(re.findall(r"`(\w+(?:ForCausalLM|LMHeadModel))`", table))
     assert architectures == set(CHECKPOINTS), architectures ^ set(CHECKPOINTS)
     assert set(NAMES) - set(MLA) <= set(FAMILIES)

@@ -182,9 +182,9 @@ def _listeners(port: int) -> list[str]:
     return found
 
 
-def test_the_rendezvous_store_listens_on_every_interface_as_the_readme_warns():
+def test_the_rendezvous_store_listens_on_every_interface_as_the_docs_warn():
     """torch 2.13 binds torchrun's TCPStore to the wildcard address even with ``--master-addr 127.0.0.1``: the
-    README's multi-node section says so and how to firewall it. Once this fails, torch binds it: update both."""
+    multi-node page (docs/multinode.md) says so and how to firewall it. Once this fails, torch binds it: update both."""
     port = free_port()
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr",
                               "127.0.0.1", "--master-port", str(port), "--log-dir", os.devnull, "--no-python",
