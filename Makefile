@@ -10,7 +10,7 @@ PORT   ?= 29500
 # torchrun sets OMP_NUM_THREADS=1 per rank anyway; setting it here keeps its warning out of the output.
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --master-addr 127.0.0.1 --master-port $(PORT)
 
-.PHONY: run test lint test-gpu bench bench-peers faults demo checkpoints clean
+.PHONY: run test test-fast lint test-gpu bench bench-peers faults demo checkpoints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ test: lint
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cptoolkit launch bench tests
+
+# The edit loop's tier, under a minute on 2 cores: the layout, config, planner, cache, merge, sampling and
+# detokenizer tests (pure or a few quick ranks). `make test` runs everything; CI runs `make test`.
+FAST_TESTS := $(addprefix tests/test_,layout.py parallel_state.py config.py detokenizer.py lse_merge.py plan.py \
+	block_pool.py dual_chunk_swap.py models_structure.py kv_cache.py kv_cache_ring.py progress.py train_data.py \
+	sampling.py lse_merge_triton.py)
+
+test-fast: lint
+	$(PY) -m pytest -q $(FAST_TESTS)
 
 # The CUDA tests and the GPU benchmark, on a machine whose .venv already has CUDA torch (and, for the te
 # backend, transformer-engine): nothing CUDA is installed here. Without a GPU every test skips with its reason.
