@@ -33,7 +33,7 @@ lint: $(STAMP)
 # The edit loop's tier, under a minute on 2 cores: the layout, config, planner, cache, merge, sampling and
 # detokenizer tests (pure or a few quick ranks). `make test` runs everything; CI runs `make test`.
 FAST_TESTS := $(addprefix tests/test_,layout.py parallel_state.py config.py detokenizer.py lse_merge.py plan.py \
-	block_pool.py dual_chunk_swap.py models_structure.py kv_cache.py kv_cache_ring.py progress.py train_data.py \
+	block_pool.py dual_chunk_swap.py models_structure.py imports.py kv_cache.py kv_cache_ring.py progress.py train_data.py \
 	sampling.py lse_merge_triton.py)
 
 test-fast: lint

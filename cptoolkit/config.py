@@ -17,9 +17,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from cptoolkit.errors import ConfigError
 
-class ConfigError(ValueError):
-    """An invalid config: the message names the file, the field, the value and the rule."""
+__all__ = ["ConfigError"]  # re-exported: callers import it from here too
 
 
 def _require(ok: bool, name: str, value: Any, rule: str) -> None:

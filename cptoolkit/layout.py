@@ -56,7 +56,8 @@ class RankInfo:
     dcp_kv_heads: tuple[int, ...]
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n >= 1``, ascending."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -109,7 +110,7 @@ class ParallelLayout:
     def _check_dcp(self) -> None:
         k, remainder = divmod(self.dcp, self.pcp)
         if remainder or k == 0 or self.tp % k:
-            valid = ", ".join(str(d * self.pcp) for d in _divisors(self.tp))
+            valid = ", ".join(str(d * self.pcp) for d in divisors(self.tp))
             unsharded = " (dcp=1, no decode sharding, needs pcp=1)" if self.dcp == 1 else ""
             raise ValueError(f"dcp ({self.dcp}) must be k*pcp with k dividing tp (tp={self.tp}, pcp={self.pcp}): "
                              f"valid dcp values are {valid}{unsharded}")
@@ -139,7 +140,7 @@ class ParallelLayout:
         if isinstance(a, bool) or not isinstance(a, int) or a < 1 or self.pcp % a:
             raise ValueError(f"hierarchical_a2a_size ({a!r}) must be a positive divisor of pcp ({self.pcp}): "
                              f"pcp = a2a size x ring size; valid values are "
-                             f"{', '.join(map(str, _divisors(self.pcp)))}")
+                             f"{', '.join(map(str, divisors(self.pcp)))}")
         if self.num_heads // self.tp % a:
             raise ValueError(f"num_heads/tp ({self.num_heads}/{self.tp} = {self.num_heads // self.tp}) must be a "
                              f"multiple of hierarchical_a2a_size ({a}): each a2a member attends whole query heads")

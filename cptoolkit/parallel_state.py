@@ -18,7 +18,6 @@ and exit with status 2.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from cptoolkit.errors import OneLineParser
 from cptoolkit.layers.hierarchical_prefill import HierarchicalGroups
 from cptoolkit.layout import LEGEND, ParallelLayout, RankInfo, layout_report, render_layout
 
@@ -246,15 +246,8 @@ def get_decode_context_parallel_world_size() -> int:
     return get_parallel_groups().dcp_size
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line on stderr (status 2), without the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(prog="python -m cptoolkit.parallel_state",
+    parser = OneLineParser(prog="python -m cptoolkit.parallel_state",
                             description="Print the TP x PCP x DCP rank layout table.")
     for flag in ("--tp", "--pcp", "--dcp", "--num-heads", "--num-kv-heads"):
         parser.add_argument(flag, type=int, required=True)

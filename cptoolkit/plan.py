@@ -36,13 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cptoolkit.config import InferenceConfig, ModelConfig, ParallelConfig
+from cptoolkit.errors import OneLineParser
 from cptoolkit.inference.kv_cache import window_ring_slots
 from cptoolkit.inference.prefill_kv import prefill_route
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.dcp_decode import DecodeGroup, shard_length
 from cptoolkit.layers.dual_chunk_swap import padded_length
 from cptoolkit.layers.ulysses_a2a import check_heads, kv_replicas
-from cptoolkit.layout import ParallelLayout, node_crossings, tp_across_nodes_error
+from cptoolkit.layout import ParallelLayout, divisors, node_crossings, tp_across_nodes_error
 from cptoolkit.models.shape import GPTShape, MLADims, check_tp, padded_vocab_size, read_json_object
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -324,10 +325,6 @@ def plan_layout(layout: ParallelLayout, work: Workload) -> LayoutPlan:
         crossing=node_crossings(layout, work.devices_per_node))
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _valid_layout(work: Workload, dp: int, pcp: int, tp: int, k: int) -> ParallelLayout | None:
     """The layout if the model, the engine and the workload accept it (the rules that raise elsewhere)."""
     shape = work.shape
@@ -347,10 +344,10 @@ def plan(work: Workload) -> tuple[list[LayoutPlan], list[tuple[ParallelLayout, s
     """``(ranked plans of every valid layout, refused layouts with the rule)``: every ``dp x pcp x tp =
     devices`` and ``dcp = k * pcp`` (``k | tp``) the model allows; refused: a TP group spans nodes."""
     plans, refused = [], []
-    for dp in _divisors(work.devices):
-        for pcp in _divisors(work.devices // dp):
+    for dp in divisors(work.devices):
+        for pcp in divisors(work.devices // dp):
             tp = work.devices // dp // pcp
-            for k in _divisors(tp):
+            for k in divisors(tp):
                 layout = _valid_layout(work, dp, pcp, tp, k)
                 if layout is None:
                     continue
@@ -461,13 +458,6 @@ def to_json(plans: list[LayoutPlan], refused: list, work: Workload) -> dict:
 
 # ----------------------------------------------------------------------------- command line
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line on stderr (status 2), without the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
           "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30, "TiB": 2 ** 40}
 
@@ -527,7 +517,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
 def main(argv: list[str] | None = None, prog: str = "python -m cptoolkit.plan") -> int:
     """Rank the layouts and print the table (or JSON); exit status 0 when one fits, 1 when none does, 2 for a bad
     argument (one line). ``prog`` names the command in messages (``cptoolkit plan`` runs this too)."""
-    parser = _OneLineParser(prog=prog,
+    parser = OneLineParser(prog=prog,
                             description="Rank the TP x PCP x DCP (x DP) layouts for a model, a context and a cluster.")
     parser.add_argument("--model", required=True, help=f"config.json, checkpoint dir, 'builtin' or {', '.join(SHAPES)}")
     parser.add_argument("--context", type=int, required=True, help="tokens per request (prompt + generated)")

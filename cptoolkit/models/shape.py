@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cptoolkit.config import ConfigError
+from cptoolkit.errors import ConfigError
 
 ARCHS = ("llama", "gpt2")
 HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM",), "mistral": ("MistralForCausalLM",),
