@@ -168,7 +168,7 @@ def test_every_member_reserves_the_same_blocks_and_reuses_cached_pages():
         cache.free_request("first")  # its two pages stay cached
         assert cache.add_request("second", 30, keys) == 2
         assert cache.shard_len(1, "second") == cache.shard_len(2, "second") == 8
-    tables = [cache._state("second").block_ids.tolist() for cache in caches]
+    tables = [list(cache._state("second").block_ids) for cache in caches]
     assert tables[0] == tables[1] and [c.num_free_blocks for c in caches] == [4, 4]
     for cache in caches:
         k_shard, _, lens = cache.view(2, ["second"]).read()
