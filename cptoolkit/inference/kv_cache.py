@@ -37,6 +37,12 @@ them. ``view(layer_number, request_ids)`` returns the ``LayerCacheView`` that DC
 for one layer and one batch: ``append`` stores the new token of the requests this shard owns and ignores the
 rest; ``read`` gathers the batch's shard into contiguous right-padded tensors. No collective runs
 here: every DCP member calls the same methods with the same arguments and keeps its own shard.
+
+The decode hot path never waits on the device: the books (block ids, stored tokens per layer) are host integers,
+and ``views(request_ids, positions)`` plans a step once, before the forward, from the positions the engine already
+knows (``DecodeStepPlan``: where each owned new token goes, and the gather index of the shard after the append).
+Every layer's ``append`` is then one indexed write and its ``read`` one gather through that index; the checks of
+a position (next slot, ``max_total_len``) run there, once per step.
 """
 from __future__ import annotations
 
