@@ -1,7 +1,7 @@
 """A decode step's model forward never waits on the host: no ``int()``/``bool()``/``.item()``
 (``aten::_local_scalar_dense``), no ``nonzero``/``masked_select``/``unique``, no ``Tensor.tolist`` runs inside
-it, at 1 rank and at TP2 x PCP2 x DCP4, for plain decoding and for speculative decoding's ``L > 1`` tokens per
-row. The step is planned on the host before the forward (``PagedKVCache.views``); sampling is outside the
+it, at 1 rank and at TP2 x PCP2 x DCP4, for plain decoding, for speculative decoding's ``L > 1`` tokens per
+row, and for multi-head latent attention's latent-only cache (``values_are_keys``). The step is planned on the host before the forward (``PagedKVCache.views``); sampling is outside the
 forward and not counted here."""
 import collections
 import contextlib
@@ -28,8 +28,10 @@ BASE = {"parallel": {}, "runtime": {"device": "cpu"},
         "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 8, "num_kv_heads": 2,
                   "ffn_hidden_size": 96, "vocab_size": 320, "max_seq_len": 96, "seed": 7},
         "inference": {"prompts": ["x"], "batch_size": 3, "kv_block_size": 4}}
-# Different lengths, so the rows of a step hold different shard lengths; repeats, so n-gram drafts exist.
+# Different lengths, so the rows of a step hold different shard lengths; repeats, so n-gram drafts exist. The
+# MLA checkpoint's word tokenizer has 64 ids: its prompts are ids.
 PROMPTS = ["a b a b a b a b", "KV shards merge by log-sum-exp", "x"]
+MLA_PROMPTS = [[5, 6, 5, 6, 5, 6, 5, 6], [9, 12, 3, 44, 17, 2, 30, 8, 21, 11, 7], [13]]
 
 
 def _bool_mask_sizes_output(name: str, args: tuple) -> bool:
@@ -77,20 +79,23 @@ class SyncCounter(TorchDispatchMode):
             torch.Tensor.tolist = original
 
 
-def _config(tp, pcp, dcp, speculative):
+def _config(tp, pcp, dcp, case, checkpoint):
     raw = copy.deepcopy(BASE)
     raw["parallel"] = {"tp": tp, "pcp": pcp, "dcp": dcp}
-    if speculative:
+    if case == "ngram":
         raw["inference"].update(speculative_method="ngram", num_speculative_tokens=3)
+    if case == "mla":
+        raw["model"] = {"checkpoint": checkpoint}
     return config_from_dict(raw, source="<test>")
 
 
-def _decode_syncs_rank(rank, world_size, speculative):
+def _decode_syncs_rank(rank, world_size, case, checkpoint):
     """Generate with every decode forward run under a ``SyncCounter``; returns ``(decode forwards, widest step
     (tokens per row), syncs found)``."""
     tp, pcp, dcp = (2, 2, 4) if world_size == 4 else (1, 1, 1)
-    cfg = _config(tp, pcp, dcp, speculative)
-    groups = initialize_model_parallel(tp=tp, pcp=pcp, dcp=dcp, num_heads=8, num_kv_heads=2)
+    cfg = _config(tp, pcp, dcp, case, checkpoint)
+    groups = initialize_model_parallel(tp=tp, pcp=pcp, dcp=dcp, num_heads=cfg.model.num_attention_heads,
+                                       num_kv_heads=cfg.model.num_kv_heads)
     counter, forwards, widths = SyncCounter(), [0], [0]
     real_forward = engine_module.gpt_forward
 
@@ -103,7 +108,7 @@ def _decode_syncs_rank(rank, world_size, speculative):
     engine_module.gpt_forward = counted_forward  # the engine's decode step is its only caller
     try:
         engine = build_engine(cfg, groups, torch.device("cpu"))
-        engine.generate(PROMPTS, [SamplingParams(temperature=0.0, max_new_tokens=n) for n in (9, 6, 4)])
+        engine.generate(MLA_PROMPTS if case == "mla" else PROMPTS, [SamplingParams(temperature=0.0, max_new_tokens=n) for n in (9, 6, 4)])
         return forwards[0], widths[0], dict(counter.found)
     finally:
         engine_module.gpt_forward = real_forward
@@ -122,11 +127,24 @@ def test_the_counter_sees_every_kind_of_host_round_trip():
                      "_unique2": 1, "tolist": 1}, kinds
 
 
-@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "ngram"])
+@pytest.fixture(scope="module")
+def mla_checkpoint(tmp_path_factory):
+    """A DeepSeek-V3 checkpoint (multi-head latent attention) from ``test_mla``, random weights."""
+    from tests.hf_checkpoints import word_tokenizer
+    from tests.test_mla import _hf_model
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("mla")
+    _hf_model("v3").save_pretrained(directory)
+    word_tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("case", ["plain", "ngram", "mla"])
 @pytest.mark.parametrize("world_size", [1, 4], ids=["1rank", "tp2xpcp2xdcp4"])
-def test_decode_forward_has_no_host_round_trip(world_size, speculative):
-    for rank, (forwards, width, found) in enumerate(run_ranks(world_size, _decode_syncs_rank, speculative,
+def test_decode_forward_has_no_host_round_trip(world_size, case, request):
+    checkpoint = request.getfixturevalue("mla_checkpoint") if case == "mla" else None
+    for rank, (forwards, width, found) in enumerate(run_ranks(world_size, _decode_syncs_rank, case, checkpoint,
                                                               timeout_s=300)):
         assert forwards >= 5, f"rank {rank}: only {forwards} decode forwards ran"
-        assert (width > 1) == speculative, f"rank {rank}: widest decode step {width} tokens per row"
+        assert (width > 1) == (case == "ngram"), f"rank {rank}: widest decode step {width} tokens per row"
         assert not found, f"rank {rank}: host round-trips inside the decode forward: {found}"
