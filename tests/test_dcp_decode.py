@@ -124,8 +124,9 @@ def test_attend_shard_masks_padding_and_empty_shards():
         want = _reference(q[request], k[request, :, :length], v[request, :, :length], 0.3)
         diff = (out[request].double() - want).abs()
         assert diff.max() < 1e-5, f"request {request}: max {diff.max():.2e}, mean {diff.mean():.2e}"
-    with pytest.raises(ValueError, match="shard_lens must be \\[3\\] with entries <= s_max 7"):
-        attend_shard(q, k, v, torch.tensor([8, 0, 0]), scale=0.3)
+    with pytest.raises(ValueError, match=r"shard_lens must be \[3\] \(one length <= s_max 7 per request\); "
+                                         r"got shape \[2\]"):
+        attend_shard(q, k, v, torch.tensor([7, 0]), scale=0.3)
 
 
 def test_new_token_shapes_are_checked():

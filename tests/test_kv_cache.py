@@ -40,8 +40,9 @@ def _assert_exact(merged, reference, what):
                                         f"mean {diff.mean().item()}")
 
 
+@pytest.mark.parametrize("planned", [False, True], ids=["view_plans_each_append", "step_planned_once"])
 @pytest.mark.parametrize("dcp_size,interleave", [(1, 1), (2, 1), (4, 1), (2, 4), (4, 4), (3, 2)])
-def test_prefill_then_decode_reconstructs_the_full_kv(dcp_size, interleave):
+def test_prefill_then_decode_reconstructs_the_full_kv(dcp_size, interleave, planned):
     gen = torch.Generator().manual_seed(dcp_size * 10 + interleave)
     prompt_lens, num_decode_steps = [13, 5, 22], 9
     total_lens = [n + num_decode_steps for n in prompt_lens]
@@ -56,11 +57,14 @@ def test_prefill_then_decode_reconstructs_the_full_kv(dcp_size, interleave):
                 cache.fill_prefill(layer + 1, request_id, kv[layer, 0, :, :n], kv[layer, 1, :, :n], torch.arange(n))
     for step in range(num_decode_steps):
         positions = torch.tensor([n + step for n in prompt_lens])
+        # The engine's path plans the step once for every layer (PagedKVCache.views); a bare view plans each append.
+        views = [cache.views(request_ids, positions[:, None].tolist()) if planned else
+                 {layer + 1: cache.view(layer + 1, request_ids) for layer in range(NUM_LAYERS)} for cache in caches]
         for layer in range(NUM_LAYERS):
             k_new = torch.stack([kv[layer, 0, :, p:p + 1] for kv, p in zip(full, positions.tolist())])
             v_new = torch.stack([kv[layer, 1, :, p:p + 1] for kv, p in zip(full, positions.tolist())])
-            for cache in caches:
-                cache.view(layer + 1, request_ids).append(k_new, v_new, positions)
+            for cache_views in views:
+                cache_views[layer + 1].append(k_new, v_new, positions)
         if step == 3:
             seen = (positions + 1).tolist()
             _assert_exact(_merge_shards(caches, 0, request_ids, seen),
@@ -122,6 +126,33 @@ def test_out_of_order_writes_are_rejected():
         view.append(k_new[:, :1], k_new[:, :1], torch.tensor([5]))
 
 
+def test_a_step_is_planned_and_checked_once_for_every_layer():
+    cache = _caches(2, 1)[1]
+    cache.add_request("r", 16)
+    cache.add_request("half", 16)
+    kv = torch.randn(2, HKV, 16, HEAD_DIM, dtype=torch.float64)
+    for layer in range(1, NUM_LAYERS + 1):
+        cache.fill_prefill(layer, "r", kv[0][:, :4], kv[1][:, :4], torch.arange(4))
+    with pytest.raises(ValueError, match=r"next owned position must map to slot 2 .*got position 7, slot 3"):
+        cache.views(["r"], [[7]])
+    with pytest.raises(ValueError, match=r"max_total_len = 16\), so .* got positions \[15, 16\], slots \[7, 8\]"):
+        cache.views(["r"], [[15, 16]])
+    cache.fill_prefill(1, "half", kv[0][:, :2], kv[1][:, :2], torch.arange(2))
+    with pytest.raises(ValueError, match=r"request 'half' stores \[1, 0\] tokens per layer on shard 1; a step is "
+                                         r"planned once for every layer, so every layer must hold the same tokens"):
+        cache.views(["r", "half"], [[5], [2]])
+    views = cache.views(["r"], [[5]])
+    assert len({id(view._plan) for view in views.values()}) == 1
+    k_new = torch.randn(1, HKV, 1, HEAD_DIM, dtype=torch.float64)
+    for view in views.values():
+        view.append(k_new, k_new, torch.tensor([5]))
+        k_shard, _, lens = view.read()
+        assert lens.tolist() == [3] and torch.equal(k_shard[0, :, 2], k_new[0, :, 0])
+    with pytest.raises(ValueError, match=r"a step plan appends once to every layer: it must be planned for 1 new "
+                                         r"tokens on the stored tokens \(3,\)"):
+        views[1].append(k_new, k_new, torch.tensor([7]))
+
+
 def test_freeing_returns_blocks_and_reused_blocks_hold_new_data():
     cache = _caches(2, 1, num_blocks=6)[0]
     assert cache.num_free_blocks == 6 and cache.used_bytes == 0
@@ -168,7 +199,7 @@ def test_every_member_reserves_the_same_blocks_and_reuses_cached_pages():
         cache.free_request("first")  # its two pages stay cached
         assert cache.add_request("second", 30, keys) == 2
         assert cache.shard_len(1, "second") == cache.shard_len(2, "second") == 8
-    tables = [cache._state("second").block_ids.tolist() for cache in caches]
+    tables = [list(cache._state("second").block_ids) for cache in caches]
     assert tables[0] == tables[1] and [c.num_free_blocks for c in caches] == [4, 4]
     for cache in caches:
         k_shard, _, lens = cache.view(2, ["second"]).read()

@@ -78,7 +78,7 @@ class DraftModel:
         cache's shard owners (one all-to-all per layer on the DCP group, ``store_prefill_kv``)."""
         device = self.cache.device
         ids = list(request_ids)
-        views = self._views(ids) if any(history) else {}
+        views = self.cache.views(ids) if any(history) else {}
         phase = AttentionPhase(
             mode="prefill", history_lens=torch.tensor(history, device=device) if any(history) else None,
             kv_caches=views,
@@ -102,16 +102,16 @@ class DraftModel:
         width = max(map(len, unseen))
         device = self.cache.device
         input_ids = torch.tensor([u + [0] * (width - len(u)) for u in unseen], device=device)
-        starts = torch.tensor([self._num_cached[i] for i in ids], device=device)
         last = torch.tensor([len(u) - 1 for u in unseen], device=device)
-        token = self._greedy(ids, input_ids, starts[:, None] + torch.arange(width, device=device), last)
+        token = self._greedy(ids, input_ids, [list(range(self._num_cached[i], self._num_cached[i] + width))
+                                              for i in ids], last)
         for request_id, total_len, fed in zip(ids, total_lens, unseen):
             if len(fed) < width:  # its padding was appended: forget it
                 self.cache.truncate(request_id, total_len)
         drafts = [token]
-        next_positions = torch.tensor(total_lens, device=device)[:, None]
         for step in range(num_drafts - 1):
-            token = self._greedy(ids, token[:, None], next_positions + step, torch.zeros_like(last))
+            token = self._greedy(ids, token[:, None], [[total_len + step] for total_len in total_lens],
+                                 torch.zeros_like(last))
             drafts.append(token)
         for request_id, total_len in zip(ids, total_lens):
             self._num_cached[request_id] = total_len + num_drafts - 1
@@ -123,16 +123,16 @@ class DraftModel:
         self.cache.truncate(request_id, num_cached)
         self._num_cached[request_id] = num_cached
 
-    def _greedy(self, request_ids: list[Hashable], input_ids: torch.Tensor, positions: torch.Tensor,
+    def _greedy(self, request_ids: list[Hashable], input_ids: torch.Tensor, host_positions: list[list[int]],
                 last: torch.Tensor) -> torch.Tensor:
-        """One decode forward of ``input_ids [b, L]`` at consecutive ``positions [b, L]`` (appended to the draft
-        cache); the argmax ``[b]`` of each row's logits after its token ``last[row]``."""
+        """One decode forward of ``input_ids [b, L]`` at consecutive ``host_positions [b][L]`` (appended to the
+        draft cache, planned once for every layer); the argmax ``[b]`` of each row's logits after its token
+        ``last[row]``."""
+        positions = torch.tensor(host_positions, device=self.cache.device)
         phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0] if input_ids.shape[1] == 1
-                               else positions, kv_caches=self._views(request_ids))
+                               else positions, kv_caches=self.cache.views(request_ids, host_positions))
         with torch.no_grad():
             logits = gpt_forward(self.model, input_ids, positions, self.runtime, logits_index=last,
                                  phase=phase)  # [b, 1, vocab]
         return logits[:, 0, :self.vocab_size].argmax(dim=-1)
 
-    def _views(self, request_ids: list[Hashable]) -> dict:
-        return {number: self.cache.view(number, request_ids) for number in range(1, self.cache.num_layers + 1)}

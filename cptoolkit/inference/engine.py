@@ -472,9 +472,10 @@ class Engine:
             if self.draft_model is not None:
                 self.draft_model.register_pages(request.request_id, keys)
 
-    def _cache_views(self, request_ids: list[int]) -> dict:
-        """``{layer_number: view}``: every layer's cache for this batch."""
-        return {number: self.cache.view(number, request_ids) for number in range(1, self.shape.num_layers + 1)}
+    def _cache_views(self, request_ids: list[int], positions: Optional[list[list[int]]] = None) -> dict:
+        """``{layer_number: view}``: every layer's cache for this batch; with the step's ``positions [b][L]`` the
+        step is planned once for every layer (``PagedKVCache.views``)."""
+        return self.cache.views(request_ids, positions)
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self, requests: list[Request]) -> list[TokenEvent]:
@@ -489,10 +490,10 @@ class Engine:
         # Each row feeds its last token and its drafts, padded to the longest row's (padding is never accepted).
         input_ids = torch.tensor([[r.output_ids[-1], *d, *[0] * (num_drafts - len(d))]
                                   for r, d in zip(requests, drafts)], device=self._device)
-        positions = torch.tensor([[r.total_len - 1] for r in requests], device=self._device) + \
-            torch.arange(num_drafts + 1, device=self._device)
+        host_positions = [list(range(r.total_len - 1, r.total_len + num_drafts)) for r in requests]
+        positions = torch.tensor(host_positions, device=self._device)
         phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0] if num_drafts == 0 else positions,
-                               kv_caches=self._cache_views([r.request_id for r in requests]))
+                               kv_caches=self._cache_views([r.request_id for r in requests], host_positions))
         with torch.no_grad():
             logits = gpt_forward(self.model, input_ids, positions, self.runtime, phase=phase)  # [b, L, vocab]
         self.metrics.decode_collectives += self.runtime.stats.total_calls - stats_before[0]

@@ -102,3 +102,9 @@ class HybridKVCache:
     def view(self, layer_number: int, request_ids: Sequence[Hashable]) -> LayerCacheView:
         cache, local = self._layer(layer_number)
         return cache.view(local, request_ids)
+
+    def views(self, request_ids: Sequence[Hashable], positions: Optional[Sequence[Sequence[int]]] = None
+              ) -> dict[int, LayerCacheView]:
+        """``PagedKVCache.views`` of both caches (a step planned once per cache), keyed by model layer number."""
+        by_cache = {id(cache): cache.views(request_ids, positions) for cache in self._caches}
+        return {number: by_cache[id(cache)][local] for number, (cache, local) in self._home.items()}

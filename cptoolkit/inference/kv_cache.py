@@ -37,11 +37,17 @@ them. ``view(layer_number, request_ids)`` returns the ``LayerCacheView`` that DC
 for one layer and one batch: ``append`` stores the new token of the requests this shard owns and ignores the
 rest; ``read`` gathers the batch's shard into contiguous right-padded tensors. No collective runs
 here: every DCP member calls the same methods with the same arguments and keeps its own shard.
+
+The decode hot path never waits on the device: the books (block ids, stored tokens per layer) are host integers,
+and ``views(request_ids, positions)`` plans a step once, before the forward, from the positions the engine already
+knows (``DecodeStepPlan``: where each owned new token goes, and the gather index of the shard after the append).
+Every layer's ``append`` is then one indexed write and its ``read`` one gather through that index; the checks of
+a position (next slot, ``max_total_len``) run there, once per step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Hashable, Optional, Sequence
 
 import torch
 
@@ -49,7 +55,7 @@ import torch
 from cptoolkit.layers.dcp_decode import shard_length, shard_of_position, slot_of_position
 from cptoolkit.inference.block_pool import BlockPool, PageKey
 
-__all__ = ["KVCacheFull", "LayerCacheView", "PagedKVCache"]
+__all__ = ["DecodeStepPlan", "KVCacheFull", "LayerCacheView", "PagedKVCache"]
 
 
 class KVCacheFull(RuntimeError):
@@ -75,12 +81,13 @@ def _require(condition: bool, field: str, value, rule: str) -> None:
 
 @dataclass
 class _RequestState:
-    """One admitted request: its reserved blocks and, per layer, how many shard tokens it stores."""
+    """One admitted request: its reserved blocks and, per layer, how many shard tokens it stores. Host integers
+    only, so that planning a step and keeping its books never waits on the device."""
 
     max_total_len: int
-    block_ids: torch.Tensor   # [num_reserved_blocks] int64
-    shard_lens: torch.Tensor  # [num_layers] int64
-    written: torch.Tensor     # [num_layers] int64: the most slots ever stored (truncation lowers only shard_lens)
+    block_ids: tuple[int, ...]  # [num_reserved_blocks]
+    shard_lens: list[int]       # [num_layers]
+    written: list[int]          # [num_layers]: the most slots ever stored (truncation lowers only shard_lens)
 
 
 class PagedKVCache:
@@ -181,22 +188,21 @@ class PagedKVCache:
                 f"finishes, or raise num_blocks")
         self.pool.acquire(reused)
         block_ids = reused + self.pool.allocate(blocks_needed - len(reused))
-        stored = torch.full((self.num_layers,), len(reused) * self.block_size, dtype=torch.int64, device=self.device)
-        self._requests[request_id] = _RequestState(
-            max_total_len=max_total_len, block_ids=torch.tensor(block_ids, dtype=torch.int64, device=self.device),
-            shard_lens=stored, written=stored.clone())
+        stored = [len(reused) * self.block_size] * self.num_layers
+        self._requests[request_id] = _RequestState(max_total_len=max_total_len, block_ids=tuple(block_ids),
+                                                   shard_lens=stored, written=list(stored))
         return len(reused)
 
     def register_pages(self, request_id: Hashable, keys: Sequence[PageKey]) -> None:
         """Offer the request's first ``len(keys)`` pages (fully stored on every layer) to the prefix cache."""
         state = self._state(request_id)
-        for block, key in zip(state.block_ids.tolist(), keys):
+        for block, key in zip(state.block_ids, keys):
             self.pool.register(block, key)
 
     def free_request(self, request_id: Hashable) -> None:
         """Release a finished request's blocks (cached pages stay reusable until evicted)."""
         state = self._state(request_id)
-        self.pool.release(state.block_ids.tolist())
+        self.pool.release(list(state.block_ids))
         del self._requests[request_id]
 
     def truncate(self, request_id: Hashable, num_tokens: int) -> None:
@@ -205,14 +211,14 @@ class PagedKVCache:
         communicating. The blocks stay reserved; later appends overwrite the forgotten slots."""
         state = self._state(request_id)
         keep = shard_length(num_tokens, self.dcp_rank, self.dcp_size, self.interleave)
-        _require(0 <= keep <= int(state.shard_lens.min()), "truncate num_tokens", num_tokens,
-                 f"must be >= 0 and keep no more than the {int(state.shard_lens.min())} tokens shard "
+        _require(0 <= keep <= min(state.shard_lens), "truncate num_tokens", num_tokens,
+                 f"must be >= 0 and keep no more than the {min(state.shard_lens)} tokens shard "
                  f"{self.dcp_rank} stores on every layer")
-        state.shard_lens.fill_(keep)
+        state.shard_lens[:] = [keep] * self.num_layers
 
     def shard_len(self, layer_number: int, request_id: Hashable) -> int:
         """Tokens of ``request_id`` stored on this rank for layer ``layer_number``."""
-        return int(self._state(request_id).shard_lens[self._layer_index(layer_number)])
+        return self._state(request_id).shard_lens[self._layer_index(layer_number)]
 
     def fill_prefill(self, layer_number: int, request_id: Hashable, k: torch.Tensor, v: torch.Tensor,
                      positions: torch.Tensor) -> None:
@@ -227,7 +233,7 @@ class PagedKVCache:
         state = self._state(request_id)
         owned = shard_of_position(positions, self.dcp_size, self.interleave) == self.dcp_rank
         slots = slot_of_position(positions[owned], self.dcp_size, self.interleave)
-        start = int(state.shard_lens[layer])
+        start = state.shard_lens[layer]
         expected = torch.arange(start, start + slots.numel(), device=slots.device)
         if not torch.equal(slots.sort().values, expected):
             raise ValueError(
@@ -236,16 +242,39 @@ class PagedKVCache:
                 f"{slots.tolist()}: pass every position of the prompt once, in order of chunks")
         self._check_within_reservation(request_id, state, positions[owned])
         k_owned, v_owned = k[:, owned].transpose(0, 1), v[:, owned].transpose(0, 1)
-        end, capacity = start + slots.numel(), state.block_ids.numel() * self.block_size
+        end, capacity = start + slots.numel(), len(state.block_ids) * self.block_size
         live = slots >= end - capacity  # a ring keeps the latest ``capacity`` slots; the rest is never written
-        self._write(layer, state.block_ids[(slots[live] // self.block_size) % state.block_ids.numel()],
+        block_ids = torch.tensor(state.block_ids, dtype=torch.int64, device=self.device)
+        self._write(layer, block_ids[(slots[live] // self.block_size) % len(state.block_ids)],
                     slots[live] % self.block_size, k_owned[live], v_owned[live])
         state.shard_lens[layer] = end
-        state.written[layer] = max(int(state.written[layer]), end)
+        state.written[layer] = max(state.written[layer], end)
 
     def view(self, layer_number: int, request_ids: Sequence[Hashable]) -> "LayerCacheView":
-        """The cache of layer ``layer_number`` for one batch (``request_ids`` in batch order)."""
+        """The cache of layer ``layer_number`` for one batch (``request_ids`` in batch order), planning each
+        ``append`` from the positions it is given (one host read of them per call)."""
         return LayerCacheView(self, self._layer_index(layer_number), list(request_ids))
+
+    def views(self, request_ids: Sequence[Hashable], positions: Optional[Sequence[Sequence[int]]] = None
+              ) -> dict[int, "LayerCacheView"]:
+        """``{layer_number: view}`` of every layer for one batch. With ``positions`` (``[b][L]`` host integers: the
+        positions the step's forward will append), the step is planned once here (``plan_step``) and every view
+        appends and reads through that one plan, without a host round-trip."""
+        ids = list(request_ids)
+        plan = None if positions is None else self.plan_step(ids, positions)
+        return {layer + 1: LayerCacheView(self, layer, ids, plan) for layer in range(self.num_layers)}
+
+    def plan_step(self, request_ids: Sequence[Hashable], positions: Sequence[Sequence[int]]) -> "DecodeStepPlan":
+        """The ``DecodeStepPlan`` of appending ``positions [b][L]`` (host integers, consecutive per request) to
+        every layer: all of them must then hold the same tokens of each request (true between steps). Raises
+        ``ValueError`` for a position that is not its request's next or lies beyond its ``max_total_len``."""
+        states = [self._state(request_id) for request_id in request_ids]
+        for request_id, state in zip(request_ids, states):
+            if len(set(state.shard_lens)) != 1 or len(set(state.written)) != 1:
+                raise ValueError(f"plan_step: request {request_id!r} stores {state.shard_lens} tokens per layer on "
+                                 f"shard {self.dcp_rank}; a step is planned once for every layer, so every layer "
+                                 "must hold the same tokens (finish its prefill first)")
+        return DecodeStepPlan.build(self, list(request_ids), states, 0, [list(row) for row in positions])
 
     def _layer_index(self, layer_number: int) -> int:
         _require(1 <= layer_number <= self.num_layers, "layer_number", layer_number,
@@ -284,46 +313,137 @@ class PagedKVCache:
             self.storage[layer, 1, blocks, :, offsets] = v_tokens.to(self.dtype)
 
 
-class LayerCacheView:
-    """One layer's shard cache for one decode batch: the cache protocol of DCP decode attention.
 
-    The batch's block tables are padded to ``[b, max_reserved_blocks]`` once, at construction;
-    padding entries point at block 0 and are never read unmasked.
+def _tensor(values: list, device: torch.device, *shape: int) -> torch.Tensor:
+    """Host integers ``values`` as an int64 tensor of ``shape`` on ``device`` (one host-to-device copy)."""
+    return torch.tensor(values, dtype=torch.int64, device=device).view(*shape)
+
+
+@dataclass(frozen=True)
+class _ReadIndex:
+    """Where ``read`` finds a batch's held shard slots: column ``c`` of row ``i`` is slot ``first_slots[i] + c``, at
+    offset ``offsets[i, c]`` of block ``blocks[i, c]`` (``[b, s_max]`` int64); ``hidden [1, b, 1, s_max, 1]`` bool
+    marks the padding columns, ``c >= lens[i]``; ``lens``, ``first_slots [b]`` int64. Tensors on the cache's device,
+    ``s_max = max(lens)`` a host integer (0 for an empty batch)."""
+
+    blocks: torch.Tensor
+    offsets: torch.Tensor
+    hidden: torch.Tensor
+    lens: torch.Tensor
+    first_slots: torch.Tensor
+    s_max: int
+
+    @classmethod
+    def build(cls, cache: PagedKVCache, block_ids: list[tuple[int, ...]], shard_lens: list[int],
+              written: list[int]) -> "_ReadIndex":
+        """The index of rows holding ``shard_lens[i]`` slots, ``written[i]`` the most ever stored: a ring holds the
+        last ``len(block_ids[i]) * block_size`` of them (truncated drafts overwrote the slots one ring before)."""
+        device, block_size, batch = cache.device, cache.block_size, len(block_ids)
+        first = [min(max(w - len(ids) * block_size, 0), n) for ids, n, w in zip(block_ids, shard_lens, written)]
+        lens = [n - f for n, f in zip(shard_lens, first)]
+        s_max, width = max(lens, default=0), max(map(len, block_ids), default=0)
+        table = _tensor([b for ids in block_ids for b in ids + (0,) * (width - len(ids))], device, batch, width)
+        first_slots, held = _tensor(first, device, batch), _tensor(lens, device, batch)
+        columns = torch.arange(s_max, device=device)
+        slots = first_slots[:, None] + columns  # [b, s_max]
+        table_blocks = _tensor([len(ids) for ids in block_ids], device, batch, 1)
+        blocks = table.gather(1, (slots // block_size) % table_blocks) if width else torch.zeros_like(slots)
+        hidden = (columns >= held[:, None])[None, :, None, :, None]
+        return cls(blocks, slots % block_size, hidden, held, first_slots, s_max)
+
+
+@dataclass(frozen=True)
+class DecodeStepPlan:
+    """A step's appends to one ``PagedKVCache`` for a batch, planned on the host before the forward and shared by
+    every layer (the layers of a step append the same positions).
+
+    ``rows``, ``columns [n]`` int64: batch row and token index of each new token this shard owns (row-major);
+    ``blocks``, ``offsets [n]`` int64: where it goes. ``before``/``shard_lens``/``written`` (``[b]`` host integers):
+    each request's stored tokens before and after the append, and the most slots ever stored after it; ``read``:
+    the gather index of the shard after the append. ``num_new``: ``L``, the new tokens per request.
     """
 
-    def __init__(self, cache: PagedKVCache, layer: int, request_ids: list[Hashable]):
-        self.cache, self.layer, self.request_ids = cache, layer, request_ids
-        self._states = [cache._state(request_id) for request_id in request_ids]
-        max_blocks = max((state.block_ids.numel() for state in self._states), default=0)
-        self._block_table = torch.zeros(len(request_ids), max_blocks, dtype=torch.int64, device=cache.device)
-        for row, state in enumerate(self._states):
-            self._block_table[row, :state.block_ids.numel()] = state.block_ids
-        self._table_blocks = torch.tensor([state.block_ids.numel() for state in self._states], dtype=torch.int64,
-                                          device=cache.device)  # [b]: a row's slot s is in block s // bs % this
-        self._max_total_lens = torch.tensor([state.max_total_len for state in self._states], dtype=torch.int64,
-                                            device=cache.device)
+    rows: torch.Tensor
+    columns: torch.Tensor
+    blocks: torch.Tensor
+    offsets: torch.Tensor
+    before: tuple[int, ...]
+    shard_lens: tuple[int, ...]
+    written: tuple[int, ...]
+    read: _ReadIndex
+    num_new: int
 
-    def shard_lens(self) -> torch.Tensor:
-        """``[b]`` int64: tokens of each request of the batch stored on this rank for this layer."""
-        return torch.stack([state.shard_lens[self.layer] for state in self._states]) if self._states \
-            else torch.zeros(0, dtype=torch.int64, device=self.cache.device)
+    @classmethod
+    def build(cls, cache: PagedKVCache, request_ids: list[Hashable], states: list[_RequestState], layer: int,
+              positions: list[list[int]]) -> "DecodeStepPlan":
+        """Plan appending ``positions [b][L]`` to layer ``layer``'s ``states``. Each owned position must be its
+        request's next shard slot (no decode step skipped or repeated), and every position below its request's
+        ``max_total_len`` on every rank, owned or not, so a sequence too long for the cache fails on all DCP
+        members alike instead of leaving the others waiting in the next collective."""
+        rows, columns, blocks, offsets, ends = [], [], [], [], []
+        for row, (request_id, state, row_positions) in enumerate(zip(request_ids, states, positions)):
+            end = state.shard_lens[layer]
+            slots = [slot_of_position(p, cache.dcp_size, cache.interleave) for p in row_positions]
+            bad = any(p >= state.max_total_len for p in row_positions)
+            for column, (position, slot) in enumerate(zip(row_positions, slots)):
+                if shard_of_position(position, cache.dcp_size, cache.interleave) == cache.dcp_rank:
+                    bad |= slot != end
+                    rows.append(row)
+                    columns.append(column)
+                    blocks.append(state.block_ids[(slot // cache.block_size) % len(state.block_ids)])
+                    offsets.append(slot % cache.block_size)
+                    end += 1
+            if bad:
+                got = (f"position {row_positions[0]}, slot {slots[0]}" if len(row_positions) == 1 else
+                       f"positions {row_positions}, slots {slots}")
+                stored = state.shard_lens[layer]
+                raise ValueError(
+                    f"append: request {request_id!r} stores {stored} tokens on shard {cache.dcp_rank} "
+                    f"(max_total_len = {state.max_total_len}), so its next owned position must map to slot "
+                    f"{stored} and be < max_total_len; got {got}")
+            ends.append(end)
+        written = [max(state.written[layer], end) for state, end in zip(states, ends)]
+        device, n = cache.device, len(rows)
+        read = _ReadIndex.build(cache, [state.block_ids for state in states], ends, written)
+        return cls(_tensor(rows, device, n), _tensor(columns, device, n), _tensor(blocks, device, n),
+                   _tensor(offsets, device, n), tuple(state.shard_lens[layer] for state in states), tuple(ends),
+                   tuple(written), read, len(positions[0]) if positions else 1)
+
+
+class LayerCacheView:
+    """One layer's shard cache for one batch: the cache protocol of DCP decode attention (``ShardedKVCache``).
+
+    With a ``plan`` (``PagedKVCache.views``) the view's one ``append`` is one indexed write of the planned tokens
+    and ``read`` gathers through the plan's index: no host round-trip. Without one, each ``append`` plans itself
+    from its ``positions`` (read to the host, checked there) and ``read`` indexes the tokens stored now.
+    """
+
+    def __init__(self, cache: PagedKVCache, layer: int, request_ids: list[Hashable],
+                 plan: Optional[DecodeStepPlan] = None):
+        self.cache, self.layer, self.request_ids, self._plan = cache, layer, request_ids, plan
+        self._states = [cache._state(request_id) for request_id in request_ids]
+        self._appended: Optional[DecodeStepPlan] = None  # the plan of this view's last append
+
+    def _index(self) -> _ReadIndex:
+        """The read index of the tokens stored now: the last append's, unless the books moved since."""
+        layer, plan = self.layer, self._appended
+        if plan is not None and all(state.shard_lens[layer] == n and state.written[layer] == w
+                                    for state, n, w in zip(self._states, plan.shard_lens, plan.written)):
+            return plan.read
+        return _ReadIndex.build(self.cache, [state.block_ids for state in self._states],
+                                [state.shard_lens[layer] for state in self._states],
+                                [state.written[layer] for state in self._states])
 
     def first_slots(self) -> torch.Tensor:
         """``[b]`` int64: the shard slot ``read`` returns in column 0 (``ShardedKVCache.first_slots``): 0, or in a
         ring the oldest slot it still holds (truncated drafts overwrote the slots one ring before them)."""
-        written = torch.stack([state.written[self.layer] for state in self._states]) if self._states \
-            else torch.zeros(0, dtype=torch.int64, device=self.cache.device)
-        return (written - self._table_blocks * self.cache.block_size).clamp(min=0).minimum(self.shard_lens())
+        return self._index().first_slots
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
         """Store each request's new tokens ``k_new, v_new [b, num_kv_heads, L, head_dim]`` at ``positions``
         (``[b]`` for ``L = 1``, else ``[b, L]``, consecutive) where this shard owns them; tokens of other shards
-        are ignored.
-
-        Each owned position must be the request's next shard slot (no decode step skipped or repeated).
-        Every position must be below its request's ``max_total_len`` on every rank, owned or not, so
-        a sequence too long for the cache fails on all DCP members alike instead of leaving the
-        others waiting in the next collective.
+        are ignored. The rules a position must keep are ``DecodeStepPlan.build``'s; with a plan they were checked
+        when the step was planned, and ``positions`` must be the planned ones (only their shape is checked here).
         """
         cache = self.cache
         batch, num_new = len(self.request_ids), k_new.shape[2] if k_new.dim() == 4 else 1
@@ -332,70 +452,28 @@ class LayerCacheView:
                  f"it must be [{batch}] or [{batch}, {num_new}]: one position per new token of the batch")
         cache._check_kv(k_new, v_new, positions_2d.flatten(), "append",
                         (batch, cache.num_kv_heads, num_new, cache.head_dim))
-        owned = shard_of_position(positions_2d, cache.dcp_size, cache.interleave) == cache.dcp_rank
-        slots = slot_of_position(positions_2d, cache.dcp_size, cache.interleave)
-        lens = self.shard_lens()
-        next_slots = lens[:, None] + torch.cumsum(owned, dim=1) - 1  # where each owned token must land
-        self._check_next_slot((owned & (slots != next_slots)).any(1), lens, slots, positions_2d)
-        self._check_next_slot((positions_2d >= self._max_total_lens[:, None]).any(1), lens, slots, positions_2d)
-        rows, columns = torch.nonzero(owned, as_tuple=True)
-        token_slots = slots[rows, columns]
-        blocks = self._block_table[rows, (token_slots // cache.block_size) % self._table_blocks[rows]]
-        cache._write(self.layer, blocks,
-                     token_slots % cache.block_size, k_new[rows, :, columns], v_new[rows, :, columns])
-        for row, count in enumerate(owned.sum(1).tolist()):
-            state = self._states[row]
-            state.shard_lens[self.layer] += count
-            state.written[self.layer] = torch.maximum(state.written[self.layer], state.shard_lens[self.layer])
-
-    def _check_next_slot(self, bad: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor,
-                         positions: torch.Tensor) -> None:
-        """Raise for the first request flagged in ``bad [b]``: its owned position is not its next slot
-        (a decode step skipped or repeated) or lies beyond its reservation."""
-        if not bool(bad.any()):
-            return
-        row = int(torch.nonzero(bad)[0])
-        got = (f"position {int(positions[row, 0])}, slot {int(slots[row, 0])}" if positions.shape[1] == 1 else
-               f"positions {positions[row].tolist()}, slots {slots[row].tolist()}")
-        raise ValueError(
-            f"append: request {self.request_ids[row]!r} stores {int(lens[row])} tokens on shard "
-            f"{self.cache.dcp_rank} of layer {self.layer} (max_total_len = {int(self._max_total_lens[row])}), "
-            f"so its next owned position must map to slot {int(lens[row])} and be < max_total_len; got {got}")
+        plan = self._plan if self._plan is not None else DecodeStepPlan.build(
+            cache, self.request_ids, self._states, self.layer, positions_2d.tolist())
+        before = tuple(state.shard_lens[self.layer] for state in self._states)
+        _require(plan.num_new == num_new and plan.before == before, "append plan", (plan.num_new, plan.before),
+                 f"a step plan appends once to every layer: it must be planned for {num_new} new tokens on the "
+                 f"stored tokens {before}; plan the step again (PagedKVCache.views)")
+        cache._write(self.layer, plan.blocks, plan.offsets,
+                     k_new[plan.rows, :, plan.columns], v_new[plan.rows, :, plan.columns])
+        for state, shard_len, written in zip(self._states, plan.shard_lens, plan.written):
+            state.shard_lens[self.layer], state.written[self.layer] = shard_len, written
+        self._appended = plan
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's stored tokens of every request of the batch, in position order.
 
         Returns ``(k_shard, v_shard, shard_lens)``: ``k_shard, v_shard [b, num_kv_heads, s_max, head_dim]``
-        right-padded with zeros to ``s_max = max(shard_lens)`` (``s_max`` may be 0), and
-        ``shard_lens [b]`` int64. The tensors are fresh copies gathered from the blocks. In a ring cache
-        column 0 is slot ``first_slots()`` and ``shard_lens`` counts the columns held.
+        right-padded with zeros to ``s_max = max(shard_lens)`` (``s_max`` may be 0), and ``shard_lens [b]``
+        int64: fresh copies gathered from the blocks through the step's index (one gather per layer). Column 0
+        is slot ``first_slots()`` (0 unless a ring dropped older slots); ``shard_lens`` counts the columns held.
         """
-        cache = self.cache
-        if cache.ring_blocks is not None:
-            return self._read_ring()
-        lens = self.shard_lens()
-        batch = len(self.request_ids)
-        s_max = int(lens.max()) if batch else 0
-        num_blocks = _blocks_for(s_max, cache.block_size)
-        # [planes, b, num_blocks, hkv, block_size, d] -> [planes, b, hkv, num_blocks * block_size, d]
-        gathered = cache.storage[self.layer][:, self._block_table[:, :num_blocks]]
-        kv = gathered.permute(0, 1, 3, 2, 4, 5).reshape(
-            cache.storage.shape[1], batch, cache.num_kv_heads, num_blocks * cache.block_size,
-            cache.head_dim)[:, :, :, :s_max]
-        valid = torch.arange(s_max, device=cache.device) < lens.to(cache.device)[:, None]
-        kv = kv.masked_fill(~valid[None, :, None, :, None], 0)
-        return kv[0], kv[-1], lens
-
-    def _read_ring(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``read`` of a ring cache: each request's held slots ``[first_slots, shard_lens)``, token by token."""
-        cache = self.cache
-        first = self.first_slots()
-        lens = self.shard_lens() - first
-        s_max = int(lens.max()) if len(self.request_ids) else 0
-        columns = torch.arange(s_max, device=cache.device)
-        slots = first[:, None] + columns  # [b, s_max]
-        blocks = self._block_table.gather(1, (slots // cache.block_size) % self._table_blocks[:, None])
+        index = self._index()
         # the two index tensors, split by a slice, lead: [b, s_max, planes, hkv, d] -> [planes, b, hkv, s_max, d]
-        kv = cache.storage[self.layer][:, blocks, :, slots % cache.block_size].permute(2, 0, 3, 1, 4)
-        kv = kv.masked_fill(~(columns < lens[:, None])[None, :, None, :, None], 0)
-        return kv[0], kv[-1], lens
+        kv = self.cache.storage[self.layer][:, index.blocks, :, index.offsets].permute(2, 0, 3, 1, 4)
+        kv = kv.masked_fill(index.hidden, 0)
+        return kv[0], kv[-1], index.lens

@@ -235,11 +235,24 @@ def _additive(seen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _masked_cpu_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's CPU flash kernel with a mask. It reports ``lse = 0`` (not ``-inf``) for a row that sees no key,
-    which would give that row weight in a merge, so such rows are set to ``-inf`` here."""
+    """torch's CPU flash kernel with a mask ``seen`` (``[sq, sk]`` or ``[b, 1, sq, sk]``). It reports ``lse = 0``
+    (not ``-inf``) for a row that sees no key, which would give that row weight in a merge, so such rows are set
+    to ``-inf`` here (its ``out`` is 0)."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=_additive(seen, q.dtype), scale=scale)
-    return out, lse.float().masked_fill(~seen.any(1), float("-inf"))
+    return out, lse.float().masked_fill(~seen.any(-1), float("-inf"))
+
+
+def masked_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with a per-request mask ``seen [b, 1, sq, sk]`` bool (True: the pair is visible): one
+    kernel call for the whole batch, whatever each row sees, and no host round-trip. Returns ``(out [b,hq,sq,d],
+    lse [b,hq,sq] float32)``; a row that sees no key gets ``out = 0``, ``lse = -inf``. CPU: torch's flash kernel
+    with an additive mask; elsewhere ``_math_forward``."""
+    _check(q, k, v)
+    if q.device.type == "cpu":
+        return _masked_cpu_forward(q, k, v, seen, scale)
+    return _math_forward(q, k, v, seen.unsqueeze(1), scale, None)
 
 
 def _grouped(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:

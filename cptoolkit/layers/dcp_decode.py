@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from cptoolkit.layers.block_attention import attention_forward
+from cptoolkit.layers.block_attention import masked_attention_forward
 from cptoolkit.layers.comm import CommStats, all_gather, all_reduce, all_to_all, reduce_scatter
 from cptoolkit.layers.lse_merge import merge_many
 
@@ -305,23 +305,19 @@ def attend_shard(q_group: torch.Tensor, k_shard: torch.Tensor, v_shard: torch.Te
     """Attention of the new token over this member's shard: a partial result to merge.
 
     ``q_group [b, hq_group, 1, d]``, ``k_shard``/``v_shard [b, hkv_group, s_max, d]`` of which request
-    ``i`` uses the first ``shard_lens[i]`` slots. Returns ``(out [b, hq_group, 1, d], lse [b, hq_group, 1]
-    float32)``; a request with an empty shard gets ``out = 0``, ``lse = -inf``. Requests of equal
-    shard length share one kernel call (the CPU kernel takes no padding mask).
+    ``i`` uses the first ``shard_lens[i] <= s_max`` slots (``read``'s invariant: not checked, as that would wait
+    on the device). Returns ``(out [b, hq_group, 1, d], lse [b, hq_group, 1] float32)``; a request with an empty
+    shard gets ``out = 0``, ``lse = -inf``. One masked kernel call for the whole batch.
     """
     batch, _, s_max, _ = k_shard.shape
-    if shard_lens.shape != (batch,) or int(shard_lens.max()) > s_max:
-        raise ValueError(f"shard_lens must be [{batch}] with entries <= s_max {s_max}; got {shard_lens.tolist()}")
-    out = torch.zeros_like(q_group)
-    lse = torch.full(q_group.shape[:3], float("-inf"), dtype=torch.float32, device=q_group.device)
-    for length in shard_lens.unique().tolist():
-        if length == 0:
-            continue
-        rows = (shard_lens == length).nonzero().squeeze(1)
-        index = slice(None) if len(rows) == batch else rows
-        out[index], lse[index] = attention_forward(q_group[index], k_shard[index, :, :length],
-                                                   v_shard[index, :, :length], causal=False, scale=scale)
-    return out, lse
+    if shard_lens.shape != (batch,):
+        raise ValueError(f"shard_lens must be [{batch}] (one length <= s_max {s_max} per request); "
+                         f"got shape {list(shard_lens.shape)}")
+    if s_max == 0:
+        return (torch.zeros_like(q_group),
+                torch.full(q_group.shape[:3], float("-inf"), dtype=torch.float32, device=q_group.device))
+    seen = torch.arange(s_max, device=k_shard.device) < shard_lens.to(k_shard.device)[:, None]  # [b, s_max]
+    return masked_attention_forward(q_group, k_shard, v_shard, seen[:, None, None, :], scale)
 
 
 def visible_shard_lens(positions: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
