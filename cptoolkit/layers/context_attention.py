@@ -49,7 +49,7 @@ from cptoolkit.layers.comm import CommStats, all_gather, all_to_all, reduce_scat
 from cptoolkit.layers.dcp_decode import (DECODE_COMMS, DecodeComm, DecodeGroup, ShardedKVCache, attend_shard,
                                          attend_shard_range, shard_length, window_slot_ranges)
 from cptoolkit.layers.dual_chunk_swap import shard_positions
-from cptoolkit.layers.lse_merge import merge_many, merge_two
+from cptoolkit.layers.lse_merge import merge_partials, merge_two
 from cptoolkit.layers.ring_p2p import ring_forward
 from cptoolkit.layers.sliding_window import needs_window, windowed_forward
 
@@ -131,13 +131,6 @@ def _slices_by_member(x: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
     return by_tokens.movedim((1, 3), (0, 1)).flatten(0, 1).contiguous()
 
 
-def _merge(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if outs.is_cuda:
-        from cptoolkit.layers.lse_merge_triton import merge_many_triton
-        return merge_many_triton(outs, lses)
-    return merge_many(outs, lses)
-
-
 def return_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm: DecodeComm,
                     stats: CommStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The history partial of this rank's own heads and chunk tokens, from every member's partial.
@@ -152,7 +145,7 @@ def return_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm:
     if comm == "a2a":
         packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)
         received = all_to_all(_slices_by_member(packed, dg), dg.group, stats)
-        return _merge(received[..., :-1], received[..., -1])
+        return merge_partials(received[..., :-1], received[..., -1])
     lse_total = torch.logsumexp(all_gather(lse, dg.group, stats), dim=0)
     # A row with no history on any shard has lse = lse_total = -inf: weight 0, not NaN.
     weight = torch.nan_to_num(torch.exp(lse - lse_total), nan=0.0)

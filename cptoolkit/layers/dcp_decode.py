@@ -47,7 +47,7 @@ from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.block_attention import masked_attention_forward
 from cptoolkit.layers.comm import CommStats, all_gather, all_reduce, all_to_all, reduce_scatter
-from cptoolkit.layers.lse_merge import merge_many
+from cptoolkit.layers.lse_merge import merge_partials
 
 DecodeComm = Literal["ag_rs", "a2a"]
 DECODE_COMMS = ("ag_rs", "a2a")
@@ -371,13 +371,6 @@ def _slices_by_member(x: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
     return x.unflatten(1, (dg.tp_positions, -1)).movedim(1, 0).repeat_interleave(dg.pcp_size, dim=0)
 
 
-def _merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
-    if outs.is_cuda:
-        from cptoolkit.layers.lse_merge_triton import merge_many_triton
-        return merge_many_triton(outs, lses)[0]
-    return merge_many(outs, lses)[0]
-
-
 def _combine_ag_rs(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: CommStats | None) -> torch.Tensor:
     lse_total = torch.logsumexp(all_gather(lse, dg.group, stats), dim=0)
     # A row empty on every shard (a padding slot) has lse = lse_total = -inf: weight 0, not NaN.
@@ -394,7 +387,7 @@ def _combine_a2a(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: C
         received = all_gather(packed, dg.group, stats)
     else:
         received = all_to_all(_slices_by_member(packed, dg), dg.group, stats)
-    return _merge_partials(received[..., :-1], received[..., -1]).to(out.dtype)
+    return merge_partials(received[..., :-1], received[..., -1])[0].to(out.dtype)
 
 
 def _check_comm(comm: str) -> None:

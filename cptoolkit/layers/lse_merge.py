@@ -48,3 +48,12 @@ def merge_many(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, to
     weights = torch.nan_to_num(torch.exp(lses - lse.unsqueeze(0)), nan=0.0)
     out = (weights.unsqueeze(-1) * outs.float()).sum(dim=0)
     return out.to(outs.dtype), lse
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge_many`` on the device's kernel: the Triton kernel on CUDA (``lse_merge_triton``, imported only
+    there), torch elsewhere. The one merge dispatch of DCP decode and context attention."""
+    if outs.is_cuda:
+        from cptoolkit.layers.lse_merge_triton import merge_many_triton
+        return merge_many_triton(outs, lses)
+    return merge_many(outs, lses)

@@ -23,15 +23,15 @@ def test_triton_merge_on_cuda_equals_the_torch_merge():
     _check_merge_many(merge_many, _on_cuda(merge_many_triton), torch.Generator().manual_seed(0))
 
 
-def test_dcp_decode_merges_cuda_partials_with_the_triton_kernel(monkeypatch):
-    from cptoolkit.layers import dcp_decode, lse_merge_triton
-    from cptoolkit.layers.lse_merge import merge_many
+def test_the_merge_dispatch_takes_the_triton_kernel_for_cuda_partials(monkeypatch):
+    from cptoolkit.layers import lse_merge_triton
+    from cptoolkit.layers.lse_merge import merge_many, merge_partials
 
     calls = []
     real = lse_merge_triton.merge_many_triton
     monkeypatch.setattr(lse_merge_triton, "merge_many_triton", lambda *args: calls.append(args) or real(*args))
     gen = torch.Generator().manual_seed(1)
     outs, lses = torch.randn(4, 2, 8, 1, 64, generator=gen).cuda(), torch.randn(4, 2, 8, 1, generator=gen).cuda()
-    got = dcp_decode._merge_partials(outs, lses)
+    got = merge_partials(outs, lses)[0]
     assert len(calls) == 1
     torch.testing.assert_close(got, merge_many(outs, lses)[0], rtol=0, atol=1e-5)
