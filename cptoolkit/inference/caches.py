@@ -18,6 +18,7 @@ from cptoolkit.inference.block_pool import PageKey
 from cptoolkit.inference.draft_model import DraftModel
 from cptoolkit.inference.hybrid_cache import HybridKVCache
 from cptoolkit.inference.kv_cache import LayerCacheView, PagedKVCache
+from cptoolkit.inference.request import Request
 
 
 class EngineCaches:
@@ -52,13 +53,14 @@ class EngineCaches:
         if self.draft is not None:
             self.draft.free_request(request_id)
 
-    def keep(self, request_id: Hashable, total_len: int) -> None:
-        """After a verification left the request ``total_len`` tokens: forget the K/V of its rejected drafts. The
-        target keeps ``total_len - 1`` positions (the last token is fed at the next step), the draft what it
-        cached of those (``DraftModel.keep``)."""
-        self.target.truncate(request_id, total_len - 1)
-        if self.draft is not None:
-            self.draft.keep(request_id, total_len)
+    def keep(self, requests: Sequence[Request]) -> None:
+        """After a verification: forget the K/V of each request's rejected drafts. The target keeps ``total_len -
+        1`` positions (the last token is fed at the next step), the draft what it cached of those
+        (``DraftModel.keep``)."""
+        for request in requests:
+            self.target.truncate(request.request_id, request.total_len - 1)
+            if self.draft is not None:
+                self.draft.keep(request.request_id, request.total_len)
 
     def views(self, request_ids: Sequence[Hashable], positions: Optional[Sequence[Sequence[int]]] = None
               ) -> dict[int, LayerCacheView]:

@@ -1,30 +1,28 @@
 """Generation engine: PCP-sharded prefill, DCP-sharded decode, continuous batching, sampling.
 
-Online API: ``add_request`` queues a request at any time, ``step`` runs one engine iteration and
-returns its ``TokenEvent``s, ``cancel`` ends a request, ``result`` hands back a finished one.
-``generate`` and ``stream`` are built on them. Every rank of one model replica (TP x PCP ranks)
-must make the same calls in the same order: the engine runs in lock step, with no collective to
-agree on what to do next. With ``dp > 1`` each replica serves its own requests; ``generate`` gives
-replica ``i % dp`` request ``i`` and gathers every result, in order.
+Online API: ``add_request`` queues a request at any time, ``step`` runs one engine iteration and returns its
+``TokenEvent``s, ``cancel`` ends a request, ``result`` hands back a finished one. ``generate`` and ``stream`` are
+built on them. Every rank of one model replica (TP x PCP ranks) must make the same calls in the same order: the
+engine runs in lock step, with no collective to agree on what to do next. With ``dp > 1`` each replica serves its
+own requests; ``generate`` gives replica ``i % dp`` request ``i`` and gathers every result, in order.
 
-The engine is the short loop that ties its parts, each documenting its own rules. One ``step``: the
-``Scheduler`` ends rejected and cancelled requests and admits waiting ones against the ``EngineCaches`` (the
-target's cache and a draft model's, reserved in lock step); then either the ``ModelRunner`` prefills the next
-chunk of the prompts being prefilled (a prompt it completes gets its first token) or runs a decode step (one
-token per running request; with a ``proposer`` or a ``draft_model``, speculative decoding: each request also
-feeds its drafts and emits the accepted ones plus one token, and the caches forget the rejected ones); the
-``Sampler`` draws the tokens, the same on every rank (the replica's first rank's, broadcast); the
-``OutputProcessor`` appends them (logprobs, text, stops, ``TokenEvent``s); the scheduler frees the finished
-requests' blocks. Requests end on ``max_new_tokens``, EOS, a stop string, cancellation, or as invalid
-(``error_status`` 400, at their first step; the others carry on).
+The engine is the short loop that ties its parts, each documenting its own rules. One ``step``: the ``Scheduler``
+ends rejected and cancelled requests and admits waiting ones against the ``EngineCaches`` (the target's cache and a
+draft model's, reserved in lock step); then either the ``ModelRunner`` prefills the next chunk of the prompts being
+prefilled (a prompt it completes gets its first token) or runs a decode step (one token per running request; with a
+``proposer`` or a ``draft_model``, speculative decoding: each request also feeds its drafts and emits the accepted
+ones plus one token, and the caches forget the rejected ones); the ``Sampler`` draws the tokens, the same on every
+rank (the replica's first rank's, broadcast); the ``OutputProcessor`` appends them (logprobs, text, stops,
+``TokenEvent``s); the scheduler frees the finished requests' blocks. Requests end on ``max_new_tokens``, EOS, a stop
+string, cancellation, or as invalid (``error_status`` 400, at their first step; the others carry on).
 
-**Failure isolation.** An exception while sampling, accepting drafts, scoring a token's logprobs,
-detokenizing or checking stop strings for one request ends that request (``finish_reason`` ``error``,
-``error_status`` 500, its blocks freed) and the batch carries on. Every rank takes the same decision with no
-collective of its own: a sampling failure travels in the token broadcast that already follows sampling
-(``FAILED_TOKEN`` in the replica's first rank's row, which every rank applies, whatever its own draw did), and
-everything after the broadcast is a deterministic function of the broadcast token ids, so it raises on every
-rank alike. Only a collective failure (a dead or stalled peer) ends the job.
+**Failure isolation.** An exception while sampling, accepting drafts, scoring a token's logprobs, detokenizing or
+checking stop strings for one request ends that request (``finish_reason`` ``error``, ``error_status`` 500, its
+blocks freed) and the batch carries on. Every rank takes the same decision with no collective of its own: a sampling
+failure travels in the token broadcast that already follows sampling (``FAILED_TOKEN`` in the replica's first rank's
+row, which every rank applies, whatever its own draw did), and everything after the broadcast is a deterministic
+function of the broadcast token ids, so it raises on every rank alike. Only a collective failure (a dead or stalled
+peer) ends the job.
 """
 from __future__ import annotations
 
@@ -188,9 +186,7 @@ class Engine:
         else:
             emitted, failures = self.sampler.verify(logits, requests, drafts)
             events = self.output.append_verified(requests, drafts, emitted, failures, logits, self.metrics)
-            for request in requests:
-                if request.finish_reason is None:
-                    self.caches.keep(request.request_id, request.total_len)
+            self.caches.keep([r for r in requests if r.finish_reason is None])
         self.metrics.decode_time_s += time.perf_counter() - start
         self.metrics.decode_steps += 1
         self.metrics.decode_rows += len(requests)
