@@ -38,7 +38,7 @@ from bench.common import (RESULTS_DIR, add_results_dir_argument, format_table, l
                           save_figure, summarize, write_json)
 from cptoolkit.config import config_from_dict
 from cptoolkit.inference.builder import build_engine
-from cptoolkit.inference.engine import EngineMetrics
+from cptoolkit.inference.metrics import EngineMetrics
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.inference.speculative import NgramProposer
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
@@ -70,7 +70,7 @@ def first_layers(checkpoint: Path, num_layers: int, out_dir: Path) -> Path:
 def _timed(engine, prompts, proposer, batch: int, draft=None) -> tuple[list[list[int]], EngineMetrics]:
     """Generate for ``prompts``, ``batch`` at a time, with ``proposer`` or ``draft`` (a ``DraftModel``) or
     neither; the tokens and the engine's metrics summed over batches."""
-    engine.proposer, engine.draft_model, total, tokens = proposer, draft, EngineMetrics(), []
+    engine.runner.proposer, engine.caches.draft, total, tokens = proposer, draft, EngineMetrics(), []
     for start in range(0, len(prompts), batch):
         engine.metrics = EngineMetrics()
         dist.barrier()
@@ -96,7 +96,7 @@ def _rank(rank: int, world_size: int, checkpoint: str, ks: list[int], reps: int,
                                        num_kv_heads=cfg.model.num_kv_heads)
     try:
         engine = build_engine(cfg, groups, torch.device("cpu"))
-        draft = engine.draft_model  # switched on per variant (``_timed``); its drafts per step set per variant
+        draft = engine.caches.draft  # switched on per variant (``_timed``); its drafts per step set per variant
         base = [engine.tokenizer.encode(p) for p in BASE_PROMPTS]
         continuations, _ = _timed(engine, base, None, len(base))
         workloads = {"repeating": [b + c + b for b, c in zip(base, continuations)], "fresh": base}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import cptoolkit.inference.engine as engine_module
+import cptoolkit.inference.model_runner as runner_module
 from cptoolkit.config import config_from_dict
 from cptoolkit.inference.builder import build_engine
 from cptoolkit.inference.sampling import SamplingParams
@@ -97,7 +97,7 @@ def _decode_syncs_rank(rank, world_size, case, checkpoint):
     groups = initialize_model_parallel(tp=tp, pcp=pcp, dcp=dcp, num_heads=cfg.model.num_attention_heads,
                                        num_kv_heads=cfg.model.num_kv_heads)
     counter, forwards, widths = SyncCounter(), [0], [0]
-    real_forward = engine_module.gpt_forward
+    real_forward = runner_module.gpt_forward
 
     def counted_forward(model, input_ids, *args, **kwargs):
         forwards[0] += 1
@@ -105,13 +105,13 @@ def _decode_syncs_rank(rank, world_size, case, checkpoint):
         with counter, counter.counting_tolist():
             return real_forward(model, input_ids, *args, **kwargs)
 
-    engine_module.gpt_forward = counted_forward  # the engine's decode step is its only caller
+    runner_module.gpt_forward = counted_forward  # the model runner's decode step is its only caller
     try:
         engine = build_engine(cfg, groups, torch.device("cpu"))
         engine.generate(MLA_PROMPTS if case == "mla" else PROMPTS, [SamplingParams(temperature=0.0, max_new_tokens=n) for n in (9, 6, 4)])
         return forwards[0], widths[0], dict(counter.found)
     finally:
-        engine_module.gpt_forward = real_forward
+        runner_module.gpt_forward = real_forward
         destroy_model_parallel()
 
 

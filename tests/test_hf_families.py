@@ -76,14 +76,14 @@ def families(tmp_path_factory):
 def _recorded_logits(engine) -> dict[int, list[torch.Tensor]]:
     """Every logits row the engine samples a token from, per request index, in order (the engine's sampling
     step, wrapped on this instance only)."""
-    rows, sample = defaultdict(list), engine._sample
+    rows, sample = defaultdict(list), engine.sampler.sample
 
     def recording(logits, requests):
         for row, request in zip(logits, requests):
             rows[request.index].append(row.clone())
         return sample(logits, requests)
 
-    engine._sample = recording
+    engine.sampler.sample = recording
     return rows
 
 

@@ -101,7 +101,7 @@ def _load_and_generate() -> tuple[int, list, bool]:
         engine.step()
         engine.cancel(cancelled)
         engine.step()
-        return len(list(engine.model.parameters())), [r.token_ids for r in results], not engine._prefill_bars
+        return len(list(engine.model.parameters())), [r.token_ids for r in results], not engine.scheduler.prefill_bars
     finally:
         destroy_model_parallel()
 

@@ -151,7 +151,7 @@ def _first_token_only_in(outputs: list[list[int]], index: int) -> int:
 
 def _isolation_rank(rank, world_size, nan_on_ranks: tuple[int, ...]):
     from cptoolkit.config import config_from_dict
-    from cptoolkit.inference import engine as engine_module
+    from cptoolkit.inference import sampler as sampler_module
     from cptoolkit.inference.builder import build_engine
     from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 
@@ -166,7 +166,7 @@ def _isolation_rank(rank, world_size, nan_on_ranks: tuple[int, ...]):
     try:
         engine = build_engine(cfg, groups, torch.device("cpu"))
         clean = engine.generate(PROMPTS, params)
-        real_sample_each = engine_module.sample_each
+        real_sample_each = sampler_module.sample_each
 
         def nan_logits_for_one_request(logits, row_params, generators, prompt_ids, output_ids):
             logits = logits.clone()
@@ -175,11 +175,11 @@ def _isolation_rank(rank, world_size, nan_on_ranks: tuple[int, ...]):
                     logits[row] = math.nan
             return real_sample_each(logits, row_params, generators, prompt_ids, output_ids)
 
-        engine_module.sample_each = nan_logits_for_one_request
+        sampler_module.sample_each = nan_logits_for_one_request
         poisoned_at = _first_token_only_in([r.token_ids for r in clean], DECODE_FAULT_REQUEST)
         engine.tokenizer = _FaultyTokenizer(engine.tokenizer, clean[DECODE_FAULT_REQUEST].token_ids[poisoned_at])
         faulty = engine.generate(PROMPTS, params)
-        engine_module.sample_each = real_sample_each
+        sampler_module.sample_each = real_sample_each
         engine.tokenizer = engine.tokenizer.inner
         after = engine.generate(PROMPTS, params)  # the engine carries on, its cache whole
         return (poisoned_at, [(r.token_ids, r.finish_reason) for r in clean],

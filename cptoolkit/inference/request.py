@@ -14,8 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from cptoolkit.inference.detokenizer import IncrementalDetokenizer
-
-from cptoolkit.inference.sampling import SamplingParams
+from cptoolkit.inference.sampling import SamplingParams, make_generator
 
 FINISH_REASONS = ("length", "eos", "stop", "cancelled", "error")
 
@@ -59,6 +58,20 @@ class Request:
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
     prompt_source: Optional[int] = None  # a request with the same prompt whose cached pages this one reuses
     detokenizer: Optional[IncrementalDetokenizer] = None  # keeps ``text`` equal to the decoded output_ids
+
+    @classmethod
+    def new(cls, request_id: int, index: int, prompt: str | list[int], sampling: SamplingParams, tokenizer,
+            prompt_source: Optional[int] = None) -> "Request":
+        """A waiting request for ``prompt`` (text, encoded by ``tokenizer``, or token ids): its sampler seeded by
+        ``(sampling.seed, index)``, its text detokenized incrementally, a slot per prompt token for the prompt
+        logprobs it asks for."""
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        request = cls(request_id, index, prompt if isinstance(prompt, str) else None, ids, sampling,
+                      make_generator(sampling.seed, index), prompt_source=prompt_source,
+                      detokenizer=IncrementalDetokenizer(tokenizer))
+        if sampling.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(ids)
+        return request
 
     @property
     def total_len(self) -> int:

@@ -1,0 +1,132 @@
+"""The engine's model runner: the ``AttentionPhase`` of a step, the forwards of the target (and draft) model, and
+the count of their collectives.
+
+- **Prefill** of a batch of prompt chunks: each chunk is padded and split by DualChunkSwap over the PCP group;
+  the attention layers hand each layer's K/V to ``prefill_kv.store_prefill_kv``, which routes each token to its
+  KV-shard owner over the DCP group (one all-to-all per layer); a draft model prefills the same chunks into its
+  own cache. Only each chunk's last token gets logits; the PCP rank holding it contributes them to a sum over
+  the PCP group. A request that asks for ``prompt_logprobs`` has every prompt token of the chunk scored where
+  its PCP rank holds it (``prompt_logprobs``).
+- **Decode**: one forward of every running request's last token (and its drafts: ``L`` tokens per sequence),
+  attention over the DCP-sharded cache, the step planned once on the host for every layer
+  (``PagedKVCache.views``), so the forward never waits on the host.
+- **Drafts** for speculative decoding: a ``proposer`` (prompt lookup, ``speculative``) or the caches' draft model.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from cptoolkit.inference.caches import EngineCaches
+from cptoolkit.inference.metrics import EngineMetrics
+from cptoolkit.inference.prefill_kv import store_prefill_kv
+from cptoolkit.inference.prompt_logprobs import ScoredRow, score_prompt_chunks
+from cptoolkit.inference.request import Request
+from cptoolkit.inference.speculative import NgramProposer
+from cptoolkit.layers.comm import all_reduce
+from cptoolkit.layers.core_attention import AttentionPhase, AttentionRuntime
+from cptoolkit.layers.dual_chunk_swap import DualChunkSwapBatch, partition_batch
+from cptoolkit.models.gpt import CPGPTModel, gpt_forward, gpt_hidden, gpt_logits
+from cptoolkit.parallel_state import ParallelGroups
+
+
+class ModelRunner:
+    """Runs ``model`` (built with ``runtime``) on this rank's ``groups`` over ``caches``; prefill chunks hold at
+    most ``chunk_size`` prompt tokens; ``proposer`` drafts by prompt lookup (the caches' draft model otherwise,
+    when there is one)."""
+
+    def __init__(self, model: CPGPTModel, runtime: AttentionRuntime, groups: ParallelGroups, caches: EngineCaches,
+                 chunk_size: int, proposer: Optional[NgramProposer] = None):
+        if proposer is not None and caches.draft is not None:
+            raise ValueError("proposer and draft_model: give at most one (speculative decoding takes one source of "
+                             "drafts)")
+        self.model, self.runtime, self.groups, self.caches = model, runtime, groups, caches
+        self.chunk_size, self.proposer = chunk_size, proposer
+
+    def prefill(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
+        """Prefill the next chunk of every request over its cached history (``Request.num_cached``); returns the
+        logits ``[b, vocab]`` of each chunk's last token (the same on every PCP rank) and the chunk lengths.
+        Chunks start at multiples of ``interleave * dcp`` (prefix pages and chunk sizes are such multiples), so
+        one DCP routing serves every row."""
+        groups, device = self.groups, self.caches.device
+        history = [r.num_cached for r in requests]
+        chunks = [r.prompt_ids[h:h + self.chunk_size] for r, h in zip(requests, history)]
+        batch = partition_batch(chunks, groups.pcp_rank, groups.pcp_size, pad_id=0)
+        starts = torch.tensor(history, dtype=torch.int64)
+        # DualChunkSwap pads each chunk by up to 2*PCP-1 tokens whose positions may pass the model's
+        # last one; no real token attends to a pad (pads come last, attention is causal) and pads are
+        # never cached, so their positions are clamped into the model's range.
+        positions = (batch.position_ids + starts[:, None]).clamp(max=self.model.shape.max_seq_len - 1)
+        owners = batch.last_token_owners()  # (pcp_rank, local index) of each chunk's last token
+        ids = [r.request_id for r in requests]
+        phase = AttentionPhase(
+            mode="prefill",
+            history_lens=starts.to(device) if any(history) else None,
+            kv_caches=self.caches.views(ids) if any(history) else {},
+            on_prefill_kv=functools.partial(store_prefill_kv, self.caches.target, self.runtime.decode_group,
+                                            groups.pcp_rank, ids, batch.seq_lens, history, batch.seq_len_padded))
+        with torch.no_grad():
+            hidden = gpt_hidden(self.model, batch.input_ids.to(device), positions.to(device),
+                                self.runtime, phase=phase)  # [s_local, b, h]
+            last_index = torch.tensor([i for _, i in owners], device=device)
+            last_logits = gpt_logits(self.model, hidden.gather(
+                0, last_index.view(1, -1, 1).expand(1, -1, hidden.shape[-1])))[:, 0]
+            self._score_prompts(hidden, batch, requests, history)
+        if self.caches.draft is not None:
+            self.caches.draft.prefill(ids, batch, positions, history)
+        if groups.pcp_size > 1:  # exactly one PCP rank holds each row; the others contribute zeros
+            not_mine = torch.tensor([owner != groups.pcp_rank for owner, _ in owners], device=device)
+            all_reduce(last_logits.masked_fill_(not_mine.unsqueeze(1), 0.0), groups.pcp_group)
+        return last_logits, [len(chunk) for chunk in chunks]
+
+    def _score_prompts(self, hidden: torch.Tensor, batch: DualChunkSwapBatch, requests: list[Request],
+                       history: list[int]) -> None:
+        """Record the prompt logprobs of this chunk for the requests that asked for them."""
+        rows = [ScoredRow(row, r.prompt_ids, start, chunk_len, r.sampling.prompt_logprobs)
+                for row, (r, start, chunk_len) in enumerate(zip(requests, history, batch.seq_lens))
+                if r.sampling.prompt_logprobs is not None]
+        figures = score_prompt_chunks(self.model, hidden, batch.position_ids[0], rows, self.groups.pcp_group)
+        for scored, by_position in zip(rows, figures):
+            for position, logprob in by_position.items():
+                requests[scored.row].prompt_logprobs[position] = logprob
+
+    def propose(self, requests: list[Request], metrics: EngineMetrics) -> list[list[int]]:
+        """Each request's draft tokens (none without a proposer or draft model). Every row writes ``1 + max
+        drafts`` positions to the cache, so the request with the least room left (``max_new_tokens`` minus
+        generated, >= 1) bounds them all; the same on every rank (the proposer reads only token ids, the draft
+        model's argmax reads logits gathered over TP). The draft model's collectives are counted in ``metrics``."""
+        draft = self.caches.draft
+        if self.proposer is None and draft is None:
+            return [[] for _ in requests]
+        room = min(r.sampling.max_new_tokens - len(r.output_ids) for r in requests)
+        if draft is None:
+            return [self.proposer.propose(r.prompt_ids + r.output_ids, room) for r in requests]
+        calls_before = draft.runtime.stats.total_calls
+        drafts = draft.propose(requests, room)
+        metrics.draft_collectives += draft.runtime.stats.total_calls - calls_before
+        return drafts
+
+    def decode(self, requests: list[Request], drafts: list[list[int]], metrics: EngineMetrics) -> torch.Tensor:
+        """One decode forward: each row feeds its last token and its drafts, padded to the longest row's (padding
+        is never accepted); returns ``logits [b, L, vocab]``. The step's collectives and bytes (in total and by
+        layer) are counted in ``metrics``."""
+        stats = self.runtime.stats
+        calls_before, bytes_before = stats.total_calls, stats.total_bytes
+        layer_calls_before = {layer: s.total_calls for layer, s in self.runtime.per_layer_stats.items()}
+        num_drafts = max(map(len, drafts))
+        input_ids = torch.tensor([[r.output_ids[-1], *d, *[0] * (num_drafts - len(d))]
+                                  for r, d in zip(requests, drafts)], device=self.caches.device)
+        host_positions = [list(range(r.total_len - 1, r.total_len + num_drafts)) for r in requests]
+        positions = torch.tensor(host_positions, device=self.caches.device)
+        phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0] if num_drafts == 0 else positions,
+                               kv_caches=self.caches.views([r.request_id for r in requests], host_positions))
+        with torch.no_grad():
+            logits = gpt_forward(self.model, input_ids, positions, self.runtime, phase=phase)  # [b, L, vocab]
+        metrics.decode_collectives += stats.total_calls - calls_before
+        metrics.decode_bytes_sent += stats.total_bytes - bytes_before
+        by_layer = metrics.decode_collectives_by_layer
+        for layer, layer_stats in self.runtime.per_layer_stats.items():
+            by_layer[layer] = by_layer.get(layer, 0) + layer_stats.total_calls - layer_calls_before.get(layer, 0)
+        return logits
