@@ -1,9 +1,10 @@
 """One generation request's state, the events it streams and the result it ends with.
 
 The engine owns ``Request`` objects; callers see ``TokenEvent`` (one per request and step) and
-``GenerationResult`` (one per request, with its ``RequestMetrics``). Text is re-decoded from all
-output ids after every token, so multi-byte characters split over several byte tokens come out
-whole; ``stream_delta`` holds back what may still change.
+``GenerationResult`` (one per request, with its ``RequestMetrics``). Text comes from the request's
+``IncrementalDetokenizer`` (a few tokens decoded per step, equal to decoding every output id), so
+multi-byte characters split over several byte tokens come out whole; ``stream_delta`` holds back what
+may still change.
 """
 from __future__ import annotations
 
