@@ -30,6 +30,7 @@ from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import shard_positions, shard_sequence
 from cptoolkit.models.checkpoint import load_model_checkpoint, mla_layout
 from cptoolkit.models.gpt import gpt_forward
+from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.models.shape import GPTShape
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
@@ -224,9 +225,9 @@ def test_expanded_prefill_loss_and_gradients_equal_float64_transformers(checkpoi
 def test_moe_layers_and_bad_mla_fields_are_refused_in_one_line():
     config = transformers.DeepseekV3Config(**{**SIZES, "first_k_dense_replace": 1}).to_dict()
     with pytest.raises(ValueError, match=r"first_k_dense_replace=1 makes layers 1..1 mixture-of-experts; rule"):
-        GPTShape.from_hf_config(config)
+        read_hf_config(config)
     v2 = transformers.DeepseekV2Config(**SIZES).to_dict()
     with pytest.raises(ValueError, match="attention_bias=True; rule: must be False"):
-        GPTShape.from_hf_config({**v2, "attention_bias": True})
+        read_hf_config({**v2, "attention_bias": True})
     with pytest.raises(ValueError, match="kv_lora_rank=0; rule: must be a positive integer"):
-        GPTShape.from_hf_config({**v2, "kv_lora_rank": 0})
+        read_hf_config({**v2, "kv_lora_rank": 0})

@@ -5,7 +5,7 @@ tensors under a TP=1 model's parameter names) as row ranges of the tensors in it
 full tensor is its pieces' rows stacked. Each rank reads only the index ranges its TP slice needs
 (``safe_open(...).get_slice``), one range at a time, straight into its parameters, so any checkpoint
 loads at any TP size and no rank holds a whole tensor it does not keep. ``config.json`` is read by
-``cptoolkit.models.shape``.
+its family (``cptoolkit.models.families.registry``).
 
 - Hugging Face (``config.json`` + ``model.safetensors`` or a sharded ``model.safetensors.index.json``;
   no hub access): the Llama family (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
@@ -38,7 +38,8 @@ from cptoolkit.config import ConfigError
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.models.build import new_gpt_model
 from cptoolkit.models.gpt import CPGPTModel
-from cptoolkit.models.shape import CONFIG_FILE, RESAVE, GPTShape, hf_shape, read_config, read_json_object
+from cptoolkit.models.families.registry import hf_shape, write_hf_config
+from cptoolkit.models.shape import CONFIG_FILE, RESAVE, GPTShape, read_config, read_json_object
 from cptoolkit.models.tp_sharding import Reader, gather_full_state_dict, load_tp_slices
 
 CPTOOLKIT_FORMAT = 1
@@ -460,7 +461,7 @@ def save_checkpoint(model: CPGPTModel, checkpoint_dir: str | Path, tokenizer) ->
         save_file({name: tensor.contiguous() for name, tensor in full.items()}, directory / WEIGHTS_FILE)
         # "dtype" (transformers 5's key) lets runtime.dtype: auto load the weights in the dtype they were saved in.
         weights_dtype = str(next(iter(full.values())).dtype).removeprefix("torch.")
-        config = {**model.shape.to_hf_config(), "dtype": weights_dtype, "cptoolkit_format": CPTOOLKIT_FORMAT}
+        config = {**write_hf_config(model.shape), "dtype": weights_dtype, "cptoolkit_format": CPTOOLKIT_FORMAT}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save(directory)
     dist.barrier()

@@ -1,0 +1,68 @@
+"""DeepSeek-V2 (``DeepseekV2ForCausalLM``) and DeepSeek-V3 (``DeepseekV3ForCausalLM``): multi-head latent
+attention (``MLADims``) on the Llama block, dense MLP layers only (``first_k_dense_replace`` must cover every
+layer: cptoolkit has no MoE layers)."""
+from __future__ import annotations
+
+from cptoolkit.models.families import Family
+from cptoolkit.models.shape import GPTShape, MLADims, positive_key, read_rope, require_keys
+
+
+# transformers' defaults for the MLA keys a DeepSeek config.json may leave out.
+_MLA_DEFAULTS = {"kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
+_FIRST_DENSE_DEFAULT = {"deepseek_v2": 0, "deepseek_v3": 3}
+
+
+def _read(config: dict, model_type: str) -> GPTShape:
+    """The Llama block with multi-head latent attention; every layer must be dense."""
+    require_keys(config, {"hidden_act": "silu", "attention_bias": False})
+    layers = positive_key(config, "num_hidden_layers")
+    first_dense = config.get("first_k_dense_replace", _FIRST_DENSE_DEFAULT[model_type])
+    if first_dense is None or first_dense < layers:
+        raise ValueError(f"first_k_dense_replace={first_dense!r} makes layers {first_dense or 0}..{layers - 1} "
+                         f"mixture-of-experts; rule: must be >= num_hidden_layers={layers}: cptoolkit runs dense "
+                         "MLP layers only (no MoE)")
+    heads = positive_key(config, "num_attention_heads")
+    q_lora = config.get("q_lora_rank", 1536)
+    dims = {key: positive_key(config, key, default=default) for key, default in _MLA_DEFAULTS.items()}
+    theta, rope_scaling = read_rope(config)
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    mscale_all_dim = rope.get("mscale_all_dim") or 0.0
+    if not isinstance(mscale_all_dim, (int, float)):
+        raise ValueError(f"mscale_all_dim={mscale_all_dim!r}; rule: must be a number")
+    mla = MLADims(q_lora_rank=None if q_lora is None else positive_key(config, "q_lora_rank"), **dims,
+                  rope_interleave=model_type == "deepseek_v2" or bool(config.get("rope_interleave", True)),
+                  mscale_all_dim=float(mscale_all_dim))
+    return GPTShape(arch="llama", num_layers=layers, hidden_size=positive_key(config, "hidden_size"),
+                    num_attention_heads=heads, num_kv_heads=1,
+                    ffn_hidden_size=positive_key(config, "intermediate_size"),
+                    vocab_size=positive_key(config, "vocab_size"),
+                    max_seq_len=positive_key(config, "max_position_embeddings"),
+                    rope_theta=theta, norm_eps=positive_key(config, "rms_norm_eps", float, default=1e-6),
+                    tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                    head_dim=mla.qk_rope_head_dim, rope_scaling=rope_scaling, mla=mla)
+
+
+def _writes(shape: GPTShape) -> bool:
+    return shape.mla is not None
+
+
+def _write(shape: GPTShape) -> dict:
+    """A DeepSeek-V3 ``config.json`` with every layer dense."""
+    m = shape.mla
+    return {"model_type": "deepseek_v3", "architectures": list(DEEPSEEK.architectures["deepseek_v3"]),
+            "num_hidden_layers": shape.num_layers, "hidden_size": shape.hidden_size,
+            "num_attention_heads": shape.num_attention_heads, "num_key_value_heads": shape.num_attention_heads,
+            "intermediate_size": shape.ffn_hidden_size, "vocab_size": shape.vocab_size,
+            "max_position_embeddings": shape.max_seq_len, "hidden_act": "silu",
+            "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
+            "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim,
+            "rope_interleave": m.rope_interleave,
+            "first_k_dense_replace": shape.num_layers, "attention_bias": False,
+            "rope_parameters": {"rope_theta": shape.rope_theta, **shape.rope_scaling.to_hf(),
+                                **({"mscale_all_dim": m.mscale_all_dim} if m.mscale_all_dim else {})},
+            "rms_norm_eps": shape.norm_eps, "tie_word_embeddings": shape.tie_embeddings}
+
+
+DEEPSEEK = Family(name="deepseek", architectures={"deepseek_v2": ("DeepseekV2ForCausalLM",),
+                                                  "deepseek_v3": ("DeepseekV3ForCausalLM",)},
+                  read_hf_config=_read, writes=_writes, write_hf_config=_write)
