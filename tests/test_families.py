@@ -56,3 +56,16 @@ def test_a_family_reads_back_what_it_writes(model_type):
     written = write_hf_config(shape)
     assert BY_MODEL_TYPE[written["model_type"]] is family
     assert read_hf_config(written) == shape
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_a_family_layout_reads_every_tensor_its_checkpoint_holds_and_no_other(model_type):
+    family = BY_MODEL_TYPE[model_type]
+    shape = read_hf_config({"model_type": model_type, **TINY[model_type]})
+    names = ("transformer.wte.weight",) if model_type == "gpt2" else ()  # GPT2LMHeadModel's prefix
+    shapes, layout = family.tensor_shapes(shape, names), family.layout(shape, names)
+    for name, pieces in layout.items():
+        for piece in pieces:
+            stored_rows = shapes[piece.name][1 if piece.transposed else 0]
+            assert 0 <= piece.start < piece.stop <= stored_rows, f"{name}: {piece} outside {shapes[piece.name]}"
+    assert {piece.name for pieces in layout.values() for piece in pieces} == set(shapes)

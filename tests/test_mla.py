@@ -28,7 +28,8 @@ from cptoolkit.inference.builder import build_engine
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import shard_positions, shard_sequence
-from cptoolkit.models.checkpoint import load_model_checkpoint, mla_layout
+from cptoolkit.models.checkpoint import load_model_checkpoint
+from cptoolkit.models.families.deepseek import DEEPSEEK
 from cptoolkit.models.gpt import gpt_forward
 from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.models.shape import GPTShape
@@ -160,7 +161,7 @@ def _train_step(directory, pcp: int, comm: str, ids, labels):
 def _as_hf(grads: dict, shape: GPTShape, hf_grads: dict) -> dict:
     """transformers' gradients arranged as cptoolkit's full parameters (fc1 = [gate; up])."""
     return {name: torch.cat([hf_grads[piece.name][piece.start:piece.stop] for piece in pieces])
-            for name, pieces in mla_layout(shape).items() if name in grads}
+            for name, pieces in DEEPSEEK.layout(shape, ()).items() if name in grads}
 
 
 def _mla_rank(rank, world_size, cases):

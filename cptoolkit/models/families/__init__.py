@@ -7,9 +7,10 @@ A family is what Hugging Face calls a ``model_type`` (or a few close ones, as Ll
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 from cptoolkit.models.shape import GPTShape
+from cptoolkit.models.tensor_map import Layout, Shapes
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class Family:
     ``writes(shape)``: whether this family writes ``shape``; exactly one family of the registry writes each
     valid ``GPTShape``.
     ``write_hf_config(shape)``: a ``config.json`` dict that ``read_hf_config`` reads back as ``shape``.
+    ``tensor_shapes(shape, names)``: every tensor a Hugging Face checkpoint of ``shape`` holds, with its shape;
+    ``names`` (the tensors the checkpoint holds) tell a family's variants apart, as GPT-2's prefix.
+    ``layout(shape, names)``: the full state dict (megatron's TP=1 names) as rows of those tensors; every stored
+    tensor it reads is one of ``tensor_shapes``.
     """
 
     name: str
@@ -30,3 +35,5 @@ class Family:
     read_hf_config: Callable[[dict, str], GPTShape]
     writes: Callable[[GPTShape], bool]
     write_hf_config: Callable[[GPTShape], dict]
+    tensor_shapes: Callable[[GPTShape, Collection[str]], Shapes]
+    layout: Callable[[GPTShape, Collection[str]], Layout]

@@ -3,8 +3,11 @@ attention (``MLADims``) on the Llama block, dense MLP layers only (``first_k_den
 layer: cptoolkit has no MoE layers)."""
 from __future__ import annotations
 
+from typing import Collection
 from cptoolkit.models.families import Family
+from cptoolkit.models.families.llama import llama_layout, llama_tensor_shapes
 from cptoolkit.models.shape import GPTShape, MLADims, positive_key, read_rope, require_keys
+from cptoolkit.models.tensor_map import Layout, Shapes, whole
 
 
 # transformers' defaults for the MLA keys a DeepSeek config.json may leave out.
@@ -62,7 +65,47 @@ def _write(shape: GPTShape) -> dict:
                                 **({"mscale_all_dim": m.mscale_all_dim} if m.mscale_all_dim else {})},
             "rms_norm_eps": shape.norm_eps, "tie_word_embeddings": shape.tie_embeddings}
 
+# DeepSeek's attention tensors (under model.layers.N.self_attn.) -> MLASelfAttention's (under
+# decoder.layers.N.self_attention.); the rest of the block is the Llama one.
+_MLA_NAMES = {"q_proj": "linear_q_proj", "q_a_proj": "linear_q_down_proj", "q_a_layernorm": "q_layernorm",
+              "q_b_proj": "linear_q_up_proj", "kv_a_proj_with_mqa": "linear_kv_down_proj",
+              "kv_a_layernorm": "kv_layernorm", "kv_b_proj": "linear_kv_up_proj", "o_proj": "linear_proj"}
+
+
+def _mla_attention_shapes(shape: GPTShape) -> dict[str, tuple[int, ...]]:
+    """One layer's DeepSeek attention tensors (names after ``self_attn.``, without ``.weight``) and shapes."""
+    m, hidden, heads = shape.mla, shape.hidden_size, shape.num_attention_heads
+    shapes = {"kv_a_proj_with_mqa": (m.latent_dim, hidden), "kv_a_layernorm": (m.kv_lora_rank,),
+              "kv_b_proj": (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+              "o_proj": (hidden, heads * m.v_head_dim)}
+    if m.q_lora_rank is None:
+        return {"q_proj": (heads * m.qk_head_dim, hidden), **shapes}
+    return {"q_a_proj": (m.q_lora_rank, hidden), "q_a_layernorm": (m.q_lora_rank,),
+            "q_b_proj": (heads * m.qk_head_dim, m.q_lora_rank), **shapes}
+
+
+def _tensor_shapes(shape: GPTShape, names: Collection[str]) -> Shapes:
+    """Every tensor a dense DeepSeek-V2/V3 checkpoint of ``shape`` holds, with its shape (names play no part)."""
+    shapes = {name: size for name, size in llama_tensor_shapes(shape).items() if ".self_attn." not in name}
+    for layer in range(shape.num_layers):
+        shapes.update({f"model.layers.{layer}.self_attn.{name}.weight": size
+                       for name, size in _mla_attention_shapes(shape).items()})
+    return shapes
+
+
+def _layout(shape: GPTShape, names: Collection[str]) -> Layout:
+    """The full state dict as a DeepSeek checkpoint's tensors: Llama's embedding, norms and MLP, every
+    attention tensor whole under its ``MLASelfAttention`` name (names play no part)."""
+    shapes = _tensor_shapes(shape, names)
+    layout = {name: pieces for name, pieces in llama_layout(shape).items() if ".self_attention." not in name}
+    for layer in range(shape.num_layers):
+        for name in _mla_attention_shapes(shape):
+            hf = f"model.layers.{layer}.self_attn.{name}.weight"
+            layout[f"decoder.layers.{layer}.self_attention.{_MLA_NAMES[name]}.weight"] = whole(shapes, hf)
+    return layout
+
 
 DEEPSEEK = Family(name="deepseek", architectures={"deepseek_v2": ("DeepseekV2ForCausalLM",),
                                                   "deepseek_v3": ("DeepseekV3ForCausalLM",)},
-                  read_hf_config=_read, writes=_writes, write_hf_config=_write)
+                  read_hf_config=_read, writes=_writes, write_hf_config=_write,
+                  tensor_shapes=_tensor_shapes, layout=_layout)

@@ -3,10 +3,12 @@
 layer; Gemma 3: five of every ``sliding_window_pattern``), Gemma 3's per-head q/k norms and local RoPE base."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Collection, Optional
 
 from cptoolkit.models.families import Family
+from cptoolkit.models.families.llama import llama_layout, llama_tensor_shapes
 from cptoolkit.models.shape import GemmaBlock, GPTShape, RopeScaling, hf_layer_types, layer_types_flags, positive_key, read_rope
+from cptoolkit.models.tensor_map import Layout, Shapes, whole
 
 
 # Gemma 2: sliding on every other layer (the first too); Gemma 3: five of every six, as transformers' configs say.
@@ -117,6 +119,31 @@ def _write(shape: GPTShape) -> dict:
             "final_logit_softcapping": g.final_logit_softcapping,
             "sliding_window": shape.sliding_window, "layer_types": hf_layer_types(shape)}
 
+def _tensor_shapes(shape: GPTShape, names: Collection[str]) -> Shapes:
+    """The Llama block's tensors plus, per layer, the pre/post feed-forward norms."""
+    shapes = llama_tensor_shapes(shape)
+    for layer in range(shape.num_layers):
+        hf = f"model.layers.{layer}."
+        shapes.update({hf + "pre_feedforward_layernorm.weight": (shape.hidden_size,),
+                       hf + "post_feedforward_layernorm.weight": (shape.hidden_size,)})
+    return shapes
+
+
+def _layout(shape: GPTShape, names: Collection[str]) -> Layout:
+    """The Llama block's layout with the sandwich norms: Gemma's ``post_attention_layernorm`` follows the
+    attention (megatron's ``linear_proj.post_norm``), ``pre_feedforward_layernorm`` is the pre-MLP norm and
+    ``post_feedforward_layernorm`` follows the MLP."""
+    shapes, layout = _tensor_shapes(shape, names), llama_layout(shape)
+    for layer in range(shape.num_layers):
+        hf, mc = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+        layout.update({
+            mc + "self_attention.linear_proj.post_norm.weight": whole(shapes, hf + "post_attention_layernorm.weight"),
+            mc + "pre_mlp_layernorm.weight": whole(shapes, hf + "pre_feedforward_layernorm.weight"),
+            mc + "mlp.linear_fc2.post_norm.weight": whole(shapes, hf + "post_feedforward_layernorm.weight"),
+        })
+    return layout
+
 
 GEMMA = Family(name="gemma", architectures={"gemma2": ("Gemma2ForCausalLM",), "gemma3_text": ("Gemma3ForCausalLM",)},
-               read_hf_config=_read, writes=_writes, write_hf_config=_write)
+               read_hf_config=_read, writes=_writes, write_hf_config=_write,
+               tensor_shapes=_tensor_shapes, layout=_layout)

@@ -4,10 +4,11 @@
 Llama block shares (Qwen reads and writes through them)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 from cptoolkit.models.families import Family
 from cptoolkit.models.shape import GPTShape, positive_key, read_rope, require_keys, window_from_hf
+from cptoolkit.models.tensor_map import Layout, Rows, Shapes, fused_qkv, whole
 
 # The keys a family's transformers model reads whose other values cptoolkit would compute differently.
 # attention_bias puts biases on o_proj as well as q/k/v.
@@ -81,6 +82,78 @@ def _write(shape: GPTShape) -> dict:
     return {**llama_block_hf_config(shape, "mistral", LLAMA.architectures["mistral"]),
             "sliding_window": shape.sliding_window}
 
+def llama_tensor_shapes(shape: GPTShape) -> Shapes:
+    """Every tensor a Llama-block checkpoint of ``shape`` holds, with its shape: q/k/v/o, gate/up/down, the
+    RMSNorms, and with ``qkv_bias`` / ``qk_norm`` the q/k/v biases (Qwen2) or q/k norms (Qwen3, Gemma 3)."""
+    hidden, ffn, vocab = shape.hidden_size, shape.ffn_hidden_size, shape.vocab_size
+    q_rows, kv_rows = shape.num_attention_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not shape.tie_embeddings:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for layer in range(shape.num_layers):
+        hf = f"model.layers.{layer}."
+        shapes.update({
+            hf + "input_layernorm.weight": (hidden,),
+            hf + "self_attn.q_proj.weight": (q_rows, hidden),
+            hf + "self_attn.k_proj.weight": (kv_rows, hidden),
+            hf + "self_attn.v_proj.weight": (kv_rows, hidden),
+            hf + "self_attn.o_proj.weight": (hidden, q_rows),
+            hf + "post_attention_layernorm.weight": (hidden,),
+            hf + "mlp.gate_proj.weight": (ffn, hidden),
+            hf + "mlp.up_proj.weight": (ffn, hidden),
+            hf + "mlp.down_proj.weight": (hidden, ffn),
+        })
+        if shape.qkv_bias:
+            shapes.update({hf + "self_attn.q_proj.bias": (q_rows,), hf + "self_attn.k_proj.bias": (kv_rows,),
+                           hf + "self_attn.v_proj.bias": (kv_rows,)})
+        if shape.qk_norm:
+            shapes.update({hf + "self_attn.q_norm.weight": (shape.head_dim,),
+                           hf + "self_attn.k_norm.weight": (shape.head_dim,)})
+    return shapes
+
+
+def _qkv(shape: GPTShape, layer_prefix: str, suffix: str) -> tuple[Rows, ...]:
+    """The fused QKV ``weight`` or ``bias`` of one layer over its ``q_proj``, ``k_proj`` and ``v_proj``."""
+    return fused_qkv(shape, *((f"{layer_prefix}self_attn.{name}_proj.{suffix}", 0) for name in "qkv"))
+
+
+def llama_layout(shape: GPTShape) -> Layout:
+    """The full state dict as rows of a Llama-block checkpoint's tensors: fused QKV per KV group (its biases
+    alike), fc1 = [gate; up], q/k norms as megatron's ``q_layernorm``/``k_layernorm``."""
+    shapes = llama_tensor_shapes(shape)
+    layout = {"embedding.word_embeddings.weight": whole(shapes, "model.embed_tokens.weight"),
+              "decoder.final_layernorm.weight": whole(shapes, "model.norm.weight")}
+    if not shape.tie_embeddings:
+        layout["output_layer.weight"] = whole(shapes, "lm_head.weight")
+    for layer in range(shape.num_layers):
+        hf, mc = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+        if shape.qkv_bias:
+            layout[mc + "self_attention.linear_qkv.bias"] = _qkv(shape, hf, "bias")
+        if shape.qk_norm:
+            layout[mc + "self_attention.q_layernorm.weight"] = whole(shapes, hf + "self_attn.q_norm.weight")
+            layout[mc + "self_attention.k_layernorm.weight"] = whole(shapes, hf + "self_attn.k_norm.weight")
+        layout.update({
+            mc + "input_layernorm.weight": whole(shapes, hf + "input_layernorm.weight"),
+            mc + "self_attention.linear_qkv.weight": _qkv(shape, hf, "weight"),
+            mc + "self_attention.linear_proj.weight": whole(shapes, hf + "self_attn.o_proj.weight"),
+            mc + "pre_mlp_layernorm.weight": whole(shapes, hf + "post_attention_layernorm.weight"),
+            mc + "mlp.linear_fc1.weight": (whole(shapes, hf + "mlp.gate_proj.weight")
+                                           + whole(shapes, hf + "mlp.up_proj.weight")),
+            mc + "mlp.linear_fc2.weight": whole(shapes, hf + "mlp.down_proj.weight"),
+        })
+    return layout
+
+
+def llama_block_tensor_shapes(shape: GPTShape, names: Collection[str]) -> Shapes:
+    """``Family.tensor_shapes`` of a family whose checkpoint is the plain Llama block's (names play no part)."""
+    return llama_tensor_shapes(shape)
+
+
+def llama_block_layout(shape: GPTShape, names: Collection[str]) -> Layout:
+    """``Family.layout`` of a family whose checkpoint is the plain Llama block's (names play no part)."""
+    return llama_layout(shape)
+
 
 LLAMA = Family(name="llama", architectures={"llama": ("LlamaForCausalLM",), "mistral": ("MistralForCausalLM",)},
-               read_hf_config=_read, writes=_writes, write_hf_config=_write)
+               read_hf_config=_read, writes=_writes, write_hf_config=_write,
+               tensor_shapes=llama_block_tensor_shapes, layout=llama_block_layout)

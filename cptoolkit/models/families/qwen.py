@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Optional
 
 from cptoolkit.models.families import Family
-from cptoolkit.models.families.llama import llama_block_hf_config, read_llama_block
+from cptoolkit.models.families.llama import (llama_block_hf_config, llama_block_layout, llama_block_tensor_shapes,
+                                             read_llama_block)
 from cptoolkit.models.shape import GPTShape, hf_layer_types, layer_types_flags, positive_key, window_from_hf
 
 # Qwen2's q/k/v biases come with its model_type; an attention_bias would add o_proj's too.
@@ -47,4 +48,5 @@ def _write(shape: GPTShape) -> dict:
 
 
 QWEN = Family(name="qwen", architectures={"qwen2": ("Qwen2ForCausalLM",), "qwen3": ("Qwen3ForCausalLM",)},
-              read_hf_config=_read, writes=_writes, write_hf_config=_write)
+              read_hf_config=_read, writes=_writes, write_hf_config=_write,
+              tensor_shapes=llama_block_tensor_shapes, layout=llama_block_layout)

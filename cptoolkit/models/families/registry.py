@@ -42,11 +42,15 @@ def read_hf_config(config: dict) -> GPTShape:
     return family.read_hf_config(config, model_type)
 
 
-def write_hf_config(shape: GPTShape) -> dict:
-    """A Hugging Face ``config.json`` dict that ``read_hf_config`` reads back as ``shape``, written by the one
-    family whose ``writes`` claims it."""
+def shape_family(shape: GPTShape) -> Family:
+    """The one family whose ``writes`` claims ``shape``: the family a checkpoint of ``shape`` belongs to."""
     (family,) = [f for f in FAMILIES if f.writes(shape)]
-    return family.write_hf_config(shape)
+    return family
+
+
+def write_hf_config(shape: GPTShape) -> dict:
+    """A Hugging Face ``config.json`` dict that ``read_hf_config`` reads back as ``shape``."""
+    return shape_family(shape).write_hf_config(shape)
 
 
 def hf_shape(config: dict, checkpoint_dir: str | Path) -> GPTShape:
