@@ -21,8 +21,8 @@ class Family:
     ``read_hf_config(config, model_type)``: the ``GPTShape`` of a ``config.json`` dict whose ``model_type`` is one
     of ``architectures``; a key the family would compute differently is a ``ValueError`` naming the key, its value
     and the rule (never the file: the caller knows which file it read).
-    ``writes(shape)``: whether this family writes ``shape``; exactly one family of the registry writes each
-    valid ``GPTShape``.
+    ``owns(shape)``: whether ``shape`` is this family's (it writes its config.json and reads its checkpoints);
+    exactly one family of the registry owns each valid ``GPTShape``.
     ``write_hf_config(shape)``: a ``config.json`` dict that ``read_hf_config`` reads back as ``shape``.
     ``tensor_shapes(shape, names)``: every tensor a Hugging Face checkpoint of ``shape`` holds, with its shape;
     ``names`` (the tensors the checkpoint holds) tell a family's variants apart, as GPT-2's prefix.
@@ -33,7 +33,7 @@ class Family:
     name: str
     architectures: Mapping[str, tuple[str, ...]]
     read_hf_config: Callable[[dict, str], GPTShape]
-    writes: Callable[[GPTShape], bool]
+    owns: Callable[[GPTShape], bool]
     write_hf_config: Callable[[GPTShape], dict]
     tensor_shapes: Callable[[GPTShape, Collection[str]], Shapes]
     layout: Callable[[GPTShape, Collection[str]], Layout]

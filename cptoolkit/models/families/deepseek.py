@@ -45,7 +45,7 @@ def _read(config: dict, model_type: str) -> GPTShape:
                     head_dim=mla.qk_rope_head_dim, rope_scaling=rope_scaling, mla=mla)
 
 
-def _writes(shape: GPTShape) -> bool:
+def _owns(shape: GPTShape) -> bool:
     return shape.mla is not None
 
 
@@ -107,5 +107,5 @@ def _layout(shape: GPTShape, names: Collection[str]) -> Layout:
 
 DEEPSEEK = Family(name="deepseek", architectures={"deepseek_v2": ("DeepseekV2ForCausalLM",),
                                                   "deepseek_v3": ("DeepseekV3ForCausalLM",)},
-                  read_hf_config=_read, writes=_writes, write_hf_config=_write,
+                  read_hf_config=_read, owns=_owns, write_hf_config=_write,
                   tensor_shapes=_tensor_shapes, layout=_layout)

@@ -7,7 +7,8 @@ from typing import Collection, Optional
 
 from cptoolkit.models.families import Family
 from cptoolkit.models.families.llama import llama_layout, llama_tensor_shapes
-from cptoolkit.models.shape import GemmaBlock, GPTShape, RopeScaling, hf_layer_types, layer_types_flags, positive_key, read_rope
+from cptoolkit.models.shape import (GemmaBlock, GPTShape, RopeScaling, hf_layer_types, layer_types_flags, positive_key,
+                                    read_rope)
 from cptoolkit.models.tensor_map import Layout, Shapes, whole
 
 
@@ -97,7 +98,7 @@ def _read(config: dict, model_type: str) -> GPTShape:
                     gemma=gemma)
 
 
-def _writes(shape: GPTShape) -> bool:
+def _owns(shape: GPTShape) -> bool:
     return shape.gemma is not None
 
 
@@ -145,5 +146,5 @@ def _layout(shape: GPTShape, names: Collection[str]) -> Layout:
 
 
 GEMMA = Family(name="gemma", architectures={"gemma2": ("Gemma2ForCausalLM",), "gemma3_text": ("Gemma3ForCausalLM",)},
-               read_hf_config=_read, writes=_writes, write_hf_config=_write,
+               read_hf_config=_read, owns=_owns, write_hf_config=_write,
                tensor_shapes=_tensor_shapes, layout=_layout)

@@ -23,7 +23,7 @@ def _read(config: dict, model_type: str) -> GPTShape:
                     tie_embeddings=bool(config.get("tie_word_embeddings", True)))
 
 
-def _writes(shape: GPTShape) -> bool:
+def _owns(shape: GPTShape) -> bool:
     return shape.arch == "gpt2"
 
 
@@ -97,5 +97,5 @@ def _layout(shape: GPTShape, names: Collection[str]) -> Layout:
 
 
 GPT2 = Family(name="gpt2", architectures={"gpt2": ("GPT2LMHeadModel", "GPT2Model")},
-              read_hf_config=_read, writes=_writes, write_hf_config=_write,
+              read_hf_config=_read, owns=_owns, write_hf_config=_write,
               tensor_shapes=_tensor_shapes, layout=_layout)

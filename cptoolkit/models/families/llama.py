@@ -67,7 +67,7 @@ def _every_layer_window(config: dict) -> tuple[Optional[int], Optional[tuple[boo
     return window_from_hf(config, (True,) * positive_key(config, "num_hidden_layers"))
 
 
-def _writes(shape: GPTShape) -> bool:
+def _owns(shape: GPTShape) -> bool:
     return (shape.arch == "llama" and shape.mla is None and shape.gemma is None
             and not shape.qkv_bias and not shape.qk_norm)
 
@@ -155,5 +155,5 @@ def llama_block_layout(shape: GPTShape, names: Collection[str]) -> Layout:
 
 
 LLAMA = Family(name="llama", architectures={"llama": ("LlamaForCausalLM",), "mistral": ("MistralForCausalLM",)},
-               read_hf_config=_read, writes=_writes, write_hf_config=_write,
+               read_hf_config=_read, owns=_owns, write_hf_config=_write,
                tensor_shapes=llama_block_tensor_shapes, layout=llama_block_layout)

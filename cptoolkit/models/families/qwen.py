@@ -33,7 +33,7 @@ def _read(config: dict, model_type: str) -> GPTShape:
                             qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3")
 
 
-def _writes(shape: GPTShape) -> bool:
+def _owns(shape: GPTShape) -> bool:
     return shape.gemma is None and (shape.qkv_bias or shape.qk_norm)
 
 
@@ -48,5 +48,5 @@ def _write(shape: GPTShape) -> dict:
 
 
 QWEN = Family(name="qwen", architectures={"qwen2": ("Qwen2ForCausalLM",), "qwen3": ("Qwen3ForCausalLM",)},
-              read_hf_config=_read, writes=_writes, write_hf_config=_write,
+              read_hf_config=_read, owns=_owns, write_hf_config=_write,
               tensor_shapes=llama_block_tensor_shapes, layout=llama_block_layout)

@@ -1,9 +1,9 @@
 """Every model family cptoolkit reads, keyed by Hugging Face ``model_type``; what reads and writes a
-``config.json`` consults this table instead of testing family names. Adding a family: one module in this
-package exporting a ``Family``, and its entry in ``FAMILIES``.
+``config.json`` or maps a checkpoint's tensors consults this table instead of testing family names. Adding a
+family: one module in this package exporting a ``Family``, and its entry in ``FAMILIES``.
 
-Invariants: each ``model_type`` belongs to one family; each valid ``GPTShape`` is written by exactly one
-family (its ``writes``); ``read_hf_config(write_hf_config(shape)) == shape``.
+Invariants: each ``model_type`` belongs to one family; each valid ``GPTShape`` is owned by exactly one
+family (its ``owns``); ``read_hf_config(write_hf_config(shape)) == shape``.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def read_hf_config(config: dict) -> GPTShape:
 
 
 def shape_family(shape: GPTShape) -> Family:
-    """The one family whose ``writes`` claims ``shape``: the family a checkpoint of ``shape`` belongs to."""
-    (family,) = [f for f in FAMILIES if f.writes(shape)]
+    """The one family that owns ``shape``: it writes its config.json and reads its checkpoints."""
+    (family,) = [f for f in FAMILIES if f.owns(shape)]
     return family
 
 
