@@ -357,7 +357,8 @@ def _checkpoint_shape(model: ModelConfig, base_dir: Path) -> ModelConfig:
         missing = "" if path.is_dir() else " (no such directory)"
         raise ValueError(f"model.checkpoint = {model.checkpoint!r}: no config.json in {path}{missing}; "
                          "point it at a directory written by save_pretrained or save_checkpoint")
-    from cptoolkit.models.shape import hf_shape, read_config
+    from cptoolkit.models.families.registry import hf_shape
+    from cptoolkit.models.shape import read_config
 
     shape = hf_shape(read_config(path), path)  # a ConfigError naming config.json itself
     shape_fields = {f.name for f in dataclasses.fields(ModelConfig)} & {f.name for f in dataclasses.fields(shape)}
@@ -436,7 +437,8 @@ def _resolve_draft_model(cfg: Config, base_dir: Path) -> Config:
     split over ``parallel.tp`` like the target's must (the draft runs on the same ranks and layout), and it has
     positions for the longest request."""
     from cptoolkit.layout import ParallelLayout
-    from cptoolkit.models.shape import check_tp, hf_shape, read_config
+    from cptoolkit.models.families.registry import hf_shape
+    from cptoolkit.models.shape import check_tp, read_config
 
     given = cfg.inference.speculative_model
     path = Path(given) if Path(given).is_absolute() else base_dir / given

@@ -44,6 +44,7 @@ from cptoolkit.layers.dcp_decode import DecodeGroup, shard_length
 from cptoolkit.layers.dual_chunk_swap import padded_length
 from cptoolkit.layers.ulysses_a2a import check_heads, kv_replicas
 from cptoolkit.layout import ParallelLayout, divisors, node_crossings, tp_across_nodes_error
+from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.models.shape import GPTShape, MLADims, check_tp, padded_vocab_size, read_json_object
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -486,7 +487,7 @@ def load_shape(model: str) -> GPTShape:
                          "file or checkpoint directory; no such file")
     config = read_json_object(path)  # a ConfigError naming the file
     try:
-        return GPTShape.from_hf_config(config)
+        return read_hf_config(config)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
 

@@ -31,7 +31,7 @@ from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import shard_positions
 from cptoolkit.models.checkpoint import llama_to_full, load_model_checkpoint, read_weights, save_checkpoint
 from cptoolkit.models.gpt import gpt_forward
-from cptoolkit.models.shape import GPTShape
+from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from tests.multiproc import free_port, run_ranks
 from tests.test_gpt_model import megatron_groups
@@ -180,7 +180,7 @@ def test_native_checkpoint_files_describe_shape_and_tokenizer(hf_cases, native_d
     config = json.loads(open(f"{native_dir}/config.json").read())
     hf_config = json.loads(open(f"{hf_cases['llama_gqa'][0]}/config.json").read())
     assert config["cptoolkit_format"] == 1
-    assert GPTShape.from_hf_config(config) == GPTShape.from_hf_config(hf_config)
+    assert read_hf_config(config) == read_hf_config(hf_config)
     assert isinstance(load_tokenizer(native_dir), ByteTokenizer)
     weights = read_weights(native_dir)
     assert weights["decoder.layers.0.self_attention.linear_qkv.weight"].shape == ((8 + 2 * 2) * 8, 64)
@@ -263,7 +263,7 @@ def _shard(directory: Path) -> None:
 def _make_native(directory: Path) -> None:
     """Turn the HF checkpoint into a cptoolkit one (full state dict, "cptoolkit_format": 1)."""
     config = json.loads((directory / "config.json").read_text())
-    full = llama_to_full(read_weights(directory), GPTShape.from_hf_config(config))
+    full = llama_to_full(read_weights(directory), read_hf_config(config))
     save_file({name: tensor.contiguous() for name, tensor in full.items()}, directory / "model.safetensors")
     _set_config(directory, cptoolkit_format=1)
 

@@ -18,6 +18,7 @@ from cptoolkit.layers.dcp_decode import ContiguousShardCache, DecodeGroup
 from cptoolkit.layers.dual_chunk_swap import padded_length, shard_positions, shard_sequence, unshard_sequence
 from cptoolkit.models.build import build_gpt_model, new_gpt_model
 from cptoolkit.models.gpt import gpt_forward
+from cptoolkit.models.families.registry import read_hf_config, write_hf_config
 from cptoolkit.models.shape import GPTShape
 from cptoolkit.models.tp_sharding import gather_full_state_dict
 from tests.multiproc import run_ranks
@@ -241,16 +242,16 @@ def test_tp_rules_are_checked_when_the_model_is_built():
 
 def test_hf_config_round_trip_and_unsupported_configs():
     for shape in (LLAMA, LLAMA_MQA_TIED, GPT2):
-        assert GPTShape.from_hf_config(shape.to_hf_config()) == shape
-    llama = LLAMA.to_hf_config()
+        assert read_hf_config(write_hf_config(shape)) == shape
+    llama = write_hf_config(LLAMA)
     with pytest.raises(ValueError, match=r"model_type='gemma' is not supported; rule: one of 'llama', 'mistral'"):
-        GPTShape.from_hf_config({**llama, "model_type": "gemma"})
+        read_hf_config({**llama, "model_type": "gemma"})
     with pytest.raises(ValueError, match=r"missing required key 'factor'"):
-        GPTShape.from_hf_config({**llama, "rope_parameters": {"rope_theta": 1e4, "rope_type": "llama3"}})
+        read_hf_config({**llama, "rope_parameters": {"rope_theta": 1e4, "rope_type": "llama3"}})
     with pytest.raises(ValueError, match=r"hidden_act='gelu'; rule: must be 'silu'"):
-        GPTShape.from_hf_config({**llama, "hidden_act": "gelu"})
+        read_hf_config({**llama, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match=r"head_dim=7; rule: must be even for llama \(RoPE rotates pairs"):
-        GPTShape.from_hf_config({**llama, "head_dim": 7})
-    assert GPTShape.from_hf_config({**llama, "head_dim": 16}).head_dim == 16  # Qwen3 style: != hidden / heads
+        read_hf_config({**llama, "head_dim": 7})
+    assert read_hf_config({**llama, "head_dim": 16}).head_dim == 16  # Qwen3 style: != hidden / heads
     with pytest.raises(ValueError, match=r"activation_function='relu'; rule: must be the tanh GELU"):
-        GPTShape.from_hf_config({**GPT2.to_hf_config(), "activation_function": "relu"})
+        read_hf_config({**write_hf_config(GPT2), "activation_function": "relu"})

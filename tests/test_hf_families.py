@@ -21,7 +21,8 @@ from cptoolkit.config import ConfigError, config_from_dict, load_config
 from cptoolkit.inference.builder import build_engine
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.models.rope import inv_freq
-from cptoolkit.models.shape import GemmaBlock, GPTShape
+from cptoolkit.models.families.registry import read_hf_config, write_hf_config
+from cptoolkit.models.shape import GemmaBlock
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.hf_checkpoints import FAMILIES, LLAMA_SIZES, VOCAB, YARN, hf_model, save_checkpoint
 from tests.multiproc import run_ranks
@@ -170,19 +171,19 @@ def test_rope_frequencies_and_attention_factor_are_transformers_own(case):
     init = LlamaRotaryEmbedding.compute_default_rope_parameters if rope_type == "default" else \
         ROPE_INIT_FUNCTIONS[rope_type]
     want_inv_freq, want_factor = init(config)
-    shape = GPTShape.from_hf_config(config.to_dict())
+    shape = read_hf_config(config.to_dict())
     assert torch.equal(inv_freq(shape), want_inv_freq), case
     assert shape.rope_scaling.attention_factor == want_factor, case
-    assert GPTShape.from_hf_config(shape.to_hf_config()) == shape  # a cptoolkit checkpoint keeps the scaling
+    assert read_hf_config(write_hf_config(shape)) == shape  # a cptoolkit checkpoint keeps the scaling
 
 
 def test_older_configs_with_rope_scaling_and_a_top_level_rope_theta_read_the_same():
     """Llama 3.1 / Qwen2.5 config.json files written before transformers 5: ``rope_scaling`` with ``type``
     or ``rope_type``, ``rope_theta`` at the top level."""
-    new = GPTShape.from_hf_config(transformers.LlamaConfig(**LLAMA_SIZES, rope_parameters=dict(YARN)).to_dict())
-    old = {**new.to_hf_config(), "rope_theta": YARN["rope_theta"], "rope_parameters": None,
+    new = read_hf_config(transformers.LlamaConfig(**LLAMA_SIZES, rope_parameters=dict(YARN)).to_dict())
+    old = {**write_hf_config(new), "rope_theta": YARN["rope_theta"], "rope_parameters": None,
            "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}
-    assert GPTShape.from_hf_config(old) == new
+    assert read_hf_config(old) == new
 
 
 # ----------------------------------------------------------------------------- refused at load
@@ -250,14 +251,14 @@ REFUSED = {
 def test_what_cptoolkit_would_compute_differently_is_refused_with_key_value_and_rule(name):
     config, message = REFUSED[name]
     with pytest.raises(ValueError, match=message):
-        GPTShape.from_hf_config(config)
+        read_hf_config(config)
 
 
 def test_sliding_windows_are_read_as_transformers_applies_them():
     """Mistral windows every layer; Qwen2/Qwen3 only with use_sliding_window, from max_window_layers on or as
     layer_types says; Llama never; a window no prompt can outgrow is no window."""
     def shape(name, **changes):
-        read = GPTShape.from_hf_config(_hf_config(name, **changes))
+        read = read_hf_config(_hf_config(name, **changes))
         return read.sliding_window, read.sliding_layers
 
     assert shape("mistral", sliding_window=8) == (8, None)
@@ -274,8 +275,8 @@ def test_sliding_windows_are_read_as_transformers_applies_them():
     for name, changes in (("mistral", dict(sliding_window=8)),
                           ("qwen2_yarn", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1,
                                               layer_types=None))):
-        read = GPTShape.from_hf_config(_hf_config(name, **changes))
-        assert GPTShape.from_hf_config(read.to_hf_config()) == read  # a cptoolkit checkpoint keeps the window
+        read = read_hf_config(_hf_config(name, **changes))
+        assert read_hf_config(write_hf_config(read)) == read  # a cptoolkit checkpoint keeps the window
 
 
 def test_gemma_local_layers_rope_and_softcaps_are_read_as_transformers_applies_them():
@@ -283,14 +284,14 @@ def test_gemma_local_layers_rope_and_softcaps_are_read_as_transformers_applies_t
     layer_types says); older Gemma 3 configs name the local RoPE base ``rope_local_base_freq``; absent softcaps are
     the family's defaults (Gemma 2: 50 and 30), null ones none; every shape survives a cptoolkit checkpoint."""
     def read(name, **changes):
-        return GPTShape.from_hf_config(_hf_config(name, **changes))
+        return read_hf_config(_hf_config(name, **changes))
 
     gemma2 = read("gemma2", num_hidden_layers=4, layer_types=None)
     assert (gemma2.sliding_window, gemma2.sliding_layers) == (5, (True, False, True, False))
     assert gemma2.gemma == GemmaBlock(24.0, 3.0, 4.0, None)
     defaults = {key: value for key, value in _hf_config("gemma2").items()
                 if key not in ("attn_logit_softcapping", "final_logit_softcapping")}
-    assert GPTShape.from_hf_config(defaults).gemma == GemmaBlock(24.0, 50.0, 30.0, None)
+    assert read_hf_config(defaults).gemma == GemmaBlock(24.0, 50.0, 30.0, None)
     assert read("gemma2", final_logit_softcapping=None).gemma.final_logit_softcapping is None
     gemma3 = read("gemma3", num_hidden_layers=12, layer_types=None, sliding_window_pattern=6)
     assert gemma3.sliding_layers == (True,) * 5 + (False,) + (True,) * 5 + (False,)
@@ -298,11 +299,11 @@ def test_gemma_local_layers_rope_and_softcaps_are_read_as_transformers_applies_t
     assert gemma3.gemma == GemmaBlock(24.0, None, None, 100.0)
     older = {key: value for key, value in _hf_config("gemma3").items() if key != "rope_parameters"}
     older.update(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0})
-    read_older = GPTShape.from_hf_config(older)
+    read_older = read_hf_config(older)
     assert (read_older.rope_theta, read_older.rope_scaling.factor, read_older.gemma.local_rope_theta) == \
         (1e6, 8.0, 1e4)
     for shape in (gemma2, gemma3, read_older, read("gemma2")):
-        assert GPTShape.from_hf_config(shape.to_hf_config()) == shape
+        assert read_hf_config(write_hf_config(shape)) == shape
 
 
 def test_a_refused_checkpoint_fails_at_load_config_in_one_line_naming_its_config_json(families, tmp_path):

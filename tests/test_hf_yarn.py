@@ -27,7 +27,7 @@ from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.models.build import megatron_config
 from cptoolkit.models.gpt import rotary_freqs
 from cptoolkit.models.rope import inv_freq
-from cptoolkit.models.shape import GPTShape
+from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
 from tests.hf_checkpoints import VOCAB, word_tokenizer
@@ -82,7 +82,7 @@ def test_rope_cos_sin_and_softmax_scale_are_transformers_own(family, variant):
     rotary = getattr(modeling, FAMILIES[family][2])(_hf_config(family, variant))
     # The keys as written, not transformers' standardized copy: a top-level original_max_position_embeddings
     # differs here from the one in rope_parameters.
-    shape = GPTShape.from_hf_config({**_config_keys(variant), "model_type": family})
+    shape = read_hf_config({**_config_keys(variant), "model_type": family})
     factor = shape.rope_scaling.attention_factor
     assert torch.equal(inv_freq(shape), rotary.inv_freq), variant
     assert factor == rotary.attention_scaling, variant
@@ -191,4 +191,4 @@ def test_yarn_fields_cptoolkit_cannot_honour_are_refused_with_field_value_and_ru
     config = {**_config_keys("issue: factor 4, max / original 16"), "model_type": "qwen2"}
     config["rope_parameters"].update(changes)
     with pytest.raises(ValueError, match=message):
-        GPTShape.from_hf_config(config)
+        read_hf_config(config)

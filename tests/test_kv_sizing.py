@@ -18,7 +18,8 @@ from cptoolkit.config import ConfigError, config_from_dict
 from cptoolkit.inference.builder import kv_cache
 from cptoolkit.layout import ParallelLayout
 from cptoolkit.models.from_config import model_shape
-from cptoolkit.models.shape import hf_shape, read_config
+from cptoolkit.models.families.registry import hf_shape
+from cptoolkit.models.shape import read_config
 from cptoolkit.parallel_state import ParallelGroups
 from tests.hf_checkpoints import hf_model, save_checkpoint
 from tests.multiproc import run_ranks

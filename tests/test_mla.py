@@ -28,8 +28,10 @@ from cptoolkit.inference.builder import build_engine
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import shard_positions, shard_sequence
-from cptoolkit.models.checkpoint import load_model_checkpoint, mla_layout
+from cptoolkit.models.checkpoint import load_model_checkpoint
+from cptoolkit.models.families.deepseek import DEEPSEEK
 from cptoolkit.models.gpt import gpt_forward
+from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.models.shape import GPTShape
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
@@ -159,7 +161,7 @@ def _train_step(directory, pcp: int, comm: str, ids, labels):
 def _as_hf(grads: dict, shape: GPTShape, hf_grads: dict) -> dict:
     """transformers' gradients arranged as cptoolkit's full parameters (fc1 = [gate; up])."""
     return {name: torch.cat([hf_grads[piece.name][piece.start:piece.stop] for piece in pieces])
-            for name, pieces in mla_layout(shape).items() if name in grads}
+            for name, pieces in DEEPSEEK.layout(shape, ()).items() if name in grads}
 
 
 def _mla_rank(rank, world_size, cases):
@@ -224,9 +226,9 @@ def test_expanded_prefill_loss_and_gradients_equal_float64_transformers(checkpoi
 def test_moe_layers_and_bad_mla_fields_are_refused_in_one_line():
     config = transformers.DeepseekV3Config(**{**SIZES, "first_k_dense_replace": 1}).to_dict()
     with pytest.raises(ValueError, match=r"first_k_dense_replace=1 makes layers 1..1 mixture-of-experts; rule"):
-        GPTShape.from_hf_config(config)
+        read_hf_config(config)
     v2 = transformers.DeepseekV2Config(**SIZES).to_dict()
     with pytest.raises(ValueError, match="attention_bias=True; rule: must be False"):
-        GPTShape.from_hf_config({**v2, "attention_bias": True})
+        read_hf_config({**v2, "attention_bias": True})
     with pytest.raises(ValueError, match="kv_lora_rank=0; rule: must be a positive integer"):
-        GPTShape.from_hf_config({**v2, "kv_lora_rank": 0})
+        read_hf_config({**v2, "kv_lora_rank": 0})

@@ -173,13 +173,14 @@ def _imported_after(statement: str, prefix: str) -> list[str]:
 
 
 def test_reading_a_checkpoint_config_imports_no_megatron(tmp_path):
+    from cptoolkit.models.families.registry import write_hf_config
     from cptoolkit.models.shape import GPTShape
 
     shape = GPTShape(arch="llama", num_kv_heads=2, **MODEL)
-    (tmp_path / "config.json").write_text(json.dumps(shape.to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(write_hf_config(shape)))
     (tmp_path / "run.yaml").write_text(f"parallel: {{}}\nmodel: {{checkpoint: {tmp_path}}}\nruntime: {{device: cpu}}\n"
                                        "inference: {prompts: [x]}\n")
-    statement = ("import cptoolkit.models.shape, cptoolkit.models.tokenizer\n"
+    statement = ("import cptoolkit.models.shape, cptoolkit.models.families.registry, cptoolkit.models.tokenizer\n"
                  "from cptoolkit.config import load_config\n"
                  f"assert load_config({str(tmp_path / 'run.yaml')!r}).model.hidden_size == {shape.hidden_size}")
     assert _imported_after(statement, "megatron") == []

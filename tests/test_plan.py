@@ -21,6 +21,7 @@ import yaml
 from cptoolkit import plan
 from cptoolkit.config import config_from_dict
 from cptoolkit.layout import ParallelLayout
+from cptoolkit.models.families.registry import write_hf_config
 from cptoolkit.models.shape import GemmaBlock, GPTShape, MLADims
 from tests.multiproc import run_ranks
 
@@ -45,7 +46,7 @@ def test_kv_bytes_per_rank_equal_the_engines_cache_for_every_inference_config(ov
     # demo_infer.yaml serves the checkpoint demo_train.yaml writes (`make demo`), which a fresh clone lacks: its
     # config.json is all the sizing reads. The reference configs serve the checkpoints/ the repository ships.
     trained = config_from_dict(yaml.safe_load((REPO / "configs" / "demo_train.yaml").read_text()))
-    (tmp_path / "config.json").write_text(json.dumps(model_shape(trained).to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(write_hf_config(model_shape(trained))))
     for name in INFERENCE_CONFIGS:
         raw = yaml.safe_load((REPO / "configs" / name).read_text())
         if name == "demo_infer.yaml":
@@ -260,7 +261,7 @@ def test_cli_table_and_json_agree_and_a_config_json_equals_its_named_shape(tmp_p
                             "--prefill-chunk", "4096"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     assert "26 layouts fit" in table.stdout and "5 refused (a TP group would span nodes)" in table.stdout
-    (tmp_path / "config.json").write_text(json.dumps(plan.SHAPES["llama3.1-8b"].to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(write_hf_config(plan.SHAPES["llama3.1-8b"])))
     status, out, _ = _main(capsys, "--model", str(tmp_path), *BASE_ARGS, "--prefill-chunk", "4096", "--json")
     assert status == 0
     layouts = json.loads(out)["layouts"]

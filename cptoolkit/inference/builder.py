@@ -20,7 +20,8 @@ from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dcp_decode import DecodeGroup
 from cptoolkit.models.checkpoint import load_model_checkpoint
 from cptoolkit.models.from_config import DTYPES, model_from_config
-from cptoolkit.models.shape import GPTShape, hf_shape, read_config
+from cptoolkit.models.families.registry import hf_shape
+from cptoolkit.models.shape import GPTShape, read_config
 from cptoolkit.models.tokenizer import ByteTokenizer, load_tokenizer
 from cptoolkit.parallel_state import ParallelGroups
 

@@ -5,7 +5,8 @@ tensors under a TP=1 model's parameter names) as row ranges of the tensors in it
 full tensor is its pieces' rows stacked. Each rank reads only the index ranges its TP slice needs
 (``safe_open(...).get_slice``), one range at a time, straight into its parameters, so any checkpoint
 loads at any TP size and no rank holds a whole tensor it does not keep. ``config.json`` is read by
-``cptoolkit.models.shape``.
+its family (``cptoolkit.models.families.registry``), which also states the tensors of its
+checkpoints and how they make up the full state dict (``Family.tensor_shapes``, ``Family.layout``).
 
 - Hugging Face (``config.json`` + ``model.safetensors`` or a sharded ``model.safetensors.index.json``;
   no hub access): the Llama family (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
@@ -38,7 +39,10 @@ from cptoolkit.config import ConfigError
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.models.build import new_gpt_model
 from cptoolkit.models.gpt import CPGPTModel
-from cptoolkit.models.shape import CONFIG_FILE, RESAVE, GPTShape, hf_shape, read_config, read_json_object
+from cptoolkit.models.families.llama import llama_layout
+from cptoolkit.models.families.registry import hf_shape, shape_family, write_hf_config
+from cptoolkit.models.shape import CONFIG_FILE, RESAVE, GPTShape, read_config, read_json_object
+from cptoolkit.models.tensor_map import Layout, Rows, Shapes, whole
 from cptoolkit.models.tp_sharding import Reader, gather_full_state_dict, load_tp_slices
 
 CPTOOLKIT_FORMAT = 1
@@ -46,7 +50,6 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 
 StateDict = dict[str, torch.Tensor]
-Shapes = dict[str, tuple[int, ...]]
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -130,22 +133,6 @@ def _check(shapes: Shapes, expected: Shapes, source: Path, shape: GPTShape) -> N
 
 # ----------------------------------------------------------------------------- full tensors as stored rows
 
-@dataclass(frozen=True)
-class Rows:
-    """Rows ``start:stop`` of the stored tensor ``name``: one piece of a full tensor, whose rows are its pieces'
-    rows stacked and whose other dimensions are the stored tensor's. ``transposed``: the tensor is stored
-    ``[in, out]`` (GPT-2's Conv1D), so the piece is its columns ``start:stop`` and its rows are the full
-    tensor's columns."""
-
-    name: str
-    start: int
-    stop: int
-    transposed: bool = False
-
-
-Layout = dict[str, tuple[Rows, ...]]  # full tensor name -> its pieces, in order
-
-
 def _read_rows(stored, piece: Rows, start: int, stop: int, columns: slice = slice(None)) -> torch.Tensor:
     """Rows ``start:stop`` of ``piece``'s stored tensor (indices into it), only the full tensor's ``columns``
     of them. ``stored``: the tensor, or its ``safe_open(...).get_slice`` (which reads just what it is indexed
@@ -174,138 +161,7 @@ def _full_shapes(layout: Layout, shapes: Shapes) -> Shapes:
     return {name: (sum(p.stop - p.start for p in pieces), *other_dims(pieces[0])) for name, pieces in layout.items()}
 
 
-def _whole(shapes: Shapes, name: str, transposed: bool = False) -> tuple[Rows]:
-    """The stored tensor ``name`` (of shape ``shapes[name]``) as the one piece of a full tensor."""
-    return (Rows(name, 0, shapes[name][1 if transposed else 0], transposed),)
-
-
-def _fused_qkv(shape: GPTShape, q: tuple[str, int], k: tuple[str, int], v: tuple[str, int],
-               transposed: bool = False) -> tuple[Rows, ...]:
-    """megatron's fused QKV over separate q, k and v rows: per KV head, its query heads' rows, then its key
-    rows, then its value rows. ``q``, ``k``, ``v``: ``(tensor name, first row)``, so GPT-2's one ``c_attn``
-    (``[q | k | v]`` over all heads) is three of them."""
-    head_dim = shape.head_dim
-    q_rows = shape.num_attention_heads // shape.num_kv_heads * head_dim
-    pieces = []
-    for kv_head in range(shape.num_kv_heads):
-        pieces += [Rows(q[0], q[1] + kv_head * q_rows, q[1] + (kv_head + 1) * q_rows, transposed),
-                   Rows(k[0], k[1] + kv_head * head_dim, k[1] + (kv_head + 1) * head_dim, transposed),
-                   Rows(v[0], v[1] + kv_head * head_dim, v[1] + (kv_head + 1) * head_dim, transposed)]
-    return tuple(pieces)
-
-
 # ----------------------------------------------------------------------------- Hugging Face formats
-
-def llama_tensor_shapes(shape: GPTShape) -> Shapes:
-    """Every tensor a Llama-family checkpoint of ``shape`` holds, with its shape."""
-    hidden, ffn, vocab = shape.hidden_size, shape.ffn_hidden_size, shape.vocab_size
-    q_rows, kv_rows = shape.num_attention_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-    if not shape.tie_embeddings:
-        shapes["lm_head.weight"] = (vocab, hidden)
-    for layer in range(shape.num_layers):
-        hf = f"model.layers.{layer}."
-        shapes.update({
-            hf + "input_layernorm.weight": (hidden,),
-            hf + "self_attn.q_proj.weight": (q_rows, hidden),
-            hf + "self_attn.k_proj.weight": (kv_rows, hidden),
-            hf + "self_attn.v_proj.weight": (kv_rows, hidden),
-            hf + "self_attn.o_proj.weight": (hidden, q_rows),
-            hf + "post_attention_layernorm.weight": (hidden,),
-            hf + "mlp.gate_proj.weight": (ffn, hidden),
-            hf + "mlp.up_proj.weight": (ffn, hidden),
-            hf + "mlp.down_proj.weight": (hidden, ffn),
-        })
-        if shape.qkv_bias:
-            shapes.update({hf + "self_attn.q_proj.bias": (q_rows,), hf + "self_attn.k_proj.bias": (kv_rows,),
-                           hf + "self_attn.v_proj.bias": (kv_rows,)})
-        if shape.qk_norm:
-            shapes.update({hf + "self_attn.q_norm.weight": (shape.head_dim,),
-                           hf + "self_attn.k_norm.weight": (shape.head_dim,)})
-        if shape.gemma is not None:
-            shapes.update({hf + "pre_feedforward_layernorm.weight": (hidden,),
-                           hf + "post_feedforward_layernorm.weight": (hidden,)})
-    return shapes
-
-
-def _llama_qkv(shape: GPTShape, layer_prefix: str, suffix: str) -> tuple[Rows, ...]:
-    """The fused QKV ``weight`` or ``bias`` of one layer over its ``q_proj``, ``k_proj`` and ``v_proj``."""
-    return _fused_qkv(shape, *((f"{layer_prefix}self_attn.{name}_proj.{suffix}", 0) for name in "qkv"))
-
-
-def llama_layout(shape: GPTShape) -> Layout:
-    """The full state dict as rows of a Llama-family checkpoint's tensors: fused QKV per KV group (its biases
-    alike), fc1 = [gate; up], q/k norms as megatron's ``q_layernorm``/``k_layernorm``."""
-    shapes = llama_tensor_shapes(shape)
-    layout = {"embedding.word_embeddings.weight": _whole(shapes, "model.embed_tokens.weight"),
-              "decoder.final_layernorm.weight": _whole(shapes, "model.norm.weight")}
-    if not shape.tie_embeddings:
-        layout["output_layer.weight"] = _whole(shapes, "lm_head.weight")
-    for layer in range(shape.num_layers):
-        hf, mc = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-        if shape.qkv_bias:
-            layout[mc + "self_attention.linear_qkv.bias"] = _llama_qkv(shape, hf, "bias")
-        if shape.qk_norm:
-            layout[mc + "self_attention.q_layernorm.weight"] = _whole(shapes, hf + "self_attn.q_norm.weight")
-            layout[mc + "self_attention.k_layernorm.weight"] = _whole(shapes, hf + "self_attn.k_norm.weight")
-        layout.update({
-            mc + "input_layernorm.weight": _whole(shapes, hf + "input_layernorm.weight"),
-            mc + "self_attention.linear_qkv.weight": _llama_qkv(shape, hf, "weight"),
-            mc + "self_attention.linear_proj.weight": _whole(shapes, hf + "self_attn.o_proj.weight"),
-            mc + "pre_mlp_layernorm.weight": _whole(shapes, hf + "post_attention_layernorm.weight"),
-            mc + "mlp.linear_fc1.weight": (_whole(shapes, hf + "mlp.gate_proj.weight")
-                                           + _whole(shapes, hf + "mlp.up_proj.weight")),
-            mc + "mlp.linear_fc2.weight": _whole(shapes, hf + "mlp.down_proj.weight"),
-        })
-        if shape.gemma is not None:  # the sandwich norms: Gemma's post_attention_layernorm follows the attention
-            post_attention = _whole(shapes, hf + "post_attention_layernorm.weight")
-            layout.update({
-                mc + "self_attention.linear_proj.post_norm.weight": post_attention,
-                mc + "pre_mlp_layernorm.weight": _whole(shapes, hf + "pre_feedforward_layernorm.weight"),
-                mc + "mlp.linear_fc2.post_norm.weight": _whole(shapes, hf + "post_feedforward_layernorm.weight"),
-            })
-    return layout
-
-
-# DeepSeek's attention tensors (under model.layers.N.self_attn.) -> MLASelfAttention's (under
-# decoder.layers.N.self_attention.); the rest of the block is the Llama one.
-_MLA_NAMES = {"q_proj": "linear_q_proj", "q_a_proj": "linear_q_down_proj", "q_a_layernorm": "q_layernorm",
-              "q_b_proj": "linear_q_up_proj", "kv_a_proj_with_mqa": "linear_kv_down_proj",
-              "kv_a_layernorm": "kv_layernorm", "kv_b_proj": "linear_kv_up_proj", "o_proj": "linear_proj"}
-
-
-def _mla_attention_shapes(shape: GPTShape) -> dict[str, tuple[int, ...]]:
-    """One layer's DeepSeek attention tensors (names after ``self_attn.``, without ``.weight``) and shapes."""
-    m, hidden, heads = shape.mla, shape.hidden_size, shape.num_attention_heads
-    shapes = {"kv_a_proj_with_mqa": (m.latent_dim, hidden), "kv_a_layernorm": (m.kv_lora_rank,),
-              "kv_b_proj": (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
-              "o_proj": (hidden, heads * m.v_head_dim)}
-    if m.q_lora_rank is None:
-        return {"q_proj": (heads * m.qk_head_dim, hidden), **shapes}
-    return {"q_a_proj": (m.q_lora_rank, hidden), "q_a_layernorm": (m.q_lora_rank,),
-            "q_b_proj": (heads * m.qk_head_dim, m.q_lora_rank), **shapes}
-
-
-def mla_tensor_shapes(shape: GPTShape) -> Shapes:
-    """Every tensor a dense DeepSeek-V2/V3 checkpoint of ``shape`` holds, with its shape."""
-    shapes = {name: size for name, size in llama_tensor_shapes(shape).items() if ".self_attn." not in name}
-    for layer in range(shape.num_layers):
-        shapes.update({f"model.layers.{layer}.self_attn.{name}.weight": size
-                       for name, size in _mla_attention_shapes(shape).items()})
-    return shapes
-
-
-def mla_layout(shape: GPTShape) -> Layout:
-    """The full state dict as a DeepSeek checkpoint's tensors: Llama's embedding, norms and MLP, every
-    attention tensor whole under its ``MLASelfAttention`` name."""
-    shapes = mla_tensor_shapes(shape)
-    layout = {name: pieces for name, pieces in llama_layout(shape).items() if ".self_attention." not in name}
-    for layer in range(shape.num_layers):
-        for name in _mla_attention_shapes(shape):
-            hf = f"model.layers.{layer}.self_attn.{name}.weight"
-            layout[f"decoder.layers.{layer}.self_attention.{_MLA_NAMES[name]}.weight"] = _whole(shapes, hf)
-    return layout
-
 
 def llama_to_full(weights: StateDict, shape: GPTShape) -> StateDict:
     """A Llama-family checkpoint's tensors, in memory, as the full state dict (to re-save it in cptoolkit's format)."""
@@ -313,78 +169,15 @@ def llama_to_full(weights: StateDict, shape: GPTShape) -> StateDict:
             for name, pieces in llama_layout(shape).items()}
 
 
-def _gpt2_prefix(names) -> str:
-    """``GPT2LMHeadModel`` saves ``transformer.h.0...``; a bare ``GPT2Model`` saves ``h.0...``."""
-    return "transformer." if any(name.startswith("transformer.") for name in names) else ""
-
-
-def gpt2_tensor_shapes(shape: GPTShape, prefix: str) -> Shapes:
-    """Every tensor a GPT-2 checkpoint of ``shape`` holds, with its shape (Conv1D: ``[in, out]``)."""
-    hidden, ffn, vocab = shape.hidden_size, shape.ffn_hidden_size, shape.vocab_size
-    shapes = {prefix + "wte.weight": (vocab, hidden), prefix + "wpe.weight": (shape.max_seq_len, hidden),
-              prefix + "ln_f.weight": (hidden,), prefix + "ln_f.bias": (hidden,)}
-    if not shape.tie_embeddings:
-        shapes["lm_head.weight"] = (vocab, hidden)
-    for layer in range(shape.num_layers):
-        hf = f"{prefix}h.{layer}."
-        shapes.update({
-            hf + "ln_1.weight": (hidden,), hf + "ln_1.bias": (hidden,),
-            hf + "attn.c_attn.weight": (hidden, 3 * hidden), hf + "attn.c_attn.bias": (3 * hidden,),
-            hf + "attn.c_proj.weight": (hidden, hidden), hf + "attn.c_proj.bias": (hidden,),
-            hf + "ln_2.weight": (hidden,), hf + "ln_2.bias": (hidden,),
-            hf + "mlp.c_fc.weight": (hidden, ffn), hf + "mlp.c_fc.bias": (ffn,),
-            hf + "mlp.c_proj.weight": (ffn, hidden), hf + "mlp.c_proj.bias": (hidden,),
-        })
-    return shapes
-
-
-def gpt2_layout(shape: GPTShape, prefix: str) -> Layout:
-    """The full state dict as rows of a GPT-2 checkpoint's tensors (``prefix``: ``transformer.`` or none).
-    Conv1D weights are stored ``[in, out]`` (so read transposed); ``c_attn`` holds ``[q | k | v]`` over all heads."""
-    shapes, hidden = gpt2_tensor_shapes(shape, prefix), shape.hidden_size
-    layout = {"embedding.word_embeddings.weight": _whole(shapes, prefix + "wte.weight"),
-              "embedding.position_embeddings.weight": _whole(shapes, prefix + "wpe.weight"),
-              "decoder.final_layernorm.weight": _whole(shapes, prefix + "ln_f.weight"),
-              "decoder.final_layernorm.bias": _whole(shapes, prefix + "ln_f.bias")}
-    if not shape.tie_embeddings:
-        layout["output_layer.weight"] = _whole(shapes, "lm_head.weight")
-    for layer in range(shape.num_layers):
-        hf, mc = f"{prefix}h.{layer}.", f"decoder.layers.{layer}."
-        c_attn_weight, c_attn_bias = hf + "attn.c_attn.weight", hf + "attn.c_attn.bias"
-        layout.update({
-            mc + "input_layernorm.weight": _whole(shapes, hf + "ln_1.weight"),
-            mc + "input_layernorm.bias": _whole(shapes, hf + "ln_1.bias"),
-            mc + "self_attention.linear_qkv.weight": _fused_qkv(
-                shape, (c_attn_weight, 0), (c_attn_weight, hidden), (c_attn_weight, 2 * hidden), transposed=True),
-            mc + "self_attention.linear_qkv.bias": _fused_qkv(
-                shape, (c_attn_bias, 0), (c_attn_bias, hidden), (c_attn_bias, 2 * hidden)),
-            mc + "self_attention.linear_proj.weight": _whole(shapes, hf + "attn.c_proj.weight", transposed=True),
-            mc + "self_attention.linear_proj.bias": _whole(shapes, hf + "attn.c_proj.bias"),
-            mc + "pre_mlp_layernorm.weight": _whole(shapes, hf + "ln_2.weight"),
-            mc + "pre_mlp_layernorm.bias": _whole(shapes, hf + "ln_2.bias"),
-            mc + "mlp.linear_fc1.weight": _whole(shapes, hf + "mlp.c_fc.weight", transposed=True),
-            mc + "mlp.linear_fc1.bias": _whole(shapes, hf + "mlp.c_fc.bias"),
-            mc + "mlp.linear_fc2.weight": _whole(shapes, hf + "mlp.c_proj.weight", transposed=True),
-            mc + "mlp.linear_fc2.bias": _whole(shapes, hf + "mlp.c_proj.bias"),
-        })
-    return layout
-
-
 def hf_tensor_shapes(shape: GPTShape, names) -> Shapes:
     """The tensors a Hugging Face checkpoint of ``shape`` must hold (``names``: those it holds,
     which tell a GPT-2 checkpoint's prefix)."""
-    if shape.mla is not None:
-        return mla_tensor_shapes(shape)
-    if shape.arch == "llama":
-        return llama_tensor_shapes(shape)
-    return gpt2_tensor_shapes(shape, _gpt2_prefix(names))
+    return shape_family(shape).tensor_shapes(shape, names)
 
 
 def hf_layout(shape: GPTShape, names) -> Layout:
     """The full state dict as rows of a Hugging Face checkpoint's tensors (``names``: as for ``hf_tensor_shapes``)."""
-    if shape.mla is not None:
-        return mla_layout(shape)
-    return llama_layout(shape) if shape.arch == "llama" else gpt2_layout(shape, _gpt2_prefix(names))
+    return shape_family(shape).layout(shape, names)
 
 
 def full_tensor_shapes(shape: GPTShape) -> Shapes:
@@ -399,7 +192,7 @@ def checkpoint_layout(config: dict, shape: GPTShape, located: TensorFiles) -> La
     if config.get("cptoolkit_format") == CPTOOLKIT_FORMAT:
         expected = full_tensor_shapes(shape)
         _check(located.shapes, expected, located.source, shape)
-        return {name: _whole(expected, name) for name in expected}
+        return {name: whole(expected, name) for name in expected}
     _check(located.shapes, hf_tensor_shapes(shape, located.shapes), located.source, shape)
     return hf_layout(shape, located.shapes)
 
@@ -460,7 +253,7 @@ def save_checkpoint(model: CPGPTModel, checkpoint_dir: str | Path, tokenizer) ->
         save_file({name: tensor.contiguous() for name, tensor in full.items()}, directory / WEIGHTS_FILE)
         # "dtype" (transformers 5's key) lets runtime.dtype: auto load the weights in the dtype they were saved in.
         weights_dtype = str(next(iter(full.values())).dtype).removeprefix("torch.")
-        config = {**model.shape.to_hf_config(), "dtype": weights_dtype, "cptoolkit_format": CPTOOLKIT_FORMAT}
+        config = {**write_hf_config(model.shape), "dtype": weights_dtype, "cptoolkit_format": CPTOOLKIT_FORMAT}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save(directory)
     dist.barrier()

@@ -1,20 +1,14 @@
-"""The model's architecture, ``GPTShape``, read from and written as a Hugging Face ``config.json``.
+"""The model's architecture, ``GPTShape``, and what every family's Hugging Face ``config.json`` shares.
 
 Pure Python: no torch, no megatron, so ``cptoolkit.config`` reads a checkpoint's shape while it
 validates a YAML file without loading either. The RoPE frequencies of a ``RopeScaling`` are computed
 by ``cptoolkit.models.rope``.
 
-Hugging Face families read here (``model_type``: architectures):
-- ``llama``: LlamaForCausalLM; ``mistral``: MistralForCausalLM (``sliding_window`` on every layer);
-  ``qwen2``: Qwen2ForCausalLM (q/k/v biases; ``use_sliding_window`` on the layers from ``max_window_layers``,
-  or as ``layer_types`` says); ``qwen3``: Qwen3ForCausalLM (per-head q/k RMSNorm; ``layer_types``).
-  All four are ``arch="llama"``, with RoPE ``rope_type`` default, linear, llama3 or yarn.
-- ``gemma2``: Gemma2ForCausalLM; ``gemma3_text``: Gemma3ForCausalLM: the Gemma block (``GemmaBlock``) on
-  ``arch="llama"``: local (sliding-window) layers between global ones as ``layer_types`` says (else every other
-  layer, Gemma 3: five of every ``sliding_window_pattern``), Gemma 3's q/k norms and local RoPE base.
-- ``gpt2``: GPT2LMHeadModel, GPT2Model.
-- ``deepseek_v2``: DeepseekV2ForCausalLM; ``deepseek_v3``: DeepseekV3ForCausalLM: multi-head latent
-  attention (``MLADims``) on the Llama block, dense MLP layers only (MoE layers are refused).
+Here: the schema (``GPTShape`` with its extras ``MLADims`` and ``GemmaBlock``, ``RopeScaling``), the config.json
+keys several families read alike (``positive_key``, ``read_rope`` with YaRN, ``layer_types_flags``,
+``window_from_hf``, ``hf_layer_types``), the TP fit and the checkpoint's JSON files. Each family's own keys are
+read and written by its module in ``cptoolkit.models.families``; ``families.registry`` picks it by
+``model_type``.
 Sliding windows: ``GPTShape.sliding_window`` (a query sees itself and the ``window - 1`` tokens before
 it, transformers' ``sliding_window``) on the layers ``GPTShape.sliding_layers`` marks.
 Anything a family can express that cptoolkit would compute differently (dynamic NTK RoPE, an
@@ -31,19 +25,10 @@ from typing import Optional
 from cptoolkit.errors import ConfigError
 
 ARCHS = ("llama", "gpt2")
-HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM",), "mistral": ("MistralForCausalLM",),
-                    "qwen2": ("Qwen2ForCausalLM",), "qwen3": ("Qwen3ForCausalLM",),
-                    "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
-                    "deepseek_v2": ("DeepseekV2ForCausalLM",), "deepseek_v3": ("DeepseekV3ForCausalLM",),
-                    "gemma2": ("Gemma2ForCausalLM",), "gemma3_text": ("Gemma3ForCausalLM",)}
-GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
-MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 AUTO_DTYPES = ("float32", "bfloat16", "float64")  # the weights' dtypes ``runtime.dtype: auto`` runs in
 CONFIG_FILE = "config.json"
 RESAVE = "save the checkpoint again (save_pretrained or cptoolkit's save_checkpoint)"
-_SUPPORTED_HF = (f"one of {', '.join(repr(t) for t in HF_ARCHITECTURES)} (architectures "
-                 f"{', '.join(a for archs in HF_ARCHITECTURES.values() for a in archs)})")
 _DYNAMIC_REFUSED = ("dynamic NTK scaling recomputes the frequencies from the longest position of each forward "
                     "pass, so keys already in the KV cache would have been rotated with other frequencies than "
                     "the queries that read them (transformers' own output depends on how it is batched)")
@@ -260,105 +245,6 @@ class GPTShape:
             if value != gpt2_value:
                 raise ValueError(f"GPTShape.{name}={value!r}; rule: must be {gpt2_value!r} for gpt2 (llama only)")
 
-    @classmethod
-    def from_hf_config(cls, config: dict) -> "GPTShape":
-        """Read a Hugging Face ``config.json`` dict of one of the families of ``HF_ARCHITECTURES``.
-        Errors name the key and the rule but not the file: the caller knows which file it read."""
-        if "model_type" not in config:
-            raise ValueError(f"missing required key 'model_type'; rule: {_SUPPORTED_HF}")
-        model_type = config["model_type"]
-        if model_type not in HF_ARCHITECTURES:
-            raise ValueError(f"model_type={model_type!r} is not supported; rule: {_SUPPORTED_HF}")
-        unsupported = [a for a in config.get("architectures") or [] if a not in HF_ARCHITECTURES[model_type]]
-        if unsupported:
-            raise ValueError(f"architectures={unsupported!r} is not supported for model_type {model_type!r}; "
-                             f"rule: {' or '.join(HF_ARCHITECTURES[model_type])}")
-        if model_type in MLA_MODEL_TYPES:
-            return _deepseek_shape(config, model_type)
-        if model_type in GEMMA_MODEL_TYPES:
-            return _gemma_shape(config, model_type)
-        return _gpt2_shape(config) if model_type == "gpt2" else _llama_shape(config, model_type)
-
-    def to_hf_config(self) -> dict:
-        """A Hugging Face ``config.json`` dict that ``from_hf_config`` reads back as this shape (q/k/v
-        biases are written as a Qwen2, q/k norms as a Qwen3, anything else as a Llama)."""
-        if self.arch == "gpt2":
-            return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-                    "n_layer": self.num_layers, "n_embd": self.hidden_size,
-                    "n_head": self.num_attention_heads, "n_inner": self.ffn_hidden_size,
-                    "vocab_size": self.vocab_size, "n_positions": self.max_seq_len,
-                    "layer_norm_epsilon": self.norm_eps, "activation_function": "gelu_new",
-                    "tie_word_embeddings": self.tie_embeddings}
-        if self.mla is not None:
-            return self._deepseek_hf_config()
-        if self.gemma is not None:
-            return self._gemma_hf_config()
-        model_type = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
-        if self.sliding_window is not None and model_type == "llama":
-            if self.sliding_layers is not None:
-                raise ValueError("GPTShape with sliding_layers but neither qkv_bias nor qk_norm has no Hugging Face "
-                                 "family (Mistral windows every layer; Qwen2/Qwen3 bring biases or q/k norms)")
-            model_type = "mistral"
-        return {"model_type": model_type, "architectures": list(HF_ARCHITECTURES[model_type]),
-                "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
-                "num_attention_heads": self.num_attention_heads,
-                "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "intermediate_size": self.ffn_hidden_size, "vocab_size": self.vocab_size,
-                "max_position_embeddings": self.max_seq_len, "hidden_act": "silu",
-                "rope_parameters": {"rope_theta": self.rope_theta, **self.rope_scaling.to_hf()},
-                "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings,
-                **self._window_hf_keys(model_type)}
-
-    def _window_hf_keys(self, model_type: str) -> dict:
-        """The window as ``model_type``'s config keys: Mistral's ``sliding_window``; Qwen2/Qwen3's
-        ``use_sliding_window``, ``sliding_window`` and ``layer_types``."""
-        if self.sliding_window is None:
-            return {}
-        if model_type == "mistral":
-            return {"sliding_window": self.sliding_window}
-        layers = self.sliding_layers or (True,) * self.num_layers
-        keys = {"sliding_window": self.sliding_window,
-                "layer_types": ["sliding_attention" if windowed else "full_attention" for windowed in layers]}
-        return {**keys, "use_sliding_window": True}
-
-    def _gemma_hf_config(self) -> dict:
-        """A Gemma 3 text ``config.json`` with q/k norms, a Gemma 2 one without."""
-        model_type, g = ("gemma3_text" if self.qk_norm else "gemma2"), self.gemma
-        global_rope = {"rope_theta": self.rope_theta, **self.rope_scaling.to_hf()}
-        rope = ({"full_attention": global_rope, "sliding_attention": {"rope_type": "default",
-                                                                      "rope_theta": g.local_rope_theta}}
-                if g.local_rope_theta is not None else global_rope)
-        layers = self.sliding_layers or (True,) * self.num_layers
-        window = ({"sliding_window": self.sliding_window,
-                   "layer_types": ["sliding_attention" if windowed else "full_attention" for windowed in layers]}
-                  if self.sliding_window is not None
-                  else {"sliding_window": None, "layer_types": ["full_attention"] * self.num_layers})
-        return {"model_type": model_type, "architectures": list(HF_ARCHITECTURES[model_type]),
-                "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
-                "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_kv_heads,
-                "head_dim": self.head_dim, "intermediate_size": self.ffn_hidden_size, "vocab_size": self.vocab_size,
-                "max_position_embeddings": self.max_seq_len, "hidden_activation": "gelu_pytorch_tanh",
-                "rope_parameters": rope, "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings,
-                "query_pre_attn_scalar": g.query_pre_attn_scalar,
-                "attn_logit_softcapping": g.attn_logit_softcapping,
-                "final_logit_softcapping": g.final_logit_softcapping, **window}
-
-    def _deepseek_hf_config(self) -> dict:
-        """A DeepSeek-V3 ``config.json`` with every layer dense."""
-        m = self.mla
-        return {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],
-                "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
-                "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_attention_heads,
-                "intermediate_size": self.ffn_hidden_size, "vocab_size": self.vocab_size,
-                "max_position_embeddings": self.max_seq_len, "hidden_act": "silu",
-                "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
-                "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim,
-                "rope_interleave": m.rope_interleave,
-                "first_k_dense_replace": self.num_layers, "attention_bias": False,
-                "rope_parameters": {"rope_theta": self.rope_theta, **self.rope_scaling.to_hf(),
-                                    **({"mscale_all_dim": m.mscale_all_dim} if m.mscale_all_dim else {})},
-                "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings}
-
     @property
     def kv_cache_entry(self) -> tuple[int, int]:
         """``(planes, width)`` the KV cache stores per token, layer and KV head: K and V of ``head_dim``, or
@@ -379,7 +265,7 @@ def _yarn_mscale(scale: float, m: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
 
-def _positive(config: dict, key: str, number: type = int, default=None):
+def positive_key(config: dict, key: str, number: type = int, default=None):
     """``config[key]``, a positive int (or, with ``number=float``, any positive number). A missing or
     null key gives ``default``, or is an error when there is none."""
     value = config.get(key)
@@ -395,7 +281,7 @@ def _positive(config: dict, key: str, number: type = int, default=None):
     return number(value)
 
 
-def _rope(config: dict) -> tuple[float, RopeScaling]:
+def read_rope(config: dict) -> tuple[float, RopeScaling]:
     """``(rope_theta, RopeScaling)`` from ``rope_parameters`` (transformers 5) or the older
     ``rope_scaling`` + top-level ``rope_theta`` (which wins when both are set, as in transformers),
     with transformers' defaults (its ``ROPE_INIT_FUNCTIONS``)."""
@@ -403,7 +289,7 @@ def _rope(config: dict) -> tuple[float, RopeScaling]:
     rope = config.get(key) or {}
     if not isinstance(rope, dict):
         raise ValueError(f"{key}={rope!r}; rule: must be an object of RoPE parameters")
-    theta = _positive(rope, "rope_theta", float, default=_positive(config, "rope_theta", float, default=10000.0))
+    theta = positive_key(rope, "rope_theta", float, default=positive_key(config, "rope_theta", float, default=10000.0))
     partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise ValueError(f"partial_rotary_factor={partial!r}; rule: must be 1.0 (RoPE on the whole head)")
@@ -415,19 +301,19 @@ def _rope(config: dict) -> tuple[float, RopeScaling]:
     if rope_type == "default":
         return theta, RopeScaling()
     if rope_type == "linear":
-        return theta, RopeScaling("linear", factor=_positive(rope, "factor", float))
-    max_positions = _positive(config, "max_position_embeddings")
+        return theta, RopeScaling("linear", factor=positive_key(rope, "factor", float))
+    max_positions = positive_key(config, "max_position_embeddings")
     # Phi-3 style: a top-level original_max_position_embeddings wins, as in transformers' standardize_rope_params.
-    original = _positive(config, "original_max_position_embeddings",
-                         default=_positive(rope, "original_max_position_embeddings", default=max_positions))
+    original = positive_key(config, "original_max_position_embeddings",
+                         default=positive_key(rope, "original_max_position_embeddings", default=max_positions))
     if rope_type == "llama3":
-        return theta, RopeScaling("llama3", factor=_positive(rope, "factor", float),
-                                  low_freq_factor=_positive(rope, "low_freq_factor", float),
-                                  high_freq_factor=_positive(rope, "high_freq_factor", float),
+        return theta, RopeScaling("llama3", factor=positive_key(rope, "factor", float),
+                                  low_freq_factor=positive_key(rope, "low_freq_factor", float),
+                                  high_freq_factor=positive_key(rope, "high_freq_factor", float),
                                   original_max_position_embeddings=original)
     # An explicit factor wins over max_position_embeddings / original, as in transformers' _compute_yarn_parameters
     # (which warns when they differ); Qwen2.5's long-context recipe sets factor 4 where that ratio is 1.
-    factor = _positive(rope, "factor", float, default=max_positions / original)
+    factor = positive_key(rope, "factor", float, default=max_positions / original)
     return theta, RopeScaling("yarn", factor=factor, original_max_position_embeddings=original,
                               beta_fast=_yarn_beta(rope, "beta_fast", 32.0),
                               beta_slow=_yarn_beta(rope, "beta_slow", 1.0),
@@ -438,7 +324,7 @@ def _rope(config: dict) -> tuple[float, RopeScaling]:
 def _yarn_beta(rope: dict, key: str, default: float) -> float:
     """YaRN's ``beta_fast`` / ``beta_slow``: missing, null or 0 is ``default`` (transformers' ``or``); otherwise a
     positive number, a number of rotations over ``original_max_position_embeddings`` whose log YaRN takes."""
-    return _positive({key: rope.get(key) or default}, key, float)
+    return positive_key({key: rope.get(key) or default}, key, float)
 
 
 def _yarn_attention_factor(rope: dict, factor: float) -> float:
@@ -446,7 +332,7 @@ def _yarn_attention_factor(rope: dict, factor: float) -> float:
     ``attention_factor``, else ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are set
     and non-zero, else ``mscale(factor)``."""
     if rope.get("attention_factor") is not None:
-        return _positive(rope, "attention_factor", float)
+        return positive_key(rope, "attention_factor", float)
     if rope.get("mscale") and rope.get("mscale_all_dim"):
         for key in ("mscale", "mscale_all_dim"):
             if not isinstance(rope[key], (int, float)):
@@ -455,205 +341,41 @@ def _yarn_attention_factor(rope: dict, factor: float) -> float:
     return _yarn_mscale(factor)
 
 
-def _window(config: dict, model_type: str) -> tuple[Optional[int], Optional[tuple[bool, ...]]]:
-    """``(sliding_window, sliding_layers)`` as transformers reads them: Mistral windows every layer when
-    ``sliding_window`` is set; Qwen2 and Qwen3 only with ``use_sliding_window``, on the layers ``layer_types``
-    (or, when absent, ``max_window_layers`` onwards) marks; Llama never (its attention has no window). A
-    window no shorter than ``max_position_embeddings`` never masks a token and is dropped."""
-    window = config.get("sliding_window")
-    if model_type == "llama" or (model_type in ("qwen2", "qwen3") and not config.get("use_sliding_window")):
+def require_keys(config: dict, fixed: dict) -> None:
+    """Refuse a key of ``fixed`` that ``config`` sets to another value than the supported one (absent is
+    supported): keys a family's transformers model reads that cptoolkit would compute differently."""
+    for key, supported in fixed.items():
+        if config.get(key, supported) != supported:
+            raise ValueError(f"{key}={config[key]!r}; rule: must be {supported!r}")
+
+
+def layer_types_flags(config: dict, layers: int) -> Optional[tuple[bool, ...]]:
+    """transformers' ``layer_types`` as one flag per layer, True for ``sliding_attention``; None when absent."""
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        return None
+    kinds = ("full_attention", "sliding_attention")
+    if not isinstance(layer_types, list) or len(layer_types) != layers or any(t not in kinds for t in layer_types):
+        raise ValueError(f"layer_types={layer_types!r}; rule: a list of {layers} entries, each one of {kinds}")
+    return tuple(t == "sliding_attention" for t in layer_types)
+
+
+def window_from_hf(config: dict, flags: tuple[bool, ...]) -> tuple[Optional[int], Optional[tuple[bool, ...]]]:
+    """``(sliding_window, sliding_layers)`` for a window on the layers ``flags`` marks; no window when
+    ``sliding_window`` is unset or marks no layer, and a window no shorter than ``max_position_embeddings`` (it
+    never masks a token) is dropped. ``sliding_layers`` is None when every layer is windowed."""
+    if config.get("sliding_window") is None or not any(flags):
         return None, None
-    layers, layer_types = _positive(config, "num_hidden_layers"), config.get("layer_types")
-    if model_type == "mistral":  # transformers' Mistral windows every layer, whatever layer_types says
-        flags = (True,) * layers
-    elif layer_types is not None:
-        kinds = ("full_attention", "sliding_attention")
-        if not isinstance(layer_types, list) or len(layer_types) != layers or any(t not in kinds for t in layer_types):
-            raise ValueError(f"layer_types={layer_types!r}; rule: a list of {layers} entries, each one of {kinds}")
-        flags = tuple(t == "sliding_attention" for t in layer_types)
-    else:
-        first = config.get("max_window_layers", 28)
-        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
-            raise ValueError(f"max_window_layers={first!r}; rule: a non-negative integer")
-        flags = tuple(i >= first for i in range(layers))
-    if window is None or not any(flags):
-        return None, None
-    window = _positive(config, "sliding_window")
-    if window >= _positive(config, "max_position_embeddings"):
+    window = positive_key(config, "sliding_window")
+    if window >= positive_key(config, "max_position_embeddings"):
         return None, None
     return window, None if all(flags) else flags
 
 
-# Per family, the keys its transformers model reads whose other values cptoolkit would compute differently.
-# attention_bias puts biases on o_proj as well as q/k/v; Qwen2's q/k/v biases come with its model_type.
-_FIXED_KEYS = {"llama": {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False},
-               "mistral": {"hidden_act": "silu"}, "qwen2": {"hidden_act": "silu"},
-               "qwen3": {"hidden_act": "silu", "attention_bias": False}}
-
-
-def _llama_shape(config: dict, model_type: str) -> GPTShape:
-    """Llama, Mistral, Qwen2 and Qwen3: the Llama block with, per family, q/k/v biases (Qwen2) or
-    per-head q/k RMSNorm (Qwen3)."""
-    for key, supported in _FIXED_KEYS[model_type].items():
-        if config.get(key, supported) != supported:
-            raise ValueError(f"{key}={config[key]!r}; rule: must be {supported!r}")
-    window, window_layers = _window(config, model_type)
-    theta, rope_scaling = _rope(config)
-    return GPTShape(arch="llama", num_layers=_positive(config, "num_hidden_layers"),
-                    hidden_size=_positive(config, "hidden_size"),
-                    num_attention_heads=_positive(config, "num_attention_heads"),
-                    num_kv_heads=_positive(config, "num_key_value_heads",
-                                           default=_positive(config, "num_attention_heads")),
-                    ffn_hidden_size=_positive(config, "intermediate_size"),
-                    vocab_size=_positive(config, "vocab_size"),
-                    max_seq_len=_positive(config, "max_position_embeddings"),
-                    rope_theta=theta, norm_eps=_positive(config, "rms_norm_eps", float),
-                    tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                    head_dim=None if config.get("head_dim") is None else _positive(config, "head_dim"),
-                    qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", rope_scaling=rope_scaling,
-                    sliding_window=window, sliding_layers=window_layers)
-
-
-# transformers' defaults for the MLA keys a DeepSeek config.json may leave out.
-_MLA_DEFAULTS = {"kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
-_FIRST_DENSE_DEFAULT = {"deepseek_v2": 0, "deepseek_v3": 3}
-
-
-def _deepseek_shape(config: dict, model_type: str) -> GPTShape:
-    """DeepSeek-V2 / V3: the Llama block with multi-head latent attention; every layer must be dense
-    (``first_k_dense_replace`` covers them all: cptoolkit has no MoE layers)."""
-    for key, supported in {"hidden_act": "silu", "attention_bias": False}.items():
-        if config.get(key, supported) != supported:
-            raise ValueError(f"{key}={config[key]!r}; rule: must be {supported!r}")
-    layers = _positive(config, "num_hidden_layers")
-    first_dense = config.get("first_k_dense_replace", _FIRST_DENSE_DEFAULT[model_type])
-    if first_dense is None or first_dense < layers:
-        raise ValueError(f"first_k_dense_replace={first_dense!r} makes layers {first_dense or 0}..{layers - 1} "
-                         f"mixture-of-experts; rule: must be >= num_hidden_layers={layers}: cptoolkit runs dense "
-                         "MLP layers only (no MoE)")
-    heads = _positive(config, "num_attention_heads")
-    q_lora = config.get("q_lora_rank", 1536)
-    dims = {key: _positive(config, key, default=default) for key, default in _MLA_DEFAULTS.items()}
-    theta, rope_scaling = _rope(config)
-    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    mscale_all_dim = rope.get("mscale_all_dim") or 0.0
-    if not isinstance(mscale_all_dim, (int, float)):
-        raise ValueError(f"mscale_all_dim={mscale_all_dim!r}; rule: must be a number")
-    mla = MLADims(q_lora_rank=None if q_lora is None else _positive(config, "q_lora_rank"), **dims,
-                  rope_interleave=model_type == "deepseek_v2" or bool(config.get("rope_interleave", True)),
-                  mscale_all_dim=float(mscale_all_dim))
-    return GPTShape(arch="llama", num_layers=layers, hidden_size=_positive(config, "hidden_size"),
-                    num_attention_heads=heads, num_kv_heads=1,
-                    ffn_hidden_size=_positive(config, "intermediate_size"),
-                    vocab_size=_positive(config, "vocab_size"),
-                    max_seq_len=_positive(config, "max_position_embeddings"),
-                    rope_theta=theta, norm_eps=_positive(config, "rms_norm_eps", float, default=1e-6),
-                    tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                    head_dim=mla.qk_rope_head_dim, rope_scaling=rope_scaling, mla=mla)
-
-
-# Gemma 2: sliding on every other layer (the first too); Gemma 3: five of every six, as transformers' configs say.
-_GEMMA_PATTERN_DEFAULT = {"gemma2": 2, "gemma3_text": 6}
-_GEMMA_LOCAL_THETA_DEFAULT = 10000.0
-
-
-def _gemma_layers(config: dict, model_type: str, layers: int) -> tuple[bool, ...]:
-    """Which layers are local (sliding): ``layer_types``, else the family's pattern (Gemma 3's
-    ``sliding_window_pattern``): every layer but each ``pattern``-th."""
-    layer_types = config.get("layer_types")
-    if layer_types is not None:
-        kinds = ("full_attention", "sliding_attention")
-        if not isinstance(layer_types, list) or len(layer_types) != layers or any(t not in kinds for t in layer_types):
-            raise ValueError(f"layer_types={layer_types!r}; rule: a list of {layers} entries, each one of {kinds}")
-        return tuple(t == "sliding_attention" for t in layer_types)
-    pattern = _positive(config, "sliding_window_pattern", default=_GEMMA_PATTERN_DEFAULT[model_type]) \
-        if model_type == "gemma3_text" else _GEMMA_PATTERN_DEFAULT[model_type]
-    return tuple(bool((i + 1) % pattern) for i in range(layers))
-
-
-def _gemma_rope(config: dict, model_type: str) -> tuple[float, RopeScaling, Optional[float]]:
-    """``(rope_theta, rope_scaling, local_rope_theta)``. Gemma 2: one RoPE. Gemma 3: per layer type, either
-    transformers 5's ``rope_parameters: {full_attention: {...}, sliding_attention: {...}}`` or the older
-    ``rope_theta`` (default 1e6) + ``rope_scaling`` for the global layers and ``rope_local_base_freq`` (default
-    1e4) for the local ones, which must be unscaled."""
-    if model_type == "gemma2":
-        theta, scaling = _rope(config)
-        return theta, scaling, None
-    per_type = config.get("rope_parameters")
-    if isinstance(per_type, dict) and ("full_attention" in per_type or "sliding_attention" in per_type):
-        local = per_type.get("sliding_attention") or {}
-        if not isinstance(local, dict):
-            raise ValueError(f"rope_parameters.sliding_attention={local!r}; rule: an object of RoPE parameters")
-        if local.get("rope_type", "default") != "default":
-            raise ValueError(f"rope_parameters.sliding_attention.rope_type={local['rope_type']!r}; rule: 'default' "
-                             "(cptoolkit scales only the global layers' RoPE)")
-        local_theta = _positive(local, "rope_theta", float, default=_GEMMA_LOCAL_THETA_DEFAULT)
-        global_config = {**config, "rope_scaling": None,
-                         "rope_parameters": {"rope_theta": 1_000_000.0, **(per_type.get("full_attention") or {})}}
-    else:
-        local_theta = _positive(config, "rope_local_base_freq", float, default=_GEMMA_LOCAL_THETA_DEFAULT)
-        global_config = {**config, "rope_theta": config.get("rope_theta", 1_000_000.0)}
-    theta, scaling = _rope(global_config)
-    if scaling.rope_type not in ("default", "linear"):
-        raise ValueError(f"the global layers' rope_type={scaling.rope_type!r}; rule: 'default' or 'linear' for "
-                         f"{model_type} (its local layers' RoPE is never scaled, and the softmax scale is shared)")
-    return theta, scaling, local_theta
-
-
-def _gemma_softcap(config: dict, key: str, default: Optional[float]) -> Optional[float]:
-    """A softcap key: absent is the family's default, null is no cap, else a positive number."""
-    if key not in config:
-        return default
-    return None if config[key] is None else _positive(config, key, float)
-
-
-def _gemma_shape(config: dict, model_type: str) -> GPTShape:
-    """Gemma 2 / Gemma 3 text: the Llama block with the Gemma differences (``GemmaBlock``); Gemma 3 adds per-head
-    q/k norms (Gemma's ``1 + weight`` norms) and the local layers' own RoPE base. The window is kept even when it
-    is no shorter than ``max_position_embeddings`` (it then never masks), since it also marks the local layers."""
-    fixed = {"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "use_bidirectional_attention": False}
-    for key, supported in fixed.items():
-        if (config.get(key) or supported) != supported:
-            raise ValueError(f"{key}={config[key]!r}; rule: must be {supported!r}")
-    if config.get("hidden_act") not in (None, "gelu_pytorch_tanh") and "hidden_activation" not in config:
-        raise ValueError(f"hidden_act={config['hidden_act']!r}; rule: must be 'gelu_pytorch_tanh' (Gemma's GeGLU)")
-    layers = _positive(config, "num_hidden_layers")
-    local_layers = _gemma_layers(config, model_type, layers)
-    window = _positive(config, "sliding_window") if any(local_layers) and config.get("sliding_window") is not None \
-        else None
-    theta, rope_scaling, local_theta = _gemma_rope(config, model_type)
-    heads, head_dim = _positive(config, "num_attention_heads"), _positive(config, "head_dim", default=256)
-    softcaps = {"gemma2": (50.0, 30.0), "gemma3_text": (None, None)}[model_type]
-    gemma = GemmaBlock(query_pre_attn_scalar=_positive(config, "query_pre_attn_scalar", float, default=256.0),
-                       attn_logit_softcapping=_gemma_softcap(config, "attn_logit_softcapping", softcaps[0]),
-                       final_logit_softcapping=_gemma_softcap(config, "final_logit_softcapping", softcaps[1]),
-                       local_rope_theta=local_theta if window is not None else None)
-    return GPTShape(arch="llama", num_layers=layers, hidden_size=_positive(config, "hidden_size"),
-                    num_attention_heads=heads,
-                    num_kv_heads=_positive(config, "num_key_value_heads", default=heads),
-                    ffn_hidden_size=_positive(config, "intermediate_size"),
-                    vocab_size=_positive(config, "vocab_size"),
-                    max_seq_len=_positive(config, "max_position_embeddings"),
-                    rope_theta=theta, norm_eps=_positive(config, "rms_norm_eps", float, default=1e-6),
-                    tie_embeddings=bool(config.get("tie_word_embeddings", True)), head_dim=head_dim,
-                    qk_norm=model_type == "gemma3_text", rope_scaling=rope_scaling,
-                    sliding_window=window, sliding_layers=None if window is None or all(local_layers) else local_layers,
-                    gemma=gemma)
-
-
-def _gpt2_shape(config: dict) -> GPTShape:
-    if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"activation_function={config['activation_function']!r}; "
-                         "rule: must be the tanh GELU ('gelu_new')")
-    if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn"):
-        raise ValueError("scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn must be false")
-    hidden, heads = _positive(config, "n_embd"), _positive(config, "n_head")
-    return GPTShape(arch="gpt2", num_layers=_positive(config, "n_layer"), hidden_size=hidden,
-                    num_attention_heads=heads, num_kv_heads=heads,
-                    ffn_hidden_size=_positive(config, "n_inner", default=4 * hidden),
-                    vocab_size=_positive(config, "vocab_size"), max_seq_len=_positive(config, "n_positions"),
-                    norm_eps=_positive(config, "layer_norm_epsilon", float),
-                    tie_embeddings=bool(config.get("tie_word_embeddings", True)))
+def hf_layer_types(shape: GPTShape) -> list[str]:
+    """``shape``'s windowed layers as transformers' ``layer_types`` (every layer full without a window)."""
+    layers = shape.sliding_layers or (shape.sliding_window is not None,) * shape.num_layers
+    return ["sliding_attention" if windowed else "full_attention" for windowed in layers]
 
 
 # ----------------------------------------------------------------------------- at a TP size
@@ -702,14 +424,6 @@ def read_config(checkpoint_dir: str | Path) -> dict:
         raise ConfigError(f"{path}: not found; a checkpoint directory holds the model's {CONFIG_FILE} "
                           f"next to its weights; {RESAVE}")
     return read_json_object(path)
-
-
-def hf_shape(config: dict, checkpoint_dir: str | Path) -> GPTShape:
-    """``GPTShape.from_hf_config(config)``; its errors name the checkpoint's ``config.json``."""
-    try:
-        return GPTShape.from_hf_config(config)
-    except ValueError as err:
-        raise ConfigError(f"{Path(checkpoint_dir) / CONFIG_FILE}: {err}") from None
 
 
 def weights_dtype(config: dict, checkpoint_dir: str | Path) -> str:

@@ -1,0 +1,61 @@
+"""Every model family cptoolkit reads, keyed by Hugging Face ``model_type``; what reads and writes a
+``config.json`` or maps a checkpoint's tensors consults this table instead of testing family names. Adding a
+family: one module in this package exporting a ``Family``, and its entry in ``FAMILIES``.
+
+Invariants: each ``model_type`` belongs to one family; each valid ``GPTShape`` is owned by exactly one
+family (its ``owns``); ``read_hf_config(write_hf_config(shape)) == shape``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cptoolkit.errors import ConfigError
+from cptoolkit.models.families import Family
+from cptoolkit.models.families.deepseek import DEEPSEEK
+from cptoolkit.models.families.gemma import GEMMA
+from cptoolkit.models.families.gpt2 import GPT2
+from cptoolkit.models.families.llama import LLAMA
+from cptoolkit.models.families.qwen import QWEN
+from cptoolkit.models.shape import CONFIG_FILE, GPTShape
+
+# The order lists the supported model_types in refusal messages.
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN, GPT2, DEEPSEEK, GEMMA)
+BY_MODEL_TYPE: dict[str, Family] = {model_type: family for family in FAMILIES for model_type in family.architectures}
+_SUPPORTED = (f"one of {', '.join(repr(t) for t in BY_MODEL_TYPE)} (architectures "
+              f"{', '.join(a for f in FAMILIES for archs in f.architectures.values() for a in archs)})")
+
+
+def read_hf_config(config: dict) -> GPTShape:
+    """The ``GPTShape`` of a Hugging Face ``config.json`` dict, read by its ``model_type``'s family. Errors name
+    the key and the rule but not the file: the caller knows which file it read."""
+    if "model_type" not in config:
+        raise ValueError(f"missing required key 'model_type'; rule: {_SUPPORTED}")
+    model_type = config["model_type"]
+    if model_type not in BY_MODEL_TYPE:
+        raise ValueError(f"model_type={model_type!r} is not supported; rule: {_SUPPORTED}")
+    family = BY_MODEL_TYPE[model_type]
+    accepted = family.architectures[model_type]
+    unsupported = [a for a in config.get("architectures") or [] if a not in accepted]
+    if unsupported:
+        raise ValueError(f"architectures={unsupported!r} is not supported for model_type {model_type!r}; "
+                         f"rule: {' or '.join(accepted)}")
+    return family.read_hf_config(config, model_type)
+
+
+def shape_family(shape: GPTShape) -> Family:
+    """The one family that owns ``shape``: it writes its config.json and reads its checkpoints."""
+    (family,) = [f for f in FAMILIES if f.owns(shape)]
+    return family
+
+
+def write_hf_config(shape: GPTShape) -> dict:
+    """A Hugging Face ``config.json`` dict that ``read_hf_config`` reads back as ``shape``."""
+    return shape_family(shape).write_hf_config(shape)
+
+
+def hf_shape(config: dict, checkpoint_dir: str | Path) -> GPTShape:
+    """``read_hf_config(config)``; its errors name the checkpoint's ``config.json``."""
+    try:
+        return read_hf_config(config)
+    except ValueError as err:
+        raise ConfigError(f"{Path(checkpoint_dir) / CONFIG_FILE}: {err}") from None
