@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_results_dir_argument, format_table, machine_info, write_json  # noqa: E402
 from tests.multiproc import free_port  # noqa: E402
-from tests.serve_fuzz_schema import request_bodies  # noqa: E402
+from tests.serve_fuzz_schema import is_openai_error, request_bodies  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("cptoolkit"))
@@ -51,15 +51,6 @@ def draw_bodies(count: int) -> list[tuple[str, object]]:
 
     collect()
     return bodies
-
-
-def _is_openai_error(response: httpx.Response) -> bool:
-    try:
-        body = response.json()
-    except ValueError:
-        return False
-    error = body.get("error") if isinstance(body, dict) else None
-    return set(body) == {"error"} and isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
 
 
 def _sound_stream(text: str) -> bool:
@@ -81,7 +72,7 @@ def send(url: str, path: str, body) -> dict:
     stream = isinstance(body, dict) and body.get("stream") is True
     if status >= 500 and not (status == 503 and "the engine failed" in response.text):
         problem = f"{status}: {response.text[:300]}"
-    elif status != 200 and not _is_openai_error(response):
+    elif status != 200 and not is_openai_error(response):
         problem = f"{status} without OpenAI's error body: {response.text[:300]}"
     elif status == 200 and stream and not _sound_stream(response.text):
         problem = f"stream without [DONE] or with an error event: {response.text[-300:]}"

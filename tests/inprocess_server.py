@@ -100,17 +100,6 @@ class InProcessServer:
         return float(line.split()[1])
 
 
-def is_openai_error(response: httpx.Response) -> bool:
-    """An error response with exactly OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``."""
-    try:
-        body = response.json()
-    except ValueError:
-        return False
-    error = body.get("error") if isinstance(body, dict) else None
-    return (set(body) == {"error"} and isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
-            and isinstance(error["message"], str) and bool(error["message"]) and isinstance(error["type"], str))
-
-
 def sse_events(response: httpx.Response) -> list:
     """The ``data:`` payloads of a server-sent-events body: dicts, and the final ``"[DONE]"``."""
     events = []

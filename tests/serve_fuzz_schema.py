@@ -4,10 +4,11 @@ not: in-range values, the sampling edges (temperature 1e-300 and 1.5899e-211, to
 repetition_penalty 5e-324 and 1e-40), out-of-range values, wrong types, NaN and Infinity, lone
 surrogates, unknown fields, and bodies that are not objects. Generation stays short (``max_tokens`` at
 most 4 when valid) so a fuzz of hundreds of requests takes seconds. Most bodies are valid, so most
-requests reach the engine; the rest have one field wrong. Shared by ``tests/test_server_fuzz.py``
-and ``bench/serve_fuzz.py``."""
+requests reach the engine; the rest have one field wrong. ``is_openai_error`` says whether an answer has
+OpenAI's error body. Shared by the server tests and ``bench/serve_fuzz.py``."""
 from __future__ import annotations
 
+import httpx
 from hypothesis import strategies as st
 
 MODEL = "tiny-gqa"
@@ -107,3 +108,14 @@ def request_bodies():
                    st.tuples(st.just(path), _one_field_wrong(fields, required))]
     not_objects = st.tuples(st.sampled_from(sorted(REQUIRED)), st.one_of(WRONG, st.lists(st.integers(), max_size=3)))
     return st.one_of(*bodies, not_objects)
+
+
+def is_openai_error(response: httpx.Response) -> bool:
+    """An error response with exactly OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    return (set(body) == {"error"} and isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
+            and isinstance(error["message"], str) and bool(error["message"]) and isinstance(error["type"], str))

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from cptoolkit.serving.app import HTTPOptions
-from tests.inprocess_server import MODEL, InProcessServer, is_openai_error, sse_events
+from tests.inprocess_server import MODEL, InProcessServer, sse_events
+from tests.serve_fuzz_schema import is_openai_error
 
 JSON = {"content-type": "application/json"}
 CHAT = [{"role": "user", "content": "hello"}]

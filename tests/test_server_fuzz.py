@@ -12,8 +12,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from tests.inprocess_server import InProcessServer, is_openai_error, sse_events
-from tests.serve_fuzz_schema import request_bodies
+from tests.inprocess_server import InProcessServer, sse_events
+from tests.serve_fuzz_schema import is_openai_error, request_bodies
 
 EXAMPLES = 200
 

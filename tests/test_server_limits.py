@@ -15,7 +15,8 @@ import pytest
 from cptoolkit.config import ConfigError
 from cptoolkit.entrypoints.serve import API_KEY_ENV, http_options, parse_args
 from cptoolkit.serving.app import HTTPOptions
-from tests.inprocess_server import MODEL, InProcessServer, is_openai_error
+from tests.inprocess_server import MODEL, InProcessServer
+from tests.serve_fuzz_schema import is_openai_error
 
 KEY = "sk-test-0123456789"
 

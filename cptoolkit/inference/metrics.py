@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 class EngineMetrics:
     """Wall times and counts of one engine's lifetime (every rank measures its own)."""
 
-
     prefill_time_s: float = 0.0
     decode_time_s: float = 0.0
     prompt_tokens: int = 0
