@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from cptoolkit.inference.request import Request
-from cptoolkit.inference.sampling import FAILED_TOKEN, adjust_logits, broadcast_tokens, sample_each
+from cptoolkit.inference.sampling import (FAILED_TOKEN, adjust_logits, broadcast_tokens, sample_each,
+                                          sampling_failure)
 from cptoolkit.inference.speculative import accept
 from cptoolkit.parallel_state import ParallelGroups
 
@@ -33,8 +34,7 @@ class Sampler:
                                      [r.generator for r in requests], [r.prompt_ids for r in requests],
                                      [r.output_ids for r in requests])
         tokens = self._broadcast(tokens.contiguous())
-        failed = (tokens == FAILED_TOKEN).nonzero().flatten().tolist()
-        return tokens, {row: errors.get(row, _FAILED_ON_FIRST_RANK) for row in failed}
+        return tokens, _failures(tokens == FAILED_TOKEN, errors)
 
     def verify(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]]
                ) -> tuple[torch.Tensor, dict[int, str]]:
@@ -52,13 +52,18 @@ class Sampler:
                 tokens = accept(adjusted, draft, request.sampling, request.generator)
                 emitted[row, :len(tokens)] = torch.tensor(tokens)
             except Exception as err:  # one request's fault ends that request, not the batch
-                errors[row] = f"sampling failed ({type(err).__name__}: {err})"
+                errors[row] = sampling_failure(err)
         emitted = self._broadcast(emitted)
-        failed = (emitted == FAILED_TOKEN).all(dim=1).nonzero().flatten().tolist()
-        return emitted, {row: errors.get(row, _FAILED_ON_FIRST_RANK) for row in failed}
+        return emitted, _failures((emitted == FAILED_TOKEN).all(dim=1), errors)
 
     def _broadcast(self, tokens: torch.Tensor) -> torch.Tensor:
         """The replica's first rank's ``tokens``, on every rank of the replica group."""
         if dist.is_initialized() and dist.get_world_size(self.groups.replica_group) > 1:
             return broadcast_tokens(tokens, self.groups.replica_group, src=self.groups.replica_first_rank)
         return tokens
+
+
+def _failures(failed: torch.Tensor, local_errors: dict[int, str]) -> dict[int, str]:
+    """``{row: error}`` for the rows ``failed [b]`` marks in the broadcast tokens: this rank's own error where its
+    draw failed too, else the first rank's verdict."""
+    return {row: local_errors.get(row, _FAILED_ON_FIRST_RANK) for row in failed.nonzero().flatten().tolist()}

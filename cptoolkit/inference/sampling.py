@@ -176,8 +176,13 @@ def sample_each(logits: torch.Tensor, params: Sequence[SamplingParams], generato
             adjusted = adjust_logits(logits[row:row + 1], [row_params], [prompt_ids[row]], [output_ids[row]])
             tokens[row] = _sample_row(adjusted[0], row_params, generator)
         except Exception as err:  # a fault in one request's sampling ends that request, not the batch
-            errors[row] = f"sampling failed ({type(err).__name__}: {err})"
+            errors[row] = sampling_failure(err)
     return tokens, errors
+
+
+def sampling_failure(err: Exception) -> str:
+    """The error a request ends with when drawing its token raised ``err``."""
+    return f"sampling failed ({type(err).__name__}: {err})"
 
 
 def token_distribution(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
