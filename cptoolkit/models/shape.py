@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from cptoolkit.errors import ConfigError
+from cptoolkit.models.moe_dims import MoEDims
 
 ARCHS = ("llama", "gpt2")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -143,6 +144,8 @@ class GPTShape:
     position ``p`` attends to positions ``(p - sliding_window, p]``; ``sliding_layers`` flags the windowed
     layers in order (None: every layer), transformers' ``layer_types`` with ``sliding_attention`` as True.
     ``gemma`` (llama only): the Gemma 2/3 block (``GemmaBlock``); its windowed layers are its local ones.
+    ``moe`` (llama only): routed experts (``MoEDims``) in place of the dense MLP on the layers it flags; the
+    other layers keep the dense MLP of ``ffn_hidden_size``.
     """
 
     arch: str
@@ -164,6 +167,7 @@ class GPTShape:
     sliding_window: Optional[int] = None
     sliding_layers: Optional[tuple[bool, ...]] = None
     gemma: Optional[GemmaBlock] = None
+    moe: Optional[MoEDims] = None
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -200,6 +204,9 @@ class GPTShape:
                              f"(local) layers to apply it to (sliding_window={self.sliding_window}), and a global "
                              f"RoPE without attention_factor (got {self.rope_scaling.attention_factor}): the softmax "
                              "scale that would carry it is shared by every layer")
+        if self.moe is not None and len(self.moe.moe_layers) != self.num_layers:
+            raise ValueError(f"GPTShape.moe.moe_layers has {len(self.moe.moe_layers)} flags; rule: one per layer "
+                             f"(num_layers={self.num_layers})")
         if self.mla is not None and (self.head_dim != self.mla.qk_rope_head_dim or self.num_kv_heads != 1
                                      or self.qkv_bias or self.qk_norm):
             raise ValueError(f"GPTShape with mla: head_dim={self.head_dim} must be qk_rope_head_dim="
@@ -240,7 +247,7 @@ class GPTShape:
         llama_only = {"head_dim": (self.head_dim, self.hidden_size // self.num_attention_heads),
                       "qkv_bias": (self.qkv_bias, False), "qk_norm": (self.qk_norm, False), "mla": (self.mla, None),
                       "rope_scaling": (self.rope_scaling, RopeScaling()), "sliding_window": (self.sliding_window, None),
-                      "gemma": (self.gemma, None)}
+                      "gemma": (self.gemma, None), "moe": (self.moe, None)}
         for name, (value, gpt2_value) in llama_only.items():
             if value != gpt2_value:
                 raise ValueError(f"GPTShape.{name}={value!r}; rule: must be {gpt2_value!r} for gpt2 (llama only)")
