@@ -3,14 +3,16 @@
 for every TP size (drawn full on every rank, then sliced by ``cptoolkit.models.tp_sharding``)."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from cptoolkit.layers.core_attention import AttentionRuntime, get_gpt_layer_spec
@@ -19,6 +21,7 @@ from cptoolkit.models.gemma import gemma_block_spec
 from cptoolkit.models.gpt import CPGPTModel
 from cptoolkit.models.shape import GPTShape, check_tp, padded_vocab_size
 from cptoolkit.models.tp_sharding import NORM, ROW, load_full_state_dict, param_kinds
+from cptoolkit.moe.layer import MoEGroups, MoELayer
 
 INIT_STD = 0.02
 
@@ -60,18 +63,21 @@ def _window_config(shape: GPTShape) -> dict:
     return {"window_size": (shape.sliding_window - 1, 0), "window_attn_skip_freq": [int(f) for f in layers]}
 
 
-def layer_spec(shape: GPTShape, runtime: AttentionRuntime) -> ModuleSpec | TransformerBlockSubmodules:
+def layer_spec(shape: GPTShape, runtime: AttentionRuntime, pg_collection: ProcessGroupCollection
+               ) -> ModuleSpec | TransformerBlockSubmodules:
     """cptoolkit's layer spec for ``shape.arch``, with ``qk_norm``: an RMSNorm over ``head_dim`` for the
     query and the key heads (megatron's ``q_layernorm``/``k_layernorm``, as its local spec with
     ``qk_layernorm=True`` builds them), applied before RoPE as in Qwen3; with ``mla``, cptoolkit's
     ``MLASelfAttention`` instead of megatron's ``SelfAttention``. With ``gemma``: the whole block's spec
-    (``gemma_block_spec``: megatron's local linear layers, Gemma's norms, the attention softcap on every layer)."""
+    (``gemma_block_spec``: megatron's local linear layers, Gemma's norms, the attention softcap on every layer).
+    With ``moe``: the block's spec, ``MoELayer`` as the MLP of the layers ``moe.moe_layers`` flags (megatron's local
+    spec: a separate pre-MLP norm), its groups from ``pg_collection`` (``MoEGroups``)."""
     if shape.gemma is not None:
         spec = get_gpt_layer_spec(runtime, shape.arch, transformer_engine=False)
         spec.submodules.self_attention.submodules.core_attention.params["softcap"] = \
             shape.gemma.attn_logit_softcapping
         return gemma_block_spec(spec, shape.num_layers, shape.qk_norm)
-    spec = get_gpt_layer_spec(runtime, shape.arch)
+    spec = get_gpt_layer_spec(runtime, shape.arch, transformer_engine=False if shape.moe is not None else None)
     if shape.mla is not None:
         spec.submodules.self_attention = ModuleSpec(module=MLASelfAttention, params={
             "runtime": runtime, "mla": shape.mla, "softmax_scale": shape.mla_softmax_scale(),
@@ -79,7 +85,24 @@ def layer_spec(shape: GPTShape, runtime: AttentionRuntime) -> ModuleSpec | Trans
     if shape.qk_norm:
         attention = spec.submodules.self_attention.submodules
         attention.q_layernorm = attention.k_layernorm = WrappedTorchNorm
-    return spec
+    if shape.moe is None:
+        return spec
+    pcp_rank = 0 if runtime.pcp_group is None else runtime.pcp_group.rank()
+    moe = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=_ParamsSpec(
+        MoELayer, {"dims": shape.moe, "groups": MoEGroups.from_pg_collection(pg_collection, pcp_rank),
+                   "runtime": runtime})))
+    return TransformerBlockSubmodules(layer_specs=[moe if flag else spec for flag in shape.moe.moe_layers],
+                                      layer_norm=LayerNormImpl)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ParamsSpec:
+    """What megatron's ``build_module`` instantiates as ``module(**params, config=...)``. Not a ``ModuleSpec``, so
+    ``TransformerLayer`` adds no ``tp_group``/``pg_collection`` of its own (and logs no "unknown MLP type"):
+    ``MoELayer`` takes its groups in ``params``."""
+
+    module: type
+    params: dict[str, Any]
 
 
 def new_gpt_model(shape: GPTShape, pg_collection: ProcessGroupCollection, runtime: AttentionRuntime,
@@ -92,7 +115,7 @@ def new_gpt_model(shape: GPTShape, pg_collection: ProcessGroupCollection, runtim
     check_tp(shape, tp_size)
     model = CPGPTModel(
         shape, config=megatron_config(shape, tp_size, dtype),
-        transformer_layer_spec=layer_spec(shape, runtime),
+        transformer_layer_spec=layer_spec(shape, runtime, pg_collection),
         vocab_size=padded_vocab_size(shape, tp_size), max_sequence_length=shape.max_seq_len,
         share_embeddings_and_output_weights=shape.tie_embeddings,
         position_embedding_type="rope" if shape.arch == "llama" else "learned_absolute",

@@ -30,6 +30,7 @@ from cptoolkit.layers.mla import MLASelfAttention
 from cptoolkit.models.gemma import GemmaRMSNorm
 from cptoolkit.models.gpt import CPGPTModel
 from cptoolkit.models.shape import GPTShape, padded_vocab_size
+from cptoolkit.moe.layer import ExpertPlacement, LocalExperts, MoELayer, Router, SharedExpert
 from cptoolkit.progress import progress
 
 
@@ -199,6 +200,69 @@ class VocabRows:
         return (shape.vocab_size, *local[1:])
 
 
+@dataclass(frozen=True)
+class ExpertRows:
+    """Routed experts' stacked rows (``LocalExperts``), placed by EP and ETP rank, not TP rank: the full tensor is
+    ``[E · rows_per_expert, hidden]``, expert after expert; the rank holds its ``placement``'s experts, of each its
+    ETP slice of the FFN (``gated``: of the gate rows and of the up rows separately, ``[gate; up]`` per expert).
+    ``groups`` gather it back (``gather_full``)."""
+
+    name: str
+    placement: ExpertPlacement
+    gated: bool
+    groups: object = None
+
+    def _ffn_ranges(self, base: int, rows_per_expert: int) -> list[tuple[int, int]]:
+        p = self.placement
+        if not self.gated:
+            return [_chunk(rows_per_expert, p.etp_rank, p.etp_size, base)]
+        half = rows_per_expert // 2
+        return [_chunk(half, p.etp_rank, p.etp_size, base), _chunk(half, p.etp_rank, p.etp_size, base + half)]
+
+    def select(self, full_shape, shape, tp_rank, tp_size):
+        p = self.placement
+        rows_per_expert = full_shape[0] // p.num_experts
+        ranges = []
+        for expert in range(p.first_expert, p.first_expert + p.num_local):
+            ranges += self._ffn_ranges(expert * rows_per_expert, rows_per_expert)
+        return Selection(0, _merged(ranges))
+
+    def unshard(self, slices, shape):
+        raise ValueError(f"{self.name}: expert weights are spread over the EP and ETP groups, not TP; "
+                         "rule: gather them with ExpertRows.gather_full")
+
+    def full_shape(self, local, shape, tp_size):
+        return (local[0] * self.placement.ep_size * self.placement.etp_size, *local[1:])
+
+    def gather_full(self, local: torch.Tensor) -> torch.Tensor:
+        """The full tensor from every rank's ``local`` slice: all-gather over the ETP group (FFN slices), then
+        over the EP group (experts). Collective over both groups."""
+        p, groups = self.placement, self.groups
+        per_expert = local.view(p.num_local, -1, *local.shape[1:])  # [E_local, rows_local, hidden]
+        slices = _gather(per_expert, groups.etp)  # [ETP, E_local, rows_local, hidden]
+        if self.gated:
+            gates, ups = slices.chunk(2, dim=2)
+            experts = torch.cat([gates.transpose(0, 1).flatten(1, 2), ups.transpose(0, 1).flatten(1, 2)], dim=1)
+        else:
+            experts = slices.transpose(0, 1).flatten(1, 2)
+        return _gather(experts, groups.ep).flatten(0, 2)
+
+
+def _gather(tensor: torch.Tensor, group) -> torch.Tensor:
+    """``[group_size, *tensor.shape]``: every member's ``tensor`` (``tensor[None]`` for a group of one)."""
+    if group is None or group.size() == 1:
+        return tensor.unsqueeze(0)
+    slices = [torch.empty_like(tensor) for _ in range(group.size())]
+    dist.all_gather(slices, tensor.contiguous(), group=group)
+    return torch.stack(slices)
+
+
+def _expert_kind(gated: bool) -> Callable[[LocalExperts], Kind]:
+    def kind(experts: LocalExperts) -> Kind:
+        return ExpertRows("expert_fc1" if gated else "expert_fc2", experts.placement, gated, experts.groups)
+    return kind
+
+
 REPLICATED = Replicated("replicated")
 NORM = Replicated("norm")  # replicated too; seeded init sets its weight to 1 and its bias to 0
 COLUMN = Split("column", dim=0)
@@ -237,6 +301,16 @@ PARAM_KINDS: dict[tuple[Union[type, str], str], Union[Kind, Callable[[torch.nn.M
     (MLASelfAttention, "linear_proj.weight"): ROW,
     (MLASelfAttention, "linear_q_down_proj.weight"): REPLICATED,
     (MLASelfAttention, "linear_kv_down_proj.weight"): REPLICATED,
+    # MoE: the router is whole on every rank, the routed experts placed by EP/ETP rank, the shared expert split
+    # over TP like the dense MLP.
+    (Router, "weight"): REPLICATED,
+    (Router, "bias"): REPLICATED,
+    (Router, "score_correction_bias"): REPLICATED,
+    (LocalExperts, "fc1_weight"): _expert_kind(gated=True),
+    (LocalExperts, "fc2_weight"): _expert_kind(gated=False),
+    (SharedExpert, "linear_fc1.weight"): GATED_COLUMN,
+    (SharedExpert, "linear_fc2.weight"): ROW,
+    (MoELayer, "shared_expert_gate.weight"): REPLICATED,
     (MLP, "linear_fc1.weight"): _fc1_kind,
     (MLP, "linear_fc1.bias"): _fc1_kind,
     (RowParallelLinear, "weight"): ROW,
@@ -341,6 +415,9 @@ def gather_full_state_dict(model: CPGPTModel) -> dict[str, torch.Tensor]:
     tp_group, kinds = model.pg_collection.tp, param_kinds(model)
     full = {}
     for name, param in model.named_parameters():
+        if isinstance(kinds[name], ExpertRows):
+            full[name] = kinds[name].gather_full(param.detach())
+            continue
         slices = [torch.empty_like(param) for _ in range(tp_group.size())]
         dist.all_gather(slices, param.detach().contiguous(), group=tp_group)
         full[name] = kinds[name].unshard(slices, model.shape)
