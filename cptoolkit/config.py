@@ -191,7 +191,9 @@ class InferenceConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training for ``launch/train.py`` on a corpus file (or the generated default corpus)."""
+    """Training for ``launch/train.py`` on a corpus file (or the generated default corpus). For an MoE model:
+    ``moe_aux_loss_coef`` weighs the load-balancing loss, ``moe_bias_update_rate`` is DeepSeek-V3's bias update
+    speed (``cptoolkit.training.moe_balance``; 0: off, each)."""
 
     steps: int = 20
     seq_len: int = 64
@@ -204,8 +206,12 @@ class TrainConfig:
     seed: int = 0
     corpus: Optional[str] = None
     save_dir: Optional[str] = None
+    moe_aux_loss_coef: float = 0.0
+    moe_bias_update_rate: float = 0.0
 
     def __post_init__(self):
+        for name in ("moe_aux_loss_coef", "moe_bias_update_rate"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0 (0: off)")
         for name in ("steps", "seq_len", "micro_batch_size"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         _require(self.lr > 0, "lr", self.lr, "must be > 0")

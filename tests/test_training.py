@@ -93,7 +93,7 @@ def _train(cfg, documents, save_dir: str | None = None) -> dict:
         if save_dir is not None:
             save_checkpoint(trainer.model, save_dir, ByteTokenizer())
             result["eval_loss"] = compute_gradients(trainer.model, trainer.runtime, trainer.batch(EVAL_STEP),
-                                                    groups)[0]
+                                                    groups).loss
         return result
     finally:
         destroy_model_parallel()
@@ -110,7 +110,7 @@ def _checkpoint_eval_loss(cfg, documents) -> float:
                                        num_kv_heads=m.num_kv_heads)
     try:
         trainer = build_trainer(cfg, groups, documents, ByteTokenizer.eos_token_id, torch.device("cpu"))
-        return compute_gradients(trainer.model, trainer.runtime, trainer.batch(EVAL_STEP), groups)[0]
+        return compute_gradients(trainer.model, trainer.runtime, trainer.batch(EVAL_STEP), groups).loss
     finally:
         destroy_model_parallel()
 

@@ -96,7 +96,8 @@ def _mask_vocab_padding(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> 
 
 def gpt_forward(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 runtime: AttentionRuntime, labels: Optional[torch.Tensor] = None,
-                logits_index: Optional[torch.Tensor] = None, phase: AttentionPhase = PREFILL) -> torch.Tensor:
+                logits_index: Optional[torch.Tensor] = None, phase: AttentionPhase = PREFILL,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the model on ``input_ids [b, s]`` at ``position_ids [b, s]`` (any positions).
 
     ``runtime`` must be the one the model was built with; ``phase`` (set on it for this forward only)
@@ -106,9 +107,10 @@ def gpt_forward(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.
     (float32, or float64 for a float64 model; gathered over TP) or, with ``labels [b, s]``, the
     per-token cross-entropy ``[b, s]`` computed on vocab-parallel logits. ``logits_index [b]`` (local
     token index per sequence) computes the logits of those tokens only, ``[b, 1, vocab_size]``: a
-    prompt's last token during prefill, without materializing ``s x vocab`` logits.
+    prompt's last token during prefill, without materializing ``s x vocab`` logits. ``padding_mask [b, s]`` (True
+    at padding tokens) reaches the MoE layers, which keep padding out of their load statistics.
     """
-    hidden = gpt_hidden(model, input_ids, position_ids, runtime, phase)
+    hidden = gpt_hidden(model, input_ids, position_ids, runtime, phase, padding_mask)
     if logits_index is not None:  # hidden [s, b, h] -> [1, b, h]: row logits_index[i] of sequence i
         hidden = hidden.gather(0, logits_index.view(1, -1, 1).expand(1, -1, hidden.shape[-1]))
     if labels is not None:
@@ -119,7 +121,8 @@ def gpt_forward(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.
 
 
 def gpt_hidden(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
-               runtime: AttentionRuntime, phase: AttentionPhase = PREFILL) -> torch.Tensor:
+               runtime: AttentionRuntime, phase: AttentionPhase = PREFILL,
+               padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Embedding -> decoder -> final norm on ``input_ids [b, s]`` at ``position_ids [b, s]`` (see
     ``gpt_forward``): the final hidden states ``[s, b, hidden]``, for ``gpt_logits``."""
     if phase.mode == "decode" and input_ids.shape[1] != 1 and \
@@ -133,7 +136,8 @@ def gpt_hidden(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.T
     if model.local_inv_freq is not None:  # Gemma 3: GemmaSelfAttention picks its layer's angles
         rotary = {"global": rotary, "local": rotary_freqs(model, position_ids, model.local_inv_freq)}
     with runtime.use_phase(phase):
-        return model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
+        return model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary,
+                             padding_mask=padding_mask)
 
 
 def _local_logits(model: CPGPTModel, hidden: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.models.moe_dims import MoEDims
 from cptoolkit.moe.collectives import all_to_all_rows, copy_to_group, exchange_counts, reduce_partials
-from cptoolkit.moe.routing import route
+from cptoolkit.moe.routing import Routing, route
 
 
 def _size(group: Optional[ProcessGroup]) -> int:
@@ -119,9 +119,8 @@ class Router(torch.nn.Module):
                                                          requires_grad=False)
                                       if dims.score_correction_bias else None)
 
-    def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rows [n, hidden]`` -> ``(weights [n, top_k], experts [n, top_k] int64)``, in float32 (float64 for a
-        float64 model)."""
+    def forward(self, rows: torch.Tensor) -> Routing:
+        """``rows [n, hidden]`` -> their ``Routing``, in float32 (float64 for a float64 model)."""
         dtype = torch.promote_types(rows.dtype, torch.float32)
         bias = None if self.bias is None else self.bias.to(dtype)
         logits = F.linear(rows.to(dtype), self.weight.to(dtype), bias)
@@ -170,6 +169,19 @@ class SharedExpert(torch.nn.Module):
         return self.linear_fc2(F.silu(gate) * up)
 
 
+@dataclass(frozen=True)
+class RoutingRecord:
+    """What one training forward's routing saw on the rows this rank owns (the first rank of each ETP group
+    records; the others record zeros, so summing over every rank counts each row once).
+
+    ``score_sums [E]`` (differentiable): each row's scores, normalised to sum 1 per row, summed over the rows;
+    ``counts [E]`` (float64): (row, slot) assignments per expert; ``rows``: rows routed."""
+
+    score_sums: torch.Tensor
+    counts: torch.Tensor
+    rows: int
+
+
 def block_rows(num_rows: int, num_blocks: int, block: int) -> tuple[int, int]:
     """``[start, stop)`` of block ``block`` when ``num_rows`` rows are split into ``num_blocks`` contiguous shares
     whose sizes differ by at most one (the first ``num_rows % num_blocks`` one larger)."""
@@ -200,17 +212,21 @@ class MoELayer(MegatronModule):
         self.shared_expert_gate = (torch.nn.Linear(hidden, 1, bias=False, dtype=dtype)
                                    if dims.shared_expert_gate else None)
         self.layer_number = 0
+        self.routing_record: Optional[RoutingRecord] = None
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
 
-    def forward(self, hidden: torch.Tensor, padding_mask=None) -> tuple[torch.Tensor, None]:
+    def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, None]:
+        """``hidden [s, b, h]``; ``padding_mask [b, s]`` (megatron's convention: True at padding tokens) keeps
+        padding out of the ``routing_record`` (padding rows are still computed, like every row)."""
         rows = hidden.reshape(-1, hidden.shape[-1])
+        is_padding = None if padding_mask is None else padding_mask.t().reshape(-1)
         stats = self.runtime.layer_stats(self.layer_number)
         if self.runtime.phase.mode == "decode":
             out = self._decode(rows, stats)
         else:
-            out = self._prefill(rows, stats)
+            out = self._prefill(rows, is_padding, stats)
         return out.view_as(hidden), None
 
     def _shared(self, rows: torch.Tensor) -> torch.Tensor:
@@ -220,32 +236,44 @@ class MoELayer(MegatronModule):
             out = torch.sigmoid(self.shared_expert_gate(rows)) * out
         return out
 
-    def _prefill(self, rows: torch.Tensor, stats: CommStats) -> torch.Tensor:
+    def _prefill(self, rows: torch.Tensor, is_padding: Optional[torch.Tensor], stats: CommStats) -> torch.Tensor:
         groups = self.groups
         rows = copy_to_group(rows, groups.tp)  # each TP rank uses part of the rows: their gradient sums over TP
         start, stop = block_rows(rows.shape[0], groups.tp_blocks, _rank(groups.tp) // _size(groups.etp))
-        routed = self._dispatch(rows[start:stop], stats)
+        routed = self._dispatch(rows[start:stop], None if is_padding is None else is_padding[start:stop], stats)
         partial = torch.cat([rows.new_zeros(start, rows.shape[1]), routed,
                              rows.new_zeros(rows.shape[0] - stop, rows.shape[1])])
         if self.shared_experts is not None:
             partial = partial + self._shared(rows)
         return reduce_partials(partial, groups.tp, stats)
 
-    def _dispatch(self, rows: torch.Tensor, stats: CommStats) -> torch.Tensor:
+    def _dispatch(self, rows: torch.Tensor, is_padding: Optional[torch.Tensor], stats: CommStats) -> torch.Tensor:
         """The routed experts' output (this rank's ETP slice) for ``rows [m, h]``, which this rank owns:
-        dispatched over the EP group and back."""
+        dispatched over the EP group and back. ``is_padding [m]`` (or None) only shapes the routing record."""
         placement, top_k = self.placement, self.dims.top_k
-        weights, experts = self.router(rows)
+        weights, experts, scores = self.router(rows)
         flat_experts = experts.flatten()
         order = flat_experts.argsort(stable=True)  # (row, slot) pairs grouped by expert, so by EP rank
         sorted_rows = rows[order // top_k]
         counts = torch.bincount(flat_experts, minlength=placement.num_experts).view(placement.ep_size, -1)
+        if torch.is_grad_enabled():
+            self._record(scores, experts, is_padding)
         if placement.ep_size == 1:
             expert_out = self.experts(sorted_rows, counts[0].tolist())
         else:
             expert_out = self._exchange(sorted_rows, counts, stats)
         weighted = expert_out * weights.flatten()[order, None].to(expert_out.dtype)
         return rows.new_zeros(rows.shape).index_add(0, order // top_k, weighted)
+
+    def _record(self, scores: torch.Tensor, experts: torch.Tensor, is_padding: Optional[torch.Tensor]) -> None:
+        """Keep this forward's ``RoutingRecord`` of the non-padding rows (for the trainer's load balancing)."""
+        if is_padding is not None:
+            scores, experts = scores[~is_padding], experts[~is_padding]
+        if self.placement.etp_rank != 0:
+            scores, experts = scores[:0], experts[:0]
+        counts = torch.bincount(experts.flatten(), minlength=self.placement.num_experts).double()
+        self.routing_record = RoutingRecord((scores / scores.sum(dim=-1, keepdim=True)).sum(dim=0), counts,
+                                            scores.shape[0])
 
     def _exchange(self, sorted_rows: torch.Tensor, counts: torch.Tensor, stats: CommStats) -> torch.Tensor:
         """Rows grouped by destination EP rank (``counts [EP, E_local]``) -> each one's expert output, computed by
@@ -262,7 +290,7 @@ class MoELayer(MegatronModule):
 
     def _decode(self, rows: torch.Tensor, stats: CommStats) -> torch.Tensor:
         placement = self.placement
-        weights, experts = self.router(rows)
+        weights, experts, _ = self.router(rows)
         local = experts - placement.first_expert
         token, slot = ((local >= 0) & (local < placement.num_local)).nonzero(as_tuple=True)
         local = local[token, slot]

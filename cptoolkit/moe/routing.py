@@ -6,7 +6,7 @@ chooses the same experts.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -31,10 +31,17 @@ def _limit_to_groups(choice: torch.Tensor, dims: MoEDims) -> torch.Tensor:
     return choice.masked_fill(~keep.repeat_interleave(dims.experts_per_group, dim=1), float("-inf"))
 
 
-def route(logits: torch.Tensor, dims: MoEDims, correction_bias: Optional[torch.Tensor] = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weights [n, top_k], experts [n, top_k] int64)`` for router ``logits [n, E]`` (float32 or wider; the
-    weights in its dtype).
+class Routing(NamedTuple):
+    """One routing decision for ``n`` tokens: ``weights [n, top_k]`` and ``experts [n, top_k]`` (int64) of the chosen
+    experts, and every expert's ``scores [n, E]`` (softmax or sigmoid, before any bias) for load balancing."""
+
+    weights: torch.Tensor
+    experts: torch.Tensor
+    scores: torch.Tensor
+
+
+def route(logits: torch.Tensor, dims: MoEDims, correction_bias: Optional[torch.Tensor] = None) -> Routing:
+    """The ``Routing`` of router ``logits [n, E]`` (float32 or wider; weights and scores in its dtype).
 
     ``correction_bias [E]`` (DeepSeek-V3's ``e_score_correction_bias``) is added to the scores to choose the
     experts only; the weights are the chosen experts' scores, renormalised with ``norm_topk_prob`` (a sigmoid's
@@ -48,4 +55,4 @@ def route(logits: torch.Tensor, dims: MoEDims, correction_bias: Optional[torch.T
     if dims.norm_topk_prob:
         denominator = weights.sum(dim=-1, keepdim=True)
         weights = weights / (denominator + 1e-20 if dims.score == "sigmoid" else denominator)
-    return weights * dims.routed_scaling_factor, experts
+    return Routing(weights * dims.routed_scaling_factor, experts, scores)

@@ -14,7 +14,10 @@ different numbers of real tokens, e.g. padding of variable-length sequences.)
 Collectives per step, in order: TP and PCP ones inside the model (megatron's TP layers, ring
 attention, vocab-parallel cross entropy); then ``all_reduce_loss_and_tokens`` (2 numbers) and
 ``all_reduce_gradients`` (one flat buffer) on the DP x PCP group; ``grad_norm`` (1 number) on the
-TP group.
+TP group. An MoE model adds its layers' dispatch collectives (``cptoolkit.moe.layer``), the step's expert load
+(``moe_balance``: one all-reduce over TP, one over DP x PCP; two more report the auxiliary loss when it is on),
+the routers' gradients over TP and the experts' over DP (``all_reduce_gradients``) and the experts' squared
+norm over the replica (``grad_norm``).
 """
 from __future__ import annotations
 
@@ -36,8 +39,10 @@ from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.models.from_config import model_from_config, model_shape
 from cptoolkit.models.gpt import CPGPTModel, gpt_forward
+from cptoolkit.moe.layer import LocalExperts, Router
 from cptoolkit.parallel_state import ParallelGroups
 from cptoolkit.progress import progress
+from cptoolkit.training.moe_balance import global_expert_load, load_balancing_loss, moe_layers, update_expert_bias
 from cptoolkit.training.data import TrainBatch, get_batch_on_this_pcp_rank, pack_windows, sample_windows
 
 LOG = logging.getLogger("cptoolkit")
@@ -77,38 +82,72 @@ def tensor_parallel_params(model: torch.nn.Module) -> set[int]:
     return sharded
 
 
-def grad_norm(model: torch.nn.Module, tp_group: ProcessGroup, stats: CommStats | None = None) -> float:
-    """Global L2 norm of the model's gradients across its TP shards: squared norms of TP-split
-    parameters summed over ``tp_group`` (one all-reduce), replicated parameters counted once (on TP
-    rank 0). Gradients must already be identical across the DP x PCP group."""
-    sharded = tensor_parallel_params(model)
-    count_replicated = tp_group.rank() == 0
-    squares = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
-    for param in model.parameters():
-        if id(param) in sharded or count_replicated:
+def expert_params(model: torch.nn.Module) -> set[int]:
+    """``id``s of the routed experts' parameters: each replica holds each slice once (EP x ETP), so their
+    gradients are summed over DP only and their norms over the replica."""
+    return {id(p) for module in model.modules() if isinstance(module, LocalExperts) for p in module.parameters()}
+
+
+def router_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The routers' trained parameters: whole on every rank, but each TP rank routes only its share of the
+    prefill rows (``MoELayer``), so their gradients are partial sums over TP too."""
+    return [p for module in model.modules() if isinstance(module, Router)
+            for p in module.parameters() if p.requires_grad]
+
+
+def trained_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters gradients train (not DeepSeek-V3's score-correction bias, set by ``update_expert_bias``)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def grad_norm(model: torch.nn.Module, groups: ParallelGroups, stats: CommStats | None = None) -> float:
+    """Global L2 norm of the model's gradients across its shards: squared norms of TP-split parameters summed
+    over the TP group, replicated parameters counted once (on TP rank 0), one all-reduce; with routed experts,
+    their squares summed over the replica (each slice once), one more. Gradients must already be reduced
+    (identical across the DP x PCP group)."""
+    sharded, experts = tensor_parallel_params(model), expert_params(model)
+    count_replicated = groups.tp_group.rank() == 0
+    device = next(model.parameters()).device
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    expert_squares = torch.zeros((), dtype=torch.float64, device=device)
+    for param in trained_params(model):
+        if id(param) in experts:
+            expert_squares += param.grad.double().square().sum()
+        elif id(param) in sharded or count_replicated:
             squares += param.grad.double().square().sum()
-    return math.sqrt(float(comm.all_reduce(squares, tp_group, stats=stats)))
+    total = comm.all_reduce(squares, groups.tp_group, stats=stats)
+    if experts:
+        total = total + comm.all_reduce(expert_squares, groups.replica_group, stats=stats)
+    return math.sqrt(float(total))
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float, tp_group: ProcessGroup,
+def clip_gradients(model: torch.nn.Module, max_norm: float, groups: ParallelGroups,
                    stats: CommStats | None = None) -> float:
     """Scale all gradients by ``max_norm / norm`` when the global norm exceeds ``max_norm``; returns
     the norm before clipping."""
-    norm = grad_norm(model, tp_group, stats)
+    norm = grad_norm(model, groups, stats)
     if norm > max_norm:
-        for param in model.parameters():
+        for param in trained_params(model):
             param.grad.mul_(max_norm / norm)
     return norm
 
 
-def all_reduce_gradients(model: torch.nn.Module, dp_pcp_group: ProcessGroup,
-                         stats: CommStats | None = None) -> None:
-    """Sum every gradient over ``dp_pcp_group`` (all holders of the same weight shards) with one
-    all-reduce of one flat buffer."""
-    grads = [param.grad for param in model.parameters()]
-    flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), dp_pcp_group, stats=stats)
+def _all_reduce_flat(grads: list[torch.Tensor], group: ProcessGroup, stats: CommStats | None) -> None:
+    """Sum ``grads`` over ``group`` in place with one all-reduce of one flat buffer (none for no gradient)."""
+    if not grads:
+        return
+    flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), group, stats=stats)
     for grad, reduced in zip(grads, flat.split([g.numel() for g in grads])):
         grad.copy_(reduced.view_as(grad))
+
+
+def all_reduce_gradients(model: torch.nn.Module, groups: ParallelGroups, stats: CommStats | None = None) -> None:
+    """Sum every gradient over all holders of the same weight shards: the DP x PCP group (one flat all-reduce);
+    with MoE layers, the routers' over TP first and the routed experts' over DP only (one flat all-reduce each)."""
+    experts = expert_params(model)
+    _all_reduce_flat([p.grad for p in router_params(model)], groups.tp_group, stats)
+    _all_reduce_flat([p.grad for p in trained_params(model) if id(p) in experts], groups.dp_group, stats)
+    _all_reduce_flat([p.grad for p in trained_params(model) if id(p) not in experts], groups.dp_pcp_group, stats)
 
 
 def all_reduce_loss_and_tokens(local_loss_sum: torch.Tensor, local_num_tokens: int,
@@ -121,23 +160,54 @@ def all_reduce_loss_and_tokens(local_loss_sum: torch.Tensor, local_num_tokens: i
     return float(totals[0]), int(totals[1])
 
 
+@dataclass(frozen=True)
+class Gradients:
+    """What ``compute_gradients`` leaves besides the gradients: the global mean token ``loss``, the global
+    real-token count ``num_tokens``, the load-balancing ``aux_loss`` (0 without MoE or coefficient) and, for an
+    MoE model, the step's global ``expert_load`` ``[MoE layers, experts]`` (``moe_balance``; None otherwise)."""
+
+    loss: float
+    num_tokens: int
+    aux_loss: float = 0.0
+    expert_load: torch.Tensor | None = None
+
+
 def compute_gradients(model: CPGPTModel, runtime: AttentionRuntime, batch: TrainBatch,
-                      groups: ParallelGroups, stats: CommStats | None = None) -> tuple[float, int]:
-    """Forward and backward of this rank's ``batch``; leaves in every ``param.grad`` the gradient of
-    the global mean token loss (identical on every rank of the DP x PCP group). Returns
-    ``(global mean loss, global real-token count)``."""
+                      groups: ParallelGroups, stats: CommStats | None = None, aux_loss_coef: float = 0.0
+                      ) -> Gradients:
+    """Forward and backward of this rank's ``batch``; leaves in every trained ``param.grad`` the gradient of
+    the global mean token loss plus, for an MoE model, ``aux_loss_coef`` times the load-balancing loss
+    (``moe_balance``), identical on every holder of the same weights."""
     model.zero_grad(set_to_none=True)
-    token_loss = gpt_forward(model, batch.input_ids, batch.position_ids, runtime, labels=batch.labels)
+    # Tokens without a target are padding (pack_windows gives every real input one): out of the MoE load.
+    token_loss = gpt_forward(model, batch.input_ids, batch.position_ids, runtime, labels=batch.labels,
+                             padding_mask=~batch.loss_mask)
     local_loss_sum = torch.where(batch.loss_mask, token_loss, 0.0).sum()
-    local_loss_sum.backward()
     loss_sum, num_tokens = all_reduce_loss_and_tokens(local_loss_sum.detach(), batch.num_loss_tokens,
                                                       groups.dp_pcp_group, stats)
     if num_tokens == 0:
         raise ValueError("the global batch has no target token with loss_mask set: nothing to train on")
-    all_reduce_gradients(model, groups.dp_pcp_group, stats)
-    for param in model.parameters():
+    layers, aux_loss, expert_load = moe_layers(model), 0.0, None
+    if layers:
+        expert_load, routed_tokens = global_expert_load(layers, groups.tp_group, groups.dp_pcp_group, stats)
+        if aux_loss_coef:
+            aux_share = load_balancing_loss(layers, expert_load, routed_tokens, aux_loss_coef)
+            # Gradients are divided by num_tokens below; the aux loss is not a per-token mean.
+            local_loss_sum = local_loss_sum + (aux_share * num_tokens).to(local_loss_sum.dtype)
+            aux_loss = load_balancing_loss_value(aux_share.detach(), groups, stats)
+    local_loss_sum.backward()
+    all_reduce_gradients(model, groups, stats)
+    for param in trained_params(model):
         param.grad.div_(num_tokens)
-    return loss_sum / num_tokens, num_tokens
+    return Gradients(loss_sum / num_tokens, num_tokens, aux_loss, expert_load)
+
+
+def load_balancing_loss_value(aux_share: torch.Tensor, groups: ParallelGroups, stats: CommStats | None) -> float:
+    """The whole auxiliary loss, for reporting: every rank's share summed over TP and DP x PCP."""
+    total = aux_share.double().reshape(1).clone()
+    comm.all_reduce(total, groups.tp_group, stats=stats)
+    comm.all_reduce(total, groups.dp_pcp_group, stats=stats)
+    return float(total)
 
 
 @dataclass(frozen=True)
@@ -151,6 +221,7 @@ class StepMetrics:
     grad_norm: float
     num_tokens: int
     tokens_per_s: float
+    aux_loss: float = 0.0
 
 
 @dataclass
@@ -189,15 +260,18 @@ class Trainer:
         start = time.perf_counter()
         step, train = self.steps_done, self.cfg.train
         stats = self.runtime.stats
-        loss, num_tokens = compute_gradients(self.model, self.runtime, self.batch(step), self.groups, stats)
-        norm = clip_gradients(self.model, train.grad_clip, self.groups.tp_group, stats)
+        result = compute_gradients(self.model, self.runtime, self.batch(step), self.groups, stats,
+                                   aux_loss_coef=train.moe_aux_loss_coef)
+        norm = clip_gradients(self.model, train.grad_clip, self.groups, stats)
         lr = lr_at_step(step, train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if result.expert_load is not None and train.moe_bias_update_rate:
+            update_expert_bias(moe_layers(self.model), result.expert_load, train.moe_bias_update_rate)
         self.steps_done += 1
-        return StepMetrics(step=step + 1, loss=loss, lr=lr, grad_norm=norm, num_tokens=num_tokens,
-                           tokens_per_s=num_tokens / (time.perf_counter() - start))
+        return StepMetrics(step=step + 1, loss=result.loss, lr=lr, grad_norm=norm, num_tokens=result.num_tokens,
+                           tokens_per_s=result.num_tokens / (time.perf_counter() - start), aux_loss=result.aux_loss)
 
     def run(self) -> list[StepMetrics]:
         """All ``train.steps`` steps; logs a progress line about 20 times per run, and for the first

@@ -1,0 +1,115 @@
+"""Training an MoE model with PCP and expert parallelism equals one rank in float64: the loss, the load-balancing
+loss, the step's global expert load (which drives DeepSeek-V3's bias update) and every parameter's gradient
+(experts gathered over EP x ETP, the rest over TP), at EP = PCP (experts TP-sliced) and EP = TP·PCP (whole
+experts), with DP, odd sequence lengths (PCP padding kept out of the load) and ranks whose TP block has few
+rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cptoolkit.models.moe_dims import MoEDims
+from cptoolkit.models.shape import GPTShape
+from tests.multiproc import run_ranks
+
+SHAPE = GPTShape(arch="llama", num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_heads=4,
+                 ffn_hidden_size=48, vocab_size=64, max_seq_len=64,
+                 moe=MoEDims(num_experts=8, top_k=2, ffn_hidden_size=16, moe_layers=(False, True), score="sigmoid",
+                             norm_topk_prob=True, num_groups=4, topk_groups=2, group_score="top2_sum",
+                             score_correction_bias=True, routed_scaling_factor=2.0, shared_ffn_hidden_size=16))
+WINDOWS = 4
+AUX_COEF = 0.5  # large, so a wrong aux gradient shows in every router gradient
+
+
+def _windows() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, SHAPE.vocab_size, (length,), generator=g) for length in (20, 13, 18, 9)]
+
+
+def _step(rank, world, tp, pcp, ep, dp):
+    from cptoolkit.layers.comm import CommStats
+    from cptoolkit.layers.core_attention import AttentionRuntime
+    from cptoolkit.models.build import build_gpt_model
+    from cptoolkit.models.tp_sharding import gather_full_state_dict
+    from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
+    from cptoolkit.training.data import get_batch_on_this_pcp_rank, pack_windows
+    from cptoolkit.training.trainer import compute_gradients, grad_norm
+
+    groups = initialize_model_parallel(tp, pcp, pcp, SHAPE.num_attention_heads, SHAPE.num_kv_heads, dp=dp, ep=ep,
+                                       num_experts=SHAPE.moe.num_experts)
+    try:
+        runtime = AttentionRuntime(pcp_group=groups.pcp_group, stats=CommStats())
+        model = build_gpt_model(SHAPE, groups.megatron_pg_collection(), runtime, dtype=torch.float64, seed=3)
+        with torch.no_grad():  # a non-zero correction bias, so it really steers the choice
+            for module in model.modules():
+                if getattr(module, "score_correction_bias", None) is not None:
+                    module.score_correction_bias.copy_(torch.linspace(-0.3, 0.3, SHAPE.moe.num_experts))
+        per_replica = WINDOWS // dp
+        mine = _windows()[groups.rank_info.dp_rank * per_replica:(groups.rank_info.dp_rank + 1) * per_replica]
+        batch = get_batch_on_this_pcp_rank(pack_windows(mine), groups.rank_info.pcp_rank, pcp, pad_id=0)
+        result = compute_gradients(model, runtime, batch, groups, aux_loss_coef=AUX_COEF)
+        norm = grad_norm(model, groups)
+        params = list(model.parameters())
+        weights = [p.data for p in params]
+        for param in params:
+            param.data = param.grad if param.grad is not None else torch.zeros_like(param)
+        try:
+            grads = gather_full_state_dict(model)
+        finally:
+            for param, weight in zip(params, weights):
+                param.data = weight
+        return {"loss": result.loss, "aux": result.aux_loss, "load": result.expert_load, "norm": norm,
+                "grads": grads, "calls": dict(runtime.stats.calls)}
+    finally:
+        destroy_model_parallel()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_ranks(1, _step, 1, 1, 1, 1)[0]
+
+
+@pytest.mark.parametrize("tp,pcp,ep,dp", [(2, 2, 2, 1), (2, 2, 4, 1), (1, 2, 2, 2), (2, 1, 2, 1)])
+def test_moe_training_equals_one_rank(reference, tp, pcp, ep, dp):
+    results = run_ranks(tp * pcp * dp, _step, tp, pcp, ep, dp, timeout_s=180)
+    assert reference["aux"] > 0 and reference["load"].sum() == 2 * sum(len(w) - 1 for w in _windows())
+    for rank, got in enumerate(results):
+        assert abs(got["loss"] - reference["loss"]) < 1e-12 * reference["loss"], (rank, got["loss"])
+        assert abs(got["aux"] - reference["aux"]) < 1e-12 * reference["aux"], (rank, got["aux"])
+        assert torch.equal(got["load"], reference["load"]), (rank, got["load"], reference["load"])
+        assert abs(got["norm"] - reference["norm"]) < 1e-10 * reference["norm"], (rank, got["norm"])
+        for name, want in reference["grads"].items():
+            scale = want.abs().max().item() or 1.0
+            diff = (got["grads"][name] - want).abs().max().item()
+            assert diff < 1e-10 * scale, f"rank {rank} {name}: max diff {diff:.3g} of {scale:.3g}"
+
+
+def test_aux_loss_has_a_gradient(reference):
+    """The router's gradient with the aux loss differs from without: the loss is not only reported."""
+    without = run_ranks(1, _step_without_aux)[0]
+    router = "decoder.layers.1.mlp.router.weight"
+    assert (without[router] - reference["grads"][router]).abs().max() > 1e-6
+
+
+def _step_without_aux(rank, world):
+    global AUX_COEF
+    AUX_COEF = 0.0
+    return _step(rank, world, 1, 1, 1, 1)["grads"]
+
+
+def test_update_expert_bias_moves_toward_balance():
+    from cptoolkit.models.build import MoEGroups  # noqa: F401 - imported for the layer's module
+    from cptoolkit.layers.core_attention import AttentionRuntime
+    from cptoolkit.moe.layer import MoELayer
+    from cptoolkit.training.moe_balance import update_expert_bias
+
+    class Config:
+        hidden_size, params_dtype = 8, torch.float32
+
+    dims = SHAPE.moe
+    layer = MoELayer(Config(), dims, MoEGroups(None, None, None, None), AttentionRuntime())
+    with torch.no_grad():
+        layer.router.score_correction_bias.zero_()
+    load = torch.tensor([[9.0, 1.0, 4.0, 4.0, 4.0, 4.0, 4.0, 2.0]])  # mean 4
+    update_expert_bias([layer], load, rate=0.01)
+    assert layer.router.score_correction_bias.tolist() == pytest.approx([-0.01, 0.01, 0, 0, 0, 0, 0, 0.01])
