@@ -351,3 +351,26 @@ def test_cli_prints_experts_and_refuses_an_invalid_ep():
     refused = _cli(*args, "--ep", "3", "--num-experts", "8")
     assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1
     assert "error: ep (3) must be k*pcp with k dividing tp (tp=2, pcp=2): valid ep values are 2, 4" in refused.stderr
+
+
+def _start_groups_with_experts(rank: int, world_size: int) -> list[tuple]:
+    """``distributed.start_groups`` (what every launcher calls) passes ``parallel.ep`` and the model's expert count."""
+    from unittest import mock
+
+    from cptoolkit.config import config_from_dict
+    from cptoolkit.distributed import start_groups
+    from cptoolkit.models.moe_dims import MoEDims
+
+    raw = {"parallel": {"tp": 2, "pcp": 2, "dcp": 2, "ep": 4}, "model": {}, "inference": {"prompts": ["x"]}}
+    seen = []
+    for moe in (None, MoEDims(num_experts=8, top_k=2, ffn_hidden_size=16, moe_layers=(True, True))):
+        with mock.patch("cptoolkit.distributed.model_moe", return_value=moe):
+            groups = start_groups(config_from_dict(raw))
+        seen.append((groups.layout.ep, groups.layout.num_experts, dist.get_world_size(groups.ep_group)))
+        ps.destroy_model_parallel()
+    return seen
+
+
+def test_start_groups_passes_ep_and_the_models_experts():
+    for seen in run_ranks(4, _start_groups_with_experts, timeout_s=120):
+        assert seen == [(4, None, 4), (4, 8, 4)]
