@@ -198,7 +198,7 @@ class ParallelLayout:
 
     @property
     def ep_tp_positions(self) -> int:
-        """``k``: how many blocks of ``etp`` neighbouring TP ranks one PCP rank's TP group splits into (``ep / pcp``)."""
+        """``k``: EP ranks per PCP rank (``ep / pcp``); each TP group splits into k blocks of ``etp`` neighbours."""
         return self.ep // self.pcp
 
     @property
@@ -232,6 +232,7 @@ class ParallelLayout:
         return tuple(sorted({head for t in range(first, first + k) for head in self.kv_heads_of(t)}))
 
     def ep_rank_of(self, pcp_rank: int, tp_rank: int) -> int:
+        """EP rank of the rank at (``pcp_rank``, ``tp_rank``): PCP-major, then its block of ``etp`` TP ranks."""
         return pcp_rank * self.ep_tp_positions + tp_rank // self.etp
 
     def experts_of(self, ep_rank: int) -> range:
