@@ -34,7 +34,7 @@ lint: $(STAMP)
 # detokenizer tests (pure or a few quick ranks). `make test` runs everything; CI runs `make test`.
 FAST_TESTS := $(addprefix tests/test_,layout.py parallel_state.py config.py detokenizer.py lse_merge.py plan.py \
 	block_pool.py dual_chunk_swap.py models_structure.py imports.py kv_cache.py kv_cache_ring.py progress.py train_data.py \
-	sampling.py lse_merge_triton.py)
+	sampling.py lse_merge_triton.py layout_ep.py)
 
 test-fast: lint
 	$(PY) -m pytest -q $(FAST_TESTS)

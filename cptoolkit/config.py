@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from cptoolkit.errors import ConfigError
+from cptoolkit.layout import valid_ep_sizes
+from cptoolkit.models.moe_dims import MoEDims
 
 __all__ = ["ConfigError"]  # re-exported: callers import it from here too
 
@@ -33,7 +35,13 @@ class ParallelConfig:
 
     ``prefill_comm``: ``p2p`` (ring), ``all_gather``, ``a2a`` (Ulysses; query heads per TP rank must be a
     multiple of ``pcp``) or ``a2a+p2p`` (hierarchical: a2a inside groups of ``hierarchical_a2a_size`` PCP ranks,
-    ring across them; that size is required for it and allowed for nothing else)."""
+    ring across them; that size is required for it and allowed for nothing else).
+
+    ``ep``: expert parallelism for an MoE model, ``k * pcp`` with ``k`` dividing ``tp`` (null: ``pcp``). Inside each
+    replica EP ranks shard the routed experts and ETP = ``tp * pcp / ep`` ranks split each expert's FFN: ``ep = pcp``
+    slices experts over TP like the dense MLP, ``ep = tp * pcp`` gives every rank whole experts. The model's expert
+    count must be a multiple of it and its expert FFN width of ETP (checked against the checkpoint). A dense model
+    takes any valid ``ep``: it has no experts, so the setting changes nothing."""
 
     tp: int = 1
     pcp: int = 1
@@ -43,10 +51,15 @@ class ParallelConfig:
     decode_comm: Literal["a2a", "ag_rs"] = "a2a"
     kv_interleave: int = 1
     hierarchical_a2a_size: Optional[int] = None
+    ep: Optional[int] = None
 
     def __post_init__(self):
         for name in ("tp", "pcp", "dcp", "dp", "kv_interleave"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        valid_ep = valid_ep_sizes(self.tp, self.pcp)
+        _require(self.ep is None or self.ep in valid_ep, "ep", self.ep,
+                 f"must be k*pcp with k dividing tp (tp={self.tp}, pcp={self.pcp}): valid ep values are "
+                 f"{', '.join(map(str, valid_ep))} (null: ep = pcp)")
         a = self.hierarchical_a2a_size
         if self.prefill_comm == "a2a+p2p":
             _require(a is not None, "hierarchical_a2a_size", a,
@@ -386,6 +399,37 @@ def _resolve_auto_dtype(runtime: RuntimeConfig, model: ModelConfig) -> RuntimeCo
         raise ValueError(f"runtime.{err} (dtype auto is {dtype!r} here)") from None
 
 
+def model_moe(model: ModelConfig) -> Optional[MoEDims]:
+    """The routed experts of ``model`` (``GPTShape.moe``, read from its checkpoint's config.json); None for a dense
+    model. The built-in model is dense."""
+    if model.checkpoint is None:
+        return None
+    from cptoolkit.models.families.registry import hf_shape
+    from cptoolkit.models.shape import read_config
+
+    return hf_shape(read_config(model.checkpoint), model.checkpoint).moe
+
+
+def _check_experts(p: ParallelConfig, moe: Optional[MoEDims]) -> None:
+    """The model's routed experts split over ``parallel.ep``: whole experts over EP, each expert's FFN over
+    ETP = tp * pcp / ep. Nothing to split for a dense model (``moe`` None)."""
+    if moe is None:
+        return
+    ep = p.pcp if p.ep is None else p.ep
+    etp = p.tp * p.pcp // ep
+    fitting = [str(size) for size in valid_ep_sizes(p.tp, p.pcp)
+               if moe.num_experts % size == 0 and moe.ffn_hidden_size % (p.tp * p.pcp // size) == 0]
+    fix = f"valid ep values for this model are {', '.join(fitting) or 'none'}"
+    size = "parallel.pcp" if p.ep is None else "parallel.ep"
+    _require(moe.num_experts % ep == 0, "parallel.ep", p.ep,
+             f"the model's num_experts ({moe.num_experts}, model.checkpoint's config.json) must be a multiple of EP "
+             f"({ep} = {size}): each EP rank holds num_experts/EP whole experts; {fix}")
+    _require(moe.ffn_hidden_size % etp == 0, "parallel.ep", p.ep,
+             f"the model's expert ffn_hidden_size ({moe.ffn_hidden_size}, model.checkpoint's config.json) must be a "
+             f"multiple of ETP = parallel.tp * parallel.pcp / EP ({p.tp}*{p.pcp}/{ep} = {etp}): each ETP rank holds "
+             f"an equal slice of every expert's FFN; {fix}")
+
+
 def _check_layout(cfg: Config) -> None:
     from cptoolkit.layout import ParallelLayout  # pure: validating a config imports no torch
 
@@ -399,6 +443,7 @@ def _check_layout(cfg: Config) -> None:
                          f"{err}") from None
     _require(m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
              f"must be a multiple of parallel.tp ({p.tp}) for the column-parallel MLP")
+    _check_experts(p, model_moe(m))
     a2a_size = {"a2a": p.pcp, "a2a+p2p": p.hierarchical_a2a_size}.get(p.prefill_comm)
     if a2a_size is not None:
         heads_per_rank = m.num_attention_heads // p.tp

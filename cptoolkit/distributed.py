@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from cptoolkit.config import ConfigError, RuntimeConfig
+from cptoolkit.config import ConfigError, RuntimeConfig, model_moe
 from cptoolkit.torchrun import end_with_agent
 
 LOG = logging.getLogger("cptoolkit")
@@ -145,9 +145,11 @@ def start_groups(cfg):
     from cptoolkit.parallel_state import initialize_model_parallel, render_layout
 
     p, m = cfg.parallel, cfg.model
+    moe = model_moe(m)
     groups = initialize_model_parallel(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
                                        num_kv_heads=m.num_kv_heads, timeout=startup_timeout(cfg.runtime),
-                                       hierarchical_a2a_size=p.hierarchical_a2a_size)
+                                       hierarchical_a2a_size=p.hierarchical_a2a_size, ep=p.ep,
+                                       num_experts=None if moe is None else moe.num_experts)
     _check_node_layout(groups.layout, cfg.source)
     LOG.info("%s\n", render_layout(groups.layout, nproc_per_node=env_nproc_per_node()))
     return groups

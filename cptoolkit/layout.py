@@ -1,4 +1,4 @@
-"""Who holds what: the pure TP x PCP x DCP (x DP) rank layout and its printed table.
+"""Who holds what: the pure TP x PCP x DCP (x DP) rank layout, with expert parallelism, and its printed table.
 
 Nothing here touches ``torch.distributed``: the layout can be built, printed and tested on its own,
 and ``parallel_state`` turns its rank lists into process groups.
@@ -16,6 +16,13 @@ Rules (spec/DESIGN.md):
 - ``DCP = 1`` is accepted only with ``PCP = 1`` (then ``k = 1``: no decode sharding). With ``PCP > 1`` it is
   rejected: it is not of the form ``k * PCP``, and an unsharded decode cache would need every PCP rank to
   gather the whole prompt's KV, which no decode path here does.
+- Expert parallelism (EP), inside each DP replica: ``EP x ETP = TP * PCP`` with ``EP = k * PCP``, ``k | TP`` (DCP's
+  shape rule), so ``ETP = TP / k`` ranks split one expert's FFN. The rank at (pcp_rank, tp_rank) has
+  ``ep_rank = pcp_rank * k + tp_rank // ETP`` and ``etp_rank = tp_rank % ETP``; ``ep_rank * ETP + etp_rank`` is its
+  rank inside the replica (megatron's expert ``tp-ep`` order). EP rank ``r`` holds routed experts
+  ``[r * E/EP, (r+1) * E/EP)``, each sliced in ETP parts (``etp_rank`` takes part ``etp_rank``). ``EP = PCP``
+  (the default) keeps experts TP-sliced like the dense MLP (ETP group = TP group); ``EP = TP * PCP`` gives every
+  rank ``E/EP`` whole experts. A dense model (``num_experts=None``) may take any valid EP: it has no experts.
 - Hierarchical (``a2a+p2p``) prefill, only when ``hierarchical_a2a_size = a`` is given (``a | PCP``): each PCP
   group splits into a2a groups of ``a`` consecutive PCP ranks and ``a`` ring groups taking every ``a``-th PCP
   rank (megatron-core's ``hierarchical_context_parallel_sizes = [a, PCP/a]``).
@@ -38,11 +45,14 @@ LEGEND = "\n".join([
     "  p0     = prefill sequence shard 0",
     "  [0, 2] = ranks in group",
 ])
+# The line a layout with experts adds before the group line (``legend``).
+EXPERTS_LEGEND_LINE = "  e0-3   = routed experts 0 through 3 (with ETP > 1: this rank's part of each one's FFN)"
 
 
 @dataclass(frozen=True)
 class RankInfo:
-    """What one global rank holds. ``dcp_rank == kv_shard``; ``prefill_shard == pcp_rank``."""
+    """What one global rank holds. ``dcp_rank == kv_shard``; ``prefill_shard == pcp_rank``. ``experts``: the routed
+    experts of its EP rank (empty for a dense model), of which it holds part ``etp_rank`` of ``layout.etp``."""
 
     rank: int
     dp_rank: int
@@ -54,11 +64,20 @@ class RankInfo:
     q_heads: range
     kv_heads: tuple[int, ...]
     dcp_kv_heads: tuple[int, ...]
+    ep_rank: int
+    etp_rank: int
+    experts: range
 
 
 def divisors(n: int) -> list[int]:
     """The divisors of ``n >= 1``, ascending."""
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def valid_ep_sizes(tp: int, pcp: int) -> list[int]:
+    """The EP sizes ``k * pcp`` with ``k | tp``, ascending (DCP's shape rule): ``pcp`` (ETP = tp) to ``tp * pcp``
+    (ETP = 1)."""
+    return [k * pcp for k in divisors(tp)]
 
 
 def check_a2a_size(a2a_size: int, pcp_size: int) -> None:
@@ -88,6 +107,9 @@ class ParallelLayout:
     (``dcp`` must be ``k * pcp`` with ``k | tp``; so ``dcp = 1`` only with ``pcp = 1``, see the module docstring).
     Group lists (``tp_groups`` ...) hold global ranks; a DCP group lists its members in KV-shard order.
     ``hierarchical_a2a_size`` (``None``: no hierarchical prefill) adds ``hcp_a2a_groups``/``hcp_ring_groups``.
+    ``ep`` (``None``: ``pcp``, set at construction) is the expert-parallel size (``k * pcp`` with ``k | tp``; the
+    module docstring); ``num_experts`` (``None``: a dense model) must be a multiple of it. The expert FFN width's
+    rule (a multiple of ``etp``) is the model's: ``cptoolkit.config`` checks it.
     """
 
     tp: int
@@ -97,6 +119,8 @@ class ParallelLayout:
     num_kv_heads: int
     dp: int = 1
     hierarchical_a2a_size: int | None = None
+    ep: int | None = None
+    num_experts: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("tp", "pcp", "dcp", "num_heads", "num_kv_heads", "dp"):
@@ -106,6 +130,24 @@ class ParallelLayout:
         self._check_dcp()
         self._check_heads()
         self._check_hierarchical()
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        for name, meaning in (("ep", "ep = pcp"), ("num_experts", "a dense model")):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} ({value!r}) must be a positive integer or None (None: {meaning})")
+        if self.ep is None:
+            object.__setattr__(self, "ep", self.pcp)
+        valid = valid_ep_sizes(self.tp, self.pcp)
+        if self.ep not in valid:
+            raise ValueError(f"ep ({self.ep}) must be k*pcp with k dividing tp (tp={self.tp}, pcp={self.pcp}): "
+                             f"valid ep values are {', '.join(map(str, valid))}")
+        if self.num_experts is not None and self.num_experts % self.ep:
+            fitting = [str(size) for size in valid if self.num_experts % size == 0]
+            raise ValueError(f"num_experts ({self.num_experts}) must be a multiple of ep ({self.ep}): each EP rank "
+                             f"holds num_experts/ep whole experts; valid ep values here are "
+                             f"{', '.join(fitting) or 'none'}")
 
     def _check_dcp(self) -> None:
         k, remainder = divmod(self.dcp, self.pcp)
@@ -155,6 +197,16 @@ class ParallelLayout:
         return self.dcp // self.pcp
 
     @property
+    def ep_tp_positions(self) -> int:
+        """``k``: EP ranks per PCP rank (``ep / pcp``); each TP group splits into k blocks of ``etp`` neighbours."""
+        return self.ep // self.pcp
+
+    @property
+    def etp(self) -> int:
+        """Expert-TP size: the ranks that split one expert's FFN (``tp * pcp / ep = tp / k``)."""
+        return self.tp // self.ep_tp_positions
+
+    @property
     def kv_head_replication(self) -> int:
         """Neighbouring TP ranks that share one KV head: ``tp / num_kv_heads`` when ``num_kv_heads < tp``, else 1."""
         return max(self.tp // self.num_kv_heads, 1)
@@ -179,16 +231,32 @@ class ParallelLayout:
         first = tp_rank // k * k
         return tuple(sorted({head for t in range(first, first + k) for head in self.kv_heads_of(t)}))
 
+    def ep_rank_of(self, pcp_rank: int, tp_rank: int) -> int:
+        """EP rank of the rank at (``pcp_rank``, ``tp_rank``): PCP-major, then its block of ``etp`` TP ranks."""
+        return pcp_rank * self.ep_tp_positions + tp_rank // self.etp
+
+    def experts_of(self, ep_rank: int) -> range:
+        """Routed experts of EP rank ``ep_rank``: ``[ep_rank * E/EP, (ep_rank + 1) * E/EP)``; empty for a dense
+        model."""
+        if not 0 <= ep_rank < self.ep:
+            raise ValueError(f"ep_rank ({ep_rank}) must be in [0, ep={self.ep})")
+        if self.num_experts is None:
+            return range(0)
+        per_rank = self.num_experts // self.ep
+        return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
     def rank_info(self, rank: int) -> RankInfo:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank ({rank}) must be in [0, world_size={self.world_size})")
         tp_rank = rank % self.tp
         pcp_rank = rank // self.tp % self.pcp
         kv_shard = tp_rank % self.dcp_tp_positions * self.pcp + pcp_rank
+        ep_rank = self.ep_rank_of(pcp_rank, tp_rank)
         return RankInfo(rank=rank, dp_rank=rank // (self.tp * self.pcp), pcp_rank=pcp_rank, tp_rank=tp_rank,
                         dcp_rank=kv_shard, kv_shard=kv_shard, prefill_shard=pcp_rank,
                         q_heads=self.q_heads_of(tp_rank), kv_heads=self.kv_heads_of(tp_rank),
-                        dcp_kv_heads=self.dcp_kv_heads_of(tp_rank))
+                        dcp_kv_heads=self.dcp_kv_heads_of(tp_rank), ep_rank=ep_rank, etp_rank=tp_rank % self.etp,
+                        experts=self.experts_of(ep_rank))
 
     @cached_property
     def tp_groups(self) -> list[list[int]]:
@@ -206,6 +274,22 @@ class ParallelLayout:
         k = self.dcp_tp_positions
         return [[self.global_rank(d, p, t) for t in range(first, first + k) for p in range(self.pcp)]
                 for d in range(self.dp) for first in range(0, self.tp, k)]
+
+    @cached_property
+    def ep_groups(self) -> list[list[int]]:
+        """One per (dp_rank, etp_rank): the ranks of one replica holding the same part of different experts, in
+        EP-rank order (PCP-major: ``ep_rank = pcp_rank * k + tp_rank // etp``). EP = PCP: the PCP groups."""
+        k, etp = self.ep_tp_positions, self.etp
+        return [[self.global_rank(d, p, j * etp + e) for p in range(self.pcp) for j in range(k)]
+                for d in range(self.dp) for e in range(etp)]
+
+    @cached_property
+    def etp_groups(self) -> list[list[int]]:
+        """One per (dp_rank, ep_rank): the ``etp`` neighbouring TP ranks that split the same experts' FFN, in
+        ETP-rank order. EP = PCP: the TP groups; EP = TP * PCP: single ranks."""
+        k, etp = self.ep_tp_positions, self.etp
+        return [[self.global_rank(d, p, j * etp + e) for e in range(etp)]
+                for d in range(self.dp) for p in range(self.pcp) for j in range(k)]
 
     @cached_property
     def dp_groups(self) -> list[list[int]]:
@@ -250,12 +334,19 @@ def _span(prefix: str, heads) -> str:
     return f"{prefix}{heads[0]}" if len(heads) == 1 else f"{prefix}{heads[0]}-{heads[-1]}"
 
 
+def _experts(info: RankInfo, separator: str) -> str:
+    """``separator + "e0-3"`` for a rank with experts; nothing for a dense model's."""
+    return f"{separator}{_span('e', info.experts)}" if info.experts else ""
+
+
 def _cell(info: RankInfo) -> str:
-    return f"{info.rank}: {_span('q', info.q_heads)}/{_span('k', info.kv_heads)}/s{info.kv_shard}/p{info.prefill_shard}"
+    return (f"{info.rank}: {_span('q', info.q_heads)}/{_span('k', info.kv_heads)}/s{info.kv_shard}/p{info.prefill_shard}"
+            f"{_experts(info, '/')}")
 
 
 def _member(info: RankInfo) -> str:
-    return f"{info.rank}: {_span('q', info.q_heads)}/{_span('k', info.kv_heads)}, s{info.kv_shard}, p{info.prefill_shard}"
+    return (f"{info.rank}: {_span('q', info.q_heads)}/{_span('k', info.kv_heads)}, s{info.kv_shard}, "
+            f"p{info.prefill_shard}{_experts(info, ', ')}")
 
 
 def _title(layout: ParallelLayout) -> str:
@@ -266,7 +357,10 @@ def _title(layout: ParallelLayout) -> str:
     kv = f"{layout.num_kv_heads} KV head" + ("s" if layout.num_kv_heads > 1 else "")
     if layout.num_kv_heads == 1 < layout.num_heads:  # one KV head for all query heads; with one query head it is MHA
         kv += " - MQA"
-    return f"{sizes}  ({query}, {kv})"
+    if layout.num_experts is None:
+        return f"{sizes}  ({query}, {kv})"
+    experts = f"{layout.num_experts} routed expert" + ("s" if layout.num_experts > 1 else "")
+    return f"{sizes}, EP={layout.ep}, ETP={layout.etp}  ({query}, {kv}, {experts})"
 
 
 def _grid(layout: ParallelLayout) -> list[str]:
@@ -284,7 +378,8 @@ def _grid(layout: ParallelLayout) -> list[str]:
         column_start = label_width + 2 + t * (cell_width + 1)
         header = header.ljust(column_start + (3 if t else 0)) + f"tp{t}"
     border = " " * (label_width + 1) + "+" + "+".join(["-" * cell_width] * layout.tp) + "+"
-    lines = ["Rank Layout (query heads / KV head / KV shard / prefill shard):", header, border]
+    experts = "" if layout.num_experts is None else " / experts"
+    lines = [f"Rank Layout (query heads / KV head / KV shard / prefill shard{experts}):", header, border]
     for label, ranks in rows:
         cells = "|".join((" " + _cell(layout.rank_info(r))).ljust(cell_width) for r in ranks)
         lines += [f"{label.ljust(label_width)} |{cells}|", border]
@@ -320,6 +415,10 @@ def _group_sections(layout: ParallelLayout) -> list[tuple[str, str, list[list[in
     sections = [("PCP Groups (shard sequence during prefill):", "PCP", layout.pcp_groups),
                 ("TP Groups (shard heads):", "TP", layout.tp_groups),
                 ("DCP Groups (shard KV during decode):", "DCP", layout.dcp_groups)]
+    if layout.num_experts is not None:
+        sections.append(("EP Groups (shard experts):", "EP", layout.ep_groups))
+        if layout.etp > 1 and layout.ep > 1:
+            sections.append(("ETP Groups (shard each expert's FFN):", "ETP", layout.etp_groups))
     if layout.dp > 1:
         sections.append(("DP Groups (replicate the model):", "DP", layout.dp_groups))
     if layout.hierarchical_a2a_size is not None:
@@ -349,8 +448,10 @@ def _group_lines(layout: ParallelLayout) -> list[str]:
 def render_layout(layout: ParallelLayout, nproc_per_node: int | None = None) -> str:
     """The layout's section of the golden tables: banner, title, rank grid, NOTE (if any), group lists.
 
+    With ``num_experts`` the title adds ``EP``, ``ETP`` and the experts, each cell and group member its experts
+    (``e0-3``), and EP Groups (and, with ETP > 1 and EP > 1, ETP Groups) sections follow the DCP groups.
     With ``dp > 1`` the title starts with ``DP=n``, grid rows are labelled ``dpD pcpP`` and a DP Groups section
-    follows the DCP groups; with ``hierarchical_a2a_size`` set, A2A and Ring Groups sections follow. With
+    follows the DCP (and expert) groups; with ``hierarchical_a2a_size`` set, A2A and Ring Groups sections follow. With
     ``nproc_per_node`` the node sections follow (``node_lines``). No trailing newline.
     """
     lines = [BANNER, _title(layout), BANNER, "", *_grid(layout)]
@@ -381,7 +482,7 @@ def nodes_of(group: list[int], nproc_per_node: int) -> list[int]:
 
 def node_crossings(layout: ParallelLayout, nproc_per_node: int) -> dict[str, tuple[int, int]]:
     """``{group kind: (its groups that span more than one node, its groups)}`` for every kind the layout prints
-    (``PCP``, ``TP``, ``DCP``, and ``DP``, ``A2A``, ``RING`` when it has them)."""
+    (``PCP``, ``TP``, ``DCP``, and ``EP``, ``ETP``, ``DP``, ``A2A``, ``RING`` when it has them)."""
     return {name: (sum(len(nodes_of(group, nproc_per_node)) > 1 for group in groups), len(groups))
             for _, name, groups in _group_sections(layout)}
 
@@ -451,11 +552,20 @@ def node_lines(layout: ParallelLayout, nproc_per_node: int) -> list[str]:
     return lines
 
 
+def legend_of(layout: ParallelLayout) -> str:
+    """The LEGEND block for ``layout``: ``LEGEND``, with ``EXPERTS_LEGEND_LINE`` before its last line when the layout
+    has experts."""
+    if layout.num_experts is None:
+        return LEGEND
+    *lines, group_line = LEGEND.split("\n")
+    return "\n".join([*lines, EXPERTS_LEGEND_LINE, group_line])
+
+
 def layout_report(layout: ParallelLayout, nproc_per_node: int | None = None, legend: bool = False) -> str:
     """What the layout printers (``python -m cptoolkit.parallel_state``, ``cptoolkit layout``) print: the LEGEND
-    block (with ``legend``), then ``render_layout``'s table. With ``nproc_per_node`` the nodes are marked and a
-    TP group that would span nodes is refused (``check_nodes``, a ``ValueError``)."""
+    block (with ``legend``; ``legend_of``), then ``render_layout``'s table. With ``nproc_per_node`` the nodes are
+    marked and a TP group that would span nodes is refused (``check_nodes``, a ``ValueError``)."""
     if nproc_per_node is not None:
         check_nodes(layout, nproc_per_node)
     table = render_layout(layout, nproc_per_node=nproc_per_node)
-    return f"{LEGEND}\n\n{table}" if legend else table
+    return f"{legend_of(layout)}\n\n{table}" if legend else table

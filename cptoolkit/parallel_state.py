@@ -11,8 +11,9 @@ megatron-core's own global ``parallel_state`` is deliberately left uninitialized
 tests/test_parallel_state.py), and a second copy of the groups in megatron's globals could only drift.
 
 CLI: ``python -m cptoolkit.parallel_state --tp 2 --pcp 2 --dcp 4 --num-heads 8 --num-kv-heads 2 [--dp N]
-[--hierarchical-a2a-size A] [--nproc-per-node N] [--legend]`` prints the layout's table (``render_layout``; the
-a2a and ring groups only with ``--hierarchical-a2a-size``; each node's ranks and the nodes every group spans only
+[--hierarchical-a2a-size A] [--ep N --num-experts E] [--nproc-per-node N] [--legend]`` prints the layout's table
+(``render_layout``; the a2a and ring groups only with ``--hierarchical-a2a-size``; each rank's experts and the EP
+groups only with ``--num-experts``; each node's ranks and the nodes every group spans only
 with ``--nproc-per-node``, which refuses a TP group that spans nodes); invalid arguments print one line on stderr
 and exit with status 2.
 """
@@ -60,6 +61,11 @@ class ParallelGroups:
       ``megatron_pg_collection``).
     - ``hcp_groups``: this rank's a2a and ring sub-groups of ``pcp_group`` for ``a2a+p2p`` prefill, only when the
       layout has a ``hierarchical_a2a_size`` (else ``None``).
+    - ``ep_group``: the ranks of this replica with this rank's ``etp_rank``, in EP-rank order (they hold the same
+      part of different experts: the expert all-to-all runs here). ``etp_group``: the ranks of this replica with
+      this rank's ``ep_rank``, in ETP-rank order (they split the same experts' FFN). Both are built by
+      ``initialize_model_parallel`` for every layout, a dense model's too (EP = PCP by default); ``None`` only in
+      a ``ParallelGroups`` built by hand from a layout (sizing code that reads only the layout).
     """
 
     layout: ParallelLayout
@@ -72,6 +78,8 @@ class ParallelGroups:
     replica_group: ProcessGroup
     self_group: ProcessGroup
     hcp_groups: HierarchicalGroups | None = None
+    ep_group: ProcessGroup | None = None
+    etp_group: ProcessGroup | None = None
 
     @property
     def tp_rank(self) -> int:
@@ -114,6 +122,22 @@ class ParallelGroups:
     def dcp_tp_positions(self) -> int:
         return self.layout.dcp_tp_positions
 
+    @property
+    def ep_rank(self) -> int:
+        return self.rank_info.ep_rank
+
+    @property
+    def ep_size(self) -> int:
+        return self.layout.ep
+
+    @property
+    def etp_rank(self) -> int:
+        return self.rank_info.etp_rank
+
+    @property
+    def etp_size(self) -> int:
+        return self.layout.etp
+
     def megatron_pg_collection(self):
         """megatron-core's ``ProcessGroupCollection`` for ``GPTModel`` / ``TransformerBlock`` / TP layers.
 
@@ -123,12 +147,18 @@ class ParallelGroups:
         ``pp`` and ``embd``/``pos_embd`` are ``self_group`` too (no pipeline parallelism: first stage = last
         stage = this rank, as megatron builds them for pp=1). ``tp_cp`` = ``tp``; ``dp`` is the DP group and
         ``dp_cp`` the DP x PCP group (all holders of the same weights, for gradient reduction).
+
+        Experts (megatron's MoE layer, experts and token dispatchers read these): ``ep`` is the EP group and
+        ``expt_tp`` the ETP group; ``tp_ep`` (megatron's expert TP x EP) is the replica group, whose global-rank
+        order is megatron's ``ep_rank * ETP + etp_rank``; ``expt_dp`` (the holders of the same expert weights,
+        for their gradient reduction) is the DP group, as EP already spans PCP.
         """
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         return ProcessGroupCollection(tp=self.tp_group, cp=self.self_group, pp=self.self_group,
                                       embd=self.self_group, pos_embd=self.self_group, tp_cp=self.tp_group,
-                                      dp=self.dp_group, dp_cp=self.dp_pcp_group)
+                                      dp=self.dp_group, dp_cp=self.dp_pcp_group, ep=self.ep_group,
+                                      expt_tp=self.etp_group, tp_ep=self.replica_group, expt_dp=self.dp_group)
 
 
 _GROUPS: ParallelGroups | None = None
@@ -151,7 +181,8 @@ def _new_groups(rank_lists: list[list[int]], rank: int, backend: str | None,
 
 def initialize_model_parallel(tp: int, pcp: int, dcp: int, num_heads: int, num_kv_heads: int, dp: int = 1,
                               backend: str | None = None, timeout: datetime.timedelta | None = None,
-                              hierarchical_a2a_size: int | None = None) -> ParallelGroups:
+                              hierarchical_a2a_size: int | None = None, ep: int | None = None,
+                              num_experts: int | None = None) -> ParallelGroups:
     """Build the layout's groups on every rank and make them the current groups of the facade.
 
     Collective over the default group: every rank must call it with the same arguments. Invalid sizes or a
@@ -159,7 +190,8 @@ def initialize_model_parallel(tp: int, pcp: int, dcp: int, num_heads: int, num_k
     created, so nothing hangs. ``backend`` is passed to ``new_group`` (None: the default group's backend).
     ``timeout`` bounds every collective on the new groups (None: torch's default of 30 minutes, *not* the
     default group's timeout, so a launcher must pass its collective timeout here too). ``hierarchical_a2a_size``
-    (``parallel.hierarchical_a2a_size``, for ``a2a+p2p`` prefill) also builds ``hcp_groups``.
+    (``parallel.hierarchical_a2a_size``, for ``a2a+p2p`` prefill) also builds ``hcp_groups``. ``ep`` (None: ``pcp``)
+    and ``num_experts`` (None: a dense model) set the layout's experts; the EP and ETP groups are built either way.
     """
     global _GROUPS
     if not dist.is_initialized():
@@ -167,7 +199,7 @@ def initialize_model_parallel(tp: int, pcp: int, dcp: int, num_heads: int, num_k
     if _GROUPS is not None:
         raise RuntimeError("model parallel groups are already initialized: call destroy_model_parallel() first")
     layout = ParallelLayout(tp=tp, pcp=pcp, dcp=dcp, num_heads=num_heads, num_kv_heads=num_kv_heads, dp=dp,
-                            hierarchical_a2a_size=hierarchical_a2a_size)
+                            hierarchical_a2a_size=hierarchical_a2a_size, ep=ep, num_experts=num_experts)
     validate_world_size(layout, dist.get_world_size())
     rank = dist.get_rank()
     hcp_groups = None
@@ -184,6 +216,8 @@ def initialize_model_parallel(tp: int, pcp: int, dcp: int, num_heads: int, num_k
         replica_group=_new_groups(layout.replica_groups, rank, backend, timeout),
         self_group=_new_groups([[r] for r in range(layout.world_size)], rank, backend, timeout),
         hcp_groups=hcp_groups,
+        ep_group=_new_groups(layout.ep_groups, rank, backend, timeout),
+        etp_group=_new_groups(layout.etp_groups, rank, backend, timeout),
     )
     return _GROUPS
 
@@ -196,7 +230,7 @@ def destroy_model_parallel() -> None:
     groups, _GROUPS = _GROUPS, None
     hcp = () if groups.hcp_groups is None else (groups.hcp_groups.a2a_group, groups.hcp_groups.ring_group)
     for group in (groups.tp_group, groups.pcp_group, groups.dcp_group, groups.dp_group, groups.dp_pcp_group,
-                  groups.replica_group, groups.self_group, *hcp):
+                  groups.replica_group, groups.self_group, *hcp, groups.ep_group, groups.etp_group):
         dist.destroy_process_group(group)
 
 
@@ -248,11 +282,14 @@ def get_decode_context_parallel_world_size() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m cptoolkit.parallel_state",
-                            description="Print the TP x PCP x DCP rank layout table.")
+                            description="Print the TP x PCP x DCP (x EP) rank layout table.")
     for flag in ("--tp", "--pcp", "--dcp", "--num-heads", "--num-kv-heads"):
         parser.add_argument(flag, type=int, required=True)
     parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas (rows labelled dpD pcpP)")
     parser.add_argument("--hierarchical-a2a-size", type=int, help="a2a+p2p prefill: a2a group size (lists the groups)")
+    parser.add_argument("--ep", type=int, help="expert-parallel size, k*pcp with k dividing tp (default: pcp)")
+    parser.add_argument("--num-experts", type=int,
+                        help="routed experts of an MoE model (shows each rank's experts and the EP groups)")
     parser.add_argument("--legend", action="store_true", help="print the LEGEND block first")
     parser.add_argument("--nproc-per-node", type=int,
                         help="processes per node (torchrun's): list each node's ranks and the nodes every group "
@@ -261,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         layout = ParallelLayout(tp=args.tp, pcp=args.pcp, dcp=args.dcp, num_heads=args.num_heads,
                                 num_kv_heads=args.num_kv_heads, dp=args.dp,
-                                hierarchical_a2a_size=args.hierarchical_a2a_size)
+                                hierarchical_a2a_size=args.hierarchical_a2a_size, ep=args.ep,
+                                num_experts=args.num_experts)
         report = layout_report(layout, nproc_per_node=args.nproc_per_node, legend=args.legend)
     except ValueError as error:
         parser.error(str(error))

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings, strategies as st
 
 from cptoolkit.config import ConfigError, config_from_dict, load_config
 
@@ -153,3 +154,79 @@ def test_a_shape_field_beside_a_checkpoint_is_refused_not_replaced():
            "model": {"checkpoint": "../checkpoints/tiny-mqa", "num_kv_heads": 2}}
     with pytest.raises(ConfigError, match=r"model.num_kv_heads = 2: not allowed with model.checkpoint"):
         config_from_dict(raw, source="<t>", base_dir=REPO / "configs")
+
+
+# ----------------------------------------------------------------------------- expert parallelism
+def _moe(num_experts: int = 8, ffn_hidden_size: int = 64):
+    from cptoolkit.models.moe_dims import MoEDims
+
+    return MoEDims(num_experts=num_experts, top_k=1, ffn_hidden_size=ffn_hidden_size, moe_layers=(True, True))
+
+
+def _with_experts(moe):
+    """The model's routed experts as a checkpoint's config.json would give them (no family reads MoE keys yet)."""
+    from unittest import mock
+
+    return mock.patch("cptoolkit.config.model_moe", return_value=moe)
+
+
+def test_ep_defaults_to_null_and_a_dense_model_takes_any_valid_ep():
+    assert config_from_dict(MINIMAL, source="<t>").parallel.ep is None
+    for ep in (2, 4):
+        assert config_from_dict(_with("parallel", ep=ep), source="<t>").parallel.ep == ep
+
+
+def test_a_dense_checkpoint_has_no_experts():
+    from cptoolkit.config import model_moe
+
+    raw = {"parallel": {"ep": 1}, "inference": {"prompts": ["x"]}, "model": {"checkpoint": "../checkpoints/tiny-mqa"}}
+    cfg = config_from_dict(raw, source="<t>", base_dir=REPO / "configs")
+    assert model_moe(cfg.model) is None and model_moe(config_from_dict(MINIMAL).model) is None
+
+
+@pytest.mark.parametrize("raw, moe, message", [
+    (_with("parallel", ep=3), None, r"^<t>: parallel.ep = 3: must be k\*pcp with k dividing tp \(tp=2, pcp=2\): "
+                                    r"valid ep values are 2, 4 \(null: ep = pcp\)$"),
+    (_with("parallel", ep=1), None, r"^<t>: parallel.ep = 1: must be k\*pcp"),
+    (_with("parallel", ep="4"), None, r"^<t>: parallel.ep = '4': must be an integer or null$"),
+    (_with("parallel", ep=4), _moe(num_experts=6),
+     r"^<t>: parallel.ep = 4: the model's num_experts \(6, model.checkpoint's config.json\) must be a multiple of EP "
+     r"\(4 = parallel.ep\): each EP rank holds num_experts/EP whole experts; valid ep values for this model are 2$"),
+    (MINIMAL, _moe(num_experts=3),
+     r"^<t>: parallel.ep = None: the model's num_experts \(3, .*\) must be a multiple of EP \(2 = parallel.pcp\): .*"
+     r"valid ep values for this model are none$"),
+    (_with("parallel", ep=2), _moe(ffn_hidden_size=5),
+     r"^<t>: parallel.ep = 2: the model's expert ffn_hidden_size \(5, model.checkpoint's config.json\) must be a "
+     r"multiple of ETP = parallel.tp \* parallel.pcp / EP \(2\*2/2 = 2\): each ETP rank holds an equal slice of every "
+     r"expert's FFN; valid ep values for this model are 4$"),
+])
+def test_invalid_ep_names_field_value_and_rule(raw, moe, message):
+    with _with_experts(moe), pytest.raises(ConfigError, match=message):
+        config_from_dict(raw, source="<t>")
+
+
+def _ep_rule(tp: int, pcp: int, ep, num_experts: int, ffn: int) -> str | None:
+    """Which rule a (parallel, experts) pair breaks, from the rules alone; None when it breaks none."""
+    if ep is not None and (ep % pcp or tp % (ep // pcp) or ep < pcp):
+        return "must be k\\*pcp"
+    ep = pcp if ep is None else ep
+    if num_experts % ep:
+        return "num_experts"
+    return "expert ffn_hidden_size" if ffn % (tp * pcp // ep) else None
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(tp=st.sampled_from([1, 2, 3, 4, 6, 8]), pcp=st.sampled_from([1, 2, 3, 4]),
+       ep=st.none() | st.integers(1, 40), num_experts=st.integers(1, 64), ffn=st.integers(1, 96))
+def test_the_ep_rule_holds_for_any_parallel_layout_and_experts(tp, pcp, ep, num_experts, ffn):
+    """A config loads exactly when ep is null or k*pcp with k | tp, num_experts is a multiple of EP and the expert
+    FFN of ETP = tp*pcp/EP; otherwise the error names parallel.ep, its value and the first rule it breaks."""
+    raw = {"parallel": {"tp": tp, "pcp": pcp, "dcp": pcp, "ep": ep}, "inference": {"prompts": ["x"]},
+           "model": {"num_attention_heads": 24, "num_kv_heads": 24, "hidden_size": 96, "ffn_hidden_size": 96}}
+    broken = _ep_rule(tp, pcp, ep, num_experts, ffn)
+    with _with_experts(_moe(num_experts, ffn)):
+        if broken is None:
+            assert config_from_dict(raw, source="<t>").parallel.ep == ep
+            return
+        with pytest.raises(ConfigError, match=rf"^<t>: parallel.ep = {ep}: .*{broken}"):
+            config_from_dict(raw, source="<t>")

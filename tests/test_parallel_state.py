@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from cptoolkit import parallel_state as ps
-from cptoolkit.layout import LEGEND, ParallelLayout, render_layout
+from cptoolkit.layout import LEGEND, ParallelLayout, layout_report, render_layout
 from tests.multiproc import run_ranks
 
 CONFIGS_4 = [  # (tp, pcp, dcp, num_heads, num_kv_heads, dp)
@@ -288,3 +288,89 @@ def test_cli_marks_nodes_with_nproc_per_node_and_refuses_tp_across_nodes():
     assert ("error: tp (2) must divide nproc_per_node (1): TP all-reduces every layer, so a TP group must stay "
             "inside a node, but TP0 [0, 1] spans nodes 0 and 1; keep tp <= nproc_per_node and a divisor of it"
             in refused.stderr)
+
+
+# ----------------------------------------------------------------------------- expert parallelism
+EP_CONFIGS = {  # (tp, pcp, dcp, num_heads, num_kv_heads, dp, ep, num_experts)
+    4: [(2, 2, 2, 8, 2, 1, 2, 8), (2, 2, 4, 8, 2, 1, 4, 8), (2, 2, 2, 8, 2, 1, None, None)],
+    8: [(2, 2, 2, 4, 2, 2, 2, 8), (2, 2, 4, 4, 2, 2, 4, 8), (4, 2, 8, 8, 2, 1, 4, 8)],
+}
+
+
+def _check_expert_groups(rank: int, config) -> list[str]:
+    """The EP and ETP groups' members and group ranks equal the layout's; megatron's collection carries them and
+    places this rank's experts (``BaseMoELayer``: EP-group rank x E/EP) where the layout does."""
+    from megatron.core import utils as megatron_utils
+
+    tp, pcp, dcp, heads, kv_heads, dp, ep, num_experts = config
+    groups = ps.initialize_model_parallel(tp, pcp, dcp, heads, kv_heads, dp=dp, ep=ep, num_experts=num_experts)
+    layout, info = groups.layout, groups.rank_info
+    errors = []
+    for kind, lists, group_rank, size in (("ep", layout.ep_groups, info.ep_rank, layout.ep),
+                                          ("etp", layout.etp_groups, info.etp_rank, layout.etp)):
+        group = getattr(groups, f"{kind}_group")
+        got = (_members(group), dist.get_rank(group), getattr(groups, f"{kind}_rank"), getattr(groups, f"{kind}_size"))
+        wanted = (_group_of(rank, lists), group_rank, group_rank, size)
+        if got != wanted:
+            errors.append(f"{config} rank {rank} {kind}: (members, group rank, rank, size) {got}, expected {wanted}")
+    collection = groups.megatron_pg_collection()
+    carried = (collection.ep, collection.expt_tp, collection.tp_ep, collection.expt_dp)
+    if carried != (groups.ep_group, groups.etp_group, groups.replica_group, groups.dp_group):
+        errors.append(f"{config} rank {rank}: megatron's ep/expt_tp/tp_ep/expt_dp are not the EP/ETP/replica/DP groups")
+    if megatron_utils.get_pg_rank(collection.tp_ep) != info.ep_rank * layout.etp + info.etp_rank:
+        errors.append(f"{config} rank {rank}: tp_ep rank {megatron_utils.get_pg_rank(collection.tp_ep)} is not "
+                      f"megatron's ep_rank * ETP + etp_rank = {info.ep_rank * layout.etp + info.etp_rank}")
+    if num_experts is not None:
+        per_rank = num_experts // megatron_utils.get_pg_size(collection.ep)
+        megatron_experts = range(megatron_utils.get_pg_rank(collection.ep) * per_rank,
+                                 (megatron_utils.get_pg_rank(collection.ep) + 1) * per_rank)
+        if megatron_experts != info.experts:
+            errors.append(f"{config} rank {rank}: megatron places experts {megatron_experts}, layout {info.experts}")
+    ps.destroy_model_parallel()
+    return errors
+
+
+def _expert_configs(rank: int, world_size: int, configs) -> list[str]:
+    return [error for config in configs for error in _check_expert_groups(rank, config)]
+
+
+@pytest.mark.parametrize("world_size", [4, 8])
+def test_expert_groups_match_layout(world_size):
+    configs = EP_CONFIGS[world_size]
+    assert all(ParallelLayout(*c[:5], dp=c[5], ep=c[6], num_experts=c[7]).world_size == world_size for c in configs)
+    for errors in run_ranks(world_size, _expert_configs, configs, timeout_s=180):
+        assert not errors, "\n".join(errors)
+
+
+def test_cli_prints_experts_and_refuses_an_invalid_ep():
+    args = ("--tp", "2", "--pcp", "2", "--dcp", "4", "--num-heads", "8", "--num-kv-heads", "2")
+    result = _cli(*args, "--ep", "4", "--num-experts", "8", "--legend")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == layout_report(ParallelLayout(2, 2, 4, 8, 2, ep=4, num_experts=8), legend=True) + "\n"
+    assert "  EP0:  [0, 1, 2, 3]  0: q0-3/k0, s0, p0, e0-1 | 1: q4-7/k1, s2, p0, e2-3 |" in result.stdout
+    refused = _cli(*args, "--ep", "3", "--num-experts", "8")
+    assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1
+    assert "error: ep (3) must be k*pcp with k dividing tp (tp=2, pcp=2): valid ep values are 2, 4" in refused.stderr
+
+
+def _start_groups_with_experts(rank: int, world_size: int) -> list[tuple]:
+    """``distributed.start_groups`` (what every launcher calls) passes ``parallel.ep`` and the model's expert count."""
+    from unittest import mock
+
+    from cptoolkit.config import config_from_dict
+    from cptoolkit.distributed import start_groups
+    from cptoolkit.models.moe_dims import MoEDims
+
+    raw = {"parallel": {"tp": 2, "pcp": 2, "dcp": 2, "ep": 4}, "model": {}, "inference": {"prompts": ["x"]}}
+    seen = []
+    for moe in (None, MoEDims(num_experts=8, top_k=2, ffn_hidden_size=16, moe_layers=(True, True))):
+        with mock.patch("cptoolkit.distributed.model_moe", return_value=moe):
+            groups = start_groups(config_from_dict(raw))
+        seen.append((groups.layout.ep, groups.layout.num_experts, dist.get_world_size(groups.ep_group)))
+        ps.destroy_model_parallel()
+    return seen
+
+
+def test_start_groups_passes_ep_and_the_models_experts():
+    for seen in run_ranks(4, _start_groups_with_experts, timeout_s=120):
+        assert seen == [(4, None, 4), (4, 8, 4)]
