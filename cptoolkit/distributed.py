@@ -159,7 +159,7 @@ def _member_groups(groups) -> list[dist.ProcessGroup]:
     """This rank's groups of a ``ParallelGroups`` (its ``hcp_groups`` included, when built)."""
     hcp = () if groups.hcp_groups is None else (groups.hcp_groups.a2a_group, groups.hcp_groups.ring_group)
     return [groups.tp_group, groups.pcp_group, groups.dcp_group, groups.dp_group, groups.dp_pcp_group,
-            groups.replica_group, groups.self_group, *hcp]
+            groups.replica_group, groups.self_group, groups.ep_group, groups.etp_group, *hcp]
 
 
 def end_startup(groups, runtime: RuntimeConfig) -> None:

@@ -19,6 +19,11 @@ SHAPE = GPTShape(arch="llama", num_layers=2, hidden_size=32, num_attention_heads
                              score_correction_bias=True, routed_scaling_factor=2.0, shared_ffn_hidden_size=16))
 WINDOWS = 4
 AUX_COEF = 0.5  # large, so a wrong aux gradient shows in every router gradient
+# Measured (CPU, gloo): the model is float64 but megatron's vocab-parallel cross entropy and the attention's LSE
+# merge round in float32 (as for a dense model), so layouts differ from one rank by up to 5e-8 relative in the
+# loss, 1.6e-11 in the aux loss, 7.1e-8 of a parameter's largest gradient entry and 1.5e-10 in the gradient norm;
+# the expert load is exactly equal. A wrong reduction or a missing gradient path is off by 1e-3 or more.
+LOSS_RTOL, AUX_RTOL, GRAD_RTOL, NORM_RTOL = 2e-7, 1e-10, 5e-7, 1e-8
 
 
 def _windows() -> list[torch.Tensor]:
@@ -26,7 +31,7 @@ def _windows() -> list[torch.Tensor]:
     return [torch.randint(0, SHAPE.vocab_size, (length,), generator=g) for length in (20, 13, 18, 9)]
 
 
-def _step(rank, world, tp, pcp, ep, dp):
+def _step(rank, world, tp, pcp, ep, dp, aux_coef=AUX_COEF):
     from cptoolkit.layers.comm import CommStats
     from cptoolkit.layers.core_attention import AttentionRuntime
     from cptoolkit.models.build import build_gpt_model
@@ -47,7 +52,7 @@ def _step(rank, world, tp, pcp, ep, dp):
         per_replica = WINDOWS // dp
         mine = _windows()[groups.rank_info.dp_rank * per_replica:(groups.rank_info.dp_rank + 1) * per_replica]
         batch = get_batch_on_this_pcp_rank(pack_windows(mine), groups.rank_info.pcp_rank, pcp, pad_id=0)
-        result = compute_gradients(model, runtime, batch, groups, aux_loss_coef=AUX_COEF)
+        result = compute_gradients(model, runtime, batch, groups, aux_loss_coef=aux_coef)
         norm = grad_norm(model, groups)
         params = list(model.parameters())
         weights = [p.data for p in params]
@@ -69,38 +74,31 @@ def reference():
     return run_ranks(1, _step, 1, 1, 1, 1)[0]
 
 
-@pytest.mark.parametrize("tp,pcp,ep,dp", [(2, 2, 2, 1), (2, 2, 4, 1), (1, 2, 2, 2), (2, 1, 2, 1)])
+@pytest.mark.parametrize("tp,pcp,ep,dp", [(2, 2, 2, 1), (2, 2, 4, 1), (1, 2, 2, 2), (2, 1, 2, 1), (2, 1, 1, 1)])
 def test_moe_training_equals_one_rank(reference, tp, pcp, ep, dp):
     results = run_ranks(tp * pcp * dp, _step, tp, pcp, ep, dp, timeout_s=180)
     assert reference["aux"] > 0 and reference["load"].sum() == 2 * sum(len(w) - 1 for w in _windows())
     for rank, got in enumerate(results):
-        assert abs(got["loss"] - reference["loss"]) < 1e-12 * reference["loss"], (rank, got["loss"])
-        assert abs(got["aux"] - reference["aux"]) < 1e-12 * reference["aux"], (rank, got["aux"])
+        assert abs(got["loss"] - reference["loss"]) < LOSS_RTOL * reference["loss"], (rank, got["loss"])
+        assert abs(got["aux"] - reference["aux"]) < AUX_RTOL * reference["aux"], (rank, got["aux"])
         assert torch.equal(got["load"], reference["load"]), (rank, got["load"], reference["load"])
-        assert abs(got["norm"] - reference["norm"]) < 1e-10 * reference["norm"], (rank, got["norm"])
+        assert abs(got["norm"] - reference["norm"]) < NORM_RTOL * reference["norm"], (rank, got["norm"])
         for name, want in reference["grads"].items():
             scale = want.abs().max().item() or 1.0
             diff = (got["grads"][name] - want).abs().max().item()
-            assert diff < 1e-10 * scale, f"rank {rank} {name}: max diff {diff:.3g} of {scale:.3g}"
+            assert diff < GRAD_RTOL * scale, f"rank {rank} {name}: max diff {diff:.3g} of {scale:.3g}"
 
 
 def test_aux_loss_has_a_gradient(reference):
     """The router's gradient with the aux loss differs from without: the loss is not only reported."""
-    without = run_ranks(1, _step_without_aux)[0]
+    without = run_ranks(1, _step, 1, 1, 1, 1, aux_coef=0.0)[0]["grads"]
     router = "decoder.layers.1.mlp.router.weight"
     assert (without[router] - reference["grads"][router]).abs().max() > 1e-6
 
 
-def _step_without_aux(rank, world):
-    global AUX_COEF
-    AUX_COEF = 0.0
-    return _step(rank, world, 1, 1, 1, 1)["grads"]
-
-
 def test_update_expert_bias_moves_toward_balance():
-    from cptoolkit.models.build import MoEGroups  # noqa: F401 - imported for the layer's module
     from cptoolkit.layers.core_attention import AttentionRuntime
-    from cptoolkit.moe.layer import MoELayer
+    from cptoolkit.moe.layer import MoEGroups, MoELayer
     from cptoolkit.training.moe_balance import update_expert_bias
 
     class Config:

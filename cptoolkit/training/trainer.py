@@ -27,8 +27,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                                  VocabParallelEmbedding)
 from torch.distributed import ProcessGroup
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -39,6 +37,7 @@ from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.models.from_config import model_from_config, model_shape
 from cptoolkit.models.gpt import CPGPTModel, gpt_forward
+from cptoolkit.models.tp_sharding import ExpertRows, Replicated, param_kinds
 from cptoolkit.moe.layer import LocalExperts, Router
 from cptoolkit.parallel_state import ParallelGroups
 from cptoolkit.progress import progress
@@ -70,16 +69,13 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.A
 
 
 def tensor_parallel_params(model: torch.nn.Module) -> set[int]:
-    """``id``s of the parameters split over the TP group, from megatron's layer types: column-parallel
-    weights and biases, row-parallel weights, vocab-parallel embeddings. Every other parameter (norms,
-    row-parallel biases, learned position embeddings) is replicated on every TP rank, its gradient too."""
-    sharded = set()
-    for module in model.modules():
-        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
-            sharded.update(id(p) for p in module.parameters(recurse=False))
-        elif isinstance(module, RowParallelLinear):
-            sharded.add(id(module.weight))
-    return sharded
+    """``id``s of the parameters split over the TP group, by their TP kinds (``tp_sharding.param_kinds``):
+    column- and row-parallel weights, fused QKV, vocab-parallel rows, the shared experts' slices. Replicated
+    ones (norms, row-parallel biases, routers, learned position embeddings) are whole on every TP rank, their
+    gradients too; routed experts are placed by EP and ETP, not TP (``expert_params``)."""
+    params = dict(model.named_parameters())
+    return {id(params[name]) for name, kind in param_kinds(model).items()
+            if not isinstance(kind, (Replicated, ExpertRows))}
 
 
 def expert_params(model: torch.nn.Module) -> set[int]:
@@ -196,6 +192,9 @@ def compute_gradients(model: CPGPTModel, runtime: AttentionRuntime, batch: Train
             local_loss_sum = local_loss_sum + (aux_share * num_tokens).to(local_loss_sum.dtype)
             aux_loss = load_balancing_loss_value(aux_share.detach(), groups, stats)
     local_loss_sum.backward()
+    for param in trained_params(model):
+        if param.grad is None:  # e.g. experts no token of this rank's replica chose
+            param.grad = torch.zeros_like(param)
     all_reduce_gradients(model, groups, stats)
     for param in trained_params(model):
         param.grad.div_(num_tokens)
