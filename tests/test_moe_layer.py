@@ -152,7 +152,7 @@ def test_route_matches_transformers_routers(family):
     rows = _rows(257, seed=4).float()
     bias = full.get("router.score_correction_bias")
     hf_weights, hf_experts = _hf_router(family, dims, full["router.weight"], bias)(rows)
-    weights, experts = route(rows @ full["router.weight"].t(), dims, bias)
+    weights, experts, _ = route(rows @ full["router.weight"].t(), dims, bias)
     hf_sorted, order = hf_experts.sort(dim=-1)
     ours_sorted, our_order = experts.sort(dim=-1)
     assert torch.equal(ours_sorted, hf_sorted), f"{family}: chosen experts differ"
@@ -238,6 +238,7 @@ def _layout_rank(rank, world, tp, pcp, ep, family, num_rows, phase):
         grad = rows.grad
     return {"max_diff": (out.view(num_rows, HIDDEN) - expected).abs().max().item() if num_rows else 0.0,
             "calls": dict(runtime.stats.calls), "grad": grad, "rows": rows.detach(),
+            "expert_tokens": layer.expert_tokens.clone(),
             "expert_grads": {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}}
 
 
@@ -251,13 +252,16 @@ def test_expert_layouts_equal_reference(tp, pcp, ep, phase):
     results = run_ranks(tp * pcp, _layout_rank, tp, pcp, ep, family, 7, phase)
     for rank, result in enumerate(results):
         assert result["max_diff"] < 1e-12, f"rank {rank}: max diff {result['max_diff']}"
+    tokens = [r["expert_tokens"] for r in results]
+    assert all(torch.equal(t, tokens[0]) for t in tokens), tokens  # the replica's whole load on every rank
+    assert int(tokens[0].sum()) == 7 * DIMS[family].top_k * (pcp if phase == "prefill" else 1)
     calls = results[0]["calls"]
     if phase == "decode":
         assert calls == {"moe_all_reduce": 1}, calls
     else:
         expected = {"moe_all_reduce": 1} if tp > 1 else {}
         if ep > 1:
-            expected.update(moe_counts_all_to_all=1, moe_all_to_all=2)
+            expected.update(moe_counts_all_gather=1, moe_all_to_all=2)
         assert calls == expected, calls
 
 

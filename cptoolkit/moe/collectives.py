@@ -1,6 +1,7 @@
 """The MoE layer's collectives: counted like the attention's (``cptoolkit.layers.comm``) and differentiable.
 
-- ``exchange_counts``: how many rows each EP rank sends each other one, per local expert (a small all-to-all);
+- ``gather_counts``: how many rows each EP rank sends each other one, per expert (a small all-gather: every
+  member learns every member's counts, so each knows what it receives and the group's whole expert load);
 - ``all_to_all_rows``: rows of uneven counts to each member (dispatch and its reverse, the combine); its
   gradient is the reverse all-to-all;
 - ``reduce_partials``: the sum of replicated outputs' partial sums over a group (megatron's reduce-from-region:
@@ -24,13 +25,13 @@ def _record(stats: Optional[CommStats], name: str, tensor: torch.Tensor) -> None
         stats.record(name, tensor)
 
 
-def exchange_counts(counts: torch.Tensor, group: ProcessGroup, stats: Optional[CommStats] = None) -> torch.Tensor:
-    """``counts [G, E_local]`` (int64: rows this rank sends member ``g`` for its local expert ``e``) -> the same
-    from every member to this rank, ``[G, E_local]`` in member order."""
-    received = torch.empty_like(counts)
-    _record(stats, "moe_counts_all_to_all", counts)
-    dist.all_to_all_single(received, counts.contiguous(), group=group)
-    return received
+def gather_counts(counts: torch.Tensor, group: ProcessGroup, stats: Optional[CommStats] = None) -> torch.Tensor:
+    """``counts [E]`` (int64: this rank's rows per expert, experts in EP-rank order) -> every member's,
+    ``[G, E]`` in member order: one all-gather over ``group``."""
+    gathered = counts.new_empty(group.size() * counts.numel())  # flat: gloo wants a dim-0 concatenation
+    _record(stats, "moe_counts_all_gather", counts)
+    dist.all_gather_into_tensor(gathered, counts.contiguous(), group=group)
+    return gathered.view(group.size(), *counts.shape)
 
 
 class _AllToAllRows(torch.autograd.Function):

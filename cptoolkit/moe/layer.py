@@ -7,7 +7,7 @@ MLP. The input rows are replicated over TP (attention's output projection ends i
 
 Prefill (tokens distinct across PCP ranks, replicated across TP): the TP group's ``TP / ETP`` blocks each take
 a contiguous share of the rows, so no expert computes a token twice; each rank routes its block's rows,
-dispatches them over the EP group to the ranks holding their experts (an all-to-all of counts, one of rows),
+dispatches them over the EP group to the ranks holding their experts (an all-gather of counts, an all-to-all of rows),
 those compute their FFN slice, the rows come back (the reverse all-to-all), are weighted and summed per token;
 one all-reduce over TP then adds the blocks' rows, the ETP slices and the shared expert's TP slices at once.
 Decode (every rank of the replica holds the same rows): each rank routes every row, runs its own experts on the
@@ -28,7 +28,7 @@ from torch.distributed import ProcessGroup
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.models.moe_dims import MoEDims
-from cptoolkit.moe.collectives import all_to_all_rows, copy_to_group, exchange_counts, reduce_partials
+from cptoolkit.moe.collectives import all_to_all_rows, copy_to_group, gather_counts, reduce_partials
 from cptoolkit.moe.routing import Routing, route
 
 
@@ -193,7 +193,9 @@ def block_rows(num_rows: int, num_blocks: int, block: int) -> tuple[int, int]:
 class MoELayer(MegatronModule):
     """megatron's ``mlp`` submodule for a layer with routed experts: ``forward(hidden [s, b, h])`` ->
     ``(output [s, b, h], None)``, replicated over TP like the dense MLP's. ``runtime``'s phase picks the prefill
-    dispatch or the decode reduce (module docstring); its ``layer_stats`` count every collective."""
+    dispatch or the decode reduce (module docstring); its ``layer_stats`` count every collective.
+    ``expert_tokens [E]`` counts every (token, slot) routed to each expert, the replica's whole load, on every rank
+    (prefill: from the gathered counts; decode: every rank routes every row), for the engine's metrics."""
 
     def __init__(self, config: TransformerConfig, dims: MoEDims, groups: MoEGroups, runtime: AttentionRuntime):
         super().__init__(config)
@@ -213,6 +215,8 @@ class MoELayer(MegatronModule):
                                    if dims.shared_expert_gate else None)
         self.layer_number = 0
         self.routing_record: Optional[RoutingRecord] = None
+        # (token, slot) assignments per expert over every forward of this replica: the same on each of its ranks.
+        self.register_buffer("expert_tokens", torch.zeros(dims.num_experts, dtype=torch.int64), persistent=False)
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
@@ -255,11 +259,12 @@ class MoELayer(MegatronModule):
         flat_experts = experts.flatten()
         order = flat_experts.argsort(stable=True)  # (row, slot) pairs grouped by expert, so by EP rank
         sorted_rows = rows[order // top_k]
-        counts = torch.bincount(flat_experts, minlength=placement.num_experts).view(placement.ep_size, -1)
+        counts = torch.bincount(flat_experts, minlength=placement.num_experts)
         if torch.is_grad_enabled():
             self._record(scores, experts, is_padding)
         if placement.ep_size == 1:
-            expert_out = self.experts(sorted_rows, counts[0].tolist())
+            self.expert_tokens += counts
+            expert_out = self.experts(sorted_rows, counts.tolist())
         else:
             expert_out = self._exchange(sorted_rows, counts, stats)
         weighted = expert_out * weights.flatten()[order, None].to(expert_out.dtype)
@@ -276,11 +281,15 @@ class MoELayer(MegatronModule):
                                             scores.shape[0])
 
     def _exchange(self, sorted_rows: torch.Tensor, counts: torch.Tensor, stats: CommStats) -> torch.Tensor:
-        """Rows grouped by destination EP rank (``counts [EP, E_local]``) -> each one's expert output, computed by
-        the rank holding its expert: all-to-all of counts, of rows, and of the outputs back."""
-        group, local = self.groups.ep, self.placement.num_local
-        received_counts = exchange_counts(counts, group, stats)  # [source, local expert]
-        send_splits, recv_splits = counts.sum(dim=1).tolist(), received_counts.sum(dim=1).tolist()
+        """Rows grouped by expert (``counts [E]``, so by destination EP rank) -> each one's expert output, computed
+        by the rank holding its expert: an all-gather of counts, an all-to-all of rows and one of the outputs back.
+        The gathered counts are the EP group's whole load (its members own distinct rows): ``expert_tokens``."""
+        group, placement, local = self.groups.ep, self.placement, self.placement.num_local
+        every_count = gather_counts(counts, group, stats).view(placement.ep_size, placement.ep_size, local)
+        self.expert_tokens += every_count.sum(dim=0).flatten()
+        received_counts = every_count[:, placement.ep_rank]  # [source, local expert]
+        send_splits = counts.view(placement.ep_size, local).sum(dim=1).tolist()
+        recv_splits = received_counts.sum(dim=1).tolist()
         received = all_to_all_rows(sorted_rows, send_splits, recv_splits, group, stats)
         expert_of_row = torch.arange(local).repeat(len(recv_splits)).repeat_interleave(received_counts.flatten())
         by_expert = expert_of_row.argsort(stable=True)
@@ -296,6 +305,7 @@ class MoELayer(MegatronModule):
         local = local[token, slot]
         order = local.argsort(stable=True)
         token, slot = token[order], slot[order]
+        self.expert_tokens += torch.bincount(experts.flatten(), minlength=placement.num_experts)
         counts = torch.bincount(local, minlength=placement.num_local).tolist()
         out = self.experts(rows[token], counts) * weights[token, slot, None].to(rows.dtype)
         partial = rows.new_zeros(rows.shape).index_add(0, token, out)
