@@ -184,7 +184,8 @@ class CPCoreAttention(MegatronModule):
         self.window = layer_window(config, layer_number)
         self.softcap = softcap
         self.sinks = _new_sinks(config, pg_collection) if attention_sinks else None
-        check_sinks(self.sinks, _heads_per_tp_rank(config, pg_collection), current_backend())
+        if self.sinks is not None:  # the te rule at build time; each attention path checks the device's backend
+            check_sinks(self.sinks, len(self.sinks), current_backend())
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
