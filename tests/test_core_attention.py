@@ -49,14 +49,14 @@ def _reference(q, k, v, scale):
 def test_constructor_and_forward_signatures_match_megatron_dot_product_attention():
     ours = inspect.signature(CPCoreAttention.__init__).parameters
     theirs = inspect.signature(DotProductAttention.__init__).parameters
-    extensions = ("runtime", "softcap")
+    extensions = {"runtime": None, "softcap": None, "attention_sinks": False}
     assert [name for name in ours if name not in extensions] == list(theirs)
     for name, param in theirs.items():
         assert ours[name].kind == param.kind and ours[name].default == param.default, name
-    # megatron never passes runtime or softcap (an attention-logit cap, Gemma's): the drop-in builds a runtime
-    # from megatron's own arguments and caps nothing.
-    for name in extensions:
-        assert ours[name].kind == inspect.Parameter.KEYWORD_ONLY and ours[name].default is None, name
+    # megatron never passes runtime, softcap (an attention-logit cap, Gemma's) or attention_sinks (gpt-oss's): the
+    # drop-in builds a runtime from megatron's own arguments, caps nothing and has no sinks.
+    for name, default in extensions.items():
+        assert ours[name].kind == inspect.Parameter.KEYWORD_ONLY and ours[name].default is default, name
     assert (list(inspect.signature(CPCoreAttention.forward).parameters)
             == list(inspect.signature(DotProductAttention.forward).parameters))
 

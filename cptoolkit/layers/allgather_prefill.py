@@ -22,7 +22,7 @@ from torch.distributed import ProcessGroup
 from cptoolkit.layers.block_attention import attention_backward, attention_forward
 from cptoolkit.layers.comm import CommStats, all_gather, reduce_scatter
 from cptoolkit.layers.dual_chunk_swap import chunk_ids, shard_sequence, unshard_sequence
-from cptoolkit.layers.lse_merge import merge_two
+from cptoolkit.layers.lse_merge import add_sinks, merge_two, sinks_grad
 from cptoolkit.layers.sliding_window import chunk_tiles, needs_window
 
 _KV_SEQ_DIM = 3  # sequence dim of stacked K/V [2, b, hkv, s, d]
@@ -86,18 +86,21 @@ def allgather_backward(dout: torch.Tensor, q: torch.Tensor, kv_full: torch.Tenso
 
 
 class AllGatherPrefillAttention(torch.autograd.Function):
-    """Differentiable all-gather attention: ``apply(q, k, v, pcp_group, scale, stats, window, softcap) -> out``."""
+    """Differentiable all-gather attention: ``apply(q, k, v, pcp_group, scale, stats, window, softcap, sinks) ->
+    out``. ``sinks [hq]`` (or None) join each local query's denominator once, after its blocks are merged; the
+    backward returns this rank's share of their gradient (its own query rows)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pcp_group, scale, stats, window, softcap):
+    def forward(ctx, q, k, v, pcp_group, scale, stats, window, softcap, sinks):
         out, lse, kv_full = allgather_forward(q, k, v, pcp_group, scale, stats, window, softcap)
-        ctx.save_for_backward(q, kv_full, out, lse)
+        out, lse = add_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, kv_full, out, lse, sinks)
         ctx.pcp_group, ctx.scale, ctx.stats, ctx.window, ctx.softcap = pcp_group, scale, stats, window, softcap
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, kv_full, out, lse = ctx.saved_tensors
+        q, kv_full, out, lse, sinks = ctx.saved_tensors
         dq, dk, dv = allgather_backward(dout, q, kv_full, out, lse, ctx.pcp_group, ctx.scale, ctx.stats,
                                         ctx.window, ctx.softcap)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, sinks_grad(dout, out, lse, sinks)

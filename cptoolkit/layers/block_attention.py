@@ -74,6 +74,20 @@ def kernel_backend(device: torch.device) -> str:
     return "te" if te_backend.available() else "torch"
 
 
+def check_sinks(sinks: Optional[torch.Tensor], num_q_heads: int, backend: str) -> None:
+    """Attention sinks (``lse_merge.add_sinks``), when given, must be one logit per query head of the caller's,
+    ``[num_q_heads]``, and ``backend`` (``kernel_backend`` of the query's device, or the configured one) must
+    not be ``te``."""
+    if sinks is None:
+        return
+    if backend == "te":
+        raise ValueError("attention backend 'te' (TransformerEngine) does not support attention sinks; rule: "
+                         "sinks run with the torch kernels only; set runtime.attention_backend to torch")
+    if tuple(sinks.shape) != (num_q_heads,):
+        raise ValueError(f"sinks of shape {tuple(sinks.shape)} must be [{num_q_heads}]: one learned logit per "
+                         f"query head this rank attends (num_attention_heads / TP), or None for no sinks")
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"block attention expects q [b,hq,sq,d] and k, v [b,hkv,sk,d] of equal shape; "

@@ -18,7 +18,8 @@ exact attention is the LSE merge of two partials:
 
 A sliding-window layer (``window``) keeps, in (a), only the history slots each query's window reaches (a
 slot range per query, ``dcp_decode.window_slot_ranges``: the columns before the latest ``window`` positions
-are cut off before any score is computed), and in (b) only the chunk tiles its window sees.
+are cut off before any score is computed), and in (b) only the chunk tiles its window sees. Attention sinks
+(gpt-oss) join a query's denominator once, after (a) and (b) are merged: neither partial is final alone.
 
 Collectives per call (``a2a``/``ag_rs`` = ``decode_comm``, ``p2p``/``all_gather`` = ``prefill_comm``),
 none of them depending on the history lengths (an empty history still takes part, with
@@ -44,12 +45,12 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.allgather_prefill import allgather_forward
-from cptoolkit.layers.block_attention import attention_forward
+from cptoolkit.layers.block_attention import attention_forward, check_sinks, kernel_backend
 from cptoolkit.layers.comm import CommStats, all_gather, all_to_all, reduce_scatter
 from cptoolkit.layers.dcp_decode import (DECODE_COMMS, DecodeComm, DecodeGroup, ShardedKVCache, attend_shard,
                                          attend_shard_range, shard_length, window_slot_ranges)
 from cptoolkit.layers.dual_chunk_swap import shard_positions
-from cptoolkit.layers.lse_merge import merge_partials, merge_two
+from cptoolkit.layers.lse_merge import add_sinks, merge_partials, merge_two
 from cptoolkit.layers.ring_p2p import ring_forward
 from cptoolkit.layers.sliding_window import needs_window, windowed_forward
 
@@ -57,7 +58,8 @@ CONTEXT_PREFILL_COMMS = ("p2p", "all_gather")
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_lens: torch.Tensor, dg: DecodeGroup,
-              pcp_group: ProcessGroup | None, prefill_comm: str, decode_comm: str) -> None:
+              pcp_group: ProcessGroup | None, prefill_comm: str, decode_comm: str,
+              sinks: Optional[torch.Tensor]) -> None:
     if prefill_comm not in CONTEXT_PREFILL_COMMS:
         raise ValueError(f"prefill_comm ({prefill_comm!r}) must be one of {CONTEXT_PREFILL_COMMS}: context "
                          "attention needs the chunk's LSE, which only the ring and all-gather forwards return")
@@ -80,6 +82,7 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_lens: t
     if pcp_size != dg.pcp_size:
         raise ValueError(f"pcp_group's size ({pcp_size}) must equal the decode group's pcp_size ({dg.pcp_size}): "
                          "pass this rank's PCP group (None only when PCP = 1)")
+    check_sinks(sinks, hq, kernel_backend(q.device))
 
 
 def _history_shard(kv_cache: ShardedKVCache, history_lens: torch.Tensor, hkv_group: int, dg: DecodeGroup
@@ -194,7 +197,7 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
                       history_lens: torch.Tensor, dg: DecodeGroup, pcp_group: ProcessGroup | None,
                       prefill_comm: str, decode_comm: DecodeComm, scale: float,
                       stats: CommStats | None = None, window: Optional[int] = None,
-                      softcap: Optional[float] = None) -> torch.Tensor:
+                      softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of a prefill chunk over each request's cached history and, causally, the chunk itself.
 
     ``q [b, hq_local, 2c, d]``, ``k``/``v [b, hkv_local, 2c, d]``: this rank's TP heads of its
@@ -205,10 +208,11 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     may hold more. ``dg`` runs the history collectives, ``pcp_group`` (``None`` when PCP = 1) the
     chunk's. Returns ``[b, hq_local, 2c, d]`` in q's dtype, equal to causal attention over history
     and chunk (over each token's ``window`` latest positions with a sliding window; scores capped by
-    ``softcap``). Every member must call with the same shapes, ``history_lens`` and comms; all checks
-    run before the first collective. Forward only (inference).
+    ``softcap``; ``sinks [hq_local]``, gpt-oss attention sinks, join every query's denominator once, after
+    history and chunk are merged). Every member must call with the same shapes, ``history_lens`` and comms;
+    all checks run before the first collective. Forward only (inference).
     """
-    _validate(q, k, v, history_lens, dg, pcp_group, prefill_comm, decode_comm)
+    _validate(q, k, v, history_lens, dg, pcp_group, prefill_comm, decode_comm, sinks)
     hkv_group = k.shape[1] * len(dg.kv_source_tp_positions)
     k_history, v_history, history_shard_lens = _history_shard(kv_cache, history_lens, hkv_group, dg)
     q_group = gather_chunk_queries(q, dg, stats)
@@ -216,5 +220,5 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
                                                 kv_cache.first_slots(), history_lens, dg, scale, window, softcap)
     out_chunk, lse_chunk = chunk_attention(q, k, v, pcp_group, prefill_comm, scale, stats, window, softcap)
     out_history, lse_history = return_partials(out_history, lse_history, dg, decode_comm, stats)
-    out, _ = merge_two(out_chunk.float(), lse_chunk, out_history, lse_history)
+    out, _ = add_sinks(*merge_two(out_chunk.float(), lse_chunk, out_history, lse_history), sinks)
     return out.to(q.dtype)

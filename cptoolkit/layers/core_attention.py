@@ -24,7 +24,9 @@ Sliding windows come from megatron's own config either way: a layer that megatro
 ``is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)`` calls
 windowed attends, in every phase, to its ``window_size[0] + 1`` latest positions (itself included); causal
 layers only (``window_size[1]`` must be 0). ``softcap`` (a spec parameter: Gemma 2's attention logit
-softcapping) caps every score as ``softcap * tanh(s / softcap)``.
+softcapping) caps every score as ``softcap * tanh(s / softcap)``. ``attention_sinks=True`` (a spec parameter:
+gpt-oss) gives the module a learned ``sinks`` parameter, one logit per query head of this TP rank, which every
+path adds to each query's softmax denominator (``lse_merge.add_sinks``).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from torch.distributed import ProcessGroup
 
-from cptoolkit.layers.block_attention import attention_forward, current_backend
+from cptoolkit.layers.block_attention import attention_forward, check_sinks, current_backend
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.context_attention import context_attention
 from cptoolkit.layers.dcp_decode import DecodeGroup, ShardedKVCache, dcp_decode_attention
@@ -154,13 +156,19 @@ class CPCoreAttention(MegatronModule):
     ``runtime=None`` (megatron building the module): the runtime comes from ``config``,
     ``cp_comm_type`` and ``pg_collection`` (``runtime_from_megatron``); a bad combination raises one
     ValueError here, on every rank.
+
+    ``attention_sinks=True``: a learned parameter ``sinks [num_attention_heads / TP]`` in ``config.params_dtype``
+    (as megatron's ``softmax_offset`` and transformers' gpt-oss ``sinks``; the sink math runs in float32), this
+    TP rank's query heads in megatron's order (``tp_sharding``'s column split); zeros, or
+    ``config.init_method`` when ``config.perform_initialization``. Not with the ``te`` attention backend.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection: Optional[ProcessGroupCollection] = None, *,
-                 runtime: Optional[AttentionRuntime] = None, softcap: Optional[float] = None):
+                 runtime: Optional[AttentionRuntime] = None, softcap: Optional[float] = None,
+                 attention_sinks: bool = False):
         super().__init__(config=config)
         _check_supported(config, attn_mask_type, attention_type, attention_dropout)
         if softcap is not None and not softcap > 0:
@@ -175,6 +183,9 @@ class CPCoreAttention(MegatronModule):
                               else softmax_scale)
         self.window = layer_window(config, layer_number)
         self.softcap = softcap
+        self.sinks = _new_sinks(config, pg_collection) if attention_sinks else None
+        if self.sinks is not None:  # the te rule at build time; each attention path checks the device's backend
+            check_sinks(self.sinks, len(self.sinks), current_backend())
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
@@ -205,21 +216,22 @@ class CPCoreAttention(MegatronModule):
         return context_attention(q, k, v, phase.kv_caches[self.layer_number], phase.history_lens,
                                  runtime.decode_group, runtime.pcp_group if runtime.pcp_size > 1 else None,
                                  runtime.prefill_comm, runtime.decode_comm, self.softmax_scale,
-                                 runtime.layer_stats(self.layer_number), self.window, self.softcap)
+                                 runtime.layer_stats(self.layer_number), self.window, self.softcap, self.sinks)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Exact causal attention of this rank's DualChunkSwap shard ``[b, h, 2c, d]`` over the PCP group
         (at PCP = 1: of the whole sequence, any length)."""
         runtime = self.runtime
         if runtime.pcp_size == 1:
-            if self.window is not None or self.softcap is not None:
+            if self.window is not None or self.softcap is not None or self.sinks is not None:
                 return LocalAttention.apply(q, k, v, self.softmax_scale, self.window, self.softcap,
-                                            runtime.layer_stats(self.layer_number))
+                                            runtime.layer_stats(self.layer_number), self.sinks)
             out, _ = attention_forward(q, k, v, causal=True, scale=self.softmax_scale)
             return out
         return ring_prefill_attention(q, k, v, pcp_group=runtime.pcp_group, comm=runtime.prefill_comm,
                                       scale=self.softmax_scale, stats=runtime.layer_stats(self.layer_number),
-                                      hcp_groups=runtime.hcp_groups, window=self.window, softcap=self.softcap)
+                                      hcp_groups=runtime.hcp_groups, window=self.window, softcap=self.softcap,
+                                      sinks=self.sinks)
 
     def _packed_prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         packed_seq_params: Any) -> torch.Tensor:
@@ -257,7 +269,7 @@ class CPCoreAttention(MegatronModule):
         return dcp_decode_attention(q, k, v, phase.kv_caches[self.layer_number],
                                     phase.decode_positions, runtime.decode_group,
                                     runtime.decode_comm, self.softmax_scale, runtime.layer_stats(self.layer_number),
-                                    self.window, self.softcap)
+                                    self.window, self.softcap, self.sinks)
 
 
 def packed_sequences(packed_seq_params: Any, pcp_size: int, local_tokens: int) -> list[tuple[int, int, int]]:
@@ -310,6 +322,22 @@ def layer_window(config: TransformerConfig, layer_number: int) -> Optional[int]:
                          "left >= 0 tokens before each query, or -1 for no limit: CPCoreAttention is causal, so no "
                          "query sees a later token")
     return None if left == -1 else left + 1
+
+
+def _heads_per_tp_rank(config: TransformerConfig, pg_collection: Optional[ProcessGroupCollection]) -> int:
+    """Query heads of this TP rank: ``num_attention_heads / TP``, TP being megatron's (``pg_collection.tp``, its
+    global group, else ``config.tensor_model_parallel_size``)."""
+    tp_group = _megatron_group(pg_collection, "tp")
+    return config.num_attention_heads // (config.tensor_model_parallel_size if tp_group is None else tp_group.size())
+
+
+def _new_sinks(config: TransformerConfig, pg_collection: Optional[ProcessGroupCollection]) -> torch.nn.Parameter:
+    """The ``sinks`` parameter of ``attention_sinks=True`` (see ``CPCoreAttention``)."""
+    sinks = torch.nn.Parameter(torch.zeros(_heads_per_tp_rank(config, pg_collection), dtype=config.params_dtype))
+    if config.perform_initialization:
+        with torch.no_grad():
+            config.init_method(sinks)
+    return sinks
 
 
 def _check_supported(config: TransformerConfig, attn_mask_type: AttnMaskType, attention_type: str,
@@ -401,9 +429,7 @@ def runtime_from_megatron(config: TransformerConfig, layer_number: int, cp_comm_
     comm = layer_comm_type(cp_comm_type, config, layer_number)
     if pcp_size == 1:
         return AttentionRuntime(prefill_comm=comm)
-    tp_group = _megatron_group(pg_collection, "tp")
-    tp_size = config.tensor_model_parallel_size if tp_group is None else tp_group.size()
-    heads_per_rank = config.num_attention_heads // tp_size
+    heads_per_rank = _heads_per_tp_rank(config, pg_collection)
     hcp_groups = None
     if comm == "a2a":
         check_heads(heads_per_rank, pcp_size)

@@ -19,7 +19,8 @@ One decode step of one layer (``dcp_decode_attention``), every collective on the
 1. ``gather_new_qkv``: the group's q and the new token's K/V (``k > 1``: one all-gather).
 2. ``kv_cache.append``: only the owner of the new position stores it.
 3. ``attend_shard``: attention of the group's heads over this member's shard -> ``(out, lse)``.
-4. ``combine_partials``: the exact output of this rank's own heads.
+4. ``combine_partials``: the exact output of this rank's own heads (attention sinks, gpt-oss's, join it here,
+   once the query's final LSE is known).
 A step may carry ``L > 1`` consecutive new tokens per sequence (speculative decoding's verification): the
 same four steps and collectives, every token appended first, and token ``j`` attending only the shard's
 tokens at positions up to its own (``attend_shard_range``). A sliding-window layer's token at ``p`` attends
@@ -45,9 +46,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from cptoolkit.layers.block_attention import masked_attention_forward
+from cptoolkit.layers.block_attention import check_sinks, kernel_backend, masked_attention_forward
 from cptoolkit.layers.comm import CommStats, all_gather, all_reduce, all_to_all, reduce_scatter
-from cptoolkit.layers.lse_merge import merge_partials
+from cptoolkit.layers.lse_merge import add_sinks, merge_partials
 
 DecodeComm = Literal["ag_rs", "a2a"]
 DECODE_COMMS = ("ag_rs", "a2a")
@@ -371,23 +372,26 @@ def _slices_by_member(x: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
     return x.unflatten(1, (dg.tp_positions, -1)).movedim(1, 0).repeat_interleave(dg.pcp_size, dim=0)
 
 
-def _combine_ag_rs(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: CommStats | None) -> torch.Tensor:
+def _combine_ag_rs(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: CommStats | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     lse_total = torch.logsumexp(all_gather(lse, dg.group, stats), dim=0)
     # A row empty on every shard (a padding slot) has lse = lse_total = -inf: weight 0, not NaN.
     weight = torch.nan_to_num(torch.exp(lse - lse_total), nan=0.0)
     rescaled = out.float() * weight.unsqueeze(-1)
+    lse_own = lse_total.unflatten(1, (dg.tp_positions, -1))[:, dg.tp_position]
     if dg.tp_positions == 1:
-        return all_reduce(rescaled, dg.group, stats=stats).to(out.dtype)
-    return reduce_scatter(_slices_by_member(rescaled, dg), dg.group, stats).to(out.dtype)
+        return all_reduce(rescaled, dg.group, stats=stats), lse_own
+    return reduce_scatter(_slices_by_member(rescaled, dg), dg.group, stats), lse_own
 
 
-def _combine_a2a(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: CommStats | None) -> torch.Tensor:
+def _combine_a2a(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: CommStats | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)
     if dg.tp_positions == 1:
         received = all_gather(packed, dg.group, stats)
     else:
         received = all_to_all(_slices_by_member(packed, dg), dg.group, stats)
-    return merge_partials(received[..., :-1], received[..., -1])[0].to(out.dtype)
+    return merge_partials(received[..., :-1], received[..., -1])
 
 
 def _check_comm(comm: str) -> None:
@@ -396,7 +400,7 @@ def _check_comm(comm: str) -> None:
 
 
 def combine_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm: DecodeComm,
-                     stats: CommStats | None = None) -> torch.Tensor:
+                     stats: CommStats | None = None, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exact attention output of this rank's own heads from every member's partial.
 
     ``out [b, hq_group, L, d]``, ``lse [b, hq_group, L]`` (this member's shard) ->
@@ -405,28 +409,33 @@ def combine_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm
     all-reduce (``k = 1``) or a reduce-scatter that hands each member its TP position's head slice.
     ``a2a``: send packed ``(out, lse)`` head slices straight to their owners (an all-gather when
     ``k = 1``, where every member owns every head) and merge locally (Triton kernel on CUDA).
+    ``sinks [hq_local]`` (gpt-oss attention sinks, or None) join the own heads' merged result, here only,
+    where each query's final LSE is known (``lse_merge.add_sinks``); no collective changes.
     """
     _check_comm(comm)
     if dg.dcp_size == 1:  # the only shard holds the whole history: its partial is exact
-        return out
+        return add_sinks(out, lse, sinks)[0]
     combine = _combine_ag_rs if comm == "ag_rs" else _combine_a2a
-    return combine(out, lse, dg, stats)
+    merged, lse_own = combine(out, lse, dg, stats)
+    return add_sinks(merged, lse_own, sinks)[0].to(out.dtype)
 
 
 def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: ShardedKVCache,
                          positions: torch.Tensor, dg: DecodeGroup, comm: DecodeComm, scale: float,
                          stats: CommStats | None = None, window: Optional[int] = None,
-                         softcap: Optional[float] = None) -> torch.Tensor:
+                         softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One decode step of one attention layer with the KV cache sharded over the DCP group.
 
     ``q [b, hq_local, L, d]``, ``k``/``v [b, hkv_local, L, d]``: this rank's heads of ``L`` new tokens per
     sequence at ``positions`` (int64; ``[b]`` when ``L = 1``, else ``[b, L]``, consecutive). Appends them to
     ``kv_cache`` (each owner stores its own), attends over every shard (token ``j`` causally: the history and
     the new tokens up to itself) and returns ``[b, hq_local, L, d]``, equal to attention over the whole
-    history (over the ``window`` latest positions with a sliding window; scores capped by ``softcap``).
+    history (over the ``window`` latest positions with a sliding window; scores capped by ``softcap``; with
+    ``sinks [hq_local]``, gpt-oss attention sinks, in every query's denominator: ``combine_partials``).
     Collective counts per call: see the module docstring (the same for any ``L``).
     """
     _check_comm(comm)  # before the first collective, so a bad value fails every rank alike
+    check_sinks(sinks, q.shape[1], kernel_backend(q.device))
     q_group, k_new, v_new = gather_new_qkv(q, k, v, dg, stats)
     one_token = q.shape[2] == 1 and positions.dim() == 1
     if not one_token and positions.shape != (q.shape[0], q.shape[2]):
@@ -441,4 +450,4 @@ def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
         column_0 = kv_cache.first_slots()[:, None].to(first.device)
         out, lse = attend_shard_range(q_group, k_shard, v_shard, (first - column_0).clamp(min=0), end - column_0,
                                       scale, softcap)
-    return combine_partials(out, lse, dg, comm, stats)
+    return combine_partials(out, lse, dg, comm, stats, sinks)

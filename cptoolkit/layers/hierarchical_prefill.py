@@ -26,7 +26,9 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.ring_p2p import ring_backward, ring_forward
-from cptoolkit.layers.ulysses_a2a import gather_grads, gather_heads, scatter_heads, scatter_qkv
+from cptoolkit.layers.lse_merge import add_sinks
+from cptoolkit.layers.ulysses_a2a import (gather_grads, gather_heads, member_sinks, member_sinks_grad, scatter_heads,
+                                          scatter_qkv)
 from cptoolkit.layout import check_a2a_size, hierarchical_rank_lists  # pure rank math, shared with the layout
 
 
@@ -90,29 +92,32 @@ def check_groups(groups: HierarchicalGroups | None, pcp_group: ProcessGroup) -> 
 
 
 class HierarchicalPrefillAttention(torch.autograd.Function):
-    """Differentiable a2a+p2p attention: ``apply(q, k, v, groups, scale, stats, window, softcap) -> out
+    """Differentiable a2a+p2p attention: ``apply(q, k, v, groups, scale, stats, window, softcap, sinks) -> out
     [b, hq, 2c, d]``; a sliding ``window`` reaches the ring, whose chunks are the super-chunks.
 
     ``q [b, hq, 2c, d]``, ``k``/``v [b, hkv, 2c, d]``: this rank's DualChunkSwap shard over the whole
-    PCP group; ``hq`` must be a multiple of ``a`` (``ulysses_a2a.check_heads``).
+    PCP group; ``hq`` must be a multiple of ``a`` (``ulysses_a2a.check_heads``). ``sinks [hq]`` (or None):
+    the a2a member's slice (``ulysses_a2a.member_sinks``) joins its heads' ring result, before the exchange back.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, groups, scale, stats, window, softcap):
+    def forward(ctx, q, k, v, groups, scale, stats, window, softcap, sinks):
         q_ring, k_ring, v_ring = scatter_qkv(q, k, v, groups.a2a_group, stats)
-        out_ring, lse_ring = ring_forward(q_ring, k_ring, v_ring, groups.ring_group, scale, stats, window, softcap)
+        out_ring, lse_ring = add_sinks(*ring_forward(q_ring, k_ring, v_ring, groups.ring_group, scale, stats,
+                                                     window, softcap), member_sinks(sinks, groups.a2a_group))
         (out,) = gather_heads([out_ring], groups.a2a_group, stats)
-        ctx.save_for_backward(q_ring, k_ring, v_ring, out_ring, lse_ring)
+        ctx.save_for_backward(q_ring, k_ring, v_ring, out_ring, lse_ring, sinks)
         ctx.groups, ctx.scale, ctx.stats, ctx.num_kv_heads = groups, scale, stats, k.shape[1]
         ctx.window, ctx.softcap = window, softcap
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q_ring, k_ring, v_ring, out_ring, lse_ring = ctx.saved_tensors
+        q_ring, k_ring, v_ring, out_ring, lse_ring, sinks = ctx.saved_tensors
         groups = ctx.groups
         (dout_ring,) = scatter_heads([dout], groups.a2a_group, ctx.stats)
         dq_ring, dk_ring, dv_ring = ring_backward(dout_ring, q_ring, k_ring, v_ring, out_ring, lse_ring,
                                                   groups.ring_group, ctx.scale, ctx.stats, ctx.window, ctx.softcap)
         dq, dk, dv = gather_grads(dq_ring, dk_ring, dv_ring, ctx.num_kv_heads, groups.a2a_group, ctx.stats)
-        return dq, dk, dv, None, None, None, None, None
+        dsinks = member_sinks_grad(dout_ring, out_ring, lse_ring, sinks, groups.a2a_group)
+        return dq, dk, dv, None, None, None, None, None, dsinks

@@ -9,9 +9,18 @@ An empty part (no key visible, e.g. an empty KV shard or a fully masked causal b
 ``lse = -inf``; merging it is the identity, and merging two empty parts gives ``lse = -inf`` with a
 zero-weighted output, never NaN. This is the one merge used by ring prefill and by DCP decode.
 
-Shapes: ``out [b, h, s, d]`` in any float dtype; ``lse [b, h, s]`` in float32 (or float64).
+Attention sinks (gpt-oss): head ``h`` adds one learned logit ``sink[h]`` with a zero value to every query's
+softmax denominator. That is one more partial, ``(out = 0, lse = sink[h])``, merged once into the query's
+*final* result: ``out·sigmoid(lse - sink)`` and ``lse' = log(e^{lse} + e^{sink})`` (``add_sinks``). With
+``lse'`` and that output, the block backward kernels give the exact dq/dk/dv of attention with sinks, and the
+sink's own gradient is ``sinks_grad``. Every attention path calls these two at the one place where a query's
+final ``lse`` is known, never per block.
+
+Shapes: ``out [b, h, s, d]`` in any float dtype; ``lse [b, h, s]`` in float32 (or float64); ``sinks [h]``.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -57,3 +66,29 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
         from cptoolkit.layers.lse_merge_triton import merge_many_triton
         return merge_many_triton(outs, lses)
     return merge_many(outs, lses)
+
+
+def add_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: Optional[torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A query's final ``(out [b, h, s, d], lse [b, h, s])`` with head ``h``'s sink in its denominator:
+    ``(out·sigmoid(lse - sinks[h]) in out's dtype, log(e^{lse} + e^{sinks[h]}) float32)``. ``sinks=None``
+    returns ``(out, lse)`` themselves. A row that sees no key (``lse = -inf``) keeps ``out = 0``."""
+    if sinks is None:
+        return out, lse
+    sink = sinks.float()[:, None]  # [h, 1], broadcast over [b, h, s]
+    # lse = sink = -inf gives NaN: such a row has nothing to weigh, and its out is 0.
+    weight = torch.nan_to_num(torch.sigmoid(lse - sink), nan=0.0).unsqueeze(-1)
+    return (out.float() * weight).to(out.dtype), merge_lse(lse.float(), sink.expand_as(lse))
+
+
+def sinks_grad(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: Optional[torch.Tensor]
+               ) -> Optional[torch.Tensor]:
+    """Gradient of ``sinks [h]`` from ``add_sinks``'s ``out [b, h, s, d]`` and ``lse [b, h, s]`` and the
+    output's gradient ``dout``: ``-Σ_{b,s} e^{sink - lse}·(dout·out)`` in ``sinks``' dtype (the sink's
+    probability times the softmax's row term; its value is zero). None when ``sinks`` is None. Sums only
+    the rows given: each rank's rows of a sharded sequence give that rank's share."""
+    if sinks is None:
+        return None
+    sink_prob = torch.exp(sinks.float()[:, None] - lse.float())
+    row_dot = (dout.float() * out.float()).sum(-1)
+    return -(sink_prob * row_dot).sum((0, 2)).to(sinks.dtype)

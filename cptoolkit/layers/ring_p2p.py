@@ -29,7 +29,7 @@ from torch.distributed import ProcessGroup
 from cptoolkit.layers.block_attention import attention_backward, attention_forward
 from cptoolkit.layers.comm import CommStats, send_recv
 from cptoolkit.layers.dual_chunk_swap import chunk_ids
-from cptoolkit.layers.lse_merge import merge_two
+from cptoolkit.layers.lse_merge import add_sinks, merge_two, sinks_grad
 from cptoolkit.layers.sliding_window import chunk_tiles, needs_window
 
 
@@ -139,18 +139,21 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 
 class RingP2PAttention(torch.autograd.Function):
-    """Differentiable ring attention: ``apply(q, k, v, pcp_group, scale, stats, window, softcap) -> out``."""
+    """Differentiable ring attention: ``apply(q, k, v, pcp_group, scale, stats, window, softcap, sinks) -> out``.
+    ``sinks [hq]`` (or None) join each local query's denominator once, after the ring's last merge; the
+    backward replays the ring from the output and LSE with sinks and returns this rank's share of their
+    gradient (its own query rows)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pcp_group, scale, stats, window, softcap):
-        out, lse = ring_forward(q, k, v, pcp_group, scale, stats, window, softcap)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, pcp_group, scale, stats, window, softcap, sinks):
+        out, lse = add_sinks(*ring_forward(q, k, v, pcp_group, scale, stats, window, softcap), sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.pcp_group, ctx.scale, ctx.stats, ctx.window, ctx.softcap = pcp_group, scale, stats, window, softcap
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.pcp_group, ctx.scale, ctx.stats, ctx.window,
                                    ctx.softcap)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, sinks_grad(dout, out, lse, sinks)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.allgather_prefill import AllGatherPrefillAttention
+from cptoolkit.layers.block_attention import check_sinks, kernel_backend
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.hierarchical_prefill import HierarchicalGroups, HierarchicalPrefillAttention, check_groups
 from cptoolkit.layers.ring_p2p import RingP2PAttention
@@ -68,7 +69,7 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: Proc
 def ring_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pcp_group: ProcessGroup,
                            scale: float, comm: str = "p2p", stats: CommStats | None = None,
                            hcp_groups: HierarchicalGroups | None = None, window: Optional[int] = None,
-                           softcap: Optional[float] = None) -> torch.Tensor:
+                           softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention of this rank's DualChunkSwap shard over the whole sequence.
 
     ``q [b, hq, 2c, d]``, ``k``/``v [b, hkv, 2c, d]`` with ``hq % hkv == 0`` (GQA/MQA; the ring and
@@ -78,10 +79,14 @@ def ring_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     on ``hcp_groups`` (``hierarchical_prefill.new_hierarchical_groups(pcp_group, a2a_size)``).
     ``window``: a sliding window (each token attends its ``window`` most recent positions, itself included;
     every comm skips the chunk tiles outside it, ``sliding_window``); ``softcap``: scores capped by
-    ``softcap * tanh(s / softcap)``.
+    ``softcap * tanh(s / softcap)``. ``sinks [hq]`` (gpt-oss attention sinks, or None): one learned logit per
+    query head in every query's softmax denominator (``lse_merge.add_sinks``), differentiable too; the
+    gradient this rank gets is its share (the query rows, or for the a2a comms the heads, it computed), summed
+    over the PCP group by the gradient all-reduce.
     """
     _validate(q, k, v, pcp_group, comm, hcp_groups)
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window ({window!r}) must be a positive integer or None")
+    check_sinks(sinks, q.shape[1], kernel_backend(q.device))
     groups = hcp_groups if comm == "a2a+p2p" else pcp_group
-    return PREFILL_COMMS[comm].apply(q, k, v, groups, scale, stats, window, softcap)
+    return PREFILL_COMMS[comm].apply(q, k, v, groups, scale, stats, window, softcap, sinks)

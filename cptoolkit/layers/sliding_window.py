@@ -19,9 +19,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from cptoolkit.layers.block_attention import attention_backward, attention_forward, block_coverage
+from cptoolkit.layers.block_attention import (attention_backward, attention_forward, block_coverage, check_sinks,
+                                              kernel_backend)
 from cptoolkit.layers.comm import CommStats
-from cptoolkit.layers.lse_merge import merge_two
+from cptoolkit.layers.lse_merge import add_sinks, merge_two, sinks_grad
 
 
 @dataclass(frozen=True)
@@ -119,25 +120,28 @@ def windowed_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 
 class LocalAttention(torch.autograd.Function):
     """Differentiable attention of one whole sequence on this rank (PCP = 1), causal, with an optional
-    sliding window and softcap: ``apply(q, k, v, scale, window, softcap, stats) -> out [b, hq, s, d]``.
-    Windowed: tiles of ``window`` positions (each query tile needs two key tiles at most)."""
+    sliding window, softcap and attention sinks: ``apply(q, k, v, scale, window, softcap, stats, sinks=None) ->
+    out [b, hq, s, d]``. Windowed: tiles of ``window`` positions (each query tile needs two key tiles at most).
+    ``sinks [hq]`` join every query's denominator once, after its tiles are merged (``lse_merge.add_sinks``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, window, softcap, stats):
+    def forward(ctx, q, k, v, scale, window, softcap, stats, sinks=None):
+        check_sinks(sinks, q.shape[1], kernel_backend(q.device))
         window = window if needs_window(window, q.shape[2]) else None
         if window is None:
             out, lse = attention_forward(q, k, v, causal=True, scale=scale, softcap=softcap)
         else:
             out, lse = windowed_forward(q, k, v, scale, window, softcap, window, stats)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse = add_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.scale, ctx.window, ctx.softcap = scale, window, softcap
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         if ctx.window is None:
             grads = attention_backward(dout, q, k, v, out, lse, causal=True, scale=ctx.scale, softcap=ctx.softcap)
         else:
             grads = windowed_backward(dout, q, k, v, out, lse, ctx.scale, ctx.window, ctx.softcap, ctx.window)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, sinks_grad(dout, out, lse, sinks))

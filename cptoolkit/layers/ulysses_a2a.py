@@ -23,6 +23,7 @@ backward (dout, dq, dk, dv), each moving this rank's whole local share of its te
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ from torch.distributed import ProcessGroup
 from cptoolkit.layers.block_attention import attention_backward, attention_forward
 from cptoolkit.layers.comm import CommStats, all_to_all
 from cptoolkit.layers.dual_chunk_swap import chunk_ids, unshard_sequence
+from cptoolkit.layers.lse_merge import add_sinks, sinks_grad
 from cptoolkit.layers.sliding_window import needs_window, sequence_tiles, windowed_backward, windowed_forward
 
 _SEQ_DIM = 2  # [b, h, s, d]
@@ -112,19 +114,42 @@ def gather_grads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, num_kv_he
     return dq, dk.unflatten(1, (num_kv_heads, replicas)).sum(2), dv.unflatten(1, (num_kv_heads, replicas)).sum(2)
 
 
+def member_sinks(sinks: Optional[torch.Tensor], group: ProcessGroup) -> Optional[torch.Tensor]:
+    """This member's slice of the shard's ``sinks [h]``: the sinks of the heads ``scatter_heads`` gives it,
+    ``[i·h/a, (i+1)·h/a)``; None for None."""
+    if sinks is None:
+        return None
+    per_member = sinks.shape[0] // dist.get_world_size(group)
+    return sinks.narrow(0, dist.get_rank(group) * per_member, per_member)
+
+
+def member_sinks_grad(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: Optional[torch.Tensor],
+                      group: ProcessGroup) -> Optional[torch.Tensor]:
+    """Gradient of the shard's ``sinks [h]`` from this member's heads over the group's tokens (``dout``, ``out``,
+    ``lse`` of those heads, ``lse_merge.sinks_grad``): this member reads only its slice (``member_sinks``), so the
+    rest is zero here and summed in from the other members by the gradient all-reduce over PCP."""
+    if sinks is None:
+        return None
+    grad = torch.zeros_like(sinks)
+    own = member_sinks(grad, group)
+    own.copy_(sinks_grad(dout, out, lse, member_sinks(sinks, group)))
+    return grad
+
+
 class UlyssesAttention(torch.autograd.Function):
-    """Differentiable Ulysses attention: ``apply(q, k, v, pcp_group, scale, stats, window, softcap) -> out
+    """Differentiable Ulysses attention: ``apply(q, k, v, pcp_group, scale, stats, window, softcap, sinks) -> out
     [b, hq, 2c, d]``.
 
     ``q [b, hq, 2c, d]``, ``k``/``v [b, hkv, 2c, d]``: this rank's DualChunkSwap shard; ``hq`` must be a
     multiple of the PCP size (``check_heads``). Saves the exchanged ``[b, hq/P, S, d]`` tensors for the
     backward (as much memory as the local shards, plus the KV replicas). With a sliding ``window`` the
     whole-sequence attention runs tile by tile (tiles of ``c`` positions, ``sliding_window.windowed_forward``),
-    skipping the tiles the window cannot see; the exchanges are unchanged.
+    skipping the tiles the window cannot see; the exchanges are unchanged. ``sinks [hq]`` (or None): each
+    member applies its heads' slice (``member_sinks``) to their whole-sequence result, before the exchange back.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, pcp_group, scale, stats, window, softcap):
+    def forward(ctx, q, k, v, pcp_group, scale, stats, window, softcap, sinks):
         q_seq, k_seq, v_seq = scatter_qkv(q, k, v, pcp_group, stats)
         chunk_len, seq_len = q.shape[2] // 2, q_seq.shape[2]
         window = window if needs_window(window, seq_len) else None
@@ -134,15 +159,16 @@ class UlyssesAttention(torch.autograd.Function):
                 stats.record_tiles(len(sequence_tiles(seq_len, chunk_len, None)[0]), 0)
         else:
             out_seq, lse_seq = windowed_forward(q_seq, k_seq, v_seq, scale, window, softcap, chunk_len, stats)
+        out_seq, lse_seq = add_sinks(out_seq, lse_seq, member_sinks(sinks, pcp_group))
         (out,) = gather_heads([out_seq], pcp_group, stats)
-        ctx.save_for_backward(q_seq, k_seq, v_seq, out_seq, lse_seq)
+        ctx.save_for_backward(q_seq, k_seq, v_seq, out_seq, lse_seq, sinks)
         ctx.pcp_group, ctx.scale, ctx.stats, ctx.num_kv_heads = pcp_group, scale, stats, k.shape[1]
         ctx.window, ctx.softcap, ctx.chunk_len = window, softcap, chunk_len
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q_seq, k_seq, v_seq, out_seq, lse_seq = ctx.saved_tensors
+        q_seq, k_seq, v_seq, out_seq, lse_seq, sinks = ctx.saved_tensors
         (dout_seq,) = scatter_heads([dout], ctx.pcp_group, ctx.stats)
         if ctx.window is None:
             dq_seq, dk_seq, dv_seq = attention_backward(dout_seq, q_seq, k_seq, v_seq, out_seq, lse_seq,
@@ -151,4 +177,5 @@ class UlyssesAttention(torch.autograd.Function):
             dq_seq, dk_seq, dv_seq = windowed_backward(dout_seq, q_seq, k_seq, v_seq, out_seq, lse_seq, ctx.scale,
                                                        ctx.window, ctx.softcap, ctx.chunk_len)
         dq, dk, dv = gather_grads(dq_seq, dk_seq, dv_seq, ctx.num_kv_heads, ctx.pcp_group, ctx.stats)
-        return dq, dk, dv, None, None, None, None, None
+        dsinks = member_sinks_grad(dout_seq, out_seq, lse_seq, sinks, ctx.pcp_group)
+        return dq, dk, dv, None, None, None, None, None, dsinks

@@ -26,6 +26,7 @@ from megatron.core.tensor_parallel.layers import RowParallelLinear, VocabParalle
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 
+from cptoolkit.layers.core_attention import CPCoreAttention
 from cptoolkit.layers.mla import MLASelfAttention
 from cptoolkit.models.gemma import GemmaRMSNorm
 from cptoolkit.models.gpt import CPGPTModel
@@ -293,6 +294,10 @@ PARAM_KINDS: dict[tuple[Union[type, str], str], Union[Kind, Callable[[torch.nn.M
     (SelfAttention, "linear_qkv.bias"): FUSED_QKV,  # Qwen2's q/k/v biases, GPT-2's: rows like the weight's
     (SelfAttention, "q_layernorm.weight"): NORM,  # [head_dim], shared by every head, so whole on every rank
     (SelfAttention, "k_layernorm.weight"): NORM,
+    # gpt-oss attention sinks, one per query head: FUSED_QKV gives TP rank r whole query groups whose query
+    # heads are the contiguous heads [r·h/TP, (r+1)·h/TP) of the full order (KV replicated or not), so the
+    # sinks split like a column-parallel output.
+    (CPCoreAttention, "sinks"): COLUMN,
     # MLA: the up projections' rows and linear_proj's columns are per head; the down projections and norms
     # act on the one latent every head shares.
     (MLASelfAttention, "linear_q_proj.weight"): COLUMN,
