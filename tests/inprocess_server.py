@@ -24,7 +24,7 @@ from cptoolkit.serving.app import HTTPOptions, HTTPServer, create_app
 from cptoolkit.serving.coordinator import Coordinator
 from cptoolkit.serving.inbox import Inbox
 from cptoolkit.serving.metrics import ServerMetrics
-from cptoolkit.serving.server import length_limit
+from cptoolkit.serving.server import expert_load_of, length_limit
 from tests.multiproc import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ class InProcessServer:
                                            num_kv_heads=m.num_kv_heads)
         self.engine = build_engine(self.cfg, groups, torch.device("cpu"))
         self.inbox = Inbox()
-        self.metrics = ServerMetrics(self.engine.cache.num_blocks)
+        self.metrics = ServerMetrics(self.engine.cache.num_blocks, expert_load_of(self.engine.model))
         self.coordinator = Coordinator(self.engine, None, HEARTBEAT_S, self.drain_timeout_s, self.inbox, self.metrics)
         self._loop = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._loop.start()

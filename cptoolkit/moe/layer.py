@@ -312,3 +312,13 @@ class MoELayer(MegatronModule):
         if self.shared_experts is not None and self.groups.pcp_rank == 0:
             partial = partial + self._shared(rows)
         return reduce_partials(partial, self.groups.replica, stats)
+
+
+def moe_layers(model: torch.nn.Module) -> list[MoELayer]:
+    """The model's MoE layers in order (none for a dense model)."""
+    return [module for module in model.modules() if isinstance(module, MoELayer)]
+
+
+def expert_load(model: torch.nn.Module) -> dict[int, list[int]]:
+    """``{layer number: tokens routed to each expert so far}`` of the model's MoE layers (``expert_tokens``)."""
+    return {layer.layer_number: layer.expert_tokens.tolist() for layer in moe_layers(model)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -42,8 +42,12 @@ def _labels(pairs: tuple) -> str:
 class ServerMetrics:
     """Everything ``/metrics`` exposes; names carry the ``cptoolkit_`` prefix and their unit."""
 
-    def __init__(self, kv_blocks_total: int):
+    def __init__(self, kv_blocks_total: int, expert_load: Optional[Callable[[], dict[int, list[int]]]] = None):
+        """``expert_load``: the engine's routed-expert load so far, ``{layer: tokens per expert}`` (its MoE
+        layers' ``expert_tokens``); read at each scrape (the counts only grow, so a scrape racing a step reads
+        a consistent-enough snapshot: each count is one step behind at most)."""
         self._lock = threading.Lock()
+        self._expert_load = expert_load
         self.http_responses: Counter = Counter()   # (endpoint, status) -> count
         self.finished: Counter = Counter()         # finish_reason -> count
         self.prompt_tokens = self.generation_tokens = self.prefix_cache_hit_tokens = 0
@@ -106,6 +110,13 @@ class ServerMetrics:
                 ("prefix_cache_pages", "gauge", "Prompt pages kept in the prefix cache",
                  [((), self.prefix_cached_pages)]),
             ]
+            if self._expert_load is not None:
+                families.append(("moe_expert_tokens_total", "counter",
+                                 "Tokens routed to each expert of each MoE layer (each of a token's top-k choices "
+                                 "counts once), the replica's whole load",
+                                 [((("layer", layer), ("expert", expert)), count)
+                                  for layer, counts in sorted(self._expert_load().items())
+                                  for expert, count in enumerate(counts)]))
             lines = []
             for name, kind, help_text, samples in families:
                 lines += [f"# HELP cptoolkit_{name} {help_text}", f"# TYPE cptoolkit_{name} {kind}"]

@@ -5,16 +5,19 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
 from cptoolkit.config import Config
 from cptoolkit.distributed import collective_timeout, env_rank
 from cptoolkit.inference.engine import Engine
+from cptoolkit.moe.layer import expert_load, moe_layers
 from cptoolkit.serving.app import HTTPOptions, HTTPServer, create_app
 from cptoolkit.serving.coordinator import Coordinator
 from cptoolkit.serving.inbox import Inbox
@@ -44,6 +47,11 @@ def length_limit(engine: Engine) -> LengthLimit:
     return LengthLimit(engine.max_seq_len, low)
 
 
+def expert_load_of(model) -> Optional[Callable[[], dict[int, list[int]]]]:
+    """What ``/metrics`` reads for the per-expert load: None for a dense model (no such metric)."""
+    return functools.partial(expert_load, model) if moe_layers(model) else None
+
+
 def serve(cfg: Config, engine: Engine, host: str, port: int, name: str, drain_timeout_s: float,
           options: HTTPOptions = HTTPOptions()) -> None:
     """Serve until drained. Collective: every rank of the job calls it (it creates the control group)."""
@@ -54,7 +62,7 @@ def serve(cfg: Config, engine: Engine, host: str, port: int, name: str, drain_ti
     heartbeat_s = min(_MAX_HEARTBEAT_S, timeout.total_seconds() / 4)
     is_front = env_rank() == 0
     inbox = Inbox() if is_front else None
-    metrics = ServerMetrics(engine.cache.num_blocks) if is_front else None
+    metrics = ServerMetrics(engine.cache.num_blocks, expert_load_of(engine.model)) if is_front else None
     coordinator = Coordinator(engine, control_group, heartbeat_s, drain_timeout_s, inbox, metrics)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: coordinator.request_drain())

@@ -26,11 +26,6 @@ from cptoolkit.layers.comm import CommStats
 from cptoolkit.moe.layer import MoELayer
 
 
-def moe_layers(model: torch.nn.Module) -> list[MoELayer]:
-    """The model's MoE layers in order (none for a dense model)."""
-    return [module for module in model.modules() if isinstance(module, MoELayer)]
-
-
 def global_expert_load(layers: list[MoELayer], tp_group: ProcessGroup, dp_pcp_group: ProcessGroup,
                        stats: Optional[CommStats] = None) -> tuple[torch.Tensor, float]:
     """``(C [L, E] float64, T)`` of the last training forward, summed over every rank (an all-reduce over

@@ -38,10 +38,10 @@ from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.models.from_config import model_from_config, model_shape
 from cptoolkit.models.gpt import CPGPTModel, gpt_forward
 from cptoolkit.models.tp_sharding import ExpertRows, Replicated, param_kinds
-from cptoolkit.moe.layer import LocalExperts, Router
+from cptoolkit.moe.layer import LocalExperts, Router, moe_layers
 from cptoolkit.parallel_state import ParallelGroups
 from cptoolkit.progress import progress
-from cptoolkit.training.moe_balance import global_expert_load, load_balancing_loss, moe_layers, update_expert_bias
+from cptoolkit.training.moe_balance import global_expert_load, load_balancing_loss, update_expert_bias
 from cptoolkit.training.data import TrainBatch, get_batch_on_this_pcp_rank, pack_windows, sample_windows
 
 LOG = logging.getLogger("cptoolkit")
