@@ -1,7 +1,7 @@
 """Llama (``LlamaForCausalLM``) and Mistral (``MistralForCausalLM``): the Llama block (RMSNorm, SwiGLU, RoPE
 ``default`` / ``linear`` / ``llama3`` / ``yarn``, GQA, no biases); Mistral windows every layer with
 ``sliding_window``. ``read_llama_block`` and ``llama_block_hf_config`` are the keys every family built on the
-Llama block shares (Qwen reads and writes through them)."""
+Llama block shares (Qwen, Mixtral and Qwen-MoE read and write through them)."""
 from __future__ import annotations
 
 from typing import Callable, Collection, Optional
@@ -56,19 +56,20 @@ def _read(config: dict, model_type: str) -> GPTShape:
     """Llama never windows (its attention has none); Mistral windows every layer when ``sliding_window`` is set,
     whatever ``layer_types`` says, as transformers' Mistral does."""
     return read_llama_block(config, _FIXED_KEYS[model_type],
-                            _no_window if model_type == "llama" else _every_layer_window)
+                            _no_window if model_type == "llama" else every_layer_window)
 
 
 def _no_window(config: dict) -> tuple[None, None]:
     return None, None
 
 
-def _every_layer_window(config: dict) -> tuple[Optional[int], Optional[tuple[bool, ...]]]:
+def every_layer_window(config: dict) -> tuple[Optional[int], Optional[tuple[bool, ...]]]:
+    """Mistral's window (Mixtral's, Qwen3-MoE's with ``use_sliding_window``): ``sliding_window`` on every layer."""
     return window_from_hf(config, (True,) * positive_key(config, "num_hidden_layers"))
 
 
 def _owns(shape: GPTShape) -> bool:
-    return (shape.arch == "llama" and shape.mla is None and shape.gemma is None
+    return (shape.arch == "llama" and shape.mla is None and shape.gemma is None and shape.moe is None
             and not shape.qkv_bias and not shape.qk_norm)
 
 

@@ -3,7 +3,7 @@
 (or, when absent, ``max_window_layers`` onwards) marks."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from cptoolkit.models.families import Family
 from cptoolkit.models.families.llama import (llama_block_hf_config, llama_block_layout, llama_block_tensor_shapes,
@@ -14,18 +14,26 @@ from cptoolkit.models.shape import GPTShape, hf_layer_types, layer_types_flags, 
 _FIXED_KEYS = {"qwen2": {"hidden_act": "silu"}, "qwen3": {"hidden_act": "silu", "attention_bias": False}}
 
 
-def _window(config: dict) -> tuple[Optional[int], Optional[tuple[bool, ...]]]:
-    """``(sliding_window, sliding_layers)`` as transformers' Qwen2/Qwen3 read them."""
+def qwen_window(config: dict, default_flags: Callable[[int, int], bool]
+                ) -> tuple[Optional[int], Optional[tuple[bool, ...]]]:
+    """``(sliding_window, sliding_layers)`` as transformers' Qwen2/Qwen3 (and Qwen2-MoE) read them: a window only
+    with ``use_sliding_window``, on the layers ``layer_types`` marks, else layer ``i`` when
+    ``default_flags(i, max_window_layers)``."""
     if not config.get("use_sliding_window"):
         return None, None
     layers = positive_key(config, "num_hidden_layers")
     flags = layer_types_flags(config, layers)
     if flags is None:
-        first = config.get("max_window_layers", 28)
-        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
-            raise ValueError(f"max_window_layers={first!r}; rule: a non-negative integer")
-        flags = tuple(i >= first for i in range(layers))
+        max_window_layers = config.get("max_window_layers", 28)
+        if not isinstance(max_window_layers, int) or isinstance(max_window_layers, bool) or max_window_layers < 0:
+            raise ValueError(f"max_window_layers={max_window_layers!r}; rule: a non-negative integer")
+        flags = tuple(default_flags(i, max_window_layers) for i in range(layers))
     return window_from_hf(config, flags)
+
+
+def _window(config: dict) -> tuple[Optional[int], Optional[tuple[bool, ...]]]:
+    """Qwen2/Qwen3 window the layers from ``max_window_layers`` on."""
+    return qwen_window(config, lambda i, max_window_layers: i >= max_window_layers)
 
 
 def _read(config: dict, model_type: str) -> GPTShape:
@@ -34,7 +42,7 @@ def _read(config: dict, model_type: str) -> GPTShape:
 
 
 def _owns(shape: GPTShape) -> bool:
-    return shape.gemma is None and (shape.qkv_bias or shape.qk_norm)
+    return shape.gemma is None and shape.moe is None and (shape.qkv_bias or shape.qk_norm)
 
 
 def _write(shape: GPTShape) -> dict:
