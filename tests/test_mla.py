@@ -223,10 +223,10 @@ def test_expanded_prefill_loss_and_gradients_equal_float64_transformers(checkpoi
             assert errors[worst] <= RTOL_VS_FLOAT64, f"{label}: gradient of {worst} differs by {errors[worst]:.3g}"
 
 
-def test_moe_layers_and_bad_mla_fields_are_refused_in_one_line():
+def test_moe_keys_transformers_ignores_and_bad_mla_fields_are_refused_in_one_line():
     config = transformers.DeepseekV3Config(**{**SIZES, "first_k_dense_replace": 1}).to_dict()
-    with pytest.raises(ValueError, match=r"first_k_dense_replace=1 makes layers 1..1 mixture-of-experts; rule"):
-        read_hf_config(config)
+    with pytest.raises(ValueError, match=r"^moe_layer_freq=2; rule: must be 1 \(transformers makes every layer"):
+        read_hf_config({**config, "moe_layer_freq": 2})
     v2 = transformers.DeepseekV2Config(**SIZES).to_dict()
     with pytest.raises(ValueError, match="attention_bias=True; rule: must be False"):
         read_hf_config({**v2, "attention_bias": True})
