@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from cptoolkit.config import ConfigError, load_config
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import shard_positions
-from cptoolkit.models.checkpoint import llama_to_full, load_model_checkpoint, read_weights, save_checkpoint
+from cptoolkit.models.checkpoint import hf_to_full, load_model_checkpoint, read_weights, save_checkpoint
 from cptoolkit.models.gpt import gpt_forward
 from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -263,7 +263,7 @@ def _shard(directory: Path) -> None:
 def _make_native(directory: Path) -> None:
     """Turn the HF checkpoint into a cptoolkit one (full state dict, "cptoolkit_format": 1)."""
     config = json.loads((directory / "config.json").read_text())
-    full = llama_to_full(read_weights(directory), read_hf_config(config))
+    full = hf_to_full(read_weights(directory), read_hf_config(config))
     save_file({name: tensor.contiguous() for name, tensor in full.items()}, directory / "model.safetensors")
     _set_config(directory, cptoolkit_format=1)
 

@@ -11,8 +11,11 @@ checkpoints and how they make up the full state dict (``Family.tensor_shapes``, 
 - Hugging Face (``config.json`` + ``model.safetensors`` or a sharded ``model.safetensors.index.json``;
   no hub access): the Llama family (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
   ``Qwen3ForCausalLM``: q/k/v/o, gate/up/down, RMSNorm, GQA, Qwen2's q/k/v biases, Qwen3's q/k norms; Gemma 2/3's
-  ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``, the same tensors plus its pre/post feed-forward norms)
-  and ``GPT2LMHeadModel`` (Conv1D weights stored ``[in, out]``: their columns are the model's rows).
+  ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``, the same tensors plus its pre/post feed-forward norms;
+  DeepSeek-V2/V3's MLA tensors), the mixture-of-experts families (``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``,
+  ``Qwen3MoeForCausalLM``, DeepSeek's MoE layers: per-expert tensors stacked into one full tensor per layer,
+  ``cptoolkit.models.families.experts``) and ``GPT2LMHeadModel`` (Conv1D weights stored ``[in, out]``: their
+  columns are the model's rows; so are each expert's down projection's).
 - cptoolkit: ``save_checkpoint`` writes the full state dict in one ``model.safetensors`` plus a
   ``config.json`` that is a Hugging Face config of the same shape with ``"cptoolkit_format": 1``, so
   the shape is read the same way for both formats.
@@ -39,7 +42,6 @@ from cptoolkit.config import ConfigError
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.models.build import new_gpt_model
 from cptoolkit.models.gpt import CPGPTModel
-from cptoolkit.models.families.llama import llama_layout
 from cptoolkit.models.families.registry import hf_shape, shape_family, write_hf_config
 from cptoolkit.models.shape import CONFIG_FILE, RESAVE, GPTShape, read_config, read_json_object
 from cptoolkit.models.tensor_map import Layout, Rows, Shapes, whole
@@ -163,10 +165,11 @@ def _full_shapes(layout: Layout, shapes: Shapes) -> Shapes:
 
 # ----------------------------------------------------------------------------- Hugging Face formats
 
-def llama_to_full(weights: StateDict, shape: GPTShape) -> StateDict:
-    """A Llama-family checkpoint's tensors, in memory, as the full state dict (to re-save it in cptoolkit's format)."""
+def hf_to_full(weights: StateDict, shape: GPTShape) -> StateDict:
+    """A Hugging Face checkpoint's tensors, in memory, as the full state dict (to re-save it in cptoolkit's format,
+    or to inspect one full tensor such as a MoE layer's stacked experts)."""
     return {name: torch.cat([_read_rows(weights[p.name], p, p.start, p.stop) for p in pieces])
-            for name, pieces in llama_layout(shape).items()}
+            for name, pieces in hf_layout(shape, weights).items()}
 
 
 def hf_tensor_shapes(shape: GPTShape, names) -> Shapes:
