@@ -1,6 +1,7 @@
 """Tiny checkpoints of every supported Hugging Face family, made and saved by transformers itself (shared by
 tests/test_hf_families.py, which checks each against transformers' tokens and logits, and
-tests/test_family_entrypoints.py, which runs each through ``cptoolkit generate`` and ``cptoolkit serve``).
+tests/test_family_entrypoints.py, which runs each through ``cptoolkit generate`` and ``cptoolkit serve``), and of
+the mixture-of-experts families (``MOE_FAMILIES``: tests/test_moe_families.py checks their configs and tensors).
 
 Each family is a tiny random model with ``initializer_range=0.2`` so that attention, and so every position,
 matters (logits of order 5, far from uniform), and with its norm weights and biases (Qwen2's q/k/v biases, Qwen3's
@@ -60,6 +61,42 @@ FAMILIES = {
                                                    pad_token_id=0)),
 }
 
+# Mixture-of-experts families, each on LLAMA_SIZES (hidden 64, 2 layers unless said) with 4 or 8 experts of 32 and
+# dense layers of 96: every routing rule of MoEDims, dense layers beside MoE ones, shared experts (Qwen2-MoE's gated).
+# Kept apart from FAMILIES until cptoolkit's MoE layer runs them through the engine.
+_MLA = dict(kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4)
+MOE_FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                            intermediate_size=32)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=48)),
+    # Renormalised top-k and MoE on every other layer (layer 1 of 0..2); plain top-k with layer 1 dense.
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_hidden_layers=3, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                       moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2)),
+    "qwen3_moe_mlp_only": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                           dict(num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                norm_topk_prob=False, mlp_only_layers=[1])),
+    # V2: greedy over every expert on every layer (first_k_dense_replace 0), two shared experts, no q bottleneck;
+    # group-limited greedy (the best 2 of 4 groups by their best score), a dense first layer, scaled weights.
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(**_MLA, q_lora_rank=None, n_routed_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=32, n_shared_experts=2, first_k_dense_replace=0,
+                         topk_method="greedy")),
+    "deepseek_v2_group": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                          dict(**_MLA, q_lora_rank=32, n_routed_experts=8, num_experts_per_tok=3,
+                               moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                               topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                               routed_scaling_factor=1.5)),
+    # V3: sigmoid scores steered by a random e_score_correction_bias (perturbed), the best 2 of 4 groups by their
+    # top-two sum, renormalised and scaled by 2.5, a dense first layer, one shared expert.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(**_MLA, q_lora_rank=32, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                         n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+                         routed_scaling_factor=2.5, norm_topk_prob=True)),
+}
+
 
 def word_tokenizer(chat_template: str | None = None):
     """Word-level over ``<unk>`` (0), ``w1 .. w{VOCAB-1}`` and ``<eos>`` (``EOS``), split on whitespace."""
@@ -90,21 +127,31 @@ def byte_level_tokenizer(chat_template: str | None = None):
 
 def perturbed(model):
     """``model`` in eval mode with every norm weight and bias (transformers starts them at 1 and 0) moved by
-    N(0, 0.2²), so that one loaded into the wrong place changes the logits."""
+    N(0, 0.2²), so that one loaded into the wrong place changes the logits, and DeepSeek-V3's
+    ``e_score_correction_bias`` (a buffer, started at 0) drawn N(0, 0.5²), so that it changes which experts the
+    sigmoid scores (spread over (0, 1)) choose."""
     model = model.eval()
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 1:
                 param.add_(torch.randn_like(param) * 0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer) * 0.5)
     return model
 
 
-def hf_model(name: str):
-    """The random model of ``FAMILIES[name]`` (draws from torch's global generator: seed it first)."""
-    config_class, model_class, arguments = FAMILIES[name]
+def hf_config(name: str):
+    """The transformers config of ``FAMILIES[name]`` or ``MOE_FAMILIES[name]``."""
+    config_class, _, arguments = FAMILIES[name] if name in FAMILIES else MOE_FAMILIES[name]
     sizes = {} if name == "gpt2" else LLAMA_SIZES
-    config = getattr(transformers, config_class)(**{**sizes, **copy.deepcopy(arguments)})
-    return perturbed(getattr(transformers, model_class)(config))
+    return getattr(transformers, config_class)(**{**sizes, **copy.deepcopy(arguments)})
+
+
+def hf_model(name: str):
+    """The random model of ``hf_config(name)`` (draws from torch's global generator: seed it first)."""
+    model_class = (FAMILIES[name] if name in FAMILIES else MOE_FAMILIES[name])[1]
+    return perturbed(getattr(transformers, model_class)(hf_config(name)))
 
 
 def save_checkpoint(model, directory: str | Path, chat_template: str | None = None) -> str:
