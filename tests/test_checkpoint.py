@@ -291,10 +291,11 @@ CONFIG_JSON_CASES = {
                             r"/config\.json: hidden_size='64'; rule: must be a positive integer$"),
     "unsupported model_type": (lambda d: _set_config(d, model_type="gemma"),
                                r"/config\.json: model_type='gemma' is not supported; rule: one of 'llama', "
-                               r"'mistral', 'qwen2', 'qwen3', 'gpt2', 'deepseek_v2', 'deepseek_v3', 'gemma2', "
-                               r"'gemma3_text' \(architectures LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-                               r"Qwen3ForCausalLM, GPT2LMHeadModel, GPT2Model, DeepseekV2ForCausalLM, "
-                               r"DeepseekV3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM\)$"),
+                               r"'mistral', 'mixtral', 'qwen2', 'qwen3', 'qwen2_moe', 'qwen3_moe', 'gpt2', "
+                               r"'deepseek_v2', 'deepseek_v3', 'gemma2', 'gemma3_text' \(architectures "
+                               r"LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, "
+                               r"Qwen3ForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, GPT2LMHeadModel, GPT2Model, "
+                               r"DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM\)$"),
     "unsupported architecture": (lambda d: _set_config(d, architectures=["LlamaForSequenceClassification"]),
                                  r"/config\.json: architectures=\['LlamaForSequenceClassification'\] is not "
                                  r"supported for model_type 'llama'; rule: LlamaForCausalLM$"),
