@@ -42,8 +42,8 @@ def _qwen3_moe_window(config: dict) -> tuple[Optional[int], Optional[tuple[bool,
 
 
 def _experts_key(config: dict, model_type: str) -> str:
-    """Qwen3-MoE's ``num_experts`` (what its checkpoints say) is ``num_local_experts`` in transformers 5's (its
-    ``attribute_map``)."""
+    """Qwen3-MoE's ``num_experts`` (what its checkpoints say) is ``num_local_experts`` in transformers 5 (its
+    ``attribute_map``); Qwen2-MoE has only ``num_experts``."""
     return "num_experts" if model_type == "qwen2_moe" else aliased_key(config, "num_local_experts", "num_experts")
 
 
