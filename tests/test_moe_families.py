@@ -1,22 +1,30 @@
 """The mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3) read and write ``config.json`` as
 transformers builds the model, and map the per-expert tensors ``save_pretrained`` writes onto the full state dict's
-stacked experts (``cptoolkit.models.families.experts``) with every stored tensor read exactly once. No forward: the
-checkpoints are the tiny random models of ``tests/hf_checkpoints.MOE_FAMILIES``; what cptoolkit would compute
-differently is refused with the key, its value and the rule."""
+stacked experts (``cptoolkit.models.families.experts``) with every stored tensor read exactly once; the MoE model
+loads them at TP = 1, TP = 2 and EP = 2 and gives them back whole. No forward: the checkpoints are the tiny random
+models of ``tests/hf_checkpoints.MOE_FAMILIES``; what cptoolkit would compute differently is refused with the key,
+its value and the rule."""
 import dataclasses
 import json
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 
+from cptoolkit.layers.core_attention import AttentionRuntime
+
 from cptoolkit.models.checkpoint import (CPTOOLKIT_FORMAT, checkpoint_layout, full_tensor_shapes, hf_to_full,
-                                         read_weights, tensor_files)
+                                         load_model_checkpoint, read_weights, tensor_files)
 from cptoolkit.models.families.registry import FAMILIES, read_hf_config, shape_family, write_hf_config
 from cptoolkit.models.moe_dims import MoEDims
 from cptoolkit.models.shape import GemmaBlock
+from cptoolkit.models.tp_sharding import gather_full_state_dict
+from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.hf_checkpoints import MOE_FAMILIES, hf_config, hf_model
+from tests.multiproc import run_ranks
 from tests.test_families import TINY
+from tests.test_gpt_model import megatron_groups
 
 transformers = pytest.importorskip("transformers")
 
@@ -372,6 +380,43 @@ def test_a_moe_checkpoint_in_cptoolkit_format_reads_back_whole(name, checkpoints
     layout = checkpoint_layout(native, shape, tensor_files(tmp_path))
     assert set(layout) == set(full)
     assert full_tensor_shapes(shape) == {n: tuple(t.shape) for n, t in full.items()}
+
+
+def _load_rank(rank, world_size, directories):
+    """{(layout, case): names whose gathered full tensor differs from the checkpoint's} after loading every case at
+    TP = 2 (the world), TP = 1 (this rank alone) and PCP = DCP = 2 with EP = 2 (each rank its half of the experts)."""
+    solo = dist.new_group([rank], use_local_synchronization=True)
+    differing = {}
+    for name, directory in directories.items():
+        shape = read_hf_config(json.loads((directory / "config.json").read_text()))
+        want = hf_to_full(read_weights(directory), shape)
+        for layout, groups in (("TP=2", megatron_groups(dist.group.WORLD, solo)),
+                               ("TP=1", megatron_groups(solo, solo))):
+            full = gather_full_state_dict(load_model_checkpoint(directory, groups, AttentionRuntime()))
+            differing[layout, name] = sorted(n for n in want.keys() | full.keys()
+                                             if n not in full or n not in want or not torch.equal(full[n], want[n]))
+        parallel = initialize_model_parallel(tp=1, pcp=2, dcp=2, num_heads=shape.num_attention_heads,
+                                             num_kv_heads=shape.num_kv_heads, ep=2, num_experts=shape.moe.num_experts)
+        try:
+            model = load_model_checkpoint(directory, parallel.megatron_pg_collection(),
+                                          AttentionRuntime(pcp_group=parallel.pcp_group))
+            experts = model.decoder.layers[shape.moe.moe_layers.index(True)].mlp.experts.fc1_weight.shape[0]
+            full = gather_full_state_dict(model)
+        finally:
+            destroy_model_parallel()
+        assert experts == shape.moe.num_experts // 2 * 2 * shape.moe.ffn_hidden_size, "EP = 2: half the experts"
+        differing["PCP=2 EP=2", name] = sorted(n for n in want.keys() | full.keys()
+                                               if n not in full or n not in want or not torch.equal(full[n], want[n]))
+    return differing
+
+
+def test_every_tiny_moe_checkpoint_loads_into_the_moe_model_and_gathers_back_whole(checkpoints):
+    """The full state dict's names are the MoE model's parameters, and each rank's slices (TP rows of every expert,
+    or EP's whole experts) are the checkpoint's rows: gathered, every tensor equals the layout's."""
+    directories = {name: directory for name, (directory, _) in checkpoints.items()}
+    for rank, differing in enumerate(run_ranks(2, _load_rank, directories, timeout_s=300)):
+        assert {key: names for key, names in differing.items() if names} == {}, f"rank {rank}"
+        assert len(differing) == 3 * len(MOE_FAMILIES)
 
 
 def test_the_tiny_v3_correction_bias_steers_which_experts_are_chosen(checkpoints):
