@@ -138,10 +138,12 @@ def _check(shapes: Shapes, expected: Shapes, source: Path, shape: GPTShape) -> N
 def _read_rows(stored, piece: Rows, start: int, stop: int, columns: slice = slice(None)) -> torch.Tensor:
     """Rows ``start:stop`` of ``piece``'s stored tensor (indices into it), only the full tensor's ``columns``
     of them. ``stored``: the tensor, or its ``safe_open(...).get_slice`` (which reads just what it is indexed
-    with); both index alike."""
+    with); both index alike. A piece with an ``index`` reads that entry of the stored tensor's leading dimension."""
+    lead = () if piece.index is None else (piece.index,)
     if piece.transposed:
-        return stored[columns, start:stop].t()
-    return stored[start:stop] if columns == slice(None) else stored[start:stop, columns]
+        return stored[(*lead, columns, slice(start, stop))].t()
+    rows = (*lead, slice(start, stop))
+    return stored[rows] if columns == slice(None) else stored[(*rows, columns)]
 
 
 def _pieces_in(pieces: tuple[Rows, ...], start: int, stop: int):
@@ -158,7 +160,8 @@ def _pieces_in(pieces: tuple[Rows, ...], start: int, stop: int):
 def _full_shapes(layout: Layout, shapes: Shapes) -> Shapes:
     """The full tensors' shapes: their pieces' rows, then the stored tensors' other dimensions."""
     def other_dims(piece: Rows) -> tuple[int, ...]:
-        return shapes[piece.name][:1] if piece.transposed else shapes[piece.name][1:]
+        dims = shapes[piece.name][0 if piece.index is None else 1:]
+        return dims[:1] if piece.transposed else dims[1:]
 
     return {name: (sum(p.stop - p.start for p in pieces), *other_dims(pieces[0])) for name, pieces in layout.items()}
 

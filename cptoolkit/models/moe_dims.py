@@ -12,15 +12,21 @@ Routing of one token ``x`` (every family here is one setting of these fields):
    score (``group_score="max"``, DeepSeek-V2) or the sum of the best two (``"top2_sum"``, DeepSeek-V3);
 4. the weights: the chosen experts' ``scores`` (without the correction bias), renormalised to sum 1 with
    ``norm_topk_prob``, times ``routed_scaling_factor``;
-5. ``out = sum_i weight_i * expert_i(x)`` (each expert a SwiGLU MLP of ``ffn_hidden_size``) plus the shared
-   expert (a SwiGLU MLP of ``shared_ffn_hidden_size`` every token takes, 0: none), scaled by
-   ``sigmoid(shared_expert_gate @ x)`` with ``shared_expert_gate`` (Qwen2-MoE).
+5. ``out = sum_i weight_i * expert_i(x)`` plus the shared expert (a SwiGLU MLP of ``shared_ffn_hidden_size``
+   every token takes, 0: none), scaled by ``sigmoid(shared_expert_gate @ x)`` with ``shared_expert_gate``
+   (Qwen2-MoE).
+
+Each routed expert is an MLP of ``ffn_hidden_size`` (with ``expert_bias``: biases on both projections) whose
+``activation`` is ``swiglu`` (``silu(gate) * up``, its first projection's rows the gate rows then the up rows) or
+``gpt_oss`` (its rows interleaved ``gate_0, up_0, gate_1, ...``; ``gate`` clamped above at ``swiglu_limit``, ``up``
+to ``[-limit, limit]``, ``(up + 1) * gate * sigmoid(swiglu_alpha * gate)``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 ROUTER_SCORES = ("softmax", "sigmoid")
+ACTIVATIONS = ("swiglu", "gpt_oss")
 GROUP_SCORES = ("max", "top2_sum")
 
 
@@ -43,6 +49,10 @@ class MoEDims:
     router_bias: bool = False
     shared_ffn_hidden_size: int = 0
     shared_expert_gate: bool = False
+    expert_bias: bool = False
+    activation: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self):
         for name in ("num_experts", "top_k", "ffn_hidden_size", "num_groups", "topk_groups"):
@@ -54,6 +64,12 @@ class MoEDims:
                              "integer (0: no shared expert)")
         if self.score not in ROUTER_SCORES:
             raise ValueError(f"MoEDims.score={self.score!r}; rule: one of {ROUTER_SCORES}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"MoEDims.activation={self.activation!r}; rule: one of {ACTIVATIONS}")
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"MoEDims.{name}={value!r}; rule: a positive number")
         if self.group_score not in GROUP_SCORES:
             raise ValueError(f"MoEDims.group_score={self.group_score!r}; rule: one of {GROUP_SCORES}")
         if not (isinstance(self.routed_scaling_factor, (int, float)) and self.routed_scaling_factor > 0):
@@ -80,6 +96,11 @@ class MoEDims:
         if self.num_groups > 1 and self.group_score == "top2_sum" and self.experts_per_group < 2:
             raise ValueError(f"MoEDims.group_score='top2_sum' needs >= 2 experts per group; got "
                              f"{self.experts_per_group} (num_experts={self.num_experts}, num_groups={self.num_groups})")
+
+    @property
+    def gated_halves(self) -> bool:
+        """Whether an expert's first projection is its gate rows then its up rows (else interleaved pairs)."""
+        return self.activation == "swiglu"
 
     @property
     def experts_per_group(self) -> int:

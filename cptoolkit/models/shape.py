@@ -146,6 +146,10 @@ class GPTShape:
     ``gemma`` (llama only): the Gemma 2/3 block (``GemmaBlock``); its windowed layers are its local ones.
     ``moe`` (llama only): routed experts (``MoEDims``) in place of the dense MLP on the layers it flags; the
     other layers keep the dense MLP of ``ffn_hidden_size``.
+    ``attention_sinks`` (llama only): one learned logit per query head joins each softmax with no value
+    (gpt-oss; ``cptoolkit.layers.lse_merge.add_sinks``). ``attention_out_bias``: the attention output projection
+    has a bias (with ``qkv_bias``: gpt-oss's ``attention_bias``); only with every layer MoE, since megatron's
+    ``add_bias_linear`` would give a dense MLP biases too.
     """
 
     arch: str
@@ -168,6 +172,8 @@ class GPTShape:
     sliding_layers: Optional[tuple[bool, ...]] = None
     gemma: Optional[GemmaBlock] = None
     moe: Optional[MoEDims] = None
+    attention_sinks: bool = False
+    attention_out_bias: bool = False
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -204,6 +210,9 @@ class GPTShape:
                              f"(local) layers to apply it to (sliding_window={self.sliding_window}), and a global "
                              f"RoPE without attention_factor (got {self.rope_scaling.attention_factor}): the softmax "
                              "scale that would carry it is shared by every layer")
+        if self.attention_out_bias and (self.moe is None or not all(self.moe.moe_layers)):
+            raise ValueError("GPTShape.attention_out_bias=True; rule: only with every layer MoE (moe.moe_layers all "
+                             "True): megatron's add_bias_linear would put biases on a dense MLP too")
         if self.moe is not None and len(self.moe.moe_layers) != self.num_layers:
             raise ValueError(f"GPTShape.moe.moe_layers has {len(self.moe.moe_layers)} flags; rule: one per layer "
                              f"(num_layers={self.num_layers})")
@@ -247,7 +256,8 @@ class GPTShape:
         llama_only = {"head_dim": (self.head_dim, self.hidden_size // self.num_attention_heads),
                       "qkv_bias": (self.qkv_bias, False), "qk_norm": (self.qk_norm, False), "mla": (self.mla, None),
                       "rope_scaling": (self.rope_scaling, RopeScaling()), "sliding_window": (self.sliding_window, None),
-                      "gemma": (self.gemma, None), "moe": (self.moe, None)}
+                      "gemma": (self.gemma, None), "moe": (self.moe, None),
+                      "attention_sinks": (self.attention_sinks, False)}
         for name, (value, gpt2_value) in llama_only.items():
             if value != gpt2_value:
                 raise ValueError(f"GPTShape.{name}={value!r}; rule: must be {gpt2_value!r} for gpt2 (llama only)")

@@ -5,6 +5,7 @@ Each family's module in ``cptoolkit.models.families`` states its checkpoint's te
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from cptoolkit.models.shape import GPTShape
 
@@ -16,20 +17,24 @@ class Rows:
     """Rows ``start:stop`` of the stored tensor ``name``: one piece of a full tensor, whose rows are its pieces'
     rows stacked and whose other dimensions are the stored tensor's. ``transposed``: the tensor is stored
     ``[in, out]`` (GPT-2's Conv1D), so the piece is its columns ``start:stop`` and its rows are the full
-    tensor's columns."""
+    tensor's columns. ``index``: the stored tensor has one more leading dimension (an expert's slot in a stacked
+    ``[E, ...]`` tensor, as gpt-oss stores its experts) and the piece is of its entry ``index``."""
 
     name: str
     start: int
     stop: int
     transposed: bool = False
+    index: Optional[int] = None
 
 
 Layout = dict[str, tuple[Rows, ...]]  # full tensor name -> its pieces, in order
 
 
-def whole(shapes: Shapes, name: str, transposed: bool = False) -> tuple[Rows]:
-    """The stored tensor ``name`` (of shape ``shapes[name]``) as the one piece of a full tensor."""
-    return (Rows(name, 0, shapes[name][1 if transposed else 0], transposed),)
+def whole(shapes: Shapes, name: str, transposed: bool = False, index: Optional[int] = None) -> tuple[Rows]:
+    """The stored tensor ``name`` (of shape ``shapes[name]``; with ``index``, its entry ``index``) as the one piece
+    of a full tensor."""
+    dims = shapes[name][0 if index is None else 1:]
+    return (Rows(name, 0, dims[1 if transposed else 0], transposed, index),)
 
 
 def fused_qkv(shape: GPTShape, q: tuple[str, int], k: tuple[str, int], v: tuple[str, int],

@@ -204,17 +204,21 @@ class VocabRows:
 @dataclass(frozen=True)
 class ExpertRows:
     """Routed experts' stacked rows (``LocalExperts``), placed by EP and ETP rank, not TP rank: the full tensor is
-    ``[E · rows_per_expert, hidden]``, expert after expert; the rank holds its ``placement``'s experts, of each its
-    ETP slice of the FFN (``gated``: of the gate rows and of the up rows separately, ``[gate; up]`` per expert).
+    ``[E · rows_per_expert, ...]``, expert after expert; the rank holds its ``placement``'s experts, of each its
+    ETP slice of the FFN: of the gate rows and of the up rows separately with ``gated`` (``[gate; up]`` per
+    expert), a contiguous slice otherwise; with ``split_ffn`` False (a down-projection bias), each expert whole.
     ``groups`` gather it back (``gather_full``)."""
 
     name: str
     placement: ExpertPlacement
     gated: bool
     groups: object = None
+    split_ffn: bool = True
 
     def _ffn_ranges(self, base: int, rows_per_expert: int) -> list[tuple[int, int]]:
         p = self.placement
+        if not self.split_ffn:
+            return [(base, base + rows_per_expert)]
         if not self.gated:
             return [_chunk(rows_per_expert, p.etp_rank, p.etp_size, base)]
         half = rows_per_expert // 2
@@ -233,14 +237,17 @@ class ExpertRows:
                          "rule: gather them with ExpertRows.gather_full")
 
     def full_shape(self, local, shape, tp_size):
-        return (local[0] * self.placement.ep_size * self.placement.etp_size, *local[1:])
+        slices = self.placement.ep_size * (self.placement.etp_size if self.split_ffn else 1)
+        return (local[0] * slices, *local[1:])
 
     def gather_full(self, local: torch.Tensor) -> torch.Tensor:
-        """The full tensor from every rank's ``local`` slice: all-gather over the ETP group (FFN slices), then
-        over the EP group (experts). Collective over both groups."""
+        """The full tensor from every rank's ``local`` slice: all-gather over the ETP group (FFN slices; none
+        without ``split_ffn``), then over the EP group (experts). Collective over both groups."""
         p, groups = self.placement, self.groups
-        per_expert = local.view(p.num_local, -1, *local.shape[1:])  # [E_local, rows_local, hidden]
-        slices = _gather(per_expert, groups.etp)  # [ETP, E_local, rows_local, hidden]
+        per_expert = local.view(p.num_local, -1, *local.shape[1:])  # [E_local, rows_local, ...]
+        if not self.split_ffn:
+            return _gather(per_expert, groups.ep).flatten(0, 2)
+        slices = _gather(per_expert, groups.etp)  # [ETP, E_local, rows_local, ...]
         if self.gated:
             gates, ups = slices.chunk(2, dim=2)
             experts = torch.cat([gates.transpose(0, 1).flatten(1, 2), ups.transpose(0, 1).flatten(1, 2)], dim=1)
@@ -258,9 +265,10 @@ def _gather(tensor: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(slices)
 
 
-def _expert_kind(gated: bool) -> Callable[[LocalExperts], Kind]:
+def _expert_kind(name: str, first_projection: bool, split_ffn: bool = True) -> Callable[[LocalExperts], Kind]:
     def kind(experts: LocalExperts) -> Kind:
-        return ExpertRows("expert_fc1" if gated else "expert_fc2", experts.placement, gated, experts.groups)
+        return ExpertRows(name, experts.placement, first_projection and experts.dims.gated_halves, experts.groups,
+                          split_ffn)
     return kind
 
 
@@ -311,8 +319,10 @@ PARAM_KINDS: dict[tuple[Union[type, str], str], Union[Kind, Callable[[torch.nn.M
     (Router, "weight"): REPLICATED,
     (Router, "bias"): REPLICATED,
     (Router, "score_correction_bias"): REPLICATED,
-    (LocalExperts, "fc1_weight"): _expert_kind(gated=True),
-    (LocalExperts, "fc2_weight"): _expert_kind(gated=False),
+    (LocalExperts, "fc1_weight"): _expert_kind("expert_fc1", first_projection=True),
+    (LocalExperts, "fc1_bias"): _expert_kind("expert_fc1_bias", first_projection=True),
+    (LocalExperts, "fc2_weight"): _expert_kind("expert_fc2", first_projection=False),
+    (LocalExperts, "fc2_bias"): _expert_kind("expert_fc2_bias", first_projection=False, split_ffn=False),
     (SharedExpert, "linear_fc1.weight"): GATED_COLUMN,
     (SharedExpert, "linear_fc2.weight"): ROW,
     (MoELayer, "shared_expert_gate.weight"): REPLICATED,

@@ -128,17 +128,35 @@ class Router(torch.nn.Module):
 
 
 class LocalExperts(torch.nn.Module):
-    """This rank's routed experts (``placement``): SwiGLU MLPs, each its FFN slice.
+    """This rank's routed experts (``placement``), each its FFN slice, computing ``dims.activation``.
 
-    ``fc1_weight [E_local · 2·F_local, hidden]``: per local expert, its gate rows then its up rows;
-    ``fc2_weight [E_local · F_local, hidden]``: per local expert, its down projection transposed."""
+    ``fc1_weight [E_local · 2·F_local, hidden]``: per local expert its first projection's rows (``swiglu``: its gate
+    rows then its up rows; ``gpt_oss``: interleaved gate/up pairs, so a contiguous slice holds whole pairs);
+    ``fc2_weight [E_local · F_local, hidden]``: per local expert its down projection transposed. With
+    ``dims.expert_bias``: ``fc1_bias [E_local · 2·F_local]`` (rows as ``fc1_weight``'s) and ``fc2_bias [E_local,
+    hidden]``, whole per expert, added by the first rank of the ETP group only (the others' outputs are partial
+    sums)."""
 
-    def __init__(self, hidden_size: int, placement: ExpertPlacement, groups: MoEGroups, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, placement: ExpertPlacement, groups: MoEGroups, dims: MoEDims,
+                 dtype: torch.dtype):
         super().__init__()
-        self.placement, self.groups = placement, groups
+        self.placement, self.groups, self.dims = placement, groups, dims
         local, ffn = placement.num_local, placement.ffn_local
         self.fc1_weight = torch.nn.Parameter(torch.empty(local * 2 * ffn, hidden_size, dtype=dtype))
         self.fc2_weight = torch.nn.Parameter(torch.empty(local * ffn, hidden_size, dtype=dtype))
+        self.fc1_bias = self.fc2_bias = None
+        if dims.expert_bias:
+            self.fc1_bias = torch.nn.Parameter(torch.empty(local * 2 * ffn, dtype=dtype))
+            self.fc2_bias = torch.nn.Parameter(torch.empty(local, hidden_size, dtype=dtype))
+
+    def _activation(self, projected: torch.Tensor) -> torch.Tensor:
+        """``[m, 2·F_local]`` first-projection outputs -> ``[m, F_local]`` (``MoEDims.activation``)."""
+        if self.dims.activation == "swiglu":
+            gate, up = projected.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        limit = self.dims.swiglu_limit
+        gate, up = projected[..., ::2].clamp(max=limit), projected[..., 1::2].clamp(-limit, limit)
+        return (up + 1) * gate * torch.sigmoid(gate * self.dims.swiglu_alpha)
 
     def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """``rows [m, hidden]`` sorted by local expert, ``counts[e]`` of them for local expert ``e`` ->
@@ -146,11 +164,16 @@ class LocalExperts(torch.nn.Module):
         local, ffn = self.placement.num_local, self.placement.ffn_local
         fc1 = self.fc1_weight.view(local, 2 * ffn, -1)
         fc2 = self.fc2_weight.view(local, ffn, -1)
+        fc1_bias = None if self.fc1_bias is None else self.fc1_bias.view(local, 2 * ffn)
+        add_fc2_bias = self.fc2_bias is not None and self.placement.etp_rank == 0
         outputs, start = [], 0
         for expert, count in enumerate(counts):
             if count:
-                gate, up = (rows[start:start + count] @ fc1[expert].t()).chunk(2, dim=-1)
-                outputs.append((F.silu(gate) * up) @ fc2[expert])
+                projected = rows[start:start + count] @ fc1[expert].t()
+                if fc1_bias is not None:
+                    projected = projected + fc1_bias[expert]
+                out = self._activation(projected) @ fc2[expert]
+                outputs.append(out + self.fc2_bias[expert] if add_fc2_bias else out)
                 start += count
         return torch.cat(outputs) if outputs else rows[:0]
 
@@ -208,7 +231,7 @@ class MoELayer(MegatronModule):
         self.placement = ExpertPlacement(dims.num_experts, dims.ffn_hidden_size, _rank(groups.ep), _size(groups.ep),
                                          _rank(groups.etp), _size(groups.etp))
         self.router = Router(hidden, dims, dtype)
-        self.experts = LocalExperts(hidden, self.placement, groups, dtype)
+        self.experts = LocalExperts(hidden, self.placement, groups, dims, dtype)
         self.shared_experts = (SharedExpert(hidden, dims.shared_ffn_hidden_size // tp_size, dtype)
                                if dims.shared_ffn_hidden_size else None)
         self.shared_expert_gate = (torch.nn.Linear(hidden, 1, bias=False, dtype=dtype)
