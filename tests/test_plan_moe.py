@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +104,18 @@ def test_deepseek_v3_on_8_devices():
     # Prefill of an 8192-token chunk per MoE layer: EP8 dispatches 1024 rows x top 8 per rank, and they come back.
     assert tp8_dcp8_ep8.moe_prefill.bytes_sent["moe_all_to_all"] == 2 * 1024 * 8 * 7168 * 2
     assert tp8.moe_prefill.calls == {"moe_all_reduce": 1}
+
+
+def test_the_deepseek_v3_tables_in_docs_are_the_planners(capsys):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "planner.md").read_text()
+    blocks = re.findall(r"```(\w*)\n(.*?)```", text.split("## Mixture-of-Experts models")[1], flags=re.S)
+    no_fit, fits = [block for language, block in blocks if not language]
+    args = ["--model", "deepseek-v3", "--context", "131072", "--batch", "2", "--devices", "8", "--devices-per-node",
+            "8", "--prefill-chunk", "8192", "--memory-per-device"]
+    for memory, shown in (("80GB", no_fit), ("192GB", fits)):
+        plan.main([*args, memory])
+        printed = capsys.readouterr().out.splitlines()
+        assert all(line in printed for line in shown.splitlines() if line), (memory, shown)
 
 
 def test_json_reports_ep_and_the_parts(capsys):
