@@ -63,7 +63,7 @@ KV_INTERLEAVE = ParallelConfig.kv_interleave
 # Sizes only: the RoPE variant and the routing rule change neither memory nor communication. The MoE shapes are
 # their Hugging Face config.json files' dimensions: deepseek-ai/DeepSeek-V3, Qwen/Qwen3-235B-A22B, openai/gpt-oss-120b
 # and mistralai/Mixtral-8x7B-v0.1 (huggingface.co/<name>/blob/main/config.json). Their totals are checked against the
-# published ones in tests/test_plan.py.
+# published ones in tests/test_plan_moe.py.
 _V3_MLA = MLADims(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                   rope_interleave=True)
 SHAPES = {

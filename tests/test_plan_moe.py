@@ -76,7 +76,7 @@ def test_layouts_take_every_valid_ep_and_only_those():
     seen = {(p.layout.dp, p.layout.tp, p.layout.pcp, p.layout.dcp, p.layout.ep) for p in plans}
     seen |= {(lay.dp, lay.tp, lay.pcp, lay.dcp, lay.ep) for lay, _ in refused}
     for dp, tp, pcp, dcp in {key[:4] for key in seen}:
-        eps = sorted(ep for key in seen if key[:4] == (dp, tp, pcp, dcp) for ep in [key[4]])
+        eps = sorted(key[4] for key in seen if key[:4] == (dp, tp, pcp, dcp))
         # 8 experts: EP must divide 8; ETP = tp*pcp/ep must divide the expert FFN (14336 = 2^11 * 7: always)
         assert eps == [ep for ep in valid_ep_sizes(tp, pcp) if 8 % ep == 0], (dp, tp, pcp, dcp, eps)
     assert (1, 8, 2, 16, 16) not in seen and (1, 8, 2, 16, 8) in seen
