@@ -4,7 +4,7 @@
     cptoolkit generate [MODEL] [--config YAML] --prompt TEXT [--prompt TEXT ...] [--max-tokens N] ...
     cptoolkit generate MODEL [--system TEXT] --message TEXT [--message TEXT ...] | --chat FILE.json ...
     cptoolkit train [MODEL] [--config YAML] [-tp N] [-pcp N] [-dp N] [--output losses.json]
-    cptoolkit layout [MODEL] [--config YAML] -tp 2 -pcp 2 -dcp 4 [--legend] [--nproc-per-node N]
+    cptoolkit layout [MODEL] [--config YAML] -tp 2 -pcp 2 -dcp 4 [-ep 4] [--legend] [--nproc-per-node N]
     cptoolkit plan --model llama3.1-8b --context 131072 ...      (the flags of python -m cptoolkit.plan)
     cptoolkit chat [--url http://127.0.0.1:8000/v1] [--model NAME] [--system TEXT] [--quick MESSAGE]
 
@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, NoReturn
 import yaml
 
 from cptoolkit import chat_client
-from cptoolkit.config import Config, ConfigError, config_from_dict, read_yaml, with_overrides
+from cptoolkit.config import Config, ConfigError, config_from_dict, model_moe, read_yaml, with_overrides
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ PCP = Flag(("--prefill-context-parallel-size", "-pcp"), "parallel.pcp",
 DCP = Flag(("--decode-context-parallel-size", "-dcp"), "parallel.dcp",
            "decode context-parallel ranks: shard the KV cache; k*pcp with k dividing tp")
 DP = Flag(("--data-parallel-size", "-dp"), "parallel.dp", "data-parallel replicas")
+EP = Flag(("--expert-parallel-size", "-ep", "--ep"), "parallel.ep",
+          "expert-parallel ranks of an MoE model: shard its routed experts; k*pcp with k dividing tp (default pcp)")
 INTERLEAVE = Flag(("--dcp-kv-cache-interleave-size", "--cp-kv-cache-interleave-size"), "parallel.kv_interleave",
                   "consecutive token positions per DCP shard")
 MAX_MODEL_LEN = Flag(("--max-model-len",), "inference.max_seq_len",
@@ -105,7 +107,7 @@ JOB_FLAGS = {
     "generate": (TP, PCP, DCP, DP, INTERLEAVE, MAX_MODEL_LEN, MAX_NUM_SEQS, PREFIX_CACHING, MAX_NUM_BATCHED_TOKENS,
                  SAMPLING_SEED, PROMPT, MAX_TOKENS, KV_CACHE_MEMORY, KV_CACHE_MEMORY_FRACTION),
     "train": (TP, PCP, DP, TRAIN_SEED),
-    "layout": (TP, PCP, DCP, DP),
+    "layout": (TP, PCP, DCP, DP, EP),
 }
 JOBS = {"serve": "cptoolkit.entrypoints.serve", "generate": "cptoolkit.entrypoints.infer",
         "train": "cptoolkit.entrypoints.train"}
@@ -326,14 +328,16 @@ def _run_job(args: argparse.Namespace) -> int:
 
 
 def _layout(args: argparse.Namespace) -> int:
-    """Print the rank layout of the merged config (its model's heads), as ``python -m cptoolkit.parallel_state``."""
+    """Print the rank layout of the merged config (its model's heads, and an MoE checkpoint's routed experts over
+    ``parallel.ep``), as ``python -m cptoolkit.parallel_state``."""
     from cptoolkit.layout import ParallelLayout, layout_report
 
     try:
         _, cfg = merged_config(args)
-        p, m = cfg.parallel, cfg.model
+        p, m, moe = cfg.parallel, cfg.model, model_moe(cfg.model)
         layout = ParallelLayout(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=m.num_attention_heads,
-                                num_kv_heads=m.num_kv_heads, hierarchical_a2a_size=p.hierarchical_a2a_size)
+                                num_kv_heads=m.num_kv_heads, hierarchical_a2a_size=p.hierarchical_a2a_size,
+                                ep=p.ep, num_experts=None if moe is None else moe.num_experts)
         print(layout_report(layout, nproc_per_node=args.nproc_per_node, legend=args.legend))
     except ValueError as err:  # a ConfigError, or a TP group across nodes
         return _error(err)
@@ -387,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module).add_arguments(sub)
         sub.set_defaults(handler=_run_job)
     sub = commands.add_parser("layout", help="print the rank layout table", description="print the rank layout "
-                              "table of the config (its model's query and KV heads)")
+                              "table of the config (its model's query and KV heads, an MoE model's experts)")
     _add_config_arguments(sub, "layout")
     sub.add_argument("--legend", action="store_true", help="print the LEGEND block first")
     sub.add_argument("--nproc-per-node", type=int, help="processes per node: mark the nodes; refuse a TP group "

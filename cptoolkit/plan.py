@@ -1,4 +1,4 @@
-"""Which TP x PCP x DCP (x DP) layout for a model, a context length and a cluster: the layout planner.
+"""Which TP x PCP x DCP (x EP, x DP) layout for a model, a context length and a cluster: the layout planner.
 
     python -m cptoolkit.plan --model llama3.1-8b --context 131072 --batch 4 --devices 16 \\
         --devices-per-node 8 --memory-per-device 80GiB [--dtype bf16] [--prefill-chunk 4096] \\
@@ -7,18 +7,23 @@
 ``--model``: a Hugging Face ``config.json`` (or the checkpoint directory holding one), ``builtin`` (the
 built-in model of ``configs/``: ``model:`` defaults) or a named shape (``SHAPES``). ``--batch`` requests of
 ``--context`` tokens each (prompt + generated) are in flight at once; DP replicas share them, ``ceil(batch/dp)``
-each (a replica's ``inference.batch_size``). Every layout uses all ``--devices``.
+each (a replica's ``inference.batch_size``). Every layout uses all ``--devices``; an MoE model's layouts take
+every valid EP size (``ep = j * pcp``, ``j | tp``, the experts and their FFN dividing evenly).
 
 Per device, one function each (tests/test_plan.py checks every figure the CPU can measure against the code
 that allocates or communicates, so the formulas live here once and nowhere else):
-- ``weight_bytes``: this TP rank's parameters as megatron-core builds them.
+- ``rank_params`` / ``weight_bytes``: this rank's parameters as megatron-core and ``moe.layer`` build them, by
+  part (routed experts: ``E/EP`` experts, ``1/ETP`` of each).
 - ``kv_cache_bytes``: ``inference.builder.kv_cache``'s sizing (blocks for the fullest DCP shard).
 - ``decode_comm_per_layer``: what ``dcp_decode_attention`` counts in its ``CommStats`` per layer and step.
 - ``prefill_comm_per_layer`` (``ring_prefill_attention``, on the PCP group) and ``prefill_route_per_layer``
   (``route_prefill_kv``, the one all-to-all that hands each DCP member its KV shard), per layer of one chunk.
+- ``moe_prefill_comm_per_layer`` (the EP dispatch and combine, the TP all-reduce; the combine's size assumes
+  uniform routing) and ``moe_decode_comm_per_layer`` (one all-reduce over the replica), per MoE layer.
 - ``activation_bytes``: an *estimate* of one layer's transient tensors while prefilling one chunk.
-Not counted: TP's own all-reduces (megatron's, inside a node by the layout rule) and, for a chunk after the
-first, the context attention over the cached history (its cost grows with the prefix).
+Not counted: TP's own all-reduces around attention and dense MLPs (megatron's, inside a node by the layout rule)
+and, for a chunk after the first, the context attention over the cached history (its cost grows with the prefix).
+Not modelled: compute (EP's whole experts make larger matrix products than ETP's slices of every expert).
 
 Ranking (``rank_key``): layouts that fit first; then fewest collectives per decode step on groups that cross
 nodes (each costs a network round trip per layer); then fewest bytes per device of weights + KV cache (what
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import re
 import sys
@@ -43,8 +49,10 @@ from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.dcp_decode import DecodeGroup, shard_length
 from cptoolkit.layers.dual_chunk_swap import padded_length
 from cptoolkit.layers.ulysses_a2a import check_heads, kv_replicas
-from cptoolkit.layout import ParallelLayout, divisors, node_crossings, tp_across_nodes_error
+from cptoolkit.layout import (ParallelLayout, divisors, node_crossings, nodes_of, tp_across_nodes_error,
+                              valid_ep_sizes)
 from cptoolkit.models.families.registry import read_hf_config
+from cptoolkit.models.moe_dims import MoEDims
 from cptoolkit.models.shape import GPTShape, MLADims, check_tp, padded_vocab_size, read_json_object
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -52,19 +60,50 @@ FLOAT32_BYTES = 4  # decode partials (out, lse) travel in float32 whatever the m
 KV_BLOCK_SIZE = InferenceConfig.kv_block_size  # the engine's defaults
 KV_INTERLEAVE = ParallelConfig.kv_interleave
 
-# Sizes only: the RoPE variant changes neither memory nor communication.
+# Sizes only: the RoPE variant and the routing rule change neither memory nor communication. The MoE shapes are
+# their Hugging Face config.json files' dimensions: deepseek-ai/DeepSeek-V3, Qwen/Qwen3-235B-A22B, openai/gpt-oss-120b
+# and mistralai/Mixtral-8x7B-v0.1 (huggingface.co/<name>/blob/main/config.json). Their totals are checked against the
+# published ones in tests/test_plan_moe.py.
+_V3_MLA = MLADims(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                  rope_interleave=True)
 SHAPES = {
     "llama3.1-8b": GPTShape(arch="llama", num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8,
                             ffn_hidden_size=14336, vocab_size=128256, max_seq_len=131072, rope_theta=500000.0),
     "llama3.1-70b": GPTShape(arch="llama", num_layers=80, hidden_size=8192, num_attention_heads=64, num_kv_heads=8,
                              ffn_hidden_size=28672, vocab_size=128256, max_seq_len=131072, rope_theta=500000.0),
-    # DeepSeek-V3's attention, its latent cache and its dense layers' MLP on all 61 layers: the KV cache and the
-    # attention's communication are V3's exactly; the weights are not (no experts: cptoolkit runs no MoE).
+    # DeepSeek-V3's attention and latent cache with its dense layers' MLP on all 61 layers (no experts); the whole
+    # model is "deepseek-v3".
     "deepseek-v3-dense": GPTShape(arch="llama", num_layers=61, hidden_size=7168, num_attention_heads=128,
                                   num_kv_heads=1, ffn_hidden_size=18432, vocab_size=129280, max_seq_len=163840,
-                                  rope_theta=10000.0, head_dim=64,
-                                  mla=MLADims(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-                                              qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True)),
+                                  rope_theta=10000.0, head_dim=64, mla=_V3_MLA),
+    # 671B without the multi-token-prediction layer (num_nextn_predict_layers, 14B more in the checkpoint): the first
+    # first_k_dense_replace = 3 layers dense, then 256 routed experts (top 8) and 1 shared expert of 2048.
+    "deepseek-v3": GPTShape(arch="llama", num_layers=61, hidden_size=7168, num_attention_heads=128, num_kv_heads=1,
+                            ffn_hidden_size=18432, vocab_size=129280, max_seq_len=163840, rope_theta=10000.0,
+                            head_dim=64, mla=_V3_MLA,
+                            moe=MoEDims(num_experts=256, top_k=8, ffn_hidden_size=2048,
+                                        moe_layers=(False,) * 3 + (True,) * 58, score="sigmoid", norm_topk_prob=True,
+                                        routed_scaling_factor=2.5, num_groups=8, topk_groups=4,
+                                        group_score="top2_sum", score_correction_bias=True,
+                                        shared_ffn_hidden_size=2048)),
+    # Every layer MoE (decoder_sparse_step 1, no mlp_only_layers): intermediate_size 12288 is never used.
+    "qwen3-235b-a22b": GPTShape(arch="llama", num_layers=94, hidden_size=4096, num_attention_heads=64, num_kv_heads=4,
+                                ffn_hidden_size=12288, vocab_size=151936, max_seq_len=40960, rope_theta=1000000.0,
+                                norm_eps=1e-6, head_dim=128, qk_norm=True,
+                                moe=MoEDims(num_experts=128, top_k=8, ffn_hidden_size=1536, moe_layers=(True,) * 94,
+                                            norm_topk_prob=True)),
+    # Layers alternate a 128-token window (layer_types starts with sliding_attention) and full attention. Not
+    # expressible in GPTShape yet, so not counted: the attention sinks (64 per layer), the output projection's bias
+    # and the experts' biases (0.04% of the total).
+    "gpt-oss-120b": GPTShape(arch="llama", num_layers=36, hidden_size=2880, num_attention_heads=64, num_kv_heads=8,
+                             ffn_hidden_size=2880, vocab_size=201088, max_seq_len=131072, rope_theta=150000.0,
+                             head_dim=64, qkv_bias=True, sliding_window=128, sliding_layers=(True, False) * 18,
+                             moe=MoEDims(num_experts=128, top_k=4, ffn_hidden_size=2880, moe_layers=(True,) * 36,
+                                         norm_topk_prob=True, router_bias=True)),
+    "mixtral-8x7b": GPTShape(arch="llama", num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8,
+                             ffn_hidden_size=14336, vocab_size=32000, max_seq_len=32768, rope_theta=1000000.0,
+                             moe=MoEDims(num_experts=8, top_k=2, ffn_hidden_size=14336, moe_layers=(True,) * 32,
+                                         norm_topk_prob=True)),
 }
 
 
@@ -80,34 +119,80 @@ def _mla_attention_params(shape: GPTShape, tp: int) -> int:
     return q + kv + heads * m.v_head_dim * h
 
 
-def weight_bytes(shape: GPTShape, tp: int, dtype_bytes: int) -> int:
-    """Bytes of one TP rank's parameters as ``models.build`` makes them (``tp_sharding.PARAM_KINDS``): the
-    vocabulary rows padded to a multiple of TP and split (the output layer too, unless tied); fused QKV rows for
-    ``max(num_kv_heads, tp)`` query groups (KV heads replicated when fewer than TP), or MLA's projections
-    (``_mla_attention_params``); SwiGLU's ``[gate; up]`` and the rest of the MLP split; norms, row-parallel
-    biases, GPT-2's position table and Gemma's two post-norms per layer whole on every rank."""
+@dataclass(frozen=True)
+class RankParams:
+    """One rank's parameters by part, as ``models.build`` makes them (``tp_sharding.PARAM_KINDS``), summed over
+    the layers: ``embeddings`` (vocabulary rows padded to a multiple of TP and split; the output layer too unless
+    tied; GPT-2's position table), ``attention`` (projections, their biases, Qwen3's q/k norms), ``norms`` (every
+    layer's two, Gemma's two post-norms, the final one), ``dense_mlp`` (the layers without experts),
+    ``routed_experts`` (``E/EP`` experts' ``1/ETP`` FFN slices on every MoE layer), ``routers`` and
+    ``shared_experts`` (the shared expert's ``1/TP`` and its gate) of the MoE layers."""
+
+    embeddings: int
+    attention: int
+    norms: int
+    dense_mlp: int
+    routed_experts: int = 0
+    routers: int = 0
+    shared_experts: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+def _attention_params(shape: GPTShape, tp: int) -> int:
+    """One layer's attention on one TP rank: fused QKV rows for ``max(num_kv_heads, tp)`` query groups (KV heads
+    replicated when fewer than TP) and the output projection's columns, or MLA's projections; their biases."""
     h, d, llama = shape.hidden_size, shape.head_dim, shape.arch == "llama"
-    vocab_rows = padded_vocab_size(shape, tp) // tp
     qkv_rows = (shape.num_attention_heads + 2 * max(shape.num_kv_heads, tp)) * d // tp
-    proj_cols, ffn_local = shape.num_attention_heads * d // tp, shape.ffn_hidden_size // tp
-    fc1_rows = 2 * ffn_local if llama else ffn_local
-    norm = h if llama else 2 * h  # RMSNorm: weight; LayerNorm: weight and bias
     if shape.mla is not None:
-        layer = _mla_attention_params(shape, tp) + fc1_rows * h + h * ffn_local + 2 * norm
+        params = _mla_attention_params(shape, tp)
     else:
-        layer = (qkv_rows + fc1_rows) * h + h * (proj_cols + ffn_local) + 2 * norm
+        params = qkv_rows * h + h * shape.num_attention_heads * d // tp
     if not llama or shape.qkv_bias:
-        layer += qkv_rows
+        params += qkv_rows
     if shape.qk_norm:
-        layer += 2 * d
-    if shape.gemma is not None:
-        layer += 2 * h
-    if not llama:
-        layer += fc1_rows + 2 * h  # fc1's bias is split, linear_proj's and fc2's are whole
-    total = shape.num_layers * layer + norm + vocab_rows * h * (1 if shape.tie_embeddings else 2)
-    if not llama:
-        total += shape.max_seq_len * h
-    return total * dtype_bytes
+        params += 2 * d
+    return params if llama else params + h  # GPT-2's linear_proj bias, whole on every rank
+
+
+def _dense_mlp_params(shape: GPTShape, tp: int) -> int:
+    """One dense layer's MLP on one TP rank: SwiGLU's ``[gate; up]`` rows (GELU: one) and the down projection's
+    columns; GPT-2's biases (fc1's split, fc2's whole)."""
+    h, llama, ffn_local = shape.hidden_size, shape.arch == "llama", shape.ffn_hidden_size // tp
+    fc1_rows = 2 * ffn_local if llama else ffn_local
+    params = fc1_rows * h + h * ffn_local
+    return params if llama else params + fc1_rows + h
+
+
+def rank_params(shape: GPTShape, layout: ParallelLayout) -> RankParams:
+    """``RankParams`` of one rank of ``layout`` (every rank holds as many): its TP slice of the dense parts; on
+    each MoE layer (``shape.moe``) ``E/EP`` routed experts of ``3 x F/ETP x hidden`` (SwiGLU ``[gate; up]`` and
+    down), the router (``E x hidden``, its bias and DeepSeek-V3's correction bias) whole, the shared expert's
+    ``3 x S/TP x hidden`` and its gate (``hidden``) whole."""
+    h, tp, llama = shape.hidden_size, layout.tp, shape.arch == "llama"
+    moe = shape.moe
+    moe_layers = 0 if moe is None else sum(moe.moe_layers)
+    norm = h if llama else 2 * h  # RMSNorm: weight; LayerNorm: weight and bias
+    layer_norms = 2 * norm + (2 * h if shape.gemma is not None else 0)
+    embeddings = padded_vocab_size(shape, tp) // tp * h * (1 if shape.tie_embeddings else 2)
+    params = RankParams(embeddings=embeddings + (0 if llama else shape.max_seq_len * h),
+                        attention=shape.num_layers * _attention_params(shape, tp),
+                        norms=shape.num_layers * layer_norms + norm,
+                        dense_mlp=(shape.num_layers - moe_layers) * _dense_mlp_params(shape, tp))
+    if moe is None:
+        return params
+    e = moe.num_experts
+    return dataclasses.replace(
+        params, routed_experts=moe_layers * e // layout.ep * 3 * (moe.ffn_hidden_size // layout.etp) * h,
+        routers=moe_layers * e * (h + moe.router_bias + moe.score_correction_bias),
+        shared_experts=moe_layers * (3 * (moe.shared_ffn_hidden_size // tp) * h + h * moe.shared_expert_gate))
+
+
+def weight_bytes(shape: GPTShape, layout: ParallelLayout, dtype_bytes: int) -> int:
+    """Bytes of one rank's parameters (``rank_params``)."""
+    return rank_params(shape, layout).total * dtype_bytes
 
 
 def kv_heads_per_rank(layout: ParallelLayout) -> int:
@@ -160,20 +245,36 @@ def activation_bytes(shape: GPTShape, layout: ParallelLayout, chunk: int, prefil
     keeps nothing for a backward, so one layer's worth is the peak. Counted: the residual stream and its
     norm, attention-projection and MLP outputs; q|k|v; the float32 attention accumulator and LSE; the K/V
     the prefill comm holds (ring: the block in use and the one arriving; all-gather: the whole chunk's;
-    a2a: the exchanged q|k|v and output); the MLP's fc1 output and activation; the KV-routing buffers."""
+    a2a: the exchanged q|k|v and output); the MLP's own (``mlp_activation_bytes``); the KV-routing buffers."""
     h, es = shape.hidden_size, dtype_bytes
     hq = layout.num_heads // layout.tp
     hkv, d = prefill_heads(shape, layout)
     padded = padded_length(chunk, layout.pcp)
     local = padded // layout.pcp
-    ffn_local = shape.ffn_hidden_size // layout.tp
-    fc1_rows = 2 * ffn_local if shape.arch == "llama" else ffn_local
     kv_block = 2 * hkv * local * d * es
     held_kv = {"p2p": 2 * kv_block, "all_gather": 2 * hkv * padded * d * es,
                "a2a": local * d * es * (2 * hq + 2 * hkv * kv_replicas(hkv, layout.pcp))}[prefill_comm]
     route = 2 * prefill_route_per_layer(layout, CacheEntry.of(shape), 1, chunk, KV_INTERLEAVE, es).total_bytes
     return (4 * local * h * es + local * (hq + 2 * hkv) * d * es + local * hq * (d + 1) * FLOAT32_BYTES
-            + held_kv + local * (fc1_rows + ffn_local) * es + route)
+            + held_kv + mlp_activation_bytes(shape, layout, local, es) + route)
+
+
+def mlp_activation_bytes(shape: GPTShape, layout: ParallelLayout, rows: int, dtype_bytes: int) -> int:
+    """The larger MLP's transient tensors for a rank's ``rows`` prefill rows, over the layer kinds the model has.
+    Dense: fc1's output and its activation. MoE: of the ``ceil(rows / k) x top_k`` rows the rank routes (and, with
+    uniform routing, receives), the dispatched, received, computed and returned copies, the experts' fc1 output
+    and activation (``F/ETP`` wide); the shared expert's on every row."""
+    sizes = []
+    moe = shape.moe
+    if moe is None or not all(moe.moe_layers):
+        ffn_local = shape.ffn_hidden_size // layout.tp
+        fc1_rows = 2 * ffn_local if shape.arch == "llama" else ffn_local
+        sizes.append(rows * (fc1_rows + ffn_local))
+    if moe is not None:
+        routed = -(-rows // layout.ep_tp_positions) * moe.top_k
+        sizes.append(routed * (4 * shape.hidden_size + 3 * moe.ffn_hidden_size // layout.etp)
+                     + rows * 3 * moe.shared_ffn_hidden_size // layout.tp)
+    return max(sizes) * dtype_bytes
 
 
 # ----------------------------------------------------------------------------- collectives per rank
@@ -257,6 +358,39 @@ def prefill_route_per_layer(layout: ParallelLayout, entry: CacheEntry, batch: in
     return stats
 
 
+COUNTS_BYTES = 8  # the expert counts travel as int64
+
+
+def moe_prefill_comm_per_layer(layout: ParallelLayout, moe: MoEDims, hidden_size: int, batch: int, seq_len: int,
+                               dtype_bytes: int) -> CommStats:
+    """``MoELayer``'s prefill ``CommStats`` on one rank for one MoE layer of ``batch`` sequences of ``seq_len``
+    tokens: the rank's ``n = batch x padded_length(seq_len, pcp) / pcp`` rows split into ``k = ep / pcp`` TP blocks;
+    the rank owning the most, ``ceil(n / k)`` (``block_rows``), routes them. ``ep > 1``: an all-to-all of the expert
+    counts (``E`` int64) and of its ``ceil(n/k) x top_k`` rows over the EP group, and one back of the rows it
+    received. The back one assumes uniform routing: every expert equally likely, each EP rank receives ``1/EP`` of
+    the group's rows, as many as it sent (its exact size depends on the routing; the group's total is exact). Then
+    ``tp > 1``: an all-reduce of all ``n`` rows over TP."""
+    stats = CommStats()
+    rows = batch * padded_length(seq_len, layout.pcp) // layout.pcp
+    own_rows = -(-rows // layout.ep_tp_positions)
+    if layout.ep > 1:
+        _count(stats, "moe_counts_all_to_all", moe.num_experts * COUNTS_BYTES)
+        _count(stats, "moe_all_to_all", own_rows * moe.top_k * hidden_size * dtype_bytes, calls=2)
+    if layout.tp > 1:
+        _count(stats, "moe_all_reduce", rows * hidden_size * dtype_bytes)
+    return stats
+
+
+def moe_decode_comm_per_layer(layout: ParallelLayout, hidden_size: int, batch: int, dtype_bytes: int) -> CommStats:
+    """``MoELayer``'s decode ``CommStats`` on one rank for one MoE layer and step of ``batch`` requests: every rank
+    of the replica routes all rows to its own experts, then one all-reduce of ``batch`` rows over the replica's
+    ``tp x pcp`` ranks (none for a replica of one rank). No dispatch."""
+    stats = CommStats()
+    if layout.tp * layout.pcp > 1:
+        _count(stats, "moe_all_reduce", batch * hidden_size * dtype_bytes)
+    return stats
+
+
 # ----------------------------------------------------------------------------- one layout, all layouts
 
 @dataclass(frozen=True)
@@ -281,61 +415,117 @@ class Workload:
 
 @dataclass(frozen=True)
 class LayoutPlan:
-    """One layout's figures per device. ``decode``: per layer and step; ``prefill_attention`` and
-    ``prefill_route``: per layer of one request's chunk."""
+    """One layout's figures per device. ``decode``: the attention's per layer and step; ``prefill_attention`` and
+    ``prefill_route``: per layer of one request's chunk; ``moe_decode`` and ``moe_prefill``: the same per MoE layer
+    (``moe_layers`` of the ``layers``; empty for a dense model)."""
 
     layout: ParallelLayout
     requests_per_replica: int
-    weight_bytes: int
+    params: RankParams
+    dtype_bytes: int
     kv_cache_bytes: int
     activation_bytes: int
     fits: bool
     decode: CommStats
     prefill_attention: CommStats
     prefill_route: CommStats
+    moe_decode: CommStats
+    moe_prefill: CommStats
+    layers: int
+    moe_layers: int
     crossing: dict[str, tuple[int, int]]  # group kind -> (its groups that span nodes, its groups)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.params.total * self.dtype_bytes
+
+    @property
+    def routed_expert_bytes(self) -> int:
+        return self.params.routed_experts * self.dtype_bytes
 
     @property
     def total_bytes(self) -> int:
         return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes
 
     @property
-    def cross_node_decode_calls_per_layer(self) -> int:
-        return self.decode.total_calls if self.crossing["DCP"][0] else 0
+    def decode_per_step(self) -> CommStats:
+        return _times((self.decode, self.layers), (self.moe_decode, self.moe_layers))
 
     @property
-    def cross_node_prefill_calls_per_layer(self) -> int:
-        return ((self.prefill_attention.total_calls if self.crossing["PCP"][0] else 0)
-                + (self.prefill_route.total_calls if self.crossing["DCP"][0] else 0))
+    def prefill_per_layer(self) -> CommStats:
+        """The attention's and the KV routing's, per layer of one chunk."""
+        return _times((self.prefill_attention, 1), (self.prefill_route, 1))
+
+    def _crosses(self, kind: str) -> bool:
+        return self.crossing.get(kind, (0, 0))[0] > 0
+
+    @property
+    def cross_node_decode_calls_per_step(self) -> int:
+        """DCP decode on a DCP group, the MoE reduce on a replica, that spans nodes."""
+        return (self.decode.total_calls * self.layers * self._crosses("DCP")
+                + self.moe_decode.total_calls * self.moe_layers * self._crosses("replica"))
+
+    @property
+    def cross_node_prefill_calls_per_chunk(self) -> int:
+        """Ring prefill on a PCP group, KV routing on a DCP group, the MoE dispatch on an EP group, that spans nodes
+        (TP's all-reduce never does)."""
+        dispatch = self.moe_prefill.calls["moe_counts_all_to_all"] + self.moe_prefill.calls["moe_all_to_all"]
+        return (self.layers * (self.prefill_attention.total_calls * self._crosses("PCP")
+                               + self.prefill_route.total_calls * self._crosses("DCP"))
+                + self.moe_layers * dispatch * self._crosses("EP"))
+
+
+def _times(*parts: tuple[CommStats, int]) -> CommStats:
+    """The sum of each ``CommStats`` taken ``times`` times."""
+    total = CommStats()
+    for stats, times in parts:
+        for name, calls in stats.calls.items():
+            total.calls[name] += calls * times
+            total.bytes_sent[name] += stats.bytes_sent[name] * times
+    return total
 
 
 def plan_layout(layout: ParallelLayout, work: Workload) -> LayoutPlan:
     shape, es = work.shape, work.dtype_bytes
     requests = -(-work.batch // layout.dp)
-    weights = weight_bytes(shape, layout.tp, es)
+    params = rank_params(shape, layout)
+    weights = params.total * es
     kv = kv_cache_bytes(shape, layout, work.context, requests, KV_BLOCK_SIZE, KV_INTERLEAVE, es, work.prefill_chunk)
     activations = activation_bytes(shape, layout, work.prefill_chunk, work.prefill_comm, es)
     entry, (prefill_kv_heads, prefill_width) = CacheEntry.of(shape), prefill_heads(shape, layout)
+    crossing = node_crossings(layout, work.devices_per_node)
+    moe_decode, moe_prefill, moe_layers = CommStats(), CommStats(), 0
+    if shape.moe is not None:
+        moe_layers = sum(shape.moe.moe_layers)
+        moe_decode = moe_decode_comm_per_layer(layout, shape.hidden_size, requests, es)
+        moe_prefill = moe_prefill_comm_per_layer(layout, shape.moe, shape.hidden_size, 1, work.prefill_chunk, es)
+        crossing["replica"] = (sum(len(nodes_of(group, work.devices_per_node)) > 1 for group in layout.replica_groups),
+                               len(layout.replica_groups))
     return LayoutPlan(
-        layout=layout, requests_per_replica=requests, weight_bytes=weights, kv_cache_bytes=kv,
+        layout=layout, requests_per_replica=requests, params=params, dtype_bytes=es, kv_cache_bytes=kv,
         activation_bytes=activations, fits=weights + kv + activations <= work.memory_per_device,
         decode=decode_comm_per_layer(layout, entry, requests, work.decode_comm, es),
         prefill_attention=prefill_comm_per_layer(layout, prefill_width, 1, work.prefill_chunk, work.prefill_comm,
                                                  es, kv_heads=prefill_kv_heads),
         prefill_route=prefill_route_per_layer(layout, entry, 1, work.prefill_chunk, KV_INTERLEAVE, es),
-        crossing=node_crossings(layout, work.devices_per_node))
+        moe_decode=moe_decode, moe_prefill=moe_prefill, layers=shape.num_layers, moe_layers=moe_layers,
+        crossing=crossing)
 
 
-def _valid_layout(work: Workload, dp: int, pcp: int, tp: int, k: int) -> ParallelLayout | None:
+def _valid_layout(work: Workload, dp: int, pcp: int, tp: int, k: int, ep: int | None) -> ParallelLayout | None:
     """The layout if the model, the engine and the workload accept it (the rules that raise elsewhere)."""
-    shape = work.shape
+    shape, moe = work.shape, work.shape.moe
     try:
         layout = ParallelLayout(tp=tp, pcp=pcp, dcp=k * pcp, num_heads=shape.num_attention_heads,
-                                num_kv_heads=shape.num_kv_heads, dp=dp)
+                                num_kv_heads=shape.num_kv_heads, dp=dp, ep=ep,
+                                num_experts=None if moe is None else moe.num_experts)
         check_tp(shape, tp)
         if work.prefill_comm == "a2a":
             check_heads(shape.num_attention_heads // tp, pcp)
     except ValueError:
+        return None
+    # The experts' FFN splits over ETP, the shared expert's over TP (config.py, moe.layer).
+    if moe is not None and (moe.ffn_hidden_size % layout.etp or moe.shared_ffn_hidden_size % tp):
         return None
     # Chunks start at multiples of interleave * dcp (config.py); every replica serves at least one request.
     return layout if work.prefill_chunk % (KV_INTERLEAVE * layout.dcp) == 0 and dp <= work.batch else None
@@ -343,13 +533,14 @@ def _valid_layout(work: Workload, dp: int, pcp: int, tp: int, k: int) -> Paralle
 
 def plan(work: Workload) -> tuple[list[LayoutPlan], list[tuple[ParallelLayout, str]]]:
     """``(ranked plans of every valid layout, refused layouts with the rule)``: every ``dp x pcp x tp =
-    devices`` and ``dcp = k * pcp`` (``k | tp``) the model allows; refused: a TP group spans nodes."""
+    devices``, ``dcp = k * pcp`` (``k | tp``) and, for an MoE model, ``ep = j * pcp`` (``j | tp``) the model allows;
+    refused: a TP group spans nodes."""
     plans, refused = [], []
     for dp in divisors(work.devices):
         for pcp in divisors(work.devices // dp):
             tp = work.devices // dp // pcp
-            for k in divisors(tp):
-                layout = _valid_layout(work, dp, pcp, tp, k)
+            for k, ep in itertools.product(divisors(tp), valid_ep_sizes(tp, pcp) if work.shape.moe else [None]):
+                layout = _valid_layout(work, dp, pcp, tp, k, ep)
                 if layout is None:
                     continue
                 error = tp_across_nodes_error(layout, work.devices_per_node)
@@ -361,12 +552,13 @@ def plan(work: Workload) -> tuple[list[LayoutPlan], list[tuple[ParallelLayout, s
 
 
 def rank_key(candidate: LayoutPlan) -> tuple:
-    """The order of the module docstring; ties go to fewer cross-node prefill collectives, then smaller dp, tp."""
-    layout = candidate.layout
-    return (not candidate.fits, candidate.cross_node_decode_calls_per_layer,
-            candidate.weight_bytes + candidate.kv_cache_bytes, candidate.decode.total_calls,
-            candidate.decode.total_bytes, candidate.cross_node_prefill_calls_per_layer,
-            layout.dp, layout.tp, layout.pcp, layout.dcp)
+    """The order of the module docstring; ties go to fewer cross-node prefill collectives, then smaller dp, tp,
+    pcp, dcp, then (an MoE model's EP sizes) fewer MoE prefill collectives and bytes."""
+    layout, decode, moe_prefill = candidate.layout, candidate.decode_per_step, candidate.moe_prefill
+    return (not candidate.fits, candidate.cross_node_decode_calls_per_step,
+            candidate.weight_bytes + candidate.kv_cache_bytes, decode.total_calls, decode.total_bytes,
+            candidate.cross_node_prefill_calls_per_chunk, layout.dp, layout.tp, layout.pcp, layout.dcp,
+            moe_prefill.total_calls, moe_prefill.total_bytes, layout.ep)
 
 
 # ----------------------------------------------------------------------------- output
@@ -378,8 +570,8 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _comm(stats: CommStats, layers: int = 1) -> str:
-    return f"{stats.total_calls * layers} / {_size(stats.total_bytes * layers)}" if stats.total_calls else "-"
+def _comm(stats: CommStats) -> str:
+    return f"{stats.total_calls} / {_size(stats.total_bytes)}" if stats.total_calls else "-"
 
 
 def _attention_line(shape: GPTShape) -> str:
@@ -390,32 +582,43 @@ def _attention_line(shape: GPTShape) -> str:
             f"{m.qk_rope_head_dim}, v {m.v_head_dim}), cached latent {m.kv_lora_rank}+{m.qk_rope_head_dim} per token")
 
 
+def _mlp_line(shape: GPTShape) -> str:
+    moe = shape.moe
+    if moe is None:
+        return f"ffn {shape.ffn_hidden_size}"
+    dense = shape.num_layers - sum(moe.moe_layers)
+    shared = f" + shared {moe.shared_ffn_hidden_size}" if moe.shared_ffn_hidden_size else ""
+    return (f"{sum(moe.moe_layers)} MoE layers of {moe.num_experts} experts (top {moe.top_k}) of ffn "
+            f"{moe.ffn_hidden_size}{shared}" + (f", {dense} dense of ffn {shape.ffn_hidden_size}" if dense else ""))
+
+
+def _row(index: int, p: LayoutPlan, moe: bool) -> list[str]:
+    lay = p.layout
+    crossing = ", ".join(f"{name} {n}/{total}" for name, (n, total) in p.crossing.items() if n) or "none"
+    sizes = [str(lay.dp), str(lay.tp), str(lay.pcp), str(lay.dcp)] + ([str(lay.ep)] if moe else [])
+    weights = [_size(p.weight_bytes)] + ([_size(p.routed_expert_bytes)] if moe else [])
+    prefill = [_comm(p.prefill_per_layer)] + ([_comm(p.moe_prefill)] if moe else [])
+    return [str(index), *sizes, str(p.requests_per_replica), *weights, _size(p.kv_cache_bytes),
+            f"{kv_copies(lay):g}", _size(p.activation_bytes), _size(p.total_bytes), _comm(p.decode_per_step),
+            *prefill, str(p.cross_node_decode_calls_per_step), crossing]
+
+
 def render_table(plans: list[LayoutPlan], refused: list, work: Workload) -> str:
-    shape = work.shape
+    shape, moe = work.shape, work.shape.moe is not None
     lines = [
         f"Model: {shape.arch}, {shape.num_layers} layers, hidden {shape.hidden_size}, {_attention_line(shape)}, "
-        f"ffn {shape.ffn_hidden_size}, vocab {shape.vocab_size}; {work.dtype}",
+        f"{_mlp_line(shape)}, vocab {shape.vocab_size}; {work.dtype}",
         f"Work: {work.batch} requests x {work.context} tokens on {work.devices} devices ({work.devices_per_node} per "
         f"node, {_size(work.memory_per_device)} each); decode {work.decode_comm}; prefill {work.prefill_comm} in "
         f"chunks of {work.prefill_chunk} tokens; KV blocks of {KV_BLOCK_SIZE} tokens",
         "Ranked: fits, fewest cross-node collectives per decode step, least weights+KV per device, fewest decode "
         "collectives and bytes per step",
         ""]
-    header = ["#", "DP", "TP", "PCP", "DCP", "req/DP", "weights", "KV cache", "KV copies", "activ.(est)", "total",
-              "decode/step", "prefill/layer", "x-node decode/step", "groups across nodes"]
-    rows = []
-    for index, p in enumerate([p for p in plans if p.fits], start=1):
-        lay = p.layout
-        crossing = ", ".join(f"{name} {n}/{total}" for name, (n, total) in p.crossing.items() if n) or "none"
-        prefill = CommStats()
-        for part in (p.prefill_attention, p.prefill_route):
-            prefill.calls.update(part.calls)
-            prefill.bytes_sent.update(part.bytes_sent)
-        rows.append([str(index), str(lay.dp), str(lay.tp), str(lay.pcp), str(lay.dcp), str(p.requests_per_replica),
-                     _size(p.weight_bytes), _size(p.kv_cache_bytes), f"{kv_copies(lay):g}",
-                     _size(p.activation_bytes), _size(p.total_bytes),
-                     _comm(p.decode, shape.num_layers), _comm(prefill),
-                     str(p.cross_node_decode_calls_per_layer * shape.num_layers), crossing])
+    header = (["#", "DP", "TP", "PCP", "DCP"] + (["EP"] if moe else []) + ["req/DP", "weights"]
+              + (["experts"] if moe else []) + ["KV cache", "KV copies", "activ.(est)", "total", "decode/step",
+                                                "prefill/layer"]
+              + (["MoE prefill/layer"] if moe else []) + ["x-node decode/step", "groups across nodes"])
+    rows = [_row(index, p, moe) for index, p in enumerate([p for p in plans if p.fits], start=1)]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows] if rows else []:
         lines.append("  ".join(cell.rjust(w) if i < len(row) - 1 else cell for i, (cell, w) in
@@ -428,6 +631,12 @@ def render_table(plans: list[LayoutPlan], refused: list, work: Workload) -> str:
     lines.append("decode/step and prefill/layer: collectives / bytes sent per device (CommStats), prefill for one "
                  "chunk: attention + KV routing. KV copies: how many times a replica stores each cached token "
                  "(TP without DCP replicates KV heads fewer than its ranks; MLA's one latent on every TP rank).")
+    if moe:
+        lines.append("experts: the routed experts' part of weights (E/EP experts x 1/ETP of each, ETP = TP*PCP/EP). "
+                     "decode/step includes each MoE layer's all-reduce over the replica (TP*PCP ranks). MoE "
+                     "prefill/layer: one MoE layer of one chunk on the rank routing the most rows: the EP "
+                     "all-to-alls of counts, rows and rows back (assuming uniform routing: each EP rank gets "
+                     "1/EP of its group's rows), the TP all-reduce.")
     return "\n".join(lines)
 
 
@@ -435,25 +644,33 @@ def to_json(plans: list[LayoutPlan], refused: list, work: Workload) -> dict:
     def comm(stats: CommStats) -> dict:
         return {"calls": dict(stats.calls), "bytes": dict(stats.bytes_sent)}
 
-    layers = work.shape.num_layers
+    def layout_json(i: int, p: LayoutPlan) -> dict:
+        lay = p.layout
+        figures = {"rank": i + 1, "dp": lay.dp, "tp": lay.tp, "pcp": lay.pcp, "dcp": lay.dcp}
+        if moe:
+            figures |= {"ep": lay.ep, "etp": lay.etp}
+        figures |= {"fits": p.fits, "requests_per_replica": p.requests_per_replica,
+                    "params_per_rank": dataclasses.asdict(p.params), "weight_bytes": p.weight_bytes,
+                    "kv_cache_bytes": p.kv_cache_bytes, "kv_copies": kv_copies(lay),
+                    "activation_bytes_estimate": p.activation_bytes, "total_bytes": p.total_bytes,
+                    "decode_per_layer_step": comm(p.decode),
+                    "decode_per_step": {"calls": p.decode_per_step.total_calls,
+                                        "bytes": p.decode_per_step.total_bytes},
+                    "prefill_attention_per_layer": comm(p.prefill_attention),
+                    "prefill_route_per_layer": comm(p.prefill_route)}
+        if moe:
+            figures |= {"moe_layers": p.moe_layers, "moe_decode_per_layer_step": comm(p.moe_decode),
+                        "moe_prefill_per_layer_uniform_routing": comm(p.moe_prefill)}
+        return figures | {"groups_crossing_nodes": {name: n for name, (n, _) in p.crossing.items()},
+                          "cross_node_decode_calls_per_step": p.cross_node_decode_calls_per_step}
+
+    moe = work.shape.moe is not None
     return {
         "model": dataclasses.asdict(work.shape),
         "work": {f.name: getattr(work, f.name) for f in dataclasses.fields(work) if f.name != "shape"},
-        "layouts": [{"rank": i + 1, "dp": p.layout.dp, "tp": p.layout.tp, "pcp": p.layout.pcp, "dcp": p.layout.dcp,
-                     "fits": p.fits, "requests_per_replica": p.requests_per_replica,
-                     "weight_bytes": p.weight_bytes, "kv_cache_bytes": p.kv_cache_bytes,
-                     "kv_copies": kv_copies(p.layout),
-                     "activation_bytes_estimate": p.activation_bytes, "total_bytes": p.total_bytes,
-                     "decode_per_layer_step": comm(p.decode),
-                     "decode_per_step": {"calls": p.decode.total_calls * layers,
-                                         "bytes": p.decode.total_bytes * layers},
-                     "prefill_attention_per_layer": comm(p.prefill_attention),
-                     "prefill_route_per_layer": comm(p.prefill_route),
-                     "groups_crossing_nodes": {name: n for name, (n, _) in p.crossing.items()},
-                     "cross_node_decode_calls_per_step": p.cross_node_decode_calls_per_layer * layers}
-                    for i, p in enumerate(plans)],
-        "refused": [{"dp": lay.dp, "tp": lay.tp, "pcp": lay.pcp, "dcp": lay.dcp, "rule": rule}
-                    for lay, rule in refused],
+        "layouts": [layout_json(i, p) for i, p in enumerate(plans)],
+        "refused": [{"dp": lay.dp, "tp": lay.tp, "pcp": lay.pcp, "dcp": lay.dcp, **({"ep": lay.ep} if moe else {}),
+                     "rule": rule} for lay, rule in refused],
     }
 
 
@@ -519,7 +736,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m cptoolkit.plan") 
     """Rank the layouts and print the table (or JSON); exit status 0 when one fits, 1 when none does, 2 for a bad
     argument (one line). ``prog`` names the command in messages (``cptoolkit plan`` runs this too)."""
     parser = OneLineParser(prog=prog,
-                            description="Rank the TP x PCP x DCP (x DP) layouts for a model, a context and a cluster.")
+                            description="Rank the TP x PCP x DCP (x EP, x DP) layouts for a model, a context and a cluster.")
     parser.add_argument("--model", required=True, help=f"config.json, checkpoint dir, 'builtin' or {', '.join(SHAPES)}")
     parser.add_argument("--context", type=int, required=True, help="tokens per request (prompt + generated)")
     parser.add_argument("--batch", type=int, required=True, help="requests in flight, shared by the DP replicas")

@@ -20,8 +20,10 @@ import pytest
 import yaml
 
 from cptoolkit import cli
+from cptoolkit import config as config_module
 from cptoolkit.config import ConfigError, InferenceConfig, ParallelConfig, load_config
 from cptoolkit.layout import LEGEND
+from cptoolkit.models.moe_dims import MoEDims
 from cptoolkit.torchrun import children
 from tests.multiproc import free_port
 from tests.test_layout import _strip, golden_sections
@@ -46,7 +48,8 @@ FLAGS = {
                  "--output", "--verbose"],
     "train": ["MODEL", "--config", "--tensor-parallel-size", "-tp", "--prefill-context-parallel-size", "-pcp",
               "--data-parallel-size", "-dp", "--seed", "--output", "--verbose"],
-    "layout": ["MODEL", "--config", "-tp", "-pcp", "-dcp", "-dp", "--legend", "--nproc-per-node"],
+    "layout": ["MODEL", "--config", "-tp", "-pcp", "-dcp", "-dp", "--expert-parallel-size", "-ep", "--ep", "--legend",
+               "--nproc-per-node"],
     "chat": ["--url", "--model", "--api-key", "--system", "--max-tokens", "--temperature", "--quick"],
     "plan": ["--model", "--context", "--batch", "--devices", "--devices-per-node", "--memory-per-device", "--dtype",
              "--prefill-chunk", "--decode-comm", "--prefill-comm", "--json"],
@@ -157,6 +160,35 @@ def test_layout_prints_the_golden_tables():
     overridden = _cli("layout", "--config", "configs/tp2_pcp2_dcp4.yaml", "-dcp", "2", "--legend")
     assert overridden.returncode == 0, overridden.stderr
     assert _strip(overridden.stdout) == _strip(f"{LEGEND}\n\n{sections[0]}")  # the YAML's dcp 4, overridden to 2
+
+
+def test_layout_shows_an_moe_models_experts_over_ep(monkeypatch, capsys):
+    """An MoE checkpoint's routed experts (``model_moe``, here 8 for the built-in model's 8 query / 2 KV heads): each
+    rank's experts and the EP groups, as the golden MoE tables print them; ``-ep`` picks the EP size (default: pcp).
+    A dense model takes any valid ``-ep`` and prints no experts; an EP size the experts do not split over is one
+    line naming parallel.ep."""
+    experts = MoEDims(num_experts=8, top_k=2, ffn_hidden_size=16, moe_layers=(True,))
+    golden = (REPO / "tests" / "golden" / "layout_tables_moe.txt").read_text().split("\n\n\n")
+    _, dense_sections = golden_sections()
+
+    def layout(*flags: str) -> tuple[int, str, str]:
+        status = cli.main(["layout", "-tp", "2", "-pcp", "2", *flags])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    assert layout("-dcp", "4", "-ep", "4") == (0, dense_sections[2] + "\n", "")
+    for module in (cli, config_module):
+        monkeypatch.setattr(module, "model_moe", lambda model: experts)
+    assert layout("-dcp", "2", "--legend") == (0, golden[0] + "\n", "")  # EP = PCP = 2: experts TP-sliced
+    assert layout("-dcp", "2", "--expert-parallel-size", "4") == (0, golden[1] + "\n", "")
+    status, out, err = layout("-dcp", "2", "--ep", "8")
+    assert status == 2 and out == "" and err.count("\n") == 1
+    assert "parallel.ep = 8: must be k*pcp with k dividing tp (tp=2, pcp=2): valid ep values are 2, 4" in err
+    assert "(given as --expert-parallel-size 8)" in err
+    monkeypatch.setattr(config_module, "model_moe", lambda model: dataclasses.replace(experts, num_experts=6))
+    status, out, err = layout("-dcp", "2", "-ep", "4")
+    assert status == 2 and "must be a multiple of EP (4 = parallel.ep)" in err and "valid ep values for this " \
+        "model are 2" in err
 
 
 def test_plan_runs_python_m_cptoolkit_plan(capsys):

@@ -22,6 +22,7 @@ from cptoolkit import plan
 from cptoolkit.config import config_from_dict
 from cptoolkit.layout import ParallelLayout
 from cptoolkit.models.families.registry import write_hf_config
+from cptoolkit.models.moe_dims import MoEDims
 from cptoolkit.models.shape import GemmaBlock, GPTShape, MLADims
 from tests.multiproc import run_ranks
 
@@ -102,6 +103,10 @@ WEIGHT_SHAPES = [
     dataclasses.replace(MLA_SHAPE, mla=dataclasses.replace(MLA_SHAPE.mla, q_lora_rank=None)),  # V2-style
     GPTShape("llama", 2, 64, 4, 2, 96, 321, 64, head_dim=32, qk_norm=True, tie_embeddings=True, sliding_window=8,
              sliding_layers=(True, False), gemma=GemmaBlock(24.0, 5.0, 4.0, 100.0)),  # Gemma 3: post-norms too
+    # DeepSeek-V3-style MoE: a dense layer, then routed experts split over ETP = TP, a router with its correction
+    # bias, a shared expert (tests/test_plan_moe.py: EP > 1 and the other MoE parts)
+    dataclasses.replace(MLA_SHAPE, moe=MoEDims(num_experts=4, top_k=2, ffn_hidden_size=32, moe_layers=(False, True),
+                                               score_correction_bias=True, shared_ffn_hidden_size=16)),
 ]
 
 
@@ -126,7 +131,9 @@ def _model_bytes(rank: int, world_size: int) -> list[tuple]:
 def test_weight_bytes_equal_the_parameters_of_the_built_model():
     for rank, measured in enumerate(run_ranks(4, _model_bytes, timeout_s=240)):
         for tp, index, es, got in measured:
-            want = plan.weight_bytes(WEIGHT_SHAPES[index], tp, es)
+            shape = WEIGHT_SHAPES[index]
+            layout = ParallelLayout(tp, 1, 1, shape.num_attention_heads, shape.num_kv_heads)
+            want = plan.weight_bytes(shape, layout, es)
             assert got == want, f"rank {rank} TP={tp} {WEIGHT_SHAPES[index]} {es}-byte: model {got:,}, planner {want:,}"
 
 
@@ -226,7 +233,7 @@ def test_ranking_puts_fitting_layouts_first_then_fewest_cross_node_decode_collec
     fitting = [p for p in plans if p.fits]
     assert all(p.total_bytes <= 10 * 2 ** 30 for p in fitting) and all(p.total_bytes > 10 * 2 ** 30
                                                                         for p in plans if not p.fits)
-    crossing = [p.cross_node_decode_calls_per_layer for p in fitting]
+    crossing = [p.cross_node_decode_calls_per_step for p in fitting]
     assert crossing == sorted(crossing) and crossing[0] == 0 and crossing[-1] > 0
     best = fitting[0].layout
     assert (best.dp, best.tp) == (2, 8) and fitting[0].crossing["DCP"][0] == 0
@@ -273,7 +280,8 @@ def test_cli_table_and_json_agree_and_a_config_json_equals_its_named_shape(tmp_p
         assert [int(x) for x in row[:5]] == [layout[key] for key in ("rank", "dp", "tp", "pcp", "dcp")]
     best = layouts[0]
     assert best["kv_cache_bytes"] == 4 * 2 ** 30  # 2 requests x 128k tokens x 32 layers x K,V x 8 heads x 128 / 8
-    assert best["weight_bytes"] == plan.weight_bytes(plan.SHAPES["llama3.1-8b"], best["tp"], 2)
+    layout = ParallelLayout(best["tp"], best["pcp"], best["dcp"], 32, 8, dp=best["dp"])
+    assert best["weight_bytes"] == plan.weight_bytes(plan.SHAPES["llama3.1-8b"], layout, 2)
 
 
 def test_cli_builtin_model_and_nothing_fits_exits_1(capsys):
@@ -285,7 +293,8 @@ def test_cli_builtin_model_and_nothing_fits_exits_1(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "llama-9000"], r"--model \('llama-9000'\) must be 'builtin', one of llama3.1-8b, llama3.1-70b, deepseek-v3-dense, or "),
+    (["--model", "llama-9000"], r"--model \('llama-9000'\) must be 'builtin', one of llama3.1-8b, llama3.1-70b, "
+                                r"deepseek-v3-dense, deepseek-v3, qwen3-235b-a22b, gpt-oss-120b, mixtral-8x7b, or "),
     (["--model", "builtin"], r"--context \(131072\) must be <= the model's max_seq_len \(512\)"),
     (["--model", "llama3.1-8b", "--memory-per-device", "80 gigs"],
      r"--memory-per-device \('80 gigs'\) must be a size such as 80GiB"),
