@@ -98,8 +98,10 @@ SHAPES = {
     "gpt-oss-120b": GPTShape(arch="llama", num_layers=36, hidden_size=2880, num_attention_heads=64, num_kv_heads=8,
                              ffn_hidden_size=2880, vocab_size=201088, max_seq_len=131072, rope_theta=150000.0,
                              head_dim=64, qkv_bias=True, sliding_window=128, sliding_layers=(True, False) * 18,
+                             attention_sinks=True, attention_out_bias=True,
                              moe=MoEDims(num_experts=128, top_k=4, ffn_hidden_size=2880, moe_layers=(True,) * 36,
-                                         norm_topk_prob=True, router_bias=True)),
+                                         norm_topk_prob=True, router_bias=True, expert_bias=True,
+                                         activation="gpt_oss")),
     "mixtral-8x7b": GPTShape(arch="llama", num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8,
                              ffn_hidden_size=14336, vocab_size=32000, max_seq_len=32768, rope_theta=1000000.0,
                              moe=MoEDims(num_experts=8, top_k=2, ffn_hidden_size=14336, moe_layers=(True,) * 32,
@@ -154,7 +156,10 @@ def _attention_params(shape: GPTShape, tp: int) -> int:
         params += qkv_rows
     if shape.qk_norm:
         params += 2 * d
-    return params if llama else params + h  # GPT-2's linear_proj bias, whole on every rank
+    if shape.attention_sinks:
+        params += shape.num_attention_heads // tp  # one sink per query head of this rank
+    # GPT-2's and gpt-oss's linear_proj bias, whole on every rank
+    return params + h if not llama or shape.attention_out_bias else params
 
 
 def _dense_mlp_params(shape: GPTShape, tp: int) -> int:
@@ -169,7 +174,7 @@ def _dense_mlp_params(shape: GPTShape, tp: int) -> int:
 def rank_params(shape: GPTShape, layout: ParallelLayout) -> RankParams:
     """``RankParams`` of one rank of ``layout`` (every rank holds as many): its TP slice of the dense parts; on
     each MoE layer (``shape.moe``) ``E/EP`` routed experts of ``3 x F/ETP x hidden`` (SwiGLU ``[gate; up]`` and
-    down), the router (``E x hidden``, its bias and DeepSeek-V3's correction bias) whole, the shared expert's
+    down; with ``expert_bias`` also ``2 x F/ETP + hidden``), the router (``E x hidden``, its bias and DeepSeek-V3's correction bias) whole, the shared expert's
     ``3 x S/TP x hidden`` and its gate (``hidden``) whole."""
     h, tp, llama = shape.hidden_size, layout.tp, shape.arch == "llama"
     moe = shape.moe
@@ -183,9 +188,10 @@ def rank_params(shape: GPTShape, layout: ParallelLayout) -> RankParams:
                         dense_mlp=(shape.num_layers - moe_layers) * _dense_mlp_params(shape, tp))
     if moe is None:
         return params
-    e = moe.num_experts
+    e, ffn_local = moe.num_experts, moe.ffn_hidden_size // layout.etp
+    per_expert = 3 * ffn_local * h + (2 * ffn_local + h if moe.expert_bias else 0)
     return dataclasses.replace(
-        params, routed_experts=moe_layers * e // layout.ep * 3 * (moe.ffn_hidden_size // layout.etp) * h,
+        params, routed_experts=moe_layers * e // layout.ep * per_expert,
         routers=moe_layers * e * (h + moe.router_bias + moe.score_correction_bias),
         shared_experts=moe_layers * (3 * (moe.shared_ffn_hidden_size // tp) * h + h * moe.shared_expert_gate))
 
@@ -365,8 +371,8 @@ def moe_prefill_comm_per_layer(layout: ParallelLayout, moe: MoEDims, hidden_size
                                dtype_bytes: int) -> CommStats:
     """``MoELayer``'s prefill ``CommStats`` on one rank for one MoE layer of ``batch`` sequences of ``seq_len``
     tokens: the rank's ``n = batch x padded_length(seq_len, pcp) / pcp`` rows split into ``k = ep / pcp`` TP blocks;
-    the rank owning the most, ``ceil(n / k)`` (``block_rows``), routes them. ``ep > 1``: an all-to-all of the expert
-    counts (``E`` int64) and of its ``ceil(n/k) x top_k`` rows over the EP group, and one back of the rows it
+    the rank owning the most, ``ceil(n / k)`` (``block_rows``), routes them. ``ep > 1``: an all-gather of the expert
+    counts (``E`` int64) and an all-to-all of its ``ceil(n/k) x top_k`` rows over the EP group, and one back of the rows it
     received. The back one assumes uniform routing: every expert equally likely, each EP rank receives ``1/EP`` of
     the group's rows, as many as it sent (its exact size depends on the routing; the group's total is exact). Then
     ``tp > 1``: an all-reduce of all ``n`` rows over TP."""
@@ -374,7 +380,7 @@ def moe_prefill_comm_per_layer(layout: ParallelLayout, moe: MoEDims, hidden_size
     rows = batch * padded_length(seq_len, layout.pcp) // layout.pcp
     own_rows = -(-rows // layout.ep_tp_positions)
     if layout.ep > 1:
-        _count(stats, "moe_counts_all_to_all", moe.num_experts * COUNTS_BYTES)
+        _count(stats, "moe_counts_all_gather", moe.num_experts * COUNTS_BYTES)
         _count(stats, "moe_all_to_all", own_rows * moe.top_k * hidden_size * dtype_bytes, calls=2)
     if layout.tp > 1:
         _count(stats, "moe_all_reduce", rows * hidden_size * dtype_bytes)
@@ -469,7 +475,7 @@ class LayoutPlan:
     def cross_node_prefill_calls_per_chunk(self) -> int:
         """Ring prefill on a PCP group, KV routing on a DCP group, the MoE dispatch on an EP group, that spans nodes
         (TP's all-reduce never does)."""
-        dispatch = self.moe_prefill.calls["moe_counts_all_to_all"] + self.moe_prefill.calls["moe_all_to_all"]
+        dispatch = self.moe_prefill.calls["moe_counts_all_gather"] + self.moe_prefill.calls["moe_all_to_all"]
         return (self.layers * (self.prefill_attention.total_calls * self._crosses("PCP")
                                + self.prefill_route.total_calls * self._crosses("DCP"))
                 + self.moe_layers * dispatch * self._crosses("EP"))

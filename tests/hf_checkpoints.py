@@ -95,6 +95,12 @@ MOE_FAMILIES = {
                     dict(**_MLA, q_lora_rank=32, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                          n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
                          routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # gpt-oss: learned sinks, q/k/v/o biases, windowed and full layers alternating (window 6, shorter than the
+    # prompts), YaRN past 16 positions, router and expert biases, a clamped SwiGLU whose limit (1.5) the random
+    # weights reach, so the clamps matter.
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16, sliding_window=6,
+                     swiglu_limit=1.5, rope_parameters={**YARN, "beta_fast": 8, "beta_slow": 2, "truncate": False})),
 }
 
 

@@ -31,6 +31,7 @@ TINY = {
                   "moe_intermediate_size": 16, "norm_topk_prob": True, "mlp_only_layers": [0]},
     "gemma3_text": {**_LLAMA_BLOCK, "head_dim": 8, "sliding_window": 8, "query_pre_attn_scalar": 8,
                     "sliding_window_pattern": 2, "rope_local_base_freq": 100.0},
+    "gpt_oss": {**_LLAMA_BLOCK, "head_dim": 8, "sliding_window": 8, "num_local_experts": 4, "num_experts_per_tok": 2},
 }
 
 
@@ -71,6 +72,8 @@ def test_a_family_layout_reads_every_tensor_its_checkpoint_holds_and_no_other(mo
     shapes, layout = family.tensor_shapes(shape, names), family.layout(shape, names)
     for name, pieces in layout.items():
         for piece in pieces:
-            stored_rows = shapes[piece.name][1 if piece.transposed else 0]
+            dims = shapes[piece.name][0 if piece.index is None else 1:]  # an indexed piece reads one leading slot
+            stored_rows = dims[1 if piece.transposed else 0]
+            assert piece.index is None or 0 <= piece.index < shapes[piece.name][0], f"{name}: {piece}"
             assert 0 <= piece.start < piece.stop <= stored_rows, f"{name}: {piece} outside {shapes[piece.name]}"
     assert {piece.name for pieces in layout.values() for piece in pieces} == set(shapes)

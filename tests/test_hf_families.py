@@ -221,10 +221,10 @@ REFUSED = {
     "another family": (_hf_config("llama", model_type="gemma"),
                        r"^model_type='gemma' is not supported; rule: one of 'llama', 'mistral', 'mixtral', 'qwen2', "
                        r"'qwen3', 'qwen2_moe', 'qwen3_moe', 'gpt2', 'deepseek_v2', 'deepseek_v3', 'gemma2', "
-                       r"'gemma3_text' \(architectures LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+                       r"'gemma3_text', 'gpt_oss' \(architectures LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
                        r"Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, "
                        r"GPT2LMHeadModel, GPT2Model, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Gemma2ForCausalLM, "
-                       r"Gemma3ForCausalLM\)$"),
+                       r"Gemma3ForCausalLM, GptOssForCausalLM\)$"),
     "Gemma 3 bidirectional attention": (_hf_config("gemma3", use_bidirectional_attention=True),
                                         r"^use_bidirectional_attention=True; rule: must be False$"),
     "Gemma 2 attention_bias": (_hf_config("gemma2", attention_bias=True), r"^attention_bias=True; rule: must be "

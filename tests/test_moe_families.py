@@ -40,9 +40,11 @@ ROUTING = {
                                  shared_ffn_hidden_size=32),
     "deepseek_v3": MoEDims(8, 2, 32, (False, True), norm_topk_prob=True, routed_scaling_factor=2.5, num_groups=4,
                            topk_groups=2, shared_ffn_hidden_size=32, **V3_ROUTING),
+    "gpt_oss": MoEDims(4, 2, 32, (True, True), norm_topk_prob=True, router_bias=True, expert_bias=True,
+                       activation="gpt_oss", swiglu_limit=1.5),
 }
 FAMILY = {"mixtral": "mixtral", "qwen2_moe": "qwen_moe", "qwen3_moe": "qwen_moe", "qwen3_moe_mlp_only": "qwen_moe",
-          "deepseek_v2": "deepseek", "deepseek_v2_group": "deepseek", "deepseek_v3": "deepseek"}
+          "deepseek_v2": "deepseek", "deepseek_v2_group": "deepseek", "deepseek_v3": "deepseek", "gpt_oss": "gpt_oss"}
 
 
 def _stored_shapes(directory) -> dict[str, tuple[int, ...]]:
@@ -191,6 +193,12 @@ REFUSED = {
                                    r"^shared_expert_intermediate_size=0; rule: must be a positive integer$"),
     "Qwen3-MoE negative experts": (_config("qwen3_moe", num_local_experts=-1),
                                    r"^num_local_experts=-1; rule: must be a non-negative integer$"),
+    "gpt-oss attention_bias not a bool": (_config("gpt_oss", attention_bias="yes"),
+                                          r"^attention_bias='yes'; rule: true or false$"),
+    "gpt-oss swiglu_limit 0": (_config("gpt_oss", swiglu_limit=0), r"^swiglu_limit=0; rule: must be a positive number$"),
+    "gpt-oss top-k beyond the experts": (
+        _config("gpt_oss", num_experts_per_tok=5),
+        r"^num_local_experts=4, num_experts_per_tok=5: MoEDims\.top_k=5 must be <= topk_groups"),
     "Qwen3-MoE expert counts that disagree": (
         _config("qwen3_moe", num_experts=4),
         r"^num_local_experts=8 and num_experts=4 disagree; rule: num_experts is another name for num_local_experts "
@@ -287,25 +295,28 @@ def test_tensor_shapes_are_exactly_the_tensors_save_pretrained_writes(name, chec
 
 @pytest.mark.parametrize("name", MOE_FAMILIES)
 def test_the_layout_reads_every_stored_tensor_exactly_once(name, checkpoints):
-    """Each stored tensor's rows (columns, for a piece read transposed) are covered by one piece each: no gap, no
-    overlap, one orientation per tensor."""
+    """Each stored tensor's rows (columns, for a piece read transposed; of each leading slot, for a piece with an
+    ``index`` into an experts-stacked tensor) are covered by one piece each: no gap, no overlap, one orientation
+    per tensor."""
     directory, config = checkpoints[name]
     stored, shape = _stored_shapes(directory), read_hf_config(config)
     layout = shape_family(shape).layout(shape, stored)
     reads = {name: None for name in stored}
     for full_name, pieces in layout.items():
         for piece in pieces:
+            dims = stored[piece.name][0 if piece.index is None else 1:]
+            slots = [None] if piece.index is None else range(stored[piece.name][0])
             dim = 1 if piece.transposed else 0
             if reads[piece.name] is None:
-                reads[piece.name] = (dim, [0] * stored[piece.name][dim])
+                reads[piece.name] = (dim, {(slot, row): 0 for slot in slots for row in range(dims[dim])})
             assert reads[piece.name][0] == dim, f"{piece.name} read both transposed and not"
             counts = reads[piece.name][1]
-            assert 0 <= piece.start < piece.stop <= len(counts), f"{full_name}: {piece} outside {stored[piece.name]}"
+            assert 0 <= piece.start < piece.stop <= dims[dim], f"{full_name}: {piece} outside {stored[piece.name]}"
             for row in range(piece.start, piece.stop):
-                counts[row] += 1
+                counts[piece.index, row] += 1
     unread = [name for name, read in reads.items() if read is None]
     assert unread == []
-    twice = {name: sorted(set(counts)) for name, (_, counts) in reads.items() if set(counts) != {1}}
+    twice = {name: sorted(set(counts.values())) for name, (_, counts) in reads.items() if set(counts.values()) != {1}}
     assert twice == {}, "rows read 0 or several times"
 
 
@@ -325,6 +336,10 @@ def _expected_full_names(shape) -> set[str]:
             names |= {mlp + "shared_experts.linear_fc1.weight", mlp + "shared_experts.linear_fc2.weight"}
         if shape.moe.shared_expert_gate:
             names.add(mlp + "shared_expert_gate.weight")
+        if shape.moe.router_bias:
+            names.add(mlp + "router.bias")
+        if shape.moe.expert_bias:
+            names |= {mlp + "experts.fc1_bias", mlp + "experts.fc2_bias"}
     return names
 
 
@@ -334,7 +349,7 @@ HF_NAMES = {"mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts", "w1
             "deepseek": ("mlp.gate", "mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.shared_experts")}
 
 
-@pytest.mark.parametrize("name", MOE_FAMILIES)
+@pytest.mark.parametrize("name", [n for n in MOE_FAMILIES if n != "gpt_oss"])
 def test_the_full_state_dict_stacks_each_experts_gate_up_rows_and_transposed_down_projection(name, checkpoints):
     """fc1_weight: expert e's gate rows then its up rows, e = 0 .. E-1; fc2_weight: expert e's down projection
     transposed; the shared expert as the dense MLP's linear_fc1/linear_fc2; router, correction bias and shared-expert
@@ -365,6 +380,30 @@ def test_the_full_state_dict_stacks_each_experts_gate_up_rows_and_transposed_dow
             assert torch.equal(full[mlp + "shared_experts.linear_fc2.weight"], stored[f"{hf}{shared}.down_proj.weight"])
         if moe.shared_expert_gate:
             assert torch.equal(full[mlp + "shared_expert_gate.weight"], stored[f"{hf}mlp.shared_expert_gate.weight"])
+
+
+def test_gpt_oss_stacked_experts_are_read_as_their_slots(checkpoints):
+    """gpt-oss's experts-stacked tensors: expert e's fc1 rows are ``gate_up_proj[e]`` transposed (interleaved gate/up
+    rows kept), its fc1 bias ``gate_up_proj_bias[e]``, its fc2 rows ``down_proj[e]``; the fc2 biases, the router, the
+    sinks and o_proj's bias whole."""
+    directory, config = checkpoints["gpt_oss"]
+    shape, stored = read_hf_config(config), read_weights(directory)
+    full = hf_to_full(stored, shape)
+    assert {n for n in full if ".mlp." in n} == _expected_full_names(shape)
+    moe, hidden = shape.moe, shape.hidden_size
+    for layer in range(shape.num_layers):
+        hf, mc = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+        fc1 = full[mc + "mlp.experts.fc1_weight"].view(moe.num_experts, 2 * moe.ffn_hidden_size, hidden)
+        fc2 = full[mc + "mlp.experts.fc2_weight"].view(moe.num_experts, moe.ffn_hidden_size, hidden)
+        fc1_bias = full[mc + "mlp.experts.fc1_bias"].view(moe.num_experts, -1)
+        for e in range(moe.num_experts):
+            assert torch.equal(fc1[e], stored[hf + "mlp.experts.gate_up_proj"][e].t()), (layer, e)
+            assert torch.equal(fc1_bias[e], stored[hf + "mlp.experts.gate_up_proj_bias"][e]), (layer, e)
+            assert torch.equal(fc2[e], stored[hf + "mlp.experts.down_proj"][e]), (layer, e)
+        for ours, theirs in (("mlp.experts.fc2_bias", "mlp.experts.down_proj_bias"), ("mlp.router.weight", None),
+                             ("mlp.router.bias", None), ("self_attention.core_attention.sinks", "self_attn.sinks"),
+                             ("self_attention.linear_proj.bias", "self_attn.o_proj.bias")):
+            assert torch.equal(full[mc + ours], stored[hf + (theirs or ours)]), (layer, ours)
 
 
 @pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3"])

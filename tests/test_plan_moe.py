@@ -30,8 +30,8 @@ GiB = 2 ** 30
 ES = {torch.float32: 4, torch.bfloat16: 2}
 
 # Published totals (model cards: DeepSeek-V3 671B without its 14B multi-token-prediction layer, Qwen3-235B-A22B
-# 235B, gpt-oss-120b 116.83B, Mixtral-8x7B 46.7B). They are rounded to 3-5 significant figures and the gpt-oss
-# shape lacks its sinks and output-projection and expert biases (0.03%); a missing part such as a shared expert
+# 235B, gpt-oss-120b 116.83B: the planner's 116.829B with its sinks, output-projection and expert biases, Mixtral-8x7B
+# 46.7B). They are rounded to 3-5 significant figures; a missing part such as a shared expert
 # (0.4% of V3), a router of V3 (0.02%, so only at this tolerance with the rest exact) or the output layer is more.
 PUBLISHED = {"deepseek-v3": 671e9, "qwen3-235b-a22b": 235e9, "gpt-oss-120b": 116.83e9, "mixtral-8x7b": 46.7e9}
 TOTAL_RTOL = 1e-3

@@ -46,7 +46,8 @@ def megatron_config(shape: GPTShape, tp_size: int, dtype: torch.dtype) -> Transf
         ffn_hidden_size=shape.ffn_hidden_size, tensor_model_parallel_size=tp_size,
         normalization="RMSNorm" if llama else "LayerNorm", layernorm_epsilon=shape.norm_eps,
         gated_linear_unit=llama, activation_func=F.silu if llama and shape.gemma is None else _gelu_tanh,
-        add_bias_linear=not llama, add_qkv_bias=not llama or shape.qkv_bias, qk_layernorm=shape.qk_norm,
+        add_bias_linear=not llama or shape.attention_out_bias, add_qkv_bias=not llama or shape.qkv_bias,
+        qk_layernorm=shape.qk_norm,
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=True, perform_initialization=False,
@@ -70,14 +71,17 @@ def layer_spec(shape: GPTShape, runtime: AttentionRuntime, pg_collection: Proces
     ``qk_layernorm=True`` builds them), applied before RoPE as in Qwen3; with ``mla``, cptoolkit's
     ``MLASelfAttention`` instead of megatron's ``SelfAttention``. With ``gemma``: the whole block's spec
     (``gemma_block_spec``: megatron's local linear layers, Gemma's norms, the attention softcap on every layer).
-    With ``moe``: the block's spec, ``MoELayer`` as the MLP of the layers ``moe.moe_layers`` flags (megatron's local
-    spec: a separate pre-MLP norm), its groups from ``pg_collection`` (``MoEGroups``)."""
+    With ``attention_sinks``: ``CPCoreAttention``'s learned sinks (gpt-oss). With ``moe``: the block's spec,
+    ``MoELayer`` as the MLP of the layers ``moe.moe_layers`` flags (megatron's local spec: a separate pre-MLP norm),
+    its groups from ``pg_collection`` (``MoEGroups``)."""
     if shape.gemma is not None:
         spec = get_gpt_layer_spec(runtime, shape.arch, transformer_engine=False)
         spec.submodules.self_attention.submodules.core_attention.params["softcap"] = \
             shape.gemma.attn_logit_softcapping
         return gemma_block_spec(spec, shape.num_layers, shape.qk_norm)
     spec = get_gpt_layer_spec(runtime, shape.arch, transformer_engine=False if shape.moe is not None else None)
+    if shape.attention_sinks:
+        spec.submodules.self_attention.submodules.core_attention.params["attention_sinks"] = True
     if shape.mla is not None:
         spec.submodules.self_attention = ModuleSpec(module=MLASelfAttention, params={
             "runtime": runtime, "mla": shape.mla, "softmax_scale": shape.mla_softmax_scale(),

@@ -125,7 +125,7 @@ def _read(config: dict, model_type: str) -> GPTShape:
 
 
 def _owns(shape: GPTShape) -> bool:
-    return shape.mla is not None
+    return shape.mla is not None and not shape.attention_sinks
 
 
 def _write(shape: GPTShape) -> dict:

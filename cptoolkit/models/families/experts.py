@@ -121,8 +121,9 @@ def expert_layout(shape: GPTShape, dense: Layout, names: ExpertNames) -> Layout:
 
 def require_routing(moe: MoEDims, config_name: str, **supported) -> None:
     """Refuse to write ``moe`` as a ``config_name`` config.json unless each field named in ``supported`` has its
-    value there: what that family's transformers model computes whatever its keys say."""
-    for field, value in supported.items():
+    value there: what that family's transformers model computes whatever its keys say. Bias-free SwiGLU experts
+    unless ``supported`` says otherwise (only gpt-oss's have biases and its own activation)."""
+    for field, value in {"expert_bias": False, "activation": "swiglu", **supported}.items():
         if getattr(moe, field) != value:
             raise ValueError(f"MoEDims.{field}={getattr(moe, field)!r} has no {config_name} config.json; rule: "
                              f"{config_name} routes with {field}={value!r}")

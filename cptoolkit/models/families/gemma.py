@@ -99,7 +99,7 @@ def _read(config: dict, model_type: str) -> GPTShape:
 
 
 def _owns(shape: GPTShape) -> bool:
-    return shape.gemma is not None and shape.moe is None
+    return shape.gemma is not None and shape.moe is None and not shape.attention_sinks
 
 
 def _write(shape: GPTShape) -> dict:

@@ -70,7 +70,7 @@ def every_layer_window(config: dict) -> tuple[Optional[int], Optional[tuple[bool
 
 def _owns(shape: GPTShape) -> bool:
     return (shape.arch == "llama" and shape.mla is None and shape.gemma is None and shape.moe is None
-            and not shape.qkv_bias and not shape.qk_norm)
+            and not shape.qkv_bias and not shape.qk_norm and not shape.attention_sinks)
 
 
 def _write(shape: GPTShape) -> dict:

@@ -41,7 +41,7 @@ def _owns(shape: GPTShape) -> bool:
     """Routed experts on the Llama block without Qwen's q/k/v biases, q/k norms or gated shared expert (what
     Mixtral cannot state its write refuses)."""
     return (shape.moe is not None and shape.mla is None and not shape.qkv_bias and not shape.qk_norm
-            and not shape.moe.shared_expert_gate)
+            and not shape.moe.shared_expert_gate and not shape.attention_sinks)
 
 
 def _write(shape: GPTShape) -> dict:

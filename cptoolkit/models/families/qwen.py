@@ -42,7 +42,8 @@ def _read(config: dict, model_type: str) -> GPTShape:
 
 
 def _owns(shape: GPTShape) -> bool:
-    return shape.gemma is None and shape.moe is None and (shape.qkv_bias or shape.qk_norm)
+    return (shape.gemma is None and shape.moe is None and not shape.attention_sinks
+            and (shape.qkv_bias or shape.qk_norm))
 
 
 def _write(shape: GPTShape) -> dict:

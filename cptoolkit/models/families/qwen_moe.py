@@ -79,7 +79,7 @@ def _read(config: dict, model_type: str) -> GPTShape:
 def _owns(shape: GPTShape) -> bool:
     """Routed experts on the Llama block with Qwen2-MoE's gated shared expert or q/k/v biases, or Qwen3's q/k norms
     (what neither can state its write refuses)."""
-    return (shape.moe is not None and shape.mla is None
+    return (shape.moe is not None and shape.mla is None and not shape.attention_sinks
             and (shape.qkv_bias or shape.qk_norm or shape.moe.shared_expert_gate))
 
 

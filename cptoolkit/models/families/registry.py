@@ -14,6 +14,7 @@ from cptoolkit.models.families import Family
 from cptoolkit.models.families.deepseek import DEEPSEEK
 from cptoolkit.models.families.gemma import GEMMA
 from cptoolkit.models.families.gpt2 import GPT2
+from cptoolkit.models.families.gpt_oss import GPT_OSS
 from cptoolkit.models.families.llama import LLAMA
 from cptoolkit.models.families.mixtral import MIXTRAL
 from cptoolkit.models.families.qwen import QWEN
@@ -21,7 +22,7 @@ from cptoolkit.models.families.qwen_moe import QWEN_MOE
 from cptoolkit.models.shape import CONFIG_FILE, GPTShape
 
 # The order lists the supported model_types in refusal messages.
-FAMILIES: tuple[Family, ...] = (LLAMA, MIXTRAL, QWEN, QWEN_MOE, GPT2, DEEPSEEK, GEMMA)
+FAMILIES: tuple[Family, ...] = (LLAMA, MIXTRAL, QWEN, QWEN_MOE, GPT2, DEEPSEEK, GEMMA, GPT_OSS)
 BY_MODEL_TYPE: dict[str, Family] = {model_type: family for family in FAMILIES for model_type in family.architectures}
 _SUPPORTED = (f"one of {', '.join(repr(t) for t in BY_MODEL_TYPE)} (architectures "
               f"{', '.join(a for f in FAMILIES for archs in f.architectures.values() for a in archs)})")
