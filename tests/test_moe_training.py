@@ -17,6 +17,15 @@ SHAPE = GPTShape(arch="llama", num_layers=2, hidden_size=32, num_attention_heads
                  moe=MoEDims(num_experts=8, top_k=2, ffn_hidden_size=16, moe_layers=(False, True), score="sigmoid",
                              norm_topk_prob=True, num_groups=4, topk_groups=2, group_score="top2_sum",
                              score_correction_bias=True, routed_scaling_factor=2.0, shared_ffn_hidden_size=16))
+# gpt-oss's block: sinks, q/k/v/o biases, a windowed and a full layer, router and expert biases, the clamped
+# interleaved SwiGLU (a low limit, so the clamps act); at EP = PCP its experts' down biases live on each ETP group.
+GPT_OSS = GPTShape(arch="llama", num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_heads=2,
+                   ffn_hidden_size=16, vocab_size=64, max_seq_len=64, qkv_bias=True, attention_out_bias=True,
+                   attention_sinks=True, sliding_window=5, sliding_layers=(True, False),
+                   moe=MoEDims(num_experts=8, top_k=2, ffn_hidden_size=16, moe_layers=(True, True),
+                               norm_topk_prob=True, router_bias=True, expert_bias=True, activation="gpt_oss",
+                               swiglu_limit=0.05))
+SHAPES = {"deepseek": SHAPE, "gpt_oss": GPT_OSS}
 WINDOWS = 4
 AUX_COEF = 0.5  # large, so a wrong aux gradient shows in every router gradient
 # Measured (CPU, gloo): the model is float64 but megatron's vocab-parallel cross entropy and the attention's LSE
@@ -31,24 +40,30 @@ def _windows() -> list[torch.Tensor]:
     return [torch.randint(0, SHAPE.vocab_size, (length,), generator=g) for length in (20, 13, 18, 9)]
 
 
-def _step(rank, world, tp, pcp, ep, dp, aux_coef=AUX_COEF):
+def _step(rank, world, tp, pcp, ep, dp, aux_coef=AUX_COEF, shape_name="deepseek"):
     from cptoolkit.layers.comm import CommStats
     from cptoolkit.layers.core_attention import AttentionRuntime
     from cptoolkit.models.build import build_gpt_model
-    from cptoolkit.models.tp_sharding import gather_full_state_dict
+    from cptoolkit.models.tp_sharding import gather_full_state_dict, load_full_state_dict
     from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
     from cptoolkit.training.data import get_batch_on_this_pcp_rank, pack_windows
     from cptoolkit.training.trainer import compute_gradients, grad_norm
 
-    groups = initialize_model_parallel(tp, pcp, pcp, SHAPE.num_attention_heads, SHAPE.num_kv_heads, dp=dp, ep=ep,
-                                       num_experts=SHAPE.moe.num_experts)
+    shape = SHAPES[shape_name]
+    groups = initialize_model_parallel(tp, pcp, pcp, shape.num_attention_heads, shape.num_kv_heads, dp=dp, ep=ep,
+                                       num_experts=shape.moe.num_experts)
     try:
         runtime = AttentionRuntime(pcp_group=groups.pcp_group, stats=CommStats())
-        model = build_gpt_model(SHAPE, groups.megatron_pg_collection(), runtime, dtype=torch.float64, seed=3)
+        model = build_gpt_model(shape, groups.megatron_pg_collection(), runtime, dtype=torch.float64, seed=3)
+        full = gather_full_state_dict(model)  # biases off zero (in the full tensors), so their placement matters
+        for name, tensor in full.items():
+            if name.endswith("bias") and "score_correction" not in name:
+                full[name] = torch.linspace(-0.2, 0.3, tensor.numel(), dtype=tensor.dtype).view_as(tensor)
+        load_full_state_dict(model, full)
         with torch.no_grad():  # a non-zero correction bias, so it really steers the choice
             for module in model.modules():
                 if getattr(module, "score_correction_bias", None) is not None:
-                    module.score_correction_bias.copy_(torch.linspace(-0.3, 0.3, SHAPE.moe.num_experts))
+                    module.score_correction_bias.copy_(torch.linspace(-0.3, 0.3, shape.moe.num_experts))
         per_replica = WINDOWS // dp
         mine = _windows()[groups.rank_info.dp_rank * per_replica:(groups.rank_info.dp_rank + 1) * per_replica]
         batch = get_batch_on_this_pcp_rank(pack_windows(mine), groups.rank_info.pcp_rank, pcp, pad_id=0)
@@ -70,14 +85,24 @@ def _step(rank, world, tp, pcp, ep, dp, aux_coef=AUX_COEF):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return run_ranks(1, _step, 1, 1, 1, 1)[0]
+def references():
+    return {name: run_ranks(1, _step, 1, 1, 1, 1, shape_name=name)[0] for name in SHAPES}
 
 
-@pytest.mark.parametrize("tp,pcp,ep,dp", [(2, 2, 2, 1), (2, 2, 4, 1), (1, 2, 2, 2), (2, 1, 2, 1), (2, 1, 1, 1)])
-def test_moe_training_equals_one_rank(reference, tp, pcp, ep, dp):
-    results = run_ranks(tp * pcp * dp, _step, tp, pcp, ep, dp, timeout_s=180)
-    assert reference["aux"] > 0 and reference["load"].sum() == 2 * sum(len(w) - 1 for w in _windows())
+@pytest.fixture(scope="module")
+def reference(references):
+    return references["deepseek"]
+
+
+@pytest.mark.parametrize("shape_name,tp,pcp,ep,dp", [("deepseek", 2, 2, 2, 1), ("deepseek", 2, 2, 4, 1),
+                                                     ("deepseek", 1, 2, 2, 2), ("deepseek", 2, 1, 2, 1),
+                                                     ("deepseek", 2, 1, 1, 1), ("gpt_oss", 2, 2, 2, 1),
+                                                     ("gpt_oss", 2, 2, 4, 1)])
+def test_moe_training_equals_one_rank(references, shape_name, tp, pcp, ep, dp):
+    reference = references[shape_name]
+    results = run_ranks(tp * pcp * dp, _step, tp, pcp, ep, dp, shape_name=shape_name, timeout_s=180)
+    moe_layers = sum(SHAPES[shape_name].moe.moe_layers)
+    assert reference["aux"] > 0 and reference["load"].sum() == 2 * moe_layers * sum(len(w) - 1 for w in _windows())
     for rank, got in enumerate(results):
         assert abs(got["loss"] - reference["loss"]) < LOSS_RTOL * reference["loss"], (rank, got["loss"])
         assert abs(got["aux"] - reference["aux"]) < AUX_RTOL * reference["aux"], (rank, got["aux"])

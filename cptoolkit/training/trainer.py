@@ -84,6 +84,13 @@ def expert_params(model: torch.nn.Module) -> set[int]:
     return {id(p) for module in model.modules() if isinstance(module, LocalExperts) for p in module.parameters()}
 
 
+def etp_replicated_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Expert parameters whole on every rank of their ETP group (gpt-oss's down-projection biases): only its first
+    rank adds them (``LocalExperts``), so only its gradient is non-zero until summed over the ETP group."""
+    return [module.fc2_bias for module in model.modules()
+            if isinstance(module, LocalExperts) and module.fc2_bias is not None]
+
+
 def router_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The routers' trained parameters: whole on every rank, but each TP rank routes only its share of the
     prefill rows (``MoELayer``), so their gradients are partial sums over TP too."""
@@ -103,10 +110,14 @@ def grad_norm(model: torch.nn.Module, groups: ParallelGroups, stats: CommStats |
     (identical across the DP x PCP group)."""
     sharded, experts = tensor_parallel_params(model), expert_params(model)
     count_replicated = groups.tp_group.rank() == 0
+    # an ETP-replicated expert parameter once per replica: on its ETP group's first rank
+    etp_copies = set() if groups.etp_rank == 0 else {id(p) for p in etp_replicated_params(model)}
     device = next(model.parameters()).device
     squares = torch.zeros((), dtype=torch.float64, device=device)
     expert_squares = torch.zeros((), dtype=torch.float64, device=device)
     for param in trained_params(model):
+        if id(param) in etp_copies:
+            continue
         if id(param) in experts:
             expert_squares += param.grad.double().square().sum()
         elif id(param) in sharded or count_replicated:
@@ -139,9 +150,11 @@ def _all_reduce_flat(grads: list[torch.Tensor], group: ProcessGroup, stats: Comm
 
 def all_reduce_gradients(model: torch.nn.Module, groups: ParallelGroups, stats: CommStats | None = None) -> None:
     """Sum every gradient over all holders of the same weight shards: the DP x PCP group (one flat all-reduce);
-    with MoE layers, the routers' over TP first and the routed experts' over DP only (one flat all-reduce each)."""
+    with MoE layers, the routers' over TP first (and gpt-oss's expert down-projection biases over ETP) and the routed
+    experts' over DP only (one flat all-reduce each)."""
     experts = expert_params(model)
     _all_reduce_flat([p.grad for p in router_params(model)], groups.tp_group, stats)
+    _all_reduce_flat([p.grad for p in etp_replicated_params(model)], groups.etp_group, stats)
     _all_reduce_flat([p.grad for p in trained_params(model) if id(p) in experts], groups.dp_group, stats)
     _all_reduce_flat([p.grad for p in trained_params(model) if id(p) not in experts], groups.dp_pcp_group, stats)
 
