@@ -27,9 +27,11 @@ transformers = pytest.importorskip("transformers")
 PROMPT_LENS = (21, 13)
 MAX_NEW = 6
 RTOL = 1e-5
-# (tp, pcp, dcp, ep, prefill_chunk_size, prefix_caching): chunked prefill with prefix caching at EP = 4.
-LAYOUTS = ((2, 2, 4, 4, None, False), (2, 2, 4, 2, None, False), (2, 2, 4, 4, 8, True))
-SINGLE_RANK = ((1, 1, 1, None, None, False), (1, 1, 1, None, 8, True))
+# (tp, pcp, dcp, ep, prefill_chunk_size, prefix_caching, speculative_method): chunked prefill with prefix caching
+# at EP = 4; speculative decoding with prompt-lookup drafts at EP = 2, and with the checkpoint as its own draft
+# model (an MoE draft: every draft accepted, verification's multi-token decode through the experts) at one rank.
+LAYOUTS = ((2, 2, 4, 4, None, False, None), (2, 2, 4, 2, None, False, "ngram"), (2, 2, 4, 4, 8, True, None))
+SINGLE_RANK = ((1, 1, 1, None, None, False, None), (1, 1, 1, None, 8, True, "draft_model"))
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +68,14 @@ def _recorded_logits(engine) -> dict[int, list[torch.Tensor]]:
 def _moe_rank(rank, world_size, cases):
     results = {}
     for name, (directory, prompts, _, want_logits) in cases.items():
-        for tp, pcp, dcp, ep, chunk, caching in (SINGLE_RANK if world_size == 1 else LAYOUTS):
+        for tp, pcp, dcp, ep, chunk, caching, speculative in (SINGLE_RANK if world_size == 1 else LAYOUTS):
+            draft = {"speculative_method": speculative, "num_speculative_tokens": 3,
+                     "speculative_model": directory if speculative == "draft_model" else None}
             cfg = config_from_dict({
                 "parallel": dict(tp=tp, pcp=pcp, dcp=dcp, ep=ep), "model": {"checkpoint": directory},
                 "runtime": {"device": "cpu"},
                 "inference": {"prompts": ["unused"], "batch_size": 2, "kv_block_size": 4,
-                              "prefill_chunk_size": chunk, "prefix_caching": caching}}, source="<test>")
+                              "prefill_chunk_size": chunk, "prefix_caching": caching, **draft}}, source="<test>")
             repeats = 2 if caching else 1
             groups = initialize_model_parallel(tp=tp, pcp=pcp, dcp=dcp, num_heads=cfg.model.num_attention_heads,
                                                num_kv_heads=cfg.model.num_kv_heads, ep=ep,
@@ -83,12 +87,15 @@ def _moe_rank(rank, world_size, cases):
                 load = expert_load(engine.model)
             finally:
                 destroy_model_parallel()
-            diffs = [(torch.stack(got_logits[index]).double() - want.double()).abs() / want.abs().max()
-                     for index, want in enumerate(want_logits * repeats)]
-            results[name, (tp, pcp, dcp, ep, chunk, caching)] = {
+            # With drafts, tokens come from verification, not from the sampling step the recording wraps.
+            diffs = [] if speculative else [
+                (torch.stack(got_logits[index]).double() - want.double()).abs() / want.abs().max()
+                for index, want in enumerate(want_logits * repeats)]
+            results[name, (tp, pcp, dcp, ep, chunk, caching, speculative)] = {
                 "tokens": [r.token_ids for r in generated], "cached": sum(r.metrics.cached_prompt_tokens
                                                                          for r in generated),
-                "max_err": max(float(d.max()) for d in diffs), "load": load}
+                "max_err": max((float(d.max()) for d in diffs), default=None), "load": load,
+                "drafts": engine.metrics.accepted_draft_tokens}
     return results
 
 
@@ -96,10 +103,14 @@ def _check(cases, per_rank):
     for rank, results in enumerate(per_rank):
         for (name, layout), got in results.items():
             label, want_tokens = f"rank {rank}, {name}, layout {layout}", cases[name][2]
-            repeats = 2 if layout[-1] else 1
+            caching, speculative = layout[-2:]
+            repeats = 2 if caching else 1
             assert got["tokens"] == want_tokens * repeats, f"{label}: {got['tokens']} != transformers {want_tokens}"
-            assert (got["cached"] > 0) == layout[-1], (label, got["cached"])
-            assert got["max_err"] <= RTOL, f"{label}: logits differ by {got['max_err']:.3g} of the largest"
+            assert (got["cached"] > 0) == caching, (label, got["cached"])
+            if speculative == "draft_model":  # its own draft: every draft accepted
+                assert got["drafts"] > 0, label
+            if speculative is None:
+                assert got["max_err"] <= RTOL, f"{label}: logits differ by {got['max_err']:.3g} of the largest"
             assert got["load"] == per_rank[0][name, layout]["load"], f"{label}: expert load differs from rank 0's"
             assert all(sum(counts) > 0 for counts in got["load"].values()), (label, got["load"])
 
