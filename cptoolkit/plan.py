@@ -372,7 +372,7 @@ def moe_prefill_comm_per_layer(layout: ParallelLayout, moe: MoEDims, hidden_size
     """``MoELayer``'s prefill ``CommStats`` on one rank for one MoE layer of ``batch`` sequences of ``seq_len``
     tokens: the rank's ``n = batch x padded_length(seq_len, pcp) / pcp`` rows split into ``k = ep / pcp`` TP blocks;
     the rank owning the most, ``ceil(n / k)`` (``block_rows``), routes them. ``ep > 1``: an all-gather of the expert
-    counts (``E`` int64) and an all-to-all of its ``ceil(n/k) x top_k`` rows over the EP group, and one back of the rows it
+    counts (``2 x E`` int64) and an all-to-all of its ``ceil(n/k) x top_k`` rows over the EP group, and one back of the rows it
     received. The back one assumes uniform routing: every expert equally likely, each EP rank receives ``1/EP`` of
     the group's rows, as many as it sent (its exact size depends on the routing; the group's total is exact). Then
     ``tp > 1``: an all-reduce of all ``n`` rows over TP."""
@@ -380,7 +380,8 @@ def moe_prefill_comm_per_layer(layout: ParallelLayout, moe: MoEDims, hidden_size
     rows = batch * padded_length(seq_len, layout.pcp) // layout.pcp
     own_rows = -(-rows // layout.ep_tp_positions)
     if layout.ep > 1:
-        _count(stats, "moe_counts_all_gather", moe.num_experts * COUNTS_BYTES)
+        # each expert's dispatched rows and, beside them, its real (non-padding) ones
+        _count(stats, "moe_counts_all_gather", 2 * moe.num_experts * COUNTS_BYTES)
         _count(stats, "moe_all_to_all", own_rows * moe.top_k * hidden_size * dtype_bytes, calls=2)
     if layout.tp > 1:
         _count(stats, "moe_all_reduce", rows * hidden_size * dtype_bytes)

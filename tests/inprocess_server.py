@@ -38,10 +38,13 @@ class InProcessServer:
     the groups and the process group."""
 
     def __init__(self, options: HTTPOptions = HTTPOptions(), batch_size: int = 8, max_seq_len: int = 448,
-                 drain_timeout_s: float = 5.0):
+                 drain_timeout_s: float = 5.0, checkpoint: Optional[str] = None):
+        """``checkpoint``: another model than tiny-gqa (a directory)."""
         raw = yaml.safe_load((REPO / "configs" / "tp1_pcp1_dcp1.yaml").read_text())
         raw["inference"].update(batch_size=batch_size, max_seq_len=max_seq_len)
         raw["runtime"]["device"] = "cpu"
+        if checkpoint is not None:
+            raw["model"]["checkpoint"] = checkpoint
         self.cfg = config_from_dict(raw, source="InProcessServer", base_dir=REPO / "configs")
         self.options, self.drain_timeout_s = options, drain_timeout_s
         self.failure: Optional[BaseException] = None

@@ -68,8 +68,8 @@ class ModelRunner:
             on_prefill_kv=functools.partial(store_prefill_kv, self.caches.target, self.runtime.decode_group,
                                             groups.pcp_rank, ids, batch.seq_lens, history, batch.seq_len_padded))
         with torch.no_grad():
-            hidden = gpt_hidden(self.model, batch.input_ids.to(device), positions.to(device),
-                                self.runtime, phase=phase)  # [s_local, b, h]
+            hidden = gpt_hidden(self.model, batch.input_ids.to(device), positions.to(device), self.runtime,
+                                phase=phase, padding_mask=~batch.valid.to(device))  # [s_local, b, h]; pads: no MoE load
             last_index = torch.tensor([i for _, i in owners], device=device)
             last_logits = gpt_logits(self.model, hidden.gather(
                 0, last_index.view(1, -1, 1).expand(1, -1, hidden.shape[-1])))[:, 0]
@@ -122,8 +122,12 @@ class ModelRunner:
         positions = torch.tensor(host_positions, device=self.caches.device)
         phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0] if num_drafts == 0 else positions,
                                kv_caches=self.caches.views([r.request_id for r in requests], host_positions))
+        # The draft slots past a row's own drafts: computed, but no MoE load.
+        is_padding = torch.tensor([[j > len(d) for j in range(num_drafts + 1)] for d in drafts],
+                                  device=self.caches.device) if num_drafts else None
         with torch.no_grad():
-            logits = gpt_forward(self.model, input_ids, positions, self.runtime, phase=phase)  # [b, L, vocab]
+            logits = gpt_forward(self.model, input_ids, positions, self.runtime, phase=phase,
+                                 padding_mask=is_padding)  # [b, L, vocab]
         metrics.decode_collectives += stats.total_calls - calls_before
         metrics.decode_bytes_sent += stats.total_bytes - bytes_before
         by_layer = metrics.decode_collectives_by_layer

@@ -26,11 +26,11 @@ def _record(stats: Optional[CommStats], name: str, tensor: torch.Tensor) -> None
 
 
 def gather_counts(counts: torch.Tensor, group: ProcessGroup, stats: Optional[CommStats] = None) -> torch.Tensor:
-    """``counts [E]`` (int64: this rank's rows per expert, experts in EP-rank order) -> every member's,
-    ``[G, E]`` in member order: one all-gather over ``group``."""
+    """``counts [..., E]`` (int64: this rank's rows per expert, experts in EP-rank order) -> every member's,
+    ``[G, ..., E]`` in member order: one all-gather over ``group``."""
     gathered = counts.new_empty(group.size() * counts.numel())  # flat: gloo wants a dim-0 concatenation
     _record(stats, "moe_counts_all_gather", counts)
-    dist.all_gather_into_tensor(gathered, counts.contiguous(), group=group)
+    dist.all_gather_into_tensor(gathered, counts.contiguous().view(-1), group=group)
     return gathered.view(group.size(), *counts.shape)
 
 

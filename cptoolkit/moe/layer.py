@@ -218,7 +218,8 @@ class MoELayer(MegatronModule):
     ``(output [s, b, h], None)``, replicated over TP like the dense MLP's. ``runtime``'s phase picks the prefill
     dispatch or the decode reduce (module docstring); its ``layer_stats`` count every collective.
     ``expert_tokens [E]`` counts every (token, slot) routed to each expert, the replica's whole load, on every rank
-    (prefill: from the gathered counts; decode: every rank routes every row), for the engine's metrics."""
+    (prefill: from the gathered counts; decode: every rank routes every row), padding left out, for the engine's
+    metrics."""
 
     def __init__(self, config: TransformerConfig, dims: MoEDims, groups: MoEGroups, runtime: AttentionRuntime):
         super().__init__(config)
@@ -246,12 +247,13 @@ class MoELayer(MegatronModule):
 
     def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, None]:
         """``hidden [s, b, h]``; ``padding_mask [b, s]`` (megatron's convention: True at padding tokens) keeps
-        padding out of the ``routing_record`` (padding rows are still computed, like every row)."""
+        padding out of the ``routing_record`` and ``expert_tokens`` (padding rows are still computed, like every
+        row)."""
         rows = hidden.reshape(-1, hidden.shape[-1])
         is_padding = None if padding_mask is None else padding_mask.t().reshape(-1)
         stats = self.runtime.layer_stats(self.layer_number)
         if self.runtime.phase.mode == "decode":
-            out = self._decode(rows, stats)
+            out = self._decode(rows, is_padding, stats)
         else:
             out = self._prefill(rows, is_padding, stats)
         return out.view_as(hidden), None
@@ -276,20 +278,22 @@ class MoELayer(MegatronModule):
 
     def _dispatch(self, rows: torch.Tensor, is_padding: Optional[torch.Tensor], stats: CommStats) -> torch.Tensor:
         """The routed experts' output (this rank's ETP slice) for ``rows [m, h]``, which this rank owns:
-        dispatched over the EP group and back. ``is_padding [m]`` (or None) only shapes the routing record."""
+        dispatched over the EP group and back. ``is_padding [m]`` (or None) only shapes what is counted (the routing
+        record, ``expert_tokens``)."""
         placement, top_k = self.placement, self.dims.top_k
         weights, experts, scores = self.router(rows)
         flat_experts = experts.flatten()
         order = flat_experts.argsort(stable=True)  # (row, slot) pairs grouped by expert, so by EP rank
         sorted_rows = rows[order // top_k]
         counts = torch.bincount(flat_experts, minlength=placement.num_experts)
+        real_counts = _real_counts(experts, is_padding, placement.num_experts)
         if torch.is_grad_enabled():
             self._record(scores, experts, is_padding)
         if placement.ep_size == 1:
-            self.expert_tokens += counts
+            self.expert_tokens += real_counts
             expert_out = self.experts(sorted_rows, counts.tolist())
         else:
-            expert_out = self._exchange(sorted_rows, counts, stats)
+            expert_out = self._exchange(sorted_rows, counts, real_counts, stats)
         weighted = expert_out * weights.flatten()[order, None].to(expert_out.dtype)
         return rows.new_zeros(rows.shape).index_add(0, order // top_k, weighted)
 
@@ -303,13 +307,16 @@ class MoELayer(MegatronModule):
         self.routing_record = RoutingRecord((scores / scores.sum(dim=-1, keepdim=True)).sum(dim=0), counts,
                                             scores.shape[0])
 
-    def _exchange(self, sorted_rows: torch.Tensor, counts: torch.Tensor, stats: CommStats) -> torch.Tensor:
+    def _exchange(self, sorted_rows: torch.Tensor, counts: torch.Tensor, real_counts: torch.Tensor,
+                  stats: CommStats) -> torch.Tensor:
         """Rows grouped by expert (``counts [E]``, so by destination EP rank) -> each one's expert output, computed
         by the rank holding its expert: an all-gather of counts, an all-to-all of rows and one of the outputs back.
-        The gathered counts are the EP group's whole load (its members own distinct rows): ``expert_tokens``."""
+        The gathered ``real_counts`` (padding left out; in the same all-gather) are the EP group's whole load (its
+        members own distinct rows): ``expert_tokens``."""
         group, placement, local = self.groups.ep, self.placement, self.placement.num_local
-        every_count = gather_counts(counts, group, stats).view(placement.ep_size, placement.ep_size, local)
-        self.expert_tokens += every_count.sum(dim=0).flatten()
+        gathered = gather_counts(torch.stack([counts, real_counts]), group, stats)  # [EP, 2, E]
+        every_count = gathered[:, 0].view(placement.ep_size, placement.ep_size, local)
+        self.expert_tokens += gathered[:, 1].sum(dim=0)
         received_counts = every_count[:, placement.ep_rank]  # [source, local expert]
         send_splits = counts.view(placement.ep_size, local).sum(dim=1).tolist()
         recv_splits = received_counts.sum(dim=1).tolist()
@@ -320,7 +327,7 @@ class MoELayer(MegatronModule):
         out = out.new_zeros(out.shape).index_copy(0, by_expert, out)
         return all_to_all_rows(out, recv_splits, send_splits, group, stats)
 
-    def _decode(self, rows: torch.Tensor, stats: CommStats) -> torch.Tensor:
+    def _decode(self, rows: torch.Tensor, is_padding: Optional[torch.Tensor], stats: CommStats) -> torch.Tensor:
         placement = self.placement
         weights, experts, _ = self.router(rows)
         local = experts - placement.first_expert
@@ -328,13 +335,19 @@ class MoELayer(MegatronModule):
         local = local[token, slot]
         order = local.argsort(stable=True)
         token, slot = token[order], slot[order]
-        self.expert_tokens += torch.bincount(experts.flatten(), minlength=placement.num_experts)
+        self.expert_tokens += _real_counts(experts, is_padding, placement.num_experts)
         counts = torch.bincount(local, minlength=placement.num_local).tolist()
         out = self.experts(rows[token], counts) * weights[token, slot, None].to(rows.dtype)
         partial = rows.new_zeros(rows.shape).index_add(0, token, out)
         if self.shared_experts is not None and self.groups.pcp_rank == 0:
             partial = partial + self._shared(rows)
         return reduce_partials(partial, self.groups.replica, stats)
+
+
+def _real_counts(experts: torch.Tensor, is_padding: Optional[torch.Tensor], num_experts: int) -> torch.Tensor:
+    """``[E]`` (row, slot) assignments per expert of the rows of ``experts [n, top_k]`` that are not padding."""
+    real = experts if is_padding is None else experts[~is_padding]
+    return torch.bincount(real.flatten(), minlength=num_experts)
 
 
 def moe_layers(model: torch.nn.Module) -> list[MoELayer]:
