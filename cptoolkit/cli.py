@@ -7,6 +7,7 @@
     cptoolkit layout [MODEL] [--config YAML] -tp 2 -pcp 2 -dcp 4 [-ep 4] [--legend] [--nproc-per-node N]
     cptoolkit plan --model llama3.1-8b --context 131072 ...      (the flags of python -m cptoolkit.plan)
     cptoolkit chat [--url http://127.0.0.1:8000/v1] [--model NAME] [--system TEXT] [--quick MESSAGE]
+    cptoolkit upcycle --checkpoint DENSE_DIR --experts 4 --top-k 2 [--seed 0] --output MOE_DIR
 
 Each flag of ``JOB_FLAGS`` sets one config field over the ``--config`` YAML (or over the config dataclasses'
 defaults without one); MODEL, a checkpoint directory, is ``model.checkpoint`` and replaces the YAML's model
@@ -344,6 +345,63 @@ def _layout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upcycled_weights(args: argparse.Namespace) -> tuple[dict, dict, Any]:
+    """``(the upcycled full state dict, its config.json dict, the tokenizer)`` of ``args.checkpoint``; a
+    ``ConfigError`` naming the flag, the value and the rule for what cannot be upcycled or written, before any
+    tensor is read."""
+    from cptoolkit.models.checkpoint import (CPTOOLKIT_FORMAT, checkpoint_layout, hf_to_full, read_weights,
+                                             tensor_files)
+    from cptoolkit.models.families.registry import hf_shape, write_hf_config
+    from cptoolkit.models.shape import read_config
+    from cptoolkit.models.tokenizer import load_tokenizer
+    from cptoolkit.models.upcycle import upcycle, upcycled_shape
+
+    source, output = Path(args.checkpoint), Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConfigError(f"cptoolkit upcycle: --output {output}: exists and is not an empty directory; rule: the "
+                          "upcycled checkpoint is written to a new or empty directory; remove it or choose another")
+    config = read_config(source)
+    shape = hf_shape(config, source)
+    try:
+        moe_config = write_hf_config(upcycled_shape(shape, args.experts, args.top_k))
+    except ValueError as err:
+        raise ConfigError(f"cptoolkit upcycle --checkpoint {source} --experts {args.experts} --top-k {args.top_k}: "
+                          f"{err}") from None
+    tokenizer = load_tokenizer(source)
+    checkpoint_layout(config, shape, tensor_files(source))  # a missing or misshapen tensor, named, before reading
+    weights = read_weights(source)
+    full = weights if config.get("cptoolkit_format") == CPTOOLKIT_FORMAT else hf_to_full(weights, shape)
+    upcycled, _ = upcycle(full, shape, args.experts, args.top_k, args.seed)
+    return upcycled, moe_config, tokenizer
+
+
+def _upcycle(args: argparse.Namespace) -> int:
+    """Write ``--checkpoint``'s dense model upcycled into a mixture of experts (``cptoolkit.models.upcycle``) as a
+    cptoolkit checkpoint with the same tokenizer, in the files ``save_checkpoint`` writes; one line, exit 0."""
+    from safetensors.torch import save_file
+
+    from cptoolkit.distributed import setup_logging
+
+    setup_logging(0)  # before the checkpoint reader imports megatron: its import-time warnings stay silent
+    from cptoolkit.models.checkpoint import CPTOOLKIT_FORMAT, WEIGHTS_FILE
+    from cptoolkit.models.shape import CONFIG_FILE
+
+    try:
+        upcycled, moe_config, tokenizer = _upcycled_weights(args)
+    except ConfigError as err:
+        return _error(err)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in upcycled.items()}, output / WEIGHTS_FILE)
+    weights_dtype = str(next(iter(upcycled.values())).dtype).removeprefix("torch.")
+    config = {**moe_config, "dtype": weights_dtype, "cptoolkit_format": CPTOOLKIT_FORMAT}
+    (output / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save(output)
+    print(f"{args.checkpoint} upcycled into {args.experts} experts, top-{args.top_k} (router seed {args.seed}): "
+          f"{output} ({(output / WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("model", nargs="?", metavar="MODEL",
                         help="a Hugging Face or cptoolkit checkpoint directory; replaces the YAML's model "
@@ -402,6 +460,19 @@ def build_parser() -> argparse.ArgumentParser:
                                           "answer streams back, the conversation is kept (cptoolkit.chat_client)")
     chat_client.add_arguments(sub)
     sub.set_defaults(handler=chat_client.run)
+    sub = commands.add_parser("upcycle", help="turn a dense checkpoint into a mixture of experts with its output "
+                              "(every expert a copy of the MLP)", description="write a dense checkpoint as a mixture "
+                              "of experts that computes the same logits: every MLP becomes --experts copies of "
+                              "itself behind a seeded random router, softmax over the experts, the --top-k best "
+                              "renormalised to sum 1 (cptoolkit.models.upcycle); train it so the experts differ")
+    sub.add_argument("--checkpoint", required=True, metavar="DIR",
+                     help="the dense model: a cptoolkit or Hugging Face checkpoint directory")
+    sub.add_argument("--experts", required=True, type=int, metavar="E", help="experts per layer")
+    sub.add_argument("--top-k", required=True, type=int, metavar="K", help="experts each token takes (<= E)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the routers' random weights (default 0)")
+    sub.add_argument("--output", required=True, metavar="DIR",
+                     help="a new (or empty) directory for the upcycled cptoolkit checkpoint")
+    sub.set_defaults(handler=_upcycle)
     commands.add_parser("plan", add_help=False, help="rank the layouts for a model, a context and a cluster "
                                                      "(cptoolkit plan --help: its flags)")
     return parser
