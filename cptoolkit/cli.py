@@ -103,11 +103,11 @@ KV_CACHE_MEMORY_FRACTION = Flag(("--kv-cache-memory-fraction",), "inference.kv_c
                                 "is loaded (the least over the ranks)", type=float)
 
 JOB_FLAGS = {
-    "serve": (TP, PCP, DCP, INTERLEAVE, MAX_MODEL_LEN, MAX_NUM_SEQS, PREFIX_CACHING, MAX_NUM_BATCHED_TOKENS,
+    "serve": (TP, PCP, DCP, EP, INTERLEAVE, MAX_MODEL_LEN, MAX_NUM_SEQS, PREFIX_CACHING, MAX_NUM_BATCHED_TOKENS,
               MODEL_SEED, KV_CACHE_MEMORY, KV_CACHE_MEMORY_FRACTION),
-    "generate": (TP, PCP, DCP, DP, INTERLEAVE, MAX_MODEL_LEN, MAX_NUM_SEQS, PREFIX_CACHING, MAX_NUM_BATCHED_TOKENS,
+    "generate": (TP, PCP, DCP, EP, DP, INTERLEAVE, MAX_MODEL_LEN, MAX_NUM_SEQS, PREFIX_CACHING, MAX_NUM_BATCHED_TOKENS,
                  SAMPLING_SEED, PROMPT, MAX_TOKENS, KV_CACHE_MEMORY, KV_CACHE_MEMORY_FRACTION),
-    "train": (TP, PCP, DP, TRAIN_SEED),
+    "train": (TP, PCP, EP, DP, TRAIN_SEED),
     "layout": (TP, PCP, DCP, DP, EP),
 }
 JOBS = {"serve": "cptoolkit.entrypoints.serve", "generate": "cptoolkit.entrypoints.infer",
@@ -378,25 +378,17 @@ def _upcycled_weights(args: argparse.Namespace) -> tuple[dict, dict, Any]:
 def _upcycle(args: argparse.Namespace) -> int:
     """Write ``--checkpoint``'s dense model upcycled into a mixture of experts (``cptoolkit.models.upcycle``) as a
     cptoolkit checkpoint with the same tokenizer, in the files ``save_checkpoint`` writes; one line, exit 0."""
-    from safetensors.torch import save_file
-
     from cptoolkit.distributed import setup_logging
 
     setup_logging(0)  # before the checkpoint reader imports megatron: its import-time warnings stay silent
-    from cptoolkit.models.checkpoint import CPTOOLKIT_FORMAT, WEIGHTS_FILE
-    from cptoolkit.models.shape import CONFIG_FILE
+    from cptoolkit.models.checkpoint import WEIGHTS_FILE, write_checkpoint
 
     try:
         upcycled, moe_config, tokenizer = _upcycled_weights(args)
     except ConfigError as err:
         return _error(err)
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    save_file({name: tensor.contiguous() for name, tensor in upcycled.items()}, output / WEIGHTS_FILE)
-    weights_dtype = str(next(iter(upcycled.values())).dtype).removeprefix("torch.")
-    config = {**moe_config, "dtype": weights_dtype, "cptoolkit_format": CPTOOLKIT_FORMAT}
-    (output / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    tokenizer.save(output)
+    write_checkpoint(upcycled, moe_config, output, tokenizer)
     print(f"{args.checkpoint} upcycled into {args.experts} experts, top-{args.top_k} (router seed {args.seed}): "
           f"{output} ({(output / WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")
     return 0

@@ -34,7 +34,7 @@ CHECKPOINTS = {"LlamaForCausalLM": ("llama",), "MistralForCausalLM": ("mistral",
                "Gemma3ForCausalLM": ("gemma3",), "GPT2LMHeadModel": ("gpt2",),
                "DeepseekV2ForCausalLM": ("deepseek_v2",), "DeepseekV3ForCausalLM": ("deepseek_v3",)}
 NAMES = [name for names in CHECKPOINTS.values() for name in names]
-# Every layer dense (cptoolkit has no MoE layers); V2 without a query bottleneck, V3 with one.
+# Every layer dense (the MoE families run in tests/test_moe_hf.py); V2 without a query bottleneck, V3 with one.
 MLA_SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=2,
                  max_position_embeddings=64, initializer_range=0.2, bos_token_id=1, eos_token_id=None,

@@ -244,22 +244,28 @@ def load_model_checkpoint(checkpoint_dir: str | Path, pg_collection: ProcessGrou
     return model
 
 
+def write_checkpoint(full: StateDict, hf_config: dict, checkpoint_dir: str | Path, tokenizer) -> None:
+    """Write the full state dict ``full`` as a cptoolkit checkpoint: ``model.safetensors``, ``config.json`` (the
+    model's ``hf_config`` marked ``cptoolkit_format``, with the weights' ``dtype``) and the tokenizer
+    (``tokenizer.save``). One process's job: no collective."""
+    directory = Path(checkpoint_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in full.items()}, directory / WEIGHTS_FILE)
+    # "dtype" (transformers 5's key) lets runtime.dtype: auto load the weights in the dtype they were saved in.
+    weights_dtype = str(next(iter(full.values())).dtype).removeprefix("torch.")
+    config = {**hf_config, "dtype": weights_dtype, "cptoolkit_format": CPTOOLKIT_FORMAT}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save(directory)
+
+
 def save_checkpoint(model: CPGPTModel, checkpoint_dir: str | Path, tokenizer) -> None:
     """Write ``model`` and ``tokenizer`` as a cptoolkit checkpoint that loads at any TP size.
 
     Collective: every rank calls it. Each TP group assembles the full weights (one all-gather per
-    parameter over the model's TP group); global rank 0 writes ``model.safetensors``,
-    ``config.json`` and the tokenizer (``tokenizer.save``); a barrier on the default group makes
-    the files visible to every rank on return.
+    parameter over the model's TP group; routed experts over their EP and ETP groups); global rank 0 writes them
+    (``write_checkpoint``); a barrier on the default group makes the files visible to every rank on return.
     """
     full = gather_full_state_dict(model)
     if dist.get_rank() == 0:
-        directory = Path(checkpoint_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({name: tensor.contiguous() for name, tensor in full.items()}, directory / WEIGHTS_FILE)
-        # "dtype" (transformers 5's key) lets runtime.dtype: auto load the weights in the dtype they were saved in.
-        weights_dtype = str(next(iter(full.values())).dtype).removeprefix("torch.")
-        config = {**write_hf_config(model.shape), "dtype": weights_dtype, "cptoolkit_format": CPTOOLKIT_FORMAT}
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        tokenizer.save(directory)
+        write_checkpoint(full, write_hf_config(model.shape), checkpoint_dir, tokenizer)
     dist.barrier()
