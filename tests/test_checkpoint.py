@@ -292,7 +292,7 @@ CONFIG_JSON_CASES = {
     "unsupported model_type": (lambda d: _set_config(d, model_type="gemma"),
                                r"/config\.json: model_type='gemma' is not supported; rule: one of 'llama', "
                                r"'mistral', 'mixtral', 'qwen2', 'qwen3', 'qwen2_moe', 'qwen3_moe', 'gpt2', "
-                               r"'deepseek_v2', 'deepseek_v3', 'gemma2', 'gemma3_text', 'gpt_oss' \(architectures "
+                               r"'deepseek_v2', 'deepseek_v3', 'kimi_k2', 'gemma2', 'gemma3_text', 'gpt_oss' \(architectures "
                                r"LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, "
                                r"Qwen3ForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, GPT2LMHeadModel, GPT2Model, "
                                r"DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, GptOssForCausalLM\)$"),

@@ -31,6 +31,9 @@ TINY = {
                   "moe_intermediate_size": 16, "norm_topk_prob": True, "mlp_only_layers": [0]},
     "gemma3_text": {**_LLAMA_BLOCK, "head_dim": 8, "sliding_window": 8, "query_pre_attn_scalar": 8,
                     "sliding_window_pattern": 2, "rope_local_base_freq": 100.0},
+    "kimi_k2": {**_LLAMA_BLOCK, "q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+                "qk_rope_head_dim": 4, "v_head_dim": 8, "first_k_dense_replace": 1, "n_routed_experts": 4,
+                "num_experts_per_tok": 2, "moe_intermediate_size": 16, "n_group": 1, "topk_group": 1},
     "gpt_oss": {**_LLAMA_BLOCK, "head_dim": 8, "sliding_window": 8, "num_local_experts": 4, "num_experts_per_tok": 2},
 }
 

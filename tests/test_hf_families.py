@@ -220,7 +220,7 @@ REFUSED = {
     "Llama mlp_bias": (_hf_config("llama", mlp_bias=True), r"^mlp_bias=True; rule: must be False$"),
     "another family": (_hf_config("llama", model_type="gemma"),
                        r"^model_type='gemma' is not supported; rule: one of 'llama', 'mistral', 'mixtral', 'qwen2', "
-                       r"'qwen3', 'qwen2_moe', 'qwen3_moe', 'gpt2', 'deepseek_v2', 'deepseek_v3', 'gemma2', "
+                       r"'qwen3', 'qwen2_moe', 'qwen3_moe', 'gpt2', 'deepseek_v2', 'deepseek_v3', 'kimi_k2', 'gemma2', "
                        r"'gemma3_text', 'gpt_oss' \(architectures LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
                        r"Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, "
                        r"GPT2LMHeadModel, GPT2Model, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Gemma2ForCausalLM, "

@@ -382,6 +382,17 @@ def test_the_full_state_dict_stacks_each_experts_gate_up_rows_and_transposed_dow
             assert torch.equal(full[mlp + "shared_expert_gate.weight"], stored[f"{hf}mlp.shared_expert_gate.weight"])
 
 
+def test_kimi_k2_reads_as_deepseek_v3_and_quantized_checkpoints_are_refused():
+    """Kimi K2's config.json is DeepSeek-V3's architecture under model_type kimi_k2; DeepSeek-V3/R1's and Kimi K2's
+    released weights are FP8 with block scales (``quantization_config``): refused, never loaded without scales."""
+    v3 = _config("deepseek_v3")
+    assert read_hf_config({**v3, "model_type": "kimi_k2"}) == read_hf_config(v3)
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+    with pytest.raises(ValueError, match=r"^quantization_config=\{'quant_method': 'fp8', \.\.\.\} is not supported; "
+                                         r"rule: cptoolkit loads float weights only"):
+        read_hf_config({**v3, "model_type": "kimi_k2", "quantization_config": fp8})
+
+
 def test_gpt_oss_stacked_experts_are_read_as_their_slots(checkpoints):
     """gpt-oss's experts-stacked tensors: expert e's fc1 rows are ``gate_up_proj[e]`` transposed (interleaved gate/up
     rows kept), its fc1 bias ``gate_up_proj_bias[e]``, its fc2 rows ``down_proj[e]``; the fc2 biases, the router, the

@@ -98,7 +98,10 @@ def _read_moe(config: dict, model_type: str, layers: int, first_dense: int) -> M
 
 def _read(config: dict, model_type: str) -> GPTShape:
     """The Llama block with multi-head latent attention, routed experts from ``first_k_dense_replace`` on (none when
-    it covers every layer: the MoE keys are then not read, as transformers builds no MoE layer)."""
+    it covers every layer: the MoE keys are then not read, as transformers builds no MoE layer). Kimi K2
+    (``kimi_k2``) is DeepSeek-V3's architecture under another name (its config.json names
+    ``DeepseekV3ForCausalLM``): read as ``deepseek_v3``."""
+    model_type = _SAME_ARCHITECTURE.get(model_type, model_type)
     require_keys(config, _FIXED_KEYS[model_type])
     layers = positive_key(config, "num_hidden_layers")
     first_dense = non_negative_key(config, "first_k_dense_replace", _FIRST_DENSE_DEFAULT[model_type])
@@ -215,7 +218,9 @@ def _layout(shape: GPTShape, names: Collection[str]) -> Layout:
     return expert_layout(shape, layout, DEEPSEEK_NAMES)
 
 
+_SAME_ARCHITECTURE = {"kimi_k2": "deepseek_v3"}
 DEEPSEEK = Family(name="deepseek", architectures={"deepseek_v2": ("DeepseekV2ForCausalLM",),
-                                                  "deepseek_v3": ("DeepseekV3ForCausalLM",)},
+                                                  "deepseek_v3": ("DeepseekV3ForCausalLM",),
+                                                  "kimi_k2": ("DeepseekV3ForCausalLM",)},
                   read_hf_config=_read, owns=_owns, write_hf_config=_write,
                   tensor_shapes=_tensor_shapes, layout=_layout)

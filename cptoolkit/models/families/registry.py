@@ -25,7 +25,7 @@ from cptoolkit.models.shape import CONFIG_FILE, GPTShape
 FAMILIES: tuple[Family, ...] = (LLAMA, MIXTRAL, QWEN, QWEN_MOE, GPT2, DEEPSEEK, GEMMA, GPT_OSS)
 BY_MODEL_TYPE: dict[str, Family] = {model_type: family for family in FAMILIES for model_type in family.architectures}
 _SUPPORTED = (f"one of {', '.join(repr(t) for t in BY_MODEL_TYPE)} (architectures "
-              f"{', '.join(a for f in FAMILIES for archs in f.architectures.values() for a in archs)})")
+              f"{', '.join(dict.fromkeys(a for f in FAMILIES for archs in f.architectures.values() for a in archs))})")
 
 
 def read_hf_config(config: dict) -> GPTShape:
@@ -36,6 +36,13 @@ def read_hf_config(config: dict) -> GPTShape:
     model_type = config["model_type"]
     if model_type not in BY_MODEL_TYPE:
         raise ValueError(f"model_type={model_type!r} is not supported; rule: {_SUPPORTED}")
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise ValueError(f"quantization_config={{'quant_method': {method!r}, ...}} is not supported; rule: cptoolkit "
+                         "loads float weights only (float32, bfloat16): a quantized checkpoint's weights would load "
+                         "without their scales; dequantize it first (DeepSeek-V3/R1 and Kimi K2's FP8 weights: "
+                         "DeepSeek's fp8_cast_bf16.py)")
     family = BY_MODEL_TYPE[model_type]
     accepted = family.architectures[model_type]
     unsupported = [a for a in config.get("architectures") or [] if a not in accepted]
