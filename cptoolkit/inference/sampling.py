@@ -2,6 +2,13 @@
 greedy, temperature, top-k and top-p, reproducible per request; and the log-probabilities a request
 asks to see.
 
+A step samples its whole batch with batched tensor ops and no host round-trip (``sample_each``): the
+adjustments as indexed adds over ``[b, vocab]``, greedy rows by one argmax, the others by gpt-fast's
+exponential race (``draw``: the argmax of ``probs / noise``), so the engine reads the step's tokens from the
+device once. A row's figures depend on that row alone (its own settings decide its ops, never the batch's), so a
+request draws the same tokens whichever requests share its batch; ``tests/test_sampling_batched.py`` checks
+that against a row-by-row reference.
+
 Every rank of a TP x PCP x DCP job runs the same decode step and must pick the same token, or the
 ranks' KV caches diverge. Two ways to guarantee it:
 - feed ``sample`` identical logits on every rank (e.g. after the TP all-gather of the vocabulary
@@ -10,8 +17,8 @@ ranks' KV caches diverge. Two ways to guarantee it:
 - sample on one rank and send the result to the others with ``broadcast_tokens``.
 
 Each request owns one ``torch.Generator`` (``make_generator(seed, request_index)``), created when the
-request is admitted and advanced only by that request's own draws, so a request's tokens do not
-depend on which other requests share its batch.
+request is admitted and advanced only by that request's own draws (one noise vector per sampled token), so a
+request's tokens do not depend on which other requests share its batch.
 
 Every admitted value samples (``tests/test_sampling_edges.py`` checks the whole space with hypothesis):
 - a ``temperature`` below ``GREEDY_TEMPERATURE`` (1e-5, vLLM's threshold) is greedy: dividing by it would
@@ -21,9 +28,9 @@ Every admitted value samples (``tests/test_sampling_edges.py`` checks the whole 
 - penalties and bias are applied in float64 and a logit pushed past float32's range saturates at its largest
   finite value (``repetition_penalty`` 5e-324 divides a positive logit by a subnormal); temperature scaling
   saturates the same way, so the softmax never sees inf. A sampled row whose logits hold NaN (a model fault)
-  raises in ``torch.multinomial``; a greedy one takes the NaN's index, as ``torch.argmax`` ranks NaN first.
-``sample_each`` isolates rows: one whose sampling raises gets ``FAILED_TOKEN`` and its message, and the other
-rows are sampled as if it were not there.
+  gets ``FAILED_TOKEN`` (``NOT_FINITE``); a greedy one takes the NaN's index, as ``torch.argmax`` ranks NaN first.
+``sample_each`` isolates rows: one whose sampling fails gets ``FAILED_TOKEN``, and the other rows are sampled as
+if it were not there.
 
 Log-probabilities (``logprobs``, ``prompt_logprobs``) are those of the model's own distribution: the
 log-softmax of the raw logits over the model's whole vocabulary, before penalties, bias and temperature
@@ -34,7 +41,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -147,35 +154,52 @@ def make_generator(seed: int, request_index: int, device: torch.device | str = "
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
            ) -> torch.Tensor:
-    """Pick one token per row of ``logits [b, vocab]``; returns ``[b]`` int64 on ``logits.device``.
+    """Pick one token per row of ``logits [b, vocab]``, as batched tensor ops with no host round-trip; returns
+    ``[b]`` int64 on ``logits.device``.
 
-    Row ``i`` uses ``params[i]`` and draws from ``generators[i]`` (one draw per non-greedy row; greedy
-    rows leave their generator untouched) on the generator's own device, which may differ from
-    ``logits.device`` (with CPU generators and CUDA logits the draw runs on the CPU).
-    Temperature scales the logits, then top-k keeps the ``top_k`` most likely tokens, then top-p keeps
-    the smallest most-likely set whose probability is >= ``top_p`` (at least one token); equal
-    probabilities are ranked by lower token id.
+    Greedy rows (``SamplingParams.is_greedy``) take the argmax and leave their generator untouched; the others
+    draw from ``token_probs`` with one draw from ``generators[i]`` each (``draw``). A sampled row whose
+    probabilities are not finite (NaN logits: a model fault) gets ``FAILED_TOKEN``.
     """
     if logits.dim() != 2 or len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
         raise ValueError(f"sample expects logits [b, vocab] with b params and b generators; got logits "
                          f"{list(logits.shape)}, {len(params)} params, {len(generators)} generators")
-    return torch.stack([_sample_row(row, row_params, generator)
-                        for row, row_params, generator in zip(logits, params, generators)])
+    greedy = [row for row, row_params in enumerate(params) if row_params.is_greedy]
+    if len(greedy) == len(params):
+        return torch.argmax(logits, dim=-1)
+    drawn = [row for row, row_params in enumerate(params) if not row_params.is_greedy]
+    tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
+    if greedy:
+        tokens[greedy] = torch.argmax(logits[greedy], dim=-1)
+    tokens[drawn] = draw(token_probs(logits[drawn], [params[row] for row in drawn]),
+                         [generators[row] for row in drawn])
+    return tokens
 
 
 def sample_each(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator],
                 prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]]
                 ) -> tuple[torch.Tensor, dict[int, str]]:
-    """``adjust_logits`` then ``sample``, row by row in isolation: ``(tokens [b] int64, errors)`` where a row
-    whose adjustment or draw raised holds ``FAILED_TOKEN`` and ``errors[row]`` says why; every other row draws
-    exactly what ``sample`` would have drawn for it."""
+    """``adjust_logits`` then ``sample`` for the whole batch, each row as if alone: ``(tokens [b] int64, errors)``.
+
+    ``FAILED_TOKEN`` marks a row whose sampling failed: ``errors[row]`` says why when it raised; a row with no
+    entry had probabilities that are not finite (``NOT_FINITE``; only the device knows which, until the tokens
+    are read). When the batch raises, every generator is set back to its state before the step and each row
+    runs alone, so a row that raises alone fails and every other row draws exactly what it would have drawn.
+    """
+    states = [generator.get_state() for generator in generators]
+    try:
+        return sample(adjust_logits(logits, params, prompt_ids, output_ids), params, generators), {}
+    except Exception:  # a fault in one request's sampling ends that request, not the batch: find it
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
     tokens = torch.full((logits.shape[0],), FAILED_TOKEN, dtype=torch.int64, device=logits.device)
     errors: dict[int, str] = {}
-    for row, (row_params, generator) in enumerate(zip(params, generators)):
+    for row in range(logits.shape[0]):
         try:
-            adjusted = adjust_logits(logits[row:row + 1], [row_params], [prompt_ids[row]], [output_ids[row]])
-            tokens[row] = _sample_row(adjusted[0], row_params, generator)
-        except Exception as err:  # a fault in one request's sampling ends that request, not the batch
+            adjusted = adjust_logits(logits[row:row + 1], params[row:row + 1], prompt_ids[row:row + 1],
+                                     output_ids[row:row + 1])
+            tokens[row] = sample(adjusted, params[row:row + 1], generators[row:row + 1])[0]
+        except Exception as err:  # noqa: BLE001 - this row's fault, reported in its error
             errors[row] = sampling_failure(err)
     return tokens, errors
 
@@ -185,71 +209,121 @@ def sampling_failure(err: Exception) -> str:
     return f"sampling failed ({type(err).__name__}: {err})"
 
 
-def token_distribution(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a non-greedy ``params`` samples from ``logits [vocab]``: ``(probs [n], ids [n])``, the kept
-    tokens (temperature, then top-k, then top-p; see ``sample``), most likely first. ``probs`` need not sum to
-    1 after top-p (draws renormalise)."""
-    sorted_logits, sorted_ids = torch.sort(logits.float(), descending=True, stable=True)
-    if params.top_k:
-        sorted_logits, sorted_ids = sorted_logits[:params.top_k], sorted_ids[:params.top_k]
-    scaled = (sorted_logits.double() / params.temperature).clamp(-_FLOAT32_MAX, _FLOAT32_MAX).float()
-    probs = torch.softmax(scaled, dim=-1)
-    if params.top_p < 1:
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        kept = mass_before < params.top_p
-        kept[0] = True  # the most likely token survives any top_p > 0
-        probs, sorted_ids = probs[kept], sorted_ids[kept]
-    return probs, sorted_ids
+NOT_FINITE = "sampling failed (its probabilities are not finite: the model's logits hold NaN)"
 
 
-def draw(probs: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One of ``ids [n]`` (0-dim int64) with probability ``probs [n]`` (unnormalised) from ``generator``."""
-    # torch.multinomial needs its input on the generator's device (CUDA rejects a CPU generator with
-    # CUDA probs): draw there, then pick the token id on the logits' device.
-    choice = torch.multinomial(probs.to(generator.device), 1, generator=generator)
-    return ids[choice.to(ids.device)][0]
+def token_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """What each non-greedy row of ``logits [n, vocab]`` samples from: ``probs [n, vocab]`` float32 by token id.
+
+    Temperature scales the logits (in float64, saturating at float32's largest finite value), then top-k keeps
+    the ``top_k`` largest logits and top-p the smallest most-likely set of the remaining probabilities whose mass
+    is >= ``top_p`` (at least one token), equal logits ranked by lower token id; ``probs`` is the softmax over
+    the kept tokens, 0 elsewhere. Rows without top-k and top-p skip the sort; either way a row's figures depend
+    on that row alone, so they are the same in any batch.
+    """
+    temperatures = to_device([p.temperature for p in params], torch.float64, logits.device)
+    scaled = (logits.double() / temperatures[:, None]).clamp(-_FLOAT32_MAX, _FLOAT32_MAX).float()
+    filtered = [row for row, p in enumerate(params) if p.top_k or p.top_p < 1]
+    if filtered:
+        kept = _kept(logits[filtered].float(), scaled[filtered], [params[row] for row in filtered])
+        scaled[filtered] = scaled[filtered].masked_fill(~kept, float("-inf"))
+    return torch.softmax(scaled, dim=-1)
 
 
-def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """One token id (0-dim int64) from ``logits [vocab]``."""
-    if params.is_greedy:
-        return torch.argmax(logits)
-    return draw(*token_distribution(logits, params), generator)
+def _kept(logits: torch.Tensor, scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """``[m, vocab]`` bool by token id: the tokens top-k and top-p keep (see ``token_probs``) of ``logits`` and
+    their temperature-``scaled`` values ``[m, vocab]``."""
+    vocab = logits.shape[1]
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+    rank = torch.arange(vocab, device=logits.device)
+    top_k = to_device([p.top_k or vocab for p in params], torch.long, logits.device)
+    in_top_k = rank < top_k[:, None]  # [m, vocab] by rank
+    probs = torch.softmax(scaled.gather(1, order).masked_fill(~in_top_k, float("-inf")), dim=-1)
+    top_p = to_device([p.top_p for p in params], probs.dtype, logits.device)
+    kept = in_top_k & (torch.cumsum(probs, dim=-1) - probs < top_p[:, None])
+    kept[:, 0] = True  # the most likely token survives any top_p > 0
+    return torch.zeros_like(kept).scatter_(1, order, kept)
+
+
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``probs [n, vocab]`` (unnormalised), ``[n]`` int64 on ``probs.device``, with no host
+    round-trip: the argmax of ``probs / E`` with ``E ~ Exponential(1)`` per token (gpt-fast's
+    ``multinomial_sample_one_no_sync``; the least of independent exponentials of rates ``p_i`` is ``j`` with
+    probability ``p_j / sum p``). Row ``i``'s noise comes from ``generators[i]``, drawn on its own device, so a
+    request's draws depend on its own generator only. A row whose ``probs`` are not finite gets ``FAILED_TOKEN``.
+    """
+    noise = move(torch.stack([_exponential(probs.shape[1], generator) for generator in generators]), probs.device)
+    tokens = torch.argmax(probs / noise, dim=-1)
+    return tokens.masked_fill_(~torch.isfinite(probs).all(dim=-1), FAILED_TOKEN)
+
+
+def _exponential(size: int, generator: torch.Generator) -> torch.Tensor:
+    """``[size]`` float32 Exponential(1) noise from ``generator`` on its device, as ``-log(U)``: ``U`` in [0, 1)
+    is never 1, so the noise is never 0 (``probs / noise`` stays finite); ``U = 0`` gives inf, a token that
+    cannot win (probability 2^-24 per token). Faster on a CPU than ``Tensor.exponential_``."""
+    return torch.rand(size, generator=generator, device=generator.device).log_().neg_()
 
 
 def adjust_logits(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],
                   output_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``logits [b, vocab]`` with each row's penalties and bias applied (``SamplingParams``' order); row
-    ``i`` penalises ``prompt_ids[i]`` (repetition only) and ``output_ids[i]``. Rows that adjust nothing
-    are left as they are; returns a new tensor when any row changes. The adjustments run in float64 and
-    saturate at the logits dtype's largest finite value (see the module docstring); a zero logit stays zero under
-    any repetition penalty (transformers' rule: negative logits are multiplied, the others divided)."""
+    """``logits [b, vocab]`` with each row's penalties and bias applied (``SamplingParams``' order), as batched
+    tensor ops over the rows that adjust anything; row ``i`` penalises ``prompt_ids[i]`` (repetition only) and
+    ``output_ids[i]`` (ids past ``vocab`` are ignored). Returns ``logits`` itself when no row adjusts, else a new
+    tensor. The adjustments run in float64 and saturate at the logits dtype's largest finite value (see the
+    module docstring); a zero logit stays zero under any repetition penalty (transformers' rule: negative logits
+    are multiplied, the others divided). A row's settings that are off (penalty 1, 0) leave its logits exact."""
     rows = [row for row, row_params in enumerate(params) if row_params.adjusts_logits]
     if not rows:
         return logits
-    logits = logits.clone()
-    vocab = logits.shape[1]
-    for row in rows:
-        p = params[row]
-        values = logits[row].double()  # a penalty may take a logit far past float32's range
-        if p.repetition_penalty != 1:
-            seen = torch.tensor(sorted(set(prompt_ids[row]) | set(output_ids[row])), dtype=torch.long,
-                                device=logits.device)
-            seen = seen[seen < vocab]
-            scores = values[seen]
-            values[seen] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and output_ids[row]:
-            counts = torch.bincount(torch.tensor(output_ids[row], dtype=torch.long), minlength=vocab)[:vocab]
-            counts = counts.to(device=logits.device, dtype=values.dtype)
-            values -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(values.dtype)
-        if p.logit_bias:
-            ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=logits.device)
-            bias = torch.tensor([b for _, b in p.logit_bias], dtype=values.dtype, device=logits.device)
-            keep = ids < vocab
-            values.index_add_(0, ids[keep], bias[keep])
-        largest = torch.finfo(logits.dtype).max
-        logits[row] = values.clamp(-largest, largest)
-    return logits
+    vocab, device = logits.shape[1], logits.device
+    chosen = [params[row] for row in rows]
+
+    def column(values: list[float]) -> torch.Tensor:  # [n, 1] float64: one value per adjusting row
+        return to_device(values, torch.float64, device)[:, None]
+
+    values = logits[rows].double()  # [n, vocab]: a penalty may take a logit far past float32's range
+    # A stage no row uses is skipped; for a row that does not use it, it would be exact identity anyway.
+    if any(p.repetition_penalty != 1 for p in chosen):
+        seen = _counts([set(prompt_ids[row]) | set(output_ids[row]) if p.repetition_penalty != 1 else ()
+                        for row, p in zip(rows, chosen)], vocab, device) > 0
+        penalty = column([p.repetition_penalty for p in chosen])
+        values = torch.where(seen, torch.where(values < 0, values * penalty, values / penalty), values)
+    if any(p.presence_penalty or p.frequency_penalty for p in chosen):
+        counts = _counts([output_ids[row] for row in rows], vocab, device)
+        values -= column([p.frequency_penalty for p in chosen]) * counts \
+            + column([p.presence_penalty for p in chosen]) * (counts > 0).double()
+    bias = [(i * vocab + token, amount) for i, p in enumerate(chosen) for token, amount in p.logit_bias
+            if token < vocab]
+    if bias:
+        flat, amounts = zip(*bias)
+        values.view(-1).index_add_(0, to_device(flat, torch.long, device), to_device(amounts, torch.float64, device))
+    largest = torch.finfo(logits.dtype).max
+    adjusted = logits.clone()
+    adjusted[rows] = values.clamp(-largest, largest).to(logits.dtype)
+    return adjusted
+
+
+def _counts(ids: Sequence[Iterable[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """``[n, vocab]`` float64: how often row ``i`` of ``ids`` holds each id below ``vocab`` (one indexed add)."""
+    flat = [i * vocab + token for i, row in enumerate(ids) for token in row if token < vocab]
+    counts = torch.zeros(len(ids) * vocab, dtype=torch.float64, device=device)
+    return counts.index_add_(0, to_device(flat, torch.long, device),
+                             torch.ones(len(flat), dtype=torch.float64, device=device)).view(len(ids), vocab)
+
+
+def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host ``values`` as a 1-D tensor on ``device`` (``move``)."""
+    return move(torch.tensor(values, dtype=dtype), device)
+
+
+def move(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``. From the CPU to a GPU through pinned memory, so the host does not wait: a copy
+    from pageable memory waits for every kernel queued before it (the step's forward, when sampling)."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, num_top: int
