@@ -114,19 +114,19 @@ def test_logits_off_the_generators_device_draw_on_the_generators_device(monkeypa
     """The engine's generators live on the CPU; on a GPU the logits do not. CUDA's random kernels reject a
     generator on another device, so the noise must be drawn on the generator's device and moved to the logits'.
     Without a GPU, fake "meta" logits stand in for CUDA ones (FakeTensorMode lets tensors move between them),
-    and the stand-in ``torch.rand`` enforces the device rule that the CUDA kernel enforces (the CPU and meta
+    and the stand-in ``Tensor.uniform_`` enforces the device rule that the CUDA kernel enforces (the CPU and meta
     kernels do not check it)."""
-    real_rand = torch.rand
+    real_uniform = torch.Tensor.uniform_
     draw_devices = []
 
-    def device_checked_rand(*size, generator, device):
-        if torch.device(device) != generator.device:
-            raise RuntimeError(f"Expected a '{torch.device(device).type}' device type for generator but found "
+    def device_checked_uniform(tensor, *args, generator):
+        if tensor.device != generator.device:
+            raise RuntimeError(f"Expected a '{tensor.device.type}' device type for generator but found "
                                f"'{generator.device.type}'")
-        draw_devices.append(torch.device(device).type)
-        return real_rand(*size, generator=generator, device=device)
+        draw_devices.append(tensor.device.type)
+        return real_uniform(tensor, *args, generator=generator)
 
-    monkeypatch.setattr(torch, "rand", device_checked_rand)
+    monkeypatch.setattr(torch.Tensor, "uniform_", device_checked_uniform)
     params = [SamplingParams(temperature=0.8, top_k=5), GREEDY, SamplingParams(temperature=1.2)]
     with FakeTensorMode(allow_non_fake_inputs=True):
         logits = torch.empty(3, 50, device="meta")

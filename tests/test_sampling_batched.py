@@ -44,14 +44,17 @@ def _reference_token(logits: torch.Tensor, params: SamplingParams, prompt: list[
     if params.is_greedy:
         return int(torch.argmax(adjusted))
     logits32 = adjusted.float()
-    scaled = (logits32.double() / params.temperature).clamp(-_FLOAT32_MAX, _FLOAT32_MAX).float()
+    scaled = (logits32 / torch.tensor(params.temperature, dtype=torch.float32)).clamp(-_FLOAT32_MAX, _FLOAT32_MAX)
     if params.top_k or params.top_p < 1:
-        order = torch.sort(logits32, descending=True, stable=True).indices
+        order = torch.sort(logits32, descending=True, stable=True).indices  # equal logits: lower id first
         top_k = params.top_k or vocab
         by_rank = scaled[order].clone()
         by_rank[top_k:] = float("-inf")
-        probs = torch.softmax(by_rank, dim=-1)
-        kept_by_rank = torch.cumsum(probs, dim=-1) - probs < torch.tensor(params.top_p, dtype=torch.float32)
+        weights = torch.exp(by_rank - by_rank[0])
+        mass = torch.cumsum(weights, dim=-1)
+        kept_by_rank = torch.ones(vocab, dtype=torch.bool)
+        if params.top_p < 1:  # the smallest most-likely set whose mass reaches top_p
+            kept_by_rank = mass - weights < torch.tensor(params.top_p, dtype=torch.float32) * mass[-1]
         kept_by_rank[top_k:] = False
         kept_by_rank[0] = True
         kept = torch.zeros(vocab, dtype=torch.bool)
@@ -166,7 +169,7 @@ def test_a_rows_tokens_do_not_depend_on_its_batch(rows):
 
 
 def test_a_draw_that_raises_midway_rewinds_the_rows_that_drew_before_it(monkeypatch):
-    """Rows 0 and 1 draw before row 2's generator raises: the rows then run alone from their states before the
+    """Every row draws before row 2's generator raises: the rows then run alone from their states before the
     step, so they draw once, as without row 2."""
     import cptoolkit.inference.sampling as sampling
 
@@ -175,10 +178,11 @@ def test_a_draw_that_raises_midway_rewinds_the_rows_that_drew_before_it(monkeypa
     generators = [make_generator(p.seed, row) for row, p in enumerate(params)]
     real_exponential = sampling._exponential
 
-    def broken_for_row_2(size, generator):
-        if generator is generators[2]:
+    def broken_for_row_2(size, row_generators):
+        noise = real_exponential(size, row_generators)  # every row draws, then row 2's fault shows
+        if any(generator is generators[2] for generator in row_generators):
             raise RuntimeError("a generator on no usable device")
-        return real_exponential(size, generator)
+        return noise
 
     monkeypatch.setattr(sampling, "_exponential", broken_for_row_2)
     tokens, errors = sample_each(logits, params, generators, [[]] * 4, [[]] * 4)

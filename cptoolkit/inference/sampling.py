@@ -40,8 +40,9 @@ scored document gets the same figures whatever the sampling settings.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -165,9 +166,11 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
         raise ValueError(f"sample expects logits [b, vocab] with b params and b generators; got logits "
                          f"{list(logits.shape)}, {len(params)} params, {len(generators)} generators")
     greedy = [row for row, row_params in enumerate(params) if row_params.is_greedy]
-    if len(greedy) == len(params):
-        return torch.argmax(logits, dim=-1)
     drawn = [row for row, row_params in enumerate(params) if not row_params.is_greedy]
+    if not drawn:
+        return torch.argmax(logits, dim=-1)
+    if not greedy:  # no copies of [b, vocab] rows
+        return draw(token_probs(logits, params), generators)
     tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
     if greedy:
         tokens[greedy] = torch.argmax(logits[greedy], dim=-1)
@@ -215,59 +218,85 @@ NOT_FINITE = "sampling failed (its probabilities are not finite: the model's log
 def token_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """What each non-greedy row of ``logits [n, vocab]`` samples from: ``probs [n, vocab]`` float32 by token id.
 
-    Temperature scales the logits (in float64, saturating at float32's largest finite value), then top-k keeps
-    the ``top_k`` largest logits and top-p the smallest most-likely set of the remaining probabilities whose mass
-    is >= ``top_p`` (at least one token), equal logits ranked by lower token id; ``probs`` is the softmax over
-    the kept tokens, 0 elsewhere. Rows without top-k and top-p skip the sort; either way a row's figures depend
-    on that row alone, so they are the same in any batch.
+    Temperature scales the float32 logits (saturating at float32's largest finite value), then top-k keeps the
+    ``top_k`` largest logits and top-p the smallest most-likely set of those whose probability mass is >= ``top_p``
+    (at least one token), equal logits ranked by lower token id; ``probs`` is the softmax over the kept tokens, 0
+    elsewhere. Each row's figures depend on that row alone (``_kept``), so they are the same in any batch.
     """
-    temperatures = to_device([p.temperature for p in params], torch.float64, logits.device)
-    scaled = (logits.double() / temperatures[:, None]).clamp(-_FLOAT32_MAX, _FLOAT32_MAX).float()
+    temperatures = to_device([p.temperature for p in params], torch.float32, logits.device)
+    scaled = (logits.float() / temperatures[:, None]).clamp_(-_FLOAT32_MAX, _FLOAT32_MAX)
     filtered = [row for row, p in enumerate(params) if p.top_k or p.top_p < 1]
-    if filtered:
-        kept = _kept(logits[filtered].float(), scaled[filtered], [params[row] for row in filtered])
-        scaled[filtered] = scaled[filtered].masked_fill(~kept, float("-inf"))
+    if len(filtered) == len(params):  # the common case: no copies of [n, vocab] rows
+        scaled.masked_fill_(~_kept(logits, scaled, params), float("-inf"))
+    elif filtered:
+        kept = _kept(logits[filtered], scaled[filtered], [params[row] for row in filtered])
+        scaled[filtered] = scaled[filtered].masked_fill_(~kept, float("-inf"))
     return torch.softmax(scaled, dim=-1)
 
 
 def _kept(logits: torch.Tensor, scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """``[m, vocab]`` bool by token id: the tokens top-k and top-p keep (see ``token_probs``) of ``logits`` and
-    their temperature-``scaled`` values ``[m, vocab]``."""
+    their temperature-``scaled`` values ``[m, vocab]``.
+
+    The ranking is a ``topk`` of ``_rank_key`` (a full sort only when a row has no top-k), and a row's top-p mass is
+    a running sum over its ranks in order, compared with ``top_p`` times the sum of all its kept ranks: each row's
+    figures are the same whatever the widest top-k of its batch."""
     vocab = logits.shape[1]
-    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
-    rank = torch.arange(vocab, device=logits.device)
-    top_k = to_device([p.top_k or vocab for p in params], torch.long, logits.device)
-    in_top_k = rank < top_k[:, None]  # [m, vocab] by rank
-    probs = torch.softmax(scaled.gather(1, order).masked_fill(~in_top_k, float("-inf")), dim=-1)
-    top_p = to_device([p.top_p for p in params], probs.dtype, logits.device)
-    kept = in_top_k & (torch.cumsum(probs, dim=-1) - probs < top_p[:, None])
+    top_k = [p.top_k or vocab for p in params]
+    key = _rank_key(logits)
+    order = (torch.topk(key, max(top_k), dim=-1).indices if max(top_k) < vocab  # [m, width] ids by rank
+             else torch.sort(key, dim=-1, descending=True).indices)
+    in_top_k = torch.arange(order.shape[1], device=logits.device) < to_device(top_k, torch.long, logits.device)[:, None]
+    ranked = scaled.gather(1, order).masked_fill_(~in_top_k, float("-inf"))
+    weights = torch.exp(ranked - ranked[:, :1])  # rank 0 holds the row's largest scaled logit
+    mass = torch.cumsum(weights, dim=-1)  # a running sum: trailing zeros leave it as it is
+    # top_p 1 keeps every top-k token, even one whose weight is below the rounding of the running sum
+    top_p = to_device([p.top_p if p.top_p < 1 else float("inf") for p in params], torch.float32, logits.device)
+    kept = in_top_k & (mass - weights < top_p[:, None] * mass[:, -1:])
     kept[:, 0] = True  # the most likely token survives any top_p > 0
-    return torch.zeros_like(kept).scatter_(1, order, kept)
+    return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(1, order, kept)
+
+
+def _rank_key(logits: torch.Tensor) -> torch.Tensor:
+    """``[m, vocab]`` int64 keys, all distinct, whose descending order ranks ``logits`` by value (as float32) and
+    equal values by lower token id: the value's bits made monotonic in the high word (NaN ranked as +inf, -0 as
+    +0), ``vocab - 1 - id`` in the low word."""
+    values = torch.nan_to_num(logits.float(), nan=float("inf"), posinf=float("inf"), neginf=float("-inf")).add_(0.0)
+    bits = values.view(torch.int32)
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # negative floats: flip the magnitude bits to reverse their order
+    key = bits.long()
+    key <<= 32
+    return key.bitwise_or_(torch.arange(logits.shape[1] - 1, -1, -1, device=logits.device))
 
 
 def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """One token per row of ``probs [n, vocab]`` (unnormalised), ``[n]`` int64 on ``probs.device``, with no host
     round-trip: the argmax of ``probs / E`` with ``E ~ Exponential(1)`` per token (gpt-fast's
     ``multinomial_sample_one_no_sync``; the least of independent exponentials of rates ``p_i`` is ``j`` with
-    probability ``p_j / sum p``). Row ``i``'s noise comes from ``generators[i]``, drawn on its own device, so a
-    request's draws depend on its own generator only. A row whose ``probs`` are not finite gets ``FAILED_TOKEN``.
+    probability ``p_j / sum p``). Row ``i``'s noise comes from ``generators[i]`` (all on one device, which may
+    differ from ``probs``'), so a request's draws depend on its own generator only. A row whose ``probs`` hold NaN
+    gets ``FAILED_TOKEN`` (the argmax ranks NaN first, so the chosen ratio tells).
     """
-    noise = move(torch.stack([_exponential(probs.shape[1], generator) for generator in generators]), probs.device)
-    tokens = torch.argmax(probs / noise, dim=-1)
-    return tokens.masked_fill_(~torch.isfinite(probs).all(dim=-1), FAILED_TOKEN)
+    ratios = torch.div(probs, move(_exponential(probs.shape[1], generators), probs.device))
+    tokens = torch.argmax(ratios, dim=-1)
+    return tokens.masked_fill_(ratios.gather(1, tokens[:, None])[:, 0].isnan(), FAILED_TOKEN)
 
 
-def _exponential(size: int, generator: torch.Generator) -> torch.Tensor:
-    """``[size]`` float32 Exponential(1) noise from ``generator`` on its device, as ``-log(U)``: ``U`` in [0, 1)
-    is never 1, so the noise is never 0 (``probs / noise`` stays finite); ``U = 0`` gives inf, a token that
-    cannot win (probability 2^-24 per token). Faster on a CPU than ``Tensor.exponential_``."""
-    return torch.rand(size, generator=generator, device=generator.device).log_().neg_()
+def _exponential(size: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """``[len(generators), size]`` float32 Exponential(1) noise, row ``i`` from ``generators[i]``, on their device,
+    as ``-log(U)``: ``U`` in [0, 1) is never 1, so the noise is never 0 (``probs / noise`` stays finite); ``U = 0``
+    gives inf, a token that cannot win (probability 2^-24 per token). Faster on a CPU than
+    ``Tensor.exponential_``; row ``i`` holds what ``torch.rand(size, generator=generators[i])`` draws."""
+    noise = torch.empty(len(generators), size, device=generators[0].device)
+    for row, generator in zip(noise, generators):
+        row.uniform_(generator=generator)
+    return noise.log_().neg_()
 
 
 def adjust_logits(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],
                   output_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``logits [b, vocab]`` with each row's penalties and bias applied (``SamplingParams``' order), as batched
-    tensor ops over the rows that adjust anything; row ``i`` penalises ``prompt_ids[i]`` (repetition only) and
+    """``logits [b, vocab]`` with each row's penalties and bias applied (``SamplingParams``' order), as one indexed
+    update per kind over the (row, token) entries it changes; row ``i`` penalises ``prompt_ids[i]`` (repetition only) and
     ``output_ids[i]`` (ids past ``vocab`` are ignored). Returns ``logits`` itself when no row adjusts, else a new
     tensor. The adjustments run in float64 and saturate at the logits dtype's largest finite value (see the
     module docstring); a zero logit stays zero under any repetition penalty (transformers' rule: negative logits
@@ -277,38 +306,38 @@ def adjust_logits(logits: torch.Tensor, params: Sequence[SamplingParams], prompt
         return logits
     vocab, device = logits.shape[1], logits.device
     chosen = [params[row] for row in rows]
-
-    def column(values: list[float]) -> torch.Tensor:  # [n, 1] float64: one value per adjusting row
-        return to_device(values, torch.float64, device)[:, None]
-
     values = logits[rows].double()  # [n, vocab]: a penalty may take a logit far past float32's range
-    # A stage no row uses is skipped; for a row that does not use it, it would be exact identity anyway.
-    if any(p.repetition_penalty != 1 for p in chosen):
-        seen = _counts([set(prompt_ids[row]) | set(output_ids[row]) if p.repetition_penalty != 1 else ()
-                        for row, p in zip(rows, chosen)], vocab, device) > 0
-        penalty = column([p.repetition_penalty for p in chosen])
-        values = torch.where(seen, torch.where(values < 0, values * penalty, values / penalty), values)
-    if any(p.presence_penalty or p.frequency_penalty for p in chosen):
-        counts = _counts([output_ids[row] for row in rows], vocab, device)
-        values -= column([p.frequency_penalty for p in chosen]) * counts \
-            + column([p.presence_penalty for p in chosen]) * (counts > 0).double()
+    flat_values = values.view(-1)
+    # Each stage touches only the (row, id) entries it changes, as flat indices ``row * vocab + id``.
+    seen = [(i * vocab + token, p.repetition_penalty) for i, (row, p) in enumerate(zip(rows, chosen))
+            if p.repetition_penalty != 1 for token in set(prompt_ids[row]) | set(output_ids[row]) if token < vocab]
+    if seen:
+        index, penalty = _entries(seen, device)
+        scores = flat_values[index]
+        flat_values[index] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    counted = [(i * vocab + token, count, p.frequency_penalty, p.presence_penalty)
+               for i, (row, p) in enumerate(zip(rows, chosen)) if p.presence_penalty or p.frequency_penalty
+               for token, count in Counter(output_ids[row]).items() if token < vocab]
+    if counted:
+        index, count, frequency, presence = _entries(counted, device)
+        flat_values[index] -= frequency * count + presence
     bias = [(i * vocab + token, amount) for i, p in enumerate(chosen) for token, amount in p.logit_bias
             if token < vocab]
     if bias:
-        flat, amounts = zip(*bias)
-        values.view(-1).index_add_(0, to_device(flat, torch.long, device), to_device(amounts, torch.float64, device))
+        index, amount = _entries(bias, device)
+        flat_values.index_add_(0, index, amount)  # in order: a token biased twice adds both, as one row would
     largest = torch.finfo(logits.dtype).max
+    if len(rows) == len(params):
+        return values.clamp_(-largest, largest).to(logits.dtype)
     adjusted = logits.clone()
-    adjusted[rows] = values.clamp(-largest, largest).to(logits.dtype)
+    adjusted[rows] = values.clamp_(-largest, largest).to(logits.dtype)
     return adjusted
 
 
-def _counts(ids: Sequence[Iterable[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """``[n, vocab]`` float64: how often row ``i`` of ``ids`` holds each id below ``vocab`` (one indexed add)."""
-    flat = [i * vocab + token for i, row in enumerate(ids) for token in row if token < vocab]
-    counts = torch.zeros(len(ids) * vocab, dtype=torch.float64, device=device)
-    return counts.index_add_(0, to_device(flat, torch.long, device),
-                             torch.ones(len(flat), dtype=torch.float64, device=device)).view(len(ids), vocab)
+def _entries(entries: list[tuple], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``[(flat index, value, ...)]`` -> ``(index [t] int64, value [t] float64, ...)`` on ``device``."""
+    index, *values = zip(*entries)
+    return (to_device(index, torch.long, device), *(to_device(column, torch.float64, device) for column in values))
 
 
 def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
