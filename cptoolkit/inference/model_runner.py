@@ -9,7 +9,9 @@ the count of their collectives.
   its PCP rank holds it (``prompt_logprobs``).
 - **Decode**: one forward of every running request's last token (and its drafts: ``L`` tokens per sequence),
   attention over the DCP-sharded cache, the step planned once on the host for every layer
-  (``PagedKVCache.views``), so the forward never waits on the host.
+  (``PagedKVCache.views``), so the forward never waits on the host. The batch is padded to its bucket
+  (``decode_bucket``: 1, 2, 4, 8, ...) with rows that keep and read nothing, so the step's tensors take one shape
+  per bucket (and read width): the shapes a CUDA graph captures.
 - **Drafts** for speculative decoding: a ``proposer`` (prompt lookup, ``speculative``) or the caches' draft model.
 """
 from __future__ import annotations
@@ -110,23 +112,33 @@ class ModelRunner:
 
     def decode(self, requests: list[Request], drafts: list[list[int]], metrics: EngineMetrics) -> torch.Tensor:
         """One decode forward: each row feeds its last token and its drafts, padded to the longest row's (padding
-        is never accepted); returns ``logits [b, L, vocab]``. The step's collectives and bytes (in total and by
-        layer) are counted in ``metrics``."""
+        is never accepted), the batch padded to ``decode_bucket(b)`` rows; returns the requests' ``logits [b, L,
+        vocab]``. The step's collectives and bytes (in total and by layer) are counted in ``metrics``."""
         stats = self.runtime.stats
         calls_before, bytes_before = stats.total_calls, stats.total_bytes
         layer_calls_before = {layer: s.total_calls for layer, s in self.runtime.per_layer_stats.items()}
-        num_drafts = max(map(len, drafts))
+        num_drafts, num_rows = max(map(len, drafts)), decode_bucket(len(requests))
+        padding = [[0] * (num_drafts + 1)] * (num_rows - len(requests))  # token 0 at positions 0..L-1
         input_ids = torch.tensor([[r.output_ids[-1], *d, *[0] * (num_drafts - len(d))]
-                                  for r, d in zip(requests, drafts)], device=self.caches.device)
+                                  for r, d in zip(requests, drafts)] + padding, device=self.caches.device)
         host_positions = [list(range(r.total_len - 1, r.total_len + num_drafts)) for r in requests]
-        positions = torch.tensor(host_positions, device=self.caches.device)
+        positions = torch.tensor(host_positions + [list(range(num_drafts + 1))] * len(padding),
+                                 device=self.caches.device)
         phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0] if num_drafts == 0 else positions,
-                               kv_caches=self.caches.views([r.request_id for r in requests], host_positions))
+                               kv_caches=self.caches.views([r.request_id for r in requests], host_positions, num_rows))
         with torch.no_grad():
-            logits = gpt_forward(self.model, input_ids, positions, self.runtime, phase=phase)  # [b, L, vocab]
+            logits = gpt_forward(self.model, input_ids, positions, self.runtime, phase=phase)[:len(requests)]
         metrics.decode_collectives += stats.total_calls - calls_before
         metrics.decode_bytes_sent += stats.total_bytes - bytes_before
         by_layer = metrics.decode_collectives_by_layer
         for layer, layer_stats in self.runtime.per_layer_stats.items():
             by_layer[layer] = by_layer.get(layer, 0) + layer_stats.total_calls - layer_calls_before.get(layer, 0)
         return logits
+
+
+def decode_bucket(batch: int) -> int:
+    """The rows a decode step of ``batch`` requests runs: the next power of two (1, 2, 4, 8, ...), so a server's
+    steps take a handful of shapes, one CUDA graph each."""
+    if batch < 1:
+        raise ValueError(f"batch = {batch} is invalid: a decode step has at least one request")
+    return 1 << (batch - 1).bit_length()
