@@ -17,6 +17,7 @@ the count of their collectives.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -32,6 +33,16 @@ from cptoolkit.layers.core_attention import AttentionPhase, AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import DualChunkSwapBatch, partition_batch
 from cptoolkit.models.gpt import CPGPTModel, gpt_forward, gpt_hidden, gpt_logits
 from cptoolkit.parallel_state import ParallelGroups
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """One decode step's forward inputs, padded to its bucket: ``input_ids``, ``positions [num_rows, L]`` int64 on
+    the cache's device (the requests' rows first) and the ``phase`` whose cache views hold the step's plan."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    phase: AttentionPhase
 
 
 class ModelRunner:
@@ -111,14 +122,28 @@ class ModelRunner:
         return drafts
 
     def decode(self, requests: list[Request], drafts: list[list[int]], metrics: EngineMetrics) -> torch.Tensor:
-        """One decode forward: each row feeds its last token and its drafts, padded to the longest row's (padding
-        is never accepted), the batch padded to ``decode_bucket(b)`` rows; returns the requests' ``logits [b, L,
-        vocab]``. The step's collectives and bytes (in total and by layer) are counted in ``metrics``."""
+        """One decode forward (``decode_step``); returns the requests' ``logits [b, L, vocab]``. The step's
+        collectives and bytes (in total and by layer) are counted in ``metrics``."""
         stats = self.runtime.stats
         calls_before, bytes_before = stats.total_calls, stats.total_bytes
         layer_calls_before = {layer: s.total_calls for layer, s in self.runtime.per_layer_stats.items()}
+        step = self.decode_step(requests, drafts)
+        with torch.no_grad():
+            logits = gpt_forward(self.model, step.input_ids, step.positions, self.runtime, phase=step.phase)
+        logits = logits[:len(requests)]  # [b, L, vocab]
+        metrics.decode_collectives += stats.total_calls - calls_before
+        metrics.decode_bytes_sent += stats.total_bytes - bytes_before
+        by_layer = metrics.decode_collectives_by_layer
+        for layer, layer_stats in self.runtime.per_layer_stats.items():
+            by_layer[layer] = by_layer.get(layer, 0) + layer_stats.total_calls - layer_calls_before.get(layer, 0)
+        return logits
+
+    def decode_step(self, requests: list[Request], drafts: list[list[int]]) -> DecodeStep:
+        """The inputs of one decode forward: each row feeds its last token and its drafts, padded to the longest
+        row's (padding is never accepted), the batch padded to ``decode_bucket(b)`` rows (token 0 at positions
+        0 .. L-1: they keep and read nothing), the step planned on the host (``EngineCaches.views``)."""
         num_drafts, num_rows = max(map(len, drafts)), decode_bucket(len(requests))
-        padding = [[0] * (num_drafts + 1)] * (num_rows - len(requests))  # token 0 at positions 0..L-1
+        padding = [[0] * (num_drafts + 1)] * (num_rows - len(requests))
         input_ids = torch.tensor([[r.output_ids[-1], *d, *[0] * (num_drafts - len(d))]
                                   for r, d in zip(requests, drafts)] + padding, device=self.caches.device)
         host_positions = [list(range(r.total_len - 1, r.total_len + num_drafts)) for r in requests]
@@ -126,14 +151,7 @@ class ModelRunner:
                                  device=self.caches.device)
         phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0] if num_drafts == 0 else positions,
                                kv_caches=self.caches.views([r.request_id for r in requests], host_positions, num_rows))
-        with torch.no_grad():
-            logits = gpt_forward(self.model, input_ids, positions, self.runtime, phase=phase)[:len(requests)]
-        metrics.decode_collectives += stats.total_calls - calls_before
-        metrics.decode_bytes_sent += stats.total_bytes - bytes_before
-        by_layer = metrics.decode_collectives_by_layer
-        for layer, layer_stats in self.runtime.per_layer_stats.items():
-            by_layer[layer] = by_layer.get(layer, 0) + layer_stats.total_calls - layer_calls_before.get(layer, 0)
-        return logits
+        return DecodeStep(input_ids, positions, phase)
 
 
 def decode_bucket(batch: int) -> int:
