@@ -60,9 +60,9 @@ def _reference_token(logits: torch.Tensor, params: SamplingParams, prompt: list[
         kept = torch.zeros(vocab, dtype=torch.bool)
         kept[order] = kept_by_rank
         scaled = scaled.masked_fill(~kept, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
+    weights = torch.exp(scaled - scaled.max())  # the probabilities, up to a factor
     noise = -torch.log(torch.rand(vocab, generator=generator))  # Exponential(1), from this request's generator
-    return int(torch.argmax(probs / noise)) if torch.isfinite(probs).all() else FAILED_TOKEN
+    return int(torch.argmax(weights / noise)) if torch.isfinite(weights).all() else FAILED_TOKEN
 
 
 def _params(**fields) -> SamplingParams:

@@ -4,7 +4,7 @@ asks to see.
 
 A step samples its whole batch with batched tensor ops and no host round-trip (``sample_each``): the
 adjustments as indexed adds over ``[b, vocab]``, greedy rows by one argmax, the others by gpt-fast's
-exponential race (``draw``: the argmax of ``probs / noise``), so the engine reads the step's tokens from the
+exponential race (``draw``: the argmax of ``weights / noise``), so the engine reads the step's tokens from the
 device once. A row's figures depend on that row alone (its own settings decide its ops, never the batch's), so a
 request draws the same tokens whichever requests share its batch; ``tests/test_sampling_batched.py`` checks
 that against a row-by-row reference.
@@ -159,8 +159,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     ``[b]`` int64 on ``logits.device``.
 
     Greedy rows (``SamplingParams.is_greedy``) take the argmax and leave their generator untouched; the others
-    draw from ``token_probs`` with one draw from ``generators[i]`` each (``draw``). A sampled row whose
-    probabilities are not finite (NaN logits: a model fault) gets ``FAILED_TOKEN``.
+    draw from ``token_weights`` with one draw from ``generators[i]`` each (``draw``). A sampled row whose
+    probabilities are not finite (NaN logits: a model fault) gets ``FAILED_TOKEN``. Ties go to the lowest id.
     """
     if logits.dim() != 2 or len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
         raise ValueError(f"sample expects logits [b, vocab] with b params and b generators; got logits "
@@ -168,13 +168,13 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     greedy = [row for row, row_params in enumerate(params) if row_params.is_greedy]
     drawn = [row for row, row_params in enumerate(params) if not row_params.is_greedy]
     if not drawn:
-        return torch.argmax(logits, dim=-1)
+        return logits.max(dim=-1).indices  # torch.argmax's index (the first largest, or the first NaN), faster
     if not greedy:  # no copies of [b, vocab] rows
-        return draw(token_probs(logits, params), generators)
+        return draw(token_weights(logits, params), generators)
     tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
     if greedy:
-        tokens[greedy] = torch.argmax(logits[greedy], dim=-1)
-    tokens[drawn] = draw(token_probs(logits[drawn], [params[row] for row in drawn]),
+        tokens[greedy] = logits[greedy].max(dim=-1).indices
+    tokens[drawn] = draw(token_weights(logits[drawn], [params[row] for row in drawn]),
                          [generators[row] for row in drawn])
     return tokens
 
@@ -215,13 +215,15 @@ def sampling_failure(err: Exception) -> str:
 NOT_FINITE = "sampling failed (its probabilities are not finite: the model's logits hold NaN)"
 
 
-def token_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """What each non-greedy row of ``logits [n, vocab]`` samples from: ``probs [n, vocab]`` float32 by token id.
+def token_weights(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """What each non-greedy row of ``logits [n, vocab]`` samples from: ``[n, vocab]`` float32 weights by token id,
+    proportional to the probabilities (``draw`` needs no normalising; divide by the row's sum for them).
 
     Temperature scales the float32 logits (saturating at float32's largest finite value), then top-k keeps the
     ``top_k`` largest logits and top-p the smallest most-likely set of those whose probability mass is >= ``top_p``
-    (at least one token), equal logits ranked by lower token id; ``probs`` is the softmax over the kept tokens, 0
-    elsewhere. Each row's figures depend on that row alone (``_kept``), so they are the same in any batch.
+    (at least one token), equal logits ranked by lower token id; a kept token weighs ``exp(scaled - max)`` (the
+    most likely one 1), the others 0. Each row's figures depend on that row alone (``_kept``), so they are the same
+    in any batch. One new ``[n, vocab]`` tensor, the rest in place: on a CPU each fresh one costs page faults.
     """
     temperatures = to_device([p.temperature for p in params], torch.float32, logits.device)
     scaled = (logits.float() / temperatures[:, None]).clamp_(-_FLOAT32_MAX, _FLOAT32_MAX)
@@ -231,11 +233,11 @@ def token_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     elif filtered:
         kept = _kept(logits[filtered], scaled[filtered], [params[row] for row in filtered])
         scaled[filtered] = scaled[filtered].masked_fill_(~kept, float("-inf"))
-    return torch.softmax(scaled, dim=-1)
+    return scaled.sub_(scaled.max(dim=-1, keepdim=True).values).exp_()
 
 
 def _kept(logits: torch.Tensor, scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """``[m, vocab]`` bool by token id: the tokens top-k and top-p keep (see ``token_probs``) of ``logits`` and
+    """``[m, vocab]`` bool by token id: the tokens top-k and top-p keep (see ``token_weights``) of ``logits`` and
     their temperature-``scaled`` values ``[m, vocab]``.
 
     The ranking is a ``topk`` of ``_rank_key`` (a full sort only when a row has no top-k), and a row's top-p mass is
@@ -263,23 +265,24 @@ def _rank_key(logits: torch.Tensor) -> torch.Tensor:
     +0), ``vocab - 1 - id`` in the low word."""
     values = torch.nan_to_num(logits.float(), nan=float("inf"), posinf=float("inf"), neginf=float("-inf")).add_(0.0)
     bits = values.view(torch.int32)
-    bits ^= (bits >> 31) & 0x7FFFFFFF  # negative floats: flip the magnitude bits to reverse their order
+    sign = bits >> 31
+    bits ^= sign.bitwise_and_(0x7FFFFFFF)  # negative floats: flip the magnitude bits to reverse their order
     key = bits.long()
     key <<= 32
     return key.bitwise_or_(torch.arange(logits.shape[1] - 1, -1, -1, device=logits.device))
 
 
-def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One token per row of ``probs [n, vocab]`` (unnormalised), ``[n]`` int64 on ``probs.device``, with no host
-    round-trip: the argmax of ``probs / E`` with ``E ~ Exponential(1)`` per token (gpt-fast's
-    ``multinomial_sample_one_no_sync``; the least of independent exponentials of rates ``p_i`` is ``j`` with
-    probability ``p_j / sum p``). Row ``i``'s noise comes from ``generators[i]`` (all on one device, which may
-    differ from ``probs``'), so a request's draws depend on its own generator only. A row whose ``probs`` hold NaN
-    gets ``FAILED_TOKEN`` (the argmax ranks NaN first, so the chosen ratio tells).
+def draw(weights: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``weights [n, vocab]`` (probabilities up to a factor per row), ``[n]`` int64 on
+    ``weights.device``, with no host round-trip: the argmax of ``weights / E`` with ``E ~ Exponential(1)`` per token
+    (gpt-fast's ``multinomial_sample_one_no_sync``; the least of independent exponentials of rates ``w_i`` is ``j``
+    with probability ``w_j / sum w``). Row ``i``'s noise comes from ``generators[i]`` (all on one device, which may
+    differ from ``weights``'), so a request's draws depend on its own generator only. A row whose weights hold NaN
+    gets ``FAILED_TOKEN`` (the row's maximum is then NaN). ``weights`` is left as it is.
     """
-    ratios = torch.div(probs, move(_exponential(probs.shape[1], generators), probs.device))
-    tokens = torch.argmax(ratios, dim=-1)
-    return tokens.masked_fill_(ratios.gather(1, tokens[:, None])[:, 0].isnan(), FAILED_TOKEN)
+    noise = move(_exponential(weights.shape[1], generators), weights.device)
+    best = torch.div(weights, noise, out=noise).max(dim=-1)  # max, not argmax: the same index, 4x faster on a CPU
+    return best.indices.masked_fill_(best.values.isnan(), FAILED_TOKEN)
 
 
 def _exponential(size: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
