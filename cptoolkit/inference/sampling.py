@@ -172,8 +172,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     if not greedy:  # no copies of [b, vocab] rows
         return draw(token_weights(logits, params), generators)
     tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
-    if greedy:
-        tokens[greedy] = logits[greedy].max(dim=-1).indices
+    tokens[greedy] = logits[greedy].max(dim=-1).indices
     tokens[drawn] = draw(token_weights(logits[drawn], [params[row] for row in drawn]),
                          [generators[row] for row in drawn])
     return tokens
@@ -287,7 +286,7 @@ def draw(weights: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.
 
 def _exponential(size: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """``[len(generators), size]`` float32 Exponential(1) noise, row ``i`` from ``generators[i]``, on their device,
-    as ``-log(U)``: ``U`` in [0, 1) is never 1, so the noise is never 0 (``probs / noise`` stays finite); ``U = 0``
+    as ``-log(U)``: ``U`` in [0, 1) is never 1, so the noise is never 0 (``weights / noise`` stays finite); ``U = 0``
     gives inf, a token that cannot win (probability 2^-24 per token). Faster on a CPU than
     ``Tensor.exponential_``; row ``i`` holds what ``torch.rand(size, generator=generators[i])`` draws."""
     noise = torch.empty(len(generators), size, device=generators[0].device)
