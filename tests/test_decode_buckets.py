@@ -1,9 +1,10 @@
 """A decode step padded to its batch bucket computes what the unpadded step computes, and its padding touches no
 request's cache.
 
-The engine pads every decode step to ``decode_bucket(b)`` rows (1, 2, 4, 8, ...), so the step's tensors take one
-shape per bucket (``tests/gpu/test_decode_cuda_graph.py`` captures such a step as a CUDA graph). Here five requests
-of different lengths (batches 5 -> 8, then 4, 3 -> 4, 2, 1 as they finish) are decoded twice, padded and unpadded,
+On a GPU the engine pads every decode step to ``decode_bucket(b)`` rows (1, 2, 4, 8, ...), so the step's tensors
+take one shape per bucket (``tests/gpu/test_decode_cuda_graph.py`` captures such a step as a CUDA graph); on a CPU
+it does not (``ModelRunner.pad_to_buckets``). Here five requests of different lengths (batches 5 -> 8, then 4,
+3 -> 4, 2, 1 as they finish) are decoded twice on the CPU, padded and unpadded,
 at 1 rank and at TP2 x PCP2 x DCP2, plain and with prompt-lookup drafts (``L > 1`` tokens per row): every decode
 step's logits of every request agree within ``RTOL`` of the step's largest logit (float32; the two runs' matmuls
 have different row counts), the tokens are identical, and every block a request can hold stores the same K/V
@@ -14,7 +15,6 @@ import copy
 import pytest
 import torch
 
-import cptoolkit.inference.model_runner as runner_module
 from cptoolkit.config import config_from_dict
 from cptoolkit.inference.builder import build_engine
 from cptoolkit.inference.kv_cache import PagedKVCache
@@ -65,10 +65,12 @@ def _config(world_size: int, case: str):
     return config_from_dict(raw, source="<test>")
 
 
-def _run(cfg, groups) -> tuple[list[list[int]], list[dict[int, torch.Tensor]], torch.Tensor]:
+def _run(cfg, groups, pad_to_buckets: bool) -> tuple[list[list[int]], list[dict[int, torch.Tensor]], torch.Tensor]:
     """Greedy generation: each request's tokens, each decode step's ``{request index: logits [L, vocab]}``, and
     the K/V of every block requests can hold ``[layers, planes, num_blocks, ...]``."""
     engine = build_engine(cfg, groups, torch.device("cpu"))
+    assert not engine.runner.pad_to_buckets, "a CPU engine pads no decode step"
+    engine.runner.pad_to_buckets = pad_to_buckets
     steps, decode = [], engine.runner.decode
 
     def recording(requests, drafts, metrics):
@@ -87,12 +89,7 @@ def _padded_and_unpadded_rank(rank, world_size, case):
     groups = initialize_model_parallel(tp=cfg.parallel.tp, pcp=cfg.parallel.pcp, dcp=cfg.parallel.dcp,
                                        num_heads=cfg.model.num_attention_heads, num_kv_heads=cfg.model.num_kv_heads)
     try:
-        padded = _run(cfg, groups)
-        runner_module.decode_bucket = lambda batch: batch  # the same engine, its steps unpadded
-        try:
-            unpadded = _run(cfg, groups)
-        finally:
-            runner_module.decode_bucket = decode_bucket
+        padded, unpadded = _run(cfg, groups, pad_to_buckets=True), _run(cfg, groups, pad_to_buckets=False)
     finally:
         destroy_model_parallel()
     (tokens, steps, storage), (want_tokens, want_steps, want_storage) = padded, unpadded

@@ -9,7 +9,7 @@ the count of their collectives.
   its PCP rank holds it (``prompt_logprobs``).
 - **Decode**: one forward of every running request's last token (and its drafts: ``L`` tokens per sequence),
   attention over the DCP-sharded cache, the step planned once on the host for every layer
-  (``PagedKVCache.views``), so the forward never waits on the host. The batch is padded to its bucket
+  (``PagedKVCache.views``), so the forward never waits on the host. On a GPU the batch is padded to its bucket
   (``decode_bucket``: 1, 2, 4, 8, ...) with rows that keep and read nothing, so the step's tensors take one shape
   per bucket (and read width): the shapes a CUDA graph captures.
 - **Drafts** for speculative decoding: a ``proposer`` (prompt lookup, ``speculative``) or the caches' draft model.
@@ -48,7 +48,9 @@ class DecodeStep:
 class ModelRunner:
     """Runs ``model`` (built with ``runtime``) on this rank's ``groups`` over ``caches``; prefill chunks hold at
     most ``chunk_size`` prompt tokens; ``proposer`` drafts by prompt lookup (the caches' draft model otherwise,
-    when there is one)."""
+    when there is one). ``pad_to_buckets`` pads each decode step to ``decode_bucket`` rows: on a GPU, where a step
+    of a fixed shape can be a CUDA graph; not elsewhere, where the padding rows would only cost (a CPU step of 5
+    requests padded to 8 runs at the cost of 8: docs/results.md)."""
 
     def __init__(self, model: CPGPTModel, runtime: AttentionRuntime, groups: ParallelGroups, caches: EngineCaches,
                  chunk_size: int, proposer: Optional[NgramProposer] = None):
@@ -57,6 +59,7 @@ class ModelRunner:
                              "drafts)")
         self.model, self.runtime, self.groups, self.caches = model, runtime, groups, caches
         self.chunk_size, self.proposer = chunk_size, proposer
+        self.pad_to_buckets = caches.device.type == "cuda"
 
     def prefill(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
         """Prefill the next chunk of every request over its cached history (``Request.num_cached``); returns the
@@ -140,9 +143,11 @@ class ModelRunner:
 
     def decode_step(self, requests: list[Request], drafts: list[list[int]]) -> DecodeStep:
         """The inputs of one decode forward: each row feeds its last token and its drafts, padded to the longest
-        row's (padding is never accepted), the batch padded to ``decode_bucket(b)`` rows (token 0 at positions
-        0 .. L-1: they keep and read nothing), the step planned on the host (``EngineCaches.views``)."""
-        num_drafts, num_rows = max(map(len, drafts)), decode_bucket(len(requests))
+        row's (padding is never accepted), with ``pad_to_buckets`` the batch padded to ``decode_bucket(b)`` rows
+        (token 0 at positions 0 .. L-1: they keep and read nothing), the step planned on the host
+        (``EngineCaches.views``)."""
+        num_drafts = max(map(len, drafts))
+        num_rows = decode_bucket(len(requests)) if self.pad_to_buckets else len(requests)
         padding = [[0] * (num_drafts + 1)] * (num_rows - len(requests))
         input_ids = torch.tensor([[r.output_ids[-1], *d, *[0] * (num_drafts - len(d))]
                                   for r, d in zip(requests, drafts)] + padding, device=self.caches.device)
