@@ -51,7 +51,7 @@ from torch.distributed import ProcessGroup
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 GREEDY_TEMPERATURE = 1e-5  # temperatures below it sample greedily (vLLM's _SAMPLING_EPS)
-FAILED_TOKEN = -1  # the token id ``sample_each`` gives a row whose sampling raised
+FAILED_TOKEN = -1  # the token id ``sample_each`` gives a row whose sampling failed
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
