@@ -111,22 +111,22 @@ def test_two_ranks_sample_the_same_tokens_and_broadcast_from_src():
 
 
 def test_logits_off_the_generators_device_draw_on_the_generators_device(monkeypatch):
-    """The engine's generators live on the CPU; on a GPU the logits do not. CUDA's multinomial rejects a
-    generator on another device, so the draw must run on the generator's device and the token come back
-    to the logits' device. Without a GPU, fake "meta" logits stand in for CUDA ones (FakeTensorMode lets
-    them move to the CPU), and the stand-in multinomial enforces the device rule that the CUDA kernel
-    enforces (the CPU and meta kernels do not check it)."""
-    real_multinomial = torch.multinomial
+    """The engine's generators live on the CPU; on a GPU the logits do not. CUDA's random kernels reject a
+    generator on another device, so the noise must be drawn on the generator's device and moved to the logits'.
+    Without a GPU, fake "meta" logits stand in for CUDA ones (FakeTensorMode lets tensors move between them),
+    and the stand-in ``Tensor.uniform_`` enforces the device rule that the CUDA kernel enforces (the CPU and meta
+    kernels do not check it)."""
+    real_uniform = torch.Tensor.uniform_
     draw_devices = []
 
-    def device_checked_multinomial(probs, num_samples, *, generator):
-        if probs.device != generator.device:
-            raise RuntimeError(f"Expected a '{probs.device.type}' device type for generator but found "
+    def device_checked_uniform(tensor, *args, generator):
+        if tensor.device != generator.device:
+            raise RuntimeError(f"Expected a '{tensor.device.type}' device type for generator but found "
                                f"'{generator.device.type}'")
-        draw_devices.append(probs.device.type)
-        return real_multinomial(probs, num_samples, generator=generator)
+        draw_devices.append(tensor.device.type)
+        return real_uniform(tensor, *args, generator=generator)
 
-    monkeypatch.setattr(torch, "multinomial", device_checked_multinomial)
+    monkeypatch.setattr(torch.Tensor, "uniform_", device_checked_uniform)
     params = [SamplingParams(temperature=0.8, top_k=5), GREEDY, SamplingParams(temperature=1.2)]
     with FakeTensorMode(allow_non_fake_inputs=True):
         logits = torch.empty(3, 50, device="meta")

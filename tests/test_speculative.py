@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from cptoolkit.config import config_from_dict
 from cptoolkit.inference.builder import build_engine
-from cptoolkit.inference.sampling import SamplingParams, make_generator, token_distribution
+from cptoolkit.inference.sampling import SamplingParams, make_generator, token_weights
 from cptoolkit.inference.speculative import NgramProposer, accept
 from cptoolkit.layers.dcp_decode import ContiguousShardCache, DecodeGroup, dcp_decode_attention
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
@@ -59,10 +59,9 @@ def test_sampled_acceptance_emits_the_target_distribution_exactly():
     torch.manual_seed(0)
     logits = torch.randn(2, 5) * 1.5
     params = SamplingParams(temperature=0.8, top_k=4, seed=3)
-    probs, ids = token_distribution(logits[0], params)
-    want = torch.zeros(5)
-    want[ids] = probs / probs.sum()
-    draft = int(ids[1])  # a likely but not the likeliest token
+    want = token_weights(logits[:1], [params])[0]
+    want /= want.sum()
+    draft = int(torch.argsort(want, descending=True)[1])  # a likely but not the likeliest token
     draws = 40_000
     generator = make_generator(3, 0)
     first = Counter(accept(logits, [draft], params, generator)[0] for _ in range(draws))

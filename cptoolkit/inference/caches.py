@@ -62,8 +62,8 @@ class EngineCaches:
             if self.draft is not None:
                 self.draft.keep(request.request_id, request.total_len)
 
-    def views(self, request_ids: Sequence[Hashable], positions: Optional[Sequence[Sequence[int]]] = None
-              ) -> dict[int, LayerCacheView]:
+    def views(self, request_ids: Sequence[Hashable], positions: Optional[Sequence[Sequence[int]]] = None,
+              num_rows: Optional[int] = None) -> dict[int, LayerCacheView]:
         """``{layer_number: view}`` of the target's cache for this batch; with the step's ``positions [b][L]`` the
-        step is planned once for every layer (``PagedKVCache.views``)."""
-        return self.target.views(request_ids, positions)
+        step is planned once for every layer, padded to ``num_rows`` rows (``PagedKVCache.views``)."""
+        return self.target.views(request_ids, positions, num_rows)

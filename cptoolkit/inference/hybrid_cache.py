@@ -103,8 +103,8 @@ class HybridKVCache:
         cache, local = self._layer(layer_number)
         return cache.view(local, request_ids)
 
-    def views(self, request_ids: Sequence[Hashable], positions: Optional[Sequence[Sequence[int]]] = None
-              ) -> dict[int, LayerCacheView]:
+    def views(self, request_ids: Sequence[Hashable], positions: Optional[Sequence[Sequence[int]]] = None,
+              num_rows: Optional[int] = None) -> dict[int, LayerCacheView]:
         """``PagedKVCache.views`` of both caches (a step planned once per cache), keyed by model layer number."""
-        by_cache = {id(cache): cache.views(request_ids, positions) for cache in self._caches}
+        by_cache = {id(cache): cache.views(request_ids, positions, num_rows) for cache in self._caches}
         return {number: by_cache[id(cache)][local] for number, (cache, local) in self._home.items()}

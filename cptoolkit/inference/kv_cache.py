@@ -43,6 +43,11 @@ and ``views(request_ids, positions)`` plans a step once, before the forward, fro
 knows (``DecodeStepPlan``: where each owned new token goes, and the gather index of the shard after the append).
 Every layer's ``append`` is then one indexed write and its ``read`` one gather through that index; the checks of
 a position (next slot, ``max_total_len``) run there, once per step.
+
+Static shapes: a step writes every one of its tokens, those this shard does not keep into a scratch block (one
+block past ``num_blocks``, never handed out), so the write's shape is the batch's, not the count of owned tokens;
+and a step may be padded to a fixed number of rows (``views(..., num_rows=...)``), whose padding rows keep nothing
+and read nothing. The tensors of a step then depend only on its padded batch size and the read width ``s_max``.
 """
 from __future__ import annotations
 
@@ -119,7 +124,10 @@ class PagedKVCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.values_are_keys = values_are_keys
         planes = 1 if values_are_keys else 2
-        self.storage = torch.zeros(num_layers, planes, num_blocks, num_kv_heads, block_size, head_dim,
+        # One block more than the pool hands out: the scratch block, where a step writes the tokens no request of
+        # this shard keeps (other shards' tokens, padding rows), so every step writes all of its tokens.
+        self.scratch_block = num_blocks
+        self.storage = torch.zeros(num_layers, planes, num_blocks + 1, num_kv_heads, block_size, head_dim,
                                    dtype=dtype, device=self.device)
         self.pool = BlockPool(num_blocks)
         self._requests: dict[Hashable, _RequestState] = {}
@@ -141,7 +149,8 @@ class PagedKVCache:
 
     @property
     def bytes_per_rank(self) -> int:
-        """Bytes of KV storage allocated on this rank."""
+        """Bytes of the ``num_blocks`` blocks requests can hold on this rank (the storage has one scratch block
+        more)."""
         return self.num_blocks * self.bytes_per_block
 
     @property
@@ -255,26 +264,34 @@ class PagedKVCache:
         ``append`` from the positions it is given (one host read of them per call)."""
         return LayerCacheView(self, self._layer_index(layer_number), list(request_ids))
 
-    def views(self, request_ids: Sequence[Hashable], positions: Optional[Sequence[Sequence[int]]] = None
-              ) -> dict[int, "LayerCacheView"]:
+    def views(self, request_ids: Sequence[Hashable], positions: Optional[Sequence[Sequence[int]]] = None,
+              num_rows: Optional[int] = None) -> dict[int, "LayerCacheView"]:
         """``{layer_number: view}`` of every layer for one batch. With ``positions`` (``[b][L]`` host integers: the
         positions the step's forward will append), the step is planned once here (``plan_step``) and every view
-        appends and reads through that one plan, without a host round-trip."""
+        appends and reads through that one plan, without a host round-trip; ``num_rows`` (>= b, default b) pads
+        the step with rows of no request (``plan_step``)."""
         ids = list(request_ids)
-        plan = None if positions is None else self.plan_step(ids, positions)
+        plan = None if positions is None else self.plan_step(ids, positions, num_rows)
         return {layer + 1: LayerCacheView(self, layer, ids, plan) for layer in range(self.num_layers)}
 
-    def plan_step(self, request_ids: Sequence[Hashable], positions: Sequence[Sequence[int]]) -> "DecodeStepPlan":
+    def plan_step(self, request_ids: Sequence[Hashable], positions: Sequence[Sequence[int]],
+                  num_rows: Optional[int] = None) -> "DecodeStepPlan":
         """The ``DecodeStepPlan`` of appending ``positions [b][L]`` (host integers, consecutive per request) to
         every layer: all of them must then hold the same tokens of each request (true between steps). Raises
-        ``ValueError`` for a position that is not its request's next or lies beyond its ``max_total_len``."""
+        ``ValueError`` for a position that is not its request's next or lies beyond its ``max_total_len``.
+        With ``num_rows > b`` the step has ``num_rows - b`` padding rows after the requests' (a batch padded to a
+        static size): their tokens go to the scratch block and they read nothing."""
+        num_rows = len(request_ids) if num_rows is None else num_rows
+        _require(isinstance(num_rows, int) and num_rows >= len(request_ids), "num_rows", num_rows,
+                 f"it must be an integer >= the {len(request_ids)} requests of the step")
         states = [self._state(request_id) for request_id in request_ids]
         for request_id, state in zip(request_ids, states):
             if len(set(state.shard_lens)) != 1 or len(set(state.written)) != 1:
                 raise ValueError(f"plan_step: request {request_id!r} stores {state.shard_lens} tokens per layer on "
                                  f"shard {self.dcp_rank}; a step is planned once for every layer, so every layer "
                                  "must hold the same tokens (finish its prefill first)")
-        return DecodeStepPlan.build(self, list(request_ids), states, 0, [list(row) for row in positions])
+        return DecodeStepPlan.build(self, list(request_ids), states, 0, [list(row) for row in positions],
+                                    num_rows - len(request_ids))
 
     def _layer_index(self, layer_number: int) -> int:
         _require(1 <= layer_number <= self.num_layers, "layer_number", layer_number,
@@ -335,9 +352,12 @@ class _ReadIndex:
 
     @classmethod
     def build(cls, cache: PagedKVCache, block_ids: list[tuple[int, ...]], shard_lens: list[int],
-              written: list[int]) -> "_ReadIndex":
+              written: list[int], num_pad: int = 0) -> "_ReadIndex":
         """The index of rows holding ``shard_lens[i]`` slots, ``written[i]`` the most ever stored: a ring holds the
-        last ``len(block_ids[i]) * block_size`` of them (truncated drafts overwrote the slots one ring before)."""
+        last ``len(block_ids[i]) * block_size`` of them (truncated drafts overwrote the slots one ring before);
+        then ``num_pad`` padding rows that hold nothing (their table: the scratch block)."""
+        block_ids = block_ids + [(cache.scratch_block,)] * num_pad
+        shard_lens, written = shard_lens + [0] * num_pad, written + [0] * num_pad
         device, block_size, batch = cache.device, cache.block_size, len(block_ids)
         first = [min(max(w - len(ids) * block_size, 0), n) for ids, n, w in zip(block_ids, shard_lens, written)]
         lens = [n - f for n, f in zip(shard_lens, first)]
@@ -357,14 +377,15 @@ class DecodeStepPlan:
     """A step's appends to one ``PagedKVCache`` for a batch, planned on the host before the forward and shared by
     every layer (the layers of a step append the same positions).
 
-    ``rows``, ``columns [n]`` int64: batch row and token index of each new token this shard owns (row-major);
-    ``blocks``, ``offsets [n]`` int64: where it goes. ``before``/``shard_lens``/``written`` (``[b]`` host integers):
-    each request's stored tokens before and after the append, and the most slots ever stored after it; ``read``:
-    the gather index of the shard after the append. ``num_new``: ``L``, the new tokens per request.
+    ``blocks``, ``offsets [num_rows * L]`` int64: where each new token of the step goes, row-major (row ``i``,
+    token ``j`` at ``i * L + j``): its slot when this shard keeps it, else the scratch block (another shard's
+    token, or a padding row's), so every step writes all its tokens and the write's shape depends on the batch
+    size alone. ``before``/``shard_lens``/``written`` (``[b]`` host integers, the requests' rows): each request's
+    stored tokens before and after the append, and the most slots ever stored after it; ``read``: the gather
+    index of the shard after the append (``num_rows`` rows). ``num_new``: ``L``, the new tokens per request;
+    ``num_rows``: the requests' rows and the padding rows after them.
     """
 
-    rows: torch.Tensor
-    columns: torch.Tensor
     blocks: torch.Tensor
     offsets: torch.Tensor
     before: tuple[int, ...]
@@ -372,27 +393,29 @@ class DecodeStepPlan:
     written: tuple[int, ...]
     read: _ReadIndex
     num_new: int
+    num_rows: int
 
     @classmethod
     def build(cls, cache: PagedKVCache, request_ids: list[Hashable], states: list[_RequestState], layer: int,
-              positions: list[list[int]]) -> "DecodeStepPlan":
-        """Plan appending ``positions [b][L]`` to layer ``layer``'s ``states``. Each owned position must be its
-        request's next shard slot (no decode step skipped or repeated), and every position below its request's
-        ``max_total_len`` on every rank, owned or not, so a sequence too long for the cache fails on all DCP
-        members alike instead of leaving the others waiting in the next collective."""
-        rows, columns, blocks, offsets, ends = [], [], [], [], []
-        for row, (request_id, state, row_positions) in enumerate(zip(request_ids, states, positions)):
+              positions: list[list[int]], num_pad: int = 0) -> "DecodeStepPlan":
+        """Plan appending ``positions [b][L]`` to layer ``layer``'s ``states``, then ``num_pad`` padding rows. Each
+        owned position must be its request's next shard slot (no decode step skipped or repeated), and every
+        position below its request's ``max_total_len`` on every rank, owned or not, so a sequence too long for the
+        cache fails on all DCP members alike instead of leaving the others waiting in the next collective."""
+        blocks, offsets, ends = [], [], []
+        for request_id, state, row_positions in zip(request_ids, states, positions):
             end = state.shard_lens[layer]
             slots = [slot_of_position(p, cache.dcp_size, cache.interleave) for p in row_positions]
             bad = any(p >= state.max_total_len for p in row_positions)
-            for column, (position, slot) in enumerate(zip(row_positions, slots)):
+            for position, slot in zip(row_positions, slots):
                 if shard_of_position(position, cache.dcp_size, cache.interleave) == cache.dcp_rank:
                     bad |= slot != end
-                    rows.append(row)
-                    columns.append(column)
                     blocks.append(state.block_ids[(slot // cache.block_size) % len(state.block_ids)])
                     offsets.append(slot % cache.block_size)
                     end += 1
+                else:
+                    blocks.append(cache.scratch_block)
+                    offsets.append(0)
             if bad:
                 got = (f"position {row_positions[0]}, slot {slots[0]}" if len(row_positions) == 1 else
                        f"positions {row_positions}, slots {slots}")
@@ -402,12 +425,14 @@ class DecodeStepPlan:
                     f"(max_total_len = {state.max_total_len}), so its next owned position must map to slot "
                     f"{stored} and be < max_total_len; got {got}")
             ends.append(end)
+        num_new = len(positions[0]) if positions else 1
+        blocks += [cache.scratch_block] * (num_pad * num_new)
+        offsets += [0] * (num_pad * num_new)
         written = [max(state.written[layer], end) for state, end in zip(states, ends)]
-        device, n = cache.device, len(rows)
-        read = _ReadIndex.build(cache, [state.block_ids for state in states], ends, written)
-        return cls(_tensor(rows, device, n), _tensor(columns, device, n), _tensor(blocks, device, n),
-                   _tensor(offsets, device, n), tuple(state.shard_lens[layer] for state in states), tuple(ends),
-                   tuple(written), read, len(positions[0]) if positions else 1)
+        read = _ReadIndex.build(cache, [state.block_ids for state in states], ends, written, num_pad)
+        return cls(_tensor(blocks, cache.device, len(blocks)), _tensor(offsets, cache.device, len(offsets)),
+                   tuple(state.shard_lens[layer] for state in states), tuple(ends), tuple(written), read, num_new,
+                   len(states) + num_pad)
 
 
 class LayerCacheView:
@@ -415,12 +440,14 @@ class LayerCacheView:
 
     With a ``plan`` (``PagedKVCache.views``) the view's one ``append`` is one indexed write of the planned tokens
     and ``read`` gathers through the plan's index: no host round-trip. Without one, each ``append`` plans itself
-    from its ``positions`` (read to the host, checked there) and ``read`` indexes the tokens stored now.
+    from its ``positions`` (read to the host, checked there) and ``read`` indexes the tokens stored now. The batch
+    has ``num_rows`` rows: the requests' and, with a padded plan, padding rows that keep nothing.
     """
 
     def __init__(self, cache: PagedKVCache, layer: int, request_ids: list[Hashable],
                  plan: Optional[DecodeStepPlan] = None):
         self.cache, self.layer, self.request_ids, self._plan = cache, layer, request_ids, plan
+        self.num_rows = len(request_ids) if plan is None else plan.num_rows
         self._states = [cache._state(request_id) for request_id in request_ids]
         self._appended: Optional[DecodeStepPlan] = None  # the plan of this view's last append
 
@@ -432,7 +459,7 @@ class LayerCacheView:
             return plan.read
         return _ReadIndex.build(self.cache, [state.block_ids for state in self._states],
                                 [state.shard_lens[layer] for state in self._states],
-                                [state.written[layer] for state in self._states])
+                                [state.written[layer] for state in self._states], self.num_rows - len(self._states))
 
     def first_slots(self) -> torch.Tensor:
         """``[b]`` int64: the shard slot ``read`` returns in column 0 (``ShardedKVCache.first_slots``): 0, or in a
@@ -440,13 +467,13 @@ class LayerCacheView:
         return self._index().first_slots
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
-        """Store each request's new tokens ``k_new, v_new [b, num_kv_heads, L, head_dim]`` at ``positions``
-        (``[b]`` for ``L = 1``, else ``[b, L]``, consecutive) where this shard owns them; tokens of other shards
-        are ignored. The rules a position must keep are ``DecodeStepPlan.build``'s; with a plan they were checked
+        """Store each request's new tokens ``k_new, v_new [num_rows, num_kv_heads, L, head_dim]`` at ``positions``
+        (``[num_rows]`` for ``L = 1``, else ``[num_rows, L]``, consecutive) where this shard owns them; tokens of
+        other shards and of padding rows go to the scratch block, which nothing reads. The rules a position must keep are ``DecodeStepPlan.build``'s; with a plan they were checked
         when the step was planned, and ``positions`` must be the planned ones (only their shape is checked here).
         """
         cache = self.cache
-        batch, num_new = len(self.request_ids), k_new.shape[2] if k_new.dim() == 4 else 1
+        batch, num_new = self.num_rows, k_new.shape[2] if k_new.dim() == 4 else 1
         positions_2d = positions.unsqueeze(1) if positions.dim() == 1 else positions
         _require(positions_2d.shape == (batch, num_new), "append positions.shape", tuple(positions.shape),
                  f"it must be [{batch}] or [{batch}, {num_new}]: one position per new token of the batch")
@@ -458,8 +485,8 @@ class LayerCacheView:
         _require(plan.num_new == num_new and plan.before == before, "append plan", (plan.num_new, plan.before),
                  f"a step plan appends once to every layer: it must be planned for {num_new} new tokens on the "
                  f"stored tokens {before}; plan the step again (PagedKVCache.views)")
-        cache._write(self.layer, plan.blocks, plan.offsets,
-                     k_new[plan.rows, :, plan.columns], v_new[plan.rows, :, plan.columns])
+        cache._write(self.layer, plan.blocks, plan.offsets, k_new.transpose(1, 2).flatten(0, 1),
+                     v_new.transpose(1, 2).flatten(0, 1))
         for state, shard_len, written in zip(self._states, plan.shard_lens, plan.written):
             state.shard_lens[self.layer], state.written[self.layer] = shard_len, written
         self._appended = plan

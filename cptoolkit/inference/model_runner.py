@@ -9,12 +9,15 @@ the count of their collectives.
   its PCP rank holds it (``prompt_logprobs``).
 - **Decode**: one forward of every running request's last token (and its drafts: ``L`` tokens per sequence),
   attention over the DCP-sharded cache, the step planned once on the host for every layer
-  (``PagedKVCache.views``), so the forward never waits on the host.
+  (``PagedKVCache.views``), so the forward never waits on the host. On a GPU the batch is padded to its bucket
+  (``decode_bucket``: 1, 2, 4, 8, ...) with rows that keep and read nothing, so the step's tensors take one shape
+  per bucket (and read width): the shapes a CUDA graph captures.
 - **Drafts** for speculative decoding: a ``proposer`` (prompt lookup, ``speculative``) or the caches' draft model.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -32,10 +35,25 @@ from cptoolkit.models.gpt import CPGPTModel, gpt_forward, gpt_hidden, gpt_logits
 from cptoolkit.parallel_state import ParallelGroups
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """One decode step's forward inputs, padded to its bucket: ``input_ids``, ``positions [num_rows, L]`` int64 on
+    the cache's device (the requests' rows first), the ``phase`` whose cache views hold the step's plan, and
+    ``is_padding [num_rows, L]`` (bool: padding rows, and draft slots past a row's own drafts), which MoE layers
+    leave out of their expert load."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    phase: AttentionPhase
+    is_padding: torch.Tensor
+
+
 class ModelRunner:
     """Runs ``model`` (built with ``runtime``) on this rank's ``groups`` over ``caches``; prefill chunks hold at
     most ``chunk_size`` prompt tokens; ``proposer`` drafts by prompt lookup (the caches' draft model otherwise,
-    when there is one)."""
+    when there is one). ``pad_to_buckets`` pads each decode step to ``decode_bucket`` rows: on a GPU, where a step
+    of a fixed shape can be a CUDA graph; not elsewhere, where the padding rows would only cost (a CPU step of 5
+    requests padded to 8 runs at the cost of 8: docs/results.md)."""
 
     def __init__(self, model: CPGPTModel, runtime: AttentionRuntime, groups: ParallelGroups, caches: EngineCaches,
                  chunk_size: int, proposer: Optional[NgramProposer] = None):
@@ -44,6 +62,7 @@ class ModelRunner:
                              "drafts)")
         self.model, self.runtime, self.groups, self.caches = model, runtime, groups, caches
         self.chunk_size, self.proposer = chunk_size, proposer
+        self.pad_to_buckets = caches.device.type == "cuda"
 
     def prefill(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
         """Prefill the next chunk of every request over its cached history (``Request.num_cached``); returns the
@@ -109,28 +128,46 @@ class ModelRunner:
         return drafts
 
     def decode(self, requests: list[Request], drafts: list[list[int]], metrics: EngineMetrics) -> torch.Tensor:
-        """One decode forward: each row feeds its last token and its drafts, padded to the longest row's (padding
-        is never accepted); returns ``logits [b, L, vocab]``. The step's collectives and bytes (in total and by
-        layer) are counted in ``metrics``."""
+        """One decode forward (``decode_step``); returns the requests' ``logits [b, L, vocab]``. The step's
+        collectives and bytes (in total and by layer) are counted in ``metrics``."""
         stats = self.runtime.stats
         calls_before, bytes_before = stats.total_calls, stats.total_bytes
         layer_calls_before = {layer: s.total_calls for layer, s in self.runtime.per_layer_stats.items()}
-        num_drafts = max(map(len, drafts))
-        input_ids = torch.tensor([[r.output_ids[-1], *d, *[0] * (num_drafts - len(d))]
-                                  for r, d in zip(requests, drafts)], device=self.caches.device)
-        host_positions = [list(range(r.total_len - 1, r.total_len + num_drafts)) for r in requests]
-        positions = torch.tensor(host_positions, device=self.caches.device)
-        phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0] if num_drafts == 0 else positions,
-                               kv_caches=self.caches.views([r.request_id for r in requests], host_positions))
-        # The draft slots past a row's own drafts: computed, but no MoE load.
-        is_padding = torch.tensor([[j > len(d) for j in range(num_drafts + 1)] for d in drafts],
-                                  device=self.caches.device) if num_drafts else None
+        step = self.decode_step(requests, drafts)
         with torch.no_grad():
-            logits = gpt_forward(self.model, input_ids, positions, self.runtime, phase=phase,
-                                 padding_mask=is_padding)  # [b, L, vocab]
+            logits = gpt_forward(self.model, step.input_ids, step.positions, self.runtime, phase=step.phase,
+                                 padding_mask=step.is_padding)
+        logits = logits[:len(requests)]  # [b, L, vocab]
         metrics.decode_collectives += stats.total_calls - calls_before
         metrics.decode_bytes_sent += stats.total_bytes - bytes_before
         by_layer = metrics.decode_collectives_by_layer
         for layer, layer_stats in self.runtime.per_layer_stats.items():
             by_layer[layer] = by_layer.get(layer, 0) + layer_stats.total_calls - layer_calls_before.get(layer, 0)
         return logits
+
+    def decode_step(self, requests: list[Request], drafts: list[list[int]]) -> DecodeStep:
+        """The inputs of one decode forward: each row feeds its last token and its drafts, padded to the longest
+        row's (padding is never accepted), with ``pad_to_buckets`` the batch padded to ``decode_bucket(b)`` rows
+        (token 0 at positions 0 .. L-1: they keep and read nothing), the step planned on the host
+        (``EngineCaches.views``)."""
+        num_drafts = max(map(len, drafts))
+        num_rows = decode_bucket(len(requests)) if self.pad_to_buckets else len(requests)
+        padding = [[0] * (num_drafts + 1)] * (num_rows - len(requests))
+        input_ids = torch.tensor([[r.output_ids[-1], *d, *[0] * (num_drafts - len(d))]
+                                  for r, d in zip(requests, drafts)] + padding, device=self.caches.device)
+        host_positions = [list(range(r.total_len - 1, r.total_len + num_drafts)) for r in requests]
+        positions = torch.tensor(host_positions + [list(range(num_drafts + 1))] * len(padding),
+                                 device=self.caches.device)
+        phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0] if num_drafts == 0 else positions,
+                               kv_caches=self.caches.views([r.request_id for r in requests], host_positions, num_rows))
+        is_padding = torch.tensor([[j > len(d) for j in range(num_drafts + 1)] for d in drafts]
+                                  + [[True] * (num_drafts + 1)] * len(padding), device=self.caches.device)
+        return DecodeStep(input_ids, positions, phase, is_padding)
+
+
+def decode_bucket(batch: int) -> int:
+    """The rows a decode step of ``batch`` requests runs: the next power of two (1, 2, 4, 8, ...), so a server's
+    steps take a handful of shapes, one CUDA graph each."""
+    if batch < 1:
+        raise ValueError(f"batch = {batch} is invalid: a decode step has at least one request")
+    return 1 << (batch - 1).bit_length()

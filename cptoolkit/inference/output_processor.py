@@ -1,6 +1,6 @@
 """The engine's output processor: sampled tokens become request state and ``TokenEvent``s.
 
-For each token: its logprobs (when asked), the output ids, the text (``IncrementalDetokenizer``: O(1) work per
+For each token: its logprobs (when asked; one batched op for the step's rows that asked), the output ids, the text (``IncrementalDetokenizer``: O(1) work per
 token), then why the request ends (EOS or a stop token, a stop string looked for in the new tail only, or its
 length). Everything here is a deterministic function of the broadcast token ids, so a row that raises raises on
 every rank alike and ends only its own request (``finish_reason`` ``error``, ``error_status`` 500).
@@ -15,7 +15,7 @@ import torch
 
 from cptoolkit.inference.metrics import EngineMetrics
 from cptoolkit.inference.request import Request, TokenEvent, TokenLogprob, cut_at_stop, stream_delta
-from cptoolkit.inference.sampling import FAILED_TOKEN, top_logprobs
+from cptoolkit.inference.sampling import top_logprobs
 
 LOG = logging.getLogger("cptoolkit")
 
@@ -26,37 +26,38 @@ class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def append_tokens(self, requests: list[Request], tokens: torch.Tensor, token_logits: torch.Tensor,
+    def append_tokens(self, requests: list[Request], token_ids: list[int], token_logits: torch.Tensor,
                       failures: Optional[dict[int, str]] = None) -> list[TokenEvent]:
-        """Append ``tokens [b]`` to their requests; ``token_logits [b, vocab]`` (raw) give the logprobs of the
-        requests that asked. Rows in ``failures`` and rows whose logprobs, detokenizing or stop check raise end
-        their request with an error (see the module docstring); the others are unaffected."""
+        """Append ``token_ids [b]`` to their requests; ``token_logits [b, vocab]`` (raw) give the logprobs of the
+        requests that asked, all in one batched op. Rows in ``failures`` and rows whose logprobs, detokenizing or
+        stop check raise end their request with an error (see the module docstring); the others are unaffected."""
+        failures = failures or {}
+        logprobs, errors = self._logprobs(requests, token_ids, token_logits, failures)
         events, now = [], time.perf_counter()
-        for row, (request, token) in enumerate(zip(requests, tokens.tolist())):
-            if failures and row in failures:
-                events.append(self.fail(request, failures[row]))
+        for row, (request, token) in enumerate(zip(requests, token_ids)):
+            if row in failures or row in errors:
+                events.append(self.fail(request, failures.get(row) or errors[row]))
                 continue
             try:
-                events.append(self._append_token(request, token, token_logits[row], now))
+                events.append(self._append_token(request, token, logprobs.get(row), now))
             except Exception as err:  # one request's fault ends that request, not the batch
-                events.append(self.fail(request, f"processing token {token} failed ({type(err).__name__}: {err})"))
+                events.append(self.fail(request, _processing_failure(token, err)))
         return events
 
-    def append_verified(self, requests: list[Request], drafts: list[list[int]], emitted: torch.Tensor,
+    def append_verified(self, requests: list[Request], drafts: list[list[int]], emitted: list[list[int]],
                         failures: dict[int, str], logits: torch.Tensor, metrics: EngineMetrics) -> list[TokenEvent]:
-        """Append each request's verified tokens (``emitted [b, L]``, ``FAILED_TOKEN`` past them; ``Sampler.verify``)
+        """Append each request's verified tokens (``emitted``: ``Sampler.verify``'s accepted drafts and one more token)
         in order, stopping at its end; ``logits [b, L, vocab]`` give their logprobs. Counts the drafts, the accepted
         ones and the appended tokens in ``metrics``."""
         events = []
-        for row, (request, draft) in enumerate(zip(requests, drafts)):
+        for row, (request, draft, tokens) in enumerate(zip(requests, drafts, emitted)):
             metrics.draft_tokens += len(draft)
             if row in failures:
                 events.append(self.fail(request, failures[row]))
                 continue
-            tokens = emitted[row][emitted[row] != FAILED_TOKEN]
             metrics.accepted_draft_tokens += len(tokens) - 1
-            for j, token in enumerate(tokens.view(-1, 1)):
-                events += self.append_tokens([request], token, logits[row, j:j + 1])
+            for j, token in enumerate(tokens):
+                events += self.append_tokens([request], [token], logits[row, j:j + 1])
                 metrics.decode_tokens += 1
                 if request.finish_reason is not None:
                     break
@@ -68,8 +69,7 @@ class OutputProcessor:
         request.finish_reason, request.error, request.error_status = "error", error, 500
         return TokenEvent(request.index, None, "", "error", request.request_id)
 
-    def _append_token(self, request: Request, token: int, logits: torch.Tensor, now: float) -> TokenEvent:
-        logprob = self._logprob(logits, torch.tensor(token), request)
+    def _append_token(self, request: Request, token: int, logprob: Optional[TokenLogprob], now: float) -> TokenEvent:
         if logprob is not None:
             request.output_logprobs.append(logprob)
         request.output_ids.append(token)
@@ -83,13 +83,23 @@ class OutputProcessor:
                           logprob)
 
     @staticmethod
-    def _logprob(logits: torch.Tensor, token: torch.Tensor, request: Request) -> Optional[TokenLogprob]:
-        """``token``'s ``TokenLogprob`` under ``logits [vocab]`` if the request asked for logprobs."""
-        num_top = request.sampling.logprobs
-        if num_top is None:
-            return None
-        chosen, top_values, top_ids = top_logprobs(logits.unsqueeze(0), token, num_top)
-        return TokenLogprob(int(token), float(chosen[0]), tuple(zip(top_ids[0].tolist(), top_values[0].tolist())))
+    def _logprobs(requests: list[Request], token_ids: list[int], logits: torch.Tensor, failures: dict[int, str]
+                  ) -> tuple[dict[int, TokenLogprob], dict[int, str]]:
+        """``({row: TokenLogprob}, {row: error})`` for the rows whose request asked for logprobs: one batched
+        ``top_logprobs`` over them (``logits [b, vocab]``, raw); if it raises, each row alone, so that only the rows
+        that raise alone fail."""
+        rows = [row for row, r in enumerate(requests) if r.sampling.logprobs is not None and row not in failures]
+        try:
+            return _token_logprobs(rows, requests, token_ids, logits), {}
+        except Exception:  # one request's fault ends that request, not the batch: find it
+            pass
+        logprobs, errors = {}, {}
+        for row in rows:
+            try:
+                logprobs.update(_token_logprobs([row], requests, token_ids, logits))
+            except Exception as err:  # noqa: BLE001 - this row's fault, reported in its error
+                errors[row] = _processing_failure(token_ids[row], err)
+        return logprobs, errors
 
     def _finish_reason(self, request: Request, token: int, changed_from: int) -> Optional[str]:
         """Why ``request`` ends after ``token`` (None: it goes on). Its text may have changed from offset
@@ -104,3 +114,21 @@ class OutputProcessor:
         if len(request.output_ids) >= request.sampling.max_new_tokens:
             return "length"
         return None
+
+
+def _token_logprobs(rows: list[int], requests: list[Request], token_ids: list[int], logits: torch.Tensor
+                    ) -> dict[int, TokenLogprob]:
+    """``{row: TokenLogprob}`` of ``rows``: the chosen tokens' log-probabilities and each row's
+    ``sampling.logprobs`` best alternatives, from one ``top_logprobs`` call (``logits [b, vocab]``)."""
+    if not rows:
+        return {}
+    num_top = max(requests[row].sampling.logprobs for row in rows)
+    chosen = torch.tensor([token_ids[row] for row in rows], device=logits.device)
+    chosen_logprob, top_values, top_ids = (t.tolist() for t in top_logprobs(logits[rows], chosen, num_top))
+    return {row: TokenLogprob(token_ids[row], chosen_logprob[i],
+                              tuple(zip(top_ids[i], top_values[i]))[:requests[row].sampling.logprobs])
+            for i, row in enumerate(rows)}
+
+
+def _processing_failure(token: int, err: Exception) -> str:
+    return f"processing token {token} failed ({type(err).__name__}: {err})"

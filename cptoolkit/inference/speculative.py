@@ -11,7 +11,7 @@ DCP-sharded cache). Row ``j`` of a request's logits is the target distribution o
   are those plain greedy decoding would produce, ``1 + accepted`` of them per step.
 - **sampling**: the drafts are deterministic proposals (``q(d) = 1``), so the standard speculative
   rejection rule becomes: accept draft ``d`` with probability ``p(d)`` (``p`` the row's distribution after
-  temperature / top-k / top-p, ``sampling.token_distribution``); on rejection draw from ``p`` with ``d``
+  temperature / top-k / top-p, ``sampling.token_weights`` normalised); on rejection draw from ``p`` with ``d``
   removed, renormalised. Each emitted token is then distributed exactly as ``p`` (``P(d) = p(d)``,
   ``P(x) = (1 - p(d)) p(x) / (1 - p(d)) = p(x)``).
 
@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from cptoolkit.inference.sampling import SamplingParams, draw, token_distribution
+from cptoolkit.inference.sampling import FAILED_TOKEN, NOT_FINITE, SamplingParams, draw, token_weights
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,7 @@ def accept(logits: torch.Tensor, drafts: Sequence[int], params: SamplingParams,
         if token != draft:
             return emitted
     last = logits[len(drafts)]
-    emitted.append(int(torch.argmax(last)) if params.is_greedy
-                   else int(draw(*token_distribution(last, params), generator)))
+    emitted.append(int(torch.argmax(last)) if params.is_greedy else _draw_one(_weights(last, params), generator))
     return emitted
 
 
@@ -82,10 +81,22 @@ def _check_draft(logits: torch.Tensor, draft: int, params: SamplingParams, gener
     """``draft`` if accepted, else the token drawn in its place (see the module docstring)."""
     if params.is_greedy:
         return int(torch.argmax(logits))
-    probs, ids = token_distribution(logits, params)
-    probs = probs / probs.sum()
-    is_draft = ids == draft
-    p_draft = float(probs[is_draft].sum())
+    weights = _weights(logits, params)
+    is_draft = torch.arange(len(weights), device=weights.device) == draft  # all False for a draft past the vocabulary
+    p_draft = float((weights * is_draft).sum() / weights.sum())
     if float(torch.rand((), generator=generator, device=generator.device)) < p_draft:
         return draft
-    return int(draw(probs.masked_fill(is_draft, 0.0), ids, generator))
+    return _draw_one(weights.masked_fill(is_draft, 0.0), generator)
+
+
+def _weights(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``[vocab]``: what a non-greedy ``params`` samples from ``logits [vocab]`` (``sampling.token_weights``)."""
+    return token_weights(logits.unsqueeze(0), [params])[0]
+
+
+def _draw_one(weights: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from ``weights [vocab]``; raises ``ValueError`` when they hold NaN (``sampling.draw``)."""
+    token = int(draw(weights.unsqueeze(0), [generator])[0])
+    if token == FAILED_TOKEN:
+        raise ValueError(NOT_FINITE)
+    return token
