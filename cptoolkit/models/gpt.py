@@ -36,6 +36,18 @@ class CPGPTModel(GPTModel):
             self.rotary_pos_emb.inv_freq = rope.inv_freq(shape)  # a plain attribute: stays float32 under .to(dtype)
         self.local_inv_freq = rope.local_inv_freq(shape)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` / ``.cuda()`` move the RoPE tables with the parameters, still float32 (plain attributes,
+        so a dtype change leaves them alone): a forward reads them where the positions are, with no copy (a copy
+        per forward would also keep the decode step out of a CUDA graph)."""
+        super()._apply(fn, recurse)
+        device = next(self.parameters()).device
+        if getattr(self, "position_embedding_type", None) == "rope":
+            self.rotary_pos_emb.inv_freq = self.rotary_pos_emb.inv_freq.to(device)
+        if getattr(self, "local_inv_freq", None) is not None:
+            self.local_inv_freq = self.local_inv_freq.to(device)
+        return self
+
 
 def rotary_freqs(model: CPGPTModel, position_ids: torch.Tensor, inv_freq: Optional[torch.Tensor] = None
                  ) -> torch.Tensor:

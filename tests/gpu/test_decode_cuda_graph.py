@@ -55,12 +55,9 @@ def _capture_rank(rank, world_size):
     try:
         engine = build_engine(cfg, groups, torch.device("cuda"))
         model = engine.model
-        # cptoolkit.models.gpt keeps RoPE's inverse frequencies on the CPU (a plain attribute, so .to(dtype) leaves
-        # them float32) and copies them to the GPU in every forward: a host-to-device copy, which a capture refuses.
-        # Held on the GPU here until the model keeps them on its device.
-        model.rotary_pos_emb.inv_freq = model.rotary_pos_emb.inv_freq.cuda()
-        if model.local_inv_freq is not None:
-            model.local_inv_freq = model.local_inv_freq.cuda()
+        # CPGPTModel moves RoPE's tables with its parameters: no host-to-device copy in a forward (which a capture
+        # would refuse).
+        assert model.rotary_pos_emb.inv_freq.is_cuda
         for index, prompt in enumerate(PROMPTS[:3]):
             engine.add_request(prompt, SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True), index)
         running = engine.scheduler.running
