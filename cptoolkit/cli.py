@@ -351,7 +351,7 @@ def _upcycled_weights(args: argparse.Namespace) -> tuple[dict, dict, Any]:
     tensor is read."""
     from cptoolkit.models.checkpoint import (CPTOOLKIT_FORMAT, checkpoint_layout, hf_to_full, read_weights,
                                              tensor_files)
-    from cptoolkit.models.families.registry import hf_shape, write_hf_config
+    from cptoolkit.models.families.registry import checkpoint_family, hf_shape, write_hf_config
     from cptoolkit.models.shape import read_config
     from cptoolkit.models.tokenizer import load_tokenizer
     from cptoolkit.models.upcycle import upcycle, upcycled_shape
@@ -370,7 +370,8 @@ def _upcycled_weights(args: argparse.Namespace) -> tuple[dict, dict, Any]:
     tokenizer = load_tokenizer(source)
     checkpoint_layout(config, shape, tensor_files(source))  # a missing or misshapen tensor, named, before reading
     weights = read_weights(source)
-    full = weights if config.get("cptoolkit_format") == CPTOOLKIT_FORMAT else hf_to_full(weights, shape)
+    full = (weights if config.get("cptoolkit_format") == CPTOOLKIT_FORMAT
+            else hf_to_full(weights, shape, checkpoint_family(config)))
     upcycled, _ = upcycle(full, shape, args.experts, args.top_k, args.seed)
     return upcycled, moe_config, tokenizer
 

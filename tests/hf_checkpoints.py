@@ -40,6 +40,8 @@ FAMILIES = {
     # Sliding windows several times shorter than the prompts: every layer (Mistral), the layers from
     # max_window_layers on (Qwen2, whose first layer stays full).
     "mistral_swa": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
+    # Phi-3: the Llama block stored with fused qkv_proj and gate_up_proj, a window on every layer.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=7)),
     "qwen2_swa": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=5,
                                                           max_window_layers=1)),
     # One KV head: TP = 2 replicates it, and its bias, on both ranks (the fused-QKV kind, not a plain split).

@@ -31,7 +31,7 @@ from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import shard_positions
 from cptoolkit.models.checkpoint import hf_to_full, load_model_checkpoint, read_weights, save_checkpoint
 from cptoolkit.models.gpt import gpt_forward
-from cptoolkit.models.families.registry import read_hf_config
+from cptoolkit.models.families.registry import SUPPORTED, read_hf_config
 from cptoolkit.models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from tests.multiproc import free_port, run_ranks
 from tests.test_gpt_model import megatron_groups
@@ -290,12 +290,7 @@ CONFIG_JSON_CASES = {
     "hidden_size as text": (lambda d: _set_config(d, hidden_size="64"),
                             r"/config\.json: hidden_size='64'; rule: must be a positive integer$"),
     "unsupported model_type": (lambda d: _set_config(d, model_type="gemma"),
-                               r"/config\.json: model_type='gemma' is not supported; rule: one of 'llama', "
-                               r"'mistral', 'mixtral', 'qwen2', 'qwen3', 'qwen2_moe', 'qwen3_moe', 'gpt2', "
-                               r"'deepseek_v2', 'deepseek_v3', 'kimi_k2', 'gemma2', 'gemma3_text', 'gpt_oss' \(architectures "
-                               r"LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, "
-                               r"Qwen3ForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, GPT2LMHeadModel, GPT2Model, "
-                               r"DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, GptOssForCausalLM\)$"),
+                               rf"/config\.json: model_type='gemma' is not supported; rule: {re.escape(SUPPORTED)}$"),
     "unsupported architecture": (lambda d: _set_config(d, architectures=["LlamaForSequenceClassification"]),
                                  r"/config\.json: architectures=\['LlamaForSequenceClassification'\] is not "
                                  r"supported for model_type 'llama'; rule: LlamaForCausalLM$"),

@@ -42,7 +42,8 @@ from cptoolkit.config import ConfigError
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.models.build import new_gpt_model
 from cptoolkit.models.gpt import CPGPTModel
-from cptoolkit.models.families.registry import hf_shape, shape_family, write_hf_config
+from cptoolkit.models.families import Family
+from cptoolkit.models.families.registry import checkpoint_family, hf_shape, shape_family, write_hf_config
 from cptoolkit.models.shape import CONFIG_FILE, RESAVE, GPTShape, read_config, read_json_object
 from cptoolkit.models.tensor_map import Layout, Rows, Shapes, whole
 from cptoolkit.models.tp_sharding import Reader, gather_full_state_dict, load_tp_slices
@@ -168,22 +169,25 @@ def _full_shapes(layout: Layout, shapes: Shapes) -> Shapes:
 
 # ----------------------------------------------------------------------------- Hugging Face formats
 
-def hf_to_full(weights: StateDict, shape: GPTShape) -> StateDict:
+def hf_to_full(weights: StateDict, shape: GPTShape, family: Family | None = None) -> StateDict:
     """A Hugging Face checkpoint's tensors, in memory, as the full state dict (to re-save it in cptoolkit's format,
-    or to inspect one full tensor such as a MoE layer's stacked experts)."""
+    or to inspect one full tensor such as a MoE layer's stacked experts); ``family``: as for ``hf_layout``."""
     return {name: torch.cat([_read_rows(weights[p.name], p, p.start, p.stop) for p in pieces])
-            for name, pieces in hf_layout(shape, weights).items()}
+            for name, pieces in hf_layout(shape, weights, family).items()}
 
 
-def hf_tensor_shapes(shape: GPTShape, names) -> Shapes:
+def hf_tensor_shapes(shape: GPTShape, names, family: Family | None = None) -> Shapes:
     """The tensors a Hugging Face checkpoint of ``shape`` must hold (``names``: those it holds,
-    which tell a GPT-2 checkpoint's prefix)."""
-    return shape_family(shape).tensor_shapes(shape, names)
+    which tell a GPT-2 checkpoint's prefix); ``family``: as for ``hf_layout``."""
+    return (family or shape_family(shape)).tensor_shapes(shape, names)
 
 
-def hf_layout(shape: GPTShape, names) -> Layout:
-    """The full state dict as rows of a Hugging Face checkpoint's tensors (``names``: as for ``hf_tensor_shapes``)."""
-    return shape_family(shape).layout(shape, names)
+def hf_layout(shape: GPTShape, names, family: Family | None = None) -> Layout:
+    """The full state dict as rows of a Hugging Face checkpoint's tensors (``names``: as for ``hf_tensor_shapes``).
+    ``family``: the one that read the checkpoint's config.json (``checkpoint_family``), which knows its tensors;
+    default: the one that owns ``shape`` (two families may read the same shape from differently stored tensors,
+    as Phi-3's fused projections hold a Llama block)."""
+    return (family or shape_family(shape)).layout(shape, names)
 
 
 def full_tensor_shapes(shape: GPTShape) -> Shapes:
@@ -199,8 +203,9 @@ def checkpoint_layout(config: dict, shape: GPTShape, located: TensorFiles) -> La
         expected = full_tensor_shapes(shape)
         _check(located.shapes, expected, located.source, shape)
         return {name: whole(expected, name) for name in expected}
-    _check(located.shapes, hf_tensor_shapes(shape, located.shapes), located.source, shape)
-    return hf_layout(shape, located.shapes)
+    family = checkpoint_family(config)
+    _check(located.shapes, hf_tensor_shapes(shape, located.shapes, family), located.source, shape)
+    return hf_layout(shape, located.shapes, family)
 
 
 # ----------------------------------------------------------------------------- loading and saving

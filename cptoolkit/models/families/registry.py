@@ -3,7 +3,9 @@
 family: one module in this package exporting a ``Family``, and its entry in ``FAMILIES``.
 
 Invariants: each ``model_type`` belongs to one family; each valid ``GPTShape`` is owned by exactly one
-family (its ``owns``); ``read_hf_config(write_hf_config(shape)) == shape``.
+family (its ``owns``); ``read_hf_config(write_hf_config(shape)) == shape``. A family may own no shape and only read
+(Phi-3: a Llama block stored with fused projections); a checkpoint's tensors are read by the family of its
+``model_type`` (``checkpoint_family``).
 """
 from __future__ import annotations
 
@@ -17,14 +19,16 @@ from cptoolkit.models.families.gpt2 import GPT2
 from cptoolkit.models.families.gpt_oss import GPT_OSS
 from cptoolkit.models.families.llama import LLAMA
 from cptoolkit.models.families.mixtral import MIXTRAL
+from cptoolkit.models.families.phi3 import PHI3
 from cptoolkit.models.families.qwen import QWEN
 from cptoolkit.models.families.qwen_moe import QWEN_MOE
 from cptoolkit.models.shape import CONFIG_FILE, GPTShape
 
 # The order lists the supported model_types in refusal messages.
-FAMILIES: tuple[Family, ...] = (LLAMA, MIXTRAL, QWEN, QWEN_MOE, GPT2, DEEPSEEK, GEMMA, GPT_OSS)
+FAMILIES: tuple[Family, ...] = (LLAMA, MIXTRAL, QWEN, QWEN_MOE, GPT2, DEEPSEEK, GEMMA, GPT_OSS, PHI3)
 BY_MODEL_TYPE: dict[str, Family] = {model_type: family for family in FAMILIES for model_type in family.architectures}
-_SUPPORTED = (f"one of {', '.join(repr(t) for t in BY_MODEL_TYPE)} (architectures "
+# The rule a model_type or architecture outside the table breaks (their refusals quote it).
+SUPPORTED = (f"one of {', '.join(repr(t) for t in BY_MODEL_TYPE)} (architectures "
               f"{', '.join(dict.fromkeys(a for f in FAMILIES for archs in f.architectures.values() for a in archs))})")
 
 
@@ -32,10 +36,10 @@ def read_hf_config(config: dict) -> GPTShape:
     """The ``GPTShape`` of a Hugging Face ``config.json`` dict, read by its ``model_type``'s family. Errors name
     the key and the rule but not the file: the caller knows which file it read."""
     if "model_type" not in config:
-        raise ValueError(f"missing required key 'model_type'; rule: {_SUPPORTED}")
+        raise ValueError(f"missing required key 'model_type'; rule: {SUPPORTED}")
     model_type = config["model_type"]
     if model_type not in BY_MODEL_TYPE:
-        raise ValueError(f"model_type={model_type!r} is not supported; rule: {_SUPPORTED}")
+        raise ValueError(f"model_type={model_type!r} is not supported; rule: {SUPPORTED}")
     quantization = config.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
@@ -50,6 +54,12 @@ def read_hf_config(config: dict) -> GPTShape:
         raise ValueError(f"architectures={unsupported!r} is not supported for model_type {model_type!r}; "
                          f"rule: {' or '.join(accepted)}")
     return family.read_hf_config(config, model_type)
+
+
+def checkpoint_family(config: dict) -> Family:
+    """The family that reads a Hugging Face ``config.json`` dict (``read_hf_config`` has accepted it): it knows how
+    that checkpoint stores its tensors, which a shape alone may not tell (Phi-3's fused projections)."""
+    return BY_MODEL_TYPE[config["model_type"]]
 
 
 def shape_family(shape: GPTShape) -> Family:
