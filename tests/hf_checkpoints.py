@@ -10,6 +10,7 @@ q/k norms) moved off their 1 and 0. The tokenizer is word-level over ``w1 .. w{V
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,17 @@ def save_checkpoint(model, directory: str | Path, chat_template: str | None = No
     tokenizer = byte_level_tokenizer if model.config.model_type == "qwen2" else word_tokenizer
     tokenizer(chat_template).save_pretrained(directory)
     return str(directory)
+
+
+def recorded_logits(engine) -> dict[int, list[torch.Tensor]]:
+    """Every logits row the engine samples a token from, per request index, in order (the engine's sampling
+    step, wrapped on this instance only)."""
+    rows, sample = defaultdict(list), engine.sampler.sample
+
+    def recording(logits, requests):
+        for row, request in zip(logits, requests):
+            rows[request.index].append(row.clone())
+        return sample(logits, requests)
+
+    engine.sampler.sample = recording
+    return rows

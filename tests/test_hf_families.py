@@ -12,7 +12,6 @@ logits the engine samples from and compares them with transformers' (relative to
 import json
 import re
 import shutil
-from collections import defaultdict
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from cptoolkit.models.rope import inv_freq
 from cptoolkit.models.families.registry import SUPPORTED, read_hf_config, write_hf_config
 from cptoolkit.models.shape import GemmaBlock
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
-from tests.hf_checkpoints import FAMILIES, LLAMA_SIZES, VOCAB, YARN, hf_model, save_checkpoint
+from tests.hf_checkpoints import FAMILIES, LLAMA_SIZES, VOCAB, YARN, hf_model, recorded_logits, save_checkpoint
 from tests.multiproc import run_ranks
 
 transformers = pytest.importorskip("transformers")
@@ -74,20 +73,6 @@ def families(tmp_path_factory):
     return cases
 
 
-def _recorded_logits(engine) -> dict[int, list[torch.Tensor]]:
-    """Every logits row the engine samples a token from, per request index, in order (the engine's sampling
-    step, wrapped on this instance only)."""
-    rows, sample = defaultdict(list), engine.sampler.sample
-
-    def recording(logits, requests):
-        for row, request in zip(logits, requests):
-            rows[request.index].append(row.clone())
-        return sample(logits, requests)
-
-    engine.sampler.sample = recording
-    return rows
-
-
 def _families_rank(rank, world_size, cases):
     """{(family, layout): (generated tokens, max and mean of |logits - transformers'| / max |transformers'|)}."""
     results = {}
@@ -106,7 +91,7 @@ def _families_rank(rank, world_size, cases):
                                                num_kv_heads=cfg.model.num_kv_heads)
             try:
                 engine = build_engine(cfg, groups, torch.device("cpu"))
-                got_logits = _recorded_logits(engine)
+                got_logits = recorded_logits(engine)
                 generated = engine.generate(prompts * repeats,
                                             SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
             finally:

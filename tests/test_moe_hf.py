@@ -9,8 +9,6 @@ Qwen2-MoE (shared expert with its sigmoid gate), Qwen3-MoE (renormalised top-k w
 top-k with an mlp_only layer), DeepSeek-V2 (greedy; group-limited greedy, scaled), DeepSeek-V3 (sigmoid steered by
 a random e_score_correction_bias, top-two group scores, renormalised, scaled, a dense first layer, MLA).
 """
-from collections import defaultdict
-
 import pytest
 import torch
 
@@ -19,7 +17,7 @@ from cptoolkit.inference.builder import build_engine
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.moe.layer import expert_load
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
-from tests.hf_checkpoints import MOE_FAMILIES, VOCAB, hf_model, save_checkpoint
+from tests.hf_checkpoints import MOE_FAMILIES, VOCAB, hf_model, recorded_logits, save_checkpoint
 from tests.multiproc import run_ranks
 
 transformers = pytest.importorskip("transformers")
@@ -53,18 +51,6 @@ def moe_cases(tmp_path_factory):
     return cases
 
 
-def _recorded_logits(engine) -> dict[int, list[torch.Tensor]]:
-    rows, sample = defaultdict(list), engine.sampler.sample
-
-    def recording(logits, requests):
-        for row, request in zip(logits, requests):
-            rows[request.index].append(row.clone())
-        return sample(logits, requests)
-
-    engine.sampler.sample = recording
-    return rows
-
-
 def _moe_rank(rank, world_size, cases):
     results = {}
     for name, (directory, prompts, _, want_logits) in cases.items():
@@ -82,7 +68,7 @@ def _moe_rank(rank, world_size, cases):
                                                num_experts=model_moe(cfg.model).num_experts)
             try:
                 engine = build_engine(cfg, groups, torch.device("cpu"))
-                got_logits = _recorded_logits(engine)
+                got_logits = recorded_logits(engine)
                 generated = engine.generate(prompts * repeats, SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
                 load = expert_load(engine.model)
             finally:
