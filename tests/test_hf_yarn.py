@@ -31,7 +31,7 @@ from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
 from tests.hf_checkpoints import VOCAB, word_tokenizer
-from tests.test_hf_families import _recorded_logits
+from tests.hf_checkpoints import recorded_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -141,7 +141,7 @@ def _generate_rank(rank, world_size, cases, layout):
                                            num_kv_heads=cfg.model.num_kv_heads)
         try:
             engine = build_engine(cfg, groups, torch.device("cpu"))
-            rows = _recorded_logits(engine)
+            rows = recorded_logits(engine)
             generated = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
         finally:
             destroy_model_parallel()
