@@ -33,6 +33,8 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 
+from cptoolkit.errors import check_positive
+
 BANNER = "=" * 80
 
 LEGEND = "\n".join([
@@ -124,9 +126,7 @@ class ParallelLayout:
 
     def __post_init__(self) -> None:
         for name in ("tp", "pcp", "dcp", "num_heads", "num_kv_heads", "dp"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+            check_positive(name, getattr(self, name))
         self._check_dcp()
         self._check_heads()
         self._check_hierarchical()
@@ -501,8 +501,7 @@ def tp_across_nodes_error(layout: ParallelLayout, nproc_per_node: int) -> str | 
 def check_nodes(layout: ParallelLayout, nproc_per_node: int) -> None:
     """Raise ``ValueError`` unless ``nproc_per_node`` is a positive integer that the world size is a multiple
     of (torchrun starts as many processes on every node) and every TP group stays inside one node."""
-    if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
-        raise ValueError(f"nproc_per_node ({nproc_per_node!r}) must be a positive integer")
+    check_positive("nproc_per_node", nproc_per_node)
     if layout.world_size % nproc_per_node:
         raise ValueError(f"world size ({layout.world_size} = dp*pcp*tp) must be a multiple of nproc_per_node "
                          f"({nproc_per_node}): torchrun starts nproc_per_node processes on every node")

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cptoolkit.config import InferenceConfig, ModelConfig, ParallelConfig
-from cptoolkit.errors import OneLineParser
+from cptoolkit.errors import OneLineParser, check_positive
 from cptoolkit.inference.kv_cache import window_ring_slots
 from cptoolkit.inference.prefill_kv import prefill_route
 from cptoolkit.layers.comm import CommStats
@@ -716,15 +716,10 @@ def load_shape(model: str) -> GPTShape:
         raise ValueError(f"{path}: {error}") from None
 
 
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} ({value}) must be a positive integer")
-
-
 def workload_from_args(args: argparse.Namespace) -> Workload:
     shape = load_shape(args.model)
     for name in ("context", "batch", "devices", "devices_per_node"):
-        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+        check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.context > shape.max_seq_len:
         raise ValueError(f"--context ({args.context}) must be <= the model's max_seq_len ({shape.max_seq_len}): "
                          "the engine refuses longer requests")
@@ -732,7 +727,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         raise ValueError(f"--devices ({args.devices}) must be a multiple of --devices-per-node "
                          f"({args.devices_per_node}): torchrun starts as many processes on every node")
     chunk = args.context if args.prefill_chunk is None else args.prefill_chunk
-    _positive("--prefill-chunk", chunk)
+    check_positive("--prefill-chunk", chunk)
     return Workload(shape=shape, context=args.context, batch=args.batch, devices=args.devices,
                     devices_per_node=args.devices_per_node, memory_per_device=parse_bytes(args.memory_per_device),
                     dtype=args.dtype, prefill_chunk=min(chunk, args.context),

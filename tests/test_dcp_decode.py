@@ -59,7 +59,7 @@ def test_decode_group_rejects_bad_shapes():
         DecodeGroup(None, dcp_rank=0, dcp_size=4, tp_positions=2, pcp_size=1)
     with pytest.raises(ValueError, match=r"dcp_rank \(2\) must lie in \[0, dcp_size=2\)"):
         DecodeGroup(None, dcp_rank=2, dcp_size=2, tp_positions=1, pcp_size=2)
-    with pytest.raises(ValueError, match="interleave must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"^interleave \(0\) must be a positive integer$"):
         DecodeGroup(None, dcp_rank=0, dcp_size=2, tp_positions=1, pcp_size=2, interleave=0)
     with pytest.raises(ValueError, match=r"kv_head_replication \(3\) and tp_positions \(2\) must divide one another"):
         DecodeGroup(None, dcp_rank=0, dcp_size=2, tp_positions=2, pcp_size=1, kv_head_replication=3)

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from cptoolkit.errors import check_positive
 from cptoolkit.layers.block_attention import check_sinks, kernel_backend, masked_attention_forward
 from cptoolkit.layers.comm import CommStats, all_gather, all_reduce, all_to_all, reduce_scatter
 from cptoolkit.layers.lse_merge import add_sinks, merge_partials
@@ -77,11 +78,6 @@ def positions_in_shard(seq_len: int, shard: int, dcp_size: int, interleave: int)
     return positions[shard_of_position(positions, dcp_size, interleave) == shard]
 
 
-def _require_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
 @dataclass(frozen=True)
 class DecodeGroup:
     """One rank's view of its DCP group.
@@ -103,7 +99,7 @@ class DecodeGroup:
 
     def __post_init__(self) -> None:
         for name in ("tp_positions", "pcp_size", "interleave", "kv_head_replication"):
-            _require_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.dcp_size != self.tp_positions * self.pcp_size:
             raise ValueError(f"dcp_size ({self.dcp_size}) must equal tp_positions ({self.tp_positions}) x "
                              f"pcp_size ({self.pcp_size}) = {self.tp_positions * self.pcp_size}: a DCP group "
@@ -120,8 +116,8 @@ class DecodeGroup:
                    kv_head_replication: int = 1) -> DecodeGroup:
         """Describe this rank's membership of ``group``: ``k`` neighbouring TP positions x all
         ``pcp_size`` PCP ranks, in KV-shard order (global rank ``pcp_rank * TP + tp_rank``)."""
-        _require_positive("tp_positions", tp_positions)
-        _require_positive("pcp_size", pcp_size)
+        check_positive("tp_positions", tp_positions)
+        check_positive("pcp_size", pcp_size)
         size = dist.get_world_size(group)
         if size != tp_positions * pcp_size:
             raise ValueError(f"the DCP group has {size} members but tp_positions ({tp_positions}) x pcp_size "
@@ -189,7 +185,7 @@ class ContiguousShardCache:
                  dg: DecodeGroup, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         for name, value in (("max_seq_len", max_seq_len), ("batch_size", batch_size),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            _require_positive(name, value)
+            check_positive(name, value)
         self.max_seq_len, self.dg = max_seq_len, dg
         capacity = shard_length(max_seq_len, 0, dg.dcp_size, dg.interleave)
         self.k = torch.zeros(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
