@@ -18,7 +18,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 from cptoolkit.errors import ConfigError, require
-from cptoolkit.layout import valid_ep_sizes
+from cptoolkit.layers.algorithms import (PREFILL_ALGORITHMS, DecodeComm, PrefillComm, history_names,
+                                         prefill_algorithm)
+from cptoolkit.layout import a2a_size_rule, valid_ep_sizes
 from cptoolkit.models.moe_dims import MoEDims
 
 __all__ = ["ConfigError"]  # re-exported: callers import it from here too
@@ -28,9 +30,10 @@ __all__ = ["ConfigError"]  # re-exported: callers import it from here too
 class ParallelConfig:
     """Parallel layout: TP shards heads, PCP shards prefill tokens, DCP shards the decode KV cache.
 
-    ``prefill_comm``: ``p2p`` (ring), ``all_gather``, ``a2a`` (Ulysses; query heads per TP rank must be a
-    multiple of ``pcp``) or ``a2a+p2p`` (hierarchical: a2a inside groups of ``hierarchical_a2a_size`` PCP ranks,
-    ring across them; that size is required for it and allowed for nothing else).
+    ``prefill_comm``: ``p2p`` (ring), ``all_gather``, ``a2a`` (Ulysses) or ``a2a+p2p`` (hierarchical: a2a inside
+    groups of ``hierarchical_a2a_size`` PCP ranks, ring across them; that size is required for it and allowed for
+    nothing else); ``decode_comm``: ``a2a`` or ``ag_rs``. Each is a record of ``layers.algorithms`` with its rule on
+    the model's heads, checked once the model is known.
 
     ``ep``: expert parallelism for an MoE model, ``k * pcp`` with ``k`` dividing ``tp`` (null: ``pcp``). Inside each
     replica EP ranks shard the routed experts and ETP = ``tp * pcp / ep`` ranks split each expert's FFN: ``ep = pcp``
@@ -42,8 +45,8 @@ class ParallelConfig:
     pcp: int = 1
     dcp: int = 1
     dp: int = 1
-    prefill_comm: Literal["p2p", "all_gather", "a2a", "a2a+p2p"] = "p2p"
-    decode_comm: Literal["a2a", "ag_rs"] = "a2a"
+    prefill_comm: PrefillComm = "p2p"
+    decode_comm: DecodeComm = "a2a"
     kv_interleave: int = 1
     hierarchical_a2a_size: Optional[int] = None
     ep: Optional[int] = None
@@ -56,14 +59,16 @@ class ParallelConfig:
                 f"must be k*pcp with k dividing tp (tp={self.tp}, pcp={self.pcp}): valid ep values are "
                 f"{', '.join(map(str, valid_ep))} (null: ep = pcp)")
         a = self.hierarchical_a2a_size
-        if self.prefill_comm == "a2a+p2p":
+        if prefill_algorithm(self.prefill_comm).hierarchical:
             require(a is not None, "hierarchical_a2a_size", a,
-                    f"required with prefill_comm 'a2a+p2p': the a2a group size, a divisor of pcp ({self.pcp})")
-            require(a >= 1 and self.pcp % a == 0, "hierarchical_a2a_size", a,
-                    f"must divide pcp ({self.pcp}): pcp = a2a group size x ring size")
+                    f"required with prefill_comm {self.prefill_comm!r}: the a2a group size, a divisor of pcp "
+                    f"({self.pcp})")
+            size_rule = a2a_size_rule(a, self.pcp)
+            require(size_rule is None, "hierarchical_a2a_size", a, size_rule)
         else:
+            hierarchical = " or ".join(repr(n) for n, algorithm in PREFILL_ALGORITHMS.items() if algorithm.hierarchical)
             require(a is None, "hierarchical_a2a_size", a,
-                    f"only allowed with prefill_comm 'a2a+p2p' (prefill_comm is {self.prefill_comm!r})")
+                    f"only allowed with prefill_comm {hierarchical} (prefill_comm is {self.prefill_comm!r})")
 
     @property
     def world_size(self) -> int:
@@ -425,6 +430,15 @@ def _check_experts(p: ParallelConfig, moe: Optional[MoEDims]) -> None:
             f"an equal slice of every expert's FFN; {fix}")
 
 
+def _prefill_comm_error(p: ParallelConfig, heads_name: str, num_heads: int) -> Optional[str]:
+    """The prefill algorithm's rule (``layers.algorithms``) on ``num_heads`` query heads (``heads_name``) split over
+    ``parallel.tp`` (a multiple of it): the error naming the sizes, or None."""
+    error = prefill_algorithm(p.prefill_comm).check(num_heads // p.tp, p.pcp, p.hierarchical_a2a_size)
+    if error is None:
+        return None
+    return f"with {heads_name} = {num_heads} over parallel.tp = {p.tp} and parallel.pcp = {p.pcp}, {error}"
+
+
 def _check_layout(cfg: Config) -> None:
     from cptoolkit.layout import ParallelLayout  # pure: validating a config imports no torch
 
@@ -439,14 +453,8 @@ def _check_layout(cfg: Config) -> None:
     require(m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
             f"must be a multiple of parallel.tp ({p.tp}) for the column-parallel MLP")
     _check_experts(p, model_moe(m))
-    a2a_size = {"a2a": p.pcp, "a2a+p2p": p.hierarchical_a2a_size}.get(p.prefill_comm)
-    if a2a_size is not None:
-        heads_per_rank = m.num_attention_heads // p.tp
-        size_name = "parallel.pcp" if p.prefill_comm == "a2a" else "parallel.hierarchical_a2a_size"
-        require(heads_per_rank % a2a_size == 0, "parallel.prefill_comm", p.prefill_comm,
-                f"needs the query heads per TP rank (model.num_attention_heads / parallel.tp = "
-                f"{m.num_attention_heads}/{p.tp} = {heads_per_rank}) to be a multiple of {size_name} ({a2a_size}): "
-                "the all-to-all gives each member whole query heads; use p2p or all_gather, or another size")
+    error = _prefill_comm_error(p, "model.num_attention_heads", m.num_attention_heads)
+    require(error is None, "parallel.prefill_comm", p.prefill_comm, error)
     if cfg.inference is not None and cfg.inference.messages:
         require(m.checkpoint is not None, "inference.messages", cfg.inference.messages,
                 "needs model.checkpoint: messages are rendered by the checkpoint's chat template, and the "
@@ -460,9 +468,10 @@ def _check_layout(cfg: Config) -> None:
                 cfg.inference.prefill_chunk_size, f"must be a multiple of parallel.kv_interleave * parallel.dcp "
                 f"({align}) so that every chunk starts on the same DCP shard")
     if cfg.inference is not None and (cfg.inference.prefill_chunk_size or cfg.inference.prefix_caching):
-        require(p.prefill_comm in ("p2p", "all_gather"), "parallel.prefill_comm", p.prefill_comm,
-                "must be 'p2p' or 'all_gather' with inference.prefill_chunk_size or inference.prefix_caching: a "
-                "chunk over a cached history merges by log-sum-exp, which the a2a algorithms do not return")
+        require(prefill_algorithm(p.prefill_comm).attends_history, "parallel.prefill_comm", p.prefill_comm,
+                f"must be {' or '.join(map(repr, history_names()))} with inference.prefill_chunk_size or "
+                "inference.prefix_caching: a chunk over a cached history merges by log-sum-exp, which the other "
+                "algorithms do not return")
     if cfg.inference is not None and cfg.inference.prefix_caching:
         require(cfg.inference.kv_block_size % p.kv_interleave == 0, "inference.kv_block_size",
                 cfg.inference.kv_block_size, f"must be a multiple of parallel.kv_interleave ({p.kv_interleave}) "
@@ -509,12 +518,8 @@ def _resolve_draft_model(cfg: Config, base_dir: Path) -> Config:
     require(draft.max_seq_len >= longest, name, given, f"its max_position_embeddings ({draft.max_seq_len}) must be "
             f">= the longest request, inference.max_seq_len (or the target's max_seq_len) = {longest}; lower "
             "inference.max_seq_len")
-    a2a_size = {"a2a": p.pcp, "a2a+p2p": p.hierarchical_a2a_size}.get(p.prefill_comm)
-    if a2a_size is not None:
-        heads_per_rank = draft.num_attention_heads // p.tp
-        require(heads_per_rank % a2a_size == 0, name, given, f"parallel.prefill_comm {p.prefill_comm!r} needs the "
-                f"draft's query heads per TP rank ({draft.num_attention_heads}/{p.tp} = {heads_per_rank}) to be a "
-                f"multiple of {a2a_size}, like the target's; use p2p or all_gather")
+    error = _prefill_comm_error(p, "its num_attention_heads", draft.num_attention_heads)
+    require(error is None, name, given, f"the draft runs parallel.prefill_comm {p.prefill_comm!r} too: {error}")
     return dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, speculative_model=str(path)))
 
 

@@ -44,27 +44,23 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from cptoolkit.layers.allgather_prefill import allgather_forward
+from cptoolkit.layers.algorithms import DecodeComm, decode_algorithm, history_names, prefill_algorithm
 from cptoolkit.layers.block_attention import attention_forward, check_sinks, kernel_backend
 from cptoolkit.layers.comm import CommStats, all_gather
-from cptoolkit.layers.dcp_decode import (DECODE_COMMS, DecodeComm, DecodeGroup, ShardedKVCache, attend_shard,
-                                         attend_shard_range, combine_partials, shard_length, window_slot_ranges)
+from cptoolkit.layers.dcp_decode import (DecodeGroup, ShardedKVCache, attend_shard, attend_shard_range,
+                                         combine_partials, shard_length, window_slot_ranges)
 from cptoolkit.layers.dual_chunk_swap import shard_positions
 from cptoolkit.layers.lse_merge import add_sinks, merge_two
-from cptoolkit.layers.ring_p2p import ring_forward
 from cptoolkit.layers.sliding_window import needs_window, windowed_forward
-
-CONTEXT_PREFILL_COMMS = ("p2p", "all_gather")
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_lens: torch.Tensor, dg: DecodeGroup,
               pcp_group: ProcessGroup | None, prefill_comm: str, decode_comm: str,
               sinks: Optional[torch.Tensor]) -> None:
-    if prefill_comm not in CONTEXT_PREFILL_COMMS:
-        raise ValueError(f"prefill_comm ({prefill_comm!r}) must be one of {CONTEXT_PREFILL_COMMS}: context "
-                         "attention needs the chunk's LSE, which only the ring and all-gather forwards return")
-    if decode_comm not in DECODE_COMMS:
-        raise ValueError(f"decode_comm ({decode_comm!r}) must be one of {DECODE_COMMS}")
+    if not prefill_algorithm(prefill_comm).attends_history:
+        raise ValueError(f"prefill_comm ({prefill_comm!r}) must be one of {history_names()}: context attention "
+                         "needs the chunk's LSE, which only their forwards return")
+    decode_algorithm(decode_comm)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"context attention expects q [b, hq, 2c, d] and k, v [b, hkv, 2c, d] of equal shape; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -136,9 +132,7 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group
         if needs_window(window, q.shape[2]):
             return windowed_forward(q, k, v, scale, window, softcap, window, stats)
         return attention_forward(q, k, v, causal=True, scale=scale, softcap=softcap)
-    if prefill_comm == "p2p":
-        return ring_forward(q, k, v, pcp_group, scale, stats, window, softcap)
-    out, lse, _ = allgather_forward(q, k, v, pcp_group, scale, stats, window, softcap)
+    out, lse, *_ = prefill_algorithm(prefill_comm).history_forward(q, k, v, pcp_group, scale, stats, window, softcap)
     return out, lse
 
 

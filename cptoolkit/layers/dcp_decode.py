@@ -19,8 +19,8 @@ One decode step of one layer (``dcp_decode_attention``), every collective on the
 1. ``gather_new_qkv``: the group's q and the new token's K/V (``k > 1``: one all-gather).
 2. ``kv_cache.append``: only the owner of the new position stores it.
 3. ``attend_shard``: attention of the group's heads over this member's shard -> ``(out, lse)``.
-4. ``combine_partials``: the exact output of this rank's own heads (attention sinks, gpt-oss's, join it then,
-   once the query's final LSE is known).
+4. ``combine_partials``: the exact output of this rank's own heads, by the decode algorithm (a record of
+   ``algorithms.DECODE_ALGORITHMS``); attention sinks, gpt-oss's, join it then, once the query's final LSE is known.
 A step may carry ``L > 1`` consecutive new tokens per sequence (speculative decoding's verification): the
 same four steps and collectives, every token appended first, and token ``j`` attending only the shard's
 tokens at positions up to its own (``attend_shard_range``). A sliding-window layer's token at ``p`` attends
@@ -40,19 +40,17 @@ the context length)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from cptoolkit.errors import check_positive
+from cptoolkit.layers.algorithms import DecodeComm, decode_algorithm
 from cptoolkit.layers.block_attention import check_sinks, kernel_backend, masked_attention_forward
 from cptoolkit.layers.comm import CommStats, all_gather, all_reduce, all_to_all, reduce_scatter
 from cptoolkit.layers.lse_merge import add_sinks, merge_partials
-
-DecodeComm = Literal["ag_rs", "a2a"]
-DECODE_COMMS = ("ag_rs", "a2a")
 
 
 def shard_of_position(position, dcp_size: int, interleave: int):
@@ -405,11 +403,6 @@ def combine_a2a(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: Co
     return merge_partials(received[..., :-1], received[..., -1])
 
 
-def _check_comm(comm: str) -> None:
-    if comm not in DECODE_COMMS:
-        raise ValueError(f"comm must be one of {DECODE_COMMS}, got {comm!r}")
-
-
 def combine_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm: DecodeComm,
                      stats: CommStats | None = None, split_tokens: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,15 +413,14 @@ def combine_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm
     ``(out [b, hq_local, T', d] float32, lse [b, hq_local, T'])`` over every shard. Member ``s`` owns the heads
     of its TP position; with ``split_tokens`` (context attention: ``T = P*L``, the PCP ranks' chunk tokens in
     turn) only its PCP rank's ``T' = L`` tokens, else (decode: every PCP rank decodes the same tokens) all
-    ``T' = T``. The collectives on the DCP group are ``comm``'s (``combine_a2a`` or ``combine_ag_rs``); none when
-    ``dcp_size == 1``, where the partial is exact and returned as it is.
+    ``T' = T``. The collectives on the DCP group are the decode algorithm's (``algorithms.DECODE_ALGORITHMS``:
+    ``a2a`` or ``ag_rs``); none when ``dcp_size == 1``, where the partial is exact and returned as it is.
     Attention sinks are the caller's: they join once the query's final LSE is known.
     """
-    _check_comm(comm)
+    algorithm = decode_algorithm(comm, "comm")
     if dg.dcp_size == 1:  # the only shard holds the whole history: its partial is exact
         return out, lse
-    combine = combine_ag_rs if comm == "ag_rs" else combine_a2a
-    return combine(out, lse, dg, stats, split_tokens)
+    return algorithm.combine(out, lse, dg, stats, split_tokens)
 
 
 def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: ShardedKVCache,
@@ -445,7 +437,7 @@ def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
     ``sinks [hq_local]``, gpt-oss attention sinks, in every query's denominator once the partials are combined).
     Collective counts per call: see the module docstring (the same for any ``L``).
     """
-    _check_comm(comm)  # before the first collective, so a bad value fails every rank alike
+    decode_algorithm(comm, "comm")  # before the first collective, so a bad value fails every rank alike
     check_sinks(sinks, q.shape[1], kernel_backend(q.device))
     q_group, k_new, v_new = gather_new_qkv(q, k, v, dg, stats)
     one_token = q.shape[2] == 1 and positions.dim() == 1
