@@ -30,8 +30,7 @@ from cptoolkit.models.rope import inv_freq
 from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
-from tests.hf_checkpoints import VOCAB, word_tokenizer
-from tests.test_hf_families import _recorded_logits
+from tests.hf_checkpoints import VOCAB, recorded_logits, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -141,7 +140,7 @@ def _generate_rank(rank, world_size, cases, layout):
                                            num_kv_heads=cfg.model.num_kv_heads)
         try:
             engine = build_engine(cfg, groups, torch.device("cpu"))
-            rows = _recorded_logits(engine)
+            rows = recorded_logits(engine)
             generated = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
         finally:
             destroy_model_parallel()

@@ -35,8 +35,7 @@ from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.models.shape import GPTShape
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
-from tests.hf_checkpoints import word_tokenizer
-from tests.test_hf_families import _recorded_logits
+from tests.hf_checkpoints import recorded_logits, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,7 +116,7 @@ def _generate(cfg, prompts):
                                        num_kv_heads=cfg.model.num_kv_heads)
     try:
         engine = build_engine(cfg, groups, torch.device("cpu"))
-        recorded = _recorded_logits(engine)
+        recorded = recorded_logits(engine)
         # The third prompt after the second has finished, so with prefix caching it reuses two cached pages.
         results = engine.generate(prompts[:2], SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
         results += engine.generate(prompts[2:], SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
