@@ -38,8 +38,8 @@ from bench.common import (RESULTS_DIR, add_results_dir_argument, format_table, l
 from cptoolkit.inference.kv_cache import PagedKVCache
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.dcp_decode import DecodeGroup, dcp_decode_attention
+from cptoolkit.layers.mla_dims import MLADims
 from cptoolkit.layout import ParallelLayout
-from cptoolkit.models.shape import MLADims
 
 V2_LITE = MLADims(q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                   rope_interleave=True)

@@ -8,7 +8,7 @@ and converted to its tensor layout (``[b, h, s, d]`` or ``[b, s, h, d]``) before
 - ``1 process``: the single-process kernel, ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its
   ``_backward``; what ``F.scaled_dot_product_attention`` dispatches to here) over the whole sequence, on
   rank 0 with one thread while the other ranks wait at a barrier. Every speedup is against it, same run.
-- ``cptoolkit <comm>``: ``ring_prefill_attention`` for each of ``PREFILL_COMMS``; ``a2a+p2p`` uses a2a
+- ``cptoolkit <comm>``: ``ring_prefill_attention`` for each of ``PREFILL_ALGORITHMS``; ``a2a+p2p`` uses a2a
   groups of 2 (on 2 ranks: one a2a group and a ring of 1).
 - Peers, each through its public API (``PEERS`` below; ``make bench-peers`` installs them into
   ``.venv-peers``). A peer that is not installed, raises, or would not fit in memory shows its reason in
@@ -58,11 +58,11 @@ import torch.nn.functional as F
 
 from bench.common import (RESULTS_DIR, format_table, launch, machine_info, slowest_rank_per_rep, summarize,
                           write_json)
+from cptoolkit.layers.algorithms import PREFILL_ALGORITHMS, kv_replicas
 from cptoolkit.layers.block_attention import attention_backward, attention_forward
 from cptoolkit.layers.dual_chunk_swap import shard_positions, shard_sequence
 from cptoolkit.layers.hierarchical_prefill import new_hierarchical_groups
-from cptoolkit.layers.ring_prefill import PREFILL_COMMS, ring_prefill_attention
-from cptoolkit.layers.ulysses_a2a import kv_replicas
+from cptoolkit.layers.ring_prefill import ring_prefill_attention
 
 HEAD_DIM = 64
 HEADS = {"mha": (8, 8), "gqa": (8, 2)}  # name -> (query heads, KV heads)
@@ -142,7 +142,7 @@ class _FlashCPU(torch.autograd.Function):
 def _cptoolkit(comm: str) -> Callable[[Setup], Callable]:
     def build(setup: Setup) -> Callable:
         return functools.partial(ring_prefill_attention, pcp_group=dist.group.WORLD, scale=setup.scale, comm=comm,
-                                 hcp_groups=setup.hcp_groups if comm == "a2a+p2p" else None)
+                                 hcp_groups=setup.hcp_groups if PREFILL_ALGORITHMS[comm].hierarchical else None)
     return build
 
 
@@ -238,7 +238,7 @@ IMPLS = [
            kv_repeat={"a2a": lambda hq, hkv, p: kv_replicas(hkv, p),
                       "a2a+p2p": lambda hq, hkv, p: kv_replicas(hkv, min(A2A_SIZE, p))}.get(comm, lambda hq, hkv, p: 1),
            repeat_note=_ULYSSES_REPEAT if comm.startswith("a2a") else "never")
-      for comm in PREFILL_COMMS),
+      for comm in PREFILL_ALGORITHMS),
     Impl("torch ring (zigzag)", "zigzag", "bhsd", _torch_ring),
     Impl("deepspeed ulysses", "contiguous", "bshd", _deepspeed_ulysses,
          kv_repeat=lambda hq, hkv, p: kv_replicas(hkv, p), repeat_note=_ULYSSES_REPEAT),

@@ -33,12 +33,13 @@ import torch.distributed as dist
 
 from bench.common import (RESULTS_DIR, add_results_dir_argument, format_table, launch, machine_info, new_figure,
                           save_figure, slowest_rank_per_rep, summarize, time_call, write_json)
+from cptoolkit.layers.algorithms import PREFILL_ALGORITHMS
 from cptoolkit.layers.block_attention import attention_forward
 from cptoolkit.layers.comm import CommStats, send_recv
 from cptoolkit.layers.dual_chunk_swap import shard_positions, shard_sequence
 from cptoolkit.layers.hierarchical_prefill import new_hierarchical_groups
 from cptoolkit.layers.lse_merge import merge_two
-from cptoolkit.layers.ring_prefill import PREFILL_COMMS, ring_prefill_attention
+from cptoolkit.layers.ring_prefill import ring_prefill_attention
 
 VARIANTS = ("pcp1", "pcp2_p2p", "pcp2_all_gather", "pcp2_a2a", "pcp2_a2a+p2p", "pcp2_contiguous")
 A2A_SIZE = 2  # a2a+p2p on the 2 ranks: one a2a group of 2, a ring of 1
@@ -121,7 +122,7 @@ def measure_rank(rank: int, world_size: int, seq_lens: list[int], num_heads: int
         times = {variant: [] for variant in variants}
         reference, max_abs_diff, collectives = None, {}, {}
         for variant in variants:
-            if variant.removeprefix("pcp2_") in PREFILL_COMMS:
+            if variant.removeprefix("pcp2_") in PREFILL_ALGORITHMS:
                 stats = CommStats()
                 _run_variant(variant, q, k, v, rank, scale, hcp_groups, stats)
                 collectives[variant] = {name: {"calls": stats.calls[name], "bytes": stats.bytes_sent[name]}

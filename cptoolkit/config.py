@@ -17,25 +17,23 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from cptoolkit.errors import ConfigError
-from cptoolkit.layout import valid_ep_sizes
+from cptoolkit.errors import ConfigError, require
+from cptoolkit.layers.algorithms import (PREFILL_ALGORITHMS, DecodeComm, PrefillComm, history_names,
+                                         prefill_algorithm)
+from cptoolkit.layout import a2a_size_rule, valid_ep_sizes
 from cptoolkit.models.moe_dims import MoEDims
 
 __all__ = ["ConfigError"]  # re-exported: callers import it from here too
-
-
-def _require(ok: bool, name: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} = {value!r}: {rule}")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
     """Parallel layout: TP shards heads, PCP shards prefill tokens, DCP shards the decode KV cache.
 
-    ``prefill_comm``: ``p2p`` (ring), ``all_gather``, ``a2a`` (Ulysses; query heads per TP rank must be a
-    multiple of ``pcp``) or ``a2a+p2p`` (hierarchical: a2a inside groups of ``hierarchical_a2a_size`` PCP ranks,
-    ring across them; that size is required for it and allowed for nothing else).
+    ``prefill_comm``: ``p2p`` (ring), ``all_gather``, ``a2a`` (Ulysses) or ``a2a+p2p`` (hierarchical: a2a inside
+    groups of ``hierarchical_a2a_size`` PCP ranks, ring across them; that size is required for it and allowed for
+    nothing else); ``decode_comm``: ``a2a`` or ``ag_rs``. Each is a record of ``layers.algorithms`` with its rule on
+    the model's heads, checked once the model is known.
 
     ``ep``: expert parallelism for an MoE model, ``k * pcp`` with ``k`` dividing ``tp`` (null: ``pcp``). Inside each
     replica EP ranks shard the routed experts and ETP = ``tp * pcp / ep`` ranks split each expert's FFN: ``ep = pcp``
@@ -47,28 +45,30 @@ class ParallelConfig:
     pcp: int = 1
     dcp: int = 1
     dp: int = 1
-    prefill_comm: Literal["p2p", "all_gather", "a2a", "a2a+p2p"] = "p2p"
-    decode_comm: Literal["a2a", "ag_rs"] = "a2a"
+    prefill_comm: PrefillComm = "p2p"
+    decode_comm: DecodeComm = "a2a"
     kv_interleave: int = 1
     hierarchical_a2a_size: Optional[int] = None
     ep: Optional[int] = None
 
     def __post_init__(self):
         for name in ("tp", "pcp", "dcp", "dp", "kv_interleave"):
-            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         valid_ep = valid_ep_sizes(self.tp, self.pcp)
-        _require(self.ep is None or self.ep in valid_ep, "ep", self.ep,
-                 f"must be k*pcp with k dividing tp (tp={self.tp}, pcp={self.pcp}): valid ep values are "
-                 f"{', '.join(map(str, valid_ep))} (null: ep = pcp)")
+        require(self.ep is None or self.ep in valid_ep, "ep", self.ep,
+                f"must be k*pcp with k dividing tp (tp={self.tp}, pcp={self.pcp}): valid ep values are "
+                f"{', '.join(map(str, valid_ep))} (null: ep = pcp)")
         a = self.hierarchical_a2a_size
-        if self.prefill_comm == "a2a+p2p":
-            _require(a is not None, "hierarchical_a2a_size", a,
-                     f"required with prefill_comm 'a2a+p2p': the a2a group size, a divisor of pcp ({self.pcp})")
-            _require(a >= 1 and self.pcp % a == 0, "hierarchical_a2a_size", a,
-                     f"must divide pcp ({self.pcp}): pcp = a2a group size x ring size")
+        if prefill_algorithm(self.prefill_comm).hierarchical:
+            require(a is not None, "hierarchical_a2a_size", a,
+                    f"required with prefill_comm {self.prefill_comm!r}: the a2a group size, a divisor of pcp "
+                    f"({self.pcp})")
+            size_rule = a2a_size_rule(a, self.pcp)
+            require(size_rule is None, "hierarchical_a2a_size", a, size_rule)
         else:
-            _require(a is None, "hierarchical_a2a_size", a,
-                     f"only allowed with prefill_comm 'a2a+p2p' (prefill_comm is {self.prefill_comm!r})")
+            hierarchical = " or ".join(repr(n) for n, algorithm in PREFILL_ALGORITHMS.items() if algorithm.hierarchical)
+            require(a is None, "hierarchical_a2a_size", a,
+                    f"only allowed with prefill_comm {hierarchical} (prefill_comm is {self.prefill_comm!r})")
 
     @property
     def world_size(self) -> int:
@@ -99,17 +99,17 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads",
                      "ffn_hidden_size", "vocab_size", "max_seq_len"):
-            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        _require(self.head_dim is None or self.head_dim >= 1, "head_dim", self.head_dim, "must be >= 1, or null")
-        _require(self.head_dim is None or self.arch == "gpt2" or self.head_dim % 2 == 0, "head_dim", self.head_dim,
-                 "must be even for llama (RoPE rotates pairs of dimensions)")
-        _require(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-                 self.hidden_size, f"must be a multiple of num_attention_heads ({self.num_attention_heads}) "
-                 "unless head_dim is given")
-        _require(self.num_attention_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
-                 f"must divide num_attention_heads ({self.num_attention_heads})")
-        _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
-        _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.head_dim is None or self.head_dim >= 1, "head_dim", self.head_dim, "must be >= 1, or null")
+        require(self.head_dim is None or self.arch == "gpt2" or self.head_dim % 2 == 0, "head_dim", self.head_dim,
+                "must be even for llama (RoPE rotates pairs of dimensions)")
+        require(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                self.hidden_size, f"must be a multiple of num_attention_heads ({self.num_attention_heads}) "
+                "unless head_dim is given")
+        require(self.num_attention_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
+                f"must divide num_attention_heads ({self.num_attention_heads})")
+        require(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+        require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -163,43 +163,43 @@ class InferenceConfig:
 
     def __post_init__(self):
         given = [bool(self.prompts), self.prompt_file is not None, bool(self.messages)]
-        _require(sum(given) <= 1, "prompts", self.prompts, "give at most one of prompts (a list), prompt_file "
-                 f"(a path) or messages (a list of conversations); given: prompt_file = {self.prompt_file!r}, "
-                 f"messages = {self.messages!r}")
+        require(sum(given) <= 1, "prompts", self.prompts, "give at most one of prompts (a list), prompt_file "
+                f"(a path) or messages (a list of conversations); given: prompt_file = {self.prompt_file!r}, "
+                f"messages = {self.messages!r}")
         for i, conversation in enumerate(self.messages):
-            _require(isinstance(conversation, list) and bool(conversation), f"messages[{i}]", conversation,
-                     "must be a non-empty list of {role, content} messages (one conversation)")
+            require(isinstance(conversation, list) and bool(conversation), f"messages[{i}]", conversation,
+                    "must be a non-empty list of {role, content} messages (one conversation)")
             for j, message in enumerate(conversation):
-                _require(isinstance(message, dict) and set(message) == {"role", "content"}
-                         and all(isinstance(v, str) for v in message.values()), f"messages[{i}][{j}]", message,
-                         "must be a mapping of exactly 'role' and 'content', both strings")
-        _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
-        _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
-        _require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = off)")
-        _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        _require(self.kv_block_size >= 1, "kv_block_size", self.kv_block_size, "must be >= 1")
-        _require(self.max_seq_len is None or self.max_seq_len >= 1, "max_seq_len", self.max_seq_len,
-                 "must be >= 1 (null = the model's max_seq_len)")
-        _require(self.kv_cache_bytes is None or self.kv_cache_bytes >= 1, "kv_cache_bytes", self.kv_cache_bytes,
-                 "must be >= 1 (null = room for batch_size requests of max_seq_len tokens; generate: for its "
-                 "own requests)")
-        _require(self.kv_cache_memory_fraction is None or 0 < self.kv_cache_memory_fraction <= 1,
-                 "kv_cache_memory_fraction", self.kv_cache_memory_fraction, "must be in (0, 1]: the share of the "
-                 "device memory free once the model is loaded that the KV cache takes (null = off)")
-        _require(self.kv_cache_bytes is None or self.kv_cache_memory_fraction is None, "kv_cache_memory_fraction",
-                 self.kv_cache_memory_fraction, f"give it or kv_cache_bytes ({self.kv_cache_bytes}), not both")
-        _require(self.prefill_chunk_size is None or self.prefill_chunk_size >= 1, "prefill_chunk_size",
-                 self.prefill_chunk_size, "must be >= 1 (null = prefill each prompt whole)")
-        _require(self.num_speculative_tokens >= 1, "num_speculative_tokens", self.num_speculative_tokens,
-                 "must be >= 1 (draft tokens verified per decode step with speculative_method)")
-        _require((self.speculative_method == "draft_model") == (self.speculative_model is not None),
-                 "speculative_model", self.speculative_model,
-                 "the draft checkpoint's directory: required with speculative_method 'draft_model' and allowed "
-                 f"with nothing else (speculative_method is {self.speculative_method!r})")
-        _require(1 <= self.prompt_lookup_min <= self.prompt_lookup_max, "prompt_lookup_min", self.prompt_lookup_min,
-                 f"must be in [1, prompt_lookup_max = {self.prompt_lookup_max}] (n-gram lengths the ngram "
-                 "proposer matches)")
+                require(isinstance(message, dict) and set(message) == {"role", "content"}
+                        and all(isinstance(v, str) for v in message.values()), f"messages[{i}][{j}]", message,
+                        "must be a mapping of exactly 'role' and 'content', both strings")
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = off)")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        require(self.kv_block_size >= 1, "kv_block_size", self.kv_block_size, "must be >= 1")
+        require(self.max_seq_len is None or self.max_seq_len >= 1, "max_seq_len", self.max_seq_len,
+                "must be >= 1 (null = the model's max_seq_len)")
+        require(self.kv_cache_bytes is None or self.kv_cache_bytes >= 1, "kv_cache_bytes", self.kv_cache_bytes,
+                "must be >= 1 (null = room for batch_size requests of max_seq_len tokens; generate: for its "
+                "own requests)")
+        require(self.kv_cache_memory_fraction is None or 0 < self.kv_cache_memory_fraction <= 1,
+                "kv_cache_memory_fraction", self.kv_cache_memory_fraction, "must be in (0, 1]: the share of the "
+                "device memory free once the model is loaded that the KV cache takes (null = off)")
+        require(self.kv_cache_bytes is None or self.kv_cache_memory_fraction is None, "kv_cache_memory_fraction",
+                self.kv_cache_memory_fraction, f"give it or kv_cache_bytes ({self.kv_cache_bytes}), not both")
+        require(self.prefill_chunk_size is None or self.prefill_chunk_size >= 1, "prefill_chunk_size",
+                self.prefill_chunk_size, "must be >= 1 (null = prefill each prompt whole)")
+        require(self.num_speculative_tokens >= 1, "num_speculative_tokens", self.num_speculative_tokens,
+                "must be >= 1 (draft tokens verified per decode step with speculative_method)")
+        require((self.speculative_method == "draft_model") == (self.speculative_model is not None),
+                "speculative_model", self.speculative_model,
+                "the draft checkpoint's directory: required with speculative_method 'draft_model' and allowed "
+                f"with nothing else (speculative_method is {self.speculative_method!r})")
+        require(1 <= self.prompt_lookup_min <= self.prompt_lookup_max, "prompt_lookup_min", self.prompt_lookup_min,
+                f"must be in [1, prompt_lookup_max = {self.prompt_lookup_max}] (n-gram lengths the ngram "
+                "proposer matches)")
 
 
 @dataclass(frozen=True)
@@ -224,15 +224,15 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("moe_aux_loss_coef", "moe_bias_update_rate"):
-            _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0 (0: off)")
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0 (0: off)")
         for name in ("steps", "seq_len", "micro_batch_size"):
-            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        _require(self.lr > 0, "lr", self.lr, "must be > 0")
-        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
-        _require(0 <= self.warmup_steps < self.steps, "warmup_steps", self.warmup_steps,
-                 f"must be in [0, steps={self.steps})")
-        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        _require(self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0")
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        require(0 <= self.warmup_steps < self.steps, "warmup_steps", self.warmup_steps,
+                f"must be in [0, steps={self.steps})")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -254,9 +254,9 @@ class RuntimeConfig:
     attention_backend: Literal["auto", "torch", "te"] = "auto"
 
     def __post_init__(self):
-        _require(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s,
-                 "must be > 0")
-        _require(self.startup_timeout_s > 0, "startup_timeout_s", self.startup_timeout_s, "must be > 0")
+        require(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s,
+                "must be > 0")
+        require(self.startup_timeout_s > 0, "startup_timeout_s", self.startup_timeout_s, "must be > 0")
         if self.attention_backend == "te":
             self._check_te_runs_here()
 
@@ -268,14 +268,14 @@ class RuntimeConfig:
         import torch
 
         name, value = "attention_backend", self.attention_backend
-        _require(self.device != "cpu", name, value, "runs on CUDA only, and device is 'cpu'; set device: cuda "
-                 "(or auto), or attention_backend: torch")
-        _require(self.dtype in ("bfloat16", "auto"), name, value, f"TransformerEngine's fused attention takes "
-                 f"bfloat16, and dtype is {self.dtype!r}; set dtype: bfloat16, or attention_backend: torch")
-        _require(importlib.util.find_spec("transformer_engine") is not None, name, value, "needs TransformerEngine, "
-                 "and transformer_engine is not installed here; use auto or torch (or install transformer-engine)")
-        _require(torch.cuda.is_available(), name, value, "needs a CUDA GPU, and torch.cuda.is_available() is False "
-                 "here; use auto or torch")
+        require(self.device != "cpu", name, value, "runs on CUDA only, and device is 'cpu'; set device: cuda "
+                "(or auto), or attention_backend: torch")
+        require(self.dtype in ("bfloat16", "auto"), name, value, f"TransformerEngine's fused attention takes "
+                f"bfloat16, and dtype is {self.dtype!r}; set dtype: bfloat16, or attention_backend: torch")
+        require(importlib.util.find_spec("transformer_engine") is not None, name, value, "needs TransformerEngine, "
+                "and transformer_engine is not installed here; use auto or torch (or install transformer-engine)")
+        require(torch.cuda.is_available(), name, value, "needs a CUDA GPU, and torch.cuda.is_available() is False "
+                "here; use auto or torch")
 
 
 @dataclass(frozen=True)
@@ -421,13 +421,22 @@ def _check_experts(p: ParallelConfig, moe: Optional[MoEDims]) -> None:
                if moe.num_experts % size == 0 and moe.ffn_hidden_size % (p.tp * p.pcp // size) == 0]
     fix = f"valid ep values for this model are {', '.join(fitting) or 'none'}"
     size = "parallel.pcp" if p.ep is None else "parallel.ep"
-    _require(moe.num_experts % ep == 0, "parallel.ep", p.ep,
-             f"the model's num_experts ({moe.num_experts}, model.checkpoint's config.json) must be a multiple of EP "
-             f"({ep} = {size}): each EP rank holds num_experts/EP whole experts; {fix}")
-    _require(moe.ffn_hidden_size % etp == 0, "parallel.ep", p.ep,
-             f"the model's expert ffn_hidden_size ({moe.ffn_hidden_size}, model.checkpoint's config.json) must be a "
-             f"multiple of ETP = parallel.tp * parallel.pcp / EP ({p.tp}*{p.pcp}/{ep} = {etp}): each ETP rank holds "
-             f"an equal slice of every expert's FFN; {fix}")
+    require(moe.num_experts % ep == 0, "parallel.ep", p.ep,
+            f"the model's num_experts ({moe.num_experts}, model.checkpoint's config.json) must be a multiple of EP "
+            f"({ep} = {size}): each EP rank holds num_experts/EP whole experts; {fix}")
+    require(moe.ffn_hidden_size % etp == 0, "parallel.ep", p.ep,
+            f"the model's expert ffn_hidden_size ({moe.ffn_hidden_size}, model.checkpoint's config.json) must be a "
+            f"multiple of ETP = parallel.tp * parallel.pcp / EP ({p.tp}*{p.pcp}/{ep} = {etp}): each ETP rank holds "
+            f"an equal slice of every expert's FFN; {fix}")
+
+
+def _prefill_comm_error(p: ParallelConfig, heads_name: str, num_heads: int) -> Optional[str]:
+    """The prefill algorithm's rule (``layers.algorithms``) on ``num_heads`` query heads (``heads_name``) split over
+    ``parallel.tp`` (a multiple of it): the error naming the sizes, or None."""
+    error = prefill_algorithm(p.prefill_comm).check(num_heads // p.tp, p.pcp, p.hierarchical_a2a_size)
+    if error is None:
+        return None
+    return f"with {heads_name} = {num_heads} over parallel.tp = {p.tp} and parallel.pcp = {p.pcp}, {error}"
 
 
 def _check_layout(cfg: Config) -> None:
@@ -441,45 +450,40 @@ def _check_layout(cfg: Config) -> None:
         raise ValueError(f"parallel (tp={p.tp}, pcp={p.pcp}, dcp={p.dcp}, dp={p.dp}) with model "
                          f"(num_attention_heads={m.num_attention_heads}, num_kv_heads={m.num_kv_heads}): "
                          f"{err}") from None
-    _require(m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
-             f"must be a multiple of parallel.tp ({p.tp}) for the column-parallel MLP")
+    require(m.ffn_hidden_size % p.tp == 0, "model.ffn_hidden_size", m.ffn_hidden_size,
+            f"must be a multiple of parallel.tp ({p.tp}) for the column-parallel MLP")
     _check_experts(p, model_moe(m))
-    a2a_size = {"a2a": p.pcp, "a2a+p2p": p.hierarchical_a2a_size}.get(p.prefill_comm)
-    if a2a_size is not None:
-        heads_per_rank = m.num_attention_heads // p.tp
-        size_name = "parallel.pcp" if p.prefill_comm == "a2a" else "parallel.hierarchical_a2a_size"
-        _require(heads_per_rank % a2a_size == 0, "parallel.prefill_comm", p.prefill_comm,
-                 f"needs the query heads per TP rank (model.num_attention_heads / parallel.tp = "
-                 f"{m.num_attention_heads}/{p.tp} = {heads_per_rank}) to be a multiple of {size_name} ({a2a_size}): "
-                 "the all-to-all gives each member whole query heads; use p2p or all_gather, or another size")
+    error = _prefill_comm_error(p, "model.num_attention_heads", m.num_attention_heads)
+    require(error is None, "parallel.prefill_comm", p.prefill_comm, error)
     if cfg.inference is not None and cfg.inference.messages:
-        _require(m.checkpoint is not None, "inference.messages", cfg.inference.messages,
-                 "needs model.checkpoint: messages are rendered by the checkpoint's chat template, and the "
-                 "built-in model's byte tokenizer has none; use inference.prompts (--prompt)")
+        require(m.checkpoint is not None, "inference.messages", cfg.inference.messages,
+                "needs model.checkpoint: messages are rendered by the checkpoint's chat template, and the "
+                "built-in model's byte tokenizer has none; use inference.prompts (--prompt)")
     if cfg.inference is not None and cfg.inference.max_seq_len is not None:
-        _require(cfg.inference.max_seq_len <= m.max_seq_len, "inference.max_seq_len", cfg.inference.max_seq_len,
-                 f"must be <= model.max_seq_len ({m.max_seq_len})")
+        require(cfg.inference.max_seq_len <= m.max_seq_len, "inference.max_seq_len", cfg.inference.max_seq_len,
+                f"must be <= model.max_seq_len ({m.max_seq_len})")
     if cfg.inference is not None and cfg.inference.prefill_chunk_size is not None:
         align = p.kv_interleave * p.dcp
-        _require(cfg.inference.prefill_chunk_size % align == 0, "inference.prefill_chunk_size",
-                 cfg.inference.prefill_chunk_size, f"must be a multiple of parallel.kv_interleave * parallel.dcp "
-                 f"({align}) so that every chunk starts on the same DCP shard")
+        require(cfg.inference.prefill_chunk_size % align == 0, "inference.prefill_chunk_size",
+                cfg.inference.prefill_chunk_size, f"must be a multiple of parallel.kv_interleave * parallel.dcp "
+                f"({align}) so that every chunk starts on the same DCP shard")
     if cfg.inference is not None and (cfg.inference.prefill_chunk_size or cfg.inference.prefix_caching):
-        _require(p.prefill_comm in ("p2p", "all_gather"), "parallel.prefill_comm", p.prefill_comm,
-                 "must be 'p2p' or 'all_gather' with inference.prefill_chunk_size or inference.prefix_caching: a "
-                 "chunk over a cached history merges by log-sum-exp, which the a2a algorithms do not return")
+        require(prefill_algorithm(p.prefill_comm).attends_history, "parallel.prefill_comm", p.prefill_comm,
+                f"must be {' or '.join(map(repr, history_names()))} with inference.prefill_chunk_size or "
+                "inference.prefix_caching: a chunk over a cached history merges by log-sum-exp, which the other "
+                "algorithms do not return")
     if cfg.inference is not None and cfg.inference.prefix_caching:
-        _require(cfg.inference.kv_block_size % p.kv_interleave == 0, "inference.kv_block_size",
-                 cfg.inference.kv_block_size, f"must be a multiple of parallel.kv_interleave ({p.kv_interleave}) "
-                 "for prefix caching (a cached page fills one block on every DCP member)")
+        require(cfg.inference.kv_block_size % p.kv_interleave == 0, "inference.kv_block_size",
+                cfg.inference.kv_block_size, f"must be a multiple of parallel.kv_interleave ({p.kv_interleave}) "
+                "for prefix caching (a cached page fills one block on every DCP member)")
     if cfg.train is not None:
-        _require(m.num_kv_heads % p.tp == 0, "model.num_kv_heads", m.num_kv_heads,
-                 f"must be a multiple of parallel.tp ({p.tp}) for training: KV heads replicated over TP "
-                 "ranks are separate parameters and would drift apart")
-        _require(cfg.train.seq_len % (2 * p.pcp) == 0, "train.seq_len", cfg.train.seq_len,
-                 f"must be a multiple of 2*parallel.pcp ({2 * p.pcp}) for DualChunkSwap")
-        _require(cfg.train.seq_len <= m.max_seq_len, "train.seq_len", cfg.train.seq_len,
-                 f"must be <= model.max_seq_len ({m.max_seq_len})")
+        require(m.num_kv_heads % p.tp == 0, "model.num_kv_heads", m.num_kv_heads,
+                f"must be a multiple of parallel.tp ({p.tp}) for training: KV heads replicated over TP "
+                "ranks are separate parameters and would drift apart")
+        require(cfg.train.seq_len % (2 * p.pcp) == 0, "train.seq_len", cfg.train.seq_len,
+                f"must be a multiple of 2*parallel.pcp ({2 * p.pcp}) for DualChunkSwap")
+        require(cfg.train.seq_len <= m.max_seq_len, "train.seq_len", cfg.train.seq_len,
+                f"must be <= model.max_seq_len ({m.max_seq_len})")
 
 
 def _resolve_draft_model(cfg: Config, base_dir: Path) -> Config:
@@ -494,13 +498,13 @@ def _resolve_draft_model(cfg: Config, base_dir: Path) -> Config:
     given = cfg.inference.speculative_model
     path = Path(given) if Path(given).is_absolute() else base_dir / given
     name = "inference.speculative_model"
-    _require((path / "config.json").is_file(), name, given, f"no config.json in {path}"
-             f"{'' if path.is_dir() else ' (no such directory)'}; point it at the draft checkpoint's directory "
-             "(written by save_pretrained or save_checkpoint)")
+    require((path / "config.json").is_file(), name, given, f"no config.json in {path}"
+            f"{'' if path.is_dir() else ' (no such directory)'}; point it at the draft checkpoint's directory "
+            "(written by save_pretrained or save_checkpoint)")
     draft = hf_shape(read_config(path), path)
     p, m = cfg.parallel, cfg.model
-    _require(draft.vocab_size == m.vocab_size, name, given, f"its vocab_size ({draft.vocab_size}) must equal the "
-             f"target's ({m.vocab_size}): a draft model proposes token ids of the target's vocabulary")
+    require(draft.vocab_size == m.vocab_size, name, given, f"its vocab_size ({draft.vocab_size}) must equal the "
+            f"target's ({m.vocab_size}): a draft model proposes token ids of the target's vocabulary")
     try:
         ParallelLayout(tp=p.tp, pcp=p.pcp, dcp=p.dcp, dp=p.dp, num_heads=draft.num_attention_heads,
                        num_kv_heads=draft.num_kv_heads)
@@ -511,15 +515,11 @@ def _resolve_draft_model(cfg: Config, base_dir: Path) -> Config:
                          "draft whose num_attention_heads, num_key_value_heads and intermediate_size fit "
                          "parallel.tp") from None
     longest = cfg.inference.max_seq_len or m.max_seq_len
-    _require(draft.max_seq_len >= longest, name, given, f"its max_position_embeddings ({draft.max_seq_len}) must be "
-             f">= the longest request, inference.max_seq_len (or the target's max_seq_len) = {longest}; lower "
-             "inference.max_seq_len")
-    a2a_size = {"a2a": p.pcp, "a2a+p2p": p.hierarchical_a2a_size}.get(p.prefill_comm)
-    if a2a_size is not None:
-        heads_per_rank = draft.num_attention_heads // p.tp
-        _require(heads_per_rank % a2a_size == 0, name, given, f"parallel.prefill_comm {p.prefill_comm!r} needs the "
-                 f"draft's query heads per TP rank ({draft.num_attention_heads}/{p.tp} = {heads_per_rank}) to be a "
-                 f"multiple of {a2a_size}, like the target's; use p2p or all_gather")
+    require(draft.max_seq_len >= longest, name, given, f"its max_position_embeddings ({draft.max_seq_len}) must be "
+            f">= the longest request, inference.max_seq_len (or the target's max_seq_len) = {longest}; lower "
+            "inference.max_seq_len")
+    error = _prefill_comm_error(p, "its num_attention_heads", draft.num_attention_heads)
+    require(error is None, name, given, f"the draft runs parallel.prefill_comm {p.prefill_comm!r} too: {error}")
     return dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, speculative_model=str(path)))
 
 

@@ -25,13 +25,16 @@ Rules (spec/DESIGN.md):
   rank ``E/EP`` whole experts. A dense model (``num_experts=None``) may take any valid EP: it has no experts.
 - Hierarchical (``a2a+p2p``) prefill, only when ``hierarchical_a2a_size = a`` is given (``a | PCP``): each PCP
   group splits into a2a groups of ``a`` consecutive PCP ranks and ``a`` ring groups taking every ``a``-th PCP
-  rank (megatron-core's ``hierarchical_context_parallel_sizes = [a, PCP/a]``).
+  rank (megatron-core's ``hierarchical_context_parallel_sizes = [a, PCP/a]``). Whether a prefill algorithm can run
+  on a layout (the a2a's whole query heads per member) is that algorithm's rule (``layers/algorithms.py``).
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
+
+from cptoolkit.errors import check_positive
 
 BANNER = "=" * 80
 
@@ -80,10 +83,20 @@ def valid_ep_sizes(tp: int, pcp: int) -> list[int]:
     return [k * pcp for k in divisors(tp)]
 
 
-def check_a2a_size(a2a_size: int, pcp_size: int) -> None:
-    if a2a_size < 1 or pcp_size % a2a_size:
-        raise ValueError(f"a2a_size ({a2a_size}) must be a positive divisor of pcp_size ({pcp_size}): "
-                         f"PCP = a2a_size x ring size (megatron's hierarchical_context_parallel_sizes)")
+def a2a_size_rule(a2a_size: int, pcp: int) -> str | None:
+    """Why ``a2a_size`` cannot split a PCP group of ``pcp`` ranks into a2a groups and ring groups (the rule, to
+    follow the name and value), or None when it can."""
+    if isinstance(a2a_size, bool) or not isinstance(a2a_size, int) or a2a_size < 1 or pcp % a2a_size:
+        return (f"must be a positive divisor of pcp ({pcp}): pcp = a2a size x ring size; valid values are "
+                f"{', '.join(map(str, divisors(pcp)))}")
+    return None
+
+
+def check_a2a_size(a2a_size: int, pcp: int, name: str = "a2a_size") -> None:
+    """Raise ``a2a_size_rule``'s ValueError naming ``name`` and the value."""
+    rule = a2a_size_rule(a2a_size, pcp)
+    if rule is not None:
+        raise ValueError(f"{name} ({a2a_size!r}) {rule}")
 
 
 def hierarchical_rank_lists(pcp_rank_lists: list[list[int]], a2a_size: int
@@ -124,9 +137,7 @@ class ParallelLayout:
 
     def __post_init__(self) -> None:
         for name in ("tp", "pcp", "dcp", "num_heads", "num_kv_heads", "dp"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+            check_positive(name, getattr(self, name))
         self._check_dcp()
         self._check_heads()
         self._check_hierarchical()
@@ -176,16 +187,8 @@ class ParallelLayout:
                              "query heads must map evenly onto the distinct KV heads it caches")
 
     def _check_hierarchical(self) -> None:
-        a = self.hierarchical_a2a_size
-        if a is None:
-            return
-        if isinstance(a, bool) or not isinstance(a, int) or a < 1 or self.pcp % a:
-            raise ValueError(f"hierarchical_a2a_size ({a!r}) must be a positive divisor of pcp ({self.pcp}): "
-                             f"pcp = a2a size x ring size; valid values are "
-                             f"{', '.join(map(str, divisors(self.pcp)))}")
-        if self.num_heads // self.tp % a:
-            raise ValueError(f"num_heads/tp ({self.num_heads}/{self.tp} = {self.num_heads // self.tp}) must be a "
-                             f"multiple of hierarchical_a2a_size ({a}): each a2a member attends whole query heads")
+        if self.hierarchical_a2a_size is not None:
+            check_a2a_size(self.hierarchical_a2a_size, self.pcp, "hierarchical_a2a_size")
 
     @property
     def world_size(self) -> int:
@@ -501,8 +504,7 @@ def tp_across_nodes_error(layout: ParallelLayout, nproc_per_node: int) -> str | 
 def check_nodes(layout: ParallelLayout, nproc_per_node: int) -> None:
     """Raise ``ValueError`` unless ``nproc_per_node`` is a positive integer that the world size is a multiple
     of (torchrun starts as many processes on every node) and every TP group stays inside one node."""
-    if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
-        raise ValueError(f"nproc_per_node ({nproc_per_node!r}) must be a positive integer")
+    check_positive("nproc_per_node", nproc_per_node)
     if layout.world_size % nproc_per_node:
         raise ValueError(f"world size ({layout.world_size} = dp*pcp*tp) must be a multiple of nproc_per_node "
                          f"({nproc_per_node}): torchrun starts nproc_per_node processes on every node")

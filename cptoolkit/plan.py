@@ -11,7 +11,8 @@ each (a replica's ``inference.batch_size``). Every layout uses all ``--devices``
 every valid EP size (``ep = j * pcp``, ``j | tp``, the experts and their FFN dividing evenly).
 
 Per device, one function each (tests/test_plan.py checks every figure the CPU can measure against the code
-that allocates or communicates, so the formulas live here once and nowhere else):
+that allocates or communicates, so the formulas live here once and nowhere else; what differs by attention
+algorithm, its collectives and the K/V it holds, lives in its record, ``layers/algorithms.py``):
 - ``rank_params`` / ``weight_bytes``: this rank's parameters as megatron-core and ``moe.layer`` build them, by
   part (routed experts: ``E/EP`` experts, ``1/ETP`` of each).
 - ``kv_cache_bytes``: ``inference.builder.kv_cache``'s sizing (blocks for the fullest DCP shard).
@@ -42,23 +43,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cptoolkit.config import InferenceConfig, ModelConfig, ParallelConfig
-from cptoolkit.errors import OneLineParser
+from cptoolkit.errors import OneLineParser, check_positive
 from cptoolkit.inference.kv_cache import window_ring_slots
 from cptoolkit.inference.prefill_kv import prefill_route
+from cptoolkit.layers.algorithms import (DECODE_ALGORITHMS, FLOAT32_BYTES, PREFILL_ALGORITHMS, Collective,
+                                         DecodeTraffic, PrefillAlgorithm, PrefillTraffic, decode_algorithm,
+                                         prefill_algorithm)
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.dcp_decode import DecodeGroup, shard_length
 from cptoolkit.layers.dual_chunk_swap import padded_length
-from cptoolkit.layers.ulysses_a2a import check_heads, kv_replicas
+from cptoolkit.layers.mla_dims import MLADims
 from cptoolkit.layout import (ParallelLayout, divisors, node_crossings, nodes_of, tp_across_nodes_error,
                               valid_ep_sizes)
 from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.models.moe_dims import MoEDims
-from cptoolkit.models.shape import GPTShape, MLADims, check_tp, padded_vocab_size, read_json_object
+from cptoolkit.models.shape import GPTShape, check_tp, padded_vocab_size, read_json_object
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-FLOAT32_BYTES = 4  # decode partials (out, lse) travel in float32 whatever the model's dtype
 KV_BLOCK_SIZE = InferenceConfig.kv_block_size  # the engine's defaults
 KV_INTERLEAVE = ParallelConfig.kv_interleave
+# The prefill algorithms whose collectives the planner models (a2a+p2p's depend on the a2a size, not an option here).
+PLANNED_PREFILL_COMMS = tuple(name for name, algorithm in PREFILL_ALGORITHMS.items() if algorithm.collectives)
 
 # Sizes only: the RoPE variant and the routing rule change neither memory nor communication. The MoE shapes are
 # their Hugging Face config.json files' dimensions: deepseek-ai/DeepSeek-V3, Qwen/Qwen3-235B-A22B, openai/gpt-oss-120b
@@ -250,16 +255,13 @@ def activation_bytes(shape: GPTShape, layout: ParallelLayout, chunk: int, prefil
     prefills its DualChunkSwap share of a ``chunk``-token chunk; layers run one after another and inference
     keeps nothing for a backward, so one layer's worth is the peak. Counted: the residual stream and its
     norm, attention-projection and MLP outputs; q|k|v; the float32 attention accumulator and LSE; the K/V
-    the prefill comm holds (ring: the block in use and the one arriving; all-gather: the whole chunk's;
-    a2a: the exchanged q|k|v and output); the MLP's own (``mlp_activation_bytes``); the KV-routing buffers."""
+    the prefill comm holds (its record's ``held_bytes``); the MLP's own (``mlp_activation_bytes``); the KV-routing
+    buffers."""
     h, es = shape.hidden_size, dtype_bytes
     hq = layout.num_heads // layout.tp
     hkv, d = prefill_heads(shape, layout)
-    padded = padded_length(chunk, layout.pcp)
-    local = padded // layout.pcp
-    kv_block = 2 * hkv * local * d * es
-    held_kv = {"p2p": 2 * kv_block, "all_gather": 2 * hkv * padded * d * es,
-               "a2a": local * d * es * (2 * hq + 2 * hkv * kv_replicas(hkv, layout.pcp))}[prefill_comm]
+    local = padded_length(chunk, layout.pcp) // layout.pcp
+    held_kv = _planned(prefill_comm).held_bytes(PrefillTraffic(layout.pcp, hq, hkv, local * d * es))
     route = 2 * prefill_route_per_layer(layout, CacheEntry.of(shape), 1, chunk, KV_INTERLEAVE, es).total_bytes
     return (4 * local * h * es + local * (hq + 2 * hkv) * d * es + local * hq * (d + 1) * FLOAT32_BYTES
             + held_kv + mlp_activation_bytes(shape, layout, local, es) + route)
@@ -291,28 +293,35 @@ def _count(stats: CommStats, name: str, nbytes: int, calls: int = 1) -> None:
     stats.bytes_sent[name] += calls * nbytes
 
 
+def _count_all(stats: CommStats, collectives: tuple[Collective, ...]) -> None:
+    for collective in collectives:
+        _count(stats, collective.name, collective.nbytes, collective.calls)
+
+
+def _planned(prefill_comm: str) -> PrefillAlgorithm:
+    """The record of ``prefill_comm``, which the planner must model (``collectives``)."""
+    algorithm = prefill_algorithm(prefill_comm)
+    if algorithm.collectives is None:
+        raise ValueError(f"prefill_comm ({prefill_comm!r}) must be one of {PLANNED_PREFILL_COMMS}: the planner "
+                         "does not model the others")
+    return algorithm
+
+
 def decode_comm_per_layer(layout: ParallelLayout, entry: CacheEntry, batch: int, comm: str,
                           dtype_bytes: int) -> CommStats:
     """``dcp_decode_attention``'s ``CommStats`` on one rank for one layer and decode step of ``batch`` requests
     (all on the DCP group; ``k = dcp/pcp``; ``hq``, ``hkv`` this rank's query and KV heads; queries, outputs
     and cache entries ``entry.width`` wide: MLA's absorbed queries are latent-wide). ``k > 1``: one all-gather
-    of the new token's q|k|v (q|latent with MLA) in the model's dtype. Then, of float32 partials: ``a2a`` one
-    all-gather (``k = 1``) or all-to-all of ``(out, lse)`` head slices; ``ag_rs`` an all-gather of the LSEs of
-    the group's ``k*hq`` heads and an all-reduce (``k = 1``) or reduce-scatter of the outputs. ``dcp = 1``:
-    nothing."""
+    of the new token's q|k|v (q|latent with MLA) in the model's dtype. Then the combine of the float32 partials,
+    ``comm``'s record's ``collectives`` (``layers/algorithms.py``). ``dcp = 1``: nothing."""
+    algorithm = decode_algorithm(comm, "comm")
     stats = CommStats()
     if layout.dcp == 1:
         return stats
     k, hq, hkv = layout.dcp_tp_positions, layout.num_heads // layout.tp, len(layout.kv_heads_of(0))
-    head_dim = entry.width
-    slices = 1 if k == 1 else layout.dcp  # a k > 1 combine sends one head slice per member
     if k > 1:
-        _count(stats, "all_gather", batch * (hq + entry.planes * hkv) * head_dim * dtype_bytes)
-    if comm == "a2a":
-        _count(stats, "all_gather" if k == 1 else "all_to_all", slices * batch * hq * (head_dim + 1) * FLOAT32_BYTES)
-    else:
-        _count(stats, "all_gather", batch * k * hq * FLOAT32_BYTES)
-        _count(stats, "all_reduce" if k == 1 else "reduce_scatter", slices * batch * hq * head_dim * FLOAT32_BYTES)
+        _count(stats, "all_gather", batch * (hq + entry.planes * hkv) * entry.width * dtype_bytes)
+    _count_all(stats, algorithm.collectives(DecodeTraffic(layout.dcp, k, batch, hq, entry.width)))
     return stats
 
 
@@ -328,23 +337,17 @@ def prefill_comm_per_layer(layout: ParallelLayout, head_dim: int, batch: int, se
                            dtype_bytes: int, kv_heads: int | None = None) -> CommStats:
     """``ring_prefill_attention``'s forward ``CommStats`` on one rank for one layer of ``batch`` sequences of
     ``seq_len`` tokens: each PCP rank holds ``padded_length(seq_len, pcp) / pcp`` tokens of its ``hq`` query
-    and ``hkv`` KV heads (``kv_heads``; None: the layout's, see ``prefill_heads``). ``p2p``: ``pcp-1`` send/recv of its stacked K/V; ``all_gather``: one all-gather of
-    it; ``a2a``: one all-to-all each of q, k, v (KV heads repeated ``kv_replicas`` times) and of the output.
-    ``pcp = 1``: nothing (the engine attends locally)."""
+    and ``hkv`` KV heads (``kv_heads``; None: the layout's, see ``prefill_heads``): ``comm``'s record's
+    ``collectives`` (``layers/algorithms.py``). ``pcp = 1``: nothing (the engine attends locally)."""
+    algorithm = _planned(comm)
     stats = CommStats()
     pcp = layout.pcp
     if pcp == 1:
         return stats
     hq = layout.num_heads // layout.tp
     hkv = len(layout.kv_heads_of(0)) if kv_heads is None else kv_heads
-    token_bytes = batch * padded_length(seq_len, pcp) // pcp * head_dim * dtype_bytes  # one head's local tokens
-    if comm == "p2p":
-        _count(stats, "send_recv", 2 * hkv * token_bytes, calls=pcp - 1)
-    elif comm == "all_gather":
-        _count(stats, "all_gather", 2 * hkv * token_bytes)
-    else:
-        _count(stats, "all_to_all", hq * token_bytes, calls=2)  # q, out
-        _count(stats, "all_to_all", hkv * kv_replicas(hkv, pcp) * token_bytes, calls=2)  # k, v
+    head_bytes = batch * padded_length(seq_len, pcp) // pcp * head_dim * dtype_bytes  # one head's local tokens
+    _count_all(stats, algorithm.collectives(PrefillTraffic(pcp, hq, hkv, head_bytes)))
     return stats
 
 
@@ -527,9 +530,9 @@ def _valid_layout(work: Workload, dp: int, pcp: int, tp: int, k: int, ep: int | 
                                 num_kv_heads=shape.num_kv_heads, dp=dp, ep=ep,
                                 num_experts=None if moe is None else moe.num_experts)
         check_tp(shape, tp)
-        if work.prefill_comm == "a2a":
-            check_heads(shape.num_attention_heads // tp, pcp)
     except ValueError:
+        return None
+    if prefill_algorithm(work.prefill_comm).check(shape.num_attention_heads // tp, pcp) is not None:
         return None
     # The experts' FFN splits over ETP, the shared expert's over TP (config.py, moe.layer).
     if moe is not None and (moe.ffn_hidden_size % layout.etp or moe.shared_ffn_hidden_size % tp):
@@ -716,15 +719,10 @@ def load_shape(model: str) -> GPTShape:
         raise ValueError(f"{path}: {error}") from None
 
 
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} ({value}) must be a positive integer")
-
-
 def workload_from_args(args: argparse.Namespace) -> Workload:
     shape = load_shape(args.model)
     for name in ("context", "batch", "devices", "devices_per_node"):
-        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+        check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.context > shape.max_seq_len:
         raise ValueError(f"--context ({args.context}) must be <= the model's max_seq_len ({shape.max_seq_len}): "
                          "the engine refuses longer requests")
@@ -732,7 +730,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         raise ValueError(f"--devices ({args.devices}) must be a multiple of --devices-per-node "
                          f"({args.devices_per_node}): torchrun starts as many processes on every node")
     chunk = args.context if args.prefill_chunk is None else args.prefill_chunk
-    _positive("--prefill-chunk", chunk)
+    check_positive("--prefill-chunk", chunk)
     return Workload(shape=shape, context=args.context, batch=args.batch, devices=args.devices,
                     devices_per_node=args.devices_per_node, memory_per_device=parse_bytes(args.memory_per_device),
                     dtype=args.dtype, prefill_chunk=min(chunk, args.context),
@@ -754,9 +752,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m cptoolkit.plan") 
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16",
                         help="weights' and KV cache's dtype (default bf16)")
     parser.add_argument("--prefill-chunk", type=int, help="tokens per prefill chunk (default: the whole context)")
-    parser.add_argument("--decode-comm", choices=("a2a", "ag_rs"), default="a2a",
+    parser.add_argument("--decode-comm", choices=tuple(DECODE_ALGORITHMS), default="a2a",
                         help="DCP decode exchange, parallel.decode_comm (default a2a)")
-    parser.add_argument("--prefill-comm", choices=("p2p", "all_gather", "a2a"), default="p2p",
+    parser.add_argument("--prefill-comm", choices=PLANNED_PREFILL_COMMS, default="p2p",
                         help="PCP prefill exchange, parallel.prefill_comm (default p2p)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)

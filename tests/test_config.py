@@ -129,20 +129,23 @@ def test_a2a_prefill_comms_load():
      r"^<t>: parallel.hierarchical_a2a_size = None: required with prefill_comm 'a2a\+p2p': the a2a group size, a "
      r"divisor of pcp \(2\)$"),
     (_with("parallel", prefill_comm="a2a+p2p", hierarchical_a2a_size=3),
-     r"^<t>: parallel.hierarchical_a2a_size = 3: must divide pcp \(2\): pcp = a2a group size x ring size$"),
+     r"^<t>: parallel.hierarchical_a2a_size = 3: must be a positive divisor of pcp \(2\): pcp = a2a size x ring "
+     r"size; valid values are 1, 2$"),
     (_with("parallel", prefill_comm="a2a+p2p", hierarchical_a2a_size=0),
-     r"^<t>: parallel.hierarchical_a2a_size = 0: must divide pcp \(2\)"),
+     r"^<t>: parallel.hierarchical_a2a_size = 0: must be a positive divisor of pcp \(2\)"),
     (_with("parallel", hierarchical_a2a_size=2),
      r"^<t>: parallel.hierarchical_a2a_size = 2: only allowed with prefill_comm 'a2a\+p2p' \(prefill_comm is 'p2p'\)$"),
     (_with("parallel", prefill_comm="a2a", hierarchical_a2a_size=2), r"only allowed with prefill_comm 'a2a\+p2p'"),
     ({**_with("parallel", prefill_comm="a2a"), "model": {"num_attention_heads": 6, "hidden_size": 96}},
-     r"^<t>: parallel.prefill_comm = 'a2a': needs the query heads per TP rank \(model.num_attention_heads / "
-     r"parallel.tp = 6/2 = 3\) to be a multiple of parallel.pcp \(2\): the all-to-all gives each member whole query "
-     r"heads; use p2p or all_gather, or another size$"),
+     r"^<t>: parallel.prefill_comm = 'a2a': with model.num_attention_heads = 6 over parallel.tp = 2 and parallel.pcp "
+     r"= 2, query heads per TP rank \(3\) must be a multiple of the a2a group size \(2 = pcp\): each member attends "
+     r"whole query heads \(KV heads need no such rule: .*\); use p2p or all_gather, or an a2a group size that "
+     r"divides the query heads$"),
     ({**_with("parallel", tp=1, pcp=4, dcp=4, prefill_comm="a2a+p2p", hierarchical_a2a_size=4),
       "model": {"num_attention_heads": 6, "hidden_size": 96}},
-     r"^<t>: parallel.prefill_comm = 'a2a\+p2p': needs the query heads per TP rank \(model.num_attention_heads / "
-     r"parallel.tp = 6/1 = 6\) to be a multiple of parallel.hierarchical_a2a_size \(4\)"),
+     r"^<t>: parallel.prefill_comm = 'a2a\+p2p': with model.num_attention_heads = 6 over parallel.tp = 1 and "
+     r"parallel.pcp = 4, query heads per TP rank \(6\) must be a multiple of the a2a group size \(4 = "
+     r"hierarchical_a2a_size\)"),
 ])
 def test_a2a_prefill_comm_rules_name_field_value_and_rule(raw, message):
     with pytest.raises(ConfigError, match=message):

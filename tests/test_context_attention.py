@@ -81,7 +81,7 @@ def test_bad_arguments_are_rejected_before_any_collective():
                 prefill_comm="p2p", decode_comm="a2a", scale=0.3)
     bad = [
         (dict(prefill_comm="a2a"), r"prefill_comm \('a2a'\) must be one of \('p2p', 'all_gather'\): context"),
-        (dict(decode_comm="ring"), r"decode_comm \('ring'\) must be one of \('ag_rs', 'a2a'\)"),
+        (dict(decode_comm="ring"), r"decode_comm \('ring'\) must be one of \['a2a', 'ag_rs'\]"),
         (dict(q=q[0]), r"expects q \[b, hq, 2c, d\] and k, v \[b, hkv, 2c, d\].*got q \(4, 4, 8\)"),
         (dict(q=torch.zeros(1, 3, 4, HEAD_DIM)), r"query heads a multiple of KV heads; got q \(1, 3, 4, 8\)"),
         (dict(q=q[:, :, :3], k=kv[:, :, :3], v=kv[:, :, :3]), r"local chunk length \(3\) must be even"),

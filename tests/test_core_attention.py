@@ -145,8 +145,8 @@ def test_cp_comm_type_of_each_layer():
     config.cp_comm_type = ["all_gather", "a2a+p2p", "a2a"]  # per layer, layers numbered from 1
     assert [layer_comm_type(None, config, n) for n in (1, 2, 3)] == ["all_gather", "a2a+p2p", "a2a"]
     assert CPCoreAttention(config, 3, AttnMaskType.causal, "self").runtime.prefill_comm == "a2a"
-    with pytest.raises(ValueError, match=r"^cp_comm_type \('ring'\) of layer 1 must be one of \['a2a', 'a2a\+p2p', "
-                                         r"'all_gather', 'p2p'\] \(or None for p2p\)$"):
+    with pytest.raises(ValueError, match=r"^cp_comm_type of layer 1 \('ring'\) must be one of \['a2a', 'a2a\+p2p', "
+                                         r"'all_gather', 'p2p'\]$"):
         CPCoreAttention(_config(), 1, AttnMaskType.causal, "self", cp_comm_type="ring")
 
 

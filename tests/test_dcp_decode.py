@@ -59,7 +59,7 @@ def test_decode_group_rejects_bad_shapes():
         DecodeGroup(None, dcp_rank=0, dcp_size=4, tp_positions=2, pcp_size=1)
     with pytest.raises(ValueError, match=r"dcp_rank \(2\) must lie in \[0, dcp_size=2\)"):
         DecodeGroup(None, dcp_rank=2, dcp_size=2, tp_positions=1, pcp_size=2)
-    with pytest.raises(ValueError, match="interleave must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"^interleave \(0\) must be a positive integer$"):
         DecodeGroup(None, dcp_rank=0, dcp_size=2, tp_positions=1, pcp_size=2, interleave=0)
     with pytest.raises(ValueError, match=r"kv_head_replication \(3\) and tp_positions \(2\) must divide one another"):
         DecodeGroup(None, dcp_rank=0, dcp_size=2, tp_positions=2, pcp_size=1, kv_head_replication=3)
@@ -143,7 +143,7 @@ def test_new_token_shapes_are_checked():
 
 def test_unknown_comm_is_rejected_before_any_collective():
     dg = DecodeGroup(None, dcp_rank=0, dcp_size=2, tp_positions=1, pcp_size=2)
-    with pytest.raises(ValueError, match=r"comm must be one of \('ag_rs', 'a2a'\), got 'ring'"):
+    with pytest.raises(ValueError, match=r"^comm \('ring'\) must be one of \['a2a', 'ag_rs'\]$"):
         combine_partials(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1), dg, "ring")
 
 
@@ -262,8 +262,9 @@ def _check_golden_shards_and_bad_input(rank, world_size):
     assert torch.equal(out, kv.expand_as(out)), f"rank {rank}: one-token attention must return its own V"
     # A batch row that is empty on every shard (e.g. a padding slot) combines to 0, never NaN.
     for comm in ("ag_rs", "a2a"):
-        empty = combine_partials(torch.zeros(1, 8, 1, HEAD_DIM), torch.full((1, 8, 1), float("-inf")), dg, comm)
+        empty, lse = combine_partials(torch.zeros(1, 8, 1, HEAD_DIM), torch.full((1, 8, 1), float("-inf")), dg, comm)
         assert empty.shape == (1, 4, 1, HEAD_DIM) and empty.eq(0).all(), f"rank {rank} {comm}: {empty}"
+        assert lse.shape == (1, 4, 1) and lse.isneginf().all(), f"rank {rank} {comm}: {lse}"
 
 
 def _run_layouts(world_size, layouts, **kwargs):
@@ -295,5 +296,5 @@ def test_unsharded_decode_issues_no_collective():
     stats = CommStats()
     out = torch.randn(2, 4, 1, 8)
     for comm in ("a2a", "ag_rs"):
-        assert combine_partials(out, torch.zeros(2, 4, 1), dg, comm, stats) is out
+        assert combine_partials(out, torch.zeros(2, 4, 1), dg, comm, stats)[0] is out
     assert stats.total_calls == 0

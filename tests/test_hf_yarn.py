@@ -30,8 +30,7 @@ from cptoolkit.models.rope import inv_freq
 from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
-from tests.hf_checkpoints import VOCAB, word_tokenizer
-from tests.hf_checkpoints import recorded_logits
+from tests.hf_checkpoints import VOCAB, recorded_logits, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,5 +1,6 @@
-"""The package's modules import one another without a circle, lazy (function-level) imports included: a
-circle means two modules each know the other, and the lower one cannot be read, tested or moved alone."""
+"""The package's modules import one another without a circle and never from a floor above their own, lazy
+(function-level) imports included: a circle means two modules each know the other, and the lower one cannot be
+read, tested or moved alone; an upward import is half a circle."""
 from __future__ import annotations
 
 import ast
@@ -75,3 +76,34 @@ def test_the_finder_sees_a_circle_through_a_lazy_import():
 
 def test_no_module_of_the_package_is_in_an_import_circle():
     assert circles(import_graph(PACKAGE)) == []
+
+
+# Each floor and the floors above it that it must not import: data flows one way (config -> layout -> groups ->
+# layers -> model -> engine), so a lower module never reaches up.
+HIGHER_FLOORS = {
+    "cptoolkit.layers": ("cptoolkit.models", "cptoolkit.inference", "cptoolkit.serving", "cptoolkit.training"),
+    "cptoolkit.moe": ("cptoolkit.inference", "cptoolkit.serving", "cptoolkit.training"),
+}
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """``module -> target`` for every import of a module from a floor above its own (``HIGHER_FLOORS``)."""
+    return [f"{module} -> {target}" for module in sorted(graph) for target in sorted(graph[module])
+            for floor, above in HIGHER_FLOORS.items()
+            if _in(module, floor) and any(_in(target, higher) for higher in above)]
+
+
+def test_the_finder_sees_an_upward_import():
+    graph = {"cptoolkit.layers.mla": {"cptoolkit.models.shape", "cptoolkit.layers.comm"},
+             "cptoolkit.moe.layer": {"cptoolkit.models.moe_dims", "cptoolkit.training.trainer"},
+             "cptoolkit.models.shape": {"cptoolkit.layers.mla_dims"}}
+    assert upward_imports(graph) == ["cptoolkit.layers.mla -> cptoolkit.models.shape",
+                                     "cptoolkit.moe.layer -> cptoolkit.training.trainer"]
+
+
+def test_no_module_imports_a_floor_above_its_own():
+    assert upward_imports(import_graph(PACKAGE)) == []

@@ -183,7 +183,8 @@ def _megatron_hcp_sizes(hcp_source, cp):
 # (config changes, comm, hierarchical sizes) -> the one-line ValueError every rank raises building the model.
 BAD_AT_CP4 = [
     ({"num_attention_heads": 6, "hidden_size": 48, "num_query_groups": 2}, "a2a", None,
-     r"^query heads \(6\) must be a multiple of the a2a group size \(4\): "),
+     r"^cp_comm_type 'a2a' of layer 1: query heads per TP rank \(6\) must be a multiple of the a2a group size "
+     r"\(4 = pcp\): "),
     ({}, "a2a+p2p", [3, 2], r"^hierarchical_context_parallel_sizes \(\[3, 2\]\) must be \[a2a size, ring size\] "
                             r"with a2a size x ring size = context_parallel_size \(4\)"),
     ({}, "a2a+p2p", None, r"^hierarchical_context_parallel_sizes \(None\) must be"),

@@ -35,8 +35,7 @@ from cptoolkit.models.families.registry import read_hf_config
 from cptoolkit.models.shape import GPTShape
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
-from tests.hf_checkpoints import word_tokenizer
-from tests.hf_checkpoints import recorded_logits
+from tests.hf_checkpoints import recorded_logits, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

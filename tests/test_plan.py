@@ -20,10 +20,11 @@ import yaml
 
 from cptoolkit import plan
 from cptoolkit.config import config_from_dict
+from cptoolkit.layers.mla_dims import MLADims
 from cptoolkit.layout import ParallelLayout
 from cptoolkit.models.families.registry import write_hf_config
 from cptoolkit.models.moe_dims import MoEDims
-from cptoolkit.models.shape import GemmaBlock, GPTShape, MLADims
+from cptoolkit.models.shape import GemmaBlock, GPTShape
 from tests.multiproc import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]

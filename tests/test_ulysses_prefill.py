@@ -150,7 +150,7 @@ def test_hierarchical_groups_follow_megatron_order():
     assert ring_lists == [[0, 4], [2, 6], [1, 5], [3, 7]]
     a2a_lists, ring_lists = hierarchical_rank_lists([list(range(8))], 4)
     assert a2a_lists == [[0, 1, 2, 3], [4, 5, 6, 7]] and ring_lists == [[0, 4], [1, 5], [2, 6], [3, 7]]
-    with pytest.raises(ValueError, match=r"a2a_size \(3\) must be a positive divisor of pcp_size \(4\)"):
+    with pytest.raises(ValueError, match=r"^a2a_size \(3\) must be a positive divisor of pcp \(4\)"):
         hierarchical_rank_lists([[0, 1, 2, 3]], 3)
 
 
@@ -160,9 +160,10 @@ def _invalid_inputs_rank(rank, world_size):
     q, kv = torch.zeros(1, 8, 4, 8), torch.zeros(1, 2, 4, 8)
     swapped = HierarchicalGroups(a2a_group=hcp.ring_group, ring_group=hcp.a2a_group)
     cases = [
-        (dict(q=q[:, :6], comm="a2a"), r"query heads \(6\) must be a multiple of the a2a group size \(4\)"),
-        (dict(q=q[:, :3], comm="a2a+p2p", hcp_groups=hcp),
-         r"query heads \(3\) must be a multiple of the a2a group size \(2\)"),
+        (dict(q=q[:, :6], comm="a2a"),
+         r"^comm 'a2a': query heads per TP rank \(6\) must be a multiple of the a2a group size \(4 = pcp\)"),
+        (dict(q=q[:, :3], comm="a2a+p2p", hcp_groups=hcp), r"^comm 'a2a\+p2p': query heads per TP rank \(3\) must "
+                                                             r"be a multiple of the a2a group size \(2 = hierarchical"),
         (dict(comm="a2a+p2p"), r"hcp_groups \(None\) must be this rank's HierarchicalGroups for comm 'a2a\+p2p'"),
         (dict(comm="a2a+p2p", hcp_groups=swapped), r"must be the sub-groups of this rank's PCP group \[0, 1, 2, 3\]"),
     ]
@@ -171,7 +172,7 @@ def _invalid_inputs_rank(rank, world_size):
             ring_prefill_attention(**{"q": q, "k": kv[:, :1], "v": kv[:, :1], "pcp_group": world, "scale": 1.0,
                                       **kwargs})
     for a2a_size in (3, 0):
-        with pytest.raises(ValueError, match=rf"a2a_size \({a2a_size}\) must be a positive divisor of pcp_size \(4\)"):
+        with pytest.raises(ValueError, match=rf"^a2a_size \({a2a_size}\) must be a positive divisor of pcp \(4\)"):
             new_hierarchical_groups(world, a2a_size)
     return len(cases) + 2
 

@@ -44,27 +44,23 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from cptoolkit.layers.allgather_prefill import allgather_forward
+from cptoolkit.layers.algorithms import DecodeComm, decode_algorithm, history_names, prefill_algorithm
 from cptoolkit.layers.block_attention import attention_forward, check_sinks, kernel_backend
-from cptoolkit.layers.comm import CommStats, all_gather, all_to_all, reduce_scatter
-from cptoolkit.layers.dcp_decode import (DECODE_COMMS, DecodeComm, DecodeGroup, ShardedKVCache, attend_shard,
-                                         attend_shard_range, shard_length, window_slot_ranges)
+from cptoolkit.layers.comm import CommStats, all_gather
+from cptoolkit.layers.dcp_decode import (DecodeGroup, ShardedKVCache, attend_shard, attend_shard_range,
+                                         combine_partials, shard_length, window_slot_ranges)
 from cptoolkit.layers.dual_chunk_swap import shard_positions
-from cptoolkit.layers.lse_merge import add_sinks, merge_partials, merge_two
-from cptoolkit.layers.ring_p2p import ring_forward
+from cptoolkit.layers.lse_merge import add_sinks, merge_two
 from cptoolkit.layers.sliding_window import needs_window, windowed_forward
-
-CONTEXT_PREFILL_COMMS = ("p2p", "all_gather")
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, history_lens: torch.Tensor, dg: DecodeGroup,
               pcp_group: ProcessGroup | None, prefill_comm: str, decode_comm: str,
               sinks: Optional[torch.Tensor]) -> None:
-    if prefill_comm not in CONTEXT_PREFILL_COMMS:
-        raise ValueError(f"prefill_comm ({prefill_comm!r}) must be one of {CONTEXT_PREFILL_COMMS}: context "
-                         "attention needs the chunk's LSE, which only the ring and all-gather forwards return")
-    if decode_comm not in DECODE_COMMS:
-        raise ValueError(f"decode_comm ({decode_comm!r}) must be one of {DECODE_COMMS}")
+    if not prefill_algorithm(prefill_comm).attends_history:
+        raise ValueError(f"prefill_comm ({prefill_comm!r}) must be one of {history_names()}: context attention "
+                         "needs the chunk's LSE, which only their forwards return")
+    decode_algorithm(decode_comm)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"context attention expects q [b, hq, 2c, d] and k, v [b, hkv, 2c, d] of equal shape; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -125,38 +121,6 @@ def gather_chunk_queries(q: torch.Tensor, dg: DecodeGroup, stats: CommStats | No
     return per_position.permute(2, 0, 3, 1, 4, 5).flatten(3, 4).flatten(1, 2)
 
 
-def _slices_by_member(x: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
-    """``x [b, k*hq_local, P*L, ...]`` -> ``[dcp, b, hq_local, L, ...]``: entry ``s`` is what member ``s``
-    owns, the heads of TP position ``s // P`` and the chunk tokens of PCP rank ``s % P``."""
-    by_heads = x.unflatten(1, (dg.tp_positions, -1))
-    by_tokens = by_heads.unflatten(3, (dg.pcp_size, -1))  # [b, k, hq_local, P, L, ...]
-    # Contiguous: comm.all_to_all allocates its receive buffer with empty_like, which keeps strides.
-    return by_tokens.movedim((1, 3), (0, 1)).flatten(0, 1).contiguous()
-
-
-def return_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm: DecodeComm,
-                    stats: CommStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The history partial of this rank's own heads and chunk tokens, from every member's partial.
-
-    ``out [b, k*hq_local, P*L, d]``, ``lse [b, k*hq_local, P*L]`` (this member's shard) ->
-    ``(out [b, hq_local, L, d] float32, lse [b, hq_local, L])`` over the whole history. On the DCP
-    group: ``a2a`` sends each member its slice of packed ``(out, lse)`` and merges locally; ``ag_rs``
-    all-gathers the LSEs, rescales by ``e^{lse - LSE}`` and sums the slices with a reduce-scatter.
-    """
-    if dg.dcp_size == 1:
-        return out.float(), lse
-    if comm == "a2a":
-        packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)
-        received = all_to_all(_slices_by_member(packed, dg), dg.group, stats)
-        return merge_partials(received[..., :-1], received[..., -1])
-    lse_total = torch.logsumexp(all_gather(lse, dg.group, stats), dim=0)
-    # A row with no history on any shard has lse = lse_total = -inf: weight 0, not NaN.
-    weight = torch.nan_to_num(torch.exp(lse - lse_total), nan=0.0)
-    rescaled = out.float() * weight.unsqueeze(-1)
-    out_own = reduce_scatter(_slices_by_member(rescaled, dg), dg.group, stats)
-    return out_own, _slices_by_member(lse_total, dg)[dg.dcp_rank]
-
-
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: ProcessGroup | None,
                     prefill_comm: str, scale: float, stats: CommStats | None = None, window: Optional[int] = None,
                     softcap: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,9 +132,7 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group
         if needs_window(window, q.shape[2]):
             return windowed_forward(q, k, v, scale, window, softcap, window, stats)
         return attention_forward(q, k, v, causal=True, scale=scale, softcap=softcap)
-    if prefill_comm == "p2p":
-        return ring_forward(q, k, v, pcp_group, scale, stats, window, softcap)
-    out, lse, _ = allgather_forward(q, k, v, pcp_group, scale, stats, window, softcap)
+    out, lse, *_ = prefill_algorithm(prefill_comm).history_forward(q, k, v, pcp_group, scale, stats, window, softcap)
     return out, lse
 
 
@@ -219,6 +181,6 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     out_history, lse_history = _history_partial(q_group, k_history, v_history, history_shard_lens,
                                                 kv_cache.first_slots(), history_lens, dg, scale, window, softcap)
     out_chunk, lse_chunk = chunk_attention(q, k, v, pcp_group, prefill_comm, scale, stats, window, softcap)
-    out_history, lse_history = return_partials(out_history, lse_history, dg, decode_comm, stats)
+    out_history, lse_history = combine_partials(out_history, lse_history, dg, decode_comm, stats, split_tokens=True)
     out, _ = add_sinks(*merge_two(out_chunk.float(), lse_chunk, out_history, lse_history), sinks)
     return out.to(q.dtype)

@@ -47,15 +47,15 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from torch.distributed import ProcessGroup
 
+from cptoolkit.layers.algorithms import DecodeComm, PrefillComm, prefill_algorithm
 from cptoolkit.layers.block_attention import attention_forward, check_sinks, current_backend
 from cptoolkit.layers.comm import CommStats
 from cptoolkit.layers.context_attention import context_attention
 from cptoolkit.layers.dcp_decode import DecodeGroup, ShardedKVCache, dcp_decode_attention
 from cptoolkit.layers.dual_chunk_swap import shard_positions
 from cptoolkit.layers.hierarchical_prefill import HierarchicalGroups, check_groups, new_hierarchical_groups
-from cptoolkit.layers.ring_prefill import PREFILL_COMMS, ring_prefill_attention
+from cptoolkit.layers.ring_prefill import ring_prefill_attention
 from cptoolkit.layers.sliding_window import LocalAttention
-from cptoolkit.layers.ulysses_a2a import check_heads
 
 ATTENTION_MODES = ("prefill", "decode")
 LAYER_NORMS = {"llama": "RMSNorm", "gpt2": "LayerNorm"}
@@ -105,9 +105,10 @@ class AttentionRuntime:
 
     - ``pcp_group``: prefill context-parallel group (``None`` or size 1: the prompt is not sharded).
     - ``decode_group``: the DCP ``DecodeGroup`` (``cptoolkit.layers.dcp_decode``), decode only.
-    - ``prefill_comm``: ``"p2p"`` (ring), ``"all_gather"``, ``"a2a"`` or ``"a2a+p2p"``; ``hcp_groups``: this
-      rank's a2a and ring sub-groups of ``pcp_group``, for ``"a2a+p2p"`` only.
-    - ``decode_comm``: the DCP backend name.
+    - ``prefill_comm``: a prefill algorithm (``algorithms.PREFILL_ALGORITHMS``: ``"p2p"`` ring, ``"all_gather"``,
+      ``"a2a"`` or ``"a2a+p2p"``); ``hcp_groups``: this rank's a2a and ring sub-groups of ``pcp_group``, for a
+      hierarchical one (``"a2a+p2p"``) only.
+    - ``decode_comm``: a decode algorithm (``algorithms.DECODE_ALGORITHMS``: ``"a2a"`` or ``"ag_rs"``).
     - ``phase``: the current forward's ``AttentionPhase`` (``PREFILL`` between forwards); only
       ``gpt_forward`` (``use_phase``) changes it.
     - ``stats``: counts every collective the attention layers issue; ``layer_stats(n)`` is layer
@@ -116,9 +117,9 @@ class AttentionRuntime:
 
     pcp_group: Optional[ProcessGroup] = None
     decode_group: Optional[DecodeGroup] = None
-    prefill_comm: str = "p2p"
+    prefill_comm: PrefillComm = "p2p"
     hcp_groups: Optional[HierarchicalGroups] = None
-    decode_comm: str = "a2a"
+    decode_comm: DecodeComm = "a2a"
     phase: AttentionPhase = PREFILL
     stats: CommStats = field(default_factory=CommStats)
     per_layer_stats: dict[int, CommStats] = field(default_factory=dict)
@@ -378,10 +379,7 @@ def layer_comm_type(cp_comm_type: Optional[str | list[str]], config: Transformer
     if isinstance(value, (list, tuple)):
         value = value[layer_number - 1]
     comm = "p2p" if value is None else value
-    if comm not in PREFILL_COMMS:
-        raise ValueError(f"cp_comm_type ({comm!r}) of layer {layer_number} must be one of {sorted(PREFILL_COMMS)} "
-                         f"(or None for p2p)")
-    return comm
+    return prefill_algorithm(comm, f"cp_comm_type of layer {layer_number}").name
 
 
 @functools.cache
@@ -418,8 +416,8 @@ def runtime_from_megatron(config: TransformerConfig, layer_number: int, cp_comm_
 
     The PCP group is megatron's CP group (``pg_collection.cp``, or the global one), whose size must be
     ``config.context_parallel_size``; the algorithm is ``layer_comm_type``. Checked here, once per layer on
-    every rank: ``a2a`` needs the query heads per TP rank to be a multiple of the CP size, ``a2a+p2p`` a
-    multiple of the a2a size and the hierarchical groups of ``megatron_hierarchical_groups``.
+    every rank: the algorithm's rule on this layer's query heads per TP rank (``algorithms``) and, for a
+    hierarchical one (``a2a+p2p``), the groups of ``megatron_hierarchical_groups``.
     """
     pcp_group = _megatron_group(pg_collection, "cp")
     pcp_size = 1 if pcp_group is None else pcp_group.size()
@@ -429,13 +427,12 @@ def runtime_from_megatron(config: TransformerConfig, layer_number: int, cp_comm_
     comm = layer_comm_type(cp_comm_type, config, layer_number)
     if pcp_size == 1:
         return AttentionRuntime(prefill_comm=comm)
-    heads_per_rank = _heads_per_tp_rank(config, pg_collection)
-    hcp_groups = None
-    if comm == "a2a":
-        check_heads(heads_per_rank, pcp_size)
-    elif comm == "a2a+p2p":
-        hcp_groups = megatron_hierarchical_groups(config, pg_collection, pcp_group)
-        check_heads(heads_per_rank, hcp_groups.a2a_size)
+    algorithm = prefill_algorithm(comm)
+    hcp_groups = megatron_hierarchical_groups(config, pg_collection, pcp_group) if algorithm.hierarchical else None
+    error = algorithm.check(_heads_per_tp_rank(config, pg_collection), pcp_size,
+                            None if hcp_groups is None else hcp_groups.a2a_size)
+    if error is not None:
+        raise ValueError(f"cp_comm_type {comm!r} of layer {layer_number}: {error}")
     return AttentionRuntime(pcp_group=pcp_group, prefill_comm=comm, hcp_groups=hcp_groups)
 
 

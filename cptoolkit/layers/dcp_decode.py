@@ -19,8 +19,8 @@ One decode step of one layer (``dcp_decode_attention``), every collective on the
 1. ``gather_new_qkv``: the group's q and the new token's K/V (``k > 1``: one all-gather).
 2. ``kv_cache.append``: only the owner of the new position stores it.
 3. ``attend_shard``: attention of the group's heads over this member's shard -> ``(out, lse)``.
-4. ``combine_partials``: the exact output of this rank's own heads (attention sinks, gpt-oss's, join it here,
-   once the query's final LSE is known).
+4. ``combine_partials``: the exact output of this rank's own heads, by the decode algorithm (a record of
+   ``algorithms.DECODE_ALGORITHMS``); attention sinks, gpt-oss's, join it then, once the query's final LSE is known.
 A step may carry ``L > 1`` consecutive new tokens per sequence (speculative decoding's verification): the
 same four steps and collectives, every token appended first, and token ``j`` attending only the shard's
 tokens at positions up to its own (``attend_shard_range``). A sliding-window layer's token at ``p`` attends
@@ -40,18 +40,17 @@ the context length)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from cptoolkit.errors import check_positive
+from cptoolkit.layers.algorithms import DecodeComm, decode_algorithm
 from cptoolkit.layers.block_attention import check_sinks, kernel_backend, masked_attention_forward
 from cptoolkit.layers.comm import CommStats, all_gather, all_reduce, all_to_all, reduce_scatter
 from cptoolkit.layers.lse_merge import add_sinks, merge_partials
-
-DecodeComm = Literal["ag_rs", "a2a"]
-DECODE_COMMS = ("ag_rs", "a2a")
 
 
 def shard_of_position(position, dcp_size: int, interleave: int):
@@ -77,11 +76,6 @@ def positions_in_shard(seq_len: int, shard: int, dcp_size: int, interleave: int)
     return positions[shard_of_position(positions, dcp_size, interleave) == shard]
 
 
-def _require_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
 @dataclass(frozen=True)
 class DecodeGroup:
     """One rank's view of its DCP group.
@@ -103,7 +97,7 @@ class DecodeGroup:
 
     def __post_init__(self) -> None:
         for name in ("tp_positions", "pcp_size", "interleave", "kv_head_replication"):
-            _require_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.dcp_size != self.tp_positions * self.pcp_size:
             raise ValueError(f"dcp_size ({self.dcp_size}) must equal tp_positions ({self.tp_positions}) x "
                              f"pcp_size ({self.pcp_size}) = {self.tp_positions * self.pcp_size}: a DCP group "
@@ -120,8 +114,8 @@ class DecodeGroup:
                    kv_head_replication: int = 1) -> DecodeGroup:
         """Describe this rank's membership of ``group``: ``k`` neighbouring TP positions x all
         ``pcp_size`` PCP ranks, in KV-shard order (global rank ``pcp_rank * TP + tp_rank``)."""
-        _require_positive("tp_positions", tp_positions)
-        _require_positive("pcp_size", pcp_size)
+        check_positive("tp_positions", tp_positions)
+        check_positive("pcp_size", pcp_size)
         size = dist.get_world_size(group)
         if size != tp_positions * pcp_size:
             raise ValueError(f"the DCP group has {size} members but tp_positions ({tp_positions}) x pcp_size "
@@ -189,7 +183,7 @@ class ContiguousShardCache:
                  dg: DecodeGroup, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         for name, value in (("max_seq_len", max_seq_len), ("batch_size", batch_size),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            _require_positive(name, value)
+            check_positive(name, value)
         self.max_seq_len, self.dg = max_seq_len, dg
         capacity = shard_length(max_seq_len, 0, dg.dcp_size, dg.interleave)
         self.k = torch.zeros(batch_size, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
@@ -366,58 +360,67 @@ def attend_shard_range(q_group: torch.Tensor, k_shard: torch.Tensor, v_shard: to
             lse.reshape(batch, hq, num_queries).float())
 
 
-def _slices_by_member(x: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
-    """``x [b, k*hq_local, ...]`` -> ``[dcp_size, b, hq_local, ...]`` whose entry ``s`` is the head
-    slice of member ``s``'s TP position ``s // pcp_size``."""
-    return x.unflatten(1, (dg.tp_positions, -1)).movedim(1, 0).repeat_interleave(dg.pcp_size, dim=0)
+def _slices_by_member(x: torch.Tensor, dg: DecodeGroup, split_tokens: bool) -> torch.Tensor:
+    """``x [b, k*hq_local, T, ...]`` -> ``[dcp_size, b, hq_local, T', ...]`` whose entry ``s`` is what member ``s``
+    owns: the heads of its TP position ``s // pcp_size`` and, with ``split_tokens``, the ``T' = T / pcp_size``
+    tokens of its PCP rank ``s % pcp_size`` (else all ``T' = T``)."""
+    by_heads = x.unflatten(1, (dg.tp_positions, -1))
+    if not split_tokens:
+        return by_heads.movedim(1, 0).repeat_interleave(dg.pcp_size, dim=0)
+    by_tokens = by_heads.unflatten(3, (dg.pcp_size, -1))  # [b, k, hq_local, P, T', ...]
+    # Contiguous: comm.all_to_all allocates its receive buffer with empty_like, which keeps strides.
+    return by_tokens.movedim((1, 3), (0, 1)).flatten(0, 1).contiguous()
 
 
-def _combine_ag_rs(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: CommStats | None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _owns_every_row(dg: DecodeGroup, split_tokens: bool) -> bool:
+    """Every member owns every row of the partials (one TP position, tokens not split): nothing to scatter."""
+    return dg.tp_positions == 1 and not split_tokens
+
+
+def combine_ag_rs(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: CommStats | None,
+                  split_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ag_rs``: all-gather the LSEs, rescale locally by ``e^{lse - LSE}``, then sum the outputs with an all-reduce
+    (every member owns every row) or a reduce-scatter that hands each member its rows."""
     lse_total = torch.logsumexp(all_gather(lse, dg.group, stats), dim=0)
     # A row empty on every shard (a padding slot) has lse = lse_total = -inf: weight 0, not NaN.
     weight = torch.nan_to_num(torch.exp(lse - lse_total), nan=0.0)
     rescaled = out.float() * weight.unsqueeze(-1)
-    lse_own = lse_total.unflatten(1, (dg.tp_positions, -1))[:, dg.tp_position]
-    if dg.tp_positions == 1:
-        return all_reduce(rescaled, dg.group, stats=stats), lse_own
-    return reduce_scatter(_slices_by_member(rescaled, dg), dg.group, stats), lse_own
+    if _owns_every_row(dg, split_tokens):
+        return all_reduce(rescaled, dg.group, stats=stats), lse_total
+    lse_own = _slices_by_member(lse_total, dg, split_tokens)[dg.dcp_rank]
+    return reduce_scatter(_slices_by_member(rescaled, dg, split_tokens), dg.group, stats), lse_own
 
 
-def _combine_a2a(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: CommStats | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def combine_a2a(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, stats: CommStats | None,
+                split_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a2a``: send packed ``(out, lse)`` slices straight to their owners (an all-gather when every member owns
+    every row) and merge locally (``merge_partials``: the Triton kernel on CUDA)."""
     packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)
-    if dg.tp_positions == 1:
+    if _owns_every_row(dg, split_tokens):
         received = all_gather(packed, dg.group, stats)
     else:
-        received = all_to_all(_slices_by_member(packed, dg), dg.group, stats)
+        received = all_to_all(_slices_by_member(packed, dg, split_tokens), dg.group, stats)
     return merge_partials(received[..., :-1], received[..., -1])
 
 
-def _check_comm(comm: str) -> None:
-    if comm not in DECODE_COMMS:
-        raise ValueError(f"comm must be one of {DECODE_COMMS}, got {comm!r}")
-
-
 def combine_partials(out: torch.Tensor, lse: torch.Tensor, dg: DecodeGroup, comm: DecodeComm,
-                     stats: CommStats | None = None, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Exact attention output of this rank's own heads from every member's partial.
+                     stats: CommStats | None = None, split_tokens: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact attention of this member's own rows from every member's partial: DCP decode's and context
+    attention's one combine.
 
-    ``out [b, hq_group, L, d]``, ``lse [b, hq_group, L]`` (this member's shard) ->
-    ``[b, hq_local, L, d]``, ``hq_local = hq_group // k``. On the DCP group:
-    ``ag_rs``: all-gather the LSEs, rescale locally by ``e^{lse - LSE}``, then sum the outputs with an
-    all-reduce (``k = 1``) or a reduce-scatter that hands each member its TP position's head slice.
-    ``a2a``: send packed ``(out, lse)`` head slices straight to their owners (an all-gather when
-    ``k = 1``, where every member owns every head) and merge locally (Triton kernel on CUDA).
-    ``sinks [hq_local]`` (gpt-oss attention sinks, or None) join the own heads' merged result, here only,
-    where each query's final LSE is known (``lse_merge.add_sinks``); no collective changes.
+    ``out [b, k*hq_local, T, d]``, ``lse [b, k*hq_local, T]`` (this member's shard, the group's query heads) ->
+    ``(out [b, hq_local, T', d] float32, lse [b, hq_local, T'])`` over every shard. Member ``s`` owns the heads
+    of its TP position; with ``split_tokens`` (context attention: ``T = P*L``, the PCP ranks' chunk tokens in
+    turn) only its PCP rank's ``T' = L`` tokens, else (decode: every PCP rank decodes the same tokens) all
+    ``T' = T``. The collectives on the DCP group are the decode algorithm's (``algorithms.DECODE_ALGORITHMS``:
+    ``a2a`` or ``ag_rs``); none when ``dcp_size == 1``, where the partial is exact and returned as it is.
+    Attention sinks are the caller's: they join once the query's final LSE is known.
     """
-    _check_comm(comm)
+    algorithm = decode_algorithm(comm, "comm")
     if dg.dcp_size == 1:  # the only shard holds the whole history: its partial is exact
-        return add_sinks(out, lse, sinks)[0]
-    combine = _combine_ag_rs if comm == "ag_rs" else _combine_a2a
-    merged, lse_own = combine(out, lse, dg, stats)
-    return add_sinks(merged, lse_own, sinks)[0].to(out.dtype)
+        return out, lse
+    return algorithm.combine(out, lse, dg, stats, split_tokens)
 
 
 def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: ShardedKVCache,
@@ -431,10 +434,10 @@ def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
     ``kv_cache`` (each owner stores its own), attends over every shard (token ``j`` causally: the history and
     the new tokens up to itself) and returns ``[b, hq_local, L, d]``, equal to attention over the whole
     history (over the ``window`` latest positions with a sliding window; scores capped by ``softcap``; with
-    ``sinks [hq_local]``, gpt-oss attention sinks, in every query's denominator: ``combine_partials``).
+    ``sinks [hq_local]``, gpt-oss attention sinks, in every query's denominator once the partials are combined).
     Collective counts per call: see the module docstring (the same for any ``L``).
     """
-    _check_comm(comm)  # before the first collective, so a bad value fails every rank alike
+    decode_algorithm(comm, "comm")  # before the first collective, so a bad value fails every rank alike
     check_sinks(sinks, q.shape[1], kernel_backend(q.device))
     q_group, k_new, v_new = gather_new_qkv(q, k, v, dg, stats)
     one_token = q.shape[2] == 1 and positions.dim() == 1
@@ -450,4 +453,5 @@ def dcp_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
         column_0 = kv_cache.first_slots()[:, None].to(first.device)
         out, lse = attend_shard_range(q_group, k_shard, v_shard, (first - column_0).clamp(min=0), end - column_0,
                                       scale, softcap)
-    return combine_partials(out, lse, dg, comm, stats, sinks)
+    out_own, lse_own = combine_partials(out, lse, dg, comm, stats)
+    return add_sinks(out_own, lse_own, sinks)[0].to(out.dtype)

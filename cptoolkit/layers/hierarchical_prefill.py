@@ -96,8 +96,9 @@ class HierarchicalPrefillAttention(torch.autograd.Function):
     [b, hq, 2c, d]``; a sliding ``window`` reaches the ring, whose chunks are the super-chunks.
 
     ``q [b, hq, 2c, d]``, ``k``/``v [b, hkv, 2c, d]``: this rank's DualChunkSwap shard over the whole
-    PCP group; ``hq`` must be a multiple of ``a`` (``ulysses_a2a.check_heads``). ``sinks [hq]`` (or None):
-    the a2a member's slice (``ulysses_a2a.member_sinks``) joins its heads' ring result, before the exchange back.
+    PCP group; ``hq`` must be a multiple of ``a`` (the ``a2a+p2p`` record's rule, ``algorithms``). ``sinks [hq]``
+    (or None): the a2a member's slice (``ulysses_a2a.member_sinks``) joins its heads' ring result, before the
+    exchange back.
     """
 
     @staticmethod

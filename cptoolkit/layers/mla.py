@@ -39,7 +39,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from cptoolkit.layers.core_attention import AttentionRuntime, CPCoreAttention
-from cptoolkit.models.shape import MLADims
+from cptoolkit.layers.mla_dims import MLADims
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Every PCP rank passes its local shard (chunk ``r`` then chunk ``2P-1-r`` of the padded sequence,
 see ``dual_chunk_swap``) and gets the attention output of exactly those tokens over the whole
-causal prefix, as unsharded attention would give them. Four algorithms, one file each:
+causal prefix, as unsharded attention would give them. Four algorithms, one file each, one record each
+(``algorithms.PREFILL_ALGORITHMS``: the name, the rule on heads and sizes, the collectives):
 
 - ``comm="p2p"`` (``ring_p2p``): K/V blocks travel around the ring, send/recv overlapped with compute;
   ``P-1`` ``send_recv`` calls forward, ``2P-1`` backward.
@@ -10,11 +11,10 @@ causal prefix, as unsharded attention would give them. Four algorithms, one file
   ``reduce_scatter`` of dK/dV backward.
 - ``comm="a2a"`` (``ulysses_a2a``, Ulysses): ``all_to_all`` (one per tensor) trades the sequence shard
   for a head shard, causal attention over the whole sequence, one ``all_to_all`` back; 4 forward (q, k, v,
-  out), 4 backward (dout, dq, dk, dv).
-  Query heads must be a multiple of P; KV heads are replicated as needed.
+  out), 4 backward (dout, dq, dk, dv). KV heads are replicated as needed.
 - ``comm="a2a+p2p"`` (``hierarchical_prefill``): PCP = a x p, a2a inside ``hcp_groups.a2a_group``
   (a consecutive PCP ranks), ring over ``hcp_groups.ring_group``; 4 ``all_to_all`` + ``p-1``
-  ``send_recv`` forward, 4 + ``2p-1`` backward. Query heads must be a multiple of a.
+  ``send_recv`` forward, 4 + ``2p-1`` backward.
 
 All collectives run on ``pcp_group`` (or its sub-groups) and are counted in ``stats`` when given.
 """
@@ -26,21 +26,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from cptoolkit.layers.allgather_prefill import AllGatherPrefillAttention
+from cptoolkit.layers.algorithms import PrefillAlgorithm, prefill_algorithm
 from cptoolkit.layers.block_attention import check_sinks, kernel_backend
 from cptoolkit.layers.comm import CommStats
-from cptoolkit.layers.hierarchical_prefill import HierarchicalGroups, HierarchicalPrefillAttention, check_groups
-from cptoolkit.layers.ring_p2p import RingP2PAttention
-from cptoolkit.layers.ulysses_a2a import UlyssesAttention, check_heads
-
-PREFILL_COMMS = {"p2p": RingP2PAttention, "all_gather": AllGatherPrefillAttention, "a2a": UlyssesAttention,
-                 "a2a+p2p": HierarchicalPrefillAttention}
+from cptoolkit.layers.hierarchical_prefill import HierarchicalGroups, check_groups
 
 
-def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: ProcessGroup | None, comm: str,
-              hcp_groups: HierarchicalGroups | None) -> None:
-    if comm not in PREFILL_COMMS:
-        raise ValueError(f"comm ({comm!r}) must be one of {sorted(PREFILL_COMMS)}")
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: ProcessGroup | None,
+              algorithm: PrefillAlgorithm, hcp_groups: HierarchicalGroups | None) -> None:
     if pcp_group is None:
         raise ValueError("pcp_group (None) must be the PCP process group: torch.distributed would read None "
                          "as the whole world; pass the group from parallel_state")
@@ -59,11 +52,11 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pcp_group: Proc
                          f"shard is two equal chunks; pad with dual_chunk_swap.padded_length()")
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
-    if comm == "a2a":
-        check_heads(hq, dist.get_world_size(pcp_group))
-    if comm == "a2a+p2p":
+    if algorithm.hierarchical:
         check_groups(hcp_groups, pcp_group)
-        check_heads(hq, hcp_groups.a2a_size)
+    error = algorithm.check(hq, dist.get_world_size(pcp_group), None if hcp_groups is None else hcp_groups.a2a_size)
+    if error is not None:
+        raise ValueError(f"comm {algorithm.name!r}: {error}")
 
 
 def ring_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pcp_group: ProcessGroup,
@@ -84,9 +77,10 @@ def ring_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     gradient this rank gets is its share (the query rows, or for the a2a comms the heads, it computed), summed
     over the PCP group by the gradient all-reduce.
     """
-    _validate(q, k, v, pcp_group, comm, hcp_groups)
+    algorithm = prefill_algorithm(comm, "comm")
+    _validate(q, k, v, pcp_group, algorithm, hcp_groups)
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window ({window!r}) must be a positive integer or None")
     check_sinks(sinks, q.shape[1], kernel_backend(q.device))
-    groups = hcp_groups if comm == "a2a+p2p" else pcp_group
-    return PREFILL_COMMS[comm].apply(q, k, v, groups, scale, stats, window, softcap, sinks)
+    groups = hcp_groups if algorithm.hierarchical else pcp_group
+    return algorithm.run(q, k, v, groups, scale, stats, window, softcap, sinks)

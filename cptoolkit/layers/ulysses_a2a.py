@@ -10,9 +10,10 @@ of members ``a-1..0``. For the whole PCP group (``a = P``, the ``a2a`` comm) tha
 inner group of ``a`` consecutive PCP ranks it is the group's DualChunkSwap shard of a ring over
 super-chunks of ``a`` chunks (``hierarchical_prefill``). ``gather_heads`` is the inverse exchange.
 
-KV heads: only query heads constrain the layout (``hq % a == 0``). Each KV head is repeated
-``kv_replicas(hkv, a) = a / gcd(hkv, a)`` times before the exchange (``repeat_interleave``, so query
-head ``i`` still reads the repeats of its own KV head ``i // (hq/hkv)``), which makes the KV head count
+KV heads: only query heads constrain the layout (``hq % a == 0``, the a2a record's rule in ``algorithms``).
+Each KV head is repeated ``kv_replicas(hkv, a) = a / gcd(hkv, a)`` times before the exchange
+(``repeat_interleave``, so query head ``i`` still reads the repeats of its own KV head ``i // (hq/hkv)``), which
+makes the KV head count
 divisible by ``a`` and gives each member exactly the KV heads its query heads read (MQA at ``a = 2``:
 both members get the one KV head). The replicas' gradients are summed back. ``hq % a == 0`` and
 ``hq % hkv == 0`` imply ``hq`` is a multiple of ``hkv·kv_replicas``, so GQA grouping survives.
@@ -22,13 +23,13 @@ backward (dout, dq, dk, dv), each moving this rank's whole local share of its te
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from cptoolkit.layers.algorithms import kv_replicas
 from cptoolkit.layers.block_attention import attention_backward, attention_forward
 from cptoolkit.layers.comm import CommStats, all_to_all
 from cptoolkit.layers.dual_chunk_swap import chunk_ids, unshard_sequence
@@ -36,20 +37,6 @@ from cptoolkit.layers.lse_merge import add_sinks, sinks_grad
 from cptoolkit.layers.sliding_window import needs_window, sequence_tiles, windowed_backward, windowed_forward
 
 _SEQ_DIM = 2  # [b, h, s, d]
-
-
-def kv_replicas(num_kv_heads: int, a2a_size: int) -> int:
-    """How many times each KV head is repeated so that ``a2a_size`` members each get whole KV heads."""
-    return a2a_size // math.gcd(num_kv_heads, a2a_size)
-
-
-def check_heads(num_q_heads: int, a2a_size: int) -> None:
-    """The one head rule of an all-to-all of ``a2a_size`` members."""
-    if num_q_heads % a2a_size:
-        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of the a2a group size ({a2a_size}): "
-                         f"each member attends num_q_heads / {a2a_size} whole heads over the group's tokens "
-                         f"(KV heads need no such rule: each is replicated {a2a_size} / gcd(kv_heads, {a2a_size}) "
-                         f"times); pick a PCP (or a2a) size that divides the query heads")
 
 
 def scatter_heads(tensors: list[torch.Tensor], group: ProcessGroup, stats: CommStats | None) -> list[torch.Tensor]:
@@ -141,7 +128,7 @@ class UlyssesAttention(torch.autograd.Function):
     [b, hq, 2c, d]``.
 
     ``q [b, hq, 2c, d]``, ``k``/``v [b, hkv, 2c, d]``: this rank's DualChunkSwap shard; ``hq`` must be a
-    multiple of the PCP size (``check_heads``). Saves the exchanged ``[b, hq/P, S, d]`` tensors for the
+    multiple of the PCP size (the ``a2a`` record's rule, ``algorithms``). Saves the exchanged ``[b, hq/P, S, d]`` tensors for the
     backward (as much memory as the local shards, plus the KV replicas). With a sliding ``window`` the
     whole-sequence attention runs tile by tile (tiles of ``c`` positions, ``sliding_window.windowed_forward``),
     skipping the tiles the window cannot see; the exchanges are unchanged. ``sinks [hq]`` (or None): each

@@ -4,9 +4,10 @@ Pure Python: no torch, no megatron, so ``cptoolkit.config`` reads a checkpoint's
 validates a YAML file without loading either. The RoPE frequencies of a ``RopeScaling`` are computed
 by ``cptoolkit.models.rope``.
 
-Here: the schema (``GPTShape`` with its extras ``MLADims`` and ``GemmaBlock``, ``RopeScaling``), the config.json
-keys several families read alike (``positive_key``, ``read_rope`` with YaRN, ``layer_types_flags``,
-``window_from_hf``, ``hf_layer_types``), the TP fit and the checkpoint's JSON files. Each family's own keys are
+Here: the schema (``GPTShape`` with its extras ``MLADims``, defined beside its layer in ``layers.mla_dims``, and
+``GemmaBlock``, ``RopeScaling``), the config.json keys several families read alike (``positive_key``, ``read_rope``
+with YaRN, ``layer_types_flags``, ``window_from_hf``, ``hf_layer_types``), the TP fit and the checkpoint's JSON
+files. Each family's own keys are
 read and written by its module in ``cptoolkit.models.families``; ``families.registry`` picks it by
 ``model_type``.
 Sliding windows: ``GPTShape.sliding_window`` (a query sees itself and the ``window - 1`` tokens before
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from cptoolkit.errors import ConfigError
+from cptoolkit.layers.mla_dims import MLADims
 from cptoolkit.models.moe_dims import MoEDims
 
 ARCHS = ("llama", "gpt2")
@@ -72,35 +74,6 @@ class RopeScaling:
                 "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
                          "attention_factor")}[self.rope_type]
         return {"rope_type": self.rope_type, **{key: getattr(self, key) for key in keys}}
-
-
-@dataclass(frozen=True)
-class MLADims:
-    """Multi-head latent attention (DeepSeek-V2/V3). Each token's keys and values come from one
-    ``kv_lora_rank`` latent (after its RMSNorm) shared by every head, plus one ``qk_rope_head_dim`` RoPE key
-    shared by every head; per head, ``kv_b`` expands the latent into a ``qk_nope_head_dim`` key and a
-    ``v_head_dim`` value. Queries: ``q_lora_rank`` (None: one direct projection) then per head
-    ``qk_nope_head_dim + qk_rope_head_dim``. ``rope_interleave``: RoPE rotates the pairs ``(2i, 2i+1)`` of the
-    RoPE dims (DeepSeek's layout) rather than ``(i, i + d/2)``. ``mscale_all_dim`` (0: none): with scaled RoPE,
-    every score (not only the RoPE dims') is multiplied by ``yarn_mscale(factor, mscale_all_dim)²``, as in
-    DeepSeek's reference and transformers' ``yarn_apply_mscale``; see ``GPTShape.mla_softmax_scale``."""
-
-    q_lora_rank: Optional[int]
-    kv_lora_rank: int
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
-    rope_interleave: bool
-    mscale_all_dim: float = 0.0
-
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def latent_dim(self) -> int:
-        """What the KV cache stores per token and layer: the latent and the RoPE key."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from typing import Collection
 
+from cptoolkit.layers.mla_dims import MLADims
 from cptoolkit.models.families import Family
 from cptoolkit.models.families.experts import (DEEPSEEK_NAMES, aliased_key, expert_layout, expert_tensor_shapes,
                                                moe_dims, non_negative_key, require_routing)
 from cptoolkit.models.families.llama import llama_layout, llama_tensor_shapes
 from cptoolkit.models.moe_dims import MoEDims
-from cptoolkit.models.shape import GPTShape, MLADims, positive_key, read_rope, require_keys
+from cptoolkit.models.shape import GPTShape, positive_key, read_rope, require_keys
 from cptoolkit.models.tensor_map import Layout, Shapes, whole
 
 
