@@ -30,13 +30,14 @@ def attention_runtime(cfg: Config, groups: ParallelGroups) -> AttentionRuntime:
     """The attention state every layer shares: PCP group (and, for ``a2a+p2p``, its hierarchical sub-groups)
     for prefill, DCP group for decode. Also selects the block kernels' backend (``runtime.attention_backend``,
     process-wide in ``block_attention``), before the model is built: ``te`` builds megatron's TE layer spec."""
+    from cptoolkit.layers.algorithms import prefill_algorithm
     from cptoolkit.layers.block_attention import set_backend
 
     set_backend(cfg.runtime.attention_backend)
     p = cfg.parallel
-    if p.prefill_comm == "a2a+p2p" and groups.hcp_groups is None:
-        raise ValueError(f"parallel.prefill_comm = 'a2a+p2p' needs the hierarchical groups: build the groups with "
-                         f"initialize_model_parallel(..., hierarchical_a2a_size={p.hierarchical_a2a_size})")
+    if prefill_algorithm(p.prefill_comm, "parallel.prefill_comm").hierarchical and groups.hcp_groups is None:
+        raise ValueError(f"parallel.prefill_comm = {p.prefill_comm!r} needs the hierarchical groups: build the groups "
+                         f"with initialize_model_parallel(..., hierarchical_a2a_size={p.hierarchical_a2a_size})")
     decode_group = DecodeGroup.from_parallel_groups(groups, p.kv_interleave)
     return AttentionRuntime(pcp_group=groups.pcp_group, decode_group=decode_group, prefill_comm=p.prefill_comm,
                             hcp_groups=groups.hcp_groups, decode_comm=p.decode_comm)
