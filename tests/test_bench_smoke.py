@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench import balance, decode, long_prompt, prefill_scaling, run_all, sliding_window, vs_transformers
+from bench import balance, decode, long_prompt, moe, prefill_scaling, run_all, sliding_window, vs_transformers
 from bench.common import machine_info, summarize, write_json
 from tests.multiproc import run_ranks
 
@@ -176,3 +176,51 @@ def test_sliding_window_schema_skipped_tiles_and_bounded_cache(tmp_path):
     cache = payload["cache"]
     assert len({c["all windowed"] for c in cache}) == 1  # the rings do not grow with the context
     assert [c["full"] for c in cache] == sorted(c["full"] for c in cache) and cache[-1]["full"] > cache[0]["full"]
+
+
+def test_moe_bytes_calls_and_tokens_per_variant(tmp_path):
+    hidden, layers, prompt_len, batch = 32, 2, 64, 3
+    model = {**moe.MODEL, "num_layers": layers, "hidden_size": hidden, "ffn_hidden_size": 32, "max_seq_len": 96}
+    dims = moe.MoEDims(num_experts=4, top_k=2, ffn_hidden_size=16, moe_layers=(True,) * layers, norm_topk_prob=True)
+    settings = moe.Settings(prompt_len=prompt_len, batch=batch, decode_prompt=8, new_tokens=3, rounds=1)
+    payload = moe.run(settings, (2, 4), model, dims)
+    rows = {(r["layout"], r["variant"]): r for r in payload["rows"]}
+    assert set(rows) == {(f"tp{tp}_pcp{pcp}", v) for layouts in moe.LAYOUTS.values() for tp, pcp in layouts
+                         for v in moe.variants(tp)}
+    experts = payload["config"]["full_expert_bytes"]
+    router = layers * dims.num_experts * hidden * 4
+    assert experts == layers * dims.num_experts * 3 * hidden * dims.ffn_hidden_size * 4
+    for (layout, variant), row in rows.items():
+        tp, pcp, prefill, decode = row["tp"], row["pcp"], row["prefill"], row["decode"]
+        replica, rows_per_rank = tp * pcp, prompt_len // pcp
+        assert row["mlp_bytes_per_rank"] == {"replicated": experts + router, "dense": layers * 3 * hidden * 32 * 4 // tp
+                                             }.get(variant, experts // replica + router), row
+        assert row.get("same_tokens_as_ep_whole", True) is True, row
+        assert (decode is None) == (variant in moe.PREFILL_ONLY), row
+        assert all(p["median_s"] > 0 and p["cpu"]["median_s"] > 0 for p in (prefill, decode) if p is not None), row
+        if variant == "dense":
+            continue
+        # Prefill, per layer: EP > 1 dispatches (counts all-gather, all-to-all there and back), TP > 1 all-reduces
+        # each rank's whole PCP shard; every (token, slot) goes out once and comes back once per ETP slice.
+        ep = {"ep_whole": replica, "ep_sliced": pcp, "replicated": 1}[variant]
+        expected = ({"moe_counts_all_gather": layers, "moe_all_to_all": 2 * layers} if ep > 1 else {}) | (
+            {"moe_all_reduce": layers} if tp > 1 else {})
+        assert prefill["moe_calls_per_step_rank0"] == expected, row
+        sent = prefill["bytes_per_step_by_rank"]
+        assert len(sent) == replica and prefill["steps"] == 1
+        etp = replica // ep if ep > 1 else 1
+        assert sum(r.get("moe_all_to_all", 0) for r in sent) == (
+            2 * prompt_len * dims.top_k * hidden * 4 * layers * etp if ep > 1 else 0), row
+        # Each (token, slot) runs through all of its expert's FFN columns exactly once over the replica.
+        assert sum(prefill["expert_work_per_step_by_rank"]) == prompt_len * dims.top_k * dims.ffn_hidden_size * layers
+        for r in sent:
+            assert r.get("moe_all_reduce", 0) == (rows_per_rank * hidden * 4 * layers if tp > 1 else 0), row
+            assert r.get("moe_counts_all_gather", 0) == (dims.num_experts * 8 * layers if ep > 1 else 0), row
+        if decode is not None:  # decode: one all-reduce of the batch's rows over the replica per layer and step
+            assert decode["steps"] == settings.new_tokens - 1 and decode["decode_rows_per_step"] == batch, row
+            assert decode["moe_calls_per_step_rank0"] == {"moe_all_reduce": layers}, row
+            assert sum(decode["expert_work_per_step_by_rank"]) == batch * dims.top_k * dims.ffn_hidden_size * layers
+            assert all(r["moe_all_reduce"] == batch * hidden * 4 * layers for r in decode["bytes_per_step_by_rank"])
+    assert write_json("moe", payload, machine_info(), results_dir=tmp_path).is_file()
+    prefill_table, decode_table = moe.table(payload).split("\n\n")
+    assert "| tp2_pcp2 (4 procs, 2 cores) | replicated | - |" in prefill_table and "replicated" not in decode_table

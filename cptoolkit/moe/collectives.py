@@ -30,7 +30,7 @@ def gather_counts(counts: torch.Tensor, group: ProcessGroup, stats: Optional[Com
     ``[G, ..., E]`` in member order: one all-gather over ``group``."""
     gathered = counts.new_empty(group.size() * counts.numel())  # flat: gloo wants a dim-0 concatenation
     _record(stats, "moe_counts_all_gather", counts)
-    dist.all_gather_into_tensor(gathered, counts.contiguous().view(-1), group=group)
+    dist.all_gather_single(gathered, counts.contiguous().view(-1), group=group)
     return gathered.view(group.size(), *counts.shape)
 
 
