@@ -341,7 +341,8 @@ class _ReadIndex:
     """Where ``read`` finds a batch's held shard slots: column ``c`` of row ``i`` is slot ``first_slots[i] + c``, at
     offset ``offsets[i, c]`` of block ``blocks[i, c]`` (``[b, s_max]`` int64); ``hidden [1, b, 1, s_max, 1]`` bool
     marks the padding columns, ``c >= lens[i]``; ``lens``, ``first_slots [b]`` int64. Tensors on the cache's device,
-    ``s_max = max(lens)`` a host integer (0 for an empty batch)."""
+    ``s_max = max(lens)`` a host integer (0 for an empty batch); ``has_padding``: whether any row holds fewer than
+    ``s_max`` (a host bool: without padding columns ``read`` has nothing to zero)."""
 
     blocks: torch.Tensor
     offsets: torch.Tensor
@@ -349,6 +350,7 @@ class _ReadIndex:
     lens: torch.Tensor
     first_slots: torch.Tensor
     s_max: int
+    has_padding: bool
 
     @classmethod
     def build(cls, cache: PagedKVCache, block_ids: list[tuple[int, ...]], shard_lens: list[int],
@@ -369,7 +371,7 @@ class _ReadIndex:
         table_blocks = _tensor([len(ids) for ids in block_ids], device, batch, 1)
         blocks = table.gather(1, (slots // block_size) % table_blocks) if width else torch.zeros_like(slots)
         hidden = (columns >= held[:, None])[None, :, None, :, None]
-        return cls(blocks, slots % block_size, hidden, held, first_slots, s_max)
+        return cls(blocks, slots % block_size, hidden, held, first_slots, s_max, any(n < s_max for n in lens))
 
 
 @dataclass(frozen=True)
@@ -502,5 +504,6 @@ class LayerCacheView:
         index = self._index()
         # the two index tensors, split by a slice, lead: [b, s_max, planes, hkv, d] -> [planes, b, hkv, s_max, d]
         kv = self.cache.storage[self.layer][:, index.blocks, :, index.offsets].permute(2, 0, 3, 1, 4)
-        kv = kv.masked_fill(index.hidden, 0)
+        if index.has_padding:  # a pass over the whole history: only when some row has columns to zero
+            kv = kv.masked_fill(index.hidden, 0)
         return kv[0], kv[-1], index.lens
