@@ -20,9 +20,10 @@ Tokens are compared with transformers at 1 thread: in float32 cptoolkit must pro
 tokens (a miss is reported in the table and the JSON, and the exit status is 1); in bfloat16 they are compared
 and reported only (the two sides round differently).
 
-    python bench/vs_transformers.py                # 24 layers, 512/2k/8k, batch 1 and 8, fp32 and bf16
+    python bench/vs_transformers.py                # Qwen2.5-0.5B's 24 layers, 512/2k/8k, batch 1 and 8, fp32 and bf16
     python bench/vs_transformers.py --quick        # 2 layers, short prompts, 1 repetition (about a minute)
-    python bench/vs_transformers.py --layers 4 --prefill 8192 --skip-decode --dtypes float32
+    python bench/vs_transformers.py --layers 4 --prefill 8192 --decode-batches --dtypes float32
+    python bench/vs_transformers.py --shape smollm-135m   # the small-model rows (30 layers, hidden 576)
 """
 from __future__ import annotations
 
@@ -49,6 +50,13 @@ from bench.common import add_results_dir_argument, format_table, machine_info, s
 QWEN25_05B = dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
                   intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
                   rms_norm_eps=1e-6, max_position_embeddings=32768)
+# SmolLM-135M's shape (Llama architecture, its config.json), random weights: the small-model row, where per-layer
+# overhead weighs most.
+SMOLLM_135M = dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                   intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, rope_theta=10000.0,
+                   rms_norm_eps=1e-5, max_position_embeddings=2048)
+# --shape name -> (transformers architecture, shape).
+SHAPES = {"qwen2.5-0.5b": ("qwen2", QWEN25_05B), "smollm-135m": ("llama", SMOLLM_135M)}
 # Columns: name -> (kind, world size, parallel layout, threads).
 COLUMNS = {
     "hf_1t": ("hf", 1, None, 1),
@@ -61,7 +69,7 @@ COLUMN_TITLES = {"hf_1t": "transformers 1 thread", "hf_2t": "transformers 2 thre
                  "cp_tp2": "cptoolkit TP=2", "cp_pcp2_dcp2": "cptoolkit PCP=2 DCP=2"}
 # The goal of issue #24: each cptoolkit column against the transformers column with as many cores.
 GOALS = {"cp_1rank": "hf_1t", "cp_tp2": "hf_2t", "cp_pcp2_dcp2": "hf_2t"}
-FULL = dict(layers=24, prefill=(512, 2048, 8192), decode_batches=(1, 8), decode_prompt=128, new_tokens=16, reps=3,
+FULL = dict(layers=None, prefill=(512, 2048, 8192), decode_batches=(1, 8), decode_prompt=128, new_tokens=16, reps=3,
             dtypes=("float32", "bfloat16"))
 QUICK = dict(layers=2, prefill=(64, 256), decode_batches=(1, 8), decode_prompt=32, new_tokens=4, reps=1,
              dtypes=("float32", "bfloat16"))
@@ -71,7 +79,8 @@ SEED = 0
 _CONTEXT = mp.get_context("forkserver")
 # What every worker imports (seconds of CPU each): once in the forkserver.
 _CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "megatron.core.models.gpt.gpt_model",
-                                 "transformers.models.qwen2.modeling_qwen2"])
+                                 "transformers.models.qwen2.modeling_qwen2",
+                                 "transformers.models.llama.modeling_llama"])
 
 
 # ----------------------------------------------------------------------------- checkpoint and prompts
@@ -88,16 +97,20 @@ def word_tokenizer(vocab_size: int):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
 
 
-def build_checkpoints(directory: Path, shape: dict, dtypes: tuple[str, ...], max_len: int) -> dict[str, str]:
-    """``{dtype: checkpoint dir}``: one random Qwen2 model saved in each dtype (bf16 = the fp32 weights rounded)."""
+def build_checkpoints(directory: Path, shape: dict, dtypes: tuple[str, ...], max_len: int,
+                      arch: str = "qwen2") -> dict[str, str]:
+    """``{dtype: checkpoint dir}``: one random Qwen2 (or Llama, ``arch``) model saved in each dtype (bf16 = the fp32
+    weights rounded)."""
     import transformers
 
     torch.manual_seed(SEED)
-    config = transformers.Qwen2Config(**{**shape, "max_position_embeddings": max(shape["max_position_embeddings"],
-                                                                                  max_len)},
-                                      initializer_range=0.2, use_sliding_window=False, bos_token_id=None,
-                                      eos_token_id=None, pad_token_id=None)
-    model = transformers.Qwen2ForCausalLM(config).eval()
+    settings = dict(**{**shape, "max_position_embeddings": max(shape["max_position_embeddings"], max_len)},
+                    initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if arch == "qwen2":
+        config = transformers.Qwen2Config(**settings, use_sliding_window=False)
+    else:
+        config = transformers.LlamaConfig(**settings)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     tokenizer = word_tokenizer(shape["vocab_size"])
     paths = {}
     for dtype in dtypes:
@@ -189,7 +202,7 @@ def _worker(rank: int, world_size: int, port: int, column: str, checkpoint: str,
             import transformers
 
             transformers.utils.logging.disable_progress_bar()
-            model = transformers.Qwen2ForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
+            model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
             run_case = lambda case, threads: _hf_case(model, case, threads)  # noqa: E731
         else:
             import torch.distributed as dist
@@ -299,20 +312,20 @@ def _row_stats(case: dict, runs: list[list[dict]]) -> dict:
 
 
 def run(shape: dict, settings: dict, columns: list[str] | None = None, profile_dir: Path | None = None,
-        timeout_s: float = 3600.0, log=print) -> dict:
+        timeout_s: float = 3600.0, log=print, arch: str = "qwen2") -> dict:
     """Build the checkpoints, run every row on every column for every dtype; the JSON payload."""
     columns = list(columns or COLUMNS)
     rows_all = cases(settings, shape["vocab_size"])
     max_len = max([len(c["prompts"][0]) + c["new_tokens"] for c in rows_all])
     max_batch = max(len(c["prompts"]) for c in rows_all)
-    out = {"config": {"shape": shape, "settings": {k: list(v) if isinstance(v, tuple) else v
+    out = {"config": {"arch": arch, "shape": shape, "settings": {k: list(v) if isinstance(v, tuple) else v
                                                     for k, v in settings.items()},
                       "columns": columns, "threads_per_rank": 1, "kv_block_size": KV_BLOCK,
                       "initializer_range": 0.2, "cpu_count": os.cpu_count()},
            "results": {}}
     with tempfile.TemporaryDirectory(prefix="cptoolkit_vs_hf_") as tmp:
         start = time.perf_counter()
-        checkpoints = build_checkpoints(Path(tmp), shape, tuple(settings["dtypes"]), max_len)
+        checkpoints = build_checkpoints(Path(tmp), shape, tuple(settings["dtypes"]), max_len, arch)
         log(f"checkpoints built in {time.perf_counter() - start:.0f} s")
         for dtype in settings["dtypes"]:
             start = time.perf_counter()
@@ -397,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK['layers']} layers, prefill {QUICK['prefill']}, decode prompts of "
                              f"{QUICK['decode_prompt']} tokens, {QUICK['new_tokens']} new, 1 repetition")
-    parser.add_argument("--layers", type=int, help="transformer layers (default 24; --quick 2)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b",
+                        help="model shape (default qwen2.5-0.5b; smollm-135m: 30 layers, hidden 576, Llama)")
+    parser.add_argument("--layers", type=int, help="transformer layers (default: the shape's; --quick 2)")
     parser.add_argument("--prefill", type=int, nargs="*", help="prefill prompt lengths (default 512 2048 8192)")
     parser.add_argument("--decode-batches", type=int, nargs="*", help="decode batch sizes (default 1 8)")
     parser.add_argument("--decode-prompt", type=int, help="prompt tokens of each decode request (default 128)")
@@ -415,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("layers", "prefill", "decode_batches", "decode_prompt", "new_tokens", "reps", "dtypes"):
         if getattr(args, key) is not None:
             settings[key] = tuple(getattr(args, key)) if isinstance(getattr(args, key), list) else getattr(args, key)
-    shape = {**QWEN25_05B, "num_hidden_layers": settings.pop("layers")}
+    arch, shape = SHAPES[args.shape]
+    shape = {**shape, "num_hidden_layers": settings.pop("layers") or shape["num_hidden_layers"]}
     before = machine_info()
-    payload = run(shape, settings, args.columns, args.profile_dir, log=lambda line: print(line, flush=True))
+    payload = run(shape, settings, args.columns, args.profile_dir, log=lambda line: print(line, flush=True), arch=arch)
     print(table(payload))
     print(f"wrote {write_json(args.name, payload, before, args.results_dir)}")
     misses = fp32_token_misses(payload)

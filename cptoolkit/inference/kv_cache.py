@@ -338,17 +338,21 @@ def _tensor(values: list, device: torch.device, *shape: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _ReadIndex:
-    """Where ``read`` finds a batch's held shard slots: column ``c`` of row ``i`` is slot ``first_slots[i] + c``, at
-    offset ``offsets[i, c]`` of block ``blocks[i, c]`` (``[b, s_max]`` int64); ``hidden [1, b, 1, s_max, 1]`` bool
-    marks the padding columns, ``c >= lens[i]``; ``lens``, ``first_slots [b]`` int64. Tensors on the cache's device,
-    ``s_max = max(lens)`` a host integer (0 for an empty batch)."""
+    """Where ``read`` finds a batch's held shard slots: column ``c`` of row ``i`` is slot ``first_slots[i] + c``.
+    ``rows [planes * b * hkv * s_max]`` int64: for each (plane, row, KV head, column), in that order, its row of the
+    layer's storage seen as ``[planes * (num_blocks + 1) * hkv * block_size, head_dim]``, so ``read`` is one
+    ``index_select`` of whole ``head_dim`` rows straight into ``[planes, b, hkv, s_max, head_dim]``.
+    ``hidden [1, b, 1, s_max, 1]`` bool marks the padding columns, ``c >= lens[i]``; ``lens``, ``first_slots [b]``
+    int64. Tensors on the cache's device, ``s_max = max(lens)`` a host integer (0 for an empty batch);
+    ``has_padding``: whether any row holds fewer than ``s_max`` (a host bool: without padding columns ``read`` has
+    nothing to zero)."""
 
-    blocks: torch.Tensor
-    offsets: torch.Tensor
+    rows: torch.Tensor
     hidden: torch.Tensor
     lens: torch.Tensor
     first_slots: torch.Tensor
     s_max: int
+    has_padding: bool
 
     @classmethod
     def build(cls, cache: PagedKVCache, block_ids: list[tuple[int, ...]], shard_lens: list[int],
@@ -368,8 +372,13 @@ class _ReadIndex:
         slots = first_slots[:, None] + columns  # [b, s_max]
         table_blocks = _tensor([len(ids) for ids in block_ids], device, batch, 1)
         blocks = table.gather(1, (slots // block_size) % table_blocks) if width else torch.zeros_like(slots)
+        planes, heads = cache.storage.shape[1], cache.num_kv_heads
+        plane = torch.arange(planes, device=device).view(planes, 1, 1, 1)
+        head = torch.arange(heads, device=device).view(1, 1, heads, 1)
+        rows = ((plane * (cache.num_blocks + 1) + blocks[None, :, None]) * heads + head) * block_size \
+            + (slots % block_size)[None, :, None]
         hidden = (columns >= held[:, None])[None, :, None, :, None]
-        return cls(blocks, slots % block_size, hidden, held, first_slots, s_max)
+        return cls(rows.flatten(), hidden, held, first_slots, s_max, any(n < s_max for n in lens))
 
 
 @dataclass(frozen=True)
@@ -496,11 +505,14 @@ class LayerCacheView:
 
         Returns ``(k_shard, v_shard, shard_lens)``: ``k_shard, v_shard [b, num_kv_heads, s_max, head_dim]``
         right-padded with zeros to ``s_max = max(shard_lens)`` (``s_max`` may be 0), and ``shard_lens [b]``
-        int64: fresh copies gathered from the blocks through the step's index (one gather per layer). Column 0
+        int64: fresh copies gathered from the blocks through the step's index (one ``index_select`` of ``head_dim``
+        rows per layer, ``[planes, b, hkv, s_max, head_dim]``, contiguous). Column 0
         is slot ``first_slots()`` (0 unless a ring dropped older slots); ``shard_lens`` counts the columns held.
         """
         index = self._index()
-        # the two index tensors, split by a slice, lead: [b, s_max, planes, hkv, d] -> [planes, b, hkv, s_max, d]
-        kv = self.cache.storage[self.layer][:, index.blocks, :, index.offsets].permute(2, 0, 3, 1, 4)
-        kv = kv.masked_fill(index.hidden, 0)
+        cache = self.cache
+        kv = cache.storage[self.layer].view(-1, cache.head_dim).index_select(0, index.rows).view(
+            cache.storage.shape[1], self.num_rows, cache.num_kv_heads, index.s_max, cache.head_dim)
+        if index.has_padding:  # a pass over the whole history: only when some row has columns to zero
+            kv = kv.masked_fill(index.hidden, 0)
         return kv[0], kv[-1], index.lens

@@ -134,7 +134,7 @@ class ModelRunner:
         calls_before, bytes_before = stats.total_calls, stats.total_bytes
         layer_calls_before = {layer: s.total_calls for layer, s in self.runtime.per_layer_stats.items()}
         step = self.decode_step(requests, drafts)
-        with torch.no_grad():
+        with torch.inference_mode():
             logits = gpt_forward(self.model, step.input_ids, step.positions, self.runtime, phase=step.phase,
                                  padding_mask=step.is_padding)
         logits = logits[:len(requests)]  # [b, L, vocab]

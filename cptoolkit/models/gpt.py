@@ -18,7 +18,7 @@ from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntrop
 from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.core_attention import PREFILL, AttentionPhase, AttentionRuntime
-from cptoolkit.models import rope
+from cptoolkit.models import decode_layers, rope
 from cptoolkit.models.shape import GPTShape
 
 
@@ -148,6 +148,8 @@ def gpt_hidden(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.T
     if model.local_inv_freq is not None:  # Gemma 3: GemmaSelfAttention picks its layer's angles
         rotary = {"global": rotary, "local": rotary_freqs(model, position_ids, model.local_inv_freq)}
     with runtime.use_phase(phase):
+        if phase.mode == "decode" and decode_layers.supports(model):  # megatron's math, not its module chain
+            return decode_layers.decode_decoder(model, hidden, rotary)
         return model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary,
                              padding_mask=padding_mask)
 
