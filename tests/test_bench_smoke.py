@@ -215,7 +215,7 @@ def test_moe_bytes_calls_and_tokens_per_variant(tmp_path):
         assert sum(prefill["expert_work_per_step_by_rank"]) == prompt_len * dims.top_k * dims.ffn_hidden_size * layers
         for r in sent:
             assert r.get("moe_all_reduce", 0) == (rows_per_rank * hidden * 4 * layers if tp > 1 else 0), row
-            assert r.get("moe_counts_all_gather", 0) == (dims.num_experts * 8 * layers if ep > 1 else 0), row
+            assert r.get("moe_counts_all_gather", 0) == (2 * dims.num_experts * 8 * layers if ep > 1 else 0), row
         if decode is not None:  # decode: one all-reduce of the batch's rows over the replica per layer and step
             assert decode["steps"] == settings.new_tokens - 1 and decode["decode_rows_per_step"] == batch, row
             assert decode["moe_calls_per_step_rank0"] == {"moe_all_reduce": layers}, row

@@ -32,7 +32,8 @@ CLI = [str(Path(sys.executable).with_name("cptoolkit"))]
 CHECKPOINTS = {"LlamaForCausalLM": ("llama",), "MistralForCausalLM": ("mistral", "mistral_swa"),
                "Qwen2ForCausalLM": ("qwen2_swa",), "Qwen3ForCausalLM": ("qwen3",), "Gemma2ForCausalLM": ("gemma2",),
                "Gemma3ForCausalLM": ("gemma3",), "GPT2LMHeadModel": ("gpt2",),
-               "DeepseekV2ForCausalLM": ("deepseek_v2",), "DeepseekV3ForCausalLM": ("deepseek_v3",)}
+               "DeepseekV2ForCausalLM": ("deepseek_v2",), "DeepseekV3ForCausalLM": ("deepseek_v3",),
+               "Phi3ForCausalLM": ("phi3",)}
 NAMES = [name for names in CHECKPOINTS.values() for name in names]
 # Every layer dense (the MoE families run in tests/test_moe_hf.py); V2 without a query bottleneck, V3 with one.
 MLA_SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
