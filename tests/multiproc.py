@@ -96,3 +96,16 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args, timeout_s: float =
                 proc.kill()
                 proc.join()
     return [values[rank] for rank in range(world_size)]
+
+
+def my_group(rank_lists: list[list[int]]):
+    """Inside a rank of ``run_ranks``: create every group of ``rank_lists`` in order (collective: every rank calls
+    it with the same lists), each list's order its group-rank order; return this rank's."""
+    import torch.distributed as dist
+
+    mine = None
+    for ranks in rank_lists:
+        group = dist.new_group(ranks, sort_ranks=False)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine

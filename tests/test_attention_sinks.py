@@ -32,7 +32,7 @@ from cptoolkit.layers.ring_prefill import ring_prefill_attention
 from cptoolkit.layers.sliding_window import LocalAttention
 from cptoolkit.layout import ParallelLayout
 from cptoolkit.models.tp_sharding import COLUMN, FUSED_QKV, PARAM_KINDS, param_kinds
-from tests.multiproc import run_ranks
+from tests.multiproc import my_group, run_ranks
 
 HEAD_DIM = 8
 SCALE = HEAD_DIM ** -0.5
@@ -71,16 +71,6 @@ def _error(got: torch.Tensor, want: torch.Tensor, want_full: torch.Tensor) -> di
 def _assert_within(where: str, name: str, err: dict, rtol: float) -> None:
     assert err["rel"] <= rtol, (f"{where}: {name} relative error {err['rel']:.2e} > {rtol:.0e} "
                                 f"(max abs {err['max']:.2e}, mean abs {err['mean']:.2e})")
-
-
-def _my_group(rank_lists):
-    """Create every group of ``rank_lists`` in order (collective: all ranks); return this rank's."""
-    mine = None
-    for ranks in rank_lists:
-        group = dist.new_group(ranks, sort_ranks=False)
-        if dist.get_rank() in ranks:
-            mine = group
-    return mine
 
 
 # ---------------------------------------------------------------- prefill: ring, all-gather, a2a, a2a+p2p
@@ -144,7 +134,7 @@ def _prefill_rank(rank, world_size):
     results = []
     for pcp_size in (world_size, world_size // 2):
         tp_size = world_size // pcp_size
-        pcp_group = _my_group([[p * tp_size + t for p in range(pcp_size)] for t in range(tp_size)])
+        pcp_group = my_group([[p * tp_size + t for p in range(pcp_size)] for t in range(tp_size)])
         comms = [("p2p", None), ("all_gather", None), ("a2a", None)]
         if pcp_size == 4:
             comms.append(("a2a+p2p", new_hierarchical_groups(pcp_group, 2)))
@@ -268,7 +258,7 @@ def _decode_rank(rank, world_size):
     cases, worst = 0, 0.0
     for layout_index, layout in enumerate(DECODE_LAYOUTS):
         tp_size, pcp_size, dcp_size = layout
-        group = _my_group(ParallelLayout(*layout, NUM_HEADS, 1).dcp_groups)
+        group = my_group(ParallelLayout(*layout, NUM_HEADS, 1).dcp_groups)
         for case, (num_kv_heads, comm, (num_new, window)) in enumerate(
                 itertools.product((2, 1), ("ag_rs", "a2a"), DECODE_STEPS)):
             replication = ParallelLayout(*layout, NUM_HEADS, num_kv_heads).kv_head_replication
@@ -338,7 +328,7 @@ def _context_rank(rank, world_size):
     for layout_index, layout in enumerate(CONTEXT_LAYOUTS):
         tp_size, pcp_size, dcp_size = layout
         groups = ParallelLayout(*layout, NUM_HEADS, 1)
-        dcp_group, pcp_group = _my_group(groups.dcp_groups), _my_group(groups.pcp_groups)
+        dcp_group, pcp_group = my_group(groups.dcp_groups), my_group(groups.pcp_groups)
         for case, (num_kv_heads, *comms, window) in enumerate(CONTEXT_CASES):
             replication = ParallelLayout(*layout, NUM_HEADS, num_kv_heads).kv_head_replication
             dg = DecodeGroup.from_group(dcp_group, dcp_size // pcp_size, pcp_size, 1, replication)

@@ -7,7 +7,6 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from cptoolkit.inference.kv_cache import PagedKVCache
 from cptoolkit.layers.comm import CommStats
@@ -15,7 +14,7 @@ from cptoolkit.layers.context_attention import context_attention
 from cptoolkit.layers.dcp_decode import ContiguousShardCache, DecodeGroup
 from cptoolkit.layers.dual_chunk_swap import padded_length, shard_positions, shard_sequence
 from cptoolkit.layout import ParallelLayout
-from tests.multiproc import run_ranks
+from tests.multiproc import my_group, run_ranks
 
 NUM_HEADS, HEAD_DIM, BLOCK_SIZE = 8, 8, 4
 # Request 1 has no history (chunk attention alone); no length is a multiple of a shard turn. Chunks
@@ -197,16 +196,6 @@ def _attend_and_compare(rank, layout, dg, pcp_group, num_kv_heads, decode_comm, 
     return worst_abs, worst_rel
 
 
-def _my_group(rank_lists):
-    """Create every group of ``rank_lists`` in order (collective: all ranks); return this rank's."""
-    mine = None
-    for ranks in rank_lists:
-        group = dist.new_group(ranks, sort_ranks=False)
-        if dist.get_rank() in ranks:
-            mine = group
-    return mine
-
-
 # (KV heads, interleave, decode comm, prefill comm, cache already holds the chunk)
 CASES = list(itertools.product(KV_HEADS, (1, 2), ("a2a", "ag_rs"), ("p2p", "all_gather"), (False, True)))
 # The windows run with GQA and interleave 2 on p2p + a2a, with MQA and interleave 1 on all_gather + ag_rs.
@@ -222,7 +211,7 @@ def _check_layouts(rank, world_size, layouts):
     for layout_index, layout in enumerate(layouts):
         tp_size, pcp_size, dcp_size = layout
         groups = ParallelLayout(tp_size, pcp_size, dcp_size, NUM_HEADS, 1)
-        dcp_group, pcp_group = _my_group(groups.dcp_groups), _my_group(groups.pcp_groups)
+        dcp_group, pcp_group = my_group(groups.dcp_groups), my_group(groups.pcp_groups)
         runs = [(case, HISTORY_LENS, (None, None)) for case in CASES] + \
             [(CASES[0], torch.zeros_like(HISTORY_LENS), (None, None))] + \
             [(case, HISTORY_LENS, window) for case in WINDOWED_CASES for window in WINDOWS]

@@ -8,7 +8,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from cptoolkit.layers.core_attention import AttentionPhase, AttentionRuntime
@@ -16,7 +15,7 @@ from cptoolkit.models.moe_dims import MoEDims
 from cptoolkit.models.tp_sharding import param_kinds
 from cptoolkit.moe.layer import MoEGroups, MoELayer, block_rows
 from cptoolkit.moe.routing import route
-from tests.multiproc import run_ranks
+from tests.multiproc import my_group, run_ranks
 
 HIDDEN = 16
 DIMS = {
@@ -205,18 +204,15 @@ def _groups(rank: int, tp: int, pcp: int, ep: int) -> MoEGroups:
     etp = tp // k
     coords = {r: (r // tp, r % tp) for r in range(tp * pcp)}  # rank -> (pcp_rank, tp_rank)
     ep_rank = {r: p * k + t // etp for r, (p, t) in coords.items()}
-    new = lambda ranks: dist.new_group(ranks=ranks, sort_ranks=False)  # noqa: E731 - every rank, same order
-    mine = {}
-    for name, key, order in (("tp", lambda r: coords[r][0], lambda r: coords[r][1]),
-                             ("ep", lambda r: coords[r][1] % etp, lambda r: ep_rank[r]),
-                             ("etp", lambda r: ep_rank[r], lambda r: coords[r][1] % etp)):
-        for value in sorted({key(r) for r in coords}):
-            members = sorted((r for r in coords if key(r) == value), key=order)
-            group = new(members)
-            if rank in members:
-                mine[name] = group
-    replica = new(list(range(tp * pcp)))
-    return MoEGroups(tp=mine["tp"], ep=mine["ep"], etp=mine["etp"], replica=replica, pcp_rank=coords[rank][0])
+
+    def rank_lists(key, order):
+        return [sorted((r for r in coords if key(r) == value), key=order) for value in sorted(set(map(key, coords)))]
+
+    tp_group = my_group(rank_lists(lambda r: coords[r][0], lambda r: coords[r][1]))
+    ep_group = my_group(rank_lists(lambda r: coords[r][1] % etp, lambda r: ep_rank[r]))
+    etp_group = my_group(rank_lists(lambda r: ep_rank[r], lambda r: coords[r][1] % etp))
+    replica = my_group([list(range(tp * pcp))])
+    return MoEGroups(tp=tp_group, ep=ep_group, etp=etp_group, replica=replica, pcp_rank=coords[rank][0])
 
 
 def _layout_rank(rank, world, tp, pcp, ep, family, num_rows, phase):
