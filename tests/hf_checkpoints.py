@@ -184,3 +184,15 @@ def recorded_logits(engine) -> dict[int, list[torch.Tensor]]:
 
     engine.sampler.sample = recording
     return rows
+
+
+def greedy_reference(model, prompts: list[list[int]], max_new: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """transformers' own greedy continuation of each prompt (``max_new`` tokens) and the logits each new token was
+    chosen from (one forward over the prompt and all new tokens but the last: ``[max_new, vocab]`` per prompt)."""
+    tokens, logits = [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False)
+            tokens.append(out[0, len(prompt):].tolist())
+            logits.append(model(out[:, :-1]).logits[0][len(prompt) - 1:])
+    return tokens, logits

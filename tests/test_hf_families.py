@@ -23,7 +23,8 @@ from cptoolkit.models.rope import inv_freq
 from cptoolkit.models.families.registry import SUPPORTED, read_hf_config, write_hf_config
 from cptoolkit.models.shape import GemmaBlock
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
-from tests.hf_checkpoints import FAMILIES, LLAMA_SIZES, VOCAB, YARN, hf_model, recorded_logits, save_checkpoint
+from tests.hf_checkpoints import (FAMILIES, LLAMA_SIZES, VOCAB, YARN, greedy_reference, hf_model, recorded_logits,
+                                  save_checkpoint)
 from tests.multiproc import run_ranks
 
 transformers = pytest.importorskip("transformers")
@@ -60,15 +61,7 @@ def families(tmp_path_factory):
         model = hf_model(name)
         directory = save_checkpoint(model, tmp_path_factory.mktemp(name))
         prompts = [torch.randint(2, VOCAB, (n,)).tolist() for n in PROMPT_LENS]
-        tokens, logits = [], []
-        with torch.no_grad():
-            for prompt in prompts:
-                out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False)
-                new = out[0, len(prompt):].tolist()
-                # The logits each new token was chosen from: one forward over the prompt and all but the last.
-                full = model(out[:, :-1]).logits[0]
-                tokens.append(new)
-                logits.append(full[len(prompt) - 1:])
+        tokens, logits = greedy_reference(model, prompts, MAX_NEW)
         cases[name] = (directory, prompts, tokens, logits)
     return cases
 

@@ -17,7 +17,7 @@ from cptoolkit.inference.builder import build_engine
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.moe.layer import expert_load
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
-from tests.hf_checkpoints import MOE_FAMILIES, VOCAB, hf_model, recorded_logits, save_checkpoint
+from tests.hf_checkpoints import MOE_FAMILIES, VOCAB, greedy_reference, hf_model, recorded_logits, save_checkpoint
 from tests.multiproc import run_ranks
 
 transformers = pytest.importorskip("transformers")
@@ -41,12 +41,7 @@ def moe_cases(tmp_path_factory):
         model = hf_model(name)
         directory = save_checkpoint(model, tmp_path_factory.mktemp(name))
         prompts = [torch.randint(2, VOCAB, (n,)).tolist() for n in PROMPT_LENS]
-        tokens, logits = [], []
-        with torch.no_grad():
-            for prompt in prompts:
-                out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW, do_sample=False)
-                tokens.append(out[0, len(prompt):].tolist())
-                logits.append(model(out[:, :-1]).logits[0][len(prompt) - 1:])
+        tokens, logits = greedy_reference(model, prompts, MAX_NEW)
         cases[name] = (directory, prompts, tokens, logits)
     return cases
 
