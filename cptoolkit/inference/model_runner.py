@@ -31,6 +31,7 @@ from cptoolkit.inference.speculative import NgramProposer
 from cptoolkit.layers.comm import all_reduce
 from cptoolkit.layers.core_attention import AttentionPhase, AttentionRuntime
 from cptoolkit.layers.dual_chunk_swap import DualChunkSwapBatch, partition_batch
+from cptoolkit.moe.layer import moe_layers
 from cptoolkit.models.gpt import CPGPTModel, gpt_forward, gpt_hidden, gpt_logits
 from cptoolkit.parallel_state import ParallelGroups
 
@@ -40,12 +41,12 @@ class DecodeStep:
     """One decode step's forward inputs, padded to its bucket: ``input_ids``, ``positions [num_rows, L]`` int64 on
     the cache's device (the requests' rows first), the ``phase`` whose cache views hold the step's plan, and
     ``is_padding [num_rows, L]`` (bool: padding rows, and draft slots past a row's own drafts), which MoE layers
-    leave out of their expert load."""
+    leave out of their expert load (None for a model without MoE layers: nothing reads it)."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     phase: AttentionPhase
-    is_padding: torch.Tensor
+    is_padding: Optional[torch.Tensor]
 
 
 class ModelRunner:
@@ -63,6 +64,7 @@ class ModelRunner:
         self.model, self.runtime, self.groups, self.caches = model, runtime, groups, caches
         self.chunk_size, self.proposer = chunk_size, proposer
         self.pad_to_buckets = caches.device.type == "cuda"
+        self.counts_expert_load = bool(moe_layers(model))  # only MoE layers read a step's padding mask
 
     def prefill(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
         """Prefill the next chunk of every request over its cached history (``Request.num_cached``); returns the
@@ -161,7 +163,8 @@ class ModelRunner:
         phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0] if num_drafts == 0 else positions,
                                kv_caches=self.caches.views([r.request_id for r in requests], host_positions, num_rows))
         is_padding = torch.tensor([[j > len(d) for j in range(num_drafts + 1)] for d in drafts]
-                                  + [[True] * (num_drafts + 1)] * len(padding), device=self.caches.device)
+                                  + [[True] * (num_drafts + 1)] * len(padding),
+                                  device=self.caches.device) if self.counts_expert_load else None
         return DecodeStep(input_ids, positions, phase, is_padding)
 
 
