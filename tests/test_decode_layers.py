@@ -1,7 +1,9 @@
 """The decode step's layers without megatron's module chain (``cptoolkit.models.decode_layers``) give the very logits
 megatron's modules give: bit for bit, every step, for Llama-shaped models (tied embeddings or not) at batch 1 and 3
-with prompts of different lengths; models it cannot replay (TP = 2) are left to megatron's modules. Q/K/V biases
-(Qwen2) are covered against transformers by tests/test_hf_families.py and bench/vs_transformers.py."""
+with prompts of different lengths, at TP = 1, TP = 2 and TP = 2 x DCP = 2, when the products are computed megatron's
+way (``runtime.tune_matmuls: false``); with each of the plan's formulations forced on every product the greedy
+tokens are the same and the logits agree to float32 rounding. Q/K/V biases (Qwen2) are covered against transformers
+by tests/test_hf_families.py and bench/vs_transformers.py."""
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from cptoolkit.inference.builder import build_engine
 from cptoolkit.inference.model_runner import ModelRunner
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.models import decode_layers
+from cptoolkit.models.matmul_plan import FORMULATIONS, MatmulPlan
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
 
@@ -20,15 +23,22 @@ SHAPES = {"llama": {}, "tied": {"tie_embeddings": True}}
 PROMPTS = ["a b a b a b a b", "KV shards merge by log-sum-exp", "x"]
 
 
-def _decode_logits(rank: int, world_size: int, extra: dict, tp: int, batch: int, fast: bool):
-    """Every decode step's logits of a greedy run; whether the model was replayed."""
-    cfg = config_from_dict({"parallel": {"tp": tp}, "runtime": {"device": "cpu"}, "model": {**MODEL, **extra},
+def _decode_logits(rank: int, world_size: int, extra: dict, tp: int, dcp: int, batch: int, fast: bool,
+                   formulation: str | None = None):
+    """Every decode step's logits and greedy tokens of a run; whether the model was replayed. ``formulation``: the
+    one every product of the plan uses (None: megatron's ``x @ W^T``, no plan measured)."""
+    cfg = config_from_dict({"parallel": {"tp": tp, "dcp": dcp}, "runtime": {"device": "cpu", "tune_matmuls": False},
+                            "model": {**MODEL, **extra},
                             "inference": {"prompts": ["x"], "batch_size": 3, "kv_block_size": 4}}, source="<test>")
-    groups = initialize_model_parallel(tp=tp, pcp=1, dcp=1, num_heads=cfg.model.num_attention_heads,
+    groups = initialize_model_parallel(tp=tp, pcp=1, dcp=dcp, num_heads=cfg.model.num_attention_heads,
                                        num_kv_heads=cfg.model.num_kv_heads)
     try:
         engine = build_engine(cfg, groups, torch.device("cpu"))
         supported = decode_layers.supports(engine.model)
+        if formulation is not None:
+            engine.model.matmul_plan = MatmulPlan({
+                (w.shape[0], w.shape[1], w.dtype): {b: formulation for b in (1, 2, 4)}
+                for w in decode_layers.matmul_weights(engine.model)})
         if not fast:
             gpt_module.decode_layers.supports = lambda model: False
         steps, decode = [], ModelRunner.decode
@@ -39,25 +49,29 @@ def _decode_logits(rank: int, world_size: int, extra: dict, tp: int, batch: int,
             return logits
 
         ModelRunner.decode = recording
-        engine.generate(PROMPTS[:batch], SamplingParams(temperature=0.0, max_new_tokens=6))
-        return steps, supported
+        results = engine.generate(PROMPTS[:batch], SamplingParams(temperature=0.0, max_new_tokens=6))
+        return steps, supported, [r.token_ids for r in results]
     finally:
         destroy_model_parallel()
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("name", sorted(SHAPES))
-def test_replayed_layers_give_megatrons_logits_bit_for_bit(name, batch):
-    (fast, supported), = run_ranks(1, _decode_logits, SHAPES[name], 1, batch, True)
-    (reference, _), = run_ranks(1, _decode_logits, SHAPES[name], 1, batch, False)
-    assert supported, f"{name}: decode_layers.supports is False for a plain dense model at TP=1"
-    assert len(fast) == len(reference) == 5
-    for step, (got, want) in enumerate(zip(fast, reference)):
-        assert torch.equal(got, want), (f"{name}, batch {batch}, step {step}: max abs diff "
-                                        f"{(got - want).abs().max().item():.3e}, mean "
-                                        f"{(got - want).abs().mean().item():.3e}")
+@pytest.mark.parametrize("tp,dcp,batch,name", [(1, 1, 1, "llama"), (1, 1, 3, "llama"), (1, 1, 1, "tied"),
+                                                (1, 1, 3, "tied"), (2, 1, 3, "llama"), (2, 2, 3, "tied")])
+def test_replayed_layers_give_megatrons_logits_bit_for_bit(tp, dcp, batch, name):
+    fast = run_ranks(tp, _decode_logits, SHAPES[name], tp, dcp, batch, True)
+    reference = run_ranks(tp, _decode_logits, SHAPES[name], tp, dcp, batch, False)
+    for rank, ((got_steps, supported, _), (want_steps, _, _)) in enumerate(zip(fast, reference)):
+        assert supported, f"{name}: decode_layers.supports is False for a plain dense model at TP={tp}"
+        assert len(got_steps) == len(want_steps) == 5
+        for step, (got, want) in enumerate(zip(got_steps, want_steps)):
+            assert torch.equal(got, want), (f"{name}, TP={tp} DCP={dcp}, rank {rank}, batch {batch}, step {step}: "
+                                            f"max abs diff {(got - want).abs().max().item():.3e}")
 
 
-def test_tp2_is_left_to_megatron():
-    results = run_ranks(2, _decode_logits, {}, 2, 1, True)
-    assert [supported for _, supported in results] == [False, False]
+@pytest.mark.parametrize("formulation", sorted(FORMULATIONS))
+def test_every_formulation_of_the_plan_gives_megatrons_tokens(formulation):
+    (planned, _, planned_tokens), = run_ranks(1, _decode_logits, {}, 1, 1, 3, True, formulation)
+    (reference, _, tokens), = run_ranks(1, _decode_logits, {}, 1, 1, 3, False)
+    assert planned_tokens == tokens
+    for step, (got, want) in enumerate(zip(planned, reference)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{formulation}, step {step}")

@@ -4,16 +4,19 @@ A decode step sends one token per sequence (``s = 1``) through every layer. On a
 take a few hundred microseconds, and megatron's wrappers around them cost about as much again: the linear layers'
 autograd functions and TP region mappings, the layer's recompute/offload/CUDA-graph checks, the bias-dropout-add
 factory, RoPE's cos/sin recomputed for q and for k in every layer (docs/results.md, "Decode hot path").
-``decode_decoder`` runs the very operations megatron's local-spec ``TransformerLayer`` runs in eval mode at TP = 1,
-in the same order on the same parameters, so its hidden states equal megatron's bit for bit
-(tests/test_decode_layers.py); ``supports`` says when it applies, and ``gpt_hidden`` uses megatron's modules
-otherwise (TP > 1, MoE, MLA, q/k norms, Gemma, the TransformerEngine spec, training).
+``decode_decoder`` runs the very operations megatron's local-spec ``TransformerLayer`` runs in eval mode (at any TP,
+without sequence parallelism: the row-parallel layers' one all-reduce over the TP group each), in the same order on
+the same parameters, so its hidden states equal megatron's bit for bit when the matmuls are computed megatron's way
+(``x @ W^T``: an empty ``MatmulPlan``; tests/test_decode_layers.py); the model's measured ``matmul_plan`` may pick a
+faster formulation of the same product (``cptoolkit.models.matmul_plan``). ``supports`` says when it applies, and
+``gpt_hidden`` uses megatron's modules otherwise (MoE, MLA, q/k norms, Gemma, the TransformerEngine spec, training).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import \
     _yarn_get_concentration_factor_from_config
@@ -25,10 +28,11 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from cptoolkit.layers.core_attention import CPCoreAttention
+from cptoolkit.models.matmul_plan import MatmulPlan
 
 # megatron settings under which its eval forward is the plain sequence ``_layer`` replays (any other value: a fused,
 # offloaded, recomputed or gated variant, left to megatron's modules).
-_PLAIN_CONFIG = dict(tensor_model_parallel_size=1, sequence_parallel=False, multi_latent_attention=False,
+_PLAIN_CONFIG = dict(sequence_parallel=False, multi_latent_attention=False,
                      rotary_interleaved=False, apply_rope_fusion=False, attention_output_gate=False,
                      fused_single_qkv_rope=False, bias_dropout_fusion=False, bias_activation_fusion=False,
                      use_te_activation_func=False, activation_func_clamp_value=None, test_mode=False,
@@ -51,12 +55,16 @@ def _plain_layer(layer: torch.nn.Module) -> bool:
             and all(m is None or isinstance(m, IdentityOp) for m in (attention.q_layernorm, attention.k_layernorm))
             and isinstance(layer.pre_cross_attn_layernorm, IdentityOp) and isinstance(layer.cross_attention, IdentityOp)
             and type(attention.linear_qkv) is ColumnParallelLinear and type(mlp.linear_fc1) is ColumnParallelLinear
-            and type(attention.linear_proj) is RowParallelLinear and type(mlp.linear_fc2) is RowParallelLinear)
+            and type(attention.linear_proj) is RowParallelLinear and type(mlp.linear_fc2) is RowParallelLinear
+            and not attention.linear_qkv.gather_output and not mlp.linear_fc1.gather_output
+            and all(m.input_is_parallel and not m.explicit_expert_comm
+                    for m in (attention.linear_proj, mlp.linear_fc2)))
 
 
 def supports(model) -> bool:
     """Whether ``decode_decoder`` replays ``model``'s decoder exactly: global RoPE only (no Gemma), a plain
-    ``TransformerBlock`` of local-spec dense ``TransformerLayer``s at TP = 1 in eval mode (``_plain_layer``)."""
+    ``TransformerBlock`` of local-spec dense ``TransformerLayer``s in eval mode without sequence parallelism
+    (``_plain_layer``)."""
     decoder = getattr(model, "decoder", None)
     return (type(decoder) is TransformerBlock and not model.training and model.position_embedding_type == "rope"
             and model.local_inv_freq is None and model.shape.gemma is None and decoder.pre_process
@@ -64,10 +72,16 @@ def supports(model) -> bool:
             and all(_plain_layer(layer) for layer in decoder.layers))
 
 
-def _linear(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """megatron's TP = 1 ``ColumnParallelLinear`` / ``RowParallelLinear`` forward: ``(x @ W^T [+ b], bias)``, the
-    bias added here unless the module skips it (``skip_bias_add``: returned for the caller to add)."""
-    out = torch.matmul(x, module.weight.t())
+def _linear(module: torch.nn.Module, x: torch.Tensor, plan: MatmulPlan
+            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """megatron's eval ``ColumnParallelLinear`` / ``RowParallelLinear`` forward without sequence parallelism:
+    ``(x @ W^T [+ b], bias)`` on this rank's weight shard (``plan.linear``), a row-parallel product summed over the
+    module's TP group, the bias added here unless the module skips it (``skip_bias_add``: returned for the caller to
+    add)."""
+    out = plan.linear(x, module.weight)
+    if isinstance(module, RowParallelLinear) and dist.get_world_size(module.tp_group) > 1:
+        out = out.contiguous()
+        dist.all_reduce(out, group=module.tp_group)
     if module.bias is None:
         return out, None
     if module.skip_bias_add:
@@ -99,10 +113,11 @@ def rope_tables(freqs: torch.Tensor, config, dtype: torch.dtype) -> tuple[torch.
     return (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype)
 
 
-def _attention(attention: SelfAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+def _attention(attention: SelfAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: MatmulPlan
                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``SelfAttention.forward`` at TP = 1: fused QKV, split per query group, RoPE, core attention, projection."""
-    mixed_qkv, _ = _linear(attention.linear_qkv, x)
+    """``SelfAttention.forward`` on this rank's heads: fused QKV, split per query group, RoPE, core attention,
+    projection."""
+    mixed_qkv, _ = _linear(attention.linear_qkv, x, plan)
     heads_per_group = attention.num_attention_heads_per_partition // attention.num_query_groups_per_partition
     head_dim = attention.hidden_size_per_attention_head
     mixed_qkv = mixed_qkv.view(*mixed_qkv.shape[:-1], attention.num_query_groups_per_partition,
@@ -111,13 +126,13 @@ def _attention(attention: SelfAttention, x: torch.Tensor, cos: torch.Tensor, sin
     query = query.reshape(query.size(0), query.size(1), -1, head_dim)
     query, key = _rope(query, cos, sin), _rope(key, cos, sin)
     out = attention.core_attention(query, key, value, None, attn_mask_type=attention.attn_mask_type)
-    return _linear(attention.linear_proj, out)
+    return _linear(attention.linear_proj, out, plan)
 
 
-def _mlp(mlp: MLP, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _mlp(mlp: MLP, x: torch.Tensor, plan: MatmulPlan) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``MLP.forward`` without fusions: fc1 (+ bias), the (gated) activation, fc2."""
     config = mlp.config
-    hidden, bias = _linear(mlp.linear_fc1, x)
+    hidden, bias = _linear(mlp.linear_fc1, x, plan)
     if bias is not None:
         hidden = hidden + bias
     if config.gated_linear_unit:
@@ -125,20 +140,35 @@ def _mlp(mlp: MLP, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor
         hidden = config.activation_func(x_glu) * (x_linear + config.glu_linear_offset)
     else:
         hidden = mlp.activation_func(hidden)
-    return _linear(mlp.linear_fc2, hidden)
+    return _linear(mlp.linear_fc2, hidden, plan)
 
 
-def _layer(layer: TransformerLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    hidden = _bias_add_residual(*_attention(layer.self_attention, layer.input_layernorm(hidden), cos, sin), hidden)
-    return _bias_add_residual(*_mlp(layer.mlp, layer.pre_mlp_layernorm(hidden)), hidden)
+def _layer(layer: TransformerLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: MatmulPlan
+           ) -> torch.Tensor:
+    hidden = _bias_add_residual(*_attention(layer.self_attention, layer.input_layernorm(hidden), cos, sin, plan),
+                                hidden)
+    return _bias_add_residual(*_mlp(layer.mlp, layer.pre_mlp_layernorm(hidden), plan), hidden)
+
+
+def matmul_weights(model) -> list[torch.Tensor]:
+    """The weights whose products ``model.matmul_plan`` computes in an inference forward: every replayed layer's
+    four linear weights (when ``supports(model)``) and the output layer's (the embedding's, when tied)."""
+    output = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else \
+        model.output_layer.weight
+    if not supports(model):
+        return [output]
+    return [module.weight for layer in model.decoder.layers
+            for module in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj, layer.mlp.linear_fc1,
+                           layer.mlp.linear_fc2)] + [output]
 
 
 def decode_decoder(model, hidden: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
     """``model.decoder``'s forward (every layer, then the final norm) on ``hidden [s, b, h]`` with the RoPE angles
     ``rotary [s, b, 1, rot_dim]`` (``gpt.rotary_freqs``), for a model that ``supports`` says it replays; the
-    attention phase (decode, its caches) is the runtime's, as for megatron's forward."""
+    attention phase (decode, its caches) is the runtime's, as for megatron's forward; the linear layers' products
+    are computed as ``model.matmul_plan`` says."""
     layers = model.decoder.layers
     cos, sin = rope_tables(rotary, layers[0].config, hidden.dtype)
     for layer in layers:
-        hidden = _layer(layer, hidden, cos, sin)
+        hidden = _layer(layer, hidden, cos, sin, model.matmul_plan)
     return model.decoder.final_layernorm(hidden)

@@ -19,6 +19,7 @@ from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.core_attention import PREFILL, AttentionPhase, AttentionRuntime
 from cptoolkit.models import decode_layers, rope
+from cptoolkit.models.matmul_plan import MatmulPlan
 from cptoolkit.models.shape import GPTShape
 
 
@@ -27,11 +28,14 @@ class CPGPTModel(GPTModel):
     padded to a multiple of TP inside megatron, and the loaders and ``gpt_forward`` need the real
     sizes. Its RoPE frequencies are the shape's (megatron's ``RotaryEmbedding`` knows no linear or YaRN
     scaling), held in megatron's own ``rotary_pos_emb.inv_freq`` so both forward paths use them; Gemma 3's
-    local layers' own (``local_inv_freq``, None otherwise) only ``gpt_forward`` applies."""
+    local layers' own (``local_inv_freq``, None otherwise) only ``gpt_forward`` applies. ``matmul_plan`` says how
+    the inference forward computes the replayed decode layers' and the output layer's products (``matmul_plan``;
+    empty, i.e. megatron's ``x @ W^T``, until the engine measures one)."""
 
     def __init__(self, shape: GPTShape, **gpt_model_kwargs):
         super().__init__(**gpt_model_kwargs)
         self.shape = shape
+        self.matmul_plan = MatmulPlan()
         if self.position_embedding_type == "rope":
             self.rotary_pos_emb.inv_freq = rope.inv_freq(shape)  # a plain attribute: stays float32 under .to(dtype)
         self.local_inv_freq = rope.local_inv_freq(shape)
@@ -158,10 +162,20 @@ def _local_logits(model: CPGPTModel, hidden: torch.Tensor) -> torch.Tensor:
     """``hidden [s, b, h]`` -> this TP rank's vocabulary slice ``[s, b, vocab_padded / TP]``, float32 or wider;
     capped as ``c * tanh(logits / c)`` with Gemma's ``final_logit_softcapping`` ``c``."""
     output_weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-    logits, _ = model.output_layer(hidden, weight=output_weight)
+    if torch.is_grad_enabled() or not _plain_output_layer(model):
+        logits, _ = model.output_layer(hidden, weight=output_weight)
+    else:  # the layer's forward without autograd: this rank's vocabulary slice, the product as the plan says
+        logits = model.matmul_plan.linear(hidden, model.output_layer.weight if output_weight is None else output_weight)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     cap = model.shape.gemma.final_logit_softcapping if model.shape.gemma is not None else None
     return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def _plain_output_layer(model: CPGPTModel) -> bool:
+    """Whether ``model.output_layer``'s forward is ``hidden @ W^T`` on this rank's vocabulary slice: no bias, no
+    sequence parallelism, no gather."""
+    layer = model.output_layer
+    return layer.bias is None and not layer.sequence_parallel and not layer.gather_output
 
 
 def gpt_logits(model: CPGPTModel, hidden: torch.Tensor) -> torch.Tensor:

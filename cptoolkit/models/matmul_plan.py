@@ -1,0 +1,122 @@
+"""The fastest of three equivalent ways to compute a linear layer on a few rows, measured once per weight shape.
+
+A decode step computes ``y = x @ W^T`` for ``x [m, k]`` with ``m`` = the batch (1 to a few dozen rows) and a weight
+``W [n, k]`` stored row-major, as megatron-core and transformers store it. On a CPU the BLAS kernel picked for that
+product depends on the operand order, and no order is fastest everywhere (one core of this project's CI machine,
+``bench/matmul_plan.py``): at ``m = 8`` the 151936 x 896 vocabulary projection takes 132 ms as ``x @ W^T`` and 84 ms as
+``(W @ x^T)^T`` in float32, 35 ms against 22 ms in bfloat16; at ``m = 2`` in float32 the order reverses (42 against
+90 ms); at ``m = 1`` in bfloat16 the two-row product ``W @ [x; x]^T`` beats the one-row one (22 against 33 ms). The
+three formulations read the same weight in the same layout (nothing is copied or repacked) and give the same
+product up to float rounding (float32: a few ulps of the output; bfloat16: identical in most shapes measured).
+
+``MatmulPlan.measure`` times each formulation for each distinct ``(n, k, dtype)`` of the given weights at each row
+bucket (1, 2, 4, ...: the next power of two at or above ``m``), sums the timings over ``group`` (one all-reduce, so
+every rank of a model replica takes the same choice and computes the same bits), and keeps the fastest;
+``MatmulPlan.linear`` then computes ``x @ W^T`` the measured way. Rows above the largest bucket, weights that are not
+row-major, shapes not measured and non-CPU devices (where the BLAS heuristics and CUDA graphs are left as they are)
+use ``x @ W^T``, megatron's own formulation.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+ShapeKey = tuple[int, int, torch.dtype]
+
+
+def _x_wt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [m, k] @ W^T``: megatron's (and transformers') formulation."""
+    return torch.matmul(x, weight.t())
+
+
+def _w_xt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(W @ x^T)^T``: the weight as the left operand; the result is a transposed view ``[m, n]``."""
+    return torch.matmul(weight, x.t()).t()
+
+
+def _w_xt_two_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(W @ [x; x]^T)^T``'s first ``m`` rows: measured for ``m = 1`` only, where BLAS runs a two-column product
+    faster than a matrix-vector one."""
+    return torch.matmul(weight, torch.cat((x, x)).t())[:, :x.shape[0]].t()
+
+
+FORMULATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "x_wt": _x_wt, "w_xt": _w_xt, "w_xt_two_rows": _w_xt_two_rows}
+_NAMES = tuple(FORMULATIONS)
+
+
+def row_bucket(rows: int) -> int:
+    """The smallest power of two ``>= rows`` (``rows >= 1``)."""
+    return 1 << (rows - 1).bit_length()
+
+
+def _applies(name: str, bucket: int) -> bool:
+    return name != "w_xt_two_rows" or bucket == 1
+
+
+def _seconds(name: str, x: torch.Tensor, weight: torch.Tensor, reps: int) -> float:
+    """The fastest of ``reps`` timed products of formulation ``name`` after one untimed one."""
+    formulation = FORMULATIONS[name]
+    formulation(x, weight)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        formulation(x, weight)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+class MatmulPlan:
+    """``choice[(n, k, dtype)][bucket]``: the formulation (a key of ``FORMULATIONS``) ``linear`` uses for a
+    row-major weight ``[n, k]`` of that dtype and ``m`` rows with ``row_bucket(m) == bucket``."""
+
+    def __init__(self, choice: Optional[dict[ShapeKey, dict[int, str]]] = None):
+        self.choice = choice or {}
+
+    @classmethod
+    def measure(cls, weights: Iterable[torch.Tensor], max_rows: int, group: Optional[dist.ProcessGroup] = None,
+                reps: int = 3) -> "MatmulPlan":
+        """Time every formulation on one weight of each distinct ``(n, k, dtype)`` among ``weights`` (CPU,
+        row-major ones only) at the buckets up to ``row_bucket(max_rows)``, with the timings summed over ``group``
+        (every rank of it must call this with weights of the same shapes), and keep the fastest per bucket.
+        Costs ``3 x (reps + 1)`` products per shape and bucket (about 2 s for a 151936 x 896 float32 vocabulary at
+        buckets 1-8 on one core)."""
+        by_shape: dict[ShapeKey, torch.Tensor] = {}
+        for weight in weights:
+            if weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous():
+                by_shape.setdefault((weight.shape[0], weight.shape[1], weight.dtype), weight)
+        buckets = [1 << i for i in range(row_bucket(max(1, max_rows)).bit_length())]
+        keys = sorted(by_shape, key=str)
+        seconds = torch.full((len(keys), len(buckets), len(_NAMES)), float("inf"), dtype=torch.float64)
+        with torch.inference_mode():
+            for i, key in enumerate(keys):
+                weight = by_shape[key]
+                for j, bucket in enumerate(buckets):
+                    x = torch.ones(bucket, key[1], dtype=key[2])
+                    for f, name in enumerate(_NAMES):
+                        if _applies(name, bucket):
+                            seconds[i, j, f] = _seconds(name, x, weight, reps)
+        if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(seconds, group=group)
+        fastest = seconds.argmin(dim=-1).tolist()
+        return cls({key: {bucket: _NAMES[fastest[i][j]] for j, bucket in enumerate(buckets)}
+                    for i, key in enumerate(keys)})
+
+    def formulation(self, rows: int, weight: torch.Tensor) -> str:
+        """The formulation ``linear`` uses for ``rows`` rows against ``weight``."""
+        if not weight.is_contiguous():
+            return "x_wt"
+        by_bucket = self.choice.get((weight.shape[0], weight.shape[1], weight.dtype))
+        return "x_wt" if by_bucket is None else by_bucket.get(row_bucket(rows), "x_wt")
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x [..., k] @ weight^T`` -> ``[..., n]`` (``weight [n, k]``), computed the measured way; the result may be
+        a non-contiguous view."""
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if rows == 0:
+            return _x_wt(x, weight)
+        out = FORMULATIONS[self.formulation(rows, weight)](x.reshape(rows, x.shape[-1]), weight)
+        return out.view(*x.shape[:-1], weight.shape[0])
