@@ -18,7 +18,7 @@ from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.inference.speculative import NgramProposer
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dcp_decode import DecodeGroup
-from cptoolkit.models import decode_layers
+from cptoolkit.models import inference_layers
 from cptoolkit.models.checkpoint import load_model_checkpoint
 from cptoolkit.models.from_config import DTYPES, model_from_config
 from cptoolkit.models.gpt import CPGPTModel
@@ -247,7 +247,7 @@ def tune_matmuls(cfg: Config, model: CPGPTModel, groups: ParallelGroups, max_row
     """With ``runtime.tune_matmuls``, measure ``model.matmul_plan`` for decode steps of up to ``max_rows`` rows,
     agreed over the replica (``MatmulPlan.measure``: one all-reduce, every rank of the replica calls it)."""
     if cfg.runtime.tune_matmuls:
-        model.matmul_plan = MatmulPlan.measure(decode_layers.matmul_weights(model), max_rows, groups.replica_group)
+        model.matmul_plan = MatmulPlan.measure(inference_layers.matmul_weights(model), max_rows, groups.replica_group)
 
 
 def groups_for(groups: ParallelGroups, shape: GPTShape) -> ParallelGroups:

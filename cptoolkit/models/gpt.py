@@ -18,7 +18,7 @@ from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntrop
 from torch.distributed import ProcessGroup
 
 from cptoolkit.layers.core_attention import PREFILL, AttentionPhase, AttentionRuntime
-from cptoolkit.models import decode_layers, rope
+from cptoolkit.models import inference_layers, rope
 from cptoolkit.models.matmul_plan import MatmulPlan
 from cptoolkit.models.shape import GPTShape
 
@@ -29,7 +29,7 @@ class CPGPTModel(GPTModel):
     sizes. Its RoPE frequencies are the shape's (megatron's ``RotaryEmbedding`` knows no linear or YaRN
     scaling), held in megatron's own ``rotary_pos_emb.inv_freq`` so both forward paths use them; Gemma 3's
     local layers' own (``local_inv_freq``, None otherwise) only ``gpt_forward`` applies. ``matmul_plan`` says how
-    the inference forward computes the replayed decode layers' and the output layer's products (``matmul_plan``;
+    the inference forward computes the replayed layers' and the output layer's products (``matmul_plan``;
     empty, i.e. megatron's ``x @ W^T``, until the engine measures one)."""
 
     def __init__(self, shape: GPTShape, **gpt_model_kwargs):
@@ -152,8 +152,8 @@ def gpt_hidden(model: CPGPTModel, input_ids: torch.Tensor, position_ids: torch.T
     if model.local_inv_freq is not None:  # Gemma 3: GemmaSelfAttention picks its layer's angles
         rotary = {"global": rotary, "local": rotary_freqs(model, position_ids, model.local_inv_freq)}
     with runtime.use_phase(phase):
-        if phase.mode == "decode" and decode_layers.supports(model):  # megatron's math, not its module chain
-            return decode_layers.decode_decoder(model, hidden, rotary)
+        if not torch.is_grad_enabled() and inference_layers.supports(model):  # megatron's math, not its modules
+            return inference_layers.replayed_decoder(model, hidden, rotary)
         return model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary,
                              padding_mask=padding_mask)
 

@@ -10,7 +10,7 @@ three formulations read the same weight in the same layout (nothing is copied or
 product up to float rounding (float32: a few ulps of the output; bfloat16: identical in most shapes measured).
 
 ``MatmulPlan.measure`` times each formulation for each distinct ``(n, k, dtype)`` of the given weights at each row
-bucket (1, 2, 4, ...: the next power of two at or above ``m``), sums the timings over ``group`` (one all-reduce, so
+bucket (1, 2, 4, ...: the next power of two at or above ``m``), as a forward streams the weights from memory, sums the timings over ``group`` (one all-reduce, so
 every rank of a model replica takes the same choice and computes the same bits), and keeps the fastest;
 ``MatmulPlan.linear`` then computes ``x @ W^T`` the measured way. Rows above the largest bucket, weights that are not
 row-major, shapes not measured and non-CPU devices (where the BLAS heuristics and CUDA graphs are left as they are)
@@ -19,7 +19,7 @@ use ``x @ W^T``, megatron's own formulation.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,14 +33,15 @@ def _x_wt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _w_xt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``(W @ x^T)^T``: the weight as the left operand; the result is a transposed view ``[m, n]``."""
-    return torch.matmul(weight, x.t()).t()
+    """``(W @ x^T)^T``: the weight as the left operand, the ``[m, n]`` result copied row-major (so the next layer's
+    products see the operand layout they were measured with)."""
+    return torch.matmul(weight, x.t()).t().contiguous()
 
 
 def _w_xt_two_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``(W @ [x; x]^T)^T``'s first ``m`` rows: measured for ``m = 1`` only, where BLAS runs a two-column product
     faster than a matrix-vector one."""
-    return torch.matmul(weight, torch.cat((x, x)).t())[:, :x.shape[0]].t()
+    return torch.matmul(weight, torch.cat((x, x)).t())[:, :x.shape[0]].t().contiguous()
 
 
 FORMULATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -57,16 +58,11 @@ def _applies(name: str, bucket: int) -> bool:
     return name != "w_xt_two_rows" or bucket == 1
 
 
-def _seconds(name: str, x: torch.Tensor, weight: torch.Tensor, reps: int) -> float:
-    """The fastest of ``reps`` timed products of formulation ``name`` after one untimed one."""
-    formulation = FORMULATIONS[name]
-    formulation(x, weight)
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        formulation(x, weight)
-        best = min(best, time.perf_counter() - start)
-    return best
+def _seconds(name: str, x: torch.Tensor, weight: torch.Tensor) -> float:
+    """The time of one product of formulation ``name``."""
+    start = time.perf_counter()
+    FORMULATIONS[name](x, weight)
+    return time.perf_counter() - start
 
 
 class MatmulPlan:
@@ -77,28 +73,35 @@ class MatmulPlan:
         self.choice = choice or {}
 
     @classmethod
-    def measure(cls, weights: Iterable[torch.Tensor], max_rows: int, group: Optional[dist.ProcessGroup] = None,
-                reps: int = 3) -> "MatmulPlan":
-        """Time every formulation on one weight of each distinct ``(n, k, dtype)`` among ``weights`` (CPU,
-        row-major ones only) at the buckets up to ``row_bucket(max_rows)``, with the timings summed over ``group``
-        (every rank of it must call this with weights of the same shapes), and keep the fastest per bucket.
-        Costs ``3 x (reps + 1)`` products per shape and bucket (about 2 s for a 151936 x 896 float32 vocabulary at
-        buckets 1-8 on one core)."""
-        by_shape: dict[ShapeKey, torch.Tensor] = {}
-        for weight in weights:
-            if weight.device.type == "cpu" and weight.dim() == 2 and weight.is_contiguous():
-                by_shape.setdefault((weight.shape[0], weight.shape[1], weight.dtype), weight)
+    def measure(cls, weights: Sequence[torch.Tensor], max_rows: int, group: Optional[dist.ProcessGroup] = None,
+                reps: int = 2) -> "MatmulPlan":
+        """Time every formulation for each distinct ``(n, k, dtype)`` among ``weights`` (CPU, row-major ones only;
+        in the order a forward reads them) at the buckets up to ``row_bucket(max_rows)``, and keep the fastest per
+        shape and bucket. A formulation is timed as a decode step meets it: one pass computes it on every weight in
+        turn, so each product streams its weight from memory as in the model (timing one weight over and over
+        would measure it in cache: at SmolLM-135M's 3072 x 576 gate/up, 8 rows, that picks a formulation 30%
+        slower in the model); a shape's time is its share of the pass, the least of ``reps`` passes after a
+        warm-up one. The timings are summed over ``group`` (every rank of it must call this with weights of the
+        same shapes). Costs ``(reps + 1) x 3`` passes over the weights per bucket: about 4 s for Qwen2.5-0.5B in
+        float32 at buckets 1-8 on one core."""
+        row_major = [w for w in weights if w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous()]
+        keys = sorted({(w.shape[0], w.shape[1], w.dtype) for w in row_major}, key=str)
+        index = {key: i for i, key in enumerate(keys)}
         buckets = [1 << i for i in range(row_bucket(max(1, max_rows)).bit_length())]
-        keys = sorted(by_shape, key=str)
         seconds = torch.full((len(keys), len(buckets), len(_NAMES)), float("inf"), dtype=torch.float64)
         with torch.inference_mode():
-            for i, key in enumerate(keys):
-                weight = by_shape[key]
-                for j, bucket in enumerate(buckets):
-                    x = torch.ones(bucket, key[1], dtype=key[2])
-                    for f, name in enumerate(_NAMES):
-                        if _applies(name, bucket):
-                            seconds[i, j, f] = _seconds(name, x, weight, reps)
+            for j, bucket in enumerate(buckets):
+                inputs = {(k, dtype): torch.ones(bucket, k, dtype=dtype) for _, k, dtype in keys}
+                for f, name in enumerate(_NAMES):
+                    if not _applies(name, bucket):
+                        continue
+                    for rep in range(reps + 1):
+                        per_shape = torch.zeros(len(keys), dtype=torch.float64)
+                        for weight in row_major:
+                            i = index[(weight.shape[0], weight.shape[1], weight.dtype)]
+                            per_shape[i] += _seconds(name, inputs[(weight.shape[1], weight.dtype)], weight)
+                        if rep > 0:
+                            seconds[:, j, f] = torch.minimum(seconds[:, j, f], per_shape)
         if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(seconds, group=group)
         fastest = seconds.argmin(dim=-1).tolist()
@@ -113,8 +116,7 @@ class MatmulPlan:
         return "x_wt" if by_bucket is None else by_bucket.get(row_bucket(rows), "x_wt")
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``x [..., k] @ weight^T`` -> ``[..., n]`` (``weight [n, k]``), computed the measured way; the result may be
-        a non-contiguous view."""
+        """``x [..., k] @ weight^T`` -> ``[..., n]`` (``weight [n, k]``, ``x`` contiguous), computed the measured way."""
         rows = x.numel() // x.shape[-1] if x.numel() else 0
         if rows == 0:
             return _x_wt(x, weight)

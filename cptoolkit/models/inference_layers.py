@@ -1,15 +1,18 @@
-"""A decode step's transformer layers without megatron-core's module call chain.
+"""An inference forward's transformer layers without megatron-core's module call chain.
 
 A decode step sends one token per sequence (``s = 1``) through every layer. On a CPU at batch 1-8 a layer's matmuls
 take a few hundred microseconds, and megatron's wrappers around them cost about as much again: the linear layers'
 autograd functions and TP region mappings, the layer's recompute/offload/CUDA-graph checks, the bias-dropout-add
-factory, RoPE's cos/sin recomputed for q and for k in every layer (docs/results.md, "Decode hot path").
-``decode_decoder`` runs the very operations megatron's local-spec ``TransformerLayer`` runs in eval mode (at any TP,
+factory, RoPE's cos/sin recomputed for q and for k in every layer (docs/results.md, "Decode hot path"); a prefill
+pays the same per layer, plus the gated MLP's ``+ 0.0`` offset over the whole ``[s, b, ffn]`` activation.
+``replayed_decoder`` runs the very operations megatron's local-spec ``TransformerLayer`` runs in eval mode (at any TP,
 without sequence parallelism: the row-parallel layers' one all-reduce over the TP group each), in the same order on
 the same parameters, so its hidden states equal megatron's bit for bit when the matmuls are computed megatron's way
-(``x @ W^T``: an empty ``MatmulPlan``; tests/test_decode_layers.py); the model's measured ``matmul_plan`` may pick a
-faster formulation of the same product (``cptoolkit.models.matmul_plan``). ``supports`` says when it applies, and
-``gpt_hidden`` uses megatron's modules otherwise (MoE, MLA, q/k norms, Gemma, the TransformerEngine spec, training).
+(``x @ W^T``: an empty ``MatmulPlan``; tests/test_inference_layers.py), in prefill (any PCP algorithm: the core
+attention is cptoolkit's, called as megatron calls it) and in decode; the model's measured ``matmul_plan`` may pick
+a faster formulation of the same product for a few rows (``cptoolkit.models.matmul_plan``). ``supports`` says when
+it applies, and ``gpt_hidden`` uses megatron's modules otherwise (MoE, MLA, q/k norms, Gemma, the TransformerEngine
+spec, training, autograd).
 """
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ def _plain_layer(layer: torch.nn.Module) -> bool:
 
 
 def supports(model) -> bool:
-    """Whether ``decode_decoder`` replays ``model``'s decoder exactly: global RoPE only (no Gemma), a plain
+    """Whether ``replayed_decoder`` replays ``model``'s decoder exactly: global RoPE only (no Gemma), a plain
     ``TransformerBlock`` of local-spec dense ``TransformerLayer``s in eval mode without sequence parallelism
     (``_plain_layer``)."""
     decoder = getattr(model, "decoder", None)
@@ -137,7 +140,9 @@ def _mlp(mlp: MLP, x: torch.Tensor, plan: MatmulPlan) -> tuple[torch.Tensor, Opt
         hidden = hidden + bias
     if config.gated_linear_unit:
         x_glu, x_linear = torch.chunk(hidden, 2, dim=-1)
-        hidden = config.activation_func(x_glu) * (x_linear + config.glu_linear_offset)
+        if config.glu_linear_offset != 0:  # megatron adds it even when 0.0: the same values without the pass
+            x_linear = x_linear + config.glu_linear_offset
+        hidden = config.activation_func(x_glu) * x_linear
     else:
         hidden = mlp.activation_func(hidden)
     return _linear(mlp.linear_fc2, hidden, plan)
@@ -162,11 +167,11 @@ def matmul_weights(model) -> list[torch.Tensor]:
                            layer.mlp.linear_fc2)] + [output]
 
 
-def decode_decoder(model, hidden: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+def replayed_decoder(model, hidden: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
     """``model.decoder``'s forward (every layer, then the final norm) on ``hidden [s, b, h]`` with the RoPE angles
     ``rotary [s, b, 1, rot_dim]`` (``gpt.rotary_freqs``), for a model that ``supports`` says it replays; the
-    attention phase (decode, its caches) is the runtime's, as for megatron's forward; the linear layers' products
-    are computed as ``model.matmul_plan`` says."""
+    attention phase (prefill or decode, its caches) is the runtime's, as for megatron's forward; the linear layers'
+    products are computed as ``model.matmul_plan`` says. Inference only: its collectives carry no gradient."""
     layers = model.decoder.layers
     cos, sin = rope_tables(rotary, layers[0].config, hidden.dtype)
     for layer in layers:
