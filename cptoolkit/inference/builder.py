@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +29,8 @@ from cptoolkit.models.families.registry import hf_shape
 from cptoolkit.models.shape import GPTShape, read_config
 from cptoolkit.models.tokenizer import ByteTokenizer, load_tokenizer
 from cptoolkit.parallel_state import ParallelGroups
+
+LOG = logging.getLogger("cptoolkit")
 
 
 def attention_runtime(cfg: Config, groups: ParallelGroups) -> AttentionRuntime:
@@ -247,7 +251,10 @@ def tune_matmuls(cfg: Config, model: CPGPTModel, groups: ParallelGroups, max_row
     """With ``runtime.tune_matmuls``, measure ``model.matmul_plan`` for decode steps of up to ``max_rows`` rows,
     agreed over the replica (``MatmulPlan.measure``: one all-reduce, every rank of the replica calls it)."""
     if cfg.runtime.tune_matmuls:
+        start = time.perf_counter()
         model.matmul_plan = MatmulPlan.measure(inference_layers.matmul_weights(model), max_rows, groups.replica_group)
+        LOG.info("matmul plan measured in %.1f s (rows bucket=formulation): %s", time.perf_counter() - start,
+                 model.matmul_plan.describe())
 
 
 def groups_for(groups: ParallelGroups, shape: GPTShape) -> ParallelGroups:

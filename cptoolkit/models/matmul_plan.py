@@ -47,6 +47,13 @@ def _w_xt_two_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 FORMULATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "x_wt": _x_wt, "w_xt": _w_xt, "w_xt_two_rows": _w_xt_two_rows}
 _NAMES = tuple(FORMULATIONS)
+# The largest row bucket measured (rows above it use ``x @ W^T``): from 256 to 8192 rows ``x @ W^T`` was as fast or
+# faster in every shape measured (docs/results.md), and a pass over the weights at many rows costs seconds of
+# start-up; between 16 and 256 rows a faster formulation may be left unused.
+MAX_BUCKET = 16
+# Weights of one shape timed per pass: enough that their sum outgrows the caches for the layers of models worth
+# tuning, few enough that a 32-layer model's start-up does not time every layer.
+WEIGHTS_PER_SHAPE = 8
 
 
 def row_bucket(rows: int) -> int:
@@ -76,18 +83,23 @@ class MatmulPlan:
     def measure(cls, weights: Sequence[torch.Tensor], max_rows: int, group: Optional[dist.ProcessGroup] = None,
                 reps: int = 2) -> "MatmulPlan":
         """Time every formulation for each distinct ``(n, k, dtype)`` among ``weights`` (CPU, row-major ones only;
-        in the order a forward reads them) at the buckets up to ``row_bucket(max_rows)``, and keep the fastest per
-        shape and bucket. A formulation is timed as a decode step meets it: one pass computes it on every weight in
+        in the order a forward reads them; the first ``WEIGHTS_PER_SHAPE`` of each shape) at the buckets up to
+        ``row_bucket(min(max_rows, MAX_BUCKET))``, and keep the fastest per shape and bucket. A formulation is timed as a decode step meets it: one pass computes it on every weight in
         turn, so each product streams its weight from memory as in the model (timing one weight over and over
         would measure it in cache: at SmolLM-135M's 3072 x 576 gate/up, 8 rows, that picks a formulation 30%
         slower in the model); a shape's time is its share of the pass, the least of ``reps`` passes after a
         warm-up one. The timings are summed over ``group`` (every rank of it must call this with weights of the
         same shapes). Costs ``(reps + 1) x 3`` passes over the weights per bucket: about 4 s for Qwen2.5-0.5B in
         float32 at buckets 1-8 on one core."""
-        row_major = [w for w in weights if w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous()]
-        keys = sorted({(w.shape[0], w.shape[1], w.dtype) for w in row_major}, key=str)
+        row_major, per_shape_count = [], {}
+        for w in weights:  # at most WEIGHTS_PER_SHAPE of each shape, in forward order
+            key = (w.shape[0], w.shape[1], w.dtype) if w.dim() == 2 else None
+            if key and w.device.type == "cpu" and w.is_contiguous() and per_shape_count.get(key, 0) < WEIGHTS_PER_SHAPE:
+                per_shape_count[key] = per_shape_count.get(key, 0) + 1
+                row_major.append(w)
+        keys = sorted(per_shape_count, key=str)
         index = {key: i for i, key in enumerate(keys)}
-        buckets = [1 << i for i in range(row_bucket(max(1, max_rows)).bit_length())]
+        buckets = [1 << i for i in range(row_bucket(min(max(1, max_rows), MAX_BUCKET)).bit_length())]
         seconds = torch.full((len(keys), len(buckets), len(_NAMES)), float("inf"), dtype=torch.float64)
         with torch.inference_mode():
             for j, bucket in enumerate(buckets):
@@ -107,6 +119,14 @@ class MatmulPlan:
         fastest = seconds.argmin(dim=-1).tolist()
         return cls({key: {bucket: _NAMES[fastest[i][j]] for j, bucket in enumerate(buckets)}
                     for i, key in enumerate(keys)})
+
+    def describe(self) -> str:
+        """One line per measured shape: ``n x k dtype: bucket=formulation ...`` (empty plan: megatron's product)."""
+        if not self.choice:
+            return "x @ W^T everywhere (no plan measured)"
+        return "; ".join(f"{n}x{k} {str(dtype).removeprefix('torch.')}: "
+                         + " ".join(f"{bucket}={name}" for bucket, name in by_bucket.items())
+                         for (n, k, dtype), by_bucket in self.choice.items())
 
     def formulation(self, rows: int, weight: torch.Tensor) -> str:
         """The formulation ``linear`` uses for ``rows`` rows against ``weight``."""
