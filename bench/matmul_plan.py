@@ -5,10 +5,11 @@ For the weights of a Qwen2.5-0.5B decode step (fused QKV 1152 x 896, output proj
 and 8 rows, float32 and bfloat16, every layer's own weight (so each product streams its weight from memory, as in
 a decode step): the median time per step of each weight kind under ``x @ W^T`` (megatron's and transformers'
 formulation), ``(W @ x^T)^T`` and, at one row, ``(W @ [x; x]^T)^T``, each a pass over all the weights, interleaved
-per repetition; the formulation a ``MatmulPlan.measure`` of the same weights picks; and a step's products under
-the plan against ``x @ W^T`` (what the plan saves a decode step).
+per repetition; the formulation a tuning ``MatmulPlan`` settles on when these passes are its forwards; and a step's
+products under that plan against ``x @ W^T`` (what the plan would save a decode step if the products ran alone:
+inside the model, with attention and the rest between them, the engine's own tuning may choose differently).
 
-    python bench/matmul_plan.py [--shape smollm-135m] [--reps 7]
+    python bench/matmul_plan.py [--shape smollm-135m] [--reps 5] [--quick] [--name matmul_plan]
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ SHAPES = {
                      (151936, 896)),
     "smollm-135m": (30, [("qkv", 960, 576), ("proj", 576, 576), ("fc1", 3072, 576), ("fc2", 576, 1536)],
                     (49152, 576)),
+    "tiny": (2, [("qkv", 48, 32), ("proj", 32, 32), ("fc1", 96, 32), ("fc2", 32, 48)], (320, 32)),  # the tests'
 }
 ROWS = (1, 2, 4, 8)
 
@@ -55,9 +57,13 @@ def run(shape: str, reps: int) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         weights = [(name, torch.randn(n, k).to(dtype)) for _ in range(layers) for name, n, k in per_layer]
         weights.append(("vocab", torch.randn(*vocab).to(dtype)))
-        plan = MatmulPlan.measure([w for _, w in weights], max(ROWS))
+        plan = MatmulPlan(tune=True)
         for m in ROWS:
             inputs = {(k, dtype): torch.randn(m, k).to(dtype) for _, k in sizes.values()}
+            while any(plan.formulation(m, w) is None for _, w in weights):  # tune as the engine does: a pass a step
+                for _, weight in weights:
+                    plan.linear(inputs[(weight.shape[1], weight.dtype)], weight)
+                plan.settle()
             names = [f for f in FORMULATIONS if f != "w_xt_two_rows" or m == 1]
             passes = {f: [] for f in names}
             for f in names:
@@ -79,7 +85,8 @@ def run(shape: str, reps: int) -> dict:
                           "x_wt_ms": round(step["x_wt"] * 1e3, 2), "plan_ms": round(step["plan"] * 1e3, 2),
                           "speedup": round(step["x_wt"] / step["plan"], 3)})
         del weights
-    return {"shape": shape, "reps": reps, "threads": 1, "products": rows_out, "per_step": steps}
+    return {"config": {"shape": shape, "reps": reps, "threads": 1, "rows": list(ROWS)}, "products": rows_out,
+            "per_step": steps}
 
 
 def tables(payload: dict) -> str:
@@ -97,14 +104,15 @@ def tables(payload: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
-    parser.add_argument("--reps", type=int, default=5, help="interleaved passes per formulation (default 5)")
+    parser.add_argument("--reps", type=int, help="interleaved passes per formulation (default 5; --quick 2)")
+    parser.add_argument("--quick", action="store_true", help="SmolLM-135M's shape, 2 passes (about 30 s)")
+    parser.add_argument("--name", default="matmul_plan", help="JSON file name (default matmul_plan)")
     add_results_dir_argument(parser)
     args = parser.parse_args(argv)
     before = machine_info()
-    payload = run(args.shape, args.reps)
+    payload = run("smollm-135m" if args.quick else args.shape, args.reps or (2 if args.quick else 5))
     print(tables(payload))
-    name = "matmul_plan" if args.shape == "qwen2.5-0.5b" else f"matmul_plan_{args.shape}"
-    print(f"wrote {write_json(name, payload, before, args.results_dir)}")
+    print(f"wrote {write_json(args.name, payload, before, args.results_dir)}")
     return 0
 
 

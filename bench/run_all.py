@@ -20,8 +20,8 @@ if __package__ in (None, ""):  # run as `python bench/run_all.py`: make the repo
 
 import torch
 
-from bench import (balance, decode, end_to_end, gpu, long_prompt, mla_decode, prefill_scaling, sliding_window,
-                   speculative)
+from bench import (balance, decode, end_to_end, gpu, long_prompt, matmul_plan, mla_decode, moe, prefill_scaling,
+                   sampling, sliding_window, speculative)
 from bench.common import RESULTS_DIR, add_results_dir_argument
 
 BENCHMARKS = {"prefill_scaling": (prefill_scaling.main, prefill_scaling.table),
@@ -32,6 +32,9 @@ BENCHMARKS = {"prefill_scaling": (prefill_scaling.main, prefill_scaling.table),
               "mla_decode": (mla_decode.main, mla_decode.table),
               "speculative": (speculative.main, speculative.table),
               "sliding_window": (sliding_window.main, sliding_window.tables),
+              "sampling": (sampling.main, sampling.table),
+              "moe": (moe.main, moe.table),
+              "matmul_plan": (matmul_plan.main, matmul_plan.tables),
               "gpu": (gpu.main, gpu.tables)}
 
 

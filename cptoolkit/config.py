@@ -245,10 +245,10 @@ class RuntimeConfig:
     flash kernels, TransformerEngine's fused attention (``te``: CUDA, bfloat16, TE installed), or ``auto``
     (``te`` on CUDA where TransformerEngine imports, else ``torch``). ``startup_timeout_s`` bounds start-up:
     rendezvous, process-group creation and checkpoint loading, until every rank is ready; from then on
-    ``collective_timeout_s`` bounds every collective (``cptoolkit.distributed.end_startup``). ``tune_matmuls``: the
-    inference engine measures at start-up, on a CPU, which of three equivalent formulations of each decode linear
-    layer's product is fastest (``cptoolkit.models.matmul_plan``; a few seconds); false keeps megatron's ``x @ W^T``
-    everywhere (bit for bit megatron's logits)."""
+    ``collective_timeout_s`` bounds every collective (``cptoolkit.distributed.end_startup``). ``tune_matmuls``: on a CPU
+    the inference engine times three equivalent formulations of each few-row linear product (decode steps, a
+    prefill's last-token logits) in its first forwards and keeps the fastest (``cptoolkit.models.matmul_plan``);
+    false keeps megatron's ``x @ W^T`` everywhere (bit for bit megatron's logits)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float64"] = "float32"

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench import balance, decode, long_prompt, moe, prefill_scaling, run_all, sliding_window, vs_transformers
+from bench import (balance, decode, long_prompt, matmul_plan, moe, prefill_scaling, run_all, sliding_window,
+                   vs_transformers)
 from bench.common import machine_info, summarize, write_json
 from tests.multiproc import run_ranks
 
@@ -224,3 +225,19 @@ def test_moe_bytes_calls_and_tokens_per_variant(tmp_path):
     assert write_json("moe", payload, machine_info(), results_dir=tmp_path).is_file()
     prefill_table, decode_table = moe.table(payload).split("\n\n")
     assert "| tp2_pcp2 (4 procs, 2 cores) | replicated | - |" in prefill_table and "replicated" not in decode_table
+
+
+def test_matmul_plan_schema_and_step_sums(tmp_path):
+    payload = matmul_plan.run("tiny", reps=1)
+    assert payload["config"]["shape"] == "tiny" and payload["config"]["rows"] == list(matmul_plan.ROWS)
+    layers, per_layer, _ = matmul_plan.SHAPES["tiny"]
+    for dtype in ("float32", "bfloat16"):
+        for rows in matmul_plan.ROWS:
+            products = [p for p in payload["products"] if p["dtype"] == dtype and p["rows"] == rows]
+            assert [p["weight"] for p in products] == [name for name, _, _ in per_layer] + ["vocab"]
+            assert all(p["plan"] in p["median_ms_per_step"] for p in products)
+            assert all(("w_xt_two_rows" in p["median_ms_per_step"]) == (rows == 1) for p in products)
+            step, = [s for s in payload["per_step"] if s["dtype"] == dtype and s["rows"] == rows]
+            assert step["plan_ms"] == pytest.approx(sum(p["median_ms_per_step"][p["plan"]] for p in products), abs=0.02)
+            assert step["x_wt_ms"] == pytest.approx(sum(p["median_ms_per_step"]["x_wt"] for p in products), abs=0.02)
+    assert "| float32 | 8 |" in matmul_plan.tables(payload)

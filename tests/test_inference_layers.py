@@ -42,7 +42,7 @@ def _step_logits(rank: int, world_size: int, extra: dict, tp: int, pcp: int, dcp
         if formulation is not None:
             engine.model.matmul_plan = MatmulPlan({
                 (w.shape[0], w.shape[1], w.dtype): {b: formulation for b in (1, 2, 4)}
-                for w in inference_layers.matmul_weights(engine.model)})
+                for w in engine.model.parameters() if w.dim() == 2})
         if not fast:
             gpt_module.inference_layers.supports = lambda model: False
         steps, decode, prefill = [], ModelRunner.decode, ModelRunner.prefill
@@ -81,6 +81,7 @@ def test_replayed_layers_give_megatrons_logits_bit_for_bit(tp, pcp, dcp, batch, 
 
 @pytest.mark.parametrize("formulation", sorted(FORMULATIONS))
 def test_every_formulation_of_the_plan_gives_megatrons_tokens(formulation):
+    """Every product of up to 4 rows (decode at batch 3, the prefill's last-token logits) as ``formulation``."""
     (planned, _, planned_tokens), = run_ranks(1, _step_logits, {}, 1, 1, 1, 3, True, formulation)
     (reference, _, tokens), = run_ranks(1, _step_logits, {}, 1, 1, 1, 3, False)
     assert planned_tokens == tokens

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +18,6 @@ from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.inference.speculative import NgramProposer
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.dcp_decode import DecodeGroup
-from cptoolkit.models import inference_layers
 from cptoolkit.models.checkpoint import load_model_checkpoint
 from cptoolkit.models.from_config import DTYPES, model_from_config
 from cptoolkit.models.gpt import CPGPTModel
@@ -29,8 +26,6 @@ from cptoolkit.models.families.registry import hf_shape
 from cptoolkit.models.shape import GPTShape, read_config
 from cptoolkit.models.tokenizer import ByteTokenizer, load_tokenizer
 from cptoolkit.parallel_state import ParallelGroups
-
-LOG = logging.getLogger("cptoolkit")
 
 
 def attention_runtime(cfg: Config, groups: ParallelGroups) -> AttentionRuntime:
@@ -223,9 +218,7 @@ def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device,
     cache is sized for them and ``max_new_tokens`` (``_default_blocks``)."""
     runtime = attention_runtime(cfg, groups)
     model = model_from_config(cfg, groups, runtime).to(device).eval()
-    decode_rows = cfg.inference.batch_size * (
-        1 + (cfg.inference.num_speculative_tokens if cfg.inference.speculative_method else 0))
-    tune_matmuls(cfg, model, groups, decode_rows)
+    tune_matmuls(cfg, model, groups)
     tokenizer = ByteTokenizer() if cfg.model.checkpoint is None else load_tokenizer(cfg.model.checkpoint)
     request_lens = None if requests is None else [
         len(tokenizer.encode(p) if isinstance(p, str) else p) + cfg.inference.max_new_tokens for p in requests]
@@ -240,21 +233,18 @@ def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device,
     draft_runtime = attention_runtime(cfg, draft_groups)
     draft = load_model_checkpoint(path, draft_groups.megatron_pg_collection(), draft_runtime,
                                   dtype=DTYPES[cfg.runtime.dtype]).to(device).eval()
-    tune_matmuls(cfg, draft, draft_groups, decode_rows)
+    tune_matmuls(cfg, draft, draft_groups)
     cache, draft_cache = kv_caches(cfg, [(groups, model.shape), (draft_groups, draft_shape)], device, request_lens)
     sampled_vocab_size = min(tokenizer.vocab_size, model.shape.vocab_size)
     return Engine(model, runtime, groups, cache, tokenizer, **kw, draft_model=DraftModel(
         draft, draft_runtime, draft_cache, groups.pcp_rank, cfg.inference.num_speculative_tokens, sampled_vocab_size))
 
 
-def tune_matmuls(cfg: Config, model: CPGPTModel, groups: ParallelGroups, max_rows: int) -> None:
-    """With ``runtime.tune_matmuls``, measure ``model.matmul_plan`` for decode steps of up to ``max_rows`` rows,
-    agreed over the replica (``MatmulPlan.measure``: one all-reduce, every rank of the replica calls it)."""
+def tune_matmuls(cfg: Config, model: CPGPTModel, groups: ParallelGroups) -> None:
+    """With ``runtime.tune_matmuls``, give ``model`` a ``MatmulPlan`` that times its few-row products in its own
+    forwards and settles them over the replica (the model runner calls ``settle`` between forwards)."""
     if cfg.runtime.tune_matmuls:
-        start = time.perf_counter()
-        model.matmul_plan = MatmulPlan.measure(inference_layers.matmul_weights(model), max_rows, groups.replica_group)
-        LOG.info("matmul plan measured in %.1f s (rows bucket=formulation): %s", time.perf_counter() - start,
-                 model.matmul_plan.describe())
+        model.matmul_plan = MatmulPlan(tune=True, group=groups.replica_group)
 
 
 def groups_for(groups: ParallelGroups, shape: GPTShape) -> ParallelGroups:

@@ -155,18 +155,6 @@ def _layer(layer: TransformerLayer, hidden: torch.Tensor, cos: torch.Tensor, sin
     return _bias_add_residual(*_mlp(layer.mlp, layer.pre_mlp_layernorm(hidden), plan), hidden)
 
 
-def matmul_weights(model) -> list[torch.Tensor]:
-    """The weights whose products ``model.matmul_plan`` computes in an inference forward: every replayed layer's
-    four linear weights (when ``supports(model)``) and the output layer's (the embedding's, when tied)."""
-    output = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else \
-        model.output_layer.weight
-    if not supports(model):
-        return [output]
-    return [module.weight for layer in model.decoder.layers
-            for module in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj, layer.mlp.linear_fc1,
-                           layer.mlp.linear_fc2)] + [output]
-
-
 def replayed_decoder(model, hidden: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
     """``model.decoder``'s forward (every layer, then the final norm) on ``hidden [s, b, h]`` with the RoPE angles
     ``rotary [s, b, 1, rot_dim]`` (``gpt.rotary_freqs``), for a model that ``supports`` says it replays; the
