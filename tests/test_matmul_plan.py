@@ -2,6 +2,7 @@
 each formulation in turn inside ``linear`` and settles on the fastest per shape and bucket of the timings summed
 over the group (a fake clock, so the timings and the choice are known); megatron's ``x @ W^T`` wherever nothing is
 chosen or timed."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -70,25 +71,38 @@ def test_tuning_times_each_formulation_in_turn_then_settles_on_the_fastest(monke
     monkeypatch.setattr(matmul_plan, "FORMULATIONS", clock.formulations)
     plan = MatmulPlan(tune=True, clock=clock)
     weight, other = torch.randn(6, 4), torch.randn(5, 4)
-    for _ in range(3 * TRIALS):
-        plan.linear(torch.randn(1, 4), weight)
-    for _ in range(2 * TRIALS - 1):
-        plan.linear(torch.randn(2, 4), weight)
-    plan.linear(torch.randn(1, 4), other)
-    # bucket 1: each formulation TRIALS times; bucket 2: x_wt, w_xt, x_wt, ...; the other shape: x_wt first
-    assert clock.calls == {"x_wt": TRIALS + TRIALS + 1, "w_xt": TRIALS + TRIALS - 1, "w_xt_two_rows": TRIALS}
-    assert plan.formulation(1, weight) is None  # timed, not yet settled
-    plan.linear(torch.randn(1, 4), weight)  # complete: x @ W^T, untimed, until settle
-    assert clock.calls["x_wt"] == 2 * TRIALS + 2
-    plan.settle()
+    plan.linear(torch.randn(1, 4), weight)  # outside a tuning window: x @ W^T, untimed
+    assert clock.calls["x_wt"] == 1 and plan.formulation(1, weight) == "x_wt"
+    with plan.tuning():
+        for _ in range(3 * TRIALS):
+            plan.linear(torch.randn(1, 4), weight)
+        for _ in range(2 * TRIALS - 1):
+            plan.linear(torch.randn(2, 4), weight)
+        plan.linear(torch.randn(1, 4), other)
+        # bucket 1: each formulation TRIALS times; bucket 2: x_wt, w_xt, x_wt, ...; the other shape: x_wt first
+        assert clock.calls == {"x_wt": 1 + TRIALS + TRIALS + 1, "w_xt": TRIALS + TRIALS - 1, "w_xt_two_rows": TRIALS}
+        assert plan.formulation(1, weight) is None  # timed, not yet settled
+        plan.linear(torch.randn(1, 4), weight)  # complete: x @ W^T, untimed, until settled
+        assert clock.calls["x_wt"] == 2 * TRIALS + 3 and plan.choice == {}
     assert plan.choice == {(6, 4, torch.float32): {1: "w_xt_two_rows"}}  # bucket 2 and the other shape: pending
-    plan.linear(torch.randn(2, 4), weight)  # the last timing of bucket 2
-    plan.settle()
+    with plan.tuning():
+        plan.linear(torch.randn(2, 4), weight)  # the last timing of bucket 2
     assert plan.choice == {(6, 4, torch.float32): {1: "w_xt_two_rows", 2: "w_xt"}}
     calls = dict(clock.calls)
     plan.linear(torch.randn(1, 4), weight)
     assert clock.calls["w_xt_two_rows"] == calls["w_xt_two_rows"] + 1
-    assert plan.formulation(1, other) is None and plan.formulation(32, weight) == "x_wt"  # past MAX_BUCKET
+    assert plan.formulation(1, other) == "x_wt" and plan.formulation(32, weight) == "x_wt"  # past MAX_BUCKET
+    with plan.tuning():
+        assert plan.formulation(1, other) is None and plan.formulation(32, weight) == "x_wt"
+
+
+def test_a_failed_forward_settles_nothing():
+    plan = MatmulPlan(tune=True)
+    with pytest.raises(RuntimeError, match="rank failed"), plan.tuning():
+        for _ in range(3 * TRIALS):
+            plan.linear(torch.randn(1, 4), torch.randn(6, 4))
+        raise RuntimeError("rank failed mid-forward")
+    assert plan.choice == {}
 
 
 def test_an_untuned_plan_and_every_settled_choice_compute_the_product():
@@ -97,9 +111,10 @@ def test_an_untuned_plan_and_every_settled_choice_compute_the_product():
     plan = MatmulPlan(tune=True)
     for rows in (1, 2, 3, 4, 5):
         x = torch.randn(rows, 16)
-        for _ in range(3 * TRIALS + 1):
-            torch.testing.assert_close(plan.linear(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)
-        plan.settle()
+        with plan.tuning():
+            for _ in range(3 * TRIALS + 1):
+                torch.testing.assert_close(plan.linear(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plan.linear(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)
     assert set(plan.choice[(33, 16, torch.float32)]) == {1, 2, 4, 8}
 
 
@@ -111,9 +126,9 @@ def _settle_on_rank(rank: int, world_size: int):
     clock = FakeClock(costs)
     matmul_plan.FORMULATIONS = clock.formulations  # this rank's process only
     plan = MatmulPlan(tune=True, group=dist.group.WORLD, clock=clock)
-    for _ in range(3 * TRIALS):
-        plan.linear(torch.randn(1, 4), torch.randn(6, 4))
-    plan.settle()
+    with plan.tuning():
+        for _ in range(3 * TRIALS):
+            plan.linear(torch.randn(1, 4), torch.randn(6, 4))
     return plan.choice
 
 

@@ -242,7 +242,7 @@ def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device,
 
 def tune_matmuls(cfg: Config, model: CPGPTModel, groups: ParallelGroups) -> None:
     """With ``runtime.tune_matmuls``, give ``model`` a ``MatmulPlan`` that times its few-row products in its own
-    forwards and settles them over the replica (the model runner calls ``settle`` between forwards)."""
+    decode forwards and settles them over the replica (the model runner's decode step is the ``tuning`` window)."""
     if cfg.runtime.tune_matmuls:
         model.matmul_plan = MatmulPlan(tune=True, group=groups.replica_group)
 

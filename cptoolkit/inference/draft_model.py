@@ -88,7 +88,6 @@ class DraftModel:
         positions = positions.clamp(max=self.model.shape.max_seq_len - 1)
         with torch.no_grad():
             gpt_hidden(self.model, batch.input_ids.to(device), positions.to(device), self.runtime, phase=phase)
-        self.model.matmul_plan.settle()
         for request_id, start, chunk_len in zip(ids, history, batch.seq_lens):
             self._num_cached[request_id] = start + chunk_len
 
@@ -132,9 +131,8 @@ class DraftModel:
         positions = torch.tensor(host_positions, device=self.cache.device)
         phase = AttentionPhase(mode="decode", decode_positions=positions[:, 0] if input_ids.shape[1] == 1
                                else positions, kv_caches=self.cache.views(request_ids, host_positions))
-        with torch.no_grad():
+        with torch.no_grad(), self.model.matmul_plan.tuning():
             logits = gpt_forward(self.model, input_ids, positions, self.runtime, logits_index=last,
                                  phase=phase)  # [b, 1, vocab]
-        self.model.matmul_plan.settle()
         return logits[:, 0, :self.vocab_size].argmax(dim=-1)
 

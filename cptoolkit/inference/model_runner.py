@@ -95,7 +95,6 @@ class ModelRunner:
             last_logits = gpt_logits(self.model, hidden.gather(
                 0, last_index.view(1, -1, 1).expand(1, -1, hidden.shape[-1])))[:, 0]
             self._score_prompts(hidden, batch, requests, history)
-        self.model.matmul_plan.settle()
         if self.caches.draft is not None:
             self.caches.draft.prefill(ids, batch, positions, history)
         if groups.pcp_size > 1:  # exactly one PCP rank holds each row; the others contribute zeros
@@ -137,10 +136,9 @@ class ModelRunner:
         calls_before, bytes_before = stats.total_calls, stats.total_bytes
         layer_calls_before = {layer: s.total_calls for layer, s in self.runtime.per_layer_stats.items()}
         step = self.decode_step(requests, drafts)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.model.matmul_plan.tuning():
             logits = gpt_forward(self.model, step.input_ids, step.positions, self.runtime, phase=step.phase,
                                  padding_mask=step.is_padding)
-        self.model.matmul_plan.settle()
         logits = logits[:len(requests)]  # [b, L, vocab]
         metrics.decode_collectives += stats.total_calls - calls_before
         metrics.decode_bytes_sent += stats.total_bytes - bytes_before

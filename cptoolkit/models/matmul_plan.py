@@ -12,19 +12,21 @@ shapes measured).
 
 Which one wins also depends on what runs around the product: timed alone, over and over, a weight sits in the caches;
 even a pass over every weight of a model, as a step streams them, picked for SmolLM-135M's 3072 x 576 gate/up at 8
-rows the formulation that made its decode step 5% slower than the other (140 against 133 ms a step). So a ``MatmulPlan`` with ``tune=True`` times
-the formulations in the model's own forwards: the first products of each ``(n, k, dtype)`` and row bucket (1, 2, 4,
-..., ``MAX_BUCKET``: the next power of two at or above ``m``) take the formulations in turn, each timed where it runs,
-until each has ``TRIALS`` timings; ``settle`` (called by the engine between forwards, on every rank of the replica
-at the same point) then sums the least timing of each over the replica's ``group`` (one all-reduce, so every rank
+rows the formulation that made its decode step 5% slower than the other (140 against 133 ms a step). So a
+``MatmulPlan`` with ``tune=True`` times the formulations in the model's own decode forwards (``tuning``: the
+engine's decode steps, which run the same products on every rank of the replica): the first products of each
+``(n, k, dtype)`` and row bucket (1, 2, 4, ..., ``MAX_BUCKET``: the next power of two at or above ``m``) take the
+formulations in turn, each timed where it runs, until each has ``TRIALS`` timings; ``settle`` (on leaving the
+window, on every rank of the replica at the same point) then sums the least timing of each over the replica's ``group`` (one all-reduce, so every rank
 keeps the same choice and computes the same bits) and keeps the fastest. A Qwen2.5-0.5B decode step settles its
 layers' shapes in its first step and the vocabulary (one product a step) after ``3 x TRIALS`` steps, at no start-up
 cost. Rows above ``MAX_BUCKET``, weights that are not row-major and non-CPU devices (where the BLAS heuristics and
 CUDA graphs are left as they are) use ``x @ W^T``, megatron's own formulation, as does a plan without ``tune``
-for every shape it holds no choice for.
+(or outside a ``tuning`` window) for every shape it holds no choice for.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Optional
 
@@ -54,9 +56,9 @@ def _w_xt_two_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 FORMULATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "x_wt": _x_wt, "w_xt": _w_xt, "w_xt_two_rows": _w_xt_two_rows}
 _NAMES = tuple(FORMULATIONS)
-# The largest row bucket timed (rows above it use ``x @ W^T``): from 256 to 8192 rows ``x @ W^T`` was as fast or
-# faster in every shape measured (docs/results.md), and a prefill's products are too costly to try slower ways on;
-# between 16 and 256 rows a faster formulation may be left unused.
+# The largest row bucket timed (rows above it use ``x @ W^T``): from 2048 to 8192 rows ``x @ W^T`` was faster in
+# every shape measured, at 256-512 rows in all but one (docs/results.md), and a prefill's products are too costly to
+# try slower ways on; between 16 and 256 rows a faster formulation may be left unused.
 MAX_BUCKET = 16
 # Timings of each formulation before a shape and bucket is settled.
 TRIALS = 2
@@ -86,6 +88,7 @@ class MatmulPlan:
                  group: Optional[dist.ProcessGroup] = None, clock: Callable[[], float] = time.perf_counter):
         self.choice = choice or {}
         self.tune, self.group, self.clock = tune, group, clock
+        self._in_window = False
         self._timings: dict[tuple[ShapeKey, int], dict[str, list[float]]] = {}
         self._ready: set[tuple[ShapeKey, int]] = set()
 
@@ -97,13 +100,25 @@ class MatmulPlan:
                          + " ".join(f"{bucket}={name}" for bucket, name in sorted(by_bucket.items()))
                          for (n, k, dtype), by_bucket in self.choice.items())
 
+    @contextlib.contextmanager
+    def tuning(self):
+        """The window in which products without a choice are timed (outside it they use ``x @ W^T``): forwards that
+        run the very same products on every rank of ``group`` (decode steps; not a prefill, whose prompt scoring
+        computes each PCP rank's own rows), then ``settle`` on leaving it."""
+        self._in_window = True
+        try:
+            yield self
+        finally:
+            self._in_window = False
+        self.settle()
+
     def formulation(self, rows: int, weight: torch.Tensor) -> Optional[str]:
         """The formulation ``linear`` uses for ``rows`` rows against ``weight``; None while it is being timed."""
         bucket = row_bucket(rows)
         if not weight.is_contiguous() or weight.device.type != "cpu" or bucket > MAX_BUCKET:
             return "x_wt"
         chosen = self.choice.get((weight.shape[0], weight.shape[1], weight.dtype), {}).get(bucket)
-        return chosen or (None if self.tune else "x_wt")
+        return chosen or (None if self.tune and self._in_window else "x_wt")
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``x [..., k] @ weight^T`` -> ``[..., n]`` (``weight [n, k]``, ``x`` contiguous), computed the chosen way
@@ -136,8 +151,8 @@ class MatmulPlan:
 
     def settle(self) -> None:
         """Choose the fastest formulation of every shape and bucket whose timings are complete: the least timing
-        of each, summed over ``group``. Every rank of ``group`` must call this at the same point between forwards
-        (they run the same products, so the same pairs are complete on each)."""
+        of each, summed over ``group``. Every rank of ``group`` calls this at the same point, after the same
+        ``tuning`` windows (so the same pairs are complete on each)."""
         if not self._ready:
             return
         pairs = sorted(self._ready, key=str)
