@@ -241,7 +241,8 @@ class PagedKVCache:
         layer = self._layer_index(layer_number)
         state = self._state(request_id)
         owned = shard_of_position(positions, self.dcp_size, self.interleave) == self.dcp_rank
-        slots = slot_of_position(positions[owned], self.dcp_size, self.interleave)
+        owned_positions = keep_where(positions, owned)
+        slots = slot_of_position(owned_positions, self.dcp_size, self.interleave)
         start = state.shard_lens[layer]
         expected = torch.arange(start, start + slots.numel(), device=slots.device)
         if not torch.equal(slots.sort().values, expected):
@@ -249,13 +250,14 @@ class PagedKVCache:
                 f"fill_prefill: the positions of shard {self.dcp_rank} given for request {request_id!r} must "
                 f"continue its stored sequence at shard slot {start} without gaps or repeats; got slots "
                 f"{slots.tolist()}: pass every position of the prompt once, in order of chunks")
-        self._check_within_reservation(request_id, state, positions[owned])
-        k_owned, v_owned = k[:, owned].transpose(0, 1), v[:, owned].transpose(0, 1)
+        self._check_within_reservation(request_id, state, owned_positions)
+        k_owned, v_owned = keep_where(k, owned, dim=1).transpose(0, 1), keep_where(v, owned, dim=1).transpose(0, 1)
         end, capacity = start + slots.numel(), len(state.block_ids) * self.block_size
         live = slots >= end - capacity  # a ring keeps the latest ``capacity`` slots; the rest is never written
         block_ids = torch.tensor(state.block_ids, dtype=torch.int64, device=self.device)
-        self._write(layer, block_ids[(slots[live] // self.block_size) % len(state.block_ids)],
-                    slots[live] % self.block_size, k_owned[live], v_owned[live])
+        slots = keep_where(slots, live)
+        self._write(layer, block_ids[(slots // self.block_size) % len(state.block_ids)], slots % self.block_size,
+                    keep_where(k_owned, live), keep_where(v_owned, live))
         state.shard_lens[layer] = end
         state.written[layer] = max(state.written[layer], end)
 
@@ -329,6 +331,15 @@ class PagedKVCache:
         if not self.values_are_keys:
             self.storage[layer, 1, blocks, :, offsets] = v_tokens.to(self.dtype)
 
+
+
+def keep_where(t: torch.Tensor, mask: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``t``'s entries along ``dim`` where the bool ``mask`` (as long as that dim) is True: ``t`` itself, uncopied,
+    when every entry is kept (a prefill's usual case: every token real, owned and live), at one host read of
+    the mask instead of a masked gather."""
+    if bool(mask.all()):
+        return t
+    return t[(slice(None),) * dim + (mask,)]
 
 
 def _tensor(values: list, device: torch.device, *shape: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Hashable, Sequence
 
 import torch
 
+from cptoolkit.inference.kv_cache import keep_where
 from cptoolkit.layers.comm import CommStats, all_to_all
 from cptoolkit.layers.dcp_decode import DecodeGroup, shard_of_position
 from cptoolkit.layers.dual_chunk_swap import shard_positions
@@ -85,5 +86,5 @@ def store_prefill_kv(cache, dg: DecodeGroup, pcp_rank: int, request_ids: Sequenc
     k_shard, v_shard, positions = route_prefill_kv(k, v, seq_len_padded, pcp_rank, dg)
     for row, (request_id, chunk_len, start) in enumerate(zip(request_ids, chunk_lens, history)):
         real = positions < chunk_len
-        cache.fill_prefill(layer_number, request_id, k_shard[row][:, real], v_shard[row][:, real],
-                           (positions[real] + start).to(k.device))
+        cache.fill_prefill(layer_number, request_id, keep_where(k_shard[row], real, dim=1),
+                           keep_where(v_shard[row], real, dim=1), (keep_where(positions, real) + start).to(k.device))
