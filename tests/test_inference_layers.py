@@ -2,9 +2,10 @@
 very logits megatron's modules give: bit for bit, every prefill and decode step, for Llama-shaped models (tied
 embeddings or not) at batch 1 and 3 with prompts of different lengths, at TP = 1, TP = 2, TP = 2 x DCP = 2 and
 PCP = 2 (ring prefill) x DCP = 2 (prefill in chunks of 8, so later chunks attend to cached history), when the
-products are computed megatron's way (``runtime.tune_matmuls: false``); with each of the plan's formulations forced on every product the greedy
-tokens are the same and the logits agree to float32 rounding. Q/K/V biases (Qwen2) are covered against transformers
-by tests/test_hf_families.py and bench/vs_transformers.py."""
+products are computed megatron's way (``runtime.tune_matmuls: false``); with each of the plan's formulations forced
+on every product the greedy tokens are the same and the logits agree to float32 rounding; with the default tuning,
+a short generation settles every decode product, the same choice on every rank. Q/K/V biases (Qwen2) are covered
+against transformers by tests/test_hf_families.py and bench/vs_transformers.py."""
 import pytest
 import torch
 
@@ -87,3 +88,29 @@ def test_every_formulation_of_the_plan_gives_megatrons_tokens(formulation):
     assert planned_tokens == tokens
     for step, (got, want) in enumerate(zip(planned, reference)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{formulation}, step {step}")
+
+
+def _tuned_choice(rank: int, world_size: int, tp: int, dcp: int):
+    cfg = config_from_dict({"parallel": {"tp": tp, "dcp": dcp}, "runtime": {"device": "cpu"}, "model": MODEL,
+                            "inference": {"prompts": ["x"], "batch_size": 3, "kv_block_size": 4}}, source="<test>")
+    groups = initialize_model_parallel(tp=tp, pcp=1, dcp=dcp, num_heads=cfg.model.num_attention_heads,
+                                       num_kv_heads=cfg.model.num_kv_heads)
+    try:
+        engine = build_engine(cfg, groups, torch.device("cpu"))
+        engine.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_new_tokens=8))
+        shapes = {(w.shape[0], w.shape[1], w.dtype) for w in engine.model.parameters() if w.dim() == 2}
+        return engine.model.matmul_plan.choice, shapes
+    finally:
+        destroy_model_parallel()
+
+
+@pytest.mark.parametrize("tp,dcp", [(1, 1), (2, 2)])
+def test_the_engine_tunes_every_decode_product_and_its_ranks_agree(tp, dcp):
+    """``runtime.tune_matmuls`` (the default): 7 decode steps at batch 1 settle every replayed layer's shape and the
+    vocabulary (one product a step, 3 formulations x 2 timings) at bucket 1, the same choice on every rank."""
+    results = run_ranks(tp, _tuned_choice, tp, dcp)
+    choice, shapes = results[0]
+    # every 2-D parameter is a replayed product's weight (QKV, projection, fc1, fc2) or the vocabulary's (the
+    # embedding shares the output layer's shape)
+    assert set(choice) == shapes and all(set(by_bucket) == {1} for by_bucket in choice.values()), choice
+    assert all(other == choice for other, _ in results[1:])
