@@ -246,9 +246,9 @@ class RuntimeConfig:
     (``te`` on CUDA where TransformerEngine imports, else ``torch``). ``startup_timeout_s`` bounds start-up:
     rendezvous, process-group creation and checkpoint loading, until every rank is ready; from then on
     ``collective_timeout_s`` bounds every collective (``cptoolkit.distributed.end_startup``). ``tune_matmuls``: on a CPU
-    the inference engine times three equivalent formulations of each few-row linear product (decode steps, a
-    prefill's last-token logits) in its first forwards and keeps the fastest (``cptoolkit.models.matmul_plan``);
-    false keeps megatron's ``x @ W^T`` everywhere (bit for bit megatron's logits)."""
+    the inference engine times three equivalent formulations of each few-row linear product in its first decode
+    steps and keeps the fastest, the same on every rank (``cptoolkit.models.matmul_plan``); false keeps megatron's
+    ``x @ W^T`` everywhere (bit for bit megatron's logits)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float64"] = "float32"

@@ -27,12 +27,14 @@ CUDA graphs are left as they are) use ``x @ W^T``, megatron's own formulation, a
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+LOG = logging.getLogger("cptoolkit")
 ShapeKey = tuple[int, int, torch.dtype]
 
 
@@ -91,14 +93,6 @@ class MatmulPlan:
         self._in_window = False
         self._timings: dict[tuple[ShapeKey, int], dict[str, list[float]]] = {}
         self._ready: set[tuple[ShapeKey, int]] = set()
-
-    def describe(self) -> str:
-        """``n x k dtype: bucket=formulation ...`` per chosen shape (no choice: megatron's product)."""
-        if not self.choice:
-            return "x @ W^T everywhere (nothing chosen yet)"
-        return "; ".join(f"{n}x{k} {str(dtype).removeprefix('torch.')}: "
-                         + " ".join(f"{bucket}={name}" for bucket, name in sorted(by_bucket.items()))
-                         for (n, k, dtype), by_bucket in self.choice.items())
 
     @contextlib.contextmanager
     def tuning(self):
@@ -165,4 +159,6 @@ class MatmulPlan:
         for (key, bucket), fastest in zip(pairs, seconds.argmin(dim=-1).tolist()):
             self.choice.setdefault(key, {})[bucket] = _NAMES[fastest]
             del self._timings[(key, bucket)]
+            LOG.info("matmul plan: %d x %d %s at %d row(s): %s", key[0], key[1], str(key[2]).removeprefix("torch."),
+                     bucket, _NAMES[fastest])
         self._ready.clear()
