@@ -30,6 +30,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from cptoolkit.layers.comm import all_reduce
 from cptoolkit.layers.core_attention import CPCoreAttention
 from cptoolkit.models.matmul_plan import MatmulPlan
 
@@ -83,8 +84,7 @@ def _linear(module: torch.nn.Module, x: torch.Tensor, plan: MatmulPlan
     add)."""
     out = plan.linear(x, module.weight)
     if isinstance(module, RowParallelLinear) and dist.get_world_size(module.tp_group) > 1:
-        out = out.contiguous()
-        dist.all_reduce(out, group=module.tp_group)
+        out = all_reduce(out.contiguous(), module.tp_group)
     if module.bias is None:
         return out, None
     if module.skip_bias_add:

@@ -34,6 +34,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from cptoolkit.layers.comm import all_reduce
+
 LOG = logging.getLogger("cptoolkit")
 ShapeKey = tuple[int, int, torch.dtype]
 
@@ -71,13 +73,9 @@ def row_bucket(rows: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
-def _applies(name: str, bucket: int) -> bool:
-    return name != "w_xt_two_rows" or bucket == 1
-
-
 def candidates(bucket: int) -> tuple[str, ...]:
     """The formulations tried at ``bucket`` rows (the two-row product only for one row)."""
-    return tuple(name for name in FORMULATIONS if _applies(name, bucket))
+    return tuple(name for name in FORMULATIONS if name != "w_xt_two_rows" or bucket == 1)
 
 
 class MatmulPlan:
@@ -155,7 +153,7 @@ class MatmulPlan:
             for name, times in self._timings[pair].items():
                 seconds[i, _NAMES.index(name)] = min(times)
         if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            dist.all_reduce(seconds, group=self.group)
+            all_reduce(seconds, self.group)
         for (key, bucket), fastest in zip(pairs, seconds.argmin(dim=-1).tolist()):
             self.choice.setdefault(key, {})[bucket] = _NAMES[fastest]
             del self._timings[(key, bucket)]
