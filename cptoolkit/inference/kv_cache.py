@@ -241,7 +241,7 @@ class PagedKVCache:
         layer = self._layer_index(layer_number)
         state = self._state(request_id)
         owned = shard_of_position(positions, self.dcp_size, self.interleave) == self.dcp_rank
-        owned_positions = keep_where(positions, owned)
+        owned_positions, k_owned, v_owned = keep_where(owned, positions, k.transpose(0, 1), v.transpose(0, 1))
         slots = slot_of_position(owned_positions, self.dcp_size, self.interleave)
         start = state.shard_lens[layer]
         expected = torch.arange(start, start + slots.numel(), device=slots.device)
@@ -251,13 +251,12 @@ class PagedKVCache:
                 f"continue its stored sequence at shard slot {start} without gaps or repeats; got slots "
                 f"{slots.tolist()}: pass every position of the prompt once, in order of chunks")
         self._check_within_reservation(request_id, state, owned_positions)
-        k_owned, v_owned = keep_where(k, owned, dim=1).transpose(0, 1), keep_where(v, owned, dim=1).transpose(0, 1)
         end, capacity = start + slots.numel(), len(state.block_ids) * self.block_size
         live = slots >= end - capacity  # a ring keeps the latest ``capacity`` slots; the rest is never written
         block_ids = torch.tensor(state.block_ids, dtype=torch.int64, device=self.device)
-        slots = keep_where(slots, live)
+        slots, k_live, v_live = keep_where(live, slots, k_owned, v_owned)
         self._write(layer, block_ids[(slots // self.block_size) % len(state.block_ids)], slots % self.block_size,
-                    keep_where(k_owned, live), keep_where(v_owned, live))
+                    k_live, v_live)
         state.shard_lens[layer] = end
         state.written[layer] = max(state.written[layer], end)
 
@@ -333,13 +332,13 @@ class PagedKVCache:
 
 
 
-def keep_where(t: torch.Tensor, mask: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """``t``'s entries along ``dim`` where the bool ``mask`` (as long as that dim) is True: ``t`` itself, uncopied,
-    when every entry is kept (a prefill's usual case: every token real, owned and live), at one host read of
-    the mask instead of a masked gather."""
+def keep_where(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of ``tensors``' entries along dim 0 where the bool ``mask`` (as long as that dim) is True: the tensors
+    themselves, uncopied, when every entry is kept (a prefill's usual case: every token real, owned and live), at
+    one host read of the mask instead of a masked gather per tensor."""
     if bool(mask.all()):
-        return t
-    return t[(slice(None),) * dim + (mask,)]
+        return tensors
+    return tuple(t[mask] for t in tensors)
 
 
 def _tensor(values: list, device: torch.device, *shape: int) -> torch.Tensor:

@@ -85,6 +85,7 @@ def store_prefill_kv(cache, dg: DecodeGroup, pcp_rank: int, request_ids: Sequenc
     """
     k_shard, v_shard, positions = route_prefill_kv(k, v, seq_len_padded, pcp_rank, dg)
     for row, (request_id, chunk_len, start) in enumerate(zip(request_ids, chunk_lens, history)):
-        real = positions < chunk_len
-        cache.fill_prefill(layer_number, request_id, keep_where(k_shard[row], real, dim=1),
-                           keep_where(v_shard[row], real, dim=1), (keep_where(positions, real) + start).to(k.device))
+        real_positions, k_real, v_real = keep_where(positions < chunk_len, positions, k_shard[row].transpose(0, 1),
+                                                    v_shard[row].transpose(0, 1))
+        cache.fill_prefill(layer_number, request_id, k_real.transpose(0, 1), v_real.transpose(0, 1),
+                           (real_positions + start).to(k.device))
