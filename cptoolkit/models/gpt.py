@@ -29,8 +29,8 @@ class CPGPTModel(GPTModel):
     sizes. Its RoPE frequencies are the shape's (megatron's ``RotaryEmbedding`` knows no linear or YaRN
     scaling), held in megatron's own ``rotary_pos_emb.inv_freq`` so both forward paths use them; Gemma 3's
     local layers' own (``local_inv_freq``, None otherwise) only ``gpt_forward`` applies. ``matmul_plan`` says how
-    the inference forward computes the replayed layers' and the output layer's products (``matmul_plan``;
-    empty, i.e. megatron's ``x @ W^T``, until the engine measures one)."""
+    the inference forward computes the replayed layers' and the output layer's products (``matmul_plan``:
+    megatron's ``x @ W^T`` until the engine gives the model a tuning plan)."""
 
     def __init__(self, shape: GPTShape, **gpt_model_kwargs):
         super().__init__(**gpt_model_kwargs)
