@@ -17,7 +17,9 @@ from cptoolkit.layers.dcp_decode import shard_length
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.inference.speculative import NgramProposer
 from cptoolkit.layers.core_attention import AttentionRuntime
+from cptoolkit.layers.comm import route_all_reduce
 from cptoolkit.layers.dcp_decode import DecodeGroup
+from cptoolkit.layers.shared_memory import shared_memory_all_reduce
 from cptoolkit.models.checkpoint import load_model_checkpoint
 from cptoolkit.models.from_config import DTYPES, model_from_config
 from cptoolkit.models.gpt import CPGPTModel
@@ -219,6 +221,7 @@ def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device,
     runtime = attention_runtime(cfg, groups)
     model = model_from_config(cfg, groups, runtime).to(device).eval()
     tune_matmuls(cfg, model, groups)
+    route_tp_all_reduce(cfg, groups, device)
     tokenizer = ByteTokenizer() if cfg.model.checkpoint is None else load_tokenizer(cfg.model.checkpoint)
     request_lens = None if requests is None else [
         len(tokenizer.encode(p) if isinstance(p, str) else p) + cfg.inference.max_new_tokens for p in requests]
@@ -245,6 +248,14 @@ def tune_matmuls(cfg: Config, model: CPGPTModel, groups: ParallelGroups) -> None
     decode forwards and settles them over the replica (the model runner's decode step is the ``tuning`` window)."""
     if cfg.runtime.tune_matmuls:
         model.matmul_plan = MatmulPlan(tune=True, group=groups.replica_group)
+
+
+def route_tp_all_reduce(cfg: Config, groups: ParallelGroups, device: torch.device) -> None:
+    """With ``runtime.shared_memory_all_reduce`` on a CPU, send the TP group's sum all-reduces (two per replayed
+    layer) through shared memory where ``shared_memory_all_reduce`` finds it pays; gloo otherwise. Collective on
+    the default group and the TP group."""
+    if cfg.runtime.shared_memory_all_reduce and device.type == "cpu":
+        route_all_reduce(groups.tp_group, shared_memory_all_reduce(groups.tp_group, cfg.runtime.collective_timeout_s))
 
 
 def groups_for(groups: ParallelGroups, shape: GPTShape) -> ParallelGroups:

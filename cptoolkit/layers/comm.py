@@ -4,6 +4,9 @@ Each wrapper runs one ``torch.distributed`` collective on an explicit group and,
 ``CommStats``, records one call and the bytes this rank sent, under the collective's name. Tests
 assert these counts (e.g. DCP decode ``a2a`` = 2 collectives per layer and step, ``ag_rs`` = 3) and
 benchmarks report them.
+
+A group given a ``SharedMemoryAllReduce`` (``route_all_reduce``: its members all on one host) sums its CPU all-reduces
+through that segment instead of gloo (``cptoolkit.layers.shared_memory``); the other collectives stay on gloo.
 """
 from __future__ import annotations
 
@@ -13,6 +16,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+from cptoolkit.layers.shared_memory import SharedMemoryAllReduce
+
+_SHARED_MEMORY: dict[ProcessGroup, SharedMemoryAllReduce] = {}
 
 
 @dataclass
@@ -90,10 +97,24 @@ def all_to_all(stacked: torch.Tensor, group: ProcessGroup, stats: CommStats | No
 
 def all_reduce(tensor: torch.Tensor, group: ProcessGroup, op=dist.ReduceOp.SUM,
                stats: CommStats | None = None) -> torch.Tensor:
-    """In-place all-reduce of ``tensor`` over ``group``; returns it."""
+    """In-place all-reduce of ``tensor`` over ``group``; returns it. A sum of a contiguous CPU tensor goes through
+    the group's shared-memory segment where it has one (``route_all_reduce``)."""
     _record(stats, "all_reduce", tensor)
+    shared_memory = _SHARED_MEMORY.get(group)
+    if shared_memory is not None and op == dist.ReduceOp.SUM and tensor.device.type == "cpu" \
+            and tensor.is_contiguous():
+        return shared_memory.all_reduce_(tensor)
     dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+def route_all_reduce(group: ProcessGroup, shared_memory: SharedMemoryAllReduce | None) -> None:
+    """Send ``group``'s sum all-reduces through ``shared_memory`` from now on (None: back to gloo). Every member of
+    ``group`` must route alike."""
+    if shared_memory is None:
+        _SHARED_MEMORY.pop(group, None)
+    else:
+        _SHARED_MEMORY[group] = shared_memory
 
 
 def send_recv(send: torch.Tensor, dst: int, src: int, group: ProcessGroup,

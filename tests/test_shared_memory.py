@@ -1,0 +1,158 @@
+"""The shared-memory sum all-reduce (``cptoolkit.layers.shared_memory``) gives gloo's sums: the same bits at two
+ranks, float64 agreement and identical bits on every rank at three and four; tensors larger than a slot (many
+pieces), back-to-back collectives with random delays (the two slot parities reused), every dtype the engine sums;
+a missing peer raises within the timeout and an exited one at once; the engine routes its TP group's all-reduces
+through it where each rank has a core of its own, and generates the same logits either way."""
+import mmap
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cptoolkit.config import config_from_dict
+from cptoolkit.inference.builder import build_engine
+from cptoolkit.inference.model_runner import ModelRunner
+from cptoolkit.inference.sampling import SamplingParams
+from cptoolkit.layers import comm
+from cptoolkit.layers.shared_memory import SharedMemoryAllReduce, shared_memory_all_reduce
+from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
+from tests.multiproc import run_ranks
+
+SHAPES = [(1,), (7,), (1, 8, 896), (3, 5, 11), (0,), (1000,), (2, 513)]
+
+
+def _sums(rank: int, world_size: int, slot_bytes: int):
+    """This rank's shared-memory sums and gloo's, over random tensors of several shapes and dtypes, with random
+    delays between collectives so that ranks arrive in every order."""
+    import torch.distributed as dist
+
+    channel = SharedMemoryAllReduce.open(dist.group.WORLD, timeout_s=30, slot_bytes=slot_bytes)
+    assert channel is not None
+    delays = torch.Generator().manual_seed(100 + rank)
+    got, want = [], []
+    for round_index in range(3):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.int64):
+            for shape in SHAPES:
+                values = torch.Generator().manual_seed(1000 * round_index + 10 * rank + len(shape))
+                tensor = (torch.randn(shape, generator=values) * 100).to(dtype)
+                reference = tensor.clone()
+                dist.all_reduce(reference)
+                if torch.rand((), generator=delays) < 0.3:
+                    time.sleep(float(torch.rand((), generator=delays)) * 2e-3)
+                assert channel.all_reduce_(tensor) is tensor
+                got.append(tensor)
+                want.append(reference)
+    return got, want, channel.collectives
+
+
+@pytest.mark.parametrize("world_size,slot_bytes", [(2, 1 << 20), (2, 256), (3, 1 << 20), (4, 96)])
+def test_sums_equal_gloos(world_size, slot_bytes):
+    results = run_ranks(world_size, _sums, slot_bytes)
+    first_got = results[0][0]
+    for rank, (got, want, collectives) in enumerate(results):
+        assert collectives >= len(got) - 3 * 4  # one per piece; an empty tensor is none
+        for index, (g, w) in enumerate(zip(got, want)):
+            assert torch.equal(g, first_got[index]), f"rank {rank}, tensor {index}: ranks disagree"
+            if world_size == 2 or g.dtype in (torch.int64,):
+                assert torch.equal(g, w), f"rank {rank}, tensor {index} ({g.dtype}, {tuple(g.shape)}): " \
+                                          f"max diff {(g.double() - w.double()).abs().max().item() if g.numel() else 0}"
+            else:  # gloo sums in ring order, the segment in member order: the same sum, rounded differently
+                # (bfloat16: partial sums of |x| < 400 rounded to 8 bits, a few units apart)
+                bf16 = g.dtype == torch.bfloat16
+                torch.testing.assert_close(g.double(), w.double(), rtol=1e-2 if bf16 else 1e-6,
+                                           atol=4.0 if bf16 else 1e-3, msg=f"rank {rank}, tensor {index} ({g.dtype})")
+
+
+def _many_back_to_back(rank: int, world_size: int):
+    """500 small collectives with nothing between them: a member reusing a slot before a slow peer has read it
+    would change that peer's sum."""
+    import torch.distributed as dist
+
+    channel = SharedMemoryAllReduce.open(dist.group.WORLD, timeout_s=30, slot_bytes=64)
+    sums = [channel.all_reduce_(torch.full((16,), float(rank * 1000 + step))) for step in range(500)]
+    return [s.unique().tolist() for s in sums]
+
+
+def test_back_to_back_collectives_never_overwrite_a_slot_still_read():
+    results = run_ranks(3, _many_back_to_back)
+    for rank, sums in enumerate(results):
+        assert sums == [[float(3 * step + 1000 * (0 + 1 + 2))] for step in range(500)], f"rank {rank}"
+
+
+def _lone_channel(peer_pid: int, timeout_s: float) -> SharedMemoryAllReduce:
+    """Member 0 of a two-member channel whose member 1 (``peer_pid``) never arrives."""
+    segment = mmap.mmap(-1, 2 * 64 + 2 * 2 * 64)
+    return SharedMemoryAllReduce(segment, 0, [os.getpid(), peer_pid], slot_bytes=64, timeout_s=timeout_s,
+                                 label="test")
+
+
+def test_a_peer_that_never_arrives_raises_within_the_timeout():
+    channel = _lone_channel(os.getpid(), timeout_s=0.6)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"all_reduce over shared memory \(test\) timed out after 0.6 s waiting "
+                                           r"for member 1 \(runtime.collective_timeout_s"):
+        channel.all_reduce_(torch.ones(4))
+    assert time.monotonic() - start < 0.6 + 2.0
+
+
+def test_a_peer_that_has_exited_raises_at_once():
+    peer = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    channel = _lone_channel(int(peer.stdout), timeout_s=60)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"member 1 \(pid {int(peer.stdout)}\) has exited"):
+        channel.all_reduce_(torch.ones(4))
+    assert time.monotonic() - start < 2.0
+
+
+def _routed(rank: int, world_size: int):
+    import torch.distributed as dist
+
+    channel = shared_memory_all_reduce(dist.group.WORLD, timeout_s=30)
+    return channel is not None, len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_used_only_where_each_rank_has_a_core(world_size):
+    results = run_ranks(world_size, _routed)
+    cores = results[0][1]
+    assert [routed for routed, _ in results] == [world_size <= cores] * world_size
+
+
+MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 8, "num_kv_heads": 2, "ffn_hidden_size": 96,
+         "vocab_size": 320, "max_seq_len": 96, "seed": 7}
+
+
+def _engine_logits(rank: int, world_size: int, shared_memory: bool):
+    cfg = config_from_dict({"parallel": {"tp": 2}, "model": MODEL,
+                            "runtime": {"device": "cpu", "tune_matmuls": False,
+                                        "shared_memory_all_reduce": shared_memory},
+                            "inference": {"prompts": ["x"], "batch_size": 2, "kv_block_size": 4}}, source="<test>")
+    groups = initialize_model_parallel(tp=2, pcp=1, dcp=1, num_heads=8, num_kv_heads=2)
+    try:
+        engine = build_engine(cfg, groups, torch.device("cpu"))
+        channel = comm._SHARED_MEMORY.get(groups.tp_group)
+        steps, decode = [], ModelRunner.decode
+
+        def recording_decode(self, *args):
+            steps.append(decode(self, *args).clone())
+            return steps[-1]
+
+        ModelRunner.decode = recording_decode
+        results = engine.generate(["a b a b", "xyz"], SamplingParams(temperature=0.0, max_new_tokens=5))
+        return steps, [r.token_ids for r in results], None if channel is None else channel.collectives
+    finally:
+        destroy_model_parallel()
+
+
+def test_the_engine_at_tp2_sums_through_shared_memory_with_gloos_logits():
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: the engine keeps gloo (a polling rank would take its peer's core)")
+    routed = run_ranks(2, _engine_logits, True)
+    gloo = run_ranks(2, _engine_logits, False)
+    for rank, ((steps, tokens, collectives), (want_steps, want_tokens, no_channel)) in enumerate(zip(routed, gloo)):
+        assert no_channel is None and collectives >= 2 * MODEL["num_layers"] * 4, (rank, collectives)
+        assert tokens == want_tokens
+        assert all(torch.equal(a, b) for a, b in zip(steps, want_steps)) and len(steps) == len(want_steps) == 4
