@@ -89,7 +89,7 @@ def run(shape: str, steps: int, reps: int) -> dict:
                        "all_reduces_per_step": 2 * SHAPES[shape][0]}, "rows": rows_out}
 
 
-def tables(payload: dict) -> str:
+def table(payload: dict) -> str:
     return format_table(
         ["rows", "setting", "gloo µs / all-reduce", "shared memory µs", "gloo ms / step", "shared memory ms / step",
          "step speedup"],
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     before = machine_info()
     payload = run("smollm-135m" if args.quick else args.shape, args.steps or (5 if args.quick else 20),
                   args.reps or (1 if args.quick else 3))
-    print(tables(payload))
+    print(table(payload))
     print(f"wrote {write_json(args.name, payload, before, args.results_dir)}")
     return 0
 

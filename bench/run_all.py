@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as `python bench/run_all.py`: make the repo
 
 import torch
 
-from bench import (balance, decode, end_to_end, gpu, long_prompt, matmul_plan, mla_decode, moe, prefill_scaling,
+from bench import (all_reduce, balance, decode, eager_floor, end_to_end, gpu, long_prompt, matmul_plan, mla_decode, moe, prefill_scaling,
                    sampling, sliding_window, speculative)
 from bench.common import RESULTS_DIR, add_results_dir_argument
 
@@ -35,6 +35,8 @@ BENCHMARKS = {"prefill_scaling": (prefill_scaling.main, prefill_scaling.table),
               "sampling": (sampling.main, sampling.table),
               "moe": (moe.main, moe.table),
               "matmul_plan": (matmul_plan.main, matmul_plan.tables),
+              "all_reduce": (all_reduce.main, all_reduce.table),
+              "eager_floor": (eager_floor.main, eager_floor.table),
               "gpu": (gpu.main, gpu.tables)}
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench import (balance, decode, long_prompt, matmul_plan, moe, prefill_scaling, run_all, sliding_window,
+from bench import (all_reduce, balance, decode, eager_floor, long_prompt, matmul_plan, moe, prefill_scaling, run_all, sliding_window,
                    vs_transformers)
 from bench.common import machine_info, summarize, write_json
 from tests.multiproc import run_ranks
@@ -241,3 +241,28 @@ def test_matmul_plan_schema_and_step_sums(tmp_path):
             assert step["plan_ms"] == pytest.approx(sum(p["median_ms_per_step"][p["plan"]] for p in products), abs=0.02)
             assert step["x_wt_ms"] == pytest.approx(sum(p["median_ms_per_step"]["x_wt"] for p in products), abs=0.02)
     assert "| float32 | 8 |" in matmul_plan.tables(payload)
+
+
+def test_all_reduce_bench_schema(tmp_path):
+    payload = all_reduce.run("tiny", steps=2, reps=1)
+    assert payload["config"]["all_reduces_per_step"] == 2 * matmul_plan.SHAPES["tiny"][0]
+    assert [(r["rows"], r["setting"]) for r in payload["rows"]] == [
+        (rows, setting) for rows in all_reduce.ROWS for setting in ("idle", "in a decode step")]
+    for row in payload["rows"]:
+        assert all(row[t]["all_reduce_us"] > 0 and row[t]["step_ms"] > 0 for t in all_reduce.TRANSPORTS)
+    assert write_json("all_reduce", payload, machine_info(), results_dir=tmp_path).is_file()
+    assert "| 8 | in a decode step |" in all_reduce.table(payload)
+
+
+def test_eager_floor_steps_agree_across_formulations_and_schema(tmp_path):
+    model = eager_floor.BareDecoder("tiny", batch=3, context=5)
+    x = torch.randn(3, model.hidden)
+    reference = model.step(x, 5, lambda a, w: (a.double() @ w.double().T).float())
+    for name, formulation in matmul_plan.FORMULATIONS.items():
+        if name != "w_xt_two_rows":
+            torch.testing.assert_close(model.step(x, 5, formulation), reference, rtol=1e-4, atol=1e-5, msg=name)
+    payload = eager_floor.run("tiny", [1, 3], context=5, reps=1)
+    assert [(r["batch"], r["products"]) for r in payload["rows"]] == [
+        (b, p) for b in (1, 3) for p in ("x @ W^T", "fastest formulation")]
+    assert all(0 < r["products_ms"] < r["step_ms"] for r in payload["rows"])
+    assert "| 3 | fastest formulation |" in eager_floor.table(payload)
