@@ -248,9 +248,10 @@ class RuntimeConfig:
     ``collective_timeout_s`` bounds every collective (``cptoolkit.distributed.end_startup``). ``tune_matmuls``: on a CPU
     the inference engine times three equivalent formulations of each few-row linear product in its first decode
     steps and keeps the fastest, the same on every rank (``cptoolkit.models.matmul_plan``); false keeps megatron's
-    ``x @ W^T`` everywhere (bit for bit megatron's logits). ``shared_memory_all_reduce``: on a CPU the inference
-    engine sums the TP group's all-reduces through a shared-memory segment instead of gloo when the group's ranks
-    share one host and each has a core of its own (``cptoolkit.layers.shared_memory``; same bits at TP=2)."""
+    ``x @ W^T`` everywhere (bit for bit megatron's logits). ``shared_memory_collectives``: on a CPU the inference
+    engine runs the all-reduces and all-gathers of its TP, PCP and DCP groups through shared-memory segments instead
+    of gloo when a group's ranks share one host and each has a core of its own (``cptoolkit.layers.shared_memory``;
+    the same bits at 2 ranks)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float64"] = "float32"
@@ -258,7 +259,7 @@ class RuntimeConfig:
     startup_timeout_s: float = 300.0
     attention_backend: Literal["auto", "torch", "te"] = "auto"
     tune_matmuls: bool = True
-    shared_memory_all_reduce: bool = True
+    shared_memory_collectives: bool = True
 
     def __post_init__(self):
         require(self.collective_timeout_s > 0, "collective_timeout_s", self.collective_timeout_s,

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from cptoolkit.errors import OneLineParser
-from cptoolkit.layers.comm import route_all_reduce
+from cptoolkit.layers.comm import use_shared_memory
 from cptoolkit.layers.hierarchical_prefill import HierarchicalGroups
 from cptoolkit.layout import LEGEND, ParallelLayout, RankInfo, layout_report, render_layout
 
@@ -232,7 +232,7 @@ def destroy_model_parallel() -> None:
     hcp = () if groups.hcp_groups is None else (groups.hcp_groups.a2a_group, groups.hcp_groups.ring_group)
     for group in (groups.tp_group, groups.pcp_group, groups.dcp_group, groups.dp_group, groups.dp_pcp_group,
                   groups.replica_group, groups.self_group, *hcp, groups.ep_group, groups.etp_group):
-        route_all_reduce(group, None)
+        use_shared_memory(group, None)
         dist.destroy_process_group(group)
 
 

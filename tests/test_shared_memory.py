@@ -1,8 +1,8 @@
-"""The shared-memory sum all-reduce (``cptoolkit.layers.shared_memory``) gives gloo's sums: the same bits at two
-ranks, float64 agreement and identical bits on every rank at three and four; tensors larger than a slot (many
-pieces), back-to-back collectives with random delays (the two slot parities reused), every dtype the engine sums;
-a missing peer raises within the timeout and an exited one at once; the engine routes its TP group's all-reduces
-through it where each rank has a core of its own, and generates the same logits either way."""
+"""The shared-memory collectives (``cptoolkit.layers.shared_memory``) give gloo's results: all-gathers exactly, sums
+with the same bits at two ranks and float64 agreement and identical bits on every rank at three and four; tensors
+larger than a slot (many pieces), back-to-back collectives with random delays (the two slot parities reused), every
+dtype the engine exchanges; a missing peer raises within the timeout and an exited one at once; the engine uses
+them where each rank has a core of its own, and generates the same logits either way (TP=2, PCP=2 x DCP=2)."""
 import mmap
 import os
 import subprocess
@@ -17,7 +17,7 @@ from cptoolkit.inference.builder import build_engine
 from cptoolkit.inference.model_runner import ModelRunner
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.layers import comm
-from cptoolkit.layers.shared_memory import SharedMemoryAllReduce, shared_memory_all_reduce
+from cptoolkit.layers.shared_memory import SharedMemoryGroup, shared_memory_group
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
 
@@ -26,10 +26,10 @@ SHAPES = [(1,), (7,), (1, 8, 896), (3, 5, 11), (0,), (1000,), (2, 513)]
 
 def _sums(rank: int, world_size: int, slot_bytes: int):
     """This rank's shared-memory sums and gloo's, over random tensors of several shapes and dtypes, with random
-    delays between collectives so that ranks arrive in every order."""
+    delays between collectives so that ranks arrive in every order; each all-gather checked against gloo's."""
     import torch.distributed as dist
 
-    channel = SharedMemoryAllReduce.open(dist.group.WORLD, timeout_s=30, slot_bytes=slot_bytes)
+    channel = SharedMemoryGroup.open(dist.group.WORLD, timeout_s=30, slot_bytes=slot_bytes)
     assert channel is not None
     delays = torch.Generator().manual_seed(100 + rank)
     got, want = [], []
@@ -42,6 +42,9 @@ def _sums(rank: int, world_size: int, slot_bytes: int):
                 dist.all_reduce(reference)
                 if torch.rand((), generator=delays) < 0.3:
                     time.sleep(float(torch.rand((), generator=delays)) * 2e-3)
+                gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+                dist.all_gather(gathered, tensor)
+                assert torch.equal(channel.all_gather(tensor), torch.stack(gathered))
                 assert channel.all_reduce_(tensor) is tensor
                 got.append(tensor)
                 want.append(reference)
@@ -53,7 +56,7 @@ def test_sums_equal_gloos(world_size, slot_bytes):
     results = run_ranks(world_size, _sums, slot_bytes)
     first_got = results[0][0]
     for rank, (got, want, collectives) in enumerate(results):
-        assert collectives >= len(got) - 3 * 4  # one per piece; an empty tensor is none
+        assert collectives >= 2 * (len(got) - 3 * 4)  # one per piece; an empty tensor is none
         for index, (g, w) in enumerate(zip(got, want)):
             assert torch.equal(g, first_got[index]), f"rank {rank}, tensor {index}: ranks disagree"
             if world_size == 2 or g.dtype in (torch.int64,):
@@ -71,7 +74,7 @@ def _many_back_to_back(rank: int, world_size: int):
     would change that peer's sum."""
     import torch.distributed as dist
 
-    channel = SharedMemoryAllReduce.open(dist.group.WORLD, timeout_s=30, slot_bytes=64)
+    channel = SharedMemoryGroup.open(dist.group.WORLD, timeout_s=30, slot_bytes=64)
     sums = [channel.all_reduce_(torch.full((16,), float(rank * 1000 + step))) for step in range(500)]
     return [s.unique().tolist() for s in sums]
 
@@ -82,17 +85,17 @@ def test_back_to_back_collectives_never_overwrite_a_slot_still_read():
         assert sums == [[float(3 * step + 1000 * (0 + 1 + 2))] for step in range(500)], f"rank {rank}"
 
 
-def _lone_channel(peer_pid: int, timeout_s: float) -> SharedMemoryAllReduce:
+def _lone_channel(peer_pid: int, timeout_s: float) -> SharedMemoryGroup:
     """Member 0 of a two-member channel whose member 1 (``peer_pid``) never arrives."""
     segment = mmap.mmap(-1, 2 * 64 + 2 * 2 * 64)
-    return SharedMemoryAllReduce(segment, 0, [os.getpid(), peer_pid], slot_bytes=64, timeout_s=timeout_s,
+    return SharedMemoryGroup(segment, 0, [os.getpid(), peer_pid], slot_bytes=64, timeout_s=timeout_s,
                                  label="test")
 
 
 def test_a_peer_that_never_arrives_raises_within_the_timeout():
     channel = _lone_channel(os.getpid(), timeout_s=0.6)
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"all_reduce over shared memory \(test\) timed out after 0.6 s waiting "
+    with pytest.raises(TimeoutError, match=r"collective over shared memory \(test\) timed out after 0.6 s waiting "
                                            r"for member 1 \(runtime.collective_timeout_s"):
         channel.all_reduce_(torch.ones(4))
     assert time.monotonic() - start < 0.6 + 2.0
@@ -110,7 +113,7 @@ def test_a_peer_that_has_exited_raises_at_once():
 def _routed(rank: int, world_size: int):
     import torch.distributed as dist
 
-    channel = shared_memory_all_reduce(dist.group.WORLD, timeout_s=30)
+    channel = shared_memory_group(dist.group.WORLD, timeout_s=30)
     return channel is not None, len(os.sched_getaffinity(0))
 
 
@@ -125,34 +128,49 @@ MODEL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 8, "num_kv_h
          "vocab_size": 320, "max_seq_len": 96, "seed": 7}
 
 
-def _engine_logits(rank: int, world_size: int, shared_memory: bool):
-    cfg = config_from_dict({"parallel": {"tp": 2}, "model": MODEL,
+def _engine_logits(rank: int, world_size: int, layout: dict, shared_memory: bool):
+    """Every prefill and decode step's logits, the greedy tokens, and the collectives each group ran through shared
+    memory (None: the group has no segment)."""
+    cfg = config_from_dict({"parallel": layout, "model": MODEL,
                             "runtime": {"device": "cpu", "tune_matmuls": False,
-                                        "shared_memory_all_reduce": shared_memory},
+                                        "shared_memory_collectives": shared_memory},
                             "inference": {"prompts": ["x"], "batch_size": 2, "kv_block_size": 4}}, source="<test>")
-    groups = initialize_model_parallel(tp=2, pcp=1, dcp=1, num_heads=8, num_kv_heads=2)
+    groups = initialize_model_parallel(**layout, num_heads=8, num_kv_heads=2)
     try:
         engine = build_engine(cfg, groups, torch.device("cpu"))
-        channel = comm._SHARED_MEMORY.get(groups.tp_group)
-        steps, decode = [], ModelRunner.decode
+        channels = {name: comm._SHARED_MEMORY.get(getattr(groups, f"{name}_group")) for name in ("tp", "pcp", "dcp")}
+        steps, decode, prefill = [], ModelRunner.decode, ModelRunner.prefill
 
         def recording_decode(self, *args):
             steps.append(decode(self, *args).clone())
             return steps[-1]
 
-        ModelRunner.decode = recording_decode
+        def recording_prefill(self, *args):
+            logits, lengths = prefill(self, *args)
+            steps.append(logits.clone())
+            return logits, lengths
+
+        ModelRunner.decode, ModelRunner.prefill = recording_decode, recording_prefill
         results = engine.generate(["a b a b", "xyz"], SamplingParams(temperature=0.0, max_new_tokens=5))
-        return steps, [r.token_ids for r in results], None if channel is None else channel.collectives
+        used = {name: None if channel is None else channel.collectives for name, channel in channels.items()}
+        return steps, [r.token_ids for r in results], used
     finally:
         destroy_model_parallel()
 
 
-def test_the_engine_at_tp2_sums_through_shared_memory_with_gloos_logits():
+@pytest.mark.parametrize("layout,groups_used", [
+    ({"tp": 2, "pcp": 1, "dcp": 1}, {"tp"}), ({"tp": 1, "pcp": 2, "dcp": 2}, {"pcp", "dcp"})])
+def test_the_engine_on_two_ranks_uses_shared_memory_with_gloos_logits(layout, groups_used):
+    """TP=2: the replayed layers' all-reduces and the logits' all-gather; PCP=2 x DCP=2: the DCP decode all-gathers
+    (one a layer and step) and the PCP group's."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core: the engine keeps gloo (a polling rank would take its peer's core)")
-    routed = run_ranks(2, _engine_logits, True)
-    gloo = run_ranks(2, _engine_logits, False)
-    for rank, ((steps, tokens, collectives), (want_steps, want_tokens, no_channel)) in enumerate(zip(routed, gloo)):
-        assert no_channel is None and collectives >= 2 * MODEL["num_layers"] * 4, (rank, collectives)
+    shared = run_ranks(2, _engine_logits, layout, True)
+    gloo = run_ranks(2, _engine_logits, layout, False)
+    for rank, ((steps, tokens, used), (want_steps, want_tokens, unused)) in enumerate(zip(shared, gloo)):
+        assert set(unused.values()) == {None}, unused
+        assert {name for name, count in used.items() if count} == groups_used, used
         assert tokens == want_tokens
-        assert all(torch.equal(a, b) for a, b in zip(steps, want_steps)) and len(steps) == len(want_steps) == 4
+        assert len(steps) == len(want_steps) >= 5
+        for step, (got, want) in enumerate(zip(steps, want_steps)):
+            assert torch.equal(got, want), f"rank {rank}, step {step}: {(got - want).abs().max().item():.3e}"

@@ -17,9 +17,9 @@ from cptoolkit.layers.dcp_decode import shard_length
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.inference.speculative import NgramProposer
 from cptoolkit.layers.core_attention import AttentionRuntime
-from cptoolkit.layers.comm import route_all_reduce
+from cptoolkit.layers.comm import use_shared_memory
 from cptoolkit.layers.dcp_decode import DecodeGroup
-from cptoolkit.layers.shared_memory import shared_memory_all_reduce
+from cptoolkit.layers.shared_memory import shared_memory_group
 from cptoolkit.models.checkpoint import load_model_checkpoint
 from cptoolkit.models.from_config import DTYPES, model_from_config
 from cptoolkit.models.gpt import CPGPTModel
@@ -221,7 +221,7 @@ def build_engine(cfg: Config, groups: ParallelGroups, device: torch.device,
     runtime = attention_runtime(cfg, groups)
     model = model_from_config(cfg, groups, runtime).to(device).eval()
     tune_matmuls(cfg, model, groups)
-    route_tp_all_reduce(cfg, groups, device)
+    use_shared_memory_collectives(cfg, groups, device)
     tokenizer = ByteTokenizer() if cfg.model.checkpoint is None else load_tokenizer(cfg.model.checkpoint)
     request_lens = None if requests is None else [
         len(tokenizer.encode(p) if isinstance(p, str) else p) + cfg.inference.max_new_tokens for p in requests]
@@ -250,12 +250,14 @@ def tune_matmuls(cfg: Config, model: CPGPTModel, groups: ParallelGroups) -> None
         model.matmul_plan = MatmulPlan(tune=True, group=groups.replica_group)
 
 
-def route_tp_all_reduce(cfg: Config, groups: ParallelGroups, device: torch.device) -> None:
-    """With ``runtime.shared_memory_all_reduce`` on a CPU, send the TP group's sum all-reduces (two per replayed
-    layer) through shared memory where ``shared_memory_all_reduce`` finds it pays; gloo otherwise. Collective on
-    the default group and the TP group."""
-    if cfg.runtime.shared_memory_all_reduce and device.type == "cpu":
-        route_all_reduce(groups.tp_group, shared_memory_all_reduce(groups.tp_group, cfg.runtime.collective_timeout_s))
+def use_shared_memory_collectives(cfg: Config, groups: ParallelGroups, device: torch.device) -> None:
+    """With ``runtime.shared_memory_collectives`` on a CPU, run the TP group's all-reduces (two per replayed layer)
+    and the logits' all-gather, the DCP group's decode all-gathers and the PCP group's all-gathers through shared
+    memory where ``shared_memory_group`` finds it pays; gloo otherwise. Collective on the default group and on
+    these groups."""
+    if cfg.runtime.shared_memory_collectives and device.type == "cpu":
+        for group in (groups.tp_group, groups.pcp_group, groups.dcp_group):
+            use_shared_memory(group, shared_memory_group(group, cfg.runtime.collective_timeout_s))
 
 
 def groups_for(groups: ParallelGroups, shape: GPTShape) -> ParallelGroups:

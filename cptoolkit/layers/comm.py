@@ -5,8 +5,9 @@ Each wrapper runs one ``torch.distributed`` collective on an explicit group and,
 assert these counts (e.g. DCP decode ``a2a`` = 2 collectives per layer and step, ``ag_rs`` = 3) and
 benchmarks report them.
 
-A group given a ``SharedMemoryAllReduce`` (``route_all_reduce``: its members all on one host) sums its CPU all-reduces
-through that segment instead of gloo (``cptoolkit.layers.shared_memory``); the other collectives stay on gloo.
+A group given a ``SharedMemoryGroup`` (``use_shared_memory``: its members all on one host) runs its CPU all-gathers and
+sum all-reduces through that segment instead of gloo (``cptoolkit.layers.shared_memory``); the other collectives stay
+on gloo.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from cptoolkit.layers.shared_memory import SharedMemoryAllReduce
+from cptoolkit.layers.shared_memory import SharedMemoryGroup
 
-_SHARED_MEMORY: dict[ProcessGroup, SharedMemoryAllReduce] = {}
+_SHARED_MEMORY: dict[ProcessGroup, SharedMemoryGroup] = {}
 
 
 @dataclass
@@ -69,6 +70,10 @@ def _record(stats: CommStats | None, name: str, tensor: torch.Tensor) -> None:
 
 def all_gather(tensor: torch.Tensor, group: ProcessGroup, stats: CommStats | None = None) -> torch.Tensor:
     """Gather ``tensor`` from every member of ``group``: returns ``[group_size, *tensor.shape]``."""
+    shared_memory = _SHARED_MEMORY.get(group)
+    if shared_memory is not None and tensor.device.type == "cpu":
+        _record(stats, "all_gather", tensor)
+        return shared_memory.all_gather(tensor)
     size = dist.get_world_size(group)
     # Flat buffers: gloo wants the output as a dim-0 concatenation of the inputs.
     out = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
@@ -98,7 +103,7 @@ def all_to_all(stacked: torch.Tensor, group: ProcessGroup, stats: CommStats | No
 def all_reduce(tensor: torch.Tensor, group: ProcessGroup, op=dist.ReduceOp.SUM,
                stats: CommStats | None = None) -> torch.Tensor:
     """In-place all-reduce of ``tensor`` over ``group``; returns it. A sum of a contiguous CPU tensor goes through
-    the group's shared-memory segment where it has one (``route_all_reduce``)."""
+    the group's shared-memory segment where it has one (``use_shared_memory``)."""
     _record(stats, "all_reduce", tensor)
     shared_memory = _SHARED_MEMORY.get(group)
     if shared_memory is not None and op == dist.ReduceOp.SUM and tensor.device.type == "cpu" \
@@ -108,9 +113,9 @@ def all_reduce(tensor: torch.Tensor, group: ProcessGroup, op=dist.ReduceOp.SUM,
     return tensor
 
 
-def route_all_reduce(group: ProcessGroup, shared_memory: SharedMemoryAllReduce | None) -> None:
-    """Send ``group``'s sum all-reduces through ``shared_memory`` from now on (None: back to gloo). Every member of
-    ``group`` must route alike."""
+def use_shared_memory(group: ProcessGroup, shared_memory: SharedMemoryGroup | None) -> None:
+    """Run ``group``'s CPU all-gathers and sum all-reduces through ``shared_memory`` from now on (None: gloo again).
+    Every member of ``group`` must choose alike."""
     if shared_memory is None:
         _SHARED_MEMORY.pop(group, None)
     else:

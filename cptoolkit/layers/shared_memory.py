@@ -1,12 +1,12 @@
-"""A sum all-reduce between the ranks of one process group on one host, through a shared-memory segment.
+"""Sum all-reduce and all-gather between the ranks of one process group on one host, through a shared-memory segment.
 
 Why: on a CPU, gloo's all-reduce of a decode step's activation (``[1, 8, 896]`` float32, 28 KiB) costs about 0.13 ms
 between two idle ranks but 1.0-1.5 ms inside a decode step, where each one is handed through gloo's TCP threads and
 every hand-off waits for a core the peer's compute also wants (``bench/all_reduce.py``; docs/results.md). Here each
-member copies its tensor into its own slot of a segment every member has mapped, publishes a sequence number, polls
-until every member's number has reached it, and sums the slots in member order: the same operations on the same
-bytes on every member, so every member ends with the same bits (with two members, gloo's bits too: ``a + b`` and
-``b + a`` round alike).
+member copies its tensor into its own slot of a segment every member has mapped, publishes a sequence number and
+polls until every member's number has reached it; then an all-gather copies the slots out in member order, and an
+all-reduce sums them in member order: the same operations on the same bytes on every member, so every member ends
+with the same bits (with two members, gloo's bits too: ``a + b`` and ``b + a`` round alike).
 
 Segment: one sequence counter per member, each on a 64-byte line of its own, then two parities x members slots of
 ``slot_bytes``. Collective ``n`` uses the slots of parity ``n % 2``; a member writes collective ``n + 2``'s slot
@@ -16,7 +16,7 @@ only after it has seen every counter reach ``n + 1``, that is after every member
 Memory order: a member's slot must be visible before its counter. x86-64 keeps ordinary stores in program order; the
 non-temporal and fast-string stores a large copy may use are ordered by any locked instruction, which ``_fence``
 issues (a lock's compare-and-exchange) between the copy and the counter. Other architectures order stores less
-strictly, and ``shared_memory_all_reduce`` leaves them to gloo.
+strictly, and ``shared_memory_group`` leaves them to gloo.
 
 Waiting: a member polls the counters, yields its core between polls after ``_SPIN_S``, and raises ``TimeoutError``
 naming the collective when a peer has not arrived within the timeout, or at once when a peer's process has exited
@@ -63,9 +63,9 @@ def _process_exited(pid: int) -> bool:
         return False
 
 
-class SharedMemoryAllReduce:
-    """In-place sum all-reduce over the members of one process group, all on this host (``open``: a collective on
-    the group). ``all_reduce_`` takes any contiguous CPU tensor of the same shape and dtype on every member."""
+class SharedMemoryGroup:
+    """Collectives over the members of one process group, all on this host (``open``: a collective on the group):
+    ``all_reduce_`` (sum, in place) and ``all_gather``, of CPU tensors of the same shape and dtype on every member."""
 
     def __init__(self, segment: mmap.mmap, member: int, member_pids: list[int], slot_bytes: int, timeout_s: float,
                  label: str):
@@ -79,7 +79,7 @@ class SharedMemoryAllReduce:
 
     @classmethod
     def open(cls, group: ProcessGroup, timeout_s: float, slot_bytes: int = DEFAULT_SLOT_BYTES
-             ) -> Optional["SharedMemoryAllReduce"]:
+             ) -> Optional["SharedMemoryGroup"]:
         """Collective on ``group`` (every member calls it): member 0 creates a segment in ``/dev/shm`` (its space
         reserved up front, so a full ``/dev/shm`` fails here and not later with SIGBUS), every member maps it, and
         member 0 unlinks it once all have (nothing is left behind, whatever ends the job). None on every member when
@@ -106,14 +106,30 @@ class SharedMemoryAllReduce:
         return self._sequence
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` (contiguous, CPU) over the members in place, in member order; returns it."""
+        """Sum ``tensor`` (contiguous) over the members in place, in member order; returns it."""
         flat = tensor.view(-1)
         piece_numel = self._slot_bytes // tensor.element_size()
         for start in range(0, flat.numel(), piece_numel):
-            self._reduce_piece(flat[start:start + piece_numel])
+            piece = flat[start:start + piece_numel]
+            slots = self._exchange(piece)
+            piece.copy_(slots[0])
+            for member in range(1, len(self._member_pids)):
+                piece.add_(slots[member])
         return tensor
 
-    def _reduce_piece(self, piece: torch.Tensor) -> None:
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every member's ``tensor``, stacked in member order: ``[members, *tensor.shape]``."""
+        flat = tensor.contiguous().view(-1)
+        out = torch.empty(len(self._member_pids), flat.numel(), dtype=tensor.dtype)
+        piece_numel = self._slot_bytes // tensor.element_size()
+        for start in range(0, flat.numel(), piece_numel):
+            piece = flat[start:start + piece_numel]
+            out[:, start:start + piece.numel()].copy_(self._exchange(piece))
+        return out.view(len(self._member_pids), *tensor.shape)
+
+    def _exchange(self, piece: torch.Tensor) -> torch.Tensor:
+        """Publish ``piece`` (at most a slot) and wait for every member's: the slots ``[members, piece.numel()]``,
+        valid until this member's next-but-one collective."""
         self._sequence += 1
         sequence = self._sequence
         slots = self._slots[sequence % 2, :, : piece.numel() * piece.element_size()].view(piece.dtype)
@@ -121,9 +137,7 @@ class SharedMemoryAllReduce:
         _fence()
         self._counters[self._member * _WORDS_PER_LINE] = sequence
         self._wait_for(sequence)
-        piece.copy_(slots[0])
-        for member in range(1, len(self._member_pids)):
-            piece.add_(slots[member])
+        return slots
 
     def _wait_for(self, sequence: int) -> None:
         """Poll until every member's counter has reached ``sequence``."""
@@ -142,10 +156,10 @@ class SharedMemoryAllReduce:
     def _check_peer(self, member: int, waited_s: float) -> None:
         pid = self._member_pids[member]
         if _process_exited(pid):
-            raise RuntimeError(f"collective all_reduce over shared memory ({self._label}) failed: member {member} "
+            raise RuntimeError(f"collective over shared memory ({self._label}) failed: member {member} "
                                f"(pid {pid}) has exited")
         if waited_s > self._timeout_s:
-            raise TimeoutError(f"collective all_reduce over shared memory ({self._label}) timed out after "
+            raise TimeoutError(f"collective over shared memory ({self._label}) timed out after "
                                f"{self._timeout_s:g} s waiting for member {member} (runtime.collective_timeout_s; "
                                "a peer rank is stuck or gone)")
 
@@ -181,8 +195,8 @@ def _map_segment(path: str, segment_bytes: int) -> Optional[mmap.mmap]:
         os.close(fd)
 
 
-def shared_memory_all_reduce(group: ProcessGroup, timeout_s: float) -> Optional[SharedMemoryAllReduce]:
-    """A ``SharedMemoryAllReduce`` for ``group`` where it pays: more than one member, x86-64, every member on this
+def shared_memory_group(group: ProcessGroup, timeout_s: float) -> Optional[SharedMemoryGroup]:
+    """A ``SharedMemoryGroup`` for ``group`` where it pays: more than one member, x86-64, every member on this
     host, and no more ranks on this host than cores each member may run on (a member polling for its peers must
     not take the core a peer computes on). Collective on the default group (every rank calls it, with its own
     group), then on ``group``; None on every member of ``group`` otherwise."""
@@ -196,4 +210,4 @@ def shared_memory_all_reduce(group: ProcessGroup, timeout_s: float) -> Optional[
                                    and all(hosts[rank] == here for rank in members)
                                    and hosts.count(here) <= len(os.sched_getaffinity(0)))])
     dist.all_reduce(worthwhile, op=dist.ReduceOp.MIN, group=group)  # every member decides alike
-    return SharedMemoryAllReduce.open(group, timeout_s) if worthwhile.item() else None
+    return SharedMemoryGroup.open(group, timeout_s) if worthwhile.item() else None

@@ -17,6 +17,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from torch.distributed import ProcessGroup
 
+from cptoolkit.layers.comm import all_gather
 from cptoolkit.layers.core_attention import PREFILL, AttentionPhase, AttentionRuntime
 from cptoolkit.models import inference_layers, rope
 from cptoolkit.models.matmul_plan import MatmulPlan
@@ -93,11 +94,13 @@ class _TPCrossEntropy(torch.autograd.Function):
 
 
 def _gather_vocab(logits: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
-    """``[s, b, v_local]`` -> ``[s, b, v_padded]`` with one all-gather over ``tp_group``. Gradient
-    reaches only this rank's slice, as in megatron's gather-from-TP-region (which allocates its
+    """``[s, b, v_local]`` -> ``[s, b, v_padded]`` with one all-gather over ``tp_group`` (``comm.all_gather``, through
+    shared memory where the group has it, unless a gradient is to flow back). Gradient reaches only this rank's slice, as in megatron's gather-from-TP-region (which allocates its
     buffer with ``torch.cuda.current_device()`` and so cannot run on CPU)."""
     if tp_group.size() == 1:
         return logits
+    if not logits.requires_grad:
+        return all_gather(logits, tp_group).movedim(0, -2).flatten(-2)
     slices = [torch.empty_like(logits) for _ in range(tp_group.size())]
     dist.all_gather(slices, logits.detach().contiguous(), group=tp_group)
     slices[tp_group.rank()] = logits
