@@ -64,11 +64,15 @@ COLUMNS = {
     "cp_1rank": ("cp", 1, dict(tp=1, pcp=1, dcp=1), 1),
     "cp_tp2": ("cp", 2, dict(tp=2, pcp=1, dcp=1), 1),
     "cp_pcp2_dcp2": ("cp", 2, dict(tp=1, pcp=2, dcp=2), 1),
+    "cp_tp2_gloo": ("cp", 2, dict(tp=2, pcp=1, dcp=1), 1),
 }
+# runtime settings of a column beyond the defaults: TP=2 with every collective on gloo (no shared memory), for A/B runs
+COLUMN_RUNTIME = {"cp_tp2_gloo": {"shared_memory_collectives": False}}
 COLUMN_TITLES = {"hf_1t": "transformers 1 thread", "hf_2t": "transformers 2 threads", "cp_1rank": "cptoolkit 1 rank",
-                 "cp_tp2": "cptoolkit TP=2", "cp_pcp2_dcp2": "cptoolkit PCP=2 DCP=2"}
+                 "cp_tp2": "cptoolkit TP=2", "cp_pcp2_dcp2": "cptoolkit PCP=2 DCP=2",
+                 "cp_tp2_gloo": "cptoolkit TP=2, gloo only"}
 # The goal of issue #24: each cptoolkit column against the transformers column with as many cores.
-GOALS = {"cp_1rank": "hf_1t", "cp_tp2": "hf_2t", "cp_pcp2_dcp2": "hf_2t"}
+GOALS = {"cp_1rank": "hf_1t", "cp_tp2": "hf_2t", "cp_pcp2_dcp2": "hf_2t", "cp_tp2_gloo": "hf_2t"}
 FULL = dict(layers=None, prefill=(512, 2048, 8192), decode_batches=(1, 8), decode_prompt=128, new_tokens=16, reps=3,
             dtypes=("float32", "bfloat16"))
 QUICK = dict(layers=2, prefill=(64, 256), decode_batches=(1, 8), decode_prompt=32, new_tokens=4, reps=1,
@@ -215,7 +219,7 @@ def _worker(rank: int, world_size: int, port: int, column: str, checkpoint: str,
                                     timeout=datetime.timedelta(seconds=1800))
             cfg = config_from_dict({
                 "parallel": layout, "model": {"checkpoint": checkpoint},
-                "runtime": {"device": "cpu", "dtype": dtype},
+                "runtime": {"device": "cpu", "dtype": dtype, **COLUMN_RUNTIME.get(column, {})},
                 "inference": {"prompts": ["unused"], "batch_size": max_batch, "kv_block_size": KV_BLOCK,
                               "max_seq_len": max_len}}, source="<vs_transformers>")
             groups = initialize_model_parallel(tp=layout["tp"], pcp=layout["pcp"], dcp=layout["dcp"],
@@ -314,7 +318,7 @@ def _row_stats(case: dict, runs: list[list[dict]]) -> dict:
 def run(shape: dict, settings: dict, columns: list[str] | None = None, profile_dir: Path | None = None,
         timeout_s: float = 3600.0, log=print, arch: str = "qwen2") -> dict:
     """Build the checkpoints, run every row on every column for every dtype; the JSON payload."""
-    columns = list(columns or COLUMNS)
+    columns = list(columns or (c for c in COLUMNS if c not in COLUMN_RUNTIME))
     rows_all = cases(settings, shape["vocab_size"])
     max_len = max([len(c["prompts"][0]) + c["new_tokens"] for c in rows_all])
     max_batch = max(len(c["prompts"]) for c in rows_all)
@@ -419,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, help="tokens generated per decode request (default 16)")
     parser.add_argument("--reps", type=int, help="interleaved repetitions (default 3; --quick 1)")
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), help="default: both")
-    parser.add_argument("--columns", nargs="+", choices=list(COLUMNS), help="default: all five")
+    parser.add_argument("--columns", nargs="+", choices=list(COLUMNS), help="default: the five without runtime overrides (cp_tp2_gloo: A/B runs only)")
     parser.add_argument("--profile-dir", type=Path,
                         help="after the timed repetitions, run every row once more per column under cProfile "
                              "and write the stats here (one .prof per rank)")
