@@ -94,9 +94,10 @@ class _TPCrossEntropy(torch.autograd.Function):
 
 
 def _gather_vocab(logits: torch.Tensor, tp_group: ProcessGroup) -> torch.Tensor:
-    """``[s, b, v_local]`` -> ``[s, b, v_padded]`` with one all-gather over ``tp_group`` (``comm.all_gather``, through
-    shared memory where the group has it, unless a gradient is to flow back). Gradient reaches only this rank's slice, as in megatron's gather-from-TP-region (which allocates its
-    buffer with ``torch.cuda.current_device()`` and so cannot run on CPU)."""
+    """``[s, b, v_local]`` -> ``[s, b, v_padded]`` with one all-gather over ``tp_group``: ``comm.all_gather`` (through
+    shared memory where the group has it) when no gradient is to flow back; else ``torch.distributed``'s, and the
+    gradient reaches only this rank's slice, as in megatron's gather-from-TP-region (which allocates its buffer with
+    ``torch.cuda.current_device()`` and so cannot run on CPU)."""
     if tp_group.size() == 1:
         return logits
     if not logits.requires_grad:
