@@ -28,6 +28,7 @@ import mmap
 import os
 import platform
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -111,7 +112,7 @@ class SharedMemoryGroup:
         piece_numel = self._slot_bytes // tensor.element_size()
         for start in range(0, flat.numel(), piece_numel):
             piece = flat[start:start + piece_numel]
-            slots = self._exchange(piece)
+            slots = self._exchange(piece, "all_reduce")
             piece.copy_(slots[0])
             for member in range(1, len(self._member_pids)):
                 piece.add_(slots[member])
@@ -124,22 +125,22 @@ class SharedMemoryGroup:
         piece_numel = self._slot_bytes // tensor.element_size()
         for start in range(0, flat.numel(), piece_numel):
             piece = flat[start:start + piece_numel]
-            out[:, start:start + piece.numel()].copy_(self._exchange(piece))
+            out[:, start:start + piece.numel()].copy_(self._exchange(piece, "all_gather"))
         return out.view(len(self._member_pids), *tensor.shape)
 
-    def _exchange(self, piece: torch.Tensor) -> torch.Tensor:
+    def _exchange(self, piece: torch.Tensor, collective: str) -> torch.Tensor:
         """Publish ``piece`` (at most a slot) and wait for every member's: the slots ``[members, piece.numel()]``,
-        valid until this member's next-but-one collective."""
+        valid until this member's next-but-one collective. ``collective`` names the caller in a failure."""
         self._sequence += 1
         sequence = self._sequence
         slots = self._slots[sequence % 2, :, : piece.numel() * piece.element_size()].view(piece.dtype)
         slots[self._member].copy_(piece)
         _fence()
         self._counters[self._member * _WORDS_PER_LINE] = sequence
-        self._wait_for(sequence)
+        self._wait_for(sequence, collective)
         return slots
 
-    def _wait_for(self, sequence: int) -> None:
+    def _wait_for(self, sequence: int, collective: str) -> None:
         """Poll until every member's counter has reached ``sequence``."""
         counters = self._counters
         start = time.perf_counter()
@@ -150,18 +151,19 @@ class SharedMemoryGroup:
                 if now - start > _SPIN_S:
                     os.sched_yield()
                 if now > next_check:
-                    self._check_peer(member, now - start)
+                    self._check_peer(member, now - start, collective)
                     next_check = now + _LIVENESS_S
 
-    def _check_peer(self, member: int, waited_s: float) -> None:
+    def _check_peer(self, member: int, waited_s: float, collective: str) -> None:
+        """Raise when member ``member`` has exited, or has kept this one waiting longer than the timeout (the
+        message in the form ``cptoolkit.distributed`` logs gloo's timeouts in)."""
         pid = self._member_pids[member]
+        where = f"collective {collective} over shared memory ({self._label})"
         if _process_exited(pid):
-            raise RuntimeError(f"collective over shared memory ({self._label}) failed: member {member} "
-                               f"(pid {pid}) has exited")
+            raise RuntimeError(f"{where} failed: member {member} (pid {pid}) has exited")
         if waited_s > self._timeout_s:
-            raise TimeoutError(f"collective over shared memory ({self._label}) timed out after "
-                               f"{self._timeout_s:g} s waiting for member {member} (runtime.collective_timeout_s; "
-                               "a peer rank is stuck or gone)")
+            raise TimeoutError(f"{where} timed out (runtime.collective_timeout_s; a peer rank is stuck or gone): "
+                               f"waited {self._timeout_s:g} s for member {member}")
 
 
 def _create_segment(segment_bytes: int) -> Optional[str]:
@@ -196,8 +198,8 @@ def _map_segment(path: str, segment_bytes: int) -> Optional[mmap.mmap]:
 
 
 def shared_memory_group(group: ProcessGroup, timeout_s: float) -> Optional[SharedMemoryGroup]:
-    """A ``SharedMemoryGroup`` for ``group`` where it pays: more than one member, x86-64, every member on this
-    host, and no more ranks on this host than cores each member may run on (a member polling for its peers must
+    """A ``SharedMemoryGroup`` for ``group`` where it pays: more than one member, Linux (``/dev/shm``, ``/proc``) on
+    x86-64, every member on this host, and no more ranks on this host than cores each member may run on (a member polling for its peers must
     not take the core a peer computes on). Collective on the default group (every rank calls it, with its own
     group), then on ``group``; None on every member of ``group`` otherwise."""
     hosts: list = [None] * dist.get_world_size()
@@ -206,7 +208,7 @@ def shared_memory_group(group: ProcessGroup, timeout_s: float) -> Optional[Share
     if len(members) == 1:
         return None
     here = hosts[dist.get_rank()]
-    worthwhile = torch.tensor([int(platform.machine() in ("x86_64", "AMD64")
+    worthwhile = torch.tensor([int(sys.platform.startswith("linux") and platform.machine() == "x86_64"
                                    and all(hosts[rank] == here for rank in members)
                                    and hosts.count(here) <= len(os.sched_getaffinity(0)))])
     dist.all_reduce(worthwhile, op=dist.ReduceOp.MIN, group=group)  # every member decides alike
