@@ -199,9 +199,9 @@ def _map_segment(path: str, segment_bytes: int) -> Optional[mmap.mmap]:
 
 def shared_memory_group(group: ProcessGroup, timeout_s: float) -> Optional[SharedMemoryGroup]:
     """A ``SharedMemoryGroup`` for ``group`` where it pays: more than one member, Linux (``/dev/shm``, ``/proc``) on
-    x86-64, every member on this host, and no more ranks on this host than cores each member may run on (a member polling for its peers must
-    not take the core a peer computes on). Collective on the default group (every rank calls it, with its own
-    group), then on ``group``; None on every member of ``group`` otherwise."""
+    x86-64, every member on this host, and no more ranks on this host than cores each member may run on (a member
+    polling for its peers must not take the core a peer computes on). Collective on the default group (every rank
+    calls it, with its own group), then on ``group``; None on every member of ``group`` otherwise."""
     hosts: list = [None] * dist.get_world_size()
     dist.all_gather_object(hosts, socket.gethostname())
     members = dist.get_process_group_ranks(group)
