@@ -25,8 +25,9 @@ SHAPES = [(1,), (7,), (1, 8, 896), (3, 5, 11), (0,), (1000,), (2, 513)]
 
 
 def _sums(rank: int, world_size: int, slot_bytes: int):
-    """This rank's shared-memory sums and gloo's, over random tensors of several shapes and dtypes, with random
-    delays between collectives so that ranks arrive in every order; each all-gather checked against gloo's."""
+    """This rank's shared-memory sums (all-reduce, reduce-scatter) and gloo's, over random tensors of several shapes
+    and dtypes, with random delays between collectives so that ranks arrive in every order; each all-gather and
+    all-to-all checked against gloo's here."""
     import torch.distributed as dist
 
     channel = SharedMemoryGroup.open(dist.group.WORLD, timeout_s=30, slot_bytes=slot_bytes)
@@ -45,28 +46,37 @@ def _sums(rank: int, world_size: int, slot_bytes: int):
                 gathered = [torch.empty_like(tensor) for _ in range(world_size)]
                 dist.all_gather(gathered, tensor)
                 assert torch.equal(channel.all_gather(tensor), torch.stack(gathered))
+                stacked = (torch.randn((world_size, *shape), generator=values) * 100).to(dtype)
+                exchanged = torch.empty_like(stacked)
+                dist.all_to_all_single(exchanged, stacked)
+                assert torch.equal(channel.all_to_all(stacked), exchanged)
+                scattered = torch.empty(shape, dtype=dtype)
+                dist.reduce_scatter_single(scattered.view(-1), stacked.view(-1))  # gloo: flat buffers
+                got.append(("reduce_scatter", channel.reduce_scatter(stacked)))
+                want.append(scattered)
                 assert channel.all_reduce_(tensor) is tensor
-                got.append(tensor)
+                got.append(("all_reduce", tensor))
                 want.append(reference)
     return got, want, channel.collectives
 
 
-@pytest.mark.parametrize("world_size,slot_bytes", [(2, 1 << 20), (2, 256), (3, 1 << 20), (4, 96)])
-def test_sums_equal_gloos(world_size, slot_bytes):
+@pytest.mark.parametrize("world_size,slot_bytes", [(2, 1 << 20), (2, 256), (3, 1 << 20), (4, 128)])
+def test_results_equal_gloos(world_size, slot_bytes):
     results = run_ranks(world_size, _sums, slot_bytes)
     first_got = results[0][0]
     for rank, (got, want, collectives) in enumerate(results):
-        assert collectives >= 2 * (len(got) - 3 * 4)  # one per piece; an empty tensor is none
-        for index, (g, w) in enumerate(zip(got, want)):
-            assert torch.equal(g, first_got[index]), f"rank {rank}, tensor {index}: ranks disagree"
+        assert collectives >= 4 * (len(got) // 2 - 3 * 4)  # one per piece; an empty tensor is none
+        for index, ((kind, g), w) in enumerate(zip(got, want)):
+            if kind == "all_reduce":
+                assert torch.equal(g, first_got[index][1]), f"rank {rank}, tensor {index}: ranks disagree"
             if world_size == 2 or g.dtype in (torch.int64,):
-                assert torch.equal(g, w), f"rank {rank}, tensor {index} ({g.dtype}, {tuple(g.shape)}): " \
+                assert torch.equal(g, w), f"rank {rank}, {kind} {index} ({g.dtype}, {tuple(g.shape)}): " \
                                           f"max diff {(g.double() - w.double()).abs().max().item() if g.numel() else 0}"
             else:  # gloo sums in ring order, the segment in member order: the same sum, rounded differently
                 # (bfloat16: partial sums of |x| < 400 rounded to 8 bits, a few units apart)
                 bf16 = g.dtype == torch.bfloat16
                 torch.testing.assert_close(g.double(), w.double(), rtol=1e-2 if bf16 else 1e-6,
-                                           atol=4.0 if bf16 else 1e-3, msg=f"rank {rank}, tensor {index} ({g.dtype})")
+                                           atol=4.0 if bf16 else 1e-3, msg=f"rank {rank}, {kind} {index} ({g.dtype})")
 
 
 def _many_back_to_back(rank: int, world_size: int):
@@ -136,7 +146,8 @@ def _engine_logits(rank: int, world_size: int, layout: dict, shared_memory: bool
                             "runtime": {"device": "cpu", "tune_matmuls": False,
                                         "shared_memory_collectives": shared_memory},
                             "inference": {"prompts": ["x"], "batch_size": 2, "kv_block_size": 4}}, source="<test>")
-    groups = initialize_model_parallel(**layout, num_heads=8, num_kv_heads=2)
+    groups = initialize_model_parallel(tp=layout["tp"], pcp=layout["pcp"], dcp=layout["dcp"], num_heads=8,
+                                       num_kv_heads=2)
     try:
         engine = build_engine(cfg, groups, torch.device("cpu"))
         channels = {name: comm._SHARED_MEMORY.get(getattr(groups, f"{name}_group")) for name in ("tp", "pcp", "dcp")}
@@ -160,10 +171,13 @@ def _engine_logits(rank: int, world_size: int, layout: dict, shared_memory: bool
 
 
 @pytest.mark.parametrize("layout,groups_used", [
-    ({"tp": 2, "pcp": 1, "dcp": 1}, {"tp"}), ({"tp": 1, "pcp": 2, "dcp": 2}, {"pcp", "dcp"})])
+    ({"tp": 2, "pcp": 1, "dcp": 1}, {"tp"}), ({"tp": 1, "pcp": 2, "dcp": 2}, {"pcp", "dcp"}),
+    ({"tp": 2, "pcp": 1, "dcp": 2, "decode_comm": "a2a"}, {"tp", "dcp"}),
+    ({"tp": 2, "pcp": 1, "dcp": 2, "decode_comm": "ag_rs"}, {"tp", "dcp"})])
 def test_the_engine_on_two_ranks_uses_shared_memory_with_gloos_logits(layout, groups_used):
     """TP=2: the replayed layers' all-reduces and the logits' all-gather; PCP=2 x DCP=2: the DCP decode all-gathers
-    (one a layer and step) and the PCP group's."""
+    (one a layer and step) and the PCP group's; TP=2 x DCP=2: the DCP decode's all-gather of q|k|v and its combine,
+    an all-to-all (``a2a``) or an all-gather and a reduce-scatter (``ag_rs``)."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core: the engine keeps gloo (a polling rank would take its peer's core)")
     shared = run_ranks(2, _engine_logits, layout, True)

@@ -5,9 +5,9 @@ Each wrapper runs one ``torch.distributed`` collective on an explicit group and,
 assert these counts (e.g. DCP decode ``a2a`` = 2 collectives per layer and step, ``ag_rs`` = 3) and
 benchmarks report them.
 
-A group given a ``SharedMemoryGroup`` (``use_shared_memory``: its members all on one host) runs its CPU all-gathers and
-sum all-reduces through that segment instead of gloo (``cptoolkit.layers.shared_memory``); the other collectives stay
-on gloo.
+A group given a ``SharedMemoryGroup`` (``use_shared_memory``: its members all on one host) runs its CPU all-gathers,
+all-to-alls, reduce-scatters and sum all-reduces through that segment instead of gloo
+(``cptoolkit.layers.shared_memory``); ``send_recv`` stays on gloo.
 """
 from __future__ import annotations
 
@@ -84,6 +84,10 @@ def all_gather(tensor: torch.Tensor, group: ProcessGroup, stats: CommStats | Non
 
 def reduce_scatter(stacked: torch.Tensor, group: ProcessGroup, stats: CommStats | None = None) -> torch.Tensor:
     """Sum ``stacked [group_size, ...]`` over the group; member ``i`` receives entry ``i``."""
+    shared_memory = _SHARED_MEMORY.get(group)
+    if shared_memory is not None and stacked.device.type == "cpu":
+        _record(stats, "reduce_scatter", stacked)
+        return shared_memory.reduce_scatter(stacked)
     out = torch.empty(stacked[0].numel(), dtype=stacked.dtype, device=stacked.device)
     _record(stats, "reduce_scatter", stacked)
     dist.reduce_scatter_single(out, stacked.contiguous().view(-1), group=group)
@@ -94,6 +98,10 @@ def all_to_all(stacked: torch.Tensor, group: ProcessGroup, stats: CommStats | No
     """Send entry ``i`` of ``stacked [group_size, ...]`` to member ``i``; returns what each member sent
     to this rank, stacked in member order (a dense tensor even when ``stacked`` is strided:
     ``all_to_all_single`` writes its output as if it were flat)."""
+    shared_memory = _SHARED_MEMORY.get(group)
+    if shared_memory is not None and stacked.device.type == "cpu":
+        _record(stats, "all_to_all", stacked)
+        return shared_memory.all_to_all(stacked)
     out = torch.empty(stacked.shape, dtype=stacked.dtype, device=stacked.device)
     _record(stats, "all_to_all", stacked)
     dist.all_to_all_single(out, stacked.contiguous(), group=group)
@@ -114,8 +122,8 @@ def all_reduce(tensor: torch.Tensor, group: ProcessGroup, op=dist.ReduceOp.SUM,
 
 
 def use_shared_memory(group: ProcessGroup, shared_memory: SharedMemoryGroup | None) -> None:
-    """Run ``group``'s CPU all-gathers and sum all-reduces through ``shared_memory`` from now on (None: gloo again).
-    Every member of ``group`` must choose alike."""
+    """Run ``group``'s CPU all-gathers, all-to-alls, reduce-scatters and sum all-reduces through ``shared_memory``
+    from now on (None: gloo again). Every member of ``group`` must choose alike."""
     if shared_memory is None:
         _SHARED_MEMORY.pop(group, None)
     else:

@@ -1,11 +1,12 @@
-"""Sum all-reduce and all-gather between the ranks of one process group on one host, through a shared-memory segment.
+"""Collectives between the ranks of one process group on one host, through a shared-memory segment.
 
 Why: on a CPU, gloo's all-reduce of a decode step's activation (``[1, 8, 896]`` float32, 28 KiB) costs about 0.13 ms
 between two idle ranks but 1.0-1.5 ms inside a decode step, where each one is handed through gloo's TCP threads and
 every hand-off waits for a core the peer's compute also wants (``bench/all_reduce.py``; docs/results.md). Here each
 member copies its tensor into its own slot of a segment every member has mapped, publishes a sequence number and
-polls until every member's number has reached it; then an all-gather copies the slots out in member order, and an
-all-reduce sums them in member order: the same operations on the same bytes on every member, so every member ends
+polls until every member's number has reached it; then an all-gather copies the slots out in member order, an
+all-to-all the part of each slot meant for it, an all-reduce sums the slots and a reduce-scatter the parts meant for it,
+in member order: the same operations on the same bytes on every member, so every member ends
 with the same bits (with two members, gloo's bits too: ``a + b`` and ``b + a`` round alike).
 
 Segment: one sequence counter per member, each on a 64-byte line of its own, then two parities x members slots of
@@ -66,11 +67,15 @@ def _process_exited(pid: int) -> bool:
 
 class SharedMemoryGroup:
     """Collectives over the members of one process group, all on this host (``open``: a collective on the group):
-    ``all_reduce_`` (sum, in place) and ``all_gather``, of CPU tensors of the same shape and dtype on every member."""
+    ``all_reduce_`` (sum, in place), ``all_gather``, ``all_to_all`` and ``reduce_scatter`` (sum), of CPU tensors of the
+    same shape and dtype on every member."""
 
     def __init__(self, segment: mmap.mmap, member: int, member_pids: list[int], slot_bytes: int, timeout_s: float,
                  label: str):
         members = len(member_pids)
+        if slot_bytes % _LINE_BYTES or slot_bytes < members * 8:
+            raise ValueError(f"slot_bytes = {slot_bytes} must be a multiple of {_LINE_BYTES} and at least 8 bytes per "
+                             f"member ({members * 8}), so that a piece holds one element for every member")
         self._member, self._member_pids, self._slot_bytes = member, member_pids, slot_bytes
         self._timeout_s, self._label = timeout_s, label
         self._counters = memoryview(segment)[: members * _LINE_BYTES].cast("q")
@@ -128,13 +133,43 @@ class SharedMemoryGroup:
             out[:, start:start + piece.numel()].copy_(self._exchange(piece, "all_gather"))
         return out.view(len(self._member_pids), *tensor.shape)
 
+    def all_to_all(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Entry ``i`` of ``stacked [members, ...]`` to member ``i``: what each member sent to this one, stacked in
+        member order (``stacked.shape``)."""
+        received = torch.empty(stacked.shape, dtype=stacked.dtype)
+        for columns, slots in self._exchange_rows(stacked, "all_to_all"):
+            received.view(stacked.shape[0], -1)[:, columns].copy_(slots[:, self._member])
+        return received
+
+    def reduce_scatter(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The sum over members of entry ``i`` of their ``stacked [members, ...]``, on member ``i``, summed in member
+        order (``stacked.shape[1:]``)."""
+        total = torch.empty(stacked.shape[1:], dtype=stacked.dtype)
+        for columns, slots in self._exchange_rows(stacked, "reduce_scatter"):
+            part = total.view(-1)[columns]
+            part.copy_(slots[0, self._member])
+            for member in range(1, len(self._member_pids)):
+                part.add_(slots[member, self._member])
+        return total
+
+    def _exchange_rows(self, stacked: torch.Tensor, collective: str):
+        """Yield ``(columns, slots [members (from), members (for), len(columns)])`` over pieces of the flattened
+        entries of ``stacked [members, ...]``, each piece of every entry exchanged at once."""
+        members = len(self._member_pids)
+        rows = stacked.contiguous().view(members, -1)
+        piece_columns = self._slot_bytes // (members * stacked.element_size())
+        for start in range(0, rows.shape[1], piece_columns):
+            columns = slice(start, min(start + piece_columns, rows.shape[1]))
+            piece = rows[:, columns]
+            yield columns, self._exchange(piece, collective).view(members, members, piece.shape[1])
+
     def _exchange(self, piece: torch.Tensor, collective: str) -> torch.Tensor:
         """Publish ``piece`` (at most a slot) and wait for every member's: the slots ``[members, piece.numel()]``,
         valid until this member's next-but-one collective. ``collective`` names the caller in a failure."""
         self._sequence += 1
         sequence = self._sequence
         slots = self._slots[sequence % 2, :, : piece.numel() * piece.element_size()].view(piece.dtype)
-        slots[self._member].copy_(piece)
+        slots[self._member].view(piece.shape).copy_(piece)
         _fence()
         self._counters[self._member * _WORDS_PER_LINE] = sequence
         self._wait_for(sequence, collective)
