@@ -249,9 +249,9 @@ class RuntimeConfig:
     the inference engine times three equivalent formulations of each few-row linear product in its first decode
     steps and keeps the fastest, the same on every rank (``cptoolkit.models.matmul_plan``); false keeps megatron's
     ``x @ W^T`` everywhere (bit for bit megatron's logits). ``shared_memory_collectives``: on a CPU the inference
-    engine runs the all-reduces and all-gathers of its TP, PCP and DCP groups through shared-memory segments instead
-    of gloo when a group's ranks share one host and each has a core of its own (``cptoolkit.layers.shared_memory``;
-    the same bits at 2 ranks)."""
+    engine runs the all-reduces, all-gathers, all-to-alls and reduce-scatters of its TP, PCP and DCP groups through
+    shared-memory segments instead of gloo when a group's ranks share one host and each has a core of its own
+    (``cptoolkit.layers.shared_memory``; the same bits at 2 ranks)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float64"] = "float32"

@@ -251,10 +251,10 @@ def tune_matmuls(cfg: Config, model: CPGPTModel, groups: ParallelGroups) -> None
 
 
 def use_shared_memory_collectives(cfg: Config, groups: ParallelGroups, device: torch.device) -> None:
-    """With ``runtime.shared_memory_collectives`` on a CPU, run the TP group's all-reduces (two per replayed layer)
-    and the logits' all-gather, the DCP group's decode all-gathers and the PCP group's all-gathers through shared
-    memory where ``shared_memory_group`` finds it pays; gloo otherwise. Collective on the default group and on
-    these groups."""
+    """With ``runtime.shared_memory_collectives`` on a CPU, run the collectives of the TP group (two all-reduces per
+    replayed layer, the logits' all-gather), the DCP group (decode's all-gathers, all-to-alls, reduce-scatters) and the
+    PCP group (all but the ring's point-to-point exchanges) through shared memory where ``shared_memory_group`` finds
+    it pays; gloo otherwise. Collective on the default group and on these groups."""
     if cfg.runtime.shared_memory_collectives and device.type == "cpu":
         for group in (groups.tp_group, groups.pcp_group, groups.dcp_group):
             use_shared_memory(group, shared_memory_group(group, cfg.runtime.collective_timeout_s))
