@@ -32,10 +32,10 @@ def _rank(rank: int, world_size: int, shape: str, steps: int, reps: int) -> list
     """This rank's seconds per all-reduce and per step, for every (rows, setting, transport, repetition)."""
     import torch.distributed as dist
 
-    from cptoolkit.layers.shared_memory import SharedMemoryAllReduce
+    from cptoolkit.layers.shared_memory import SharedMemoryGroup
 
     torch.manual_seed(rank)
-    channel = SharedMemoryAllReduce.open(dist.group.WORLD, timeout_s=600)
+    channel = SharedMemoryGroup.open(dist.group.WORLD, timeout_s=600)
     reduce = {"gloo": lambda t: dist.all_reduce(t), "shared_memory": channel.all_reduce_}
     layers, per_layer, _ = SHAPES[shape]
     n_of = {name: (n, k) for name, n, k in per_layer}

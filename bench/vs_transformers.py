@@ -68,6 +68,7 @@ COLUMNS = {
 }
 # runtime settings of a column beyond the defaults: TP=2 with every collective on gloo (no shared memory), for A/B runs
 COLUMN_RUNTIME = {"cp_tp2_gloo": {"shared_memory_collectives": False}}
+DEFAULT_COLUMNS = [c for c in COLUMNS if c not in COLUMN_RUNTIME]
 COLUMN_TITLES = {"hf_1t": "transformers 1 thread", "hf_2t": "transformers 2 threads", "cp_1rank": "cptoolkit 1 rank",
                  "cp_tp2": "cptoolkit TP=2", "cp_pcp2_dcp2": "cptoolkit PCP=2 DCP=2",
                  "cp_tp2_gloo": "cptoolkit TP=2, gloo only"}
@@ -318,7 +319,7 @@ def _row_stats(case: dict, runs: list[list[dict]]) -> dict:
 def run(shape: dict, settings: dict, columns: list[str] | None = None, profile_dir: Path | None = None,
         timeout_s: float = 3600.0, log=print, arch: str = "qwen2") -> dict:
     """Build the checkpoints, run every row on every column for every dtype; the JSON payload."""
-    columns = list(columns or (c for c in COLUMNS if c not in COLUMN_RUNTIME))
+    columns = list(columns or DEFAULT_COLUMNS)
     rows_all = cases(settings, shape["vocab_size"])
     max_len = max([len(c["prompts"][0]) + c["new_tokens"] for c in rows_all])
     max_batch = max(len(c["prompts"]) for c in rows_all)
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, help="tokens generated per decode request (default 16)")
     parser.add_argument("--reps", type=int, help="interleaved repetitions (default 3; --quick 1)")
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), help="default: both")
-    parser.add_argument("--columns", nargs="+", choices=list(COLUMNS), help="default: the five without runtime overrides (cp_tp2_gloo: A/B runs only)")
+    parser.add_argument("--columns", nargs="+", choices=list(COLUMNS), help="default: the five of DEFAULT_COLUMNS (cp_tp2_gloo: A/B runs only)")
     parser.add_argument("--profile-dir", type=Path,
                         help="after the timed repetitions, run every row once more per column under cProfile "
                              "and write the stats here (one .prof per rank)")
