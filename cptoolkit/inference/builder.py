@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +29,8 @@ from cptoolkit.models.families.registry import hf_shape
 from cptoolkit.models.shape import GPTShape, read_config
 from cptoolkit.models.tokenizer import ByteTokenizer, load_tokenizer
 from cptoolkit.parallel_state import ParallelGroups
+
+LOG = logging.getLogger("cptoolkit")
 
 
 def attention_runtime(cfg: Config, groups: ParallelGroups) -> AttentionRuntime:
@@ -256,8 +259,13 @@ def use_shared_memory_collectives(cfg: Config, groups: ParallelGroups, device: t
     PCP group (all but the ring's point-to-point exchanges) through shared memory where ``shared_memory_group`` finds
     it pays; gloo otherwise. Collective on the default group and on these groups."""
     if cfg.runtime.shared_memory_collectives and device.type == "cpu":
-        for group in (groups.tp_group, groups.pcp_group, groups.dcp_group):
-            use_shared_memory(group, shared_memory_group(group, cfg.runtime.collective_timeout_s))
+        through_shared_memory = []
+        for name, group in (("TP", groups.tp_group), ("PCP", groups.pcp_group), ("DCP", groups.dcp_group)):
+            shared_memory = shared_memory_group(group, cfg.runtime.collective_timeout_s)
+            use_shared_memory(group, shared_memory)
+            through_shared_memory += [name] if shared_memory is not None else []
+        if through_shared_memory:
+            LOG.info("collectives through shared memory: %s groups", ", ".join(through_shared_memory))
 
 
 def groups_for(groups: ParallelGroups, shape: GPTShape) -> ParallelGroups:
