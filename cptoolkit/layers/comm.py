@@ -68,28 +68,29 @@ def _record(stats: CommStats | None, name: str, tensor: torch.Tensor) -> None:
         stats.record(name, tensor)
 
 
+def _shared_memory(group: ProcessGroup, tensor: torch.Tensor) -> SharedMemoryGroup | None:
+    """``group``'s shared-memory segment for a CPU ``tensor`` (``use_shared_memory``), else None: gloo."""
+    return _SHARED_MEMORY.get(group) if tensor.device.type == "cpu" else None
+
+
 def all_gather(tensor: torch.Tensor, group: ProcessGroup, stats: CommStats | None = None) -> torch.Tensor:
     """Gather ``tensor`` from every member of ``group``: returns ``[group_size, *tensor.shape]``."""
-    shared_memory = _SHARED_MEMORY.get(group)
-    if shared_memory is not None and tensor.device.type == "cpu":
-        _record(stats, "all_gather", tensor)
+    _record(stats, "all_gather", tensor)
+    if (shared_memory := _shared_memory(group, tensor)) is not None:
         return shared_memory.all_gather(tensor)
     size = dist.get_world_size(group)
     # Flat buffers: gloo wants the output as a dim-0 concatenation of the inputs.
     out = torch.empty(size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    _record(stats, "all_gather", tensor)
     dist.all_gather_single(out, tensor.contiguous().view(-1), group=group)
     return out.view(size, *tensor.shape)
 
 
 def reduce_scatter(stacked: torch.Tensor, group: ProcessGroup, stats: CommStats | None = None) -> torch.Tensor:
     """Sum ``stacked [group_size, ...]`` over the group; member ``i`` receives entry ``i``."""
-    shared_memory = _SHARED_MEMORY.get(group)
-    if shared_memory is not None and stacked.device.type == "cpu":
-        _record(stats, "reduce_scatter", stacked)
+    _record(stats, "reduce_scatter", stacked)
+    if (shared_memory := _shared_memory(group, stacked)) is not None:
         return shared_memory.reduce_scatter(stacked)
     out = torch.empty(stacked[0].numel(), dtype=stacked.dtype, device=stacked.device)
-    _record(stats, "reduce_scatter", stacked)
     dist.reduce_scatter_single(out, stacked.contiguous().view(-1), group=group)
     return out.view(stacked.shape[1:])
 
@@ -98,12 +99,10 @@ def all_to_all(stacked: torch.Tensor, group: ProcessGroup, stats: CommStats | No
     """Send entry ``i`` of ``stacked [group_size, ...]`` to member ``i``; returns what each member sent
     to this rank, stacked in member order (a dense tensor even when ``stacked`` is strided:
     ``all_to_all_single`` writes its output as if it were flat)."""
-    shared_memory = _SHARED_MEMORY.get(group)
-    if shared_memory is not None and stacked.device.type == "cpu":
-        _record(stats, "all_to_all", stacked)
+    _record(stats, "all_to_all", stacked)
+    if (shared_memory := _shared_memory(group, stacked)) is not None:
         return shared_memory.all_to_all(stacked)
     out = torch.empty(stacked.shape, dtype=stacked.dtype, device=stacked.device)
-    _record(stats, "all_to_all", stacked)
     dist.all_to_all_single(out, stacked.contiguous(), group=group)
     return out
 
@@ -113,9 +112,8 @@ def all_reduce(tensor: torch.Tensor, group: ProcessGroup, op=dist.ReduceOp.SUM,
     """In-place all-reduce of ``tensor`` over ``group``; returns it. A sum of a contiguous CPU tensor goes through
     the group's shared-memory segment where it has one (``use_shared_memory``)."""
     _record(stats, "all_reduce", tensor)
-    shared_memory = _SHARED_MEMORY.get(group)
-    if shared_memory is not None and op == dist.ReduceOp.SUM and tensor.device.type == "cpu" \
-            and tensor.is_contiguous():
+    shared_memory = _shared_memory(group, tensor)
+    if shared_memory is not None and op == dist.ReduceOp.SUM and tensor.is_contiguous():
         return shared_memory.all_reduce_(tensor)
     dist.all_reduce(tensor, op=op, group=group)
     return tensor
