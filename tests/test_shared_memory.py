@@ -17,7 +17,7 @@ from cptoolkit.inference.builder import build_engine
 from cptoolkit.inference.model_runner import ModelRunner
 from cptoolkit.inference.sampling import SamplingParams
 from cptoolkit.layers import comm
-from cptoolkit.layers.shared_memory import SharedMemoryGroup, shared_memory_group
+from cptoolkit.layers.shared_memory import SharedMemoryGroup, shared_memory_groups
 from cptoolkit.parallel_state import destroy_model_parallel, initialize_model_parallel
 from tests.multiproc import run_ranks
 
@@ -124,7 +124,7 @@ def test_a_peer_that_has_exited_raises_at_once():
 def _routed(rank: int, world_size: int):
     import torch.distributed as dist
 
-    channel = shared_memory_group(dist.group.WORLD, timeout_s=30)
+    channel, = shared_memory_groups([dist.group.WORLD], timeout_s=30)
     return channel is not None, len(os.sched_getaffinity(0))
 
 

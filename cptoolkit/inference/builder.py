@@ -20,7 +20,7 @@ from cptoolkit.inference.speculative import NgramProposer
 from cptoolkit.layers.core_attention import AttentionRuntime
 from cptoolkit.layers.comm import use_shared_memory
 from cptoolkit.layers.dcp_decode import DecodeGroup
-from cptoolkit.layers.shared_memory import shared_memory_group
+from cptoolkit.layers.shared_memory import shared_memory_groups
 from cptoolkit.models.checkpoint import load_model_checkpoint
 from cptoolkit.models.from_config import DTYPES, model_from_config
 from cptoolkit.models.gpt import CPGPTModel
@@ -256,12 +256,13 @@ def tune_matmuls(cfg: Config, model: CPGPTModel, groups: ParallelGroups) -> None
 def use_shared_memory_collectives(cfg: Config, groups: ParallelGroups, device: torch.device) -> None:
     """With ``runtime.shared_memory_collectives`` on a CPU, run the collectives of the TP group (two all-reduces per
     replayed layer, the logits' all-gather), the DCP group (decode's all-gathers, all-to-alls, reduce-scatters) and the
-    PCP group (all but the ring's point-to-point exchanges) through shared memory where ``shared_memory_group`` finds
+    PCP group (all but the ring's point-to-point exchanges) through shared memory where ``shared_memory_groups`` finds
     it pays; gloo otherwise. Collective on the default group and on these groups."""
     if cfg.runtime.shared_memory_collectives and device.type == "cpu":
+        named = {"TP": groups.tp_group, "PCP": groups.pcp_group, "DCP": groups.dcp_group}
         through_shared_memory = []
-        for name, group in (("TP", groups.tp_group), ("PCP", groups.pcp_group), ("DCP", groups.dcp_group)):
-            shared_memory = shared_memory_group(group, cfg.runtime.collective_timeout_s)
+        for (name, group), shared_memory in zip(named.items(),
+                                                shared_memory_groups(list(named.values()), cfg.runtime.collective_timeout_s)):
             use_shared_memory(group, shared_memory)
             through_shared_memory += [name] if shared_memory is not None else []
         if through_shared_memory:

@@ -17,7 +17,7 @@ only after it has seen every counter reach ``n + 1``, that is after every member
 Memory order: a member's slot must be visible before its counter. x86-64 keeps ordinary stores in program order; the
 non-temporal and fast-string stores a large copy may use are ordered by any locked instruction, which ``_fence``
 issues (a lock's compare-and-exchange) between the copy and the counter. Other architectures order stores less
-strictly, and ``shared_memory_group`` leaves them to gloo.
+strictly, and ``shared_memory_groups`` leaves them to gloo.
 
 Waiting: a member polls the counters, yields its core between polls after ``_SPIN_S``, and raises ``TimeoutError``
 naming the collective when a peer has not arrived within the timeout, or at once when a peer's process has exited
@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,14 @@ def _fence() -> None:
     """A full memory barrier on x86-64: taking a lock is a locked compare-and-exchange."""
     with _FENCE:
         pass
+
+
+def _sum_in_member_order(out: torch.Tensor, parts: torch.Tensor) -> None:
+    """``out = parts[0] + parts[1] + ...`` in place, rounding after each addition as gloo does: ``parts [members,
+    *out.shape]``, the same operations on every member, hence the same bits."""
+    out.copy_(parts[0])
+    for part in parts[1:]:
+        out.add_(part)
 
 
 def _process_exited(pid: int) -> bool:
@@ -117,10 +125,7 @@ class SharedMemoryGroup:
         piece_numel = self._slot_bytes // tensor.element_size()
         for start in range(0, flat.numel(), piece_numel):
             piece = flat[start:start + piece_numel]
-            slots = self._exchange(piece, "all_reduce")
-            piece.copy_(slots[0])
-            for member in range(1, len(self._member_pids)):
-                piece.add_(slots[member])
+            _sum_in_member_order(piece, self._exchange(piece, "all_reduce"))
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -146,10 +151,7 @@ class SharedMemoryGroup:
         order (``stacked.shape[1:]``)."""
         total = torch.empty(stacked.shape[1:], dtype=stacked.dtype)
         for columns, slots in self._exchange_rows(stacked, "reduce_scatter"):
-            part = total.view(-1)[columns]
-            part.copy_(slots[0, self._member])
-            for member in range(1, len(self._member_pids)):
-                part.add_(slots[member, self._member])
+            _sum_in_member_order(total.view(-1)[columns], slots[:, self._member])
         return total
 
     def _exchange_rows(self, stacked: torch.Tensor, collective: str):
@@ -232,19 +234,24 @@ def _map_segment(path: str, segment_bytes: int) -> Optional[mmap.mmap]:
         os.close(fd)
 
 
-def shared_memory_group(group: ProcessGroup, timeout_s: float) -> Optional[SharedMemoryGroup]:
-    """A ``SharedMemoryGroup`` for ``group`` where it pays: more than one member, Linux (``/dev/shm``, ``/proc``) on
-    x86-64, every member on this host, and no more ranks on this host than cores each member may run on (a member
-    polling for its peers must not take the core a peer computes on). Collective on the default group (every rank
-    calls it, with its own group), then on ``group``; None on every member of ``group`` otherwise."""
+def shared_memory_groups(groups: Sequence[ProcessGroup], timeout_s: float) -> list[Optional[SharedMemoryGroup]]:
+    """A ``SharedMemoryGroup`` for each of ``groups`` where it pays: more than one member, Linux (``/dev/shm``,
+    ``/proc``) on x86-64, every member on this host, and no more ranks on this host than cores each member may run on
+    (a member polling for its peers must not take the core a peer computes on); None where not, on every member of
+    that group. Collective on the default group (every rank calls it, each with its own groups, in the same order),
+    then on each group."""
     hosts: list = [None] * dist.get_world_size()
     dist.all_gather_object(hosts, socket.gethostname())
-    members = dist.get_process_group_ranks(group)
-    if len(members) == 1:
-        return None
     here = hosts[dist.get_rank()]
-    worthwhile = torch.tensor([int(sys.platform.startswith("linux") and platform.machine() == "x86_64"
-                                   and all(hosts[rank] == here for rank in members)
-                                   and hosts.count(here) <= len(os.sched_getaffinity(0)))])
-    dist.all_reduce(worthwhile, op=dist.ReduceOp.MIN, group=group)  # every member decides alike
-    return SharedMemoryGroup.open(group, timeout_s) if worthwhile.item() else None
+    linux_x86 = sys.platform.startswith("linux") and platform.machine() == "x86_64"
+    segments = []
+    for group in groups:
+        members = dist.get_process_group_ranks(group)
+        if len(members) == 1:
+            segments.append(None)
+            continue
+        worthwhile = torch.tensor([int(linux_x86 and all(hosts[rank] == here for rank in members)
+                                       and hosts.count(here) <= len(os.sched_getaffinity(0)))])
+        dist.all_reduce(worthwhile, op=dist.ReduceOp.MIN, group=group)  # every member decides alike
+        segments.append(SharedMemoryGroup.open(group, timeout_s) if worthwhile.item() else None)
+    return segments
