@@ -106,7 +106,9 @@ class MatmulPlan:
 
     def formulation(self, rows: int, weight: torch.Tensor) -> Optional[str]:
         """The formulation ``linear`` uses for ``rows`` rows against ``weight``; None while it is being timed."""
-        bucket = row_bucket(rows)
+        return self._formulation(row_bucket(rows), weight)
+
+    def _formulation(self, bucket: int, weight: torch.Tensor) -> Optional[str]:
         if not weight.is_contiguous() or weight.device.type != "cpu" or bucket > MAX_BUCKET:
             return "x_wt"
         chosen = self.choice.get((weight.shape[0], weight.shape[1], weight.dtype), {}).get(bucket)
@@ -118,10 +120,10 @@ class MatmulPlan:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
         if rows == 0:
             return _x_wt(x, weight)
-        x2d = x.reshape(rows, x.shape[-1])
-        name = self.formulation(rows, weight)
+        x2d, bucket = x.reshape(rows, x.shape[-1]), row_bucket(rows)
+        name = self._formulation(bucket, weight)
         if name is None:
-            out = self._timed(x2d, weight, row_bucket(rows))
+            out = self._timed(x2d, weight, bucket)
         else:
             out = FORMULATIONS[name](x2d, weight)
         return out.view(*x.shape[:-1], weight.shape[0])
